@@ -1,0 +1,78 @@
+//! One transformer block: `h = x + attn(norm(x)); out = h + ffn(norm(h))`, where the feed-forward
+//! part is a dense SwiGLU MLP for the first `first_k_dense_replace` blocks and DeepSeekMoE after.
+
+use burn::module::Module;
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::config::DeepSeekConfig;
+use crate::mla::{Mla, MlaConfig};
+use crate::mlp::{Mlp, MlpConfig};
+use crate::moe::{Moe, MoeConfig, Routing};
+use crate::norm::{RmsNorm, RmsNormConfig};
+use crate::rope::RotaryEmbedding;
+
+/// The feed-forward half of a block, chosen once per layer index.
+#[derive(Module, Debug)]
+pub enum FeedForward<B: Backend> {
+    Dense(Mlp<B>),
+    Moe(Moe<B>),
+}
+
+/// A pre-norm decoder block; field names follow the checkpoints.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Mla<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: FeedForward<B>,
+}
+
+impl DeepSeekConfig {
+    /// Attention settings of every block.
+    pub fn mla_config(&self) -> MlaConfig {
+        MlaConfig::new(
+            self.hidden_size,
+            self.num_attention_heads,
+            self.kv_lora_rank,
+            self.qk_nope_head_dim,
+            self.qk_rope_head_dim,
+            self.v_head_dim,
+            self.rms_norm_eps,
+            self.softmax_scale(),
+        )
+        .with_q_lora_rank(self.q_lora_rank)
+    }
+
+    /// Block `layer` (indices `>= num_hidden_layers` are MTP blocks, always MoE).
+    pub fn init_layer<B: Backend>(&self, layer: usize, device: &B::Device) -> DecoderLayer<B> {
+        let norm = RmsNormConfig::new(self.hidden_size).with_eps(self.rms_norm_eps);
+        let mlp = if self.is_moe_layer(layer) {
+            FeedForward::Moe(MoeConfig::from_model(self).init(device))
+        } else {
+            FeedForward::Dense(MlpConfig::new(self.hidden_size, self.intermediate_size).init(device))
+        };
+        DecoderLayer {
+            input_layernorm: norm.init(device),
+            self_attn: self.mla_config().init(device),
+            post_attention_layernorm: norm.init(device),
+            mlp,
+        }
+    }
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// # Shapes
+    /// `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`, plus the routing if this is a
+    /// MoE block.
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, start: usize) -> (Tensor<B, 3>, Option<Routing<B>>) {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, start);
+        let normed = self.post_attention_layernorm.forward(h.clone());
+        match &self.mlp {
+            FeedForward::Dense(mlp) => (h + mlp.forward(normed), None),
+            FeedForward::Moe(moe) => {
+                let (y, routing) = moe.forward(normed);
+                (h + y, Some(routing))
+            }
+        }
+    }
+}

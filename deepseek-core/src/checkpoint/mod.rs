@@ -1,0 +1,78 @@
+//! Loading Hugging Face-layout checkpoint directories (`config.json` plus `model.safetensors` or
+//! sharded files with `model.safetensors.index.json`) into a [`DeepSeekModel`].
+//!
+//! Every tensor the configuration implies is checked (presence, dtype, shape) before any data is
+//! read, so a bad checkpoint fails fast with an error that names the tensor and the file; tensors
+//! the model does not use are reported as an error unless the caller allows them.
+
+pub mod hf_names;
+pub mod reader;
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use burn::module::Param;
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::config::DeepSeekConfig;
+use crate::error::{DeepSeekError, Result};
+use crate::model::DeepSeekModel;
+pub use hf_names::{table, Entry, Target};
+pub use reader::{Checkpoint, StoredTensor, INDEX_FILE, SINGLE_FILE};
+
+/// Loader switches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Ignore tensors the model does not use instead of failing.
+    pub allow_unused: bool,
+}
+
+/// Reads `dir/config.json` and the weights into a model on `device`.
+pub fn load_model<B: Backend>(dir: impl AsRef<Path>, device: &B::Device, options: LoadOptions) -> Result<DeepSeekModel<B>> {
+    let dir = dir.as_ref();
+    let config = DeepSeekConfig::from_hf_file(dir)?;
+    let ckpt = Checkpoint::open(dir)?;
+    load_weights(&config, &ckpt, device, options)
+}
+
+/// Builds a model of `config` from the tensors of `ckpt`.
+pub fn load_weights<B: Backend>(config: &DeepSeekConfig, ckpt: &Checkpoint, device: &B::Device, options: LoadOptions) -> Result<DeepSeekModel<B>> {
+    let rows = table::<B>(config);
+    // Validate everything before reading any data.
+    let mut used = HashSet::new();
+    for row in &rows {
+        let optional = matches!(row.target, Target::Shared);
+        if optional && ckpt.stored(&row.name).is_none() {
+            continue;
+        }
+        ckpt.check(&row.name, &row.shape)?;
+        used.insert(row.name.as_str());
+    }
+    if !options.allow_unused {
+        let unused: Vec<String> = ckpt.names().filter(|n| !used.contains(n)).map(str::to_string).collect();
+        if !unused.is_empty() {
+            return Err(DeepSeekError::UnexpectedTensors { names: unused });
+        }
+    }
+    let mut model = config.init::<B>(device);
+    for row in &rows {
+        if matches!(row.target, Target::Shared) {
+            continue;
+        }
+        let data = ckpt.read_f32(&row.name, &row.shape)?;
+        match row.target {
+            Target::Linear(get) => {
+                // Stored [out, in]; Burn's Linear computes x·W with W [in, out].
+                get(&mut model, row.index).weight = Param::from_tensor(Tensor::<B, 2>::from_data(data, device).transpose());
+            }
+            Target::Norm(get) => get(&mut model, row.index).weight = Param::from_tensor(Tensor::from_data(data, device)),
+            Target::Matrix(get) => *get(&mut model, row.index) = Param::from_tensor(Tensor::from_data(data, device)),
+            Target::Vector(get) => {
+                // The balancing bias is state, not a trainable parameter.
+                *get(&mut model, row.index) = Param::from_tensor(Tensor::from_data(data, device)).set_require_grad(false)
+            }
+            Target::Shared => unreachable!("skipped above"),
+        }
+    }
+    Ok(model)
+}

@@ -1,0 +1,182 @@
+//! Memory-mapped reading of Hugging Face safetensors checkpoints: a single `model.safetensors`
+//! or shards listed in `model.safetensors.index.json`. Headers are parsed once per shard with the
+//! `safetensors` crate (which also rejects truncated files); tensor bytes are converted to f32 on
+//! demand.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::TensorData;
+use memmap2::Mmap;
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{DeepSeekError, Result};
+
+/// Name of the single-file checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// Name of the shard index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    header_len: usize,
+    metadata: Metadata,
+}
+
+/// An opened checkpoint directory: every tensor name resolved to its shard.
+pub struct Checkpoint {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    /// tensor name → shard index (sorted for stable error messages).
+    location: BTreeMap<String, usize>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint").field("dir", &self.dir).field("tensors", &self.location.len()).finish()
+    }
+}
+
+/// The shape and dtype of a stored tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+}
+
+impl Checkpoint {
+    /// Opens `dir/model.safetensors.index.json` and its shards, or `dir/model.safetensors`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let index_path = dir.join(INDEX_FILE);
+        let files: Vec<String> = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path)
+                .map_err(|source| DeepSeekError::Io { path: index_path.clone(), source })?;
+            let index: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| DeepSeekError::Json { path: index_path.clone(), reason: e.to_string() })?;
+            let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| DeepSeekError::Json {
+                path: index_path.clone(),
+                reason: "missing object `weight_map`".into(),
+            })?;
+            let mut files: Vec<String> = Vec::new();
+            for (name, file) in map {
+                let file = file.as_str().ok_or_else(|| DeepSeekError::Json {
+                    path: index_path.clone(),
+                    reason: format!("weight_map[{name}] is not a file name"),
+                })?;
+                if !files.iter().any(|f| f == file) {
+                    files.push(file.to_string());
+                }
+            }
+            files.sort();
+            files
+        } else {
+            vec![SINGLE_FILE.to_string()]
+        };
+        let mut shards = Vec::with_capacity(files.len());
+        let mut location = BTreeMap::new();
+        for (i, file) in files.iter().enumerate() {
+            let shard = Shard::open(dir.join(file))?;
+            for name in shard.metadata.tensors().into_keys() {
+                if let Some(previous) = location.insert(name.clone(), i) {
+                    return Err(DeepSeekError::MalformedSafetensors {
+                        path: shard.path.clone(),
+                        reason: format!("tensor `{name}` is also stored in `{}`", files[previous]),
+                    });
+                }
+            }
+            shards.push(shard);
+        }
+        Ok(Self { dir, shards, location })
+    }
+
+    /// The directory the checkpoint was opened from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.location.keys().map(String::as_str)
+    }
+
+    fn info(&self, name: &str) -> Option<(&Shard, &TensorInfo)> {
+        let shard = &self.shards[*self.location.get(name)?];
+        Some((shard, shard.metadata.info(name)?))
+    }
+
+    /// Shape and dtype of a stored tensor, if present.
+    pub fn stored(&self, name: &str) -> Option<StoredTensor> {
+        self.info(name).map(|(_, info)| StoredTensor { dtype: info.dtype, shape: info.shape.clone() })
+    }
+
+    /// Checks presence, dtype and shape of a tensor without reading its data.
+    pub fn check(&self, name: &str, expected: &[usize]) -> Result<()> {
+        let Some((_, info)) = self.info(name) else {
+            return Err(DeepSeekError::MissingTensor {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                searched: self.searched(),
+            });
+        };
+        match info.dtype {
+            Dtype::F32 | Dtype::BF16 | Dtype::F16 => {}
+            Dtype::F8_E4M3 | Dtype::F8_E5M2 => {
+                return Err(DeepSeekError::Fp8Unsupported { name: name.to_string(), actual: format!("{:?}", info.dtype) })
+            }
+            other => return Err(DeepSeekError::WrongDtype { name: name.to_string(), actual: format!("{other:?}") }),
+        }
+        if info.shape != expected {
+            return Err(DeepSeekError::ShapeMismatch {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                actual: info.shape.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads a floating-point tensor as f32, after [`Checkpoint::check`].
+    pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<TensorData> {
+        self.check(name, expected)?;
+        let (shard, info) = self.info(name).expect("checked above");
+        let start = 8 + shard.header_len + info.data_offsets.0;
+        let end = 8 + shard.header_len + info.data_offsets.1;
+        let bytes = &shard.mmap[start..end];
+        let values: Vec<f32> = match info.dtype {
+            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+                .collect(),
+            _ => unreachable!("dtype checked above"),
+        };
+        Ok(TensorData::new(values, info.shape.clone()))
+    }
+
+    fn searched(&self) -> String {
+        let files: Vec<String> = self.shards.iter().map(|s| s.path.display().to_string()).collect();
+        files.join(", ")
+    }
+}
+
+impl Shard {
+    fn open(path: PathBuf) -> Result<Self> {
+        let file = File::open(&path).map_err(|source| DeepSeekError::Io { path: path.clone(), source })?;
+        // SAFETY: the map is read-only; a checkpoint modified while loaded is outside our
+        // contract, as for every memory-mapped loader.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| DeepSeekError::Io { path: path.clone(), source })?;
+        // Validates the header and that the data section matches the file length, which
+        // catches truncated downloads.
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| DeepSeekError::MalformedSafetensors { path: path.clone(), reason: e.to_string() })?;
+        Ok(Self { path, mmap, header_len, metadata })
+    }
+}

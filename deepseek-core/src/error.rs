@@ -1,0 +1,65 @@
+//! Typed errors of the core crate: configuration and checkpoint problems, each naming the field,
+//! tensor or file at fault and what was expected.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while building a model from a configuration or a checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum DeepSeekError {
+    /// A configuration field is missing, malformed or inconsistent with another field.
+    #[error("config field `{field}`: {problem}")]
+    Config { field: String, problem: String },
+
+    /// The `config.json` names an architecture or model type this crate does not implement.
+    #[error("unknown architecture `{found}`: this crate loads DeepseekV3ForCausalLM / DeepseekV2ForCausalLM checkpoints (model_type deepseek_v3 or deepseek_v2)")]
+    UnknownArchitecture { found: String },
+
+    /// A file could not be read.
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A JSON file (config or shard index) is not valid JSON of the expected form.
+    #[error("malformed JSON in `{path}`: {reason}")]
+    Json { path: PathBuf, reason: String },
+
+    /// A safetensors file is truncated or its header is malformed.
+    #[error("malformed or truncated safetensors file `{path}`: {reason}")]
+    MalformedSafetensors { path: PathBuf, reason: String },
+
+    /// The checkpoint lacks a tensor the configuration requires.
+    #[error("missing tensor `{name}` (expected shape {expected:?}); looked in {searched}")]
+    MissingTensor { name: String, expected: Vec<usize>, searched: String },
+
+    /// A tensor has a shape other than the configuration implies.
+    #[error("tensor `{name}` has shape {actual:?}, expected {expected:?} from the config")]
+    ShapeMismatch { name: String, expected: Vec<usize>, actual: Vec<usize> },
+
+    /// A tensor is stored in a dtype this loader does not read.
+    #[error("tensor `{name}` has dtype {actual}, expected one of F32, BF16, F16")]
+    WrongDtype { name: String, actual: String },
+
+    /// FP8 weights need the FP8 loader.
+    #[error("tensor `{name}` is FP8 ({actual}): FP8 checkpoints need the FP8 support (dequantize with `deepseek convert --dtype bf16` once available)")]
+    Fp8Unsupported { name: String, actual: String },
+
+    /// The checkpoint holds tensors that no part of the model uses.
+    #[error("{} unexpected tensor(s) in the checkpoint, e.g. {}: the config and the checkpoint disagree (pass `allow_unused` to ignore)", names.len(), names.iter().take(5).cloned().collect::<Vec<_>>().join(", "))]
+    UnexpectedTensors { names: Vec<String> },
+
+    /// Input to a model call is out of range (token ids, sequence length).
+    #[error("invalid input: {0}")]
+    Input(String),
+}
+
+/// Result alias of the core crate.
+pub type Result<T> = std::result::Result<T, DeepSeekError>;
+
+impl DeepSeekError {
+    pub(crate) fn config(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self::Config { field: field.into(), problem: problem.into() }
+    }
+}

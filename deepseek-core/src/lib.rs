@@ -1,0 +1,21 @@
+#![doc = include_str!("../README.md")]
+
+pub mod block;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod hf_config;
+pub mod mla;
+pub mod mlp;
+pub mod model;
+pub mod moe;
+pub mod mtp;
+pub mod norm;
+pub mod params;
+pub mod rope;
+
+pub use checkpoint::{load_model, LoadOptions};
+pub use config::{DeepSeekConfig, ScoringFunc, TopkMethod};
+pub use error::{DeepSeekError, Result};
+pub use model::{DeepSeekModel, ForwardOptions, ModelOutput};
+pub use params::ParamCount;

@@ -1,0 +1,214 @@
+//! Multi-head latent attention (DeepSeek-V2 §2.1, DeepSeek-V3 §2.1.1).
+//!
+//! Keys and values are compressed jointly into a latent `c_kv` of width `kv_lora_rank`
+//! (`kv_a_proj_with_mqa`, then `kv_a_layernorm`), from which `kv_b_proj` expands per-head
+//! `k_nope` and `v`. Position information rides on a separate, decoupled rotary part: a key
+//! `k_rope` of width `qk_rope_head_dim` shared by all heads (it comes out of `kv_a_proj_with_mqa`
+//! next to the latent) and a per-head `q_rope`. Queries are optionally compressed too
+//! (`q_a_proj` → `q_a_layernorm` → `q_b_proj`, or a direct `q_proj` when `q_lora_rank` is null).
+//!
+//! `scores = [q_nope, q_rope] · [k_nope, k_rope]ᵀ · scale`, causal softmax in f32,
+//! `o = o_proj(softmax(scores) · v)`. This file holds the naive path (K and V expanded per head),
+//! used for prefill and training; the absorbed decode path over the latent cache has the same
+//! contract and lives with inference.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{activation::softmax, backend::Backend, Bool, FloatDType, Tensor, TensorData};
+
+use crate::norm::{RmsNorm, RmsNormConfig};
+use crate::rope::RotaryEmbedding;
+
+/// Builds an [`Mla`].
+#[derive(Config, Debug)]
+pub struct MlaConfig {
+    /// Model width `d`.
+    pub d_model: usize,
+    /// Heads `n_h`.
+    pub n_heads: usize,
+    /// Query compression rank; `None` for a direct `q_proj`.
+    pub q_lora_rank: Option<usize>,
+    /// KV latent width.
+    pub kv_lora_rank: usize,
+    /// Per-head query/key width without rotation.
+    pub qk_nope_head_dim: usize,
+    /// Width of the rotary query/key part.
+    pub qk_rope_head_dim: usize,
+    /// Per-head value width.
+    pub v_head_dim: usize,
+    /// Epsilon of the latent norms.
+    pub rms_norm_eps: f64,
+    /// Softmax scale, `d_qk^-0.5 · mscale²` (see `DeepSeekConfig::softmax_scale`).
+    pub softmax_scale: f64,
+}
+
+impl MlaConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Mla<B> {
+        let linear = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
+        let qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim;
+        let q = match self.q_lora_rank {
+            None => QueryProj::Direct(linear(self.d_model, self.n_heads * qk_head_dim)),
+            Some(rank) => QueryProj::LowRank(LowRankQuery {
+                q_a_proj: linear(self.d_model, rank),
+                q_a_layernorm: RmsNormConfig::new(rank).with_eps(self.rms_norm_eps).init(device),
+                q_b_proj: linear(rank, self.n_heads * qk_head_dim),
+            }),
+        };
+        Mla {
+            q,
+            kv_a_proj_with_mqa: linear(self.d_model, self.kv_lora_rank + self.qk_rope_head_dim),
+            kv_a_layernorm: RmsNormConfig::new(self.kv_lora_rank).with_eps(self.rms_norm_eps).init(device),
+            kv_b_proj: linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim)),
+            o_proj: linear(self.n_heads * self.v_head_dim, self.d_model),
+            n_heads: self.n_heads,
+            kv_lora_rank: self.kv_lora_rank,
+            qk_nope_head_dim: self.qk_nope_head_dim,
+            qk_rope_head_dim: self.qk_rope_head_dim,
+            v_head_dim: self.v_head_dim,
+            softmax_scale: self.softmax_scale,
+        }
+    }
+}
+
+/// The two query projections a checkpoint may carry.
+#[derive(Module, Debug)]
+pub enum QueryProj<B: Backend> {
+    /// `q_proj`: `[d] → [n_h·d_qk]` (V2-Lite).
+    Direct(Linear<B>),
+    /// `q_b_proj(q_a_layernorm(q_a_proj(x)))` (V3).
+    LowRank(LowRankQuery<B>),
+}
+
+/// Low-rank query compression.
+#[derive(Module, Debug)]
+pub struct LowRankQuery<B: Backend> {
+    pub q_a_proj: Linear<B>,
+    pub q_a_layernorm: RmsNorm<B>,
+    pub q_b_proj: Linear<B>,
+}
+
+impl<B: Backend> QueryProj<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            QueryProj::Direct(q_proj) => q_proj.forward(x),
+            QueryProj::LowRank(q) => q.q_b_proj.forward(q.q_a_layernorm.forward(q.q_a_proj.forward(x))),
+        }
+    }
+}
+
+/// Multi-head latent attention; weights named as in the checkpoints.
+#[derive(Module, Debug)]
+pub struct Mla<B: Backend> {
+    pub q: QueryProj<B>,
+    pub kv_a_proj_with_mqa: Linear<B>,
+    pub kv_a_layernorm: RmsNorm<B>,
+    pub kv_b_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    #[module(skip)]
+    pub n_heads: usize,
+    #[module(skip)]
+    pub kv_lora_rank: usize,
+    #[module(skip)]
+    pub qk_nope_head_dim: usize,
+    #[module(skip)]
+    pub qk_rope_head_dim: usize,
+    #[module(skip)]
+    pub v_head_dim: usize,
+    #[module(skip)]
+    pub softmax_scale: f64,
+}
+
+/// Per-head queries, split into the part matched against `k_nope` and the rotated part.
+pub struct Queries<B: Backend> {
+    /// `[batch, seq, heads, nope]`
+    pub nope: Tensor<B, 4>,
+    /// `[batch, seq, heads, rope]`, already rotated.
+    pub rope: Tensor<B, 4>,
+}
+
+/// What attention over a token stores: the normalized latent and the rotated shared key. This is
+/// all a latent KV cache keeps.
+pub struct LatentKv<B: Backend> {
+    /// `[batch, seq, kv_lora_rank]`
+    pub c_kv: Tensor<B, 3>,
+    /// `[batch, seq, rope]`, already rotated.
+    pub k_rope: Tensor<B, 3>,
+}
+
+impl<B: Backend> Mla<B> {
+    /// Causal self-attention over `x`, whose first token sits at position `start`.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`.
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, start: usize) -> Tensor<B, 3> {
+        let q = self.queries(x.clone(), rope, start);
+        let kv = self.latent(x, rope, start);
+        self.attend_naive(q, kv, start)
+    }
+
+    /// Projects and rotates the queries.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, seq, d_model]`.
+    pub fn queries(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, start: usize) -> Queries<B> {
+        let [batch, seq, _] = x.dims();
+        let q = self.q.forward(x).reshape([batch, seq, self.n_heads, self.qk_nope_head_dim + self.qk_rope_head_dim]); // [b, s, h, d_qk]
+        let nope = q.clone().narrow(3, 0, self.qk_nope_head_dim); // [b, s, h, nope]
+        let q_rope = q.narrow(3, self.qk_nope_head_dim, self.qk_rope_head_dim); // [b, s, h, rope]
+        Queries { nope, rope: rope.apply(q_rope, start) }
+    }
+
+    /// Compresses `x` into the cached latent and the rotated shared key.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, seq, d_model]`.
+    pub fn latent(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, start: usize) -> LatentKv<B> {
+        let [batch, seq, _] = x.dims();
+        let kv = self.kv_a_proj_with_mqa.forward(x); // [b, s, kv_lora + rope]
+        let c_kv = self.kv_a_layernorm.forward(kv.clone().narrow(2, 0, self.kv_lora_rank)); // [b, s, kv_lora]
+        let k_rope = kv.narrow(2, self.kv_lora_rank, self.qk_rope_head_dim).reshape([batch, seq, 1, self.qk_rope_head_dim]); // [b, s, 1, rope]
+        let k_rope = rope.apply(k_rope, start).reshape([batch, seq, self.qk_rope_head_dim]); // [b, s, rope]
+        LatentKv { c_kv, k_rope }
+    }
+
+    /// Naive attention: expands the latent into per-head keys and values, then attends.
+    /// `kv` covers positions `0..kv_len`; the queries cover `start..start + q_len` with
+    /// `start + q_len == kv_len`.
+    ///
+    /// # Shapes
+    /// `q.nope`: `[batch, q_len, heads, nope]`, `kv.c_kv`: `[batch, kv_len, kv_lora]` →
+    /// `[batch, q_len, d_model]`.
+    pub fn attend_naive(&self, q: Queries<B>, kv: LatentKv<B>, start: usize) -> Tensor<B, 3> {
+        let [batch, q_len, heads, _] = q.nope.dims();
+        let [_, kv_len, _] = kv.c_kv.dims();
+        let kv_b = self.kv_b_proj.forward(kv.c_kv).reshape([batch, kv_len, heads, self.qk_nope_head_dim + self.v_head_dim]); // [b, t, h, nope + v]
+        let k_nope = kv_b.clone().narrow(3, 0, self.qk_nope_head_dim); // [b, t, h, nope]
+        let v = kv_b.narrow(3, self.qk_nope_head_dim, self.v_head_dim).swap_dims(1, 2); // [b, h, t, v]
+        let k_rope = kv.k_rope.reshape([batch, kv_len, 1, self.qk_rope_head_dim]).expand([batch, kv_len, heads, self.qk_rope_head_dim]); // [b, t, h, rope]
+        let k = Tensor::cat(vec![k_nope, k_rope], 3).swap_dims(1, 2); // [b, h, t, d_qk]
+        let q = Tensor::cat(vec![q.nope, q.rope], 3).swap_dims(1, 2); // [b, h, s, d_qk]
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(self.softmax_scale); // [b, h, s, t]
+        let probs = causal_softmax(scores, start);
+        let o = probs.matmul(v).swap_dims(1, 2).reshape([batch, q_len, heads * self.v_head_dim]); // [b, s, h·v]
+        self.o_proj.forward(o)
+    }
+}
+
+/// Softmax over the last dim in f32 with future positions masked: query `i` (absolute position
+/// `start + i`) sees keys `0..=start + i`.
+///
+/// # Shapes
+/// `scores`: `[batch, heads, q_len, kv_len]`.
+pub fn causal_softmax<B: Backend>(scores: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
+    let [_, _, q_len, kv_len] = scores.dims();
+    let dtype = scores.dtype();
+    let mask: Vec<bool> = (0..q_len)
+        .flat_map(|i| (0..kv_len).map(move |j| j > start + i))
+        .collect();
+    let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(mask, [q_len, kv_len]), &scores.device())
+        .reshape([1, 1, q_len, kv_len]) // [1, 1, s, t]
+        .expand(scores.shape());
+    let scores = scores.cast(FloatDType::F32).mask_fill(mask, f32::NEG_INFINITY);
+    softmax(scores, 3).cast(dtype)
+}

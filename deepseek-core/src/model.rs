@@ -1,0 +1,140 @@
+//! The causal language model: token embedding, the decoder blocks, the final norm, the untied
+//! output head, and the optional MTP modules (DeepSeek-V3 §2).
+
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+use burn::tensor::{backend::Backend, Int, Tensor};
+
+use crate::block::DecoderLayer;
+use crate::config::DeepSeekConfig;
+use crate::error::{DeepSeekError, Result};
+use crate::moe::Routing;
+use crate::mtp::MtpModule;
+use crate::norm::{RmsNorm, RmsNormConfig};
+use crate::rope::RotaryEmbedding;
+
+/// A DeepSeek-V2/V3 model. Single-device and stateless: caches, sharding and the balancing-bias
+/// update live with inference and training.
+#[derive(Module, Debug)]
+pub struct DeepSeekModel<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    pub lm_head: Linear<B>,
+    pub mtp: Vec<MtpModule<B>>,
+    #[module(skip)]
+    pub rope: RotaryEmbedding,
+    #[module(skip)]
+    pub config: DeepSeekConfig,
+}
+
+/// What one forward pass can return besides the logits.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardOptions {
+    /// Keep the residual stream after every block.
+    pub hidden_states: bool,
+    /// Run the MTP modules.
+    pub mtp: bool,
+}
+
+/// Result of [`DeepSeekModel::forward_with`].
+#[derive(Debug, Clone)]
+pub struct ModelOutput<B: Backend> {
+    /// `[batch, seq, vocab]`
+    pub logits: Tensor<B, 3>,
+    /// `[batch, seq, d]` after the final norm (the input of the head and of MTP module 1).
+    pub final_hidden: Tensor<B, 3>,
+    /// `[batch, seq, d]` output of each block, when requested.
+    pub hidden_states: Vec<Tensor<B, 3>>,
+    /// Routing of every MoE block in order: main blocks first, then MTP blocks.
+    pub routing: Vec<Routing<B>>,
+    /// `[batch, seq - k, vocab]` logits of MTP module k (predicting token `i + k + 1`), k = 1..=D.
+    pub mtp_logits: Vec<Tensor<B, 3>>,
+}
+
+impl DeepSeekConfig {
+    /// Builds the model with freshly initialized (lazily allocated) weights.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> DeepSeekModel<B> {
+        DeepSeekModel {
+            embed_tokens: EmbeddingConfig::new(self.vocab_size, self.hidden_size).init(device),
+            layers: (0..self.num_hidden_layers).map(|l| self.init_layer(l, device)).collect(),
+            norm: RmsNormConfig::new(self.hidden_size).with_eps(self.rms_norm_eps).init(device),
+            lm_head: LinearConfig::new(self.hidden_size, self.vocab_size).with_bias(false).init(device),
+            mtp: (1..=self.num_nextn_predict_layers).map(|k| self.init_mtp(k, device)).collect(),
+            rope: RotaryEmbedding::new(&self.rope, self.qk_rope_head_dim),
+            config: self.clone(),
+        }
+    }
+}
+
+impl<B: Backend> DeepSeekModel<B> {
+    /// Logits of the main model.
+    ///
+    /// # Shapes
+    /// `input_ids`: `[batch, seq]` → `[batch, seq, vocab]`.
+    pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.forward_with(input_ids, ForwardOptions::default()).logits
+    }
+
+    /// Full forward pass, with what `options` asks for.
+    ///
+    /// # Shapes
+    /// `input_ids`: `[batch, seq]`.
+    pub fn forward_with(&self, input_ids: Tensor<B, 2, Int>, options: ForwardOptions) -> ModelOutput<B> {
+        let embeddings = self.embed_tokens.forward(input_ids); // [b, s, d]
+        let mut x = embeddings.clone();
+        let mut hidden_states = Vec::new();
+        let mut routing = Vec::new();
+        for layer in &self.layers {
+            let (out, r) = layer.forward(x, &self.rope, 0);
+            x = out;
+            routing.extend(r);
+            if options.hidden_states {
+                hidden_states.push(x.clone());
+            }
+        }
+        let final_hidden = self.norm.forward(x);
+        let logits = self.lm_head.forward(final_hidden.clone());
+        let mut mtp_logits = Vec::new();
+        if options.mtp {
+            let [_, seq, _] = embeddings.dims();
+            let mut hidden = final_hidden.clone();
+            for (i, module) in self.mtp.iter().enumerate() {
+                let k = i + 1;
+                if seq <= k {
+                    break;
+                }
+                let prev = hidden.narrow(1, 0, seq - k); // [b, s - k, d]
+                let next = embeddings.clone().narrow(1, k, seq - k); // [b, s - k, d]
+                let (h, r) = module.forward(prev, next, &self.rope);
+                routing.extend(r);
+                mtp_logits.push(self.lm_head.forward(module.head_norm.forward(h.clone())));
+                hidden = h;
+            }
+        }
+        ModelOutput { logits, final_hidden, hidden_states, routing, mtp_logits }
+    }
+
+    /// Checks token ids and length before a forward pass: ids must be in `0..vocab_size` and the
+    /// sequence no longer than `max_position_embeddings`.
+    pub fn check_input(&self, input_ids: &Tensor<B, 2, Int>) -> Result<()> {
+        let [batch, seq] = input_ids.dims();
+        if batch == 0 || seq == 0 {
+            return Err(DeepSeekError::Input(format!("empty input: shape [{batch}, {seq}]")));
+        }
+        if seq > self.config.max_position_embeddings {
+            return Err(DeepSeekError::Input(format!(
+                "sequence of {seq} tokens exceeds the context of {} (max_position_embeddings)",
+                self.config.max_position_embeddings
+            )));
+        }
+        let ids: Vec<i64> = input_ids.to_data().convert::<i64>().into_vec().expect("int tensor data");
+        let vocab = self.config.vocab_size as i64;
+        if let Some((pos, id)) = ids.iter().enumerate().find(|(_, &id)| id < 0 || id >= vocab) {
+            return Err(DeepSeekError::Input(format!(
+                "token id {id} at flat position {pos} is outside the vocabulary 0..{vocab}"
+            )));
+        }
+        Ok(())
+    }
+}

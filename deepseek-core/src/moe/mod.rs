@@ -1,0 +1,82 @@
+//! DeepSeekMoE (DeepSeek-V3 §2.1.2): always-active shared experts plus fine-grained routed
+//! experts, `y = shared(x) + Σ_k w_k · expert_{idx_k}(x)`.
+//!
+//! Legend used in this module's shape comments: T tokens, D model dim, E routed experts,
+//! K experts per token, G expert groups.
+
+pub mod experts;
+pub mod router;
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::config::DeepSeekConfig;
+use crate::mlp::{Mlp, MlpConfig};
+pub use experts::{DispatchPlan, RoutedExperts, RoutedExpertsConfig};
+pub use router::{Router, RouterConfig, Routing};
+
+/// Builds a [`Moe`] layer.
+#[derive(Config, Debug)]
+pub struct MoeConfig {
+    /// Router settings.
+    pub router: RouterConfig,
+    /// Routed experts.
+    pub experts: RoutedExpertsConfig,
+    /// Hidden width of the fused shared experts (`n_shared · moe_intermediate`); 0 for none.
+    pub d_shared: usize,
+}
+
+impl MoeConfig {
+    /// The MoE layer a DeepSeek config describes.
+    pub fn from_model(cfg: &DeepSeekConfig) -> Self {
+        let d = cfg.hidden_size;
+        Self {
+            router: RouterConfig::new(
+                d,
+                cfg.n_routed_experts,
+                cfg.num_experts_per_tok,
+                cfg.n_group,
+                cfg.topk_group,
+                cfg.scoring_func,
+                cfg.topk_method,
+                cfg.norm_topk_prob,
+                cfg.routed_scaling_factor,
+            ),
+            experts: RoutedExpertsConfig::new(d, cfg.moe_intermediate_size, cfg.n_routed_experts),
+            d_shared: cfg.n_shared_experts * cfg.moe_intermediate_size,
+        }
+    }
+
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Moe<B> {
+        Moe {
+            gate: self.router.init(device),
+            experts: self.experts.init(device),
+            shared_experts: (self.d_shared > 0).then(|| MlpConfig::new(self.router.d_model, self.d_shared).init(device)),
+        }
+    }
+}
+
+/// Shared + routed experts; field names follow the checkpoints (`mlp.gate`, `mlp.experts`,
+/// `mlp.shared_experts`).
+#[derive(Module, Debug)]
+pub struct Moe<B: Backend> {
+    pub gate: Router<B>,
+    pub experts: RoutedExperts<B>,
+    pub shared_experts: Option<Mlp<B>>,
+}
+
+impl<B: Backend> Moe<B> {
+    /// # Shapes
+    /// `x`: `[batch, seq, D]` → `[batch, seq, D]`, and the routing of the `T = batch·seq` tokens.
+    pub fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Routing<B>) {
+        let [batch, seq, d_model] = x.dims();
+        let tokens = x.reshape([batch * seq, d_model]); // [T, D]
+        let routing = self.gate.forward(tokens.clone());
+        let mut y = self.experts.forward(tokens.clone(), routing.indices.clone(), routing.weights.clone()); // [T, D]
+        if let Some(shared) = &self.shared_experts {
+            y = y + shared.forward(tokens);
+        }
+        (y.reshape([batch, seq, d_model]), routing)
+    }
+}

@@ -1,0 +1,176 @@
+//! The MoE router (DeepSeek-V3 §2.1.2; V2 §2.2): affinities, group-limited top-k, gate weights.
+//!
+//! V3 (`noaux_tc`): `s = sigmoid(x·W_gateᵀ)`; the per-expert correction bias `b` is added **only
+//! to choose** experts (`s + b`); groups are scored by the sum of their top-2 biased scores and
+//! only the best `topk_group` groups stay eligible (the others are set to −∞, never 0: a 0 can
+//! beat negative biased scores and pick an expert from a dropped group); the gate weights are the
+//! unbiased `s` of the chosen experts, normalized when `norm_topk_prob`, times
+//! `routed_scaling_factor`. V2 uses softmax affinities, no bias and (for `group_limited_greedy`)
+//! the group max. Logits and scores are f32.
+//!
+//! Legend: T tokens, D model dim, E routed experts, K experts per token, G groups.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::tensor::activation::{sigmoid, softmax};
+use burn::tensor::{backend::Backend, FloatDType, Int, Tensor};
+
+use crate::config::{ScoringFunc, TopkMethod};
+
+/// Builds a [`Router`].
+#[derive(Config, Debug)]
+pub struct RouterConfig {
+    /// Model width `D`.
+    pub d_model: usize,
+    /// Routed experts `E`.
+    pub n_experts: usize,
+    /// Experts per token `K`.
+    pub top_k: usize,
+    /// Expert groups `G`.
+    pub n_group: usize,
+    /// Groups kept per token.
+    pub topk_group: usize,
+    /// Affinity function.
+    pub scoring_func: ScoringFunc,
+    /// Selection rule (decides whether a bias exists and how groups are scored).
+    pub topk_method: TopkMethod,
+    /// Normalize the chosen weights to sum to one.
+    pub norm_topk_prob: bool,
+    /// Multiplier on the gate weights.
+    pub routed_scaling_factor: f64,
+}
+
+impl RouterConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Router<B> {
+        let bound = (1.0 / self.d_model as f64).sqrt();
+        let weight = Tensor::random([self.n_experts, self.d_model], burn::tensor::Distribution::Uniform(-bound, bound), device);
+        // The bias is state of the balancing algorithm, not a learned parameter: no gradient.
+        let bias = self
+            .topk_method
+            .has_bias()
+            .then(|| Param::from_tensor(Tensor::zeros([self.n_experts], device)).set_require_grad(false));
+        Router {
+            weight: Param::from_tensor(weight),
+            e_score_correction_bias: bias,
+            top_k: self.top_k,
+            n_group: self.n_group,
+            topk_group: self.topk_group,
+            scoring_func: self.scoring_func,
+            topk_method: self.topk_method,
+            norm_topk_prob: self.norm_topk_prob,
+            routed_scaling_factor: self.routed_scaling_factor,
+        }
+    }
+}
+
+/// Gate of one MoE layer. Its weight is stored `[E, D]` as in the checkpoints.
+#[derive(Module, Debug)]
+pub struct Router<B: Backend> {
+    /// `[E, D]`
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[E]` selection bias of auxiliary-loss-free balancing (f32; updated outside the model).
+    pub e_score_correction_bias: Option<Param<Tensor<B, 1>>>,
+    #[module(skip)]
+    pub top_k: usize,
+    #[module(skip)]
+    pub n_group: usize,
+    #[module(skip)]
+    pub topk_group: usize,
+    #[module(skip)]
+    pub scoring_func: ScoringFunc,
+    #[module(skip)]
+    pub topk_method: TopkMethod,
+    #[module(skip)]
+    pub norm_topk_prob: bool,
+    #[module(skip)]
+    pub routed_scaling_factor: f64,
+}
+
+/// The routing decision for a batch of tokens.
+#[derive(Debug, Clone)]
+pub struct Routing<B: Backend> {
+    /// `[T, K]` chosen experts, in order of decreasing biased score.
+    pub indices: Tensor<B, 2, Int>,
+    /// `[T, K]` gate weights (f32), aligned with `indices`.
+    pub weights: Tensor<B, 2>,
+    /// `[T, E]` unbiased affinities (f32): the sequence-wise balance loss needs them.
+    pub scores: Tensor<B, 2>,
+    /// `[E]` tokens routed to each expert in this batch: the bias update needs them.
+    pub counts: Tensor<B, 1, Int>,
+}
+
+impl<B: Backend> Router<B> {
+    /// # Shapes
+    /// `x`: `[T, D]`.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Routing<B> {
+        let [tokens, _] = x.dims();
+        let n_experts = self.weight.dims()[0];
+        let logits = x.cast(FloatDType::F32).matmul(self.weight.val().cast(FloatDType::F32).transpose()); // [T, E]
+        let scores = match self.scoring_func {
+            ScoringFunc::Sigmoid => sigmoid(logits),
+            ScoringFunc::Softmax => softmax(logits, 1),
+        };
+        let mut choice = match &self.e_score_correction_bias {
+            Some(bias) => scores.clone() + bias.val().cast(FloatDType::F32).unsqueeze::<2>(), // [T, E]
+            None => scores.clone(),
+        };
+        if self.n_group > 1 && self.topk_method != TopkMethod::Greedy {
+            choice = self.mask_dropped_groups(choice);
+        }
+        let (_, indices) = top_k(choice, self.top_k); // [T, K]
+        let mut weights = scores.clone().gather(1, indices.clone()); // [T, K]
+        if self.norm_topk_prob && self.top_k > 1 {
+            let denom = weights.clone().sum_dim(1).add_scalar(1e-20); // [T, 1]
+            weights = weights / denom;
+        }
+        let weights = weights.mul_scalar(self.routed_scaling_factor);
+        let device = indices.device();
+        let flat = indices.clone().reshape([tokens * self.top_k]); // [T·K]
+        let counts = Tensor::<B, 1, Int>::zeros([n_experts], &device).scatter(
+            0,
+            flat,
+            Tensor::ones([tokens * self.top_k], &device),
+            burn::tensor::IndexingUpdateOp::Add,
+        );
+        Routing { indices, weights, scores, counts }
+    }
+
+    /// Keeps the `topk_group` best groups per token; the others become −∞.
+    ///
+    /// # Shapes
+    /// `choice`: `[T, E]` → `[T, E]`.
+    fn mask_dropped_groups(&self, choice: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [tokens, n_experts] = choice.dims();
+        let per_group = n_experts / self.n_group;
+        let grouped = choice.clone().reshape([tokens, self.n_group, per_group]); // [T, G, E/G]
+        let group_score = match self.topk_method {
+            TopkMethod::NoAuxTc => grouped.sort_descending(2).narrow(2, 0, 2).sum_dim(2), // [T, G, 1]
+            _ => grouped.max_dim(2),                              // [T, G, 1]
+        }
+        .reshape([tokens, self.n_group]); // [T, G]
+        let (_, keep) = top_k(group_score, self.topk_group); // [T, topk_group]
+        let device = choice.device();
+        let kept = Tensor::<B, 2, Int>::zeros([tokens, self.n_group], &device)
+            // Indices are distinct, so adding ones marks each kept group once.
+            .scatter(1, keep, Tensor::ones([tokens, self.topk_group], &device), burn::tensor::IndexingUpdateOp::Add)
+            .equal_elem(0) // [T, G] true where dropped
+            .reshape([tokens, self.n_group, 1])
+            .expand([tokens, self.n_group, per_group])
+            .reshape([tokens, n_experts]); // [T, E]
+        choice.mask_fill(kept, f32::NEG_INFINITY)
+    }
+}
+
+/// The `k` largest entries of each row and their indices, in decreasing order. Burn 0.21's
+/// `topk` requires `k` strictly below the row length, so `k == n` goes through a full sort.
+///
+/// # Shapes
+/// `x`: `[rows, n]` → `([rows, k], [rows, k])`.
+fn top_k<B: Backend>(x: Tensor<B, 2>, k: usize) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
+    let [_, n] = x.dims();
+    if k < n {
+        x.topk_with_indices(k, 1)
+    } else {
+        x.sort_descending_with_indices(1)
+    }
+}

@@ -1,0 +1,104 @@
+//! Parameter and memory accounting, computed from the configuration alone (no weights needed):
+//! total and per-token activated parameters, MTP parameters, latent KV-cache bytes per token.
+
+use crate::config::DeepSeekConfig;
+
+/// Parameter counts of a configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamCount {
+    /// Main model: embedding, blocks, final norm, head (MTP excluded).
+    pub total: u64,
+    /// Main-model parameters used for one token: everything but the unchosen routed experts.
+    pub active: u64,
+    /// All MTP modules, without the embedding and head they share with the main model.
+    pub mtp: u64,
+    /// Activated parameters of the MTP modules per token.
+    pub mtp_active: u64,
+}
+
+impl DeepSeekConfig {
+    fn attention_params(&self) -> u64 {
+        let d = self.hidden_size as u64;
+        let h = self.num_attention_heads as u64;
+        let qk = self.qk_head_dim() as u64;
+        let q = match self.q_lora_rank {
+            Some(r) => d * r as u64 + r as u64 + r as u64 * h * qk,
+            None => d * h * qk,
+        };
+        let kvl = self.kv_lora_rank as u64;
+        let kv = d * (kvl + self.qk_rope_head_dim as u64) + kvl + kvl * h * (self.qk_nope_head_dim + self.v_head_dim) as u64;
+        q + kv + h * self.v_head_dim as u64 * d
+    }
+
+    /// (total, active) parameters of block `layer`, norms included.
+    fn layer_params(&self, layer: usize) -> (u64, u64) {
+        let d = self.hidden_size as u64;
+        let common = 2 * d + self.attention_params();
+        if !self.is_moe_layer(layer) {
+            let mlp = 3 * d * self.intermediate_size as u64;
+            return (common + mlp, common + mlp);
+        }
+        let expert = 3 * d * self.moe_intermediate_size as u64;
+        let e = self.n_routed_experts as u64;
+        let bias = if self.topk_method.has_bias() { e } else { 0 };
+        let router = e * d + bias;
+        let shared = self.n_shared_experts as u64 * expert;
+        let total = common + router + shared + e * expert;
+        let active = common + router + shared + self.num_experts_per_tok as u64 * expert;
+        (total, active)
+    }
+
+    /// Counts parameters from the shapes the configuration implies.
+    pub fn param_count(&self) -> ParamCount {
+        let d = self.hidden_size as u64;
+        let v = self.vocab_size as u64;
+        let (mut total, mut active) = (2 * v * d + d, 2 * v * d + d);
+        for layer in 0..self.num_hidden_layers {
+            let (t, a) = self.layer_params(layer);
+            total += t;
+            active += a;
+        }
+        let (mut mtp, mut mtp_active) = (0, 0);
+        for k in 1..=self.num_nextn_predict_layers {
+            // enorm, hnorm, shared_head.norm, eh_proj, and one block.
+            let extra = 3 * d + 2 * d * d;
+            let (t, a) = self.layer_params(self.num_hidden_layers + k - 1);
+            mtp += extra + t;
+            mtp_active += extra + a;
+        }
+        ParamCount { total, active, mtp, mtp_active }
+    }
+
+    /// Bytes per token of the latent KV cache over all main blocks: `(kv_lora_rank +
+    /// qk_rope_head_dim) · dtype_bytes · num_hidden_layers`.
+    pub fn kv_cache_bytes_per_token(&self, dtype_bytes: usize) -> usize {
+        (self.kv_lora_rank + self.qk_rope_head_dim) * dtype_bytes * self.num_hidden_layers
+    }
+
+    /// Bytes per token a plain multi-head cache (full K and V per head) would need, for comparison.
+    pub fn mha_cache_bytes_per_token(&self, dtype_bytes: usize) -> usize {
+        self.num_attention_heads * (self.qk_head_dim() + self.v_head_dim) * dtype_bytes * self.num_hidden_layers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v3_has_671b_parameters_and_37b_active() {
+        let p = DeepSeekConfig::v3_671b().param_count();
+        // Figures from the DeepSeek-V3 report: 671B total, 37B activated, MTP 11.5B unique
+        // (14B with the shared embedding and head).
+        assert_eq!(format!("{:.1}", p.total as f64 / 1e9), "671.0", "{p:?}");
+        assert!((p.active as f64 / 1e9 - 37.5).abs() < 0.1, "{p:?}");
+        assert!((p.mtp as f64 / 1e9 - 11.6).abs() < 0.1, "{p:?}");
+    }
+
+    #[test]
+    fn v3_latent_cache_is_70272_bytes_per_token() {
+        let cfg = DeepSeekConfig::v3_671b();
+        assert_eq!(cfg.kv_cache_bytes_per_token(2), 70_272);
+        assert_eq!(cfg.mha_cache_bytes_per_token(2), 4_997_120);
+    }
+}

@@ -1,0 +1,1 @@
+//! Runnable examples; see `cargo run -p deepseek-examples --example NAME`.

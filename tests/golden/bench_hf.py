@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+# Times Hugging Face transformers' DeepseekV3ForCausalLM forward pass on CPU (float32, torch.inference_mode,
+# default thread count) for the project's "small" configuration, as a baseline for the Burn implementation.
+#
+# Config: hidden 256, 4 layers (layer 0 dense with intermediate 704, layers 1-3 MoE), 8 heads, q_lora_rank 64,
+# kv_lora_rank 32, qk_nope/qk_rope/v head dims 32/16/32, 16 routed experts (moe_intermediate 128) top-4,
+# n_group 4 / topk_group 2, 2 shared experts, vocab 1024; input batch 8 x 128 tokens.
+# 3 warm-up runs, then the median of 10 timed runs; prints `hf_forward_tokens_per_s: N`.
+#
+# Rerun: python -m venv .venv && pip install -r tests/golden/requirements.txt && python tests/golden/bench_hf.py
+#   --impl default  (HF's defaults: sdpa attention, grouped_mm experts when available; the default)
+#   --impl eager    (eager attention and the per-expert Python loop)
+import argparse
+import statistics
+import time
+
+import torch
+import transformers
+
+assert torch.__version__.startswith("2.15"), f"need torch 2.15.x, found {torch.__version__}"
+assert transformers.__version__ == "5.23.0", f"need transformers 5.23.0, found {transformers.__version__}"
+
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--impl", choices=["default", "eager"], default="default")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=704,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        n_shared_experts=2,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        first_k_dense_replace=1,
+        q_lora_rank=64,
+        kv_lora_rank=32,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        num_mtp_layers=0,
+        dtype="float32",
+    )
+    if args.impl == "eager":
+        config._attn_implementation = "eager"
+        config._experts_implementation = "eager"
+    model = DeepseekV3ForCausalLM(config).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
+    tokens = args.batch * args.seq
+
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            model(input_ids=ids, use_cache=False)
+        times = []
+        for _ in range(args.iters):
+            t0 = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
+          f"attn {model.config._attn_implementation}, experts {model.config._experts_implementation}, "
+          f"params {n_params}, batch {args.batch} x {args.seq}")
+    print(f"forward median {med * 1e3:.2f} ms (min {min(times) * 1e3:.2f}, max {max(times) * 1e3:.2f})")
+    print(f"hf_forward_tokens_per_s: {tokens / med:.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+//! Shared helpers of the cross-crate tests: locating the golden cases written by
+//! `tests/golden/generate.py` (Hugging Face transformers), reading their reference tensors, and
+//! comparing numbers. Tolerances live here, one per dtype and backend.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+
+/// Absolute tolerance on logits and hidden states against transformers in f32 on the CPU.
+pub const F32_ATOL: f32 = 1e-4;
+/// Absolute tolerance on gate weights and router scores (they pass through fewer ops).
+pub const ROUTER_ATOL: f32 = 1e-5;
+/// Absolute tolerance for GPU backends: wgpu/Vulkan shaders reorder f32 sums (tiled matmul,
+/// parallel reductions) and may use fused multiply-add and approximate `exp`, which moves logits
+/// of magnitude ~10 by a few 1e-5 after 4 blocks; 1e-3 leaves an order of magnitude of headroom
+/// while still catching any real bug (wrong scale, wrong rotation, wrong expert) which shows up
+/// as errors of 1e-1 or more.
+pub const GPU_ATOL: f32 = 1e-3;
+
+/// The golden cases, each a Hugging Face checkpoint directory with `reference.safetensors`.
+pub const CASES: [&str; 3] = ["v3_yarn_qlora", "v3_no_qlora", "v5_style"];
+
+/// `tests/golden/<case>`.
+pub fn golden_dir(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(case)
+}
+
+/// A tensor of the reference file, flattened.
+#[derive(Debug, Clone)]
+pub struct RefTensor {
+    pub shape: Vec<usize>,
+    pub f32: Vec<f32>,
+    pub i64: Vec<i64>,
+}
+
+/// All tensors of `reference.safetensors`.
+pub struct Reference {
+    pub tensors: HashMap<String, RefTensor>,
+}
+
+impl Reference {
+    pub fn load(case: &str) -> Self {
+        let path = golden_dir(case).join("reference.safetensors");
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let st = SafeTensors::deserialize(&bytes).expect("valid reference file");
+        let mut tensors = HashMap::new();
+        for (name, view) in st.tensors() {
+            let data = view.data();
+            let (f32, i64) = match view.dtype() {
+                Dtype::F32 => (data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(), vec![]),
+                Dtype::I64 => (vec![], data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()),
+                other => panic!("unexpected dtype {other:?} for {name}"),
+            };
+            tensors.insert(name, RefTensor { shape: view.shape().to_vec(), f32, i64 });
+        }
+        Self { tensors }
+    }
+
+    pub fn get(&self, name: &str) -> &RefTensor {
+        self.tensors.get(name).unwrap_or_else(|| panic!("reference lacks `{name}`"))
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+/// Largest absolute difference; panics on length mismatch.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Asserts `actual ≈ expected` within `atol`, naming what is compared.
+pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], atol: f32) {
+    let diff = max_abs_diff(actual, expected);
+    assert!(diff <= atol, "{what}: max |diff| = {diff:e} > {atol:e}");
+}
+
+/// Sorts each row of `[rows, k]` expert indices ascending, permuting `weights` alike, so routing
+/// decisions compare independently of top-k output order.
+pub fn sort_rows(indices: &[i64], weights: &[f32], k: usize) -> (Vec<i64>, Vec<f32>) {
+    let mut idx = Vec::with_capacity(indices.len());
+    let mut w = Vec::with_capacity(weights.len());
+    for (ri, rw) in indices.chunks(k).zip(weights.chunks(k)) {
+        let mut pairs: Vec<(i64, f32)> = ri.iter().copied().zip(rw.iter().copied()).collect();
+        pairs.sort_by_key(|p| p.0);
+        idx.extend(pairs.iter().map(|p| p.0));
+        w.extend(pairs.iter().map(|p| p.1));
+    }
+    (idx, w)
+}
