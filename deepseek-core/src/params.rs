@@ -69,6 +69,60 @@ impl DeepSeekConfig {
         ParamCount { total, active, mtp, mtp_active }
     }
 
+    /// The linear weight matrices `[out, in]` of block `layer` (what FP8 checkpoints quantize).
+    fn layer_linears(&self, layer: usize) -> Vec<[usize; 2]> {
+        let d = self.hidden_size;
+        let h = self.num_attention_heads;
+        let mut m = match self.q_lora_rank {
+            Some(r) => vec![[r, d], [h * self.qk_head_dim(), r]],
+            None => vec![[h * self.qk_head_dim(), d]],
+        };
+        m.push([self.kv_lora_rank + self.qk_rope_head_dim, d]);
+        m.push([h * (self.qk_nope_head_dim + self.v_head_dim), self.kv_lora_rank]);
+        m.push([d, h * self.v_head_dim]);
+        let mlp = |width: usize| [[width, d], [width, d], [d, width]];
+        if self.is_moe_layer(layer) {
+            for _ in 0..self.n_routed_experts {
+                m.extend(mlp(self.moe_intermediate_size));
+            }
+            if self.n_shared_experts > 0 {
+                m.extend(mlp(self.n_shared_experts * self.moe_intermediate_size));
+            }
+        } else {
+            m.extend(mlp(self.intermediate_size));
+        }
+        if layer >= self.num_hidden_layers {
+            m.push([d, 2 * d]); // eh_proj
+        }
+        m
+    }
+
+    /// Bytes of all weights (main model and MTP) stored in bf16.
+    pub fn weight_bytes_bf16(&self) -> u64 {
+        let p = self.param_count();
+        2 * (p.total + p.mtp)
+    }
+
+    /// Bytes of all weights in DeepSeek's FP8 checkpoint format: linear weights of the blocks as
+    /// E4M3 (1 byte) plus one f32 scale per 128×128 block (partial edge blocks included);
+    /// embedding, head, norms and router in bf16, the correction bias in f32.
+    pub fn weight_bytes_fp8(&self) -> u64 {
+        let blocks = self.num_hidden_layers + self.num_nextn_predict_layers;
+        let mut linear_params = 0u64;
+        let mut scale_bytes = 0u64;
+        for layer in 0..blocks {
+            for [rows, cols] in self.layer_linears(layer) {
+                linear_params += (rows * cols) as u64;
+                scale_bytes += 4 * (rows.div_ceil(128) * cols.div_ceil(128)) as u64;
+            }
+        }
+        let moe_blocks = (0..blocks).filter(|&l| self.is_moe_layer(l)).count() as u64;
+        let bias = if self.topk_method.has_bias() { self.n_routed_experts as u64 * moe_blocks } else { 0 };
+        let p = self.param_count();
+        let other = p.total + p.mtp - linear_params - bias;
+        linear_params + scale_bytes + 2 * other + 4 * bias
+    }
+
     /// Bytes per token of the latent KV cache over all main blocks: `(kv_lora_rank +
     /// qk_rope_head_dim) · dtype_bytes · num_hidden_layers`.
     pub fn kv_cache_bytes_per_token(&self, dtype_bytes: usize) -> usize {
@@ -93,6 +147,30 @@ mod tests {
         assert_eq!(format!("{:.1}", p.total as f64 / 1e9), "671.0", "{p:?}");
         assert!((p.active as f64 / 1e9 - 37.5).abs() < 0.1, "{p:?}");
         assert!((p.mtp as f64 / 1e9 - 11.6).abs() < 0.1, "{p:?}");
+    }
+
+    #[test]
+    fn linear_shapes_account_for_every_parameter_but_norms_embeddings_and_router() {
+        for cfg in [DeepSeekConfig::v3_671b(), DeepSeekConfig::v2_lite_16b(), DeepSeekConfig::tiny()] {
+            let p = cfg.param_count();
+            let blocks = cfg.num_hidden_layers + cfg.num_nextn_predict_layers;
+            let linear: u64 = (0..blocks).flat_map(|l| cfg.layer_linears(l)).map(|[r, c]| (r * c) as u64).sum();
+            let d = cfg.hidden_size as u64;
+            let moe = (0..blocks).filter(|&l| cfg.is_moe_layer(l)).count() as u64;
+            let router = moe * cfg.n_routed_experts as u64 * (d + cfg.topk_method.has_bias() as u64);
+            let q_norm = cfg.q_lora_rank.unwrap_or(0) as u64;
+            let norms = blocks as u64 * (2 * d + q_norm + cfg.kv_lora_rank as u64) + d + 3 * d * cfg.num_nextn_predict_layers as u64;
+            let embed_head = 2 * cfg.vocab_size as u64 * d;
+            assert_eq!(linear + router + norms + embed_head, p.total + p.mtp, "{cfg:?}");
+        }
+    }
+
+    #[test]
+    fn v3_fp8_weights_take_about_half_of_bf16() {
+        let cfg = DeepSeekConfig::v3_671b();
+        let ratio = cfg.weight_bytes_fp8() as f64 / cfg.weight_bytes_bf16() as f64;
+        // The released FP8 checkpoint is about 689 GB against 1.37 TB in bf16.
+        assert!((0.5..0.52).contains(&ratio), "{ratio}");
     }
 
     #[test]

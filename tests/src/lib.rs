@@ -91,3 +91,42 @@ pub fn sort_rows(indices: &[i64], weights: &[f32], k: usize) -> (Vec<i64>, Vec<f
     }
     (idx, w)
 }
+
+/// A tensor as raw safetensors parts, for building deliberately broken checkpoints.
+#[derive(Debug, Clone)]
+pub struct RawTensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+/// Reads every tensor of a safetensors file.
+pub fn read_raw(path: &Path) -> std::collections::BTreeMap<String, RawTensor> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| (name, RawTensor { dtype: v.dtype(), shape: v.shape().to_vec(), bytes: v.data().to_vec() }))
+        .collect()
+}
+
+/// Writes tensors as a safetensors file.
+pub fn write_raw(path: &Path, tensors: &std::collections::BTreeMap<String, RawTensor>) {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// Copies golden case `case` into a fresh temporary directory, letting `edit` change the tensors
+/// first. The directory lives as long as the returned guard.
+pub fn edited_copy(case: &str, edit: impl FnOnce(&mut std::collections::BTreeMap<String, RawTensor>)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = golden_dir(case);
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let mut tensors = read_raw(&src.join("model.safetensors"));
+    edit(&mut tensors);
+    write_raw(&dir.path().join("model.safetensors"), &tensors);
+    dir
+}
