@@ -72,6 +72,20 @@ fn golden_v3_yarn_qlora_matches_transformers_on_wgpu() {
     check_case::<burn::backend::Wgpu>("v3_yarn_qlora", &Default::default(), GPU_ATOL);
 }
 
+#[cfg(feature = "cuda")]
+#[test]
+fn golden_cases_match_transformers_on_cuda() {
+    // Runs only where a GPU is present: the CUDA backend panics when its device is created
+    // without one.
+    if std::env::var_os("DEEPSEEK_TEST_CUDA").is_none() {
+        eprintln!("skipped: set DEEPSEEK_TEST_CUDA=1 on a machine with an NVIDIA GPU");
+        return;
+    }
+    for case in CASES {
+        check_case::<burn::backend::Cuda>(case, &Default::default(), GPU_ATOL);
+    }
+}
+
 #[test]
 fn rope_tables_and_softmax_scale_match_transformers() {
     for case in CASES {

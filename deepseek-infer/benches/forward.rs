@@ -1,0 +1,71 @@
+//! Forward-pass throughput: tokens per second of a full forward (logits for every position) on a
+//! preset with random weights, median of several timed runs after warm-up.
+//!
+//! `cargo bench -p deepseek-infer --bench forward -- [--preset small] [--batch 8] [--seq 128]
+//! [--runs 10] [--device flex|wgpu|cuda]`. `tests/golden/bench_hf.py` times transformers on the
+//! same configuration for comparison.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Int, Tensor};
+use clap::Parser;
+use deepseek_core::DeepSeekConfig;
+use deepseek_infer::backend::DeviceKind;
+use deepseek_infer::with_backend;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "small")]
+    preset: String,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value = "flex")]
+    device: DeviceKind,
+    /// Ignored: cargo bench passes it.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn run<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
+    let cfg = DeepSeekConfig::preset(&args.preset)?;
+    let model = cfg.init::<B>(device);
+    let ids = Tensor::<B, 2>::random([args.batch, args.seq], Distribution::Uniform(0.0, cfg.vocab_size as f64), device).int();
+    let step = |ids: Tensor<B, 2, Int>| {
+        let logits = model.forward(ids);
+        // Reading one value back waits for asynchronous backends to finish.
+        let _ = logits.slice([0..1, 0..1, 0..1]).into_data();
+    };
+    for _ in 0..args.warmup {
+        step(ids.clone());
+    }
+    let mut times = Vec::with_capacity(args.runs);
+    for _ in 0..args.runs {
+        let start = Instant::now();
+        step(ids.clone());
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = times[times.len() / 2];
+    let tokens = (args.batch * args.seq) as f64;
+    println!("preset: {}", args.preset);
+    println!("device: {}", args.device);
+    println!("batch_x_seq: {}x{}", args.batch, args.seq);
+    println!("params: {}", cfg.param_count().total + cfg.param_count().mtp);
+    println!("forward_median_ms: {:.2}", median * 1e3);
+    println!("forward_min_ms: {:.2}", times[0] * 1e3);
+    println!("forward_tokens_per_s: {:.0}", tokens / median);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    with_backend!(args.device, |B, dev| run::<B>(&args, &dev))
+}

@@ -1,0 +1,85 @@
+//! The `deepseek` binary end to end: `logits` reproduces transformers' logits on every golden
+//! case, `info` computes V3's parameter count, and bad input fails with a clear message.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use safetensors::SafeTensors;
+
+fn golden(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden").join(case)
+}
+
+fn read_f32(path: &Path, name: &str) -> (Vec<f32>, Vec<usize>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let v = st.tensor(name).unwrap();
+    (v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(), v.shape().to_vec())
+}
+
+fn deepseek(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_deepseek")).args(args).output().unwrap()
+}
+
+#[test]
+fn logits_command_reproduces_transformers_on_every_golden_case() {
+    for case in ["v3_yarn_qlora", "v3_no_qlora", "v5_style"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("logits.safetensors");
+        let reference = golden(case).join("reference.safetensors");
+        let o = deepseek(&[
+            "logits",
+            "--model", golden(case).to_str().unwrap(),
+            "--input", reference.to_str().unwrap(),
+            "--output", out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+        let (got, shape) = read_f32(&out, "logits");
+        let (want, want_shape) = read_f32(&reference, "logits");
+        assert_eq!(shape, want_shape);
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(diff < 1e-4, "{case}: max |diff| {diff:e}");
+    }
+}
+
+#[test]
+fn info_prints_671b_parameters_for_v3() {
+    let o = deepseek(&["info", "--preset", "v3-671b"]);
+    assert!(o.status.success());
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(text.contains("total_params: 671026419200 (671.0B)"), "{text}");
+    assert!(text.contains("kv_cache_bytes_per_token: 70272"), "{text}");
+    for key in ["active_params:", "mtp_params:", "weights_bytes_bf16:", "weights_bytes_fp8:"] {
+        assert!(text.contains(key), "missing {key} in {text}");
+    }
+    // A model directory gives the same keys.
+    let o = deepseek(&["info", "--model", golden("v5_style").to_str().unwrap()]);
+    assert!(o.status.success());
+}
+
+#[test]
+fn out_of_vocabulary_ids_fail_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("ids.safetensors");
+    let ids: Vec<u8> = [3i64, 7, 999].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 3], &ids).unwrap();
+    safetensors::serialize_to_file(vec![("input_ids", view)], None, &input).unwrap();
+    let out = dir.path().join("logits.safetensors");
+    let o = deepseek(&[
+        "logits", "--model", golden("v3_no_qlora").to_str().unwrap(),
+        "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("token id 999") && err.contains("vocabulary"), "{err}");
+    assert!(!out.exists(), "no output on failure");
+}
+
+#[test]
+fn missing_backend_and_missing_model_are_clear_errors() {
+    let o = deepseek(&["info", "--model", "/nonexistent/model"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/model"));
+    let o = deepseek(&["info", "--preset", "v9"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown preset"));
+}
