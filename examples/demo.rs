@@ -61,11 +61,13 @@ fn main() -> Result<()> {
     }
 
     println!("== Routing (tokens per routed expert; MoE blocks, then MTP)");
-    for (i, routing) in out.routing.iter().enumerate() {
+    let moe_blocks = (0..cfg.num_hidden_layers + cfg.num_nextn_predict_layers).filter(|&l| cfg.is_moe_layer(l));
+    for (l, routing) in moe_blocks.zip(&out.routing) {
+        let name = if l < cfg.num_hidden_layers { format!("layer {l}") } else { format!("MTP {}", l - cfg.num_hidden_layers + 1) };
         let counts: Vec<i64> = routing.counts.clone().into_data().convert::<i64>().into_vec().unwrap();
         let mean = counts.iter().sum::<i64>() as f64 / counts.len() as f64;
         let max = *counts.iter().max().unwrap() as f64;
-        println!("   MoE block {i}: {counts:?}  MaxVio {:.2}", (max - mean) / mean);
+        println!("   {name:>8}: {counts:?}  MaxVio {:.2}", (max - mean) / mean);
     }
 
     let v3 = DeepSeekConfig::v3_671b();

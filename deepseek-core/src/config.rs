@@ -229,8 +229,10 @@ impl DeepSeekConfig {
     }
 
     /// A model small enough for unit tests to run in well under a second on CPU, with every
-    /// structural feature of V3 switched on (q-LoRA, YaRN, groups, shared experts, MTP).
+    /// structural feature of V3 switched on (q-LoRA, YaRN, groups, shared experts, MTP). Fields
+    /// not listed are V3's.
     pub fn tiny() -> Self {
+        let v3 = Self::v3_671b();
         Self {
             vocab_size: 256,
             hidden_size: 64,
@@ -245,39 +247,26 @@ impl DeepSeekConfig {
             qk_rope_head_dim: 8,
             v_head_dim: 16,
             n_routed_experts: 8,
-            n_shared_experts: 1,
             num_experts_per_tok: 2,
             n_group: 4,
             topk_group: 2,
-            routed_scaling_factor: 2.5,
-            norm_topk_prob: true,
-            scoring_func: ScoringFunc::Sigmoid,
-            topk_method: TopkMethod::NoAuxTc,
             rope: RopeConfig {
-                theta: 10000.0,
-                yarn: Some(YarnConfig {
-                    factor: 4.0,
-                    original_max_position_embeddings: 64,
-                    beta_fast: 32.0,
-                    beta_slow: 1.0,
-                    mscale_all_dim: 1.0,
-                    attention_factor: 1.0,
-                    truncate: true,
-                }),
-                interleaved: true,
+                yarn: v3.rope.yarn.map(|y| YarnConfig { factor: 4.0, original_max_position_embeddings: 64, ..y }),
+                ..v3.rope
             },
             max_position_embeddings: 256,
-            rms_norm_eps: 1e-6,
-            num_nextn_predict_layers: 1,
             quantization: None,
             bos_token_id: None,
             eos_token_id: None,
+            ..v3
         }
     }
 
     /// The benchmark size: hidden 256, 4 layers, 8 heads, 16 routed experts top-4 in 4 groups
-    /// keeping 2, 2 shared experts, q-LoRA 64, KV-LoRA 32, nope 32 / rope 16 / v 32, vocab 1024.
+    /// keeping 2, 2 shared experts, q-LoRA 64, KV-LoRA 32, nope 32 / rope 16 / v 32, vocab 1024,
+    /// no YaRN. Fields not listed are V3's.
     pub fn small() -> Self {
+        let v3 = Self::v3_671b();
         Self {
             vocab_size: 1024,
             hidden_size: 256,
@@ -296,17 +285,12 @@ impl DeepSeekConfig {
             num_experts_per_tok: 4,
             n_group: 4,
             topk_group: 2,
-            routed_scaling_factor: 2.5,
-            norm_topk_prob: true,
-            scoring_func: ScoringFunc::Sigmoid,
-            topk_method: TopkMethod::NoAuxTc,
-            rope: RopeConfig { theta: 10000.0, yarn: None, interleaved: true },
+            rope: RopeConfig { yarn: None, ..v3.rope },
             max_position_embeddings: 2048,
-            rms_norm_eps: 1e-6,
-            num_nextn_predict_layers: 1,
             quantization: None,
             bos_token_id: None,
             eos_token_id: None,
+            ..v3
         }
     }
 

@@ -115,6 +115,13 @@ impl<B: Backend> DeepSeekModel<B> {
         ModelOutput { logits, final_hidden, hidden_states, routing, mtp_logits }
     }
 
+    /// [`DeepSeekModel::forward_with`] after [`DeepSeekModel::check_input`]: the entry point for
+    /// untrusted input.
+    pub fn try_forward(&self, input_ids: Tensor<B, 2, Int>, options: ForwardOptions) -> Result<ModelOutput<B>> {
+        self.check_input(&input_ids)?;
+        Ok(self.forward_with(input_ids, options))
+    }
+
     /// Checks token ids and length before a forward pass: ids must be in `0..vocab_size` and the
     /// sequence no longer than `max_position_embeddings`.
     pub fn check_input(&self, input_ids: &Tensor<B, 2, Int>) -> Result<()> {

@@ -2,7 +2,7 @@
 //! and transformers do: `y = w ⊙ x / sqrt(mean(x²) + eps)`.
 
 use burn::config::Config;
-use burn::module::{Module, Param};
+use burn::module::{Initializer, Module, Param};
 use burn::tensor::{backend::Backend, FloatDType, Tensor};
 
 /// Builds an [`RmsNorm`].
@@ -17,7 +17,7 @@ pub struct RmsNormConfig {
 
 impl RmsNormConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> RmsNorm<B> {
-        RmsNorm { weight: Param::from_tensor(Tensor::ones([self.dim], device)), eps: self.eps }
+        RmsNorm { weight: Initializer::Ones.init([self.dim], device), eps: self.eps }
     }
 }
 

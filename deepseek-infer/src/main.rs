@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, Subcommand};
-use deepseek_core::{load_model, DeepSeekConfig, LoadOptions};
+use deepseek_core::{load_model, DeepSeekConfig, ForwardOptions, LoadOptions};
 use deepseek_infer::backend::DeviceKind;
 use deepseek_infer::{io, with_backend};
 
@@ -70,8 +70,7 @@ fn logits<B: Backend>(model_dir: &PathBuf, input: &PathBuf, output: &PathBuf, de
         .with_context(|| format!("loading model from {}", model_dir.display()))?;
     let (ids, [batch, seq]) = io::read_ids(input, "input_ids")?;
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), device);
-    model.check_input(&ids)?;
-    let logits = model.forward(ids);
+    let logits = model.try_forward(ids, ForwardOptions::default())?.logits;
     let shape = logits.dims().to_vec();
     let values: Vec<f32> = logits.into_data().convert::<f32>().into_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     io::write_f32(output, &[("logits", &values, shape)])

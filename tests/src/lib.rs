@@ -76,9 +76,11 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-/// Asserts `actual ≈ expected` within `atol`, naming what is compared.
+/// Asserts `actual ≈ expected` within `atol`, naming what is compared; prints the difference
+/// (visible with `--nocapture`) so the margin to the tolerance can be tracked.
 pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], atol: f32) {
     let diff = max_abs_diff(actual, expected);
+    eprintln!("{what}: max |diff| = {diff:.2e} (tolerance {atol:.0e})");
     assert!(diff <= atol, "{what}: max |diff| = {diff:e} > {atol:e}");
 }
 

@@ -11,7 +11,7 @@
 //! Legend: T tokens, D model dim, E routed experts, K experts per token, G groups.
 
 use burn::config::Config;
-use burn::module::{Module, Param};
+use burn::module::{Initializer, Module, Param};
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{backend::Backend, FloatDType, Int, Tensor};
 
@@ -42,15 +42,16 @@ pub struct RouterConfig {
 
 impl RouterConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Router<B> {
+        // Lazy like Burn's own layers: loading a checkpoint replaces it before it is ever drawn.
         let bound = (1.0 / self.d_model as f64).sqrt();
-        let weight = Tensor::random([self.n_experts, self.d_model], burn::tensor::Distribution::Uniform(-bound, bound), device);
+        let weight = Initializer::Uniform { min: -bound, max: bound }.init([self.n_experts, self.d_model], device);
         // The bias is state of the balancing algorithm, not a learned parameter: no gradient.
         let bias = self
             .topk_method
             .has_bias()
             .then(|| Param::from_tensor(Tensor::zeros([self.n_experts], device)).set_require_grad(false));
         Router {
-            weight: Param::from_tensor(weight),
+            weight,
             e_score_correction_bias: bias,
             top_k: self.top_k,
             n_group: self.n_group,
