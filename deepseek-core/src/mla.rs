@@ -15,7 +15,9 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{activation::softmax, backend::Backend, Bool, FloatDType, Tensor, TensorData};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{backend::Backend, Bool, FloatDType, Tensor, TensorData};
 
 use crate::norm::{RmsNorm, RmsNormConfig};
 use crate::rope::RotaryEmbedding;
@@ -188,27 +190,59 @@ impl<B: Backend> Mla<B> {
         let k_rope = kv.k_rope.reshape([batch, kv_len, 1, self.qk_rope_head_dim]).expand([batch, kv_len, heads, self.qk_rope_head_dim]); // [b, t, h, rope]
         let k = Tensor::cat(vec![k_nope, k_rope], 3).swap_dims(1, 2); // [b, h, t, d_qk]
         let q = Tensor::cat(vec![q.nope, q.rope], 3).swap_dims(1, 2); // [b, h, s, d_qk]
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(self.softmax_scale); // [b, h, s, t]
-        let probs = causal_softmax(scores, start);
-        let o = probs.matmul(v).swap_dims(1, 2).reshape([batch, q_len, heads * self.v_head_dim]); // [b, s, h·v]
+        let o = causal_attention(q, k, v, start, self.softmax_scale); // [b, h, s, v]
+        let o = o.swap_dims(1, 2).reshape([batch, q_len, heads * self.v_head_dim]); // [b, s, h·v]
         self.o_proj.forward(o)
     }
 }
 
-/// Softmax over the last dim in f32 with future positions masked: query `i` (absolute position
-/// `start + i`) sees keys `0..=start + i`.
+/// `softmax(q·kᵀ · scale) · v` in f32 with future positions masked: query `i` (absolute position
+/// `start + i`) sees keys `0..=start + i`. Goes through Burn's attention op, which backends
+/// implement as one fused kernel where they can.
 ///
 /// # Shapes
-/// `scores`: `[batch, heads, q_len, kv_len]`.
-pub fn causal_softmax<B: Backend>(scores: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
-    let [_, _, q_len, kv_len] = scores.dims();
-    let dtype = scores.dtype();
-    let mask: Vec<bool> = (0..q_len)
-        .flat_map(|i| (0..kv_len).map(move |j| j > start + i))
-        .collect();
-    let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(mask, [q_len, kv_len]), &scores.device())
-        .reshape([1, 1, q_len, kv_len]) // [1, 1, s, t]
-        .expand(scores.shape());
-    let scores = scores.cast(FloatDType::F32).mask_fill(mask, f32::NEG_INFINITY);
-    softmax(scores, 3).cast(dtype)
+/// `q`: `[batch, heads, q_len, d_qk]`, `k`: `[batch, heads, kv_len, d_qk]`,
+/// `v`: `[batch, heads, kv_len, d_v]` → `[batch, heads, q_len, d_v]`.
+pub fn causal_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, start: usize, scale: f64) -> Tensor<B, 4> {
+    let [batch, heads, q_len, _] = q.dims();
+    let [_, _, kv_len, _] = k.dims();
+    let dtype = q.dtype();
+    let f32 = |t: Tensor<B, 4>| t.cast(FloatDType::F32);
+    // A prefill from position 0 is the plain causal case; otherwise the queries sit at the end
+    // of the keys and the mask says so explicitly.
+    let from_origin = start == 0 && q_len == kv_len;
+    let mask = (!from_origin).then(|| {
+        let mask: Vec<bool> = (0..q_len).flat_map(|i| (0..kv_len).map(move |j| j > start + i)).collect();
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(mask, [q_len, kv_len]), &q.device())
+            .reshape([1, 1, q_len, kv_len]) // [1, 1, s, t]
+            .expand([batch, heads, q_len, kv_len])
+    });
+    let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: from_origin };
+    attention(f32(q), f32(k), f32(v), mask, None, options).cast(dtype)
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn queries_at_an_offset_see_the_same_keys_as_in_a_full_causal_pass() {
+        let device = Default::default();
+        let (b, h, t, d, dv) = (2, 3, 9, 8, 5);
+        let rand = |shape: [usize; 4]| Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let (q, k, v) = (rand([b, h, t, d]), rand([b, h, t, d]), rand([b, h, t, dv]));
+        let full = causal_attention(q.clone(), k.clone(), v.clone(), 0, 0.3);
+        for start in [1, 5, 8] {
+            let tail = causal_attention(q.clone().narrow(2, start, t - start), k.clone(), v.clone(), start, 0.3);
+            let expected = full.clone().narrow(2, start, t - start);
+            let diff = (tail - expected).abs().max().into_scalar();
+            assert!(diff < 1e-5, "start {start}: {diff}");
+        }
+        // The first query sees only the first key: its output is v[0].
+        let first = full.narrow(2, 0, 1);
+        let diff = (first - v.narrow(2, 0, 1)).abs().max().into_scalar();
+        assert!(diff < 1e-6, "{diff}");
+    }
 }

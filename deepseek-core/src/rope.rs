@@ -90,30 +90,74 @@ impl RotaryEmbedding {
 
     /// Rotates `x` at positions `start..start + seq`.
     ///
+    /// Written as `x ⊙ C + (x·R) ⊙ S`, where `C` and `S` hold each pair's cos and sin at both of
+    /// its positions and `R` is the signed permutation taking a pair `(a, b)` to `(−b, a)`. Every
+    /// operation is then contiguous (a small matmul and two same-shape products) instead of a
+    /// strided 5-D view: several times faster on CPU backends.
+    ///
     /// # Shapes
     /// `x`: `[batch, seq, heads, r]` → `[batch, seq, heads, r]` (heads may be 1 for the shared key).
     pub fn apply<B: Backend>(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
         let [batch, seq, heads, dim] = x.dims();
-        let half = dim / 2;
-        let (cos, sin) = self.tables::<B>(start, seq, &x.device());
+        let device = x.device();
+        let (cos, sin) = self.full_tables(start, batch, seq, heads);
+        let cos = Tensor::<B, 4>::from_data(TensorData::new(cos, [batch, seq, heads, dim]), &device);
+        let sin = Tensor::<B, 4>::from_data(TensorData::new(sin, [batch, seq, heads, dim]), &device);
+        let r = Tensor::<B, 2>::from_data(TensorData::new(self.rotation(dim), [dim, dim]), &device);
+        let rotated = x.clone().reshape([batch * seq * heads, dim]).matmul(r).reshape([batch, seq, heads, dim]); // [b, s, h, r]
+        x * cos + rotated * sin
+    }
+
+    /// Index of the partner of pair `i`'s first element, and of its second.
+    fn pair(&self, i: usize, dim: usize) -> (usize, usize) {
         if self.interleaved {
-            let pairs = x.reshape([batch, seq, heads, half, 2]); // [b, s, h, r/2, 2]
-            let even = pairs.clone().narrow(4, 0, 1); // [b, s, h, r/2, 1]
-            let odd = pairs.narrow(4, 1, 1);
-            let cos = cos.reshape([1, seq, 1, half, 1]);
-            let sin = sin.reshape([1, seq, 1, half, 1]);
-            let rot_even = even.clone() * cos.clone() - odd.clone() * sin.clone();
-            let rot_odd = even * sin + odd * cos;
-            Tensor::cat(vec![rot_even, rot_odd], 4).reshape([batch, seq, heads, dim])
+            (2 * i, 2 * i + 1)
         } else {
-            let first = x.clone().narrow(3, 0, half); // [b, s, h, r/2]
-            let second = x.narrow(3, half, half);
-            let cos = cos.reshape([1, seq, 1, half]);
-            let sin = sin.reshape([1, seq, 1, half]);
-            let rot_first = first.clone() * cos.clone() - second.clone() * sin.clone();
-            let rot_second = second * cos + first * sin;
-            Tensor::cat(vec![rot_first, rot_second], 3)
+            (i, i + dim / 2)
         }
+    }
+
+    /// `R` `[r, r]` with `(x·R)[a] = −x[b]`, `(x·R)[b] = x[a]` for every pair `(a, b)`.
+    fn rotation(&self, dim: usize) -> Vec<f32> {
+        let mut r = vec![0f32; dim * dim];
+        for i in 0..dim / 2 {
+            let (a, b) = self.pair(i, dim);
+            r[b * dim + a] = -1.0; // column a takes −x[b]
+            r[a * dim + b] = 1.0; // column b takes x[a]
+        }
+        r
+    }
+
+    /// cos and sin tables laid out exactly like `x` `[batch, seq, heads, r]`, each pair's value
+    /// at both of its positions.
+    fn full_tables(&self, start: usize, batch: usize, seq: usize, heads: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.inv_freq.len();
+        let dim = 2 * half;
+        let mut cos_row = vec![0f32; seq * dim];
+        let mut sin_row = vec![0f32; seq * dim];
+        for p in 0..seq {
+            for (i, &f) in self.inv_freq.iter().enumerate() {
+                let angle = (f as f32 * (start + p) as f32) as f64;
+                let (a, b) = self.pair(i, dim);
+                let (c, s) = ((angle.cos() * self.attention_factor) as f32, (angle.sin() * self.attention_factor) as f32);
+                cos_row[p * dim + a] = c;
+                cos_row[p * dim + b] = c;
+                sin_row[p * dim + a] = s;
+                sin_row[p * dim + b] = s;
+            }
+        }
+        let tile = |row: &[f32]| {
+            let mut out = Vec::with_capacity(batch * seq * heads * dim);
+            for _ in 0..batch {
+                for p in 0..seq {
+                    for _ in 0..heads {
+                        out.extend_from_slice(&row[p * dim..(p + 1) * dim]);
+                    }
+                }
+            }
+            out
+        };
+        (tile(&cos_row), tile(&sin_row))
     }
 }
 
@@ -139,6 +183,51 @@ mod tests {
             } else {
                 assert!(ratio < 1.0 && ratio > 1.0 / y.factor, "dim {i} should be blended: {ratio}");
             }
+        }
+    }
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod flex_tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::Distribution;
+
+    /// Direct rotation of each pair, the textbook form, as the reference.
+    fn rotate_pairs(rope: &RotaryEmbedding, x: &[f32], [b, s, h, d]: [usize; 4], start: usize) -> Vec<f32> {
+        let mut out = x.to_vec();
+        for bi in 0..b {
+            for p in 0..s {
+                for hi in 0..h {
+                    let base = ((bi * s + p) * h + hi) * d;
+                    for (i, &f) in rope.inv_freq.iter().enumerate() {
+                        let angle = (f as f32 * (start + p) as f32) as f64;
+                        let (c, sn) = (angle.cos() * rope.attention_factor, angle.sin() * rope.attention_factor);
+                        let (ia, ib) = rope.pair(i, d);
+                        let (xa, xb) = (x[base + ia] as f64, x[base + ib] as f64);
+                        out[base + ia] = (xa * c - xb * sn) as f32;
+                        out[base + ib] = (xa * sn + xb * c) as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn apply_rotates_each_pair_by_its_angle() {
+        let device = Default::default();
+        for interleaved in [true, false] {
+            let mut cfg = crate::config::DeepSeekConfig::tiny().rope;
+            cfg.interleaved = interleaved;
+            let rope = RotaryEmbedding::new(&cfg, 8);
+            let shape = [2, 5, 3, 8];
+            let x = Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let values: Vec<f32> = x.to_data().into_vec().unwrap();
+            let got: Vec<f32> = rope.apply(x, 7).into_data().into_vec().unwrap();
+            let want = rotate_pairs(&rope, &values, shape, 7);
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(diff < 1e-5, "interleaved={interleaved}: {diff}");
         }
     }
 }

@@ -29,14 +29,16 @@ fn check_case<B: Backend>(case: &str, device: &B::Device, atol: f32) {
 
     let cfg = &model.config;
     let k = cfg.num_experts_per_tok;
+    // Router outputs pass through few ops: tighter on the CPU, the GPU tolerance elsewhere.
+    let router_atol = if atol <= F32_ATOL { ROUTER_ATOL } else { atol };
     let moe_layers: Vec<usize> = (0..cfg.num_hidden_layers + cfg.num_nextn_predict_layers).filter(|&l| cfg.is_moe_layer(l)).collect();
     assert_eq!(out.routing.len(), moe_layers.len(), "{case}: one routing per MoE block");
     for (routing, l) in out.routing.into_iter().zip(moe_layers) {
         let idx: Vec<i64> = routing.indices.into_data().convert::<i64>().into_vec().unwrap();
         let (idx, w) = sort_rows(&idx, &to_vec(routing.weights), k);
         assert_eq!(idx, reference.get(&format!("router.{l}.topk_idx")).i64, "{case}: experts chosen in block {l}");
-        assert_close(&format!("{case} gate weights {l}"), &w, &reference.get(&format!("router.{l}.topk_weight")).f32, atol.max(ROUTER_ATOL));
-        assert_close(&format!("{case} scores {l}"), &to_vec(routing.scores), &reference.get(&format!("router.{l}.scores")).f32, atol.max(ROUTER_ATOL));
+        assert_close(&format!("{case} gate weights {l}"), &w, &reference.get(&format!("router.{l}.topk_weight")).f32, router_atol);
+        assert_close(&format!("{case} scores {l}"), &to_vec(routing.scores), &reference.get(&format!("router.{l}.scores")).f32, router_atol);
         let counts: Vec<i64> = routing.counts.into_data().convert::<i64>().into_vec().unwrap();
         let mut expected = vec![0i64; cfg.n_routed_experts];
         for &e in &idx {

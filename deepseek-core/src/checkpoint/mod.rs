@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use burn::module::Param;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use crate::config::DeepSeekConfig;
 use crate::error::{DeepSeekError, Result};
@@ -62,8 +62,9 @@ pub fn load_weights<B: Backend>(config: &DeepSeekConfig, ckpt: &Checkpoint, devi
         let data = ckpt.read_f32(&row.name, &row.shape)?;
         match row.target {
             Target::Linear(get) => {
-                // Stored [out, in]; Burn's Linear computes x·W with W [in, out].
-                get(&mut model, row.index).weight = Param::from_tensor(Tensor::<B, 2>::from_data(data, device).transpose());
+                // Stored [out, in]; Burn's Linear computes x·W with W [in, out]. Transposing on
+                // the host keeps the weight contiguous, so no matmul pays for a strided layout.
+                get(&mut model, row.index).weight = Param::from_tensor(Tensor::<B, 2>::from_data(transpose(data, row.shape[0], row.shape[1]), device));
             }
             Target::Norm(get) => get(&mut model, row.index).weight = Param::from_tensor(Tensor::from_data(data, device)),
             Target::Matrix(get) => *get(&mut model, row.index) = Param::from_tensor(Tensor::from_data(data, device)),
@@ -75,4 +76,16 @@ pub fn load_weights<B: Backend>(config: &DeepSeekConfig, ckpt: &Checkpoint, devi
         }
     }
     Ok(model)
+}
+
+/// `[rows, cols]` → `[cols, rows]` of an f32 tensor.
+fn transpose(data: TensorData, rows: usize, cols: usize) -> TensorData {
+    let values: Vec<f32> = data.into_vec().expect("read_f32 returns f32 data");
+    let mut out = vec![0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    TensorData::new(out, [cols, rows])
 }
