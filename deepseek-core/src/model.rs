@@ -115,6 +115,17 @@ impl<B: Backend> DeepSeekModel<B> {
         ModelOutput { logits, final_hidden, hidden_states, routing, mtp_logits }
     }
 
+    /// Chooses how every MoE block runs its routed experts (a speed choice: results agree).
+    pub fn with_expert_path(mut self, path: crate::moe::ExpertPath) -> Self {
+        let blocks = self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block));
+        for block in blocks {
+            if let crate::block::FeedForward::Moe(moe) = &mut block.mlp {
+                moe.experts.path = path;
+            }
+        }
+        self
+    }
+
     /// [`DeepSeekModel::forward_with`] after [`DeepSeekModel::check_input`]: the entry point for
     /// untrusted input.
     pub fn try_forward(&self, input_ids: Tensor<B, 2, Int>, options: ForwardOptions) -> Result<ModelOutput<B>> {

@@ -5,12 +5,16 @@
 //! [--runs 10] [--device flex|wgpu|cuda]`. `tests/golden/bench_hf.py` times transformers on the
 //! same configuration for comparison.
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Instant;
 
 use anyhow::Result;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
 use clap::Parser;
+use deepseek_core::moe::ExpertPath;
 use deepseek_core::DeepSeekConfig;
 use deepseek_infer::backend::DeviceKind;
 use deepseek_infer::with_backend;
@@ -29,6 +33,9 @@ struct Args {
     warmup: usize,
     #[arg(long, default_value = "flex")]
     device: DeviceKind,
+    /// How MoE blocks run their experts: per-expert, grouped or auto.
+    #[arg(long, default_value = "per-expert")]
+    expert_path: String,
     /// Ignored: cargo bench passes it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -36,7 +43,13 @@ struct Args {
 
 fn run<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let cfg = DeepSeekConfig::preset(&args.preset)?;
-    let model = cfg.init::<B>(device);
+    let path = match args.expert_path.as_str() {
+        "per-expert" => ExpertPath::PerExpert,
+        "grouped" => ExpertPath::Grouped,
+        "auto" => ExpertPath::Auto,
+        other => anyhow::bail!("unknown --expert-path `{other}`: per-expert, grouped or auto"),
+    };
+    let model = cfg.init::<B>(device).with_expert_path(path);
     let ids = Tensor::<B, 2>::random([args.batch, args.seq], Distribution::Uniform(0.0, cfg.vocab_size as f64), device).int();
     let step = |ids: Tensor<B, 2, Int>| {
         let logits = model.forward(ids);
@@ -57,6 +70,7 @@ fn run<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let tokens = (args.batch * args.seq) as f64;
     println!("preset: {}", args.preset);
     println!("device: {}", args.device);
+    println!("expert_path: {}", args.expert_path);
     println!("batch_x_seq: {}x{}", args.batch, args.seq);
     println!("params: {}", cfg.param_count().total + cfg.param_count().mtp);
     println!("forward_median_ms: {:.2}", median * 1e3);

@@ -1,5 +1,8 @@
 //! The `deepseek` command: check a model's logits, describe a configuration.
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};

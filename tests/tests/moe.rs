@@ -5,7 +5,7 @@
 use burn::backend::Flex;
 use burn::module::Param;
 use burn::tensor::{Distribution, Tensor, TensorData};
-use deepseek_core::moe::{MoeConfig, RouterConfig};
+use deepseek_core::moe::{ExpertPath, MoeConfig, RouterConfig};
 use deepseek_core::{DeepSeekConfig, ScoringFunc, TopkMethod};
 
 type B = Flex;
@@ -181,12 +181,17 @@ fn sorted_dispatch_moe_equals_every_expert_on_every_token() {
         let idx: Vec<i64> = routing.indices.into_data().convert::<i64>().into_vec().unwrap();
         let w = vec2(routing.weights);
         let mut expected = moe.shared_experts.as_ref().unwrap().forward(flat.clone());
-        for (e, expert) in moe.experts.experts.iter().enumerate() {
+        let (d, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        for e in 0..cfg.n_routed_experts {
             let gate: Vec<f32> = (0..tokens)
                 .map(|t| (0..k).filter(|&j| idx[t * k + j] == e as i64).map(|j| w[t * k + j]).sum())
                 .collect();
             let gate = Tensor::<B, 2>::from_data(TensorData::new(gate, [tokens, 1]), &device);
-            expected = expected + expert.forward(flat.clone()) * gate;
+            let gate_proj = moe.experts.gate_up.val().narrow(0, e, 1).reshape([d, 2 * i]).narrow(1, 0, i);
+            let up_proj = moe.experts.gate_up.val().narrow(0, e, 1).reshape([d, 2 * i]).narrow(1, i, i);
+            let down_proj = moe.experts.down.val().narrow(0, e, 1).reshape([i, d]);
+            let swiglu = burn::tensor::activation::silu(flat.clone().matmul(gate_proj)) * flat.clone().matmul(up_proj);
+            expected = expected + swiglu.matmul(down_proj) * gate;
         }
         let got = vec2(y.reshape([tokens, cfg.hidden_size]));
         let want = vec2(expected);
@@ -197,5 +202,20 @@ fn sorted_dispatch_moe_equals_every_expert_on_every_token() {
         if tokens == 3 {
             assert!(counts.iter().filter(|&&c| c == 0).count() >= 5, "idle experts exercised: {counts:?}");
         }
+    }
+}
+
+#[test]
+fn grouped_and_per_expert_paths_agree() {
+    let device = Default::default();
+    let cfg = DeepSeekConfig::tiny();
+    let moe = MoeConfig::from_model(&cfg).init::<B>(&device);
+    for tokens in [1, 5, 64] {
+        let x = Tensor::<B, 2>::random([tokens, cfg.hidden_size], Distribution::Normal(0.0, 1.0), &device);
+        let routing = moe.gate.forward(x.clone());
+        let run = |path| vec2(moe.experts.forward_path(x.clone(), routing.indices.clone(), routing.weights.clone(), path));
+        let (grouped, per_expert) = (run(ExpertPath::Grouped), run(ExpertPath::PerExpert));
+        let diff = grouped.iter().zip(&per_expert).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(diff < 1e-5, "T={tokens}: {diff}");
     }
 }

@@ -29,9 +29,20 @@ pub enum Target<B: Backend> {
     Matrix(fn(&mut DeepSeekModel<B>, usize) -> &mut Param<burn::tensor::Tensor<B, 2>>),
     /// A 1-D parameter stored as is (router correction bias `[E]`).
     Vector(fn(&mut DeepSeekModel<B>, usize) -> &mut Param<burn::tensor::Tensor<B, 1>>),
+    /// One routed expert's projection: written into its slice of the stacked expert weights.
+    Expert(ExpertPart),
     /// A duplicate of a tensor the model shares (the MTP copies of embedding and head): optional;
     /// when present its shape is checked, its data not loaded.
     Shared,
+}
+
+/// Which projection of a routed expert a checkpoint tensor holds; experts are stacked as
+/// `gate_up [E, D, 2I]` (gate in columns `0..I`, up in `I..2I`) and `down [E, I, D]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertPart {
+    Gate,
+    Up,
+    Down,
 }
 
 /// One row of the table.
@@ -75,11 +86,12 @@ fn shared<B: Backend>(m: &mut DeepSeekModel<B>, l: usize) -> &mut Mlp<B> {
     moe(m, l).shared_experts.as_mut().expect("shared experts exist when the table lists them")
 }
 
-/// Expert rows pack `(layer, expert)` into the index as `layer * 1_000_000 + expert`.
-const EXPERT_STRIDE: usize = 1_000_000;
+/// Expert rows pack `(layer, expert)` into the index as `layer * EXPERT_STRIDE + expert`.
+pub const EXPERT_STRIDE: usize = 1_000_000;
 
-fn expert<B: Backend>(m: &mut DeepSeekModel<B>, packed: usize) -> &mut Mlp<B> {
-    &mut moe(m, packed / EXPERT_STRIDE).experts.experts[packed % EXPERT_STRIDE]
+/// The routed experts of the block with global index `l`.
+pub fn routed_experts<B: Backend>(m: &mut DeepSeekModel<B>, l: usize) -> &mut crate::moe::RoutedExperts<B> {
+    &mut moe(m, l).experts
 }
 
 fn low_rank<B: Backend>(m: &mut DeepSeekModel<B>, l: usize) -> &mut crate::mla::LowRankQuery<B> {
@@ -156,9 +168,9 @@ pub fn table<B: Backend>(cfg: &DeepSeekConfig) -> Vec<Entry<B>> {
             for x in 0..e {
                 let packed = l * EXPERT_STRIDE + x;
                 let ep = format!("{f}.experts.{x}");
-                add(format!("{ep}.gate_proj.weight"), vec![i, d], Linear(|m, k| &mut expert(m, k).gate_proj), packed);
-                add(format!("{ep}.up_proj.weight"), vec![i, d], Linear(|m, k| &mut expert(m, k).up_proj), packed);
-                add(format!("{ep}.down_proj.weight"), vec![d, i], Linear(|m, k| &mut expert(m, k).down_proj), packed);
+                add(format!("{ep}.gate_proj.weight"), vec![i, d], Expert(ExpertPart::Gate), packed);
+                add(format!("{ep}.up_proj.weight"), vec![i, d], Expert(ExpertPart::Up), packed);
+                add(format!("{ep}.down_proj.weight"), vec![d, i], Expert(ExpertPart::Down), packed);
             }
             if cfg.n_shared_experts > 0 {
                 let s = cfg.n_shared_experts * i;

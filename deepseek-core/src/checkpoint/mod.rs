@@ -17,7 +17,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use crate::config::DeepSeekConfig;
 use crate::error::{DeepSeekError, Result};
 use crate::model::DeepSeekModel;
-pub use hf_names::{table, Entry, Target};
+pub use hf_names::{table, Entry, ExpertPart, Target, EXPERT_STRIDE};
 pub use reader::{Checkpoint, StoredTensor, INDEX_FILE, SINGLE_FILE};
 
 /// Loader switches.
@@ -55,6 +55,7 @@ pub fn load_weights<B: Backend>(config: &DeepSeekConfig, ckpt: &Checkpoint, devi
         }
     }
     let mut model = config.init::<B>(device);
+    let mut experts = StackedExperts::new(config);
     for row in &rows {
         if matches!(row.target, Target::Shared) {
             continue;
@@ -72,10 +73,66 @@ pub fn load_weights<B: Backend>(config: &DeepSeekConfig, ckpt: &Checkpoint, devi
                 // The balancing bias is state, not a trainable parameter.
                 *get(&mut model, row.index) = Param::from_tensor(Tensor::from_data(data, device)).set_require_grad(false)
             }
+            Target::Expert(part) => experts.write(row.index, part, data),
             Target::Shared => unreachable!("skipped above"),
         }
     }
+    experts.install(&mut model, device);
     Ok(model)
+}
+
+/// Host buffers in which the per-expert checkpoint tensors are assembled into the stacked
+/// `gate_up [E, D, 2I]` and `down [E, I, D]` weights of each MoE block.
+struct StackedExperts {
+    d: usize,
+    i: usize,
+    e: usize,
+    /// block index → (gate_up, down) values.
+    blocks: std::collections::BTreeMap<usize, (Vec<f32>, Vec<f32>)>,
+}
+
+impl StackedExperts {
+    fn new(cfg: &DeepSeekConfig) -> Self {
+        Self { d: cfg.hidden_size, i: cfg.moe_intermediate_size, e: cfg.n_routed_experts, blocks: Default::default() }
+    }
+
+    /// Writes one expert's `[out, in]` checkpoint tensor, transposed, into its slice.
+    fn write(&mut self, packed: usize, part: ExpertPart, data: TensorData) {
+        let (d, i, e) = (self.d, self.i, self.e);
+        let (layer, expert) = (packed / EXPERT_STRIDE, packed % EXPERT_STRIDE);
+        let (gate_up, down) = self.blocks.entry(layer).or_insert_with(|| (vec![0.0; e * d * 2 * i], vec![0.0; e * i * d]));
+        let values: Vec<f32> = data.into_vec().expect("read_f32 returns f32 data");
+        match part {
+            // gate/up: stored [I, D]; slice [D, 2I] of expert `expert`, columns offset by 0 or I.
+            ExpertPart::Gate | ExpertPart::Up => {
+                let col0 = if part == ExpertPart::Gate { 0 } else { i };
+                let base = expert * d * 2 * i;
+                for r in 0..i {
+                    for c in 0..d {
+                        gate_up[base + c * 2 * i + col0 + r] = values[r * d + c];
+                    }
+                }
+            }
+            // down: stored [D, I]; slice [I, D].
+            ExpertPart::Down => {
+                let base = expert * i * d;
+                for r in 0..d {
+                    for c in 0..i {
+                        down[base + c * d + r] = values[r * i + c];
+                    }
+                }
+            }
+        }
+    }
+
+    fn install<B: Backend>(self, model: &mut DeepSeekModel<B>, device: &B::Device) {
+        let (d, i, e) = (self.d, self.i, self.e);
+        for (layer, (gate_up, down)) in self.blocks {
+            let experts = hf_names::routed_experts(model, layer);
+            experts.gate_up = Param::from_tensor(Tensor::from_data(TensorData::new(gate_up, [e, d, 2 * i]), device));
+            experts.down = Param::from_tensor(Tensor::from_data(TensorData::new(down, [e, i, d]), device));
+        }
+    }
 }
 
 /// `[rows, cols]` → `[cols, rows]` of an f32 tensor.

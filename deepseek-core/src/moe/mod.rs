@@ -13,7 +13,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::config::DeepSeekConfig;
 use crate::mlp::{Mlp, MlpConfig};
-pub use experts::{DispatchPlan, RoutedExperts, RoutedExpertsConfig};
+pub use experts::{DispatchPlan, ExpertPath, RoutedExperts, RoutedExpertsConfig};
 pub use router::{Router, RouterConfig, Routing};
 
 /// Builds a [`Moe`] layer.
