@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# Builds stripped release binaries with the CUDA backend into gpu-bin/ for scripts/gpu_check.sh.
+# Builds release binaries with the CUDA backend for scripts/gpu_check.sh: stripped and
+# xz-compressed into gpu-bin/ (a few MB each, to stay small when copied to the GPU machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/deepseek-burn/target}"
 mkdir -p gpu-bin
-msg() { cargo "$@" --message-format=json | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | grep -v '^$'; }
-forward=$(msg bench -p deepseek-infer --features cuda --bench forward --no-run | tail -1)
-golden=$(msg test --release -p deepseek-tests --features cuda --test golden --no-run | tail -1)
+# The executable of the one target of `kind` that a cargo JSON build log names.
+exe() {
+  python3 -c 'import json,sys
+kind = sys.argv[1]
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and kind in m["target"]["kind"] and m.get("executable"):
+        print(m["executable"])' "$1"
+}
+forward=$(cargo bench -p deepseek-infer --features cuda --bench forward --no-run --message-format=json | exe bench)
+golden=$(cargo test --release -p deepseek-tests --features cuda --test golden --no-run --message-format=json | exe test)
 cargo build --release -p deepseek-infer --features cuda --bin deepseek
-cp "$forward" gpu-bin/forward
-cp "$golden" gpu-bin/golden
-cp "$CARGO_TARGET_DIR/release/deepseek" gpu-bin/deepseek
-strip gpu-bin/*
+for pair in "forward:$forward" "golden:$golden" "deepseek:$CARGO_TARGET_DIR/release/deepseek"; do
+  name=${pair%%:*}; path=${pair#*:}
+  strip -o "gpu-bin/$name" "$path"
+  xz -T2 -6 -f "gpu-bin/$name"
+done
 ls -la gpu-bin
