@@ -56,14 +56,19 @@ fn run<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         // Reading one value back waits for asynchronous backends to finish.
         let _ = logits.slice([0..1, 0..1, 0..1]).into_data();
     };
-    for _ in 0..args.warmup {
+    // Progress on stderr: GPU backends compile and autotune kernels during the first runs, which
+    // can take minutes; a run cut short by a timeout still shows how far it got.
+    for i in 0..args.warmup {
+        let start = Instant::now();
         step(ids.clone());
+        eprintln!("warmup {i}: {:.1} ms", start.elapsed().as_secs_f64() * 1e3);
     }
     let mut times = Vec::with_capacity(args.runs);
-    for _ in 0..args.runs {
+    for i in 0..args.runs {
         let start = Instant::now();
         step(ids.clone());
         times.push(start.elapsed().as_secs_f64());
+        eprintln!("run {i}: {:.1} ms", times[i] * 1e3);
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = times[times.len() / 2];
