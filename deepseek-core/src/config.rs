@@ -206,18 +206,10 @@ impl DeepSeekConfig {
             norm_topk_prob: false,
             scoring_func: ScoringFunc::Softmax,
             topk_method: TopkMethod::Greedy,
-            rope: RopeConfig {
-                theta: 10000.0,
-                yarn: Some(YarnConfig {
-                    factor: 40.0,
-                    original_max_position_embeddings: 4096,
-                    beta_fast: 32.0,
-                    beta_slow: 1.0,
-                    mscale_all_dim: 0.707,
-                    attention_factor: 1.0,
-                    truncate: true,
-                }),
-                interleaved: true,
+            // V3's YaRN settings but for the softmax correction: mscale = mscale_all_dim = 0.707.
+            rope: {
+                let v3 = Self::v3_671b().rope;
+                RopeConfig { yarn: v3.yarn.map(|y| YarnConfig { mscale_all_dim: 0.707, ..y }), ..v3 }
             },
             max_position_embeddings: 163840,
             rms_norm_eps: 1e-6,
