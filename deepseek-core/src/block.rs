@@ -65,7 +65,20 @@ impl<B: Backend> DecoderLayer<B> {
     /// `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`, plus the routing if this is a
     /// MoE block.
     pub fn forward(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, start: usize) -> (Tensor<B, 3>, Option<Routing<B>>) {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, start);
+        self.forward_with_attention(x, |attn, normed| attn.forward(normed, rope, start))
+    }
+
+    /// The block with the attention call supplied by the caller (who may read and write a KV
+    /// cache or pick the absorbed path): `attend(self_attn, input_layernorm(x))`.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`.
+    pub fn forward_with_attention(
+        &self,
+        x: Tensor<B, 3>,
+        attend: impl FnOnce(&Mla<B>, Tensor<B, 3>) -> Tensor<B, 3>,
+    ) -> (Tensor<B, 3>, Option<Routing<B>>) {
+        let h = x.clone() + attend(&self.self_attn, self.input_layernorm.forward(x));
         let normed = self.post_attention_layernorm.forward(h.clone());
         match &self.mlp {
             FeedForward::Dense(mlp) => (h + mlp.forward(normed), None),

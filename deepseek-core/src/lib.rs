@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod block;
+pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -14,8 +15,9 @@ pub mod norm;
 pub mod params;
 pub mod rope;
 
+pub use cache::LatentCache;
 pub use checkpoint::{load_model, LoadOptions};
 pub use config::{DeepSeekConfig, ScoringFunc, TopkMethod};
 pub use error::{DeepSeekError, Result};
-pub use model::{DeepSeekModel, ForwardOptions, ModelOutput};
+pub use model::{AttentionPath, CachedOutput, DeepSeekModel, ForwardOptions, ModelOutput};
 pub use params::ParamCount;

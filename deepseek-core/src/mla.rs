@@ -9,8 +9,9 @@
 //!
 //! `scores = [q_nope, q_rope] · [k_nope, k_rope]ᵀ · scale`, causal softmax in f32,
 //! `o = o_proj(softmax(scores) · v)`. This file holds the naive path (K and V expanded per head),
-//! used for prefill and training; the absorbed decode path over the latent cache has the same
-//! contract and lives with inference.
+//! used for prefill and training, and the absorbed path (`attend_absorbed`), which attends over
+//! the latent directly and suits decoding from a latent KV cache. Both take the same inputs and
+//! agree to f32 rounding (a test checks it).
 
 use burn::config::Config;
 use burn::module::Module;
@@ -192,6 +193,38 @@ impl<B: Backend> Mla<B> {
         let q = Tensor::cat(vec![q.nope, q.rope], 3).swap_dims(1, 2); // [b, h, s, d_qk]
         let o = causal_attention(q, k, v, start, self.softmax_scale); // [b, h, s, v]
         let o = o.swap_dims(1, 2).reshape([batch, q_len, heads * self.v_head_dim]); // [b, s, h·v]
+        self.o_proj.forward(o)
+    }
+
+    /// Absorbed attention over the latent (DeepSeek-V2 §2.1.2, "absorb" trick): `W_UK` is folded
+    /// into the query and `W_UV` applied after the weighted sum, so per-head keys and values are
+    /// never materialized. Per head h, with `W_UK_h [kv_lora, nope]` and `W_UV_h [kv_lora, v]`
+    /// the slices of `kv_b_proj`:
+    /// `scores = (q_nope·W_UK_hᵀ)·c_kvᵀ + q_rope·k_ropeᵀ`, `o_h = (softmax(scores)·c_kv)·W_UV_h`.
+    /// Same contract and result as [`Mla::attend_naive`]; cheaper when few queries attend to a
+    /// long cached context (decode).
+    ///
+    /// # Shapes
+    /// `q.nope`: `[batch, q_len, heads, nope]`, `kv.c_kv`: `[batch, kv_len, kv_lora]` →
+    /// `[batch, q_len, d_model]`.
+    pub fn attend_absorbed(&self, q: Queries<B>, kv: LatentKv<B>, start: usize) -> Tensor<B, 3> {
+        let [batch, q_len, heads, _] = q.nope.dims();
+        let [_, kv_len, kv_lora] = kv.c_kv.dims();
+        let (nope, v_dim) = (self.qk_nope_head_dim, self.v_head_dim);
+        // kv_b_proj weight in Burn layout [kv_lora, heads·(nope + v)].
+        let w = self.kv_b_proj.weight.val().reshape([kv_lora, heads, nope + v_dim]); // [c, h, nope + v]
+        let w_uk = w.clone().narrow(2, 0, nope).permute([1, 2, 0]); // [h, nope, c]
+        let w_uv = w.narrow(2, nope, v_dim).swap_dims(0, 1); // [h, c, v]
+        let q_latent = q.nope.swap_dims(1, 2).matmul(w_uk.unsqueeze::<4>()); // [b, h, s, c]
+        let q = Tensor::cat(vec![q_latent, q.rope.swap_dims(1, 2)], 3); // [b, h, s, c + rope]
+        // One key/value "head" shared by all query heads, as in multi-query attention.
+        let k = Tensor::cat(vec![kv.c_kv.clone(), kv.k_rope], 2)
+            .unsqueeze_dim::<4>(1)
+            .expand([batch, heads, kv_len, kv_lora + self.qk_rope_head_dim]); // [b, h, t, c + rope]
+        let v = kv.c_kv.unsqueeze_dim::<4>(1).expand([batch, heads, kv_len, kv_lora]); // [b, h, t, c]
+        let o_latent = causal_attention(q, k, v, start, self.softmax_scale); // [b, h, s, c]
+        let o = o_latent.matmul(w_uv.unsqueeze::<4>()); // [b, h, s, v]
+        let o = o.swap_dims(1, 2).reshape([batch, q_len, heads * v_dim]); // [b, s, h·v]
         self.o_proj.forward(o)
     }
 }

@@ -6,6 +6,7 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Int, Tensor};
 
 use crate::block::DecoderLayer;
+use crate::cache::LatentCache;
 use crate::config::DeepSeekConfig;
 use crate::error::{DeepSeekError, Result};
 use crate::moe::Routing;
@@ -35,6 +36,24 @@ pub struct ForwardOptions {
     pub hidden_states: bool,
     /// Run the MTP modules.
     pub mtp: bool,
+}
+
+/// Which MLA path a cached forward pass takes; both give the same result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// Expand per-head keys and values from the latent (prefill).
+    Naive,
+    /// Attend over the latent with absorbed projections (decode).
+    Absorbed,
+}
+
+/// Result of [`DeepSeekModel::forward_cached`].
+#[derive(Debug, Clone)]
+pub struct CachedOutput<B: Backend> {
+    /// `[batch, seq, vocab]` logits of the new positions.
+    pub logits: Tensor<B, 3>,
+    /// `[batch, seq, d]` final-normed hidden states of the new positions (MTP drafting input).
+    pub final_hidden: Tensor<B, 3>,
 }
 
 /// Result of [`DeepSeekModel::forward_with`].
@@ -113,6 +132,37 @@ impl<B: Backend> DeepSeekModel<B> {
             }
         }
         ModelOutput { logits, final_hidden, hidden_states, routing, mtp_logits }
+    }
+
+    /// Runs the new tokens `input_ids` after the `cache.len()` cached ones, appending their
+    /// latents to `cache`. Fails, before computing anything, when they do not fit.
+    ///
+    /// # Shapes
+    /// `input_ids`: `[batch, seq]` → logits `[batch, seq, vocab]`.
+    pub fn forward_cached(&self, input_ids: Tensor<B, 2, Int>, cache: &mut LatentCache<B>, path: AttentionPath) -> Result<CachedOutput<B>> {
+        let [batch, seq] = input_ids.dims();
+        if batch != cache.batch() {
+            return Err(DeepSeekError::Input(format!("batch of {batch} sequences for a cache built for {}", cache.batch())));
+        }
+        cache.check_room(seq)?;
+        let start = cache.len();
+        let mut x = self.embed_tokens.forward(input_ids); // [b, s, d]
+        for (l, layer) in self.layers.iter().enumerate() {
+            let rope = &self.rope;
+            let cache = &mut *cache;
+            let (out, _) = layer.forward_with_attention(x, |attn, normed| {
+                let q = attn.queries(normed.clone(), rope, start);
+                let kv = cache.append(l, attn.latent(normed, rope, start));
+                match path {
+                    AttentionPath::Naive => attn.attend_naive(q, kv, start),
+                    AttentionPath::Absorbed => attn.attend_absorbed(q, kv, start),
+                }
+            });
+            x = out;
+        }
+        cache.advance(seq);
+        let final_hidden = self.norm.forward(x);
+        Ok(CachedOutput { logits: self.lm_head.forward(final_hidden.clone()), final_hidden })
     }
 
     /// Chooses how every MoE block runs its routed experts (a speed choice: results agree).

@@ -53,6 +53,7 @@ INPUT_SEED = 1234
 ROUTER_STD = 2.0  # router weight std * sqrt(d): logits ~ N(0, 4) on RMS-normalized input
 BIAS_RANGE = 0.3  # e_score_correction_bias ~ U(-0.3, 0.3)
 MAX_SEEDS = 500
+GREEDY_NEW_TOKENS = 8  # greedy continuation length for greedy.output_ids
 
 COMMON = dict(
     vocab_size=256,
@@ -434,6 +435,61 @@ def attach_router_hooks(routers):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Greedy decoding with transformers' own generate() (main model only, KV cache, no EOS stopping).
+def top2_margin(logits):
+    """logits [B, V] -> top-1 minus top-2 logit per row."""
+    top = logits.topk(2, dim=-1)[0]
+    return top[:, 0] - top[:, 1]
+
+
+def greedy_reference(model, input_ids):
+    """Runs `model.generate` greedily for GREEDY_NEW_TOKENS tokens with EOS stopping disabled and returns
+    (output_ids I64 [B, S + N], margins F32 [B, N]), the margins being the top-1 minus top-2 raw logit at each
+    step. Cross-checked against a manual loop: full forward over the growing sequence without a cache, argmax
+    of the last position's logits."""
+    b, s = input_ids.shape
+    attention_mask = torch.ones_like(input_ids)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=GREEDY_NEW_TOKENS,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=None,  # overrides the model's generation config (eos 1): never stop early
+            pad_token_id=None,
+            use_cache=True,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+    ids = out.sequences
+    assert ids.shape == (b, s + GREEDY_NEW_TOKENS), f"generate returned {tuple(ids.shape)}"
+    assert torch.equal(ids[:, :s], input_ids)
+    assert len(out.logits) == GREEDY_NEW_TOKENS
+    gen_logits = torch.stack(out.logits, dim=1).float()  # [B, N, V], raw (unprocessed) logits
+    assert torch.equal(gen_logits.argmax(-1), ids[:, s:]), "generate's tokens are not the argmax of its logits"
+    margins = torch.stack([top2_margin(gen_logits[:, j]) for j in range(GREEDY_NEW_TOKENS)], dim=1)
+
+    # Independent check: no cache, full forward over the growing sequence each step.
+    seq = input_ids.clone()
+    manual_margins, max_logit_diff = [], 0.0
+    with torch.no_grad():
+        for j in range(GREEDY_NEW_TOKENS):
+            last = model(input_ids=seq, attention_mask=torch.ones_like(seq), use_cache=False).logits[:, -1]
+            max_logit_diff = max(max_logit_diff, (last - gen_logits[:, j]).abs().max().item())
+            manual_margins.append(top2_margin(last))
+            seq = torch.cat([seq, last.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(seq, ids), f"manual greedy loop {seq[:, s:].tolist()} != generate {ids[:, s:].tolist()}"
+    manual_margins = torch.stack(manual_margins, dim=1)
+    print(f"  greedy: generated ids {ids[:, s:].tolist()}; manual no-cache loop agrees; max |logits diff| cached vs "
+          f"uncached = {max_logit_diff:.3e}")
+    print(f"  greedy: min top-1/top-2 margin {margins.min().item():.5f} (uncached loop: "
+          f"{manual_margins.min().item():.5f}); per step {[[round(x, 4) for x in r] for r in margins.tolist()]}")
+    assert margins.min().item() > MARGIN and manual_margins.min().item() > MARGIN, "greedy margin too small"
+    return ids.to(torch.int64).contiguous(), margins.to(torch.float32).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------
 def build_model(config):
     config._attn_implementation = "eager"
     config._experts_implementation = "eager"
@@ -564,6 +620,10 @@ def run_case(name, spec):
         ref[f"router.{layer}.scores"] = rec["logits"].sigmoid().contiguous()
         ws = ref[f"router.{layer}.topk_weight"].sum(-1)
         assert torch.allclose(ws, torch.full_like(ws, config.routed_scaling_factor), atol=1e-5)
+
+    greedy_ids, greedy_margins = greedy_reference(model, input_ids)
+    ref["greedy.output_ids"] = greedy_ids
+    ref["greedy.margins"] = greedy_margins
 
     for k, v in ref.items():
         assert v.dtype in (torch.float32, torch.int64), (k, v.dtype)

@@ -1,0 +1,118 @@
+//! The latent KV cache of MLA (DeepSeek-V2 §2.1.2): per block, only the normalized latent `c_kv`
+//! and the rotated shared key `k_rope`, `kv_lora_rank + qk_rope_head_dim` values per token per
+//! block (576 for V3, 70 KB per token over 61 blocks in bf16, against about 5 MB for a plain
+//! multi-head cache). Buffers are allocated once for the whole context; running past it is an
+//! error, not a reallocation.
+
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::config::DeepSeekConfig;
+use crate::error::{DeepSeekError, Result};
+use crate::mla::LatentKv;
+
+/// One block's buffers.
+#[derive(Debug, Clone)]
+struct BlockCache<B: Backend> {
+    /// `[batch, capacity, kv_lora_rank]`
+    c_kv: Tensor<B, 3>,
+    /// `[batch, capacity, qk_rope_head_dim]`
+    k_rope: Tensor<B, 3>,
+}
+
+/// Latent caches of all main blocks, filled up to [`LatentCache::len`].
+#[derive(Debug, Clone)]
+pub struct LatentCache<B: Backend> {
+    blocks: Vec<BlockCache<B>>,
+    len: usize,
+    capacity: usize,
+    batch: usize,
+}
+
+impl<B: Backend> LatentCache<B> {
+    /// Preallocates room for `capacity` tokens of `batch` sequences; `capacity` may not exceed
+    /// the model's `max_position_embeddings`.
+    pub fn new(cfg: &DeepSeekConfig, batch: usize, capacity: usize, device: &B::Device) -> Result<Self> {
+        if capacity > cfg.max_position_embeddings {
+            return Err(DeepSeekError::Input(format!(
+                "a cache of {capacity} tokens exceeds the model's context of {} (max_position_embeddings)",
+                cfg.max_position_embeddings
+            )));
+        }
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|_| BlockCache {
+                c_kv: Tensor::zeros([batch, capacity, cfg.kv_lora_rank], device),
+                k_rope: Tensor::zeros([batch, capacity, cfg.qk_rope_head_dim], device),
+            })
+            .collect();
+        Ok(Self { blocks, len: 0, capacity, batch })
+    }
+
+    /// Tokens cached so far (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Tokens the buffers can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Sequences in the batch.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Bytes one token occupies in the allocated buffers, over all blocks, for one sequence.
+    /// Measured from the buffers themselves (shape and dtype), not from the config.
+    pub fn bytes_per_token(&self) -> usize {
+        self.blocks
+            .iter()
+            .map(|b| {
+                let width = b.c_kv.dims()[2] * b.c_kv.dtype().size() + b.k_rope.dims()[2] * b.k_rope.dtype().size();
+                width
+            })
+            .sum()
+    }
+
+    /// Fails unless `new_tokens` more fit.
+    pub fn check_room(&self, new_tokens: usize) -> Result<()> {
+        if self.len + new_tokens > self.capacity {
+            return Err(DeepSeekError::Input(format!(
+                "context full: {} cached + {new_tokens} new tokens exceed the cache of {} tokens",
+                self.len, self.capacity
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes block `block`'s latent for positions `len..len + seq` and returns the cached latent
+    /// of positions `0..len + seq`. Call [`LatentCache::advance`] once all blocks have written.
+    ///
+    /// # Shapes
+    /// `new.c_kv`: `[batch, seq, kv_lora]` → `c_kv`: `[batch, len + seq, kv_lora]`.
+    pub(crate) fn append(&mut self, block: usize, new: LatentKv<B>) -> LatentKv<B> {
+        let [batch, seq, _] = new.c_kv.dims();
+        debug_assert!(self.len + seq <= self.capacity, "check_room before appending");
+        let (start, end) = (self.len, self.len + seq);
+        let b = &mut self.blocks[block];
+        b.c_kv = b.c_kv.clone().slice_assign([0..batch, start..end], new.c_kv);
+        b.k_rope = b.k_rope.clone().slice_assign([0..batch, start..end], new.k_rope);
+        LatentKv { c_kv: b.c_kv.clone().narrow(1, 0, end), k_rope: b.k_rope.clone().narrow(1, 0, end) }
+    }
+
+    /// Marks `tokens` more positions as cached.
+    pub(crate) fn advance(&mut self, tokens: usize) {
+        self.len += tokens;
+    }
+
+    /// Forgets everything after the first `len` tokens (speculative decoding rolls back this way;
+    /// the stale values are overwritten by the next append).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}
