@@ -1,16 +1,17 @@
-//! The `deepseek` command: check a model's logits, describe a configuration.
+//! The `deepseek` command: check a model's logits, generate, describe a configuration.
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, Subcommand};
 use deepseek_core::{load_model, DeepSeekConfig, ForwardOptions, LoadOptions};
 use deepseek_infer::backend::DeviceKind;
+use deepseek_infer::generate::{generate, Decoding, GenerateConfig};
 use deepseek_infer::{io, with_backend};
 
 #[derive(Parser)]
@@ -40,6 +41,35 @@ enum Command {
         #[arg(long)]
         allow_unused: bool,
     },
+    /// Continues a prompt, greedily or by sampling, over the latent KV cache.
+    Generate {
+        /// Hugging Face-layout model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt as token ids, comma-separated (e.g. `1,2,3`).
+        #[arg(long, value_delimiter = ',', required_unless_present = "prompt")]
+        prompt_ids: Option<Vec<i64>>,
+        /// Prompt as text (needs the tokenizer, which is not supported yet).
+        #[arg(long, conflicts_with = "prompt_ids")]
+        prompt: Option<String>,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        /// 0 decodes greedily.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long)]
+        top_p: Option<f32>,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Backend: flex (CPU), wgpu or cuda.
+        #[arg(long, default_value = "flex")]
+        device: DeviceKind,
+        /// End with a line holding only the generated ids, space-separated.
+        #[arg(long)]
+        print_ids: bool,
+    },
     /// Prints parameter counts and memory needs of a model or preset as `key: value` lines.
     Info {
         /// Hugging Face-layout model directory.
@@ -55,6 +85,19 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Logits { model, input, output, device, allow_unused } => {
             with_backend!(device, |B, dev| logits::<B>(&model, &input, &output, &dev, allow_unused))
+        }
+        Command::Generate { model, prompt_ids, prompt, max_new_tokens, temperature, top_p, top_k, seed, device, print_ids } => {
+            let Some(prompt_ids) = prompt_ids else {
+                let _ = prompt;
+                bail!("text prompts need the model's tokenizer, which `deepseek generate` does not load yet: pass --prompt-ids");
+            };
+            let decoding = if temperature == 0.0 {
+                Decoding::Greedy
+            } else {
+                Decoding::Sample { temperature, top_k, top_p, seed }
+            };
+            let cfg = GenerateConfig { max_new_tokens, decoding, eos_token_id: None, stop_sequences: vec![] };
+            with_backend!(device, |B, dev| generate_cmd::<B>(&model, prompt_ids, cfg, &dev, print_ids))
         }
         Command::Info { model, preset } => {
             let cfg = match (model, preset) {
@@ -77,6 +120,22 @@ fn logits<B: Backend>(model_dir: &PathBuf, input: &PathBuf, output: &PathBuf, de
     let shape = logits.dims().to_vec();
     let values: Vec<f32> = logits.into_data().convert::<f32>().into_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     io::write_f32(output, &[("logits", &values, shape)])
+}
+
+fn generate_cmd<B: Backend>(model_dir: &PathBuf, prompt: Vec<i64>, mut cfg: GenerateConfig, device: &B::Device, print_ids: bool) -> Result<()> {
+    let model = load_model::<B>(model_dir, device, LoadOptions::default())
+        .with_context(|| format!("loading model from {}", model_dir.display()))?;
+    cfg.eos_token_id = model.config.eos_token_id.map(i64::from);
+    let start = std::time::Instant::now();
+    let out = generate(&model, &[prompt], &cfg, device)?.remove(0);
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!("{} tokens in {:.2} s ({:.1} tokens/s)", out.len(), secs, out.len() as f64 / secs);
+    let ids: Vec<String> = out.iter().map(i64::to_string).collect();
+    if !print_ids {
+        println!("generated ids:");
+    }
+    println!("{}", ids.join(" "));
+    Ok(())
 }
 
 fn info(cfg: &DeepSeekConfig) -> String {

@@ -83,3 +83,46 @@ fn missing_backend_and_missing_model_are_clear_errors() {
     let o = deepseek(&["info", "--preset", "v9"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown preset"));
 }
+
+/// `greedy.output_ids` of a golden case, per sequence (prompt, continuation): transformers'
+/// `generate`, greedy, 8 new tokens after a 12-token prompt.
+fn hf_greedy(case: &str) -> Vec<(Vec<i64>, Vec<i64>)> {
+    let bytes = std::fs::read(golden(case).join("reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let ids: Vec<i64> = st.tensor("greedy.output_ids").unwrap().data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+    ids.chunks(20).map(|row| (row[..12].to_vec(), row[12..].to_vec())).collect()
+}
+
+#[test]
+fn generate_print_ids_reproduces_transformers_greedy_continuations() {
+    for (case, (prompt, expected)) in ["v3_yarn_qlora", "v3_no_qlora", "v5_style"].into_iter().flat_map(|c| hf_greedy(c).into_iter().map(move |r| (c, r))) {
+        let prompt: Vec<String> = prompt.iter().map(i64::to_string).collect();
+        let o = deepseek(&[
+            "generate", "--model", golden(case).to_str().unwrap(),
+            "--prompt-ids", &prompt.join(","), "--max-new-tokens", "8", "--print-ids",
+        ]);
+        assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+        let stdout = String::from_utf8(o.stdout).unwrap();
+        let last = stdout.lines().last().unwrap();
+        let got: Vec<i64> = last.split(' ').map(|t| t.parse().unwrap()).collect();
+        assert_eq!(got, expected, "{case}");
+    }
+}
+
+#[test]
+fn generate_rejects_bad_prompts() {
+    let model = golden("v3_no_qlora");
+    let cases: [(&[&str], &str); 3] = [
+        (&["--prompt-ids", "3,999"], "outside the vocabulary"),
+        (&["--prompt-ids", "3", "--max-new-tokens", "1000"], "exceeds the model's context"),
+        (&["--prompt", "hello"], "--prompt-ids"),
+    ];
+    for (args, message) in cases {
+        let mut all = vec!["generate", "--model", model.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let o = deepseek(&all);
+        assert!(!o.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(message), "{args:?}: {err}");
+    }
+}

@@ -10,7 +10,9 @@
 #   module stored as layer `num_hidden_layers`). reference.safetensors holds logits, per-layer hidden
 #   states, router decisions, RoPE tables, the attention scale and (when the config has an MTP module)
 #   the MTP logits, computed with transformers' own MtpLayer/MtpModel and cross-checked against a direct
-#   composition of HF modules. See tests/golden/README.md for the exact contents.
+#   composition of HF modules, and an 8-token greedy continuation from HF's own `generate` (EOS stopping
+#   disabled, cross-checked against a cache-free argmax loop) with the top-1/top-2 logit margin of each step.
+#   See tests/golden/README.md for the exact contents.
 #
 # How to rerun (from the repository root; needs about 5.6 GB for the torch wheel, keep it out of CI):
 #   python -m venv .venv && . .venv/bin/activate

@@ -1,0 +1,169 @@
+//! Autoregressive generation over the latent KV cache: the prompt is prefilled on the naive MLA
+//! path, each new token decoded on the absorbed path. Greedy or sampled (temperature, top-k,
+//! top-p, seeded), stopping at EOS, a stop sequence or `max_new_tokens`.
+
+use anyhow::{bail, Result};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use deepseek_core::{AttentionPath, DeepSeekModel, LatentCache};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// How the next token is chosen from the logits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decoding {
+    /// Highest logit (ties: lowest id).
+    Greedy,
+    /// Sample from `softmax(logits / temperature)` restricted to the `top_k` most likely tokens
+    /// and then to the smallest set whose probability reaches `top_p`.
+    Sample { temperature: f32, top_k: Option<usize>, top_p: Option<f32>, seed: u64 },
+}
+
+/// Generation settings.
+#[derive(Debug, Clone)]
+pub struct GenerateConfig {
+    pub max_new_tokens: usize,
+    pub decoding: Decoding,
+    /// Stop after emitting this token (it is kept in the output).
+    pub eos_token_id: Option<i64>,
+    /// Stop once the output ends with any of these id sequences (kept in the output).
+    pub stop_sequences: Vec<Vec<i64>>,
+}
+
+/// Generates a continuation of each prompt; returns the new tokens only. Prompts may differ in
+/// length: each runs with its own cache, one after the other.
+pub fn generate<B: Backend>(model: &DeepSeekModel<B>, prompts: &[Vec<i64>], cfg: &GenerateConfig, device: &B::Device) -> Result<Vec<Vec<i64>>> {
+    if let Decoding::Sample { temperature, top_p, top_k, .. } = cfg.decoding {
+        if !(temperature > 0.0) || !temperature.is_finite() {
+            bail!("temperature must be a positive number, got {temperature} (use greedy decoding for 0)");
+        }
+        if let Some(p) = top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                bail!("top_p must be in (0, 1], got {p}");
+            }
+        }
+        if top_k == Some(0) {
+            bail!("top_k must be at least 1");
+        }
+    }
+    prompts.iter().enumerate().map(|(i, p)| generate_one(model, p, cfg, device, i as u64)).collect()
+}
+
+fn generate_one<B: Backend>(model: &DeepSeekModel<B>, prompt: &[i64], cfg: &GenerateConfig, device: &B::Device, stream: u64) -> Result<Vec<i64>> {
+    let context = model.config.max_position_embeddings;
+    if prompt.is_empty() {
+        bail!("empty prompt: give at least one token");
+    }
+    if prompt.len() + cfg.max_new_tokens > context {
+        bail!(
+            "prompt of {} tokens plus {} new tokens exceeds the model's context of {context} tokens",
+            prompt.len(),
+            cfg.max_new_tokens
+        );
+    }
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(prompt.to_vec(), [1, prompt.len()]), device);
+    model.check_input(&ids)?;
+    let mut cache = LatentCache::new(&model.config, 1, prompt.len() + cfg.max_new_tokens, device)?;
+    let mut rng = match cfg.decoding {
+        Decoding::Sample { seed, .. } => Some(StdRng::seed_from_u64(seed.wrapping_add(stream))),
+        Decoding::Greedy => None,
+    };
+    let mut out = Vec::with_capacity(cfg.max_new_tokens);
+    if cfg.max_new_tokens == 0 {
+        return Ok(out);
+    }
+    let mut logits = model.forward_cached(ids, &mut cache, AttentionPath::Naive)?.logits;
+    loop {
+        let [_, seq, vocab] = logits.dims();
+        let last: Vec<f32> = logits.narrow(1, seq - 1, 1).into_data().convert::<f32>().into_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        debug_assert_eq!(last.len(), vocab);
+        let next = match (cfg.decoding, rng.as_mut()) {
+            (Decoding::Sample { temperature, top_k, top_p, .. }, Some(rng)) => sample(&last, temperature, top_k, top_p, rng),
+            _ => argmax(&last),
+        };
+        out.push(next);
+        let stop = Some(next) == cfg.eos_token_id || cfg.stop_sequences.iter().any(|s| !s.is_empty() && out.ends_with(s));
+        if stop || out.len() == cfg.max_new_tokens {
+            return Ok(out);
+        }
+        let step = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![next], [1, 1]), device);
+        logits = model.forward_cached(step, &mut cache, AttentionPath::Absorbed)?.logits;
+    }
+}
+
+/// Index of the largest logit; the lowest index among equal maxima (as `torch.argmax`).
+pub fn argmax(logits: &[f32]) -> i64 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as i64
+}
+
+/// Samples a token id: temperature, then top-k, then top-p (nucleus) filtering.
+pub fn sample(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: Option<f32>, rng: &mut impl Rng) -> i64 {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if let Some(k) = top_k {
+        order.truncate(k.max(1));
+    }
+    let max = logits[order[0]] as f64;
+    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / temperature as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if let Some(p) = top_p {
+        let mut acc = 0.0;
+        let keep = probs.iter().position(|&q| {
+            acc += q;
+            acc >= p as f64
+        });
+        let keep = keep.map_or(probs.len(), |i| i + 1);
+        order.truncate(keep);
+        probs.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+    }
+    let mut u: f64 = rng.random();
+    for (&i, &q) in order.iter().zip(&probs) {
+        if u < q {
+            return i as i64;
+        }
+        u -= q;
+    }
+    *order.last().expect("at least one candidate") as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_one_and_tiny_top_p_are_greedy() {
+        let logits = [0.1, 2.0, -1.0, 1.9];
+        let mut rng = StdRng::seed_from_u64(0);
+        for _ in 0..20 {
+            assert_eq!(sample(&logits, 1.0, Some(1), None, &mut rng), 1);
+            assert_eq!(sample(&logits, 1.0, None, Some(1e-6), &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn sampling_follows_the_softmax_distribution() {
+        // Two tokens with logits ln 3 and 0: probabilities 0.75 / 0.25.
+        let logits = [3f32.ln(), 0.0];
+        let mut rng = StdRng::seed_from_u64(42);
+        let n = 20_000;
+        let ones = (0..n).filter(|_| sample(&logits, 1.0, None, None, &mut rng) == 1).count();
+        let freq = ones as f64 / n as f64;
+        assert!((freq - 0.25).abs() < 0.015, "{freq}");
+        // top_p 0.7 keeps only the first token.
+        assert!((0..100).all(|_| sample(&logits, 1.0, None, Some(0.7), &mut rng) == 0));
+    }
+
+    #[test]
+    fn argmax_takes_the_first_of_equal_maxima() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 0.0]), 1);
+    }
+}
