@@ -32,13 +32,22 @@ impl<B: Backend> LatentCache<B> {
     /// Preallocates room for `capacity` tokens of `batch` sequences; `capacity` may not exceed
     /// the model's `max_position_embeddings`.
     pub fn new(cfg: &DeepSeekConfig, batch: usize, capacity: usize, device: &B::Device) -> Result<Self> {
+        Self::with_blocks(cfg, cfg.num_hidden_layers, batch, capacity, device)
+    }
+
+    /// A cache for the one block of an MTP module (speculative drafting keeps one per module).
+    pub fn for_mtp(cfg: &DeepSeekConfig, batch: usize, capacity: usize, device: &B::Device) -> Result<Self> {
+        Self::with_blocks(cfg, 1, batch, capacity, device)
+    }
+
+    fn with_blocks(cfg: &DeepSeekConfig, blocks: usize, batch: usize, capacity: usize, device: &B::Device) -> Result<Self> {
         if capacity > cfg.max_position_embeddings {
             return Err(DeepSeekError::Input(format!(
                 "a cache of {capacity} tokens exceeds the model's context of {} (max_position_embeddings)",
                 cfg.max_position_embeddings
             )));
         }
-        let blocks = (0..cfg.num_hidden_layers)
+        let blocks = (0..blocks)
             .map(|_| BlockCache {
                 c_kv: Tensor::zeros([batch, capacity, cfg.kv_lora_rank], device),
                 k_rope: Tensor::zeros([batch, capacity, cfg.qk_rope_head_dim], device),

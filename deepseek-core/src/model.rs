@@ -165,6 +165,36 @@ impl<B: Backend> DeepSeekModel<B> {
         Ok(CachedOutput { logits: self.lm_head.forward(final_hidden.clone()), final_hidden })
     }
 
+    /// MTP module `k` (1-based) over new positions, with its own one-block `cache` (see
+    /// [`LatentCache::for_mtp`]): position `i` combines the hidden state `h_i` (the main model's
+    /// final-normed output for k = 1) with the embedding of the token at `i + k`. Returns the
+    /// logits predicting the token at `i + k + 1` and the module's hidden states (input of
+    /// module k + 1).
+    ///
+    /// # Shapes
+    /// `hidden`: `[batch, seq, d]`, `next_ids`: `[batch, seq]` → logits `[batch, seq, vocab]`.
+    pub fn forward_mtp_cached(&self, k: usize, hidden: Tensor<B, 3>, next_ids: Tensor<B, 2, Int>, cache: &mut LatentCache<B>) -> Result<CachedOutput<B>> {
+        let module = self.mtp.get(k.wrapping_sub(1)).ok_or_else(|| {
+            DeepSeekError::Input(format!("MTP module {k} requested; the model has {} (num_nextn_predict_layers)", self.mtp.len()))
+        })?;
+        let [batch, seq, _] = hidden.dims();
+        if batch != cache.batch() {
+            return Err(DeepSeekError::Input(format!("batch of {batch} sequences for a cache built for {}", cache.batch())));
+        }
+        cache.check_room(seq)?;
+        let start = cache.len();
+        let x = module.combine(hidden, self.embed_tokens.forward(next_ids)); // [b, s, d]
+        let rope = &self.rope;
+        let cache_ref = &mut *cache;
+        let (h, _) = module.block.forward_with_attention(x, |attn, normed| {
+            let q = attn.queries(normed.clone(), rope, start);
+            let kv = cache_ref.append(0, attn.latent(normed, rope, start));
+            attn.attend_naive(q, kv, start)
+        });
+        cache.advance(seq);
+        Ok(CachedOutput { logits: self.lm_head.forward(module.head_norm.forward(h.clone())), final_hidden: h })
+    }
+
     /// Chooses how every MoE block runs its routed experts (a speed choice: results agree).
     pub fn with_expert_path(mut self, path: crate::moe::ExpertPath) -> Self {
         let blocks = self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block));

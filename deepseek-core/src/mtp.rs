@@ -51,7 +51,15 @@ impl<B: Backend> MtpModule<B> {
     /// `hidden`: `[batch, n, d]` (positions `0..n`), `next_embeddings`: `[batch, n, d]` (the
     /// embeddings of the tokens `k` positions later) → `[batch, n, d]`.
     pub fn forward(&self, hidden: Tensor<B, 3>, next_embeddings: Tensor<B, 3>, rope: &RotaryEmbedding) -> (Tensor<B, 3>, Option<Routing<B>>) {
+        self.block.forward(self.combine(hidden, next_embeddings), rope, 0)
+    }
+
+    /// The block's input: `eh_proj([enorm(embeddings); hnorm(hidden)])`.
+    ///
+    /// # Shapes
+    /// `hidden`, `next_embeddings`: `[batch, n, d]` → `[batch, n, d]`.
+    pub fn combine(&self, hidden: Tensor<B, 3>, next_embeddings: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = Tensor::cat(vec![self.enorm.forward(next_embeddings), self.hnorm.forward(hidden)], 2); // [b, n, 2d]
-        self.block.forward(self.eh_proj.forward(x), rope, 0)
+        self.eh_proj.forward(x)
     }
 }

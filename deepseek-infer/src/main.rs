@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use deepseek_core::{load_model, DeepSeekConfig, ForwardOptions, LoadOptions};
 use deepseek_infer::backend::DeviceKind;
 use deepseek_infer::generate::{generate, Decoding, GenerateConfig};
+use deepseek_infer::speculative::speculative_greedy;
 use deepseek_infer::{io, with_backend};
 
 #[derive(Parser)]
@@ -69,6 +70,10 @@ enum Command {
         /// End with a line holding only the generated ids, space-separated.
         #[arg(long)]
         print_ids: bool,
+        /// Draft with the MTP module and verify with the main model (greedy only for now;
+        /// the output equals plain greedy decoding).
+        #[arg(long)]
+        speculative: bool,
     },
     /// Prints parameter counts and memory needs of a model or preset as `key: value` lines.
     Info {
@@ -86,7 +91,7 @@ fn main() -> Result<()> {
         Command::Logits { model, input, output, device, allow_unused } => {
             with_backend!(device, |B, dev| logits::<B>(&model, &input, &output, &dev, allow_unused))
         }
-        Command::Generate { model, prompt_ids, prompt, max_new_tokens, temperature, top_p, top_k, seed, device, print_ids } => {
+        Command::Generate { model, prompt_ids, prompt, max_new_tokens, temperature, top_p, top_k, seed, device, print_ids, speculative } => {
             let Some(prompt_ids) = prompt_ids else {
                 let _ = prompt;
                 bail!("text prompts need the model's tokenizer, which `deepseek generate` does not load yet: pass --prompt-ids");
@@ -97,7 +102,10 @@ fn main() -> Result<()> {
                 Decoding::Sample { temperature, top_k, top_p, seed }
             };
             let cfg = GenerateConfig { max_new_tokens, decoding, eos_token_id: None, stop_sequences: vec![] };
-            with_backend!(device, |B, dev| generate_cmd::<B>(&model, prompt_ids, cfg, &dev, print_ids))
+            if speculative && cfg.decoding != Decoding::Greedy {
+                bail!("--speculative supports greedy decoding (--temperature 0) only so far");
+            }
+            with_backend!(device, |B, dev| generate_cmd::<B>(&model, prompt_ids, cfg, &dev, print_ids, speculative))
         }
         Command::Info { model, preset } => {
             let cfg = match (model, preset) {
@@ -122,12 +130,24 @@ fn logits<B: Backend>(model_dir: &PathBuf, input: &PathBuf, output: &PathBuf, de
     io::write_f32(output, &[("logits", &values, shape)])
 }
 
-fn generate_cmd<B: Backend>(model_dir: &PathBuf, prompt: Vec<i64>, mut cfg: GenerateConfig, device: &B::Device, print_ids: bool) -> Result<()> {
+fn generate_cmd<B: Backend>(model_dir: &PathBuf, prompt: Vec<i64>, mut cfg: GenerateConfig, device: &B::Device, print_ids: bool, speculative: bool) -> Result<()> {
     let model = load_model::<B>(model_dir, device, LoadOptions::default())
         .with_context(|| format!("loading model from {}", model_dir.display()))?;
     cfg.eos_token_id = model.config.eos_token_id.map(i64::from);
     let start = std::time::Instant::now();
-    let out = generate(&model, &[prompt], &cfg, device)?.remove(0);
+    let out = if speculative {
+        let spec = speculative_greedy(&model, &prompt, cfg.max_new_tokens, cfg.eos_token_id, device)?;
+        eprintln!(
+            "speculative: {} of {} drafts accepted ({:.0}%), {} main-model steps",
+            spec.accepted,
+            spec.drafted,
+            100.0 * spec.acceptance(),
+            spec.main_steps
+        );
+        spec.tokens
+    } else {
+        generate(&model, &[prompt], &cfg, device)?.remove(0)
+    };
     let secs = start.elapsed().as_secs_f64();
     eprintln!("{} tokens in {:.2} s ({:.1} tokens/s)", out.len(), secs, out.len() as f64 / secs);
     let ids: Vec<String> = out.iter().map(i64::to_string).collect();

@@ -97,15 +97,23 @@ fn hf_greedy(case: &str) -> Vec<(Vec<i64>, Vec<i64>)> {
 fn generate_print_ids_reproduces_transformers_greedy_continuations() {
     for (case, (prompt, expected)) in ["v3_yarn_qlora", "v3_no_qlora", "v5_style"].into_iter().flat_map(|c| hf_greedy(c).into_iter().map(move |r| (c, r))) {
         let prompt: Vec<String> = prompt.iter().map(i64::to_string).collect();
-        let o = deepseek(&[
-            "generate", "--model", golden(case).to_str().unwrap(),
-            "--prompt-ids", &prompt.join(","), "--max-new-tokens", "8", "--print-ids",
-        ]);
-        assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
-        let stdout = String::from_utf8(o.stdout).unwrap();
-        let last = stdout.lines().last().unwrap();
-        let got: Vec<i64> = last.split(' ').map(|t| t.parse().unwrap()).collect();
-        assert_eq!(got, expected, "{case}");
+        let has_mtp = case != "v3_no_qlora";
+        let (dir, prompt) = (golden(case), prompt.join(","));
+        for speculative in [false, true].into_iter().filter(|&s| !s || has_mtp) {
+            let mut args = vec![
+                "generate", "--model", dir.to_str().unwrap(),
+                "--prompt-ids", &prompt, "--max-new-tokens", "8", "--print-ids",
+            ];
+            if speculative {
+                args.push("--speculative");
+            }
+            let o = deepseek(&args);
+            assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+            let stdout = String::from_utf8(o.stdout).unwrap();
+            let last = stdout.lines().last().unwrap();
+            let got: Vec<i64> = last.split(' ').map(|t| t.parse().unwrap()).collect();
+            assert_eq!(got, expected, "{case} speculative={speculative}");
+        }
     }
 }
 

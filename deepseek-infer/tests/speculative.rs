@@ -1,0 +1,76 @@
+//! MTP speculative decoding gives exactly the greedy output, and the MTP module run over its own
+//! cache reproduces the MTP logits of transformers' reference.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Flex;
+use burn::tensor::{Int, Tensor, TensorData};
+use deepseek_core::{load_model, AttentionPath, LatentCache, LoadOptions};
+use deepseek_infer::generate::{generate, Decoding, GenerateConfig};
+use deepseek_infer::speculative::speculative_greedy;
+use safetensors::SafeTensors;
+
+type B = Flex;
+
+fn golden(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden").join(case)
+}
+
+fn reference(case: &str, name: &str) -> (Vec<u8>, Vec<usize>) {
+    let bytes = std::fs::read(golden(case).join("reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    (t.data().to_vec(), t.shape().to_vec())
+}
+
+fn prompts(case: &str) -> Vec<Vec<i64>> {
+    let (bytes, _) = reference(case, "input_ids");
+    let ids: Vec<i64> = bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+    ids.chunks(12).map(<[i64]>::to_vec).collect()
+}
+
+#[test]
+fn speculative_decode_equals_greedy_decode() {
+    let device = Default::default();
+    for case in ["v3_yarn_qlora", "v5_style"] {
+        let model = load_model::<B>(golden(case), &device, LoadOptions::default()).unwrap();
+        for prompt in prompts(case) {
+            for max_new in [1, 2, 7, 20] {
+                let cfg = GenerateConfig { max_new_tokens: max_new, decoding: Decoding::Greedy, eos_token_id: None, stop_sequences: vec![] };
+                let greedy = generate(&model, &[prompt.clone()], &cfg, &device).unwrap().remove(0);
+                let spec = speculative_greedy(&model, &prompt, max_new, None, &device).unwrap();
+                assert_eq!(spec.tokens, greedy, "{case} max_new {max_new}");
+                assert!(spec.main_steps <= max_new, "{case}: {} main steps for {max_new} tokens", spec.main_steps);
+            }
+        }
+    }
+}
+
+#[test]
+fn mtp_over_its_cache_matches_the_reference_mtp_logits() {
+    let device = Default::default();
+    let case = "v3_yarn_qlora";
+    let model = load_model::<B>(golden(case), &device, LoadOptions::default()).unwrap();
+    let flat: Vec<i64> = prompts(case).concat();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [2, 12]), &device);
+    let mut cache = LatentCache::new(&model.config, 2, 12, &device).unwrap();
+    let hidden = model.forward_cached(ids.clone(), &mut cache, AttentionPath::Naive).unwrap().final_hidden;
+    // Module 1 at positions 0..11 reads h_i and the token at i + 1; fed in two chunks.
+    let mut mtp_cache = LatentCache::for_mtp(&model.config, 2, 11, &device).unwrap();
+    let first = model.forward_mtp_cached(1, hidden.clone().narrow(1, 0, 4), ids.clone().narrow(1, 1, 4), &mut mtp_cache).unwrap();
+    let rest = model.forward_mtp_cached(1, hidden.narrow(1, 4, 7), ids.narrow(1, 5, 7), &mut mtp_cache).unwrap();
+    let got: Vec<f32> = Tensor::cat(vec![first.logits, rest.logits], 1).into_data().convert::<f32>().into_vec().unwrap();
+    let (bytes, shape) = reference(case, "mtp_logits.1");
+    assert_eq!(shape, vec![2, 11, 256]);
+    let want: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(diff < 1e-4, "max |diff| {diff:e}");
+}
+
+#[test]
+fn speculative_without_mtp_weights_is_a_clear_error() {
+    let device = Default::default();
+    let model = load_model::<B>(golden("v3_no_qlora"), &device, LoadOptions::default()).unwrap();
+    let err = speculative_greedy(&model, &[1, 2, 3], 4, None, &device).unwrap_err();
+    assert!(err.to_string().contains("MTP"), "{err}");
+}
