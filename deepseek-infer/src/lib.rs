@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod backend;
+pub mod bench;
 pub mod generate;
 pub mod io;
 pub mod speculative;

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, Subcommand};
-use deepseek_core::{load_model, DeepSeekConfig, ForwardOptions, LoadOptions};
+use deepseek_core::{load_model, AttentionPath, DeepSeekConfig, ForwardOptions, LoadOptions};
 use deepseek_infer::backend::DeviceKind;
 use deepseek_infer::generate::{generate, Decoding, GenerateConfig};
 use deepseek_infer::speculative::speculative_greedy;
@@ -75,6 +75,29 @@ enum Command {
         #[arg(long)]
         speculative: bool,
     },
+    /// Measures prefill and decode throughput (tokens/s) and the KV-cache bytes per token.
+    Bench {
+        /// Hugging Face-layout model directory.
+        #[arg(long, conflicts_with = "preset", required_unless_present = "preset")]
+        model: Option<PathBuf>,
+        /// A named preset with random weights: v3-671b, v2-lite-16b, tiny, small.
+        #[arg(long)]
+        preset: Option<String>,
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        /// MLA path for decoding: absorbed (over the latent) or naive (expanded K/V).
+        #[arg(long, default_value = "absorbed")]
+        path: String,
+        /// Raise the preset's context (max_position_embeddings) to fit long benchmarks.
+        #[arg(long)]
+        context: Option<usize>,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long, default_value = "flex")]
+        device: DeviceKind,
+    },
     /// Prints parameter counts and memory needs of a model or preset as `key: value` lines.
     Info {
         /// Hugging Face-layout model directory.
@@ -106,6 +129,38 @@ fn main() -> Result<()> {
                 bail!("--speculative supports greedy decoding (--temperature 0) only so far");
             }
             with_backend!(device, |B, dev| generate_cmd::<B>(&model, prompt_ids, cfg, &dev, print_ids, speculative))
+        }
+        Command::Bench { model, preset, prompt_tokens, new_tokens, path, context, repeats, device } => {
+            let path = match path.as_str() {
+                "absorbed" => AttentionPath::Absorbed,
+                "naive" => AttentionPath::Naive,
+                other => bail!("unknown --path `{other}`: absorbed or naive"),
+            };
+            if prompt_tokens == 0 {
+                bail!("--prompt-tokens must be at least 1");
+            }
+            with_backend!(device, |B, dev| {
+                let model = match (&model, &preset) {
+                    (Some(dir), _) => load_model::<B>(dir, &dev, LoadOptions::default()).with_context(|| format!("loading {}", dir.display()))?,
+                    (None, Some(name)) => {
+                        let mut cfg = DeepSeekConfig::preset(name)?;
+                        if let Some(c) = context {
+                            cfg.max_position_embeddings = cfg.max_position_embeddings.max(c);
+                        }
+                        cfg.init::<B>(&dev)
+                    }
+                    (None, None) => unreachable!("clap requires one"),
+                };
+                let r = deepseek_infer::bench::run(&model, prompt_tokens, new_tokens, path, repeats, &dev)?;
+                println!("device: {device}");
+                println!("decode_path: {path:?}");
+                println!("prompt_tokens: {}", r.prompt_tokens);
+                println!("new_tokens: {}", r.new_tokens);
+                println!("prefill_tokens_per_s: {:.1}", r.prefill_tokens_per_s);
+                println!("decode_tokens_per_s: {:.1}", r.decode_tokens_per_s);
+                println!("kv_bytes_per_token: {} (measured, f32)", r.kv_bytes_per_token);
+                Ok(())
+            })
         }
         Command::Info { model, preset } => {
             let cfg = match (model, preset) {

@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--generate", type=int, default=0, metavar="N",
+                    help="time greedy generate() of N new tokens at batch 1 after a --seq-token prompt instead")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -69,6 +71,21 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
     tokens = args.batch * args.seq
+
+    if args.generate:
+        prompt = ids[:1]
+        kwargs = dict(max_new_tokens=args.generate, min_new_tokens=args.generate, do_sample=False, use_cache=True)
+        with torch.inference_mode():
+            model.generate(prompt, **kwargs)
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                model.generate(prompt, **kwargs)
+                times.append(time.perf_counter() - t0)
+        best = min(times)
+        print(f"generate {args.generate} tokens after {args.seq} prompt tokens: best {best:.3f} s")
+        print(f"hf_generate_tokens_per_s: {args.generate / best:.1f}")
+        return
 
     with torch.inference_mode():
         for _ in range(args.warmup):
