@@ -124,35 +124,62 @@ pub fn argmax(logits: &[f32]) -> i64 {
 
 /// Samples a token id: temperature, then top-k, then top-p (nucleus) filtering.
 pub fn sample(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: Option<f32>, rng: &mut impl Rng) -> i64 {
+    sample_from(&probabilities(logits, temperature, top_k, top_p), rng)
+}
+
+/// The distribution sampling draws from: `softmax(logits / temperature)` restricted to the
+/// `top_k` most likely tokens, then to the smallest set reaching probability `top_p`,
+/// renormalized; zero elsewhere. `[vocab]`.
+pub fn probabilities(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: Option<f32>) -> Vec<f64> {
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
     if let Some(k) = top_k {
         order.truncate(k.max(1));
     }
     let max = logits[order[0]] as f64;
-    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / temperature as f64).exp()).collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
+    let mut kept: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / temperature as f64).exp()).collect();
+    let total: f64 = kept.iter().sum();
+    kept.iter_mut().for_each(|p| *p /= total);
     if let Some(p) = top_p {
         let mut acc = 0.0;
-        let keep = probs.iter().position(|&q| {
+        let keep = kept.iter().position(|&q| {
             acc += q;
             acc >= p as f64
         });
-        let keep = keep.map_or(probs.len(), |i| i + 1);
+        let keep = keep.map_or(kept.len(), |i| i + 1);
         order.truncate(keep);
-        probs.truncate(keep);
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= total);
+        kept.truncate(keep);
+        let total: f64 = kept.iter().sum();
+        kept.iter_mut().for_each(|q| *q /= total);
     }
+    let mut probs = vec![0.0; logits.len()];
+    for (&i, &q) in order.iter().zip(&kept) {
+        probs[i] = q;
+    }
+    probs
+}
+
+/// The one-hot distribution of greedy decoding.
+pub fn one_hot(logits: &[f32]) -> Vec<f64> {
+    let mut probs = vec![0.0; logits.len()];
+    probs[argmax(logits) as usize] = 1.0;
+    probs
+}
+
+/// Draws from a distribution (which sums to 1).
+pub fn sample_from(probs: &[f64], rng: &mut impl Rng) -> i64 {
     let mut u: f64 = rng.random();
-    for (&i, &q) in order.iter().zip(&probs) {
-        if u < q {
-            return i as i64;
+    let mut last = 0;
+    for (i, &q) in probs.iter().enumerate() {
+        if q > 0.0 {
+            if u < q {
+                return i as i64;
+            }
+            u -= q;
+            last = i;
         }
-        u -= q;
     }
-    *order.last().expect("at least one candidate") as i64
+    last as i64
 }
 
 #[cfg(test)]

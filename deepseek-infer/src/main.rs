@@ -17,7 +17,7 @@ use std::io::Write;
 use deepseek_infer::generate::{generate, generate_streaming, Decoding, GenerateConfig};
 use deepseek_infer::chat::{ChatTemplate, Message};
 use deepseek_infer::tokenizer::{IncrementalDecoder, TextTokenizer};
-use deepseek_infer::speculative::speculative_greedy;
+use deepseek_infer::speculative;
 use deepseek_infer::{io, with_backend};
 
 #[derive(Parser)]
@@ -78,8 +78,8 @@ enum Command {
         /// End with a line holding only the generated ids, space-separated.
         #[arg(long)]
         print_ids: bool,
-        /// Draft with the MTP module and verify with the main model (greedy only for now;
-        /// the output equals plain greedy decoding).
+        /// Draft with the MTP module and verify with the main model (speculative sampling: the
+        /// output is distributed as without it; greedy output is identical).
         #[arg(long)]
         speculative: bool,
     },
@@ -191,9 +191,6 @@ fn main() -> Result<()> {
                 Decoding::Sample { temperature, top_k, top_p, seed }
             };
             let cfg = GenerateConfig { max_new_tokens, decoding, eos_token_id: None, stop_sequences: vec![] };
-            if speculative && cfg.decoding != Decoding::Greedy {
-                bail!("--speculative supports greedy decoding (--temperature 0) only so far");
-            }
             let tok = text.map(|(tok, _)| tok);
             with_backend!(device, |B, dev| generate_cmd::<B>(&model, prompt_ids, cfg, &dev, print_ids, speculative, tok.as_ref()))
         }
@@ -269,7 +266,7 @@ fn generate_cmd<B: Backend>(
     cfg.eos_token_id = model.config.eos_token_id.map(i64::from);
     let start = std::time::Instant::now();
     let out = if speculative {
-        let spec = speculative_greedy(&model, &prompt, cfg.max_new_tokens, cfg.eos_token_id, device)?;
+        let spec = speculative::speculative(&model, &prompt, cfg.max_new_tokens, cfg.eos_token_id, cfg.decoding, device)?;
         eprintln!(
             "speculative: {} of {} drafts accepted ({:.0}%), {} main-model steps",
             spec.accepted,

@@ -1,8 +1,14 @@
 //! Speculative decoding with the MTP module as the draft model (DeepSeek-V3 §2.2, §5.4.3): the
 //! MTP module proposes the token after next from the main model's last hidden state; one main
-//! forward over `[next, draft]` verifies it. Greedy acceptance (the draft must equal the main
-//! model's argmax) keeps the output identical to plain greedy decoding, and an accepted draft
-//! yields two tokens for one main-model step.
+//! forward over `[next, draft]` verifies it, and an accepted draft yields two tokens for one
+//! main-model step.
+//!
+//! Acceptance is the speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023): with
+//! `p` the main model's and `q` the draft's distribution, a draft `d ~ q` is kept with
+//! probability `min(1, p(d)/q(d))`, otherwise a token is drawn from `max(0, p − q)` normalized;
+//! the output is distributed exactly as sampling from `p`. Greedy decoding is the case of
+//! one-hot `p` and `q`: the draft is kept iff it is the main model's argmax, so the output is
+//! identical to plain greedy decoding.
 //!
 //! The MTP block has its own latent cache over the positions the main model has confirmed; a
 //! rejected draft only rolls back the main cache by one position.
@@ -12,7 +18,35 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use deepseek_core::{AttentionPath, DeepSeekModel, LatentCache};
 
-use crate::generate::argmax;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::generate::{one_hot, probabilities, sample_from, Decoding};
+
+/// The next-token distribution `decoding` draws from.
+fn distribution(logits: &[f32], decoding: Decoding) -> Vec<f64> {
+    match decoding {
+        Decoding::Greedy => one_hot(logits),
+        Decoding::Sample { temperature, top_k, top_p, .. } => probabilities(logits, temperature, top_k, top_p),
+    }
+}
+
+/// The speculative-sampling rule for one draft: returns the token to emit and whether it is the
+/// draft. `p`: target distribution, `q`: draft distribution, `draft` drawn from `q`.
+pub fn verify_draft(p: &[f64], q: &[f64], draft: usize, rng: &mut impl Rng) -> (i64, bool) {
+    let u: f64 = rng.random();
+    if q[draft] > 0.0 && u < p[draft] / q[draft] {
+        return (draft as i64, true);
+    }
+    let mut residual: Vec<f64> = p.iter().zip(q).map(|(a, b)| (a - b).max(0.0)).collect();
+    let total: f64 = residual.iter().sum();
+    if total <= 0.0 {
+        // p == q up to rounding: any draw from p is exact.
+        return (sample_from(p, rng), false);
+    }
+    residual.iter_mut().for_each(|r| *r /= total);
+    (sample_from(&residual, rng), false)
+}
 
 /// Output of [`speculative_greedy`].
 #[derive(Debug, Clone, PartialEq)]
@@ -51,6 +85,25 @@ pub fn speculative_greedy<B: Backend>(
     eos: Option<i64>,
     device: &B::Device,
 ) -> Result<SpeculativeOutput> {
+    speculative(model, prompt, max_new_tokens, eos, Decoding::Greedy, device)
+}
+
+/// Generation of up to `max_new_tokens` tokens (stopping after `eos`) with MTP drafts, greedy or
+/// sampled; distributed exactly as plain decoding with the same settings.
+pub fn speculative<B: Backend>(
+    model: &DeepSeekModel<B>,
+    prompt: &[i64],
+    max_new_tokens: usize,
+    eos: Option<i64>,
+    decoding: Decoding,
+    device: &B::Device,
+) -> Result<SpeculativeOutput> {
+    let seed = match decoding {
+        Decoding::Sample { seed, .. } => seed,
+        Decoding::Greedy => 0,
+    };
+    let mut rng = StdRng::seed_from_u64(seed);
+    let draw = |logits: &[f32], rng: &mut StdRng| sample_from(&distribution(logits, decoding), rng);
     if model.mtp.is_empty() {
         bail!("speculative decoding drafts with the MTP module, and this model has none (num_nextn_predict_layers = 0 or MTP weights missing)");
     }
@@ -77,12 +130,13 @@ pub fn speculative_greedy<B: Backend>(
     let n = prompt.len();
     let main = model.forward_cached(prompt_ids, &mut cache, AttentionPath::Naive)?;
     out.main_steps += 1;
-    let mut next = argmax(&last_row(main.logits, n - 1));
+    let mut next = draw(&last_row(main.logits, n - 1), &mut rng);
     out.tokens.push(next);
     let mut following: Vec<i64> = prompt[1..].to_vec();
     following.push(next);
     let draft_logits = model.forward_mtp_cached(1, main.final_hidden, ids::<B>(following, device), &mut mtp_cache)?.logits;
-    let mut draft = argmax(&last_row(draft_logits, n - 1));
+    let mut draft_dist = distribution(&last_row(draft_logits, n - 1), decoding);
+    let mut draft = sample_from(&draft_dist, &mut rng);
 
     while out.tokens.len() < max_new_tokens && Some(next) != eos {
         // Verify: the main model reads [next, draft]; its prediction after `next` must be `draft`.
@@ -90,10 +144,11 @@ pub fn speculative_greedy<B: Backend>(
         let verify = model.forward_cached(ids::<B>(vec![next, draft], device), &mut cache, AttentionPath::Absorbed)?;
         out.main_steps += 1;
         out.drafted += 1;
-        let after_next = argmax(&last_row(verify.logits.clone(), 0));
-        let (confirmed_hidden, confirmed_following) = if after_next == draft {
+        let target = distribution(&last_row(verify.logits.clone(), 0), decoding);
+        let (after_next, accepted) = verify_draft(&target, &draft_dist, draft as usize, &mut rng);
+        let (confirmed_hidden, confirmed_following) = if accepted {
             out.accepted += 1;
-            let bonus = argmax(&last_row(verify.logits, 1));
+            let bonus = draw(&last_row(verify.logits, 1), &mut rng);
             out.tokens.push(draft);
             if out.tokens.len() < max_new_tokens && Some(draft) != eos {
                 out.tokens.push(bonus);
@@ -113,7 +168,8 @@ pub fn speculative_greedy<B: Backend>(
         }
         let count = confirmed_following.len();
         let draft_logits = model.forward_mtp_cached(1, confirmed_hidden, ids::<B>(confirmed_following, device), &mut mtp_cache)?.logits;
-        draft = argmax(&last_row(draft_logits, count - 1));
+        draft_dist = distribution(&last_row(draft_logits, count - 1), decoding);
+        draft = sample_from(&draft_dist, &mut rng);
     }
     out.tokens.truncate(max_new_tokens);
     if let Some(e) = eos {
@@ -122,4 +178,35 @@ pub fn speculative_greedy<B: Backend>(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn speculative_sampling_preserves_the_target_distribution() {
+        let p = [0.5, 0.3, 0.15, 0.05, 0.0];
+        let q = [0.1, 0.6, 0.1, 0.1, 0.1];
+        let mut rng = StdRng::seed_from_u64(3);
+        let n = 200_000;
+        let mut counts = [0usize; 5];
+        for _ in 0..n {
+            let d = sample_from(&q, &mut rng) as usize;
+            let (t, _) = verify_draft(&p, &q, d, &mut rng);
+            counts[t as usize] += 1;
+        }
+        for (i, &c) in counts.iter().enumerate() {
+            let freq = c as f64 / n as f64;
+            assert!((freq - p[i]).abs() < 0.005, "token {i}: {freq} vs {}", p[i]);
+        }
+    }
+
+    #[test]
+    fn greedy_verification_keeps_exactly_the_argmax() {
+        let mut rng = StdRng::seed_from_u64(0);
+        let p = [0.0, 1.0, 0.0];
+        assert_eq!(verify_draft(&p, &[0.0, 1.0, 0.0], 1, &mut rng), (1, true));
+        assert_eq!(verify_draft(&p, &[0.0, 0.0, 1.0], 2, &mut rng), (1, false));
+    }
 }

@@ -74,3 +74,17 @@ fn speculative_without_mtp_weights_is_a_clear_error() {
     let err = speculative_greedy(&model, &[1, 2, 3], 4, None, &device).unwrap_err();
     assert!(err.to_string().contains("MTP"), "{err}");
 }
+
+#[test]
+fn speculative_sampling_is_seeded_and_respects_the_token_budget() {
+    use deepseek_infer::speculative::speculative;
+    let device = Default::default();
+    let model = load_model::<B>(golden("v5_style"), &device, LoadOptions::default()).unwrap();
+    let prompt = prompts("v5_style").remove(0);
+    let decoding = Decoding::Sample { temperature: 0.8, top_k: Some(50), top_p: Some(0.95), seed: 7 };
+    let a = speculative(&model, &prompt, 15, None, decoding, &device).unwrap();
+    let b = speculative(&model, &prompt, 15, None, decoding, &device).unwrap();
+    assert_eq!(a.tokens, b.tokens);
+    assert_eq!(a.tokens.len(), 15);
+    assert!(a.tokens.iter().all(|&t| (0..256).contains(&t)));
+}
