@@ -33,16 +33,17 @@ pub struct GenerateConfig {
 /// Generates a continuation of each prompt; returns the new tokens only. Prompts may differ in
 /// length: each runs with its own cache, one after the other.
 pub fn generate<B: Backend>(model: &DeepSeekModel<B>, prompts: &[Vec<i64>], cfg: &GenerateConfig, device: &B::Device) -> Result<Vec<Vec<i64>>> {
-    generate_streaming(model, prompts, cfg, device, &mut |_, _| Ok(()))
+    generate_streaming(model, prompts, cfg, device, &mut |_, _| Ok(true))
 }
 
-/// [`generate`], calling `on_token(prompt_index, token)` as each token is chosen (streaming).
+/// [`generate`], calling `on_token(prompt_index, token)` as each token is chosen (streaming);
+/// the callback returns `false` to end that sequence there (e.g. on a stop string in the text).
 pub fn generate_streaming<B: Backend>(
     model: &DeepSeekModel<B>,
     prompts: &[Vec<i64>],
     cfg: &GenerateConfig,
     device: &B::Device,
-    on_token: &mut dyn FnMut(usize, i64) -> Result<()>,
+    on_token: &mut dyn FnMut(usize, i64) -> Result<bool>,
 ) -> Result<Vec<Vec<i64>>> {
     if let Decoding::Sample { temperature, top_p, top_k, .. } = cfg.decoding {
         if !(temperature > 0.0) || !temperature.is_finite() {
@@ -66,7 +67,7 @@ fn generate_one<B: Backend>(
     cfg: &GenerateConfig,
     device: &B::Device,
     index: usize,
-    on_token: &mut dyn FnMut(usize, i64) -> Result<()>,
+    on_token: &mut dyn FnMut(usize, i64) -> Result<bool>,
 ) -> Result<Vec<i64>> {
     let stream = index as u64;
     let context = model.config.max_position_embeddings;
@@ -101,8 +102,9 @@ fn generate_one<B: Backend>(
             _ => argmax(&last),
         };
         out.push(next);
-        on_token(index, next)?;
-        let stop = Some(next) == cfg.eos_token_id || cfg.stop_sequences.iter().any(|s| !s.is_empty() && out.ends_with(s));
+        let go_on = on_token(index, next)?;
+        let stop = !go_on
+            || Some(next) == cfg.eos_token_id || cfg.stop_sequences.iter().any(|s| !s.is_empty() && out.ends_with(s));
         if stop || out.len() == cfg.max_new_tokens {
             return Ok(out);
         }

@@ -78,6 +78,9 @@ enum Command {
         /// End with a line holding only the generated ids, space-separated.
         #[arg(long)]
         print_ids: bool,
+        /// Stop once the generated text contains this string (text prompts; repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
         /// Draft with the MTP module and verify with the main model (speculative sampling: the
         /// output is distributed as without it; greedy output is identical).
         #[arg(long)]
@@ -171,7 +174,7 @@ fn main() -> Result<()> {
             println!("{}", ids.join(" "));
             Ok(())
         }
-        Command::Generate { model, prompt_ids, prompt, tokenizer, max_new_tokens, temperature, top_p, top_k, seed, device, print_ids, speculative } => {
+        Command::Generate { model, prompt_ids, prompt, tokenizer, max_new_tokens, temperature, top_p, top_k, seed, device, print_ids, stop, speculative } => {
             let text = match prompt {
                 Some(text) => {
                     let path = tokenizer.unwrap_or_else(|| model.join("tokenizer.json"));
@@ -192,7 +195,10 @@ fn main() -> Result<()> {
             };
             let cfg = GenerateConfig { max_new_tokens, decoding, eos_token_id: None, stop_sequences: vec![] };
             let tok = text.map(|(tok, _)| tok);
-            with_backend!(device, |B, dev| generate_cmd::<B>(&model, prompt_ids, cfg, &dev, print_ids, speculative, tok.as_ref()))
+            if !stop.is_empty() && (tok.is_none() || speculative) {
+                bail!("--stop works on text: use it with --prompt (and without --speculative)");
+            }
+            with_backend!(device, |B, dev| generate_cmd::<B>(&model, prompt_ids, cfg, &dev, print_ids, speculative, tok.as_ref(), &stop))
         }
         Command::Bench { model, preset, prompt_tokens, new_tokens, path, context, repeats, device } => {
             let path = match path.as_str() {
@@ -257,6 +263,7 @@ fn generate_cmd<B: Backend>(
     print_ids: bool,
     speculative: bool,
     tokenizer: Option<&TextTokenizer>,
+    stop: &[String],
 ) -> Result<()> {
     let model = load_model::<B>(model_dir, device, LoadOptions::default())
         .with_context(|| format!("loading model from {}", model_dir.display()))?;
@@ -283,11 +290,13 @@ fn generate_cmd<B: Backend>(
         // Stream text as it is produced.
         let mut stream = IncrementalDecoder::new(tok);
         let mut stdout = std::io::stdout();
+        let mut text = String::new();
         let out = generate_streaming(&model, &[prompt], &cfg, device, &mut |_, id| {
             let piece = stream.push(u32::try_from(id).expect("ids are checked against the vocabulary"))?;
             write!(stdout, "{piece}")?;
             stdout.flush()?;
-            Ok(())
+            text.push_str(&piece);
+            Ok(!stop.iter().any(|s| text.contains(s.as_str())))
         })?
         .remove(0);
         println!();
@@ -337,13 +346,13 @@ fn chat_cmd<B: Backend>(
         let mut reply = String::new();
         generate_streaming(&model, &[prompt], &cfg, device, &mut |_, id| {
             if Some(id) == cfg.eos_token_id {
-                return Ok(());
+                return Ok(true);
             }
             let piece = stream.push(id as u32)?;
             write!(stdout, "{piece}")?;
             stdout.flush()?;
             reply.push_str(&piece);
-            Ok(())
+            Ok(true)
         })?;
         writeln!(stdout)?;
         messages.push(Message::new("assistant", &reply));

@@ -159,3 +159,27 @@ fn simple_chat_template_renders_turns_and_generation_prompt() {
     assert_eq!(t.render(&messages, true).unwrap(), "<s>S\nUser: hi\nAssistant: yo</s>\nUser: more\nAssistant:");
     assert_eq!(t.eos_token.as_deref(), Some("</s>"));
 }
+
+#[test]
+fn stop_strings_end_generation_early() {
+    let model = golden().join("v3_yarn_qlora");
+    let tok_path = golden().join("tokenizer/byte_tokenizer.json");
+    let base = ["generate", "--model", model.to_str().unwrap(), "--tokenizer", tok_path.to_str().unwrap(), "--prompt", "Hello", "--print-ids"];
+    let ids = |o: std::process::Output| -> Vec<u32> {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).lines().last().unwrap().split(' ').map(|t| t.parse().unwrap()).collect()
+    };
+    let full = ids(deepseek(&[&base[..], &["--max-new-tokens", "12"]].concat()));
+    // The first generated token (after the first) whose text is a clean character that has not
+    // appeared before: stopping on it must end generation right after it.
+    let tok = TextTokenizer::from_file(&tok_path).unwrap();
+    let (j, stop) = (1..full.len())
+        .find_map(|j| {
+            let piece = tok.decode(&full[j..=j]).ok()?;
+            let before = tok.decode(&full[..j]).ok()?;
+            (!piece.trim().is_empty() && !piece.contains('\u{FFFD}') && !before.contains(&piece)).then_some((j, piece))
+        })
+        .expect("the golden model generates a usable stop character");
+    let stopped = ids(deepseek(&[&base[..], &["--max-new-tokens", "12", "--stop", &stop]].concat()));
+    assert_eq!(stopped, full[..=j].to_vec(), "stop string {stop:?}");
+}
