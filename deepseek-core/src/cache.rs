@@ -109,8 +109,15 @@ impl<B: Backend> LatentCache<B> {
         debug_assert!(self.len + seq <= self.capacity, "check_room before appending");
         let (start, end) = (self.len, self.len + seq);
         let b = &mut self.blocks[block];
-        b.c_kv = b.c_kv.clone().slice_assign([0..batch, start..end], new.c_kv);
-        b.k_rope = b.k_rope.clone().slice_assign([0..batch, start..end], new.k_rope);
+        // Move the buffers out while writing, so the backend sees the only reference and may
+        // update them in place rather than copy them whole at every decoding step.
+        let write = |slot: &mut Tensor<B, 3>, values: Tensor<B, 3>| {
+            let placeholder = Tensor::empty([0, 0, 0], &values.device());
+            let buffer = std::mem::replace(slot, placeholder);
+            *slot = buffer.slice_assign([0..batch, start..end], values);
+        };
+        write(&mut b.c_kv, new.c_kv);
+        write(&mut b.k_rope, new.k_rope);
         LatentKv { c_kv: b.c_kv.clone().narrow(1, 0, end), k_rope: b.k_rope.clone().narrow(1, 0, end) }
     }
 

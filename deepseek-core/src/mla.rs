@@ -209,7 +209,7 @@ impl<B: Backend> Mla<B> {
     /// `[batch, q_len, d_model]`.
     pub fn attend_absorbed(&self, q: Queries<B>, kv: LatentKv<B>, start: usize) -> Tensor<B, 3> {
         let [batch, q_len, heads, _] = q.nope.dims();
-        let [_, kv_len, kv_lora] = kv.c_kv.dims();
+        let [_, _, kv_lora] = kv.c_kv.dims();
         let (nope, v_dim) = (self.qk_nope_head_dim, self.v_head_dim);
         // kv_b_proj weight in Burn layout [kv_lora, heads·(nope + v)].
         let w = self.kv_b_proj.weight.val().reshape([kv_lora, heads, nope + v_dim]); // [c, h, nope + v]
@@ -218,15 +218,36 @@ impl<B: Backend> Mla<B> {
         let q_latent = q.nope.swap_dims(1, 2).matmul(w_uk.unsqueeze::<4>()); // [b, h, s, c]
         let q = Tensor::cat(vec![q_latent, q.rope.swap_dims(1, 2)], 3); // [b, h, s, c + rope]
         // One key/value "head" shared by all query heads, as in multi-query attention.
-        let k = Tensor::cat(vec![kv.c_kv.clone(), kv.k_rope], 2)
-            .unsqueeze_dim::<4>(1)
-            .expand([batch, heads, kv_len, kv_lora + self.qk_rope_head_dim]); // [b, h, t, c + rope]
-        let v = kv.c_kv.unsqueeze_dim::<4>(1).expand([batch, heads, kv_len, kv_lora]); // [b, h, t, c]
-        let o_latent = causal_attention(q, k, v, start, self.softmax_scale); // [b, h, s, c]
+        let k = Tensor::cat(vec![kv.c_kv.clone(), kv.k_rope], 2); // [b, t, c + rope]
+        let o_latent = shared_kv_causal_attention(q, k, kv.c_kv, start, self.softmax_scale); // [b, h, s, c]
         let o = o_latent.matmul(w_uv.unsqueeze::<4>()); // [b, h, s, v]
         let o = o.swap_dims(1, 2).reshape([batch, q_len, heads * v_dim]); // [b, s, h·v]
         self.o_proj.forward(o)
     }
+}
+
+/// [`causal_attention`] for keys and values shared by all heads (multi-query form, as in
+/// absorbed MLA): the heads are folded into the query rows, `[b, h·s, d]` against `[b, t, d]`,
+/// so keys and values are never copied per head.
+///
+/// # Shapes
+/// `q`: `[batch, heads, q_len, d]`, `k`: `[batch, kv_len, d]`, `v`: `[batch, kv_len, d_v]` →
+/// `[batch, heads, q_len, d_v]`.
+pub fn shared_kv_causal_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 3>, v: Tensor<B, 3>, start: usize, scale: f64) -> Tensor<B, 4> {
+    let [batch, heads, q_len, d] = q.dims();
+    let [_, kv_len, d_v] = v.dims();
+    let dtype = q.dtype();
+    let rows = heads * q_len;
+    let q = q.reshape([batch, 1, rows, d]).cast(FloatDType::F32); // [b, 1, h·s, d]
+    let k = k.unsqueeze_dim::<4>(1).cast(FloatDType::F32); // [b, 1, t, d]
+    let v = v.unsqueeze_dim::<4>(1).cast(FloatDType::F32); // [b, 1, t, d_v]
+    // Row r is query position r % q_len of head r / q_len.
+    let mask: Vec<bool> = (0..rows).flat_map(|r| (0..kv_len).map(move |j| j > start + r % q_len)).collect();
+    let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(mask, [rows, kv_len]), &q.device())
+        .reshape([1, 1, rows, kv_len])
+        .expand([batch, 1, rows, kv_len]);
+    let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: false };
+    attention(q, k, v, Some(mask), None, options).reshape([batch, heads, q_len, d_v]).cast(dtype)
 }
 
 /// `softmax(q·kᵀ · scale) · v` in f32 with future positions masked: query `i` (absolute position
