@@ -63,15 +63,8 @@ enum Command {
         tokenizer: Option<PathBuf>,
         #[arg(long, default_value_t = 32)]
         max_new_tokens: usize,
-        /// 0 decodes greedily.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        #[arg(long)]
-        top_p: Option<f32>,
-        #[arg(long)]
-        top_k: Option<usize>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        sampling: SamplingArgs,
         /// Backend: flex (CPU), wgpu or cuda.
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
@@ -125,15 +118,8 @@ enum Command {
         system: Option<String>,
         #[arg(long, default_value_t = 256)]
         max_new_tokens: usize,
-        /// 0 decodes greedily.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        #[arg(long)]
-        top_p: Option<f32>,
-        #[arg(long)]
-        top_k: Option<usize>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        sampling: SamplingArgs,
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
     },
@@ -156,16 +142,40 @@ enum Command {
     },
 }
 
+/// How tokens are chosen, shared by `generate` and `chat`.
+#[derive(clap::Args, Clone, Copy)]
+struct SamplingArgs {
+    /// 0 decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn decoding(&self) -> Decoding {
+        let Self { temperature, top_p, top_k, seed } = *self;
+        if temperature == 0.0 {
+            Decoding::Greedy
+        } else {
+            Decoding::Sample { temperature, top_k, top_p, seed }
+        }
+    }
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Logits { model, input, output, device, allow_unused } => {
             with_backend!(device, |B, dev| logits::<B>(&model, &input, &output, &dev, allow_unused))
         }
-        Command::Chat { model, tokenizer, tokenizer_config, system, max_new_tokens, temperature, top_p, top_k, seed, device } => {
+        Command::Chat { model, tokenizer, tokenizer_config, system, max_new_tokens, sampling, device } => {
             let tok = TextTokenizer::from_file(&tokenizer.unwrap_or_else(|| model.join("tokenizer.json")))?;
             let template = ChatTemplate::from_tokenizer_config(&tokenizer_config.unwrap_or_else(|| model.join("tokenizer_config.json")))?;
-            let decoding = if temperature == 0.0 { Decoding::Greedy } else { Decoding::Sample { temperature, top_k, top_p, seed } };
-            let cfg = GenerateConfig { max_new_tokens, decoding, eos_token_id: None, stop_sequences: vec![] };
+            let cfg = GenerateConfig { max_new_tokens, decoding: sampling.decoding(), eos_token_id: None, stop_sequences: vec![] };
             with_backend!(device, |B, dev| chat_cmd::<B>(&model, &tok, &template, system, cfg, &dev))
         }
         Command::Tokenize { tokenizer, text } => {
@@ -174,7 +184,7 @@ fn main() -> Result<()> {
             println!("{}", ids.join(" "));
             Ok(())
         }
-        Command::Generate { model, prompt_ids, prompt, tokenizer, max_new_tokens, temperature, top_p, top_k, seed, device, print_ids, stop, speculative } => {
+        Command::Generate { model, prompt_ids, prompt, tokenizer, max_new_tokens, sampling, device, print_ids, stop, speculative } => {
             let text = match prompt {
                 Some(text) => {
                     let path = tokenizer.unwrap_or_else(|| model.join("tokenizer.json"));
@@ -188,11 +198,7 @@ fn main() -> Result<()> {
                 (None, Some(ids)) => ids,
                 (None, None) => unreachable!("clap requires one"),
             };
-            let decoding = if temperature == 0.0 {
-                Decoding::Greedy
-            } else {
-                Decoding::Sample { temperature, top_k, top_p, seed }
-            };
+            let decoding = sampling.decoding();
             let cfg = GenerateConfig { max_new_tokens, decoding, eos_token_id: None, stop_sequences: vec![] };
             let tok = text.map(|(tok, _)| tok);
             if !stop.is_empty() && (tok.is_none() || speculative) {
