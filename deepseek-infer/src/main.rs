@@ -234,7 +234,7 @@ fn main() -> Result<()> {
                 println!("new_tokens: {}", r.new_tokens);
                 println!("prefill_tokens_per_s: {:.1}", r.prefill_tokens_per_s);
                 println!("decode_tokens_per_s: {:.1}", r.decode_tokens_per_s);
-                println!("kv_bytes_per_token: {} (measured, f32)", r.kv_bytes_per_token);
+                println!("kv_bytes_per_token: {} (measured from the cache buffers)", r.kv_bytes_per_token);
                 Ok(())
             })
         }
