@@ -73,6 +73,16 @@ impl RotaryEmbedding {
     /// cos and sin tables `[seq, r/2]` for positions `start..start + seq`.
     pub fn tables<B: Backend>(&self, start: usize, seq: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let half = self.inv_freq.len();
+        let (cos, sin) = self.pair_values(start, seq);
+        let cos = Tensor::from_data(TensorData::new(cos, [seq, half]), device);
+        let sin = Tensor::from_data(TensorData::new(sin, [seq, half]), device);
+        (cos, sin)
+    }
+
+    /// Host values of [`RotaryEmbedding::tables`], `[seq, r/2]` row-major, times the attention
+    /// factor.
+    fn pair_values(&self, start: usize, seq: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(seq * half);
         let mut sin = Vec::with_capacity(seq * half);
         for pos in start..start + seq {
@@ -83,8 +93,6 @@ impl RotaryEmbedding {
                 sin.push((angle.sin() * self.attention_factor) as f32);
             }
         }
-        let cos = Tensor::from_data(TensorData::new(cos, [seq, half]), device);
-        let sin = Tensor::from_data(TensorData::new(sin, [seq, half]), device);
         (cos, sin)
     }
 
@@ -133,13 +141,13 @@ impl RotaryEmbedding {
     fn full_tables(&self, start: usize, batch: usize, seq: usize, heads: usize) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
         let dim = 2 * half;
+        let (cos, sin) = self.pair_values(start, seq);
         let mut cos_row = vec![0f32; seq * dim];
         let mut sin_row = vec![0f32; seq * dim];
         for p in 0..seq {
-            for (i, &f) in self.inv_freq.iter().enumerate() {
-                let angle = (f as f32 * (start + p) as f32) as f64;
+            for i in 0..half {
                 let (a, b) = self.pair(i, dim);
-                let (c, s) = ((angle.cos() * self.attention_factor) as f32, (angle.sin() * self.attention_factor) as f32);
+                let (c, s) = (cos[p * half + i], sin[p * half + i]);
                 cos_row[p * dim + a] = c;
                 cos_row[p * dim + b] = c;
                 sin_row[p * dim + a] = s;

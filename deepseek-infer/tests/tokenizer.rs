@@ -21,6 +21,14 @@ fn cases(file: &str) -> Vec<(String, Vec<u32>)> {
         .collect()
 }
 
+/// Where `scripts/fetch_deepseek_v3_tokenizer.sh` puts the real DeepSeek-V3 tokenizer files
+/// (override with DEEPSEEK_V3_TOKENIZER_DIR).
+fn deepseek_v3_dir() -> PathBuf {
+    std::env::var_os("DEEPSEEK_V3_TOKENIZER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/deepseek-burn/tokenizer-deepseek-v3"))
+}
+
 fn check(tokenizer: &TextTokenizer, refs: &[(String, Vec<u32>)]) {
     for (text, ids) in refs {
         assert_eq!(&tokenizer.encode(text).unwrap(), ids, "{text:?}");
@@ -52,9 +60,7 @@ fn byte_level_tokenizer_matches_python_and_streams_whole_characters() {
 #[test]
 #[ignore = "needs the DeepSeek-V3 tokenizer.json (scripts/fetch_deepseek_v3_tokenizer.sh)"]
 fn real_deepseek_v3_tokenizer_matches_python() {
-    let dir = std::env::var_os("DEEPSEEK_V3_TOKENIZER_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/deepseek-burn/tokenizer-deepseek-v3"));
+    let dir = deepseek_v3_dir();
     let tok = TextTokenizer::from_file(&dir).unwrap();
     check(&tok, &cases("deepseek_v3_ids.json"));
     tok.check_vocab(129280).unwrap();
@@ -116,9 +122,7 @@ fn chat_cases() -> Vec<(Vec<deepseek_infer::chat::Message>, String)> {
 #[test]
 #[ignore = "needs the DeepSeek-V3 tokenizer_config.json (scripts/fetch_deepseek_v3_tokenizer.sh)"]
 fn real_deepseek_v3_chat_template_renders_as_transformers_does() {
-    let dir = std::env::var_os("DEEPSEEK_V3_TOKENIZER_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/deepseek-burn/tokenizer-deepseek-v3"));
+    let dir = deepseek_v3_dir();
     let template = deepseek_infer::chat::ChatTemplate::from_tokenizer_config(&dir).unwrap();
     for (messages, expected) in chat_cases() {
         assert_eq!(template.render(&messages, true).unwrap(), expected);
