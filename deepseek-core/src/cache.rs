@@ -81,11 +81,16 @@ impl<B: Backend> LatentCache<B> {
     pub fn bytes_per_token(&self) -> usize {
         self.blocks
             .iter()
-            .map(|b| {
-                let width = b.c_kv.dims()[2] * b.c_kv.dtype().size() + b.k_rope.dims()[2] * b.k_rope.dtype().size();
-                width
-            })
+            .map(|b| b.c_kv.dims()[2] * b.c_kv.dtype().size() + b.k_rope.dims()[2] * b.k_rope.dtype().size())
             .sum()
+    }
+
+    /// Fails unless `new_tokens` more tokens of a `batch`-sequence input fit this cache.
+    pub fn check_fits(&self, batch: usize, new_tokens: usize) -> Result<()> {
+        if batch != self.batch {
+            return Err(DeepSeekError::Input(format!("batch of {batch} sequences for a cache built for {}", self.batch)));
+        }
+        self.check_room(new_tokens)
     }
 
     /// Fails unless `new_tokens` more fit.

@@ -20,6 +20,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Bool, FloatDType, Tensor, TensorData};
 
+use crate::cache::LatentCache;
 use crate::norm::{RmsNorm, RmsNormConfig};
 use crate::rope::RotaryEmbedding;
 
@@ -100,6 +101,15 @@ impl<B: Backend> QueryProj<B> {
     }
 }
 
+/// Which MLA path a cached forward pass takes; both give the same result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// Expand per-head keys and values from the latent (prefill).
+    Naive,
+    /// Attend over the latent with absorbed projections (decode).
+    Absorbed,
+}
+
 /// Multi-head latent attention; weights named as in the checkpoints.
 #[derive(Module, Debug)]
 pub struct Mla<B: Backend> {
@@ -148,6 +158,21 @@ impl<B: Backend> Mla<B> {
         let q = self.queries(x.clone(), rope, start);
         let kv = self.latent(x, rope, start);
         self.attend_naive(q, kv, start)
+    }
+
+    /// Attention of new positions `cache.len()..` over everything cached, after appending their
+    /// latents to block `block` of `cache` (which the caller advances once all blocks ran).
+    ///
+    /// # Shapes
+    /// `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`.
+    pub fn forward_cached(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, cache: &mut LatentCache<B>, block: usize, path: AttentionPath) -> Tensor<B, 3> {
+        let start = cache.len();
+        let q = self.queries(x.clone(), rope, start);
+        let kv = cache.append(block, self.latent(x, rope, start));
+        match path {
+            AttentionPath::Naive => self.attend_naive(q, kv, start),
+            AttentionPath::Absorbed => self.attend_absorbed(q, kv, start),
+        }
     }
 
     /// Projects and rotates the queries.

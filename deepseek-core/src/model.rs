@@ -38,14 +38,7 @@ pub struct ForwardOptions {
     pub mtp: bool,
 }
 
-/// Which MLA path a cached forward pass takes; both give the same result.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttentionPath {
-    /// Expand per-head keys and values from the latent (prefill).
-    Naive,
-    /// Attend over the latent with absorbed projections (decode).
-    Absorbed,
-}
+pub use crate::mla::AttentionPath;
 
 /// Result of [`DeepSeekModel::forward_cached`].
 #[derive(Debug, Clone)]
@@ -141,23 +134,10 @@ impl<B: Backend> DeepSeekModel<B> {
     /// `input_ids`: `[batch, seq]` → logits `[batch, seq, vocab]`.
     pub fn forward_cached(&self, input_ids: Tensor<B, 2, Int>, cache: &mut LatentCache<B>, path: AttentionPath) -> Result<CachedOutput<B>> {
         let [batch, seq] = input_ids.dims();
-        if batch != cache.batch() {
-            return Err(DeepSeekError::Input(format!("batch of {batch} sequences for a cache built for {}", cache.batch())));
-        }
-        cache.check_room(seq)?;
-        let start = cache.len();
+        cache.check_fits(batch, seq)?;
         let mut x = self.embed_tokens.forward(input_ids); // [b, s, d]
         for (l, layer) in self.layers.iter().enumerate() {
-            let rope = &self.rope;
-            let cache = &mut *cache;
-            let (out, _) = layer.forward_with_attention(x, |attn, normed| {
-                let q = attn.queries(normed.clone(), rope, start);
-                let kv = cache.append(l, attn.latent(normed, rope, start));
-                match path {
-                    AttentionPath::Naive => attn.attend_naive(q, kv, start),
-                    AttentionPath::Absorbed => attn.attend_absorbed(q, kv, start),
-                }
-            });
+            let (out, _) = layer.forward_with_attention(x, |attn, normed| attn.forward_cached(normed, &self.rope, cache, l, path));
             x = out;
         }
         cache.advance(seq);
@@ -178,19 +158,11 @@ impl<B: Backend> DeepSeekModel<B> {
             DeepSeekError::Input(format!("MTP module {k} requested; the model has {} (num_nextn_predict_layers)", self.mtp.len()))
         })?;
         let [batch, seq, _] = hidden.dims();
-        if batch != cache.batch() {
-            return Err(DeepSeekError::Input(format!("batch of {batch} sequences for a cache built for {}", cache.batch())));
-        }
-        cache.check_room(seq)?;
-        let start = cache.len();
+        cache.check_fits(batch, seq)?;
         let x = module.combine(hidden, self.embed_tokens.forward(next_ids)); // [b, s, d]
-        let rope = &self.rope;
-        let cache_ref = &mut *cache;
-        let (h, _) = module.block.forward_with_attention(x, |attn, normed| {
-            let q = attn.queries(normed.clone(), rope, start);
-            let kv = cache_ref.append(0, attn.latent(normed, rope, start));
-            attn.attend_naive(q, kv, start)
-        });
+        let (h, _) = module
+            .block
+            .forward_with_attention(x, |attn, normed| attn.forward_cached(normed, &self.rope, cache, 0, AttentionPath::Naive));
         cache.advance(seq);
         Ok(CachedOutput { logits: self.lm_head.forward(module.head_norm.forward(h.clone())), final_hidden: h })
     }
