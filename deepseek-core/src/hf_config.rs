@@ -81,6 +81,84 @@ impl DeepSeekConfig {
     }
 }
 
+impl DeepSeekConfig {
+    /// The configuration as a Hugging Face `config.json` in DeepSeek's original style (the one
+    /// the released V3 checkpoint uses), readable by [`DeepSeekConfig::from_hf_json`] and by
+    /// transformers. Resolved values are written back in the form that resolves to them again.
+    pub fn to_hf_json(&self) -> Value {
+        let v2 = self.scoring_func == ScoringFunc::Softmax && !self.topk_method.has_bias();
+        let mut obj = serde_json::json!({
+            "architectures": [if v2 { "DeepseekV2ForCausalLM" } else { "DeepseekV3ForCausalLM" }],
+            "model_type": if v2 { "deepseek_v2" } else { "deepseek_v3" },
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "first_k_dense_replace": self.first_k_dense_replace,
+            "intermediate_size": self.intermediate_size,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "moe_layer_freq": 1,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_attention_heads,
+            "q_lora_rank": self.q_lora_rank,
+            "kv_lora_rank": self.kv_lora_rank,
+            "qk_nope_head_dim": self.qk_nope_head_dim,
+            "qk_rope_head_dim": self.qk_rope_head_dim,
+            "v_head_dim": self.v_head_dim,
+            "n_routed_experts": self.n_routed_experts,
+            "n_shared_experts": self.n_shared_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "n_group": self.n_group,
+            "topk_group": self.topk_group,
+            "routed_scaling_factor": self.routed_scaling_factor,
+            "norm_topk_prob": self.norm_topk_prob,
+            "scoring_func": match self.scoring_func { ScoringFunc::Sigmoid => "sigmoid", ScoringFunc::Softmax => "softmax" },
+            "topk_method": match self.topk_method {
+                TopkMethod::Greedy => "greedy",
+                TopkMethod::GroupLimited => "group_limited_greedy",
+                TopkMethod::NoAuxTc => "noaux_tc",
+            },
+            "hidden_act": "silu",
+            "attention_bias": false,
+            "tie_word_embeddings": false,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope.theta,
+            "rope_interleave": self.rope.interleaved,
+            "num_nextn_predict_layers": self.num_nextn_predict_layers,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": "float32",
+        });
+        let map = obj.as_object_mut().expect("built as an object");
+        if let Some(y) = self.rope.yarn {
+            // `mscale = mscale_all_dim` makes the cos/sin factor 1; any other resolved factor is
+            // written explicitly as `attention_factor`, which both readers honour.
+            let mut scaling = serde_json::json!({
+                "type": "yarn",
+                "factor": y.factor,
+                "original_max_position_embeddings": y.original_max_position_embeddings,
+                "beta_fast": y.beta_fast,
+                "beta_slow": y.beta_slow,
+                "mscale": y.mscale_all_dim,
+                "mscale_all_dim": y.mscale_all_dim,
+                "truncate": y.truncate,
+            });
+            let implied = if y.mscale_all_dim != 0.0 { 1.0 } else { yarn_mscale(y.factor, 1.0) };
+            if y.attention_factor != implied {
+                scaling["attention_factor"] = y.attention_factor.into();
+            }
+            map.insert("rope_scaling".into(), scaling);
+        }
+        if let Some(q) = self.quantization {
+            map.insert(
+                "quantization_config".into(),
+                serde_json::json!({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": q.weight_block_size}),
+            );
+        }
+        obj
+    }
+}
+
 fn required<T>(value: Option<T>, field: &str) -> Result<T> {
     value.ok_or_else(|| DeepSeekError::config(field, "is required but missing"))
 }
@@ -329,6 +407,20 @@ mod tests {
             "quant_method": "fp8", "weight_block_size": [128, 128]}
         }"#
         .to_string()
+    }
+
+    #[test]
+    fn written_config_reads_back_equal() {
+        for name in DeepSeekConfig::PRESETS {
+            let cfg = DeepSeekConfig::preset(name).unwrap();
+            let text = serde_json::to_string_pretty(&cfg.to_hf_json()).unwrap();
+            assert_eq!(DeepSeekConfig::from_hf_json(&text).unwrap(), cfg, "{name}");
+        }
+        let mut cfg = DeepSeekConfig::tiny();
+        cfg.rope.yarn.as_mut().unwrap().attention_factor = 1.25;
+        cfg.rope.interleaved = false;
+        let text = cfg.to_hf_json().to_string();
+        assert_eq!(DeepSeekConfig::from_hf_json(&text).unwrap(), cfg);
     }
 
     #[test]

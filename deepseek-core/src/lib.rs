@@ -16,7 +16,7 @@ pub mod params;
 pub mod rope;
 
 pub use cache::LatentCache;
-pub use checkpoint::{load_model, LoadOptions};
+pub use checkpoint::{load_model, save_model, LoadOptions};
 pub use config::{DeepSeekConfig, ScoringFunc, TopkMethod};
 pub use error::{DeepSeekError, Result};
 pub use model::{AttentionPath, CachedOutput, DeepSeekModel, ForwardOptions, ModelOutput};

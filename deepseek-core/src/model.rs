@@ -167,6 +167,19 @@ impl<B: Backend> DeepSeekModel<B> {
         Ok(CachedOutput { logits: self.lm_head.forward(module.head_norm.forward(h.clone())), final_hidden: h })
     }
 
+    /// Initializes every lazily-initialized parameter in place. Burn draws a lazy parameter on
+    /// first use, and a clone of a still-lazy parameter draws its own values: call this before
+    /// cloning a freshly initialized model (to save it, or to keep a copy of the initial weights).
+    pub fn materialize(&self) {
+        struct Touch;
+        impl<B: Backend> burn::module::ModuleVisitor<B> for Touch {
+            fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+                let _ = param.val();
+            }
+        }
+        self.visit(&mut Touch);
+    }
+
     /// Chooses how every MoE block runs its routed experts (a speed choice: results agree).
     pub fn with_expert_path(mut self, path: crate::moe::ExpertPath) -> Self {
         let blocks = self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block));

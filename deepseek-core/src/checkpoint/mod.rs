@@ -7,6 +7,7 @@
 
 pub mod hf_names;
 pub mod reader;
+pub mod writer;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -19,6 +20,7 @@ use crate::error::{DeepSeekError, Result};
 use crate::model::DeepSeekModel;
 pub use hf_names::{table, Entry, ExpertPart, Target, EXPERT_STRIDE};
 pub use reader::{Checkpoint, StoredTensor, INDEX_FILE, SINGLE_FILE};
+pub use writer::{model_tensors, save_model, write_atomic, write_safetensors, NamedTensor};
 
 /// Loader switches.
 #[derive(Debug, Clone, Copy, Default)]
