@@ -55,19 +55,31 @@ pub fn max_vio(counts: &[u64]) -> f64 {
 /// # Shapes
 /// `scores`: `[T, E]` (unbiased affinities), `indices`: `[T, K]` → `[1]`.
 pub fn sequence_balance_loss<B: Backend>(scores: Tensor<B, 2>, indices: Tensor<B, 2, Int>, alpha: f64) -> Tensor<B, 1> {
+    grouped_balance_loss(scores, indices, 1, alpha)
+}
+
+/// [`sequence_balance_loss`] of each of `groups` equal runs of consecutive tokens (the sequences
+/// of a batch), averaged over the groups. With `groups = 1` over a whole batch this is the
+/// classic batch-wise auxiliary balance loss (DeepSeek-V2 §2.2.3, the `aux-loss` baseline).
+///
+/// # Shapes
+/// `scores`: `[T, E]`, `indices`: `[T, K]`, `T` divisible by `groups` → `[1]`.
+pub fn grouped_balance_loss<B: Backend>(scores: Tensor<B, 2>, indices: Tensor<B, 2, Int>, groups: usize, alpha: f64) -> Tensor<B, 1> {
     let [tokens, experts] = scores.dims();
     let [_, k] = indices.dims();
+    assert!(groups > 0 && tokens % groups == 0, "{tokens} tokens do not split into {groups} groups");
+    let per = tokens / groups;
     let device = scores.device();
-    let chosen = Tensor::<B, 1>::zeros([experts], &device).scatter(
-        0,
-        indices.reshape([tokens * k]),
-        Tensor::ones([tokens * k], &device),
+    let chosen = Tensor::<B, 2>::zeros([groups, experts], &device).scatter(
+        1,
+        indices.reshape([groups, per * k]),
+        Tensor::ones([groups, per * k], &device),
         burn::tensor::IndexingUpdateOp::Add,
-    ); // [E]
-    let f = chosen.mul_scalar(experts as f64 / (k * tokens) as f64); // [E]
+    ); // [G, E]
+    let f = chosen.mul_scalar(experts as f64 / (k * per) as f64); // [G, E]
     let normalized = scores.clone() / scores.sum_dim(1); // [T, E]
-    let p = normalized.mean_dim(0).reshape([experts]); // [E]
-    (f * p).sum().mul_scalar(alpha)
+    let p = normalized.reshape([groups, per, experts]).mean_dim(1).reshape([groups, experts]); // [G, E]
+    (f * p).sum_dim(1).mean().mul_scalar(alpha)
 }
 
 #[cfg(test)]
@@ -132,5 +144,19 @@ mod tests {
         assert!((got - 0.1 * expected).abs() < 1e-6, "{got} vs {}", 0.1 * expected);
         let grads = loss.backward();
         assert!(scores.grad(&grads).is_some());
+    }
+
+    #[test]
+    fn grouped_loss_is_the_mean_of_the_per_sequence_losses() {
+        let device = Default::default();
+        let scores = Tensor::<Flex, 2>::random([12, 4], burn::tensor::Distribution::Uniform(0.05, 1.0), &device);
+        let idx: Vec<i64> = (0..12).flat_map(|t| [t % 4, (t * 3 + 1) % 4]).map(|i| i as i64).collect();
+        let indices = Tensor::<Flex, 2, Int>::from_data(TensorData::new(idx, [12, 2]), &device);
+        let grouped: f32 = grouped_balance_loss(scores.clone(), indices.clone(), 3, 0.5).into_scalar();
+        let mean: f32 = (0..3)
+            .map(|g| sequence_balance_loss(scores.clone().narrow(0, 4 * g, 4), indices.clone().narrow(0, 4 * g, 4), 0.5).into_scalar())
+            .sum::<f32>()
+            / 3.0;
+        assert!((grouped - mean).abs() < 1e-6, "{grouped} vs {mean}");
     }
 }

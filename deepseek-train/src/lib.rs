@@ -1,4 +1,17 @@
 #![doc = include_str!("../README.md")]
 
 pub mod balance;
+pub mod checkpoint;
+pub mod corpus;
+pub mod data;
+pub mod error;
+pub mod export;
+pub mod loss;
+pub mod metrics;
+pub mod optim;
 pub mod schedule;
+pub mod trainer;
+
+pub use error::{Result, TrainError};
+pub use loss::BalanceMode;
+pub use trainer::{Event, NonFinitePolicy, TrainConfig, Trainer};

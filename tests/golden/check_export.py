@@ -136,6 +136,7 @@ def main():
     ap.add_argument("--input", help="safetensors file with input_ids (I64 [batch, seq])")
     ap.add_argument("--logits", help="safetensors file with logits (F32 [batch, seq, vocab]) from `deepseek logits`")
     ap.add_argument("--atol", type=float, default=1e-4, help="largest allowed max |diff| (default 1e-4)")
+    ap.add_argument("--verbose", action="store_true", help="keep transformers' warnings and its load report")
     ap.add_argument("--write-input", metavar="OUT", help="instead: write random input_ids to OUT and exit")
     ap.add_argument("--batch", type=int, default=2, help="--write-input: batch size (default 2)")
     ap.add_argument("--seq", type=int, default=16, help="--write-input: sequence length (default 16)")
@@ -151,7 +152,9 @@ def main():
     if not torch.__version__.startswith("2.15") or transformers.__version__ != "5.23.0":
         warn(f"tested with torch 2.15 / transformers 5.23.0, running torch {torch.__version__} / "
              f"transformers {transformers.__version__}")
-    transformers.logging.set_verbosity_error()
+    if not args.verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
@@ -199,6 +202,18 @@ def main():
     if len(mtp_layers) != n_mtp:
         warn(f"config.json says num_nextn_predict_layers = {n_mtp}, the checkpoint has {len(mtp_layers)} MTP layer(s)")
 
+    # transformers fuses per-expert weights while loading and fails with an opaque error when one is absent,
+    # so look for complete expert sets first.
+    expert_re = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+    have = {(int(m.group(1)), int(m.group(2)), m.group(3)) for k in keys if (m := expert_re.match(k))}
+    absent = [f"model.layers.{i}.mlp.experts.{e}.{p}_proj.weight"
+              for i in range(config.first_k_dense_replace, n_layers)
+              for e in range(config.n_routed_experts)
+              for p in ("gate", "up", "down")
+              if (i, e, p) not in have]
+    if absent:
+        fail(f"{len(absent)} routed-expert weight(s) missing from the checkpoint, e.g. {absent[:6]}")
+
     check_tokenizer(args.model, config.vocab_size)
 
     # ---- inputs / CLI logits ----
@@ -234,8 +249,8 @@ def main():
             output_loading_info=True,
         )
     except Exception as e:  # noqa: BLE001 - size mismatches and missing experts raise here
-        fail(f"AutoModelForCausalLM.from_pretrained failed (a weight with the wrong shape, or a missing expert?): "
-             f"{type(e).__name__}: {e}")
+        fail(f"AutoModelForCausalLM.from_pretrained failed (a weight with the wrong shape?): {type(e).__name__}: {e}"
+             f"{'' if args.verbose else ' (rerun with --verbose to see the transformers load report)'}")
     model.eval()
     missing = sorted(info["missing_keys"])
     mismatched = sorted(info["mismatched_keys"])

@@ -1,0 +1,170 @@
+//! The training objective of one batch (DeepSeek-V3 §2.1.2, §2.2, §4.2): next-token
+//! cross-entropy, plus `λ/D · Σ_k CE_k` over the D MTP modules, plus the balance term of the
+//! chosen [`BalanceMode`], summed over every MoE block (MTP blocks included).
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+use deepseek_core::{DeepSeekModel, ForwardOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::balance::grouped_balance_loss;
+
+/// How expert load is balanced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BalanceMode {
+    /// DeepSeek-V3: the selection bias is updated after every step, plus the tiny sequence-wise
+    /// balance loss.
+    #[default]
+    AuxFree,
+    /// The classic batch-wise auxiliary balance loss, no bias updates (the comparison baseline).
+    AuxLoss,
+    /// Neither.
+    None,
+}
+
+impl std::str::FromStr for BalanceMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "aux-free" => Ok(Self::AuxFree),
+            "aux-loss" => Ok(Self::AuxLoss),
+            "none" => Ok(Self::None),
+            other => Err(format!("unknown balance mode `{other}`: choose aux-free, aux-loss or none")),
+        }
+    }
+}
+
+/// Weights of the terms.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossWeights {
+    /// λ of the MTP loss at this step.
+    pub mtp_lambda: f64,
+    pub balance: BalanceMode,
+    /// α of the balance loss (sequence-wise for aux-free, batch-wise for aux-loss).
+    pub alpha: f64,
+}
+
+/// The terms of one batch; `total` is what is differentiated.
+pub struct BatchLoss<B: Backend> {
+    pub total: Tensor<B, 1>,
+    /// Mean next-token cross-entropy (nats per token).
+    pub main: Tensor<B, 1>,
+    /// Mean over the MTP modules of their cross-entropy, if the model has any.
+    pub mtp: Option<Tensor<B, 1>>,
+    /// The balance term (already weighted by α), if any.
+    pub balance: Option<Tensor<B, 1>>,
+    /// `[E]` token counts of every MoE block, main blocks first.
+    pub counts: Vec<Tensor<B, 1, Int>>,
+}
+
+/// Mean cross-entropy of `logits` against `targets`, in f32.
+///
+/// # Shapes
+/// `logits`: `[b, s, V]`, `targets`: `[b, s]` → `[1]`.
+pub fn cross_entropy<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let [b, s, v] = logits.dims();
+    let logp = log_softmax(logits.reshape([b * s, v]).cast(burn::tensor::FloatDType::F32), 1); // [b·s, V]
+    logp.gather(1, targets.reshape([b * s, 1])).mean().neg()
+}
+
+/// Runs the model on `windows` (`[b, s + 1]`: inputs are the first `s` tokens, targets the last
+/// `s`) and builds the objective.
+///
+/// # Shapes
+/// `windows`: `[batch, seq + 1]`.
+pub fn batch_loss<B: Backend>(model: &DeepSeekModel<B>, windows: Tensor<B, 2, Int>, weights: LossWeights) -> BatchLoss<B> {
+    let [batch, len] = windows.dims();
+    let seq = len - 1;
+    let inputs = windows.clone().narrow(1, 0, seq); // [b, s]
+    let depth = model.mtp.len();
+    let out = model.forward_with(inputs, ForwardOptions { hidden_states: false, mtp: depth > 0 });
+    let main = cross_entropy(out.logits, windows.clone().narrow(1, 1, seq));
+    let mut total = main.clone();
+    // MTP module k at position i predicts token i + k + 1 (DeepSeek-V3 eq. 24–25).
+    let mtp = (!out.mtp_logits.is_empty()).then(|| {
+        let d = out.mtp_logits.len();
+        let sum = out
+            .mtp_logits
+            .iter()
+            .enumerate()
+            .map(|(i, logits)| {
+                let k = i + 1;
+                cross_entropy(logits.clone(), windows.clone().narrow(1, k + 1, seq - k))
+            })
+            .reduce(|a, b| a + b)
+            .expect("at least one module");
+        sum.div_scalar(d as f64)
+    });
+    if let Some(mtp) = &mtp {
+        if weights.mtp_lambda > 0.0 {
+            total = total + mtp.clone().mul_scalar(weights.mtp_lambda);
+        }
+    }
+    let balance = match weights.balance {
+        _ if weights.alpha <= 0.0 || out.routing.is_empty() => None,
+        BalanceMode::None => None,
+        // Each sequence separately (sequence-wise), or the whole batch as one group.
+        mode => Some(
+            out.routing
+                .iter()
+                .map(|r| {
+                    let groups = if mode == BalanceMode::AuxFree { batch } else { 1 };
+                    grouped_balance_loss(r.scores.clone(), r.indices.clone(), groups, weights.alpha)
+                })
+                .reduce(|a, b| a + b)
+                .expect("non-empty routing"),
+        ),
+    };
+    if let Some(b) = &balance {
+        total = total + b.clone();
+    }
+    let counts = out.routing.into_iter().map(|r| r.counts).collect();
+    BatchLoss { total, main, mtp, balance, counts }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::{ElementConversion, TensorData};
+
+    #[test]
+    fn cross_entropy_matches_the_scalar_formula() {
+        let device = Default::default();
+        let logits = [[[1.0f32, 2.0, 0.5], [0.0, -1.0, 3.0]]];
+        let targets = [[1i64, 2]];
+        let ce: f32 = cross_entropy(
+            Tensor::<Flex, 3>::from_data(TensorData::new(logits.concat().concat(), [1, 2, 3]), &device),
+            Tensor::<Flex, 2, Int>::from_data(TensorData::new(targets.concat(), [1, 2]), &device),
+        )
+        .into_scalar();
+        let lse = |r: [f32; 3]| r.iter().map(|x| x.exp()).sum::<f32>().ln();
+        let expected = ((lse(logits[0][0]) - 2.0) + (lse(logits[0][1]) - 3.0)) / 2.0;
+        assert!((ce - expected).abs() < 1e-6, "{ce} vs {expected}");
+    }
+
+    #[test]
+    fn objective_adds_the_weighted_terms() {
+        let device = Default::default();
+        let model = deepseek_core::DeepSeekConfig::tiny().init::<Flex>(&device);
+        let ids: Vec<i64> = (0..2 * 9).map(|i| (i * 37 % 256) as i64).collect();
+        let windows = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids, [2, 9]), &device);
+        let w = LossWeights { mtp_lambda: 0.3, balance: BalanceMode::AuxFree, alpha: 0.01 };
+        let l = batch_loss(&model, windows.clone(), w);
+        let total: f32 = l.total.into_scalar();
+        let main: f32 = l.main.into_scalar();
+        let mtp: f32 = l.mtp.unwrap().into_scalar();
+        let bal: f32 = l.balance.unwrap().into_scalar();
+        assert!((total - (main + 0.3 * mtp + bal)).abs() < 1e-5);
+        // tiny: 2 MoE blocks + 1 MTP block, each counting 2·8 tokens × K = 2 (MTP: 2·7).
+        let sums: Vec<i64> = l.counts.iter().map(|c| c.clone().sum().into_scalar().elem::<i64>()).collect();
+        assert_eq!(sums, vec![32, 32, 28]);
+        // No balance term and λ = 0: the objective is the main loss.
+        let plain = batch_loss(&model, windows, LossWeights { mtp_lambda: 0.0, balance: BalanceMode::None, alpha: 0.01 });
+        assert!(plain.balance.is_none());
+        let (t, m): (f32, f32) = (plain.total.into_scalar(), plain.main.into_scalar());
+        assert_eq!(t, m);
+    }
+}
