@@ -9,6 +9,7 @@ pub mod export;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod pretrain;
 pub mod schedule;
 pub mod trainer;
 

@@ -1,1 +1,214 @@
-fn main() {}
+//! `deepseek-train`: pretraining DeepSeek-V3-style models.
+//!
+//! ```sh
+//! deepseek-train pretrain --preset small --steps 2000 --out runs/small
+//! deepseek-train pretrain --preset small --steps 4000 --out runs/small --resume
+//! deepseek-train pretrain --init-from runs/small/hf --corpus my.txt --steps 500 --out runs/ft
+//! ```
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use deepseek_train::pretrain::{pretrain, DeviceKind, PretrainArgs};
+
+#[derive(Parser)]
+#[command(name = "deepseek-train", version, about = "Pretrain DeepSeek-V3-style models (MLA, DeepSeekMoE with auxiliary-loss-free balancing, MTP)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model from scratch (or from --init-from) and export it in Hugging Face layout.
+    Pretrain(Box<PretrainCli>),
+}
+
+#[derive(Args)]
+struct PretrainCli {
+    /// Model preset: tiny, small, v2-lite-16b, v3-671b (ignored with --init-from).
+    #[arg(long, default_value = "small")]
+    preset: String,
+    /// Total optimizer steps (with --resume: the new total).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Run directory: data, metrics.jsonl, plot, checkpoints, hf/.
+    #[arg(long)]
+    out: PathBuf,
+    /// `builtin` (the grammar corpus, no download) or one or more text files.
+    #[arg(long, num_args = 1.., default_value = "builtin")]
+    corpus: Vec<String>,
+    /// HF tokenizer.json for --corpus files (default: train a byte-level BPE of the model's vocabulary size).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Load balancing: aux-free (DeepSeek-V3), aux-loss (classic auxiliary loss) or none.
+    #[arg(long)]
+    balance: Option<String>,
+    /// Number of MTP modules (0 disables MTP).
+    #[arg(long)]
+    mtp_depth: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
+    /// Start from an HF-layout model directory (continued pretraining, fine-tuning).
+    #[arg(long)]
+    init_from: Option<PathBuf>,
+    /// With --init-from: extend the context with YaRN by this factor (sets max_position_embeddings).
+    #[arg(long)]
+    yarn_factor: Option<f64>,
+    /// flex (CPU), wgpu or cuda.
+    #[arg(long, default_value = "flex")]
+    device: DeviceKind,
+    /// TOML file with any of the hyperparameters below (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Bytes of built-in corpus text to generate.
+    #[arg(long)]
+    builtin_bytes: Option<usize>,
+    /// Fraction of user text held out for validation.
+    #[arg(long)]
+    val_fraction: Option<f64>,
+    #[command(flatten)]
+    hyper: Hyper,
+}
+
+/// Hyperparameters; each overrides the TOML file and the defaults.
+#[derive(Args)]
+struct Hyper {
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    /// Fraction of the steps where cosine decay starts.
+    #[arg(long)]
+    decay_start: Option<f64>,
+    /// Fraction of the steps where it reaches --min-lr.
+    #[arg(long)]
+    decay_end: Option<f64>,
+    #[arg(long)]
+    min_lr: Option<f64>,
+    /// Rate after --decay-end (default 7.3e-6 as in the paper; set equal to --min-lr for none).
+    #[arg(long)]
+    final_lr: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    beta1: Option<f64>,
+    #[arg(long)]
+    beta2: Option<f64>,
+    /// Global gradient-norm clip (0 disables).
+    #[arg(long)]
+    clip_norm: Option<f64>,
+    /// γ of the bias update.
+    #[arg(long)]
+    bias_gamma: Option<f64>,
+    /// Stop bias updates at this step.
+    #[arg(long)]
+    bias_update_until: Option<usize>,
+    /// α of the sequence-wise balance loss (aux-free).
+    #[arg(long)]
+    seq_aux_alpha: Option<f64>,
+    /// α of the auxiliary loss (aux-loss).
+    #[arg(long)]
+    aux_loss_alpha: Option<f64>,
+    #[arg(long)]
+    mtp_lambda: Option<f64>,
+    #[arg(long)]
+    mtp_lambda_late: Option<f64>,
+    /// Fraction of the steps after which --mtp-lambda-late applies.
+    #[arg(long)]
+    mtp_lambda_switch: Option<f64>,
+    #[arg(long)]
+    eval_every: Option<usize>,
+    #[arg(long)]
+    eval_batches: Option<usize>,
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    #[arg(long)]
+    keep_checkpoints: Option<usize>,
+    /// stop or skip.
+    #[arg(long)]
+    on_nonfinite: Option<String>,
+}
+
+fn main() -> Result<()> {
+    let Command::Pretrain(cli) = Cli::parse().command;
+    let cli = *cli;
+    let mut train: deepseek_train::TrainConfig = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("{} is not a valid training config", path.display()))?
+        }
+        None => Default::default(),
+    };
+    let h = &cli.hyper;
+    macro_rules! set {
+        ($($field:ident).+ = $value:expr) => {
+            if let Some(v) = $value {
+                train.$($field).+ = v;
+            }
+        };
+    }
+    set!(steps = cli.steps);
+    set!(seed = cli.seed);
+    set!(batch_size = h.batch_size);
+    set!(seq_len = h.seq_len);
+    set!(grad_accum = h.grad_accum);
+    set!(lr = h.lr);
+    set!(warmup_steps = h.warmup_steps);
+    set!(decay_start = h.decay_start);
+    set!(decay_end = h.decay_end);
+    set!(min_lr = h.min_lr);
+    set!(final_lr = h.final_lr.map(Some));
+    set!(optim.weight_decay = h.weight_decay);
+    set!(optim.beta1 = h.beta1);
+    set!(optim.beta2 = h.beta2);
+    set!(optim.max_grad_norm = h.clip_norm.map(|c| (c > 0.0).then_some(c)));
+    set!(bias_gamma = h.bias_gamma);
+    set!(bias_update_until = h.bias_update_until.map(Some));
+    set!(seq_aux_alpha = h.seq_aux_alpha);
+    set!(aux_loss_alpha = h.aux_loss_alpha);
+    set!(mtp_lambda = h.mtp_lambda);
+    set!(mtp_lambda_late = h.mtp_lambda_late);
+    set!(mtp_lambda_switch = h.mtp_lambda_switch);
+    set!(eval_every = h.eval_every);
+    set!(eval_batches = h.eval_batches);
+    set!(checkpoint_every = h.checkpoint_every);
+    set!(keep_checkpoints = h.keep_checkpoints);
+    set!(balance = cli.balance.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?);
+    set!(on_nonfinite = h.on_nonfinite.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?);
+    if cli.steps.is_none() && cli.config.is_none() {
+        bail!("--steps is required (or a --config file that sets `steps`)");
+    }
+    let args = PretrainArgs {
+        preset: cli.preset,
+        out: cli.out,
+        corpus: cli.corpus,
+        tokenizer: cli.tokenizer,
+        mtp_depth: cli.mtp_depth,
+        resume: cli.resume,
+        init_from: cli.init_from,
+        yarn_factor: cli.yarn_factor,
+        device: cli.device,
+        builtin_bytes: cli.builtin_bytes,
+        val_fraction: cli.val_fraction,
+        train,
+        progress: true,
+    };
+    let summary = pretrain(&args)?;
+    println!("{summary}");
+    Ok(())
+}

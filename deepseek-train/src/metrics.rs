@@ -145,7 +145,7 @@ pub fn plot(metrics: &Path, png: &Path, floor: Option<f64>) -> Result<()> {
         .y_label_area_size(50)
         .build_cartesian_2d(0.0..last, lo * 0.95..hi * 1.02)
         .map_err(|e| plot_err(e.to_string()))?;
-    chart.configure_mesh().x_desc("step").draw().map_err(|e| plot_err(e.to_string()))?;
+    chart.configure_mesh().x_desc("step").x_label_formatter(&|x| format!("{x:.0}")).draw().map_err(|e| plot_err(e.to_string()))?;
     chart
         .draw_series(LineSeries::new(steps.iter().filter(|r| r.loss.is_finite()).map(|r| (r.step as f64, r.loss as f64)), &BLUE))
         .map_err(|e| plot_err(e.to_string()))?
@@ -174,7 +174,7 @@ pub fn plot(metrics: &Path, png: &Path, floor: Option<f64>) -> Result<()> {
         .y_label_area_size(50)
         .build_cartesian_2d(0.0..last, 0.0..vio_hi * 1.05)
         .map_err(|e| plot_err(e.to_string()))?;
-    chart.configure_mesh().x_desc("step").draw().map_err(|e| plot_err(e.to_string()))?;
+    chart.configure_mesh().x_desc("step").x_label_formatter(&|x| format!("{x:.0}")).draw().map_err(|e| plot_err(e.to_string()))?;
     chart
         .draw_series(LineSeries::new(steps.iter().map(|r| (r.step as f64, r.max_vio_batch)), &BLUE))
         .map_err(|e| plot_err(e.to_string()))?

@@ -191,6 +191,18 @@ impl TrainConfig {
     }
 }
 
+/// A fresh model whose weights are a function of `seed` alone. Burn draws initial weights from
+/// one process-wide generator per backend; a lock keeps other initializations in this crate
+/// (another run on another thread, parallel tests) from interleaving with this one.
+pub fn init_model<B: burn::tensor::backend::Backend>(config: &DeepSeekConfig, seed: u64, device: &B::Device) -> DeepSeekModel<B> {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    B::seed(device, seed);
+    let model = config.init::<B>(device);
+    model.materialize();
+    model
+}
+
 /// A training run in progress.
 pub struct Trainer<AB: AutodiffBackend> {
     pub model: DeepSeekModel<AB>,

@@ -1,0 +1,213 @@
+//! The training loop end to end on the `tiny` preset: exact resume, atomic checkpoints,
+//! non-finite losses, mismatched checkpoints, and the HF export.
+
+use std::path::Path;
+
+use burn::backend::{Autodiff, Flex};
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use deepseek_core::checkpoint::model_tensors;
+use deepseek_core::{DeepSeekConfig, LoadOptions};
+use deepseek_train::checkpoint;
+use deepseek_train::data::{prepare, DataConfig, Dataset};
+use deepseek_train::metrics::StepRecord;
+use deepseek_train::pretrain::{pretrain, PretrainArgs};
+use deepseek_train::{BalanceMode, NonFinitePolicy, TrainConfig, TrainError, Trainer};
+
+type AB = Autodiff<Flex>;
+
+fn config(steps: usize) -> TrainConfig {
+    TrainConfig {
+        steps,
+        batch_size: 2,
+        seq_len: 16,
+        grad_accum: 2,
+        seed: 3,
+        lr: 3e-3,
+        warmup_steps: 2,
+        eval_every: 0,
+        eval_batches: 2,
+        checkpoint_every: 0,
+        bias_gamma: 0.01,
+        ..Default::default()
+    }
+}
+
+fn data(dir: &Path) -> Dataset {
+    prepare(&dir.join("data"), &DataConfig { builtin_bytes: 20_000, ..Default::default() }).unwrap()
+}
+
+fn fresh(out: &Path, cfg: TrainConfig) -> Trainer<AB> {
+    let device = Default::default();
+    let model = deepseek_train::trainer::init_model::<AB>(&DeepSeekConfig::tiny(), cfg.seed, &device);
+    Trainer::new(model, cfg, DataConfig { builtin_bytes: 20_000, ..Default::default() }, out, &device).unwrap()
+}
+
+fn run(trainer: &mut Trainer<AB>, data: &Dataset) -> Vec<StepRecord> {
+    let mut steps = Vec::new();
+    trainer
+        .run(data, |e| {
+            if let deepseek_train::Event::Step(s) = e {
+                steps.push(s.clone());
+            }
+        })
+        .unwrap();
+    steps
+}
+
+fn bias_of(model: &deepseek_core::DeepSeekModel<AB>) -> Vec<f32> {
+    let deepseek_core::block::FeedForward::Moe(moe) = &model.layers[1].mlp else { panic!("layer 1 is MoE") };
+    moe.gate.e_score_correction_bias.as_ref().unwrap().val().into_data().convert::<f32>().into_vec().unwrap()
+}
+
+#[test]
+fn resume_is_bitwise_identical_to_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data(dir.path());
+    let device = Default::default();
+
+    let straight_dir = dir.path().join("straight");
+    let mut straight = fresh(&straight_dir, config(6));
+    let straight_steps = run(&mut straight, &data);
+
+    let split_dir = dir.path().join("split");
+    let mut first = fresh(&split_dir, config(3));
+    let mut split_steps = run(&mut first, &data);
+    drop(first);
+    let mut second = Trainer::<AB>::resume(&split_dir, &DeepSeekConfig::tiny(), config(6), &device).unwrap();
+    assert_eq!(second.step, 3);
+    split_steps.extend(run(&mut second, &data));
+
+    let bits = |s: &[StepRecord]| s.iter().map(|r| (r.loss.to_bits(), r.mtp_loss.map(f32::to_bits), r.grad_norm.to_bits())).collect::<Vec<_>>();
+    assert_eq!(bits(&split_steps), bits(&straight_steps), "losses and gradient norms, bit for bit");
+    // The loss went down and the balancing bias moved.
+    assert!(straight_steps[5].loss < straight_steps[0].loss);
+    assert!(bias_of(&straight.model).iter().any(|&b| b != 0.0));
+    assert_eq!(bias_of(&second.model), bias_of(&straight.model));
+    let (a, b) = (model_tensors(&second.model), model_tensors(&straight.model));
+    for (x, y) in a.iter().zip(&b) {
+        assert!(x == y, "`{}` differs after resume", x.name);
+    }
+    // The resumed run's metrics file has each step once.
+    let (steps, _) = deepseek_train::metrics::read_metrics(&split_dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(steps.iter().map(|s| s.step).collect::<Vec<_>>(), (1..=6).collect::<Vec<_>>());
+}
+
+#[test]
+fn an_interrupted_save_leaves_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data(dir.path());
+    let out = dir.path().join("run");
+    let mut trainer = fresh(&out, TrainConfig { checkpoint_every: 2, keep_checkpoints: 2, ..config(4) });
+    let steps = run(&mut trainer, &data);
+    assert_eq!(checkpoint::list(&out).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![2, 4]);
+
+    // A crash in the middle of saving step 6: the model is written, the rest is not.
+    let mut state_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints/step-00000004/state.json")).unwrap()).unwrap();
+    state_json["step"] = 6.into();
+    let state: checkpoint::TrainState = serde_json::from_value(state_json).unwrap();
+    let err = checkpoint::save_interruptible(&out, &trainer.model, &trainer.optim, &state, 2, Some(2)).err().unwrap();
+    assert!(err.to_string().contains("interrupted"));
+    assert!(out.join("checkpoints/.step-00000006.partial/model.safetensors").exists(), "the crash left a partial save");
+    let (latest, dir4) = checkpoint::latest(&out).unwrap();
+    assert_eq!(latest, 4, "the partial save is not a checkpoint");
+    // The last good checkpoint is intact and resumes.
+    let resumed = Trainer::<AB>::resume(&out, &DeepSeekConfig::tiny(), config(4), &Default::default()).unwrap();
+    assert_eq!(resumed.step, 4);
+    assert_eq!(model_tensors(&resumed.model), model_tensors(&trainer.model));
+    assert_eq!(steps.len(), 4);
+    // The next save clears the leftovers and keeps two checkpoints.
+    trainer.save_checkpoint(1.0).unwrap();
+    assert!(!out.join("checkpoints/.step-00000006.partial").exists());
+    assert!(dir4.exists());
+}
+
+/// Replaces every float parameter by NaN.
+struct Poison;
+impl<B: Backend> ModuleMapper<B> for Poison {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        param.map(|t| t.mul_scalar(f32::NAN))
+    }
+}
+
+#[test]
+fn a_non_finite_loss_stops_without_a_checkpoint_or_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data(dir.path());
+    let out = dir.path().join("nan");
+    let mut trainer = fresh(&out, TrainConfig { checkpoint_every: 1, ..config(3) });
+    trainer.model = trainer.model.clone().map(&mut Poison);
+    let err = trainer.run(&data, |_| {}).err().unwrap();
+    assert!(matches!(err, TrainError::NonFinite { step: 1, .. }), "{err}");
+    assert!(err.to_string().contains("step 1"), "{err}");
+    assert!(checkpoint::list(&out).is_empty(), "no poisoned checkpoint");
+
+    let out = dir.path().join("skip");
+    let mut trainer = fresh(&out, TrainConfig { on_nonfinite: NonFinitePolicy::Skip, ..config(2) });
+    trainer.model = trainer.model.clone().map(&mut Poison);
+    let steps = run(&mut trainer, &data);
+    assert!(steps.iter().all(|s| s.skipped));
+    assert_eq!(trainer.optim.step, 0, "no update was applied");
+}
+
+#[test]
+fn resuming_with_another_model_or_a_corrupt_checkpoint_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data(dir.path());
+    let out = dir.path().join("run");
+    let mut trainer = fresh(&out, config(1));
+    run(&mut trainer, &data);
+    let device = Default::default();
+    let other = DeepSeekConfig { num_hidden_layers: 2, ..DeepSeekConfig::tiny() };
+    let err = Trainer::<AB>::resume(&out, &other, config(2), &device).err().unwrap().to_string();
+    assert!(err.contains("different model"), "{err}");
+    // Truncate the weights of the only checkpoint.
+    let (_, ckpt) = checkpoint::latest(&out).unwrap();
+    let weights = ckpt.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let err = Trainer::<AB>::resume(&out, &DeepSeekConfig::tiny(), config(2), &device).err().unwrap().to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+    let err = Trainer::<AB>::resume(&dir.path().join("empty"), &DeepSeekConfig::tiny(), config(2), &device).err().unwrap().to_string();
+    assert!(err.contains("no checkpoint"), "{err}");
+}
+
+#[test]
+fn settings_the_model_cannot_take_are_rejected() {
+    let device = Default::default();
+    let dir = tempfile::tempdir().unwrap();
+    let model = DeepSeekConfig::tiny().init::<AB>(&device);
+    let too_long = TrainConfig { seq_len: 10_000, ..config(1) };
+    let err = Trainer::new(model, too_long, DataConfig::default(), dir.path(), &device).err().unwrap().to_string();
+    assert!(err.contains("max_position_embeddings"), "{err}");
+}
+
+#[test]
+fn pretrain_exports_a_model_that_loads_and_reproduces_the_trained_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut args = PretrainArgs::new("tiny", &out, TrainConfig { balance: BalanceMode::AuxFree, ..config(3) });
+    args.builtin_bytes = Some(20_000);
+    let summary = pretrain(&args).unwrap();
+    assert_eq!(summary.steps, 3);
+    assert!(summary.entropy.unwrap() > 0.0);
+    assert!(summary.plot.exists());
+    let device = Default::default();
+    let exported: deepseek_core::DeepSeekModel<Flex> = deepseek_core::load_model(&summary.hf_dir, &device, LoadOptions::default()).unwrap();
+    let (_, last) = checkpoint::latest(&out).unwrap();
+    let trained = checkpoint::load::<AB>(&last, &DeepSeekConfig::tiny(), &device).unwrap().model.valid();
+    let ids = Tensor::<Flex, 2, Int>::from_data(TensorData::new((0..16i64).map(|i| i * 7 % 256).collect::<Vec<_>>(), [2, 8]), &device);
+    let a: Vec<f32> = exported.forward(ids.clone()).into_data().into_vec().unwrap();
+    let b: Vec<f32> = trained.forward(ids).into_data().into_vec().unwrap();
+    assert_eq!(a, b);
+    assert!(summary.hf_dir.join("tokenizer.json").exists());
+    // A second run into the same directory must not silently overwrite it.
+    let err = pretrain(&args).err().unwrap().to_string();
+    assert!(err.contains("--resume"), "{err}");
+    // --resume to a larger total continues.
+    args.resume = true;
+    args.train.steps = 4;
+    assert_eq!(pretrain(&args).unwrap().steps, 4);
+}
