@@ -114,11 +114,16 @@ pub fn prepare(dir: &Path, config: &DataConfig) -> Result<Dataset> {
             if files.is_empty() {
                 return Err(TrainError::Data("no corpus files given".into()));
             }
+            let mut bytes = 0;
             for f in files {
                 let meta = std::fs::metadata(f).map_err(|e| TrainError::io(f, e))?;
                 if !meta.is_file() {
                     return Err(TrainError::Data(format!("corpus path `{}` is not a file", f.display())));
                 }
+                bytes += meta.len();
+            }
+            if bytes == 0 {
+                return Err(TrainError::Data("the corpus files are empty: nothing to train on".into()));
             }
             // Split later, by token count; the text streams line by line from disk.
             train_text = Box::new(lines(files.clone()));

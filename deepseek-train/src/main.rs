@@ -206,6 +206,7 @@ fn main() -> Result<()> {
         builtin_bytes: cli.builtin_bytes,
         val_fraction: cli.val_fraction,
         train,
+        model: None,
         progress: true,
     };
     let summary = pretrain(&args)?;

@@ -25,6 +25,7 @@ use crate::error::{Result, TrainError};
 
 /// Optimizer settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdamWConfig {
     pub beta1: f64,
     pub beta2: f64,

@@ -54,6 +54,8 @@ pub struct PretrainArgs {
     pub builtin_bytes: Option<usize>,
     pub val_fraction: Option<f64>,
     pub train: TrainConfig,
+    /// A model configuration to use instead of `preset` (examples build their own).
+    pub model: Option<DeepSeekConfig>,
     /// Progress bar and per-evaluation lines on stderr.
     pub progress: bool,
 }
@@ -74,6 +76,7 @@ impl PretrainArgs {
             builtin_bytes: None,
             val_fraction: None,
             train,
+            model: None,
             progress: false,
         }
     }
@@ -141,9 +144,10 @@ pub fn pretrain(args: &PretrainArgs) -> Result<Summary> {
 /// The model configuration a run trains: the preset or the `--init-from` config, with the MTP
 /// depth and YaRN factor applied.
 pub fn model_config(args: &PretrainArgs) -> Result<DeepSeekConfig> {
-    let mut cfg = match &args.init_from {
-        Some(dir) => DeepSeekConfig::from_hf_file(dir)?,
-        None => DeepSeekConfig::preset(&args.preset)?,
+    let mut cfg = match (&args.init_from, &args.model) {
+        (Some(dir), _) => DeepSeekConfig::from_hf_file(dir)?,
+        (None, Some(model)) => model.clone(),
+        (None, None) => DeepSeekConfig::preset(&args.preset)?,
     };
     if let Some(d) = args.mtp_depth {
         if args.init_from.is_some() && d != cfg.num_nextn_predict_layers {

@@ -493,3 +493,33 @@ pub fn evaluate<B: burn::tensor::backend::Backend>(model: &DeepSeekModel<B>, val
         val_tokens: tokens,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_readme_toml_example_parses_and_unknown_keys_are_errors() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("```toml\n").expect("a TOML example") + 8;
+        let text = &readme[start..start + readme[start..].find("```").unwrap()];
+        let cfg: TrainConfig = toml::from_str(text).unwrap();
+        assert_eq!(cfg.steps, 2000);
+        assert_eq!(cfg.balance, BalanceMode::AuxFree);
+        assert_eq!(cfg.optim.max_grad_norm, Some(1.0));
+        assert_eq!(cfg.seq_len, TrainConfig::default().seq_len, "unset keys keep their defaults");
+        let err = toml::from_str::<TrainConfig>("stepz = 3").unwrap_err().to_string();
+        assert!(err.contains("stepz"), "{err}");
+    }
+
+    #[test]
+    fn mtp_lambda_follows_the_paper_schedule() {
+        let cfg = TrainConfig { steps: 148, ..Default::default() };
+        assert_eq!(cfg.mtp_lambda_at(0), 0.3);
+        assert_eq!(cfg.mtp_lambda_at(99), 0.3);
+        assert_eq!(cfg.mtp_lambda_at(100), 0.1);
+        let s = cfg.schedule();
+        assert!((s.lr(cfg.warmup_steps) - cfg.lr).abs() < 1e-12);
+        assert_eq!(s.lr(147), 7.3e-6);
+    }
+}

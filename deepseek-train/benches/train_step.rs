@@ -1,0 +1,91 @@
+//! Training-step throughput: forward + backward + AdamW (global-norm clipping, bias update) in
+//! tokens per second, median over timed steps.
+//!
+//! `cargo bench -p deepseek-train --bench train_step -- [--preset small] [--batch 8] [--seq 128]
+//! [--steps 20] [--warmup 3] [--device flex|wgpu|cuda] [--mtp-depth D]`
+//!
+//! Compare with `python tests/golden/bench_train_hf.py` (PyTorch eager, same model, no MTP):
+//! pass `--mtp-depth 0` for the like-for-like figure.
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use deepseek_core::DeepSeekConfig;
+use deepseek_train::data::{prepare, DataConfig, Windows};
+use deepseek_train::pretrain::DeviceKind;
+use deepseek_train::trainer::init_model;
+use deepseek_train::{TrainConfig, Trainer};
+
+struct Args {
+    preset: String,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    warmup: usize,
+    device: DeviceKind,
+    mtp_depth: Option<usize>,
+}
+
+fn main() -> Result<()> {
+    let mut a = Args { preset: "small".into(), batch: 8, seq: 128, steps: 20, warmup: 3, device: DeviceKind::Flex, mtp_depth: None };
+    let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--preset" => a.preset = value()?,
+            "--batch" => a.batch = value()?.parse()?,
+            "--seq" => a.seq = value()?.parse()?,
+            "--steps" => a.steps = value()?.parse()?,
+            "--warmup" => a.warmup = value()?.parse()?,
+            "--device" => a.device = value()?.parse().map_err(anyhow::Error::msg)?,
+            "--mtp-depth" => a.mtp_depth = Some(value()?.parse()?),
+            other => bail!("unknown option `{other}`"),
+        }
+    }
+    match a.device {
+        DeviceKind::Flex => bench::<burn::backend::Autodiff<burn::backend::Flex>>(&a, &Default::default()),
+        #[cfg(feature = "wgpu")]
+        DeviceKind::Wgpu => bench::<burn::backend::Autodiff<burn::backend::Wgpu>>(&a, &Default::default()),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => bench::<burn::backend::Autodiff<burn::backend::Cuda>>(&a, &Default::default()),
+        #[allow(unreachable_patterns)]
+        other => bail!("this build has no {other:?} backend: rebuild with its feature"),
+    }
+}
+
+fn bench<AB: AutodiffBackend>(a: &Args, device: &AB::Device) -> Result<()> {
+    let mut model_cfg = DeepSeekConfig::preset(&a.preset)?;
+    if let Some(d) = a.mtp_depth {
+        model_cfg.num_nextn_predict_layers = d;
+    }
+    let dir = tempfile::tempdir()?;
+    let data_cfg = DataConfig { builtin_bytes: (a.steps + a.warmup + 2) * a.batch * (a.seq + 1) * 2, ..Default::default() };
+    let data = prepare(&dir.path().join("data"), &data_cfg)?;
+    let train = TrainConfig { steps: a.steps + a.warmup, batch_size: a.batch, seq_len: a.seq, lr: 1e-3, eval_every: 0, checkpoint_every: 0, ..Default::default() };
+    let model = init_model::<AB>(&model_cfg, 0, device);
+    let mut trainer = Trainer::new(model, train, data_cfg, dir.path(), device)?;
+    let mut windows = Windows::new(&data.train, a.seq)?;
+    let mut times = Vec::new();
+    for i in 0..a.warmup + a.steps {
+        let t = Instant::now();
+        let record = trainer.train_step(&mut windows)?;
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!("step {i}: {:.1} ms, loss {:.3}", secs * 1e3, record.loss);
+        if i >= a.warmup {
+            times.push(secs);
+        }
+    }
+    times.sort_by(|x, y| x.total_cmp(y));
+    let median = times[times.len() / 2];
+    let tokens = (a.batch * a.seq) as f64;
+    println!("preset: {} (MTP depth {})", a.preset, model_cfg.num_nextn_predict_layers);
+    println!("device: {:?}", a.device);
+    println!("batch: {} x {}", a.batch, a.seq);
+    println!("median_step_ms: {:.1}", median * 1e3);
+    println!("train_tokens_per_s: {:.0}", tokens / median);
+    Ok(())
+}
