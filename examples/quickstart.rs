@@ -112,8 +112,9 @@ fn main() -> Result<()> {
     let tokenizer = TextTokenizer::from_file(&summary.hf_dir.join("tokenizer.json"))?;
     let newline = tokenizer.encode("\n")?[0] as i64;
     let (mut right, mut asked) = (0, 0);
-    for prompt in ["the ", "a happy ", "the robot ", "12 + 7 = ", "23 + 19 = ", "40 + 45 = ", "8 + 36 = "] {
-        let ids: Vec<i64> = tokenizer.encode(prompt)?.into_iter().map(i64::from).collect();
+    for prompt in ["the ", "a happy ", "the robot ", "12 + 7 = ", "13 + 19 = ", "4 + 15 = ", "8 + 16 = "] {
+        // Sentences in the corpus follow a newline: start the prompt at a sentence boundary.
+        let ids: Vec<i64> = tokenizer.encode(&format!(".\n{prompt}"))?.into_iter().map(i64::from).collect();
         let cfg = GenerateConfig { max_new_tokens: 48, decoding: Decoding::Greedy, eos_token_id: Some(newline), stop_sequences: vec![] };
         let tokens = generate(&model, &[ids], &cfg, &device)?.remove(0);
         let text: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();

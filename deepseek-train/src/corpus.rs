@@ -47,8 +47,8 @@ const VERB: &[&str] = &["sees", "likes", "finds", "follows", "helps", "paints", 
 
 impl Grammar {
     /// The built-in grammar: 70% sentences `det [adj] noun verb det [adj] noun.`, 30% addition
-    /// facts `a + b = c` with `a, b` uniform in 0..50 (the sum is determined: a model has to
-    /// learn addition to predict it).
+    /// facts `a + b = c` with `a, b` uniform in 0..20 (the sum is determined: a model has to
+    /// learn the 400 sums to predict it).
     pub fn builtin() -> Self {
         use Part::*;
         Self {
@@ -70,7 +70,7 @@ impl Grammar {
                         Lit(".\n"),
                     ],
                 },
-                Template { weight: 0.3, parts: vec![Num(50), Lit(" + "), Num(50), Lit(" = "), Sum, Lit("\n")] },
+                Template { weight: 0.3, parts: vec![Num(20), Lit(" + "), Num(20), Lit(" = "), Sum, Lit("\n")] },
             ],
         }
     }
