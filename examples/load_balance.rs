@@ -22,6 +22,7 @@ use deepseek_train::pretrain::{pretrain, PretrainArgs};
 use deepseek_train::{BalanceMode, TrainConfig};
 
 fn main() -> Result<()> {
+    deepseek_train::alloc::keep_freed_memory();
     let mut steps = 300;
     let mut gamma = 0.001;
     let mut out = PathBuf::from("runs/load_balance");

@@ -55,6 +55,7 @@ pub fn quickstart_train(steps: usize, seed: u64) -> TrainConfig {
 }
 
 fn main() -> Result<()> {
+    deepseek_train::alloc::keep_freed_memory();
     let mut steps = 700;
     let mut out = PathBuf::from("runs/quickstart");
     let mut device = DeviceKind::Flex;

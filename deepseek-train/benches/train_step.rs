@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
+use deepseek_core::moe::ExpertPath;
 use deepseek_core::DeepSeekConfig;
 use deepseek_train::data::{prepare, DataConfig, Windows};
 use deepseek_train::pretrain::DeviceKind;
@@ -28,10 +29,12 @@ struct Args {
     warmup: usize,
     device: DeviceKind,
     mtp_depth: Option<usize>,
+    expert_path: Option<ExpertPath>,
 }
 
 fn main() -> Result<()> {
-    let mut a = Args { preset: "small".into(), batch: 8, seq: 128, steps: 20, warmup: 3, device: DeviceKind::Flex, mtp_depth: None };
+    deepseek_train::alloc::keep_freed_memory();
+    let mut a = Args { preset: "small".into(), batch: 8, seq: 128, steps: 20, warmup: 3, device: DeviceKind::Flex, mtp_depth: None, expert_path: None };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -43,6 +46,14 @@ fn main() -> Result<()> {
             "--warmup" => a.warmup = value()?.parse()?,
             "--device" => a.device = value()?.parse().map_err(anyhow::Error::msg)?,
             "--mtp-depth" => a.mtp_depth = Some(value()?.parse()?),
+            "--expert-path" => {
+                a.expert_path = Some(match value()?.as_str() {
+                    "per-expert" => ExpertPath::PerExpert,
+                    "grouped" => ExpertPath::Grouped,
+                    "auto" => ExpertPath::Auto,
+                    other => bail!("unknown expert path `{other}`: per-expert, grouped or auto"),
+                })
+            }
             other => bail!("unknown option `{other}`"),
         }
     }
@@ -66,7 +77,10 @@ fn bench<AB: AutodiffBackend>(a: &Args, device: &AB::Device) -> Result<()> {
     let data_cfg = DataConfig { builtin_bytes: (a.steps + a.warmup + 2) * a.batch * (a.seq + 1) * 2, ..Default::default() };
     let data = prepare(&dir.path().join("data"), &data_cfg)?;
     let train = TrainConfig { steps: a.steps + a.warmup, batch_size: a.batch, seq_len: a.seq, lr: 1e-3, eval_every: 0, checkpoint_every: 0, ..Default::default() };
-    let model = init_model::<AB>(&model_cfg, 0, device);
+    let mut model = init_model::<AB>(&model_cfg, 0, device);
+    if let Some(path) = a.expert_path {
+        model = model.with_expert_path(path);
+    }
     let mut trainer = Trainer::new(model, train, data_cfg, dir.path(), device)?;
     let mut windows = Windows::new(&data.train, a.seq)?;
     let mut times = Vec::new();
@@ -85,6 +99,7 @@ fn bench<AB: AutodiffBackend>(a: &Args, device: &AB::Device) -> Result<()> {
     println!("preset: {} (MTP depth {})", a.preset, model_cfg.num_nextn_predict_layers);
     println!("device: {:?}", a.device);
     println!("batch: {} x {}", a.batch, a.seq);
+    println!("expert_path: {:?}", a.expert_path.unwrap_or(ExpertPath::PerExpert));
     println!("median_step_ms: {:.1}", median * 1e3);
     println!("train_tokens_per_s: {:.0}", tokens / median);
     Ok(())

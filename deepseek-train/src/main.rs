@@ -145,6 +145,7 @@ struct Hyper {
 }
 
 fn main() -> Result<()> {
+    deepseek_train::alloc::keep_freed_memory();
     let Command::Pretrain(cli) = Cli::parse().command;
     let cli = *cli;
     let mut train: deepseek_train::TrainConfig = match &cli.config {

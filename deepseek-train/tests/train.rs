@@ -211,3 +211,43 @@ fn pretrain_exports_a_model_that_loads_and_reproduces_the_trained_logits() {
     args.train.steps = 4;
     assert_eq!(pretrain(&args).unwrap().steps, 4);
 }
+
+#[test]
+fn init_from_an_exported_model_continues_from_its_weights_and_can_extend_the_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first");
+    let mut args = PretrainArgs::new("tiny", &first, config(3));
+    args.builtin_bytes = Some(20_000);
+    let summary = pretrain(&args).unwrap();
+    // Continue with a vanishing learning rate: the run starts from (and so ends at) the
+    // exported weights.
+    let mut cont = PretrainArgs::new("tiny", dir.path().join("cont"), TrainConfig { lr: 1e-9, ..config(1) });
+    cont.builtin_bytes = Some(20_000);
+    cont.init_from = Some(summary.hf_dir.clone());
+    let s = pretrain(&cont).unwrap();
+    let device = Default::default();
+    let before: deepseek_core::DeepSeekModel<Flex> = deepseek_core::load_model(&summary.hf_dir, &device, LoadOptions::default()).unwrap();
+    let after: deepseek_core::DeepSeekModel<Flex> = deepseek_core::load_model(&s.hf_dir, &device, LoadOptions::default()).unwrap();
+    for (x, y) in model_tensors(&before).iter().zip(&model_tensors(&after)) {
+        let diff = x.values.iter().zip(&y.values).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        // The balancing bias moves by γ = 0.01 per step whatever the learning rate.
+        let tol = if x.name.ends_with("e_score_correction_bias") { 0.0101 } else { 1e-6 };
+        assert!(diff <= tol, "`{}` moved by {diff}", x.name);
+    }
+
+    // Context extension: YaRN factor 2 over the original 64-token context of `tiny`.
+    let mut long = PretrainArgs::new("tiny", dir.path().join("long"), TrainConfig { seq_len: 100, ..config(1) });
+    long.builtin_bytes = Some(20_000);
+    long.init_from = Some(summary.hf_dir.clone());
+    long.yarn_factor = Some(8.0);
+    let s = pretrain(&long).unwrap();
+    let yarn = s.model_config.rope.yarn.unwrap();
+    assert_eq!(yarn.factor, 8.0);
+    assert_eq!(s.model_config.max_position_embeddings, 512);
+    let exported = DeepSeekConfig::from_hf_file(&s.hf_dir).unwrap();
+    assert_eq!(exported, s.model_config);
+    // Without --init-from, a YaRN factor is an error.
+    let mut bad = PretrainArgs::new("tiny", dir.path().join("bad"), config(1));
+    bad.yarn_factor = Some(2.0);
+    assert!(pretrain(&bad).err().unwrap().to_string().contains("init-from"));
+}
