@@ -6,7 +6,7 @@
 //! whole validation set) for each, as a Markdown table.
 //!
 //! ```sh
-//! cargo run --release -p deepseek-examples --example load_balance [-- --steps 300 --gamma 0.001]
+//! cargo run --release -p deepseek-examples --example load_balance [-- --steps 1000 --gamma 0.001 --seed 0 --modes aux-free,aux-loss,none]
 //! ```
 
 #[global_allocator]
@@ -23,10 +23,11 @@ use deepseek_train::{BalanceMode, TrainConfig};
 
 fn main() -> Result<()> {
     deepseek_train::alloc::keep_freed_memory();
-    let mut steps = 300;
+    let mut steps = 1000;
     let mut gamma = 0.001;
     let mut out = PathBuf::from("runs/load_balance");
     let mut seed = 0;
+    let mut only: Option<Vec<String>> = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().with_context(|| format!("{flag} needs a value"));
@@ -35,7 +36,8 @@ fn main() -> Result<()> {
             "--gamma" => gamma = value()?.parse()?,
             "--out" => out = value()?.into(),
             "--seed" => seed = value()?.parse()?,
-            other => bail!("unknown option `{other}` (use --steps N, --gamma G, --out DIR, --seed S)"),
+            "--modes" => only = Some(value()?.split(',').map(str::to_string).collect()),
+            other => bail!("unknown option `{other}` (use --steps N, --gamma G, --out DIR, --seed S, --modes aux-free,aux-loss,none)"),
         }
     }
     // The `small` model with byte tokens and no MTP: MaxVio is about the routers alone.
@@ -43,6 +45,9 @@ fn main() -> Result<()> {
     let runs = [(BalanceMode::AuxFree, "aux-free"), (BalanceMode::AuxLoss, "aux-loss"), (BalanceMode::None, "none")];
     let mut rows = Vec::new();
     for (mode, name) in runs {
+        if only.as_ref().is_some_and(|o| !o.iter().any(|m| m == name)) {
+            continue;
+        }
         let dir = out.join(name);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;

@@ -26,6 +26,17 @@ struct Cli {
 enum Command {
     /// Train a model from scratch (or from --init-from) and export it in Hugging Face layout.
     Pretrain(Box<PretrainCli>),
+    /// Draw the loss and MaxVio curves of a metrics.jsonl (also while a run is going).
+    Plot {
+        /// A run directory or its metrics.jsonl.
+        metrics: PathBuf,
+        /// Output PNG (default: loss.png beside the metrics).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Draw this loss floor (e.g. the corpus entropy).
+        #[arg(long)]
+        floor: Option<f64>,
+    },
 }
 
 #[derive(Args)]
@@ -146,8 +157,16 @@ struct Hyper {
 
 fn main() -> Result<()> {
     deepseek_train::alloc::keep_freed_memory();
-    let Command::Pretrain(cli) = Cli::parse().command;
-    let cli = *cli;
+    let cli = match Cli::parse().command {
+        Command::Pretrain(cli) => *cli,
+        Command::Plot { metrics, out, floor } => {
+            let file = if metrics.is_dir() { metrics.join(deepseek_train::metrics::METRICS_FILE) } else { metrics };
+            let png = out.unwrap_or_else(|| file.with_file_name("loss.png"));
+            deepseek_train::metrics::plot(&file, &png, floor)?;
+            println!("{}", png.display());
+            return Ok(());
+        }
+    };
     let mut train: deepseek_train::TrainConfig = match &cli.config {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;

@@ -136,18 +136,19 @@ pub fn plot(metrics: &Path, png: &Path, floor: Option<f64>) -> Result<()> {
         .chain(floor)
         .filter(|v| v.is_finite())
         .collect();
-    let hi = losses.iter().cloned().fold(f64::MIN, f64::max).max(0.1);
-    let lo = losses.iter().cloned().fold(f64::MAX, f64::min).min(hi - 0.1).max(0.0);
+    // Log scale: the approach to the entropy floor is as visible as the first fast drop.
+    let hi = losses.iter().cloned().filter(|v| *v > 0.0).fold(f64::MIN, f64::max).max(1e-3);
+    let lo = losses.iter().cloned().filter(|v| *v > 0.0).fold(f64::MAX, f64::min).min(hi / 2.0);
     let mut chart = ChartBuilder::on(&left)
-        .caption("loss (nats/token)", ("sans-serif", 20))
+        .caption("loss (nats/token, log scale)", ("sans-serif", 20))
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(50)
-        .build_cartesian_2d(0.0..last, lo * 0.95..hi * 1.02)
+        .build_cartesian_2d(0.0..last, (lo * 0.9..hi * 1.1).log_scale())
         .map_err(|e| plot_err(e.to_string()))?;
     chart.configure_mesh().x_desc("step").x_label_formatter(&|x| format!("{x:.0}")).draw().map_err(|e| plot_err(e.to_string()))?;
     chart
-        .draw_series(LineSeries::new(steps.iter().filter(|r| r.loss.is_finite()).map(|r| (r.step as f64, r.loss as f64)), &BLUE))
+        .draw_series(LineSeries::new(steps.iter().filter(|r| r.loss.is_finite() && r.loss > 0.0).map(|r| (r.step as f64, r.loss as f64)), &BLUE))
         .map_err(|e| plot_err(e.to_string()))?
         .label("train")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
