@@ -53,17 +53,6 @@ fn main() -> Result<()> {
             std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
         }
         let train = TrainConfig {
-            steps,
-            batch_size: 8,
-            seq_len: 128,
-            seed,
-            lr: 2e-3,
-            warmup_steps: 30,
-            decay_start: 0.6,
-            decay_end: 1.0,
-            min_lr: 2e-4,
-            final_lr: None,
-            balance: mode,
             bias_gamma: gamma,
             aux_loss_alpha: 0.001,
             seq_aux_alpha: 1e-4,
@@ -72,7 +61,7 @@ fn main() -> Result<()> {
             eval_batches: 0,
             checkpoint_every: 0,
             keep_checkpoints: 1,
-            ..Default::default()
+            ..deepseek_examples::short_run(steps, seed, mode)
         };
         let mut run = PretrainArgs::new("small", &dir, train);
         run.model = Some(model.clone());

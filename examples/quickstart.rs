@@ -24,7 +24,7 @@ use deepseek_core::{load_model, DeepSeekConfig, LoadOptions};
 use deepseek_infer::generate::{generate, Decoding, GenerateConfig};
 use deepseek_infer::tokenizer::TextTokenizer;
 use deepseek_train::pretrain::{pretrain, DeviceKind, PretrainArgs};
-use deepseek_train::TrainConfig;
+use deepseek_train::{BalanceMode, TrainConfig};
 
 /// The `small` benchmark model with a byte vocabulary: hidden 256, 4 blocks (1 dense + 3 MoE
 /// with 16 routed experts top-4 in 4 groups, 2 shared), MLA with q-LoRA 64 / KV-LoRA 32, one
@@ -33,25 +33,9 @@ pub fn quickstart_model() -> DeepSeekConfig {
     DeepSeekConfig { vocab_size: 256, max_position_embeddings: 1024, num_nextn_predict_layers: 1, ..DeepSeekConfig::small() }
 }
 
-/// The recipe: the paper's schedule shape and AdamW settings, with a learning rate and bias
-/// step sized for a run of hundreds of steps rather than hundreds of thousands.
+/// The shared short-run recipe, evaluating every 100 steps.
 pub fn quickstart_train(steps: usize, seed: u64) -> TrainConfig {
-    TrainConfig {
-        steps,
-        batch_size: 8,
-        seq_len: 128,
-        seed,
-        lr: 2e-3,
-        warmup_steps: 30,
-        decay_start: 0.6,
-        decay_end: 1.0,
-        min_lr: 2e-4,
-        final_lr: None,
-        eval_every: 100,
-        eval_batches: 16,
-        checkpoint_every: 250,
-        ..Default::default()
-    }
+    TrainConfig { eval_every: 100, eval_batches: 16, checkpoint_every: 250, ..deepseek_examples::short_run(steps, seed, BalanceMode::AuxFree) }
 }
 
 fn main() -> Result<()> {
@@ -73,6 +57,7 @@ fn main() -> Result<()> {
     }
     if out.join("checkpoints").exists() {
         // A quickstart always starts fresh.
+        println!("== Clearing the previous quickstart run in {}", out.display());
         std::fs::remove_dir_all(&out).with_context(|| format!("cannot clear {}", out.display()))?;
     }
     let model = quickstart_model();

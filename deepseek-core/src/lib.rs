@@ -4,6 +4,7 @@ pub mod block;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod hf_config;
 pub mod mla;

@@ -99,12 +99,21 @@ impl<B: Backend> AdamW<B> {
 
     /// Clips, then applies one AdamW update with learning rate `lr` to every parameter of
     /// `module` that has a gradient in `grads`.
-    pub fn step<AB, M>(&mut self, lr: f64, module: M, mut grads: GradientsParams) -> (M, StepStats)
+    pub fn step<AB, M>(&mut self, lr: f64, module: M, grads: GradientsParams) -> (M, StepStats)
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
         let grad_norm = Self::global_norm::<AB, M>(&module, &grads);
+        self.step_with_norm::<AB, M>(lr, module, grads, grad_norm)
+    }
+
+    /// [`AdamW::step`] with the global norm already computed by [`AdamW::global_norm`].
+    pub fn step_with_norm<AB, M>(&mut self, lr: f64, module: M, mut grads: GradientsParams, grad_norm: f64) -> (M, StepStats)
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
         let clip_scale = match self.config.max_grad_norm {
             Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
             _ => 1.0,

@@ -3,7 +3,6 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
@@ -18,25 +17,7 @@ use crate::export::export_hf;
 use crate::metrics::{plot, EvalRecord, StepRecord, METRICS_FILE};
 use crate::trainer::{Event, TrainConfig, Trainer};
 
-/// The backends `--device` names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceKind {
-    Flex,
-    Wgpu,
-    Cuda,
-}
-
-impl FromStr for DeviceKind {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "flex" | "cpu" => Ok(Self::Flex),
-            "wgpu" => Ok(Self::Wgpu),
-            "cuda" => Ok(Self::Cuda),
-            other => Err(format!("unknown device `{other}`: choose flex, wgpu or cuda")),
-        }
-    }
-}
+pub use deepseek_core::device::DeviceKind;
 
 /// Everything a run needs besides the hyperparameters in `train`.
 #[derive(Debug, Clone)]
@@ -137,7 +118,7 @@ pub fn pretrain(args: &PretrainArgs) -> Result<Summary> {
         #[cfg(feature = "cuda")]
         DeviceKind::Cuda => run::<burn::backend::Autodiff<burn::backend::Cuda>>(args, &Default::default()),
         #[allow(unreachable_patterns)]
-        other => Err(TrainError::config("device", format!("this build has no {other:?} backend: rebuild with `--features {}`", format!("{other:?}").to_lowercase()))),
+        other => Err(TrainError::config("device", format!("this build has no {other} backend: rebuild with `--features {other}`"))),
     }
 }
 

@@ -319,15 +319,7 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             if let Some(b) = loss.balance {
                 *bal_sum.get_or_insert(0.0) += b.into_scalar().elem::<f64>();
             }
-            for (l, c) in loss.counts.into_iter().enumerate() {
-                let c: Vec<i64> = c.into_data().convert::<i64>().into_vec().expect("int counts");
-                if counts.len() <= l {
-                    counts.push(vec![0; c.len()]);
-                }
-                for (acc, v) in counts[l].iter_mut().zip(c) {
-                    *acc += v as u64;
-                }
-            }
+            add_counts(&mut counts, loss.counts);
         }
         let n = cfg.grad_accum as f64;
         let (loss, mtp_loss, balance_loss) = (main_sum / n, mtp_sum.map(|v| v / n), bal_sum.map(|v| v / n));
@@ -352,7 +344,7 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         if !skipped {
             self.consecutive_skips = 0;
             let model = self.model.clone();
-            let (model, _) = self.optim.step::<AB, _>(lr, model, grads);
+            let (model, _) = self.optim.step_with_norm::<AB, _>(lr, model, grads, grad_norm);
             self.model = model;
             let updating = cfg.balance == BalanceMode::AuxFree && cfg.bias_update_until.is_none_or(|until| self.step < until);
             if updating && cfg.bias_gamma > 0.0 {
@@ -452,6 +444,20 @@ impl<AB: AutodiffBackend> Trainer<AB> {
     }
 }
 
+/// Adds each MoE block's `[E]` token counts to the running per-block totals (one host read per
+/// block).
+fn add_counts<B: burn::tensor::backend::Backend>(totals: &mut Vec<Vec<u64>>, counts: Vec<Tensor<B, 1, Int>>) {
+    for (l, c) in counts.into_iter().enumerate() {
+        let c: Vec<i64> = c.into_data().convert::<i64>().into_vec().expect("int counts");
+        if totals.len() <= l {
+            totals.push(vec![0; c.len()]);
+        }
+        for (acc, v) in totals[l].iter_mut().zip(c) {
+            *acc += v as u64;
+        }
+    }
+}
+
 /// Mean losses and global MaxVio of `model` over the validation windows.
 pub fn evaluate<B: burn::tensor::backend::Backend>(model: &DeepSeekModel<B>, val: &crate::data::TokenFile, config: &TrainConfig, step: usize) -> Result<EvalRecord> {
     let windows = Windows::new(val, config.seq_len)?;
@@ -473,15 +479,7 @@ pub fn evaluate<B: burn::tensor::backend::Backend>(model: &DeepSeekModel<B>, val
         if let Some(m) = loss.mtp {
             *mtp.get_or_insert(0.0) += m.into_scalar().elem::<f64>() * size as f64;
         }
-        for (l, c) in loss.counts.into_iter().enumerate() {
-            let c: Vec<i64> = c.into_data().convert::<i64>().into_vec().expect("int counts");
-            if counts.len() <= l {
-                counts.push(vec![0; c.len()]);
-            }
-            for (acc, v) in counts[l].iter_mut().zip(c) {
-                *acc += v as u64;
-            }
-        }
+        add_counts(&mut counts, loss.counts);
         n_seq += size;
         tokens += (size * config.seq_len) as u64;
     }

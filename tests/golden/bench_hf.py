@@ -21,6 +21,7 @@ assert torch.__version__.startswith("2.15"), f"need torch 2.15.x, found {torch._
 assert transformers.__version__ == "5.23.0", f"need transformers 5.23.0, found {transformers.__version__}"
 
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+from bench_train_hf import small_config  # noqa: E402  (same directory)
 
 transformers.logging.set_verbosity_error()
 
@@ -37,33 +38,9 @@ def main():
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    config = DeepseekV3Config(
-        vocab_size=1024,
-        hidden_size=256,
-        intermediate_size=704,
-        moe_intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        n_shared_experts=2,
-        n_routed_experts=16,
-        num_experts_per_tok=4,
-        n_group=4,
-        topk_group=2,
-        routed_scaling_factor=2.5,
-        norm_topk_prob=True,
-        first_k_dense_replace=1,
-        q_lora_rank=64,
-        kv_lora_rank=32,
-        qk_nope_head_dim=32,
-        qk_rope_head_dim=16,
-        v_head_dim=32,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=False,
-        num_mtp_layers=0,
-        dtype="float32",
-    )
+    # The `small` preset, as the training benchmark builds it.
+    config = small_config()
+    config.use_cache = True  # generate() decodes over the KV cache
     if args.impl == "eager":
         config._attn_implementation = "eager"
         config._experts_implementation = "eager"
