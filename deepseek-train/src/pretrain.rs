@@ -2,7 +2,7 @@
 //! the model, prepare the data, start (or resume), train, plot, export.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
@@ -77,7 +77,7 @@ pub struct Summary {
     pub hf_dir: PathBuf,
     pub plot: PathBuf,
     pub metrics: PathBuf,
-    /// The expert loads over the validation set of the first MoE layer (for a quick look).
+    /// The configuration of the trained model.
     pub model_config: DeepSeekConfig,
 }
 
@@ -277,9 +277,4 @@ fn check_vocab(data: &Dataset, cfg: &DeepSeekConfig) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Where a run keeps things, for callers that only have the directory.
-pub fn hf_dir(out: &Path) -> PathBuf {
-    out.join(crate::export::HF_DIR)
 }
