@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod fp8;
 pub mod hf_config;
 pub mod mla;
 pub mod mlp;
