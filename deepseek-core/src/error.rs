@@ -42,9 +42,13 @@ pub enum DeepSeekError {
     #[error("tensor `{name}` has dtype {actual}, expected one of F32, BF16, F16")]
     WrongDtype { name: String, actual: String },
 
-    /// FP8 weights need the FP8 loader.
-    #[error("tensor `{name}` is FP8 ({actual}): FP8 checkpoints need the FP8 support (dequantize with `deepseek convert --dtype bf16` once available)")]
-    Fp8Unsupported { name: String, actual: String },
+    /// An FP8 tensor the loader cannot take: E5M2, or E4M3 without a `quantization_config`.
+    #[error("tensor `{name}` is FP8 ({actual}) but {problem}")]
+    Fp8Unsupported { name: String, actual: String, problem: String },
+
+    /// FP8 weight data holds a NaN code (0x7F / 0xFF): the checkpoint is corrupt.
+    #[error("FP8 tensor `{name}` holds NaN (code {code:#04x} at flat index {index}): the checkpoint is corrupt")]
+    Fp8Nan { name: String, index: usize, code: u8 },
 
     /// The checkpoint holds tensors that no part of the model uses.
     #[error("{} unexpected tensor(s) in the checkpoint, e.g. {}: the config and the checkpoint disagree (pass `allow_unused` to ignore)", names.len(), names.iter().take(5).cloned().collect::<Vec<_>>().join(", "))]

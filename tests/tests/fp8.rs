@@ -55,3 +55,55 @@ fn block_quantization_matches_the_reference_on_ragged_shapes() {
         }
     }
 }
+
+/// Logits of an FP8 golden checkpoint (weights dequantized on load) against transformers on the
+/// same weights dequantized by the generating script.
+fn fp8_case_matches(case: &str) {
+    use burn::backend::Flex;
+    use burn::tensor::{Int, Tensor, TensorData};
+    let dir = deepseek_tests::golden_dir(case);
+    let device = Default::default();
+    let model: deepseek_core::DeepSeekModel<Flex> = deepseek_core::load_model(&dir, &device, deepseek_core::LoadOptions::default()).unwrap();
+    let reference = read_raw(&dir.join("reference.safetensors"));
+    let ids_raw = &reference["input_ids"];
+    let ids: Vec<i64> = ids_raw.bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+    let ids = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids, [ids_raw.shape[0], ids_raw.shape[1]]), &device);
+    let logits: Vec<f32> = model.forward(ids).into_data().into_vec().unwrap();
+    deepseek_tests::assert_close(&format!("{case} logits"), &logits, &f32s(&reference["logits"]), deepseek_tests::F32_ATOL);
+}
+
+#[test]
+fn fp8_checkpoint_with_128_blocks_reproduces_the_reference_logits() {
+    fp8_case_matches("v3_fp8_128");
+}
+
+#[test]
+fn fp8_checkpoint_with_ragged_blocks_reproduces_the_reference_logits() {
+    fp8_case_matches("v3_fp8_ragged");
+}
+
+#[test]
+fn bad_fp8_checkpoints_are_errors_naming_the_tensor() {
+    use deepseek_core::DeepSeekError;
+    const W: &str = "model.layers.1.self_attn.kv_b_proj.weight";
+    let load = |dir: &std::path::Path| deepseek_core::load_model::<burn::backend::Flex>(dir, &Default::default(), deepseek_core::LoadOptions::default());
+    // Missing scale.
+    let dir = deepseek_tests::edited_copy("v3_fp8_ragged", |t| {
+        t.remove(&format!("{W}_scale_inv"));
+    });
+    let err = load(dir.path()).unwrap_err();
+    assert!(matches!(&err, DeepSeekError::MissingTensor { name, .. } if name == &format!("{W}_scale_inv")), "{err}");
+    // Scale grid of the wrong shape.
+    let dir = deepseek_tests::edited_copy("v3_fp8_ragged", |t| {
+        let s = t.get_mut(&format!("{W}_scale_inv")).unwrap();
+        s.shape = vec![s.shape.iter().product::<usize>()];
+    });
+    let err = load(dir.path()).unwrap_err();
+    assert!(matches!(&err, DeepSeekError::ShapeMismatch { name, .. } if name.ends_with("_scale_inv")), "{err}");
+    // A NaN code in the weight data.
+    let dir = deepseek_tests::edited_copy("v3_fp8_ragged", |t| {
+        t.get_mut(W).unwrap().bytes[5] = 0xFF;
+    });
+    let err = load(dir.path()).unwrap_err();
+    assert!(matches!(&err, DeepSeekError::Fp8Nan { name, index: 5, .. } if name == W), "{err}");
+}

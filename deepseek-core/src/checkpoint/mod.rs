@@ -33,7 +33,7 @@ pub struct LoadOptions {
 pub fn load_model<B: Backend>(dir: impl AsRef<Path>, device: &B::Device, options: LoadOptions) -> Result<DeepSeekModel<B>> {
     let dir = dir.as_ref();
     let config = DeepSeekConfig::from_hf_file(dir)?;
-    let ckpt = Checkpoint::open(dir)?;
+    let ckpt = Checkpoint::open(dir)?.with_fp8_block(config.quantization.map(|q| q.weight_block_size));
     load_weights(&config, &ckpt, device, options)
 }
 
@@ -41,17 +41,20 @@ pub fn load_model<B: Backend>(dir: impl AsRef<Path>, device: &B::Device, options
 pub fn load_weights<B: Backend>(config: &DeepSeekConfig, ckpt: &Checkpoint, device: &B::Device, options: LoadOptions) -> Result<DeepSeekModel<B>> {
     let rows = table::<B>(config);
     // Validate everything before reading any data.
-    let mut used = HashSet::new();
+    let mut used: HashSet<String> = HashSet::new();
     for row in &rows {
         let optional = matches!(row.target, Target::Shared);
         if optional && ckpt.stored(&row.name).is_none() {
             continue;
         }
         ckpt.check(&row.name, &row.shape)?;
-        used.insert(row.name.as_str());
+        if ckpt.stored(&row.name).is_some_and(|t| t.dtype == safetensors::Dtype::F8_E4M3) {
+            used.insert(Checkpoint::scale_name(&row.name));
+        }
+        used.insert(row.name.clone());
     }
     if !options.allow_unused {
-        let unused: Vec<String> = ckpt.names().filter(|n| !used.contains(n)).map(str::to_string).collect();
+        let unused: Vec<String> = ckpt.names().filter(|n| !used.contains(*n)).map(str::to_string).collect();
         if !unused.is_empty() {
             return Err(DeepSeekError::UnexpectedTensors { names: unused });
         }

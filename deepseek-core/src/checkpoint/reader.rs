@@ -29,6 +29,8 @@ struct Shard {
 /// An opened checkpoint directory: every tensor name resolved to its shard.
 pub struct Checkpoint {
     dir: PathBuf,
+    /// `weight_block_size` of FP8 weights (from `quantization_config`); `None`: FP8 is an error.
+    fp8_block: Option<[usize; 2]>,
     shards: Vec<Shard>,
     /// tensor name → shard index (sorted for stable error messages).
     location: BTreeMap<String, usize>,
@@ -90,7 +92,19 @@ impl Checkpoint {
             }
             shards.push(shard);
         }
-        Ok(Self { dir, shards, location })
+        Ok(Self { dir, fp8_block: None, shards, location })
+    }
+
+    /// Accepts F8_E4M3 weights with `<name>_scale_inv` block scales of this block size (the
+    /// config's `quantization_config.weight_block_size`); they are dequantized to f32 on read.
+    pub fn with_fp8_block(mut self, block: Option<[usize; 2]>) -> Self {
+        self.fp8_block = block;
+        self
+    }
+
+    /// Name of the block-scale tensor of FP8 weight `name`.
+    pub fn scale_name(name: &str) -> String {
+        format!("{name}_scale_inv")
     }
 
     /// The directory the checkpoint was opened from.
@@ -124,8 +138,32 @@ impl Checkpoint {
         };
         match info.dtype {
             Dtype::F32 | Dtype::BF16 | Dtype::F16 => {}
-            Dtype::F8_E4M3 | Dtype::F8_E5M2 => {
-                return Err(DeepSeekError::Fp8Unsupported { name: name.to_string(), actual: format!("{:?}", info.dtype) })
+            Dtype::F8_E4M3 => {
+                let Some(block) = self.fp8_block else {
+                    return Err(DeepSeekError::Fp8Unsupported {
+                        name: name.to_string(),
+                        actual: "F8_E4M3".into(),
+                        problem: "config.json has no `quantization_config` (fp8, weight_block_size): it says the weights are not FP8".into(),
+                    });
+                };
+                if expected.len() != 2 {
+                    return Err(DeepSeekError::Fp8Unsupported { name: name.to_string(), actual: "F8_E4M3".into(), problem: "only 2-D weights are stored in FP8".into() });
+                }
+                // The scale grid: one f32 per (possibly partial) block.
+                let scale = Self::scale_name(name);
+                let grid = crate::fp8::scale_grid(expected[0], expected[1], block);
+                let Some((_, scale_info)) = self.info(&scale) else {
+                    return Err(DeepSeekError::MissingTensor { name: scale, expected: grid.to_vec(), searched: self.searched() });
+                };
+                if scale_info.dtype != Dtype::F32 {
+                    return Err(DeepSeekError::WrongDtype { name: scale, actual: format!("{:?} (block scales must be F32)", scale_info.dtype) });
+                }
+                if scale_info.shape != grid {
+                    return Err(DeepSeekError::ShapeMismatch { name: scale, expected: grid.to_vec(), actual: scale_info.shape.clone() });
+                }
+            }
+            Dtype::F8_E5M2 => {
+                return Err(DeepSeekError::Fp8Unsupported { name: name.to_string(), actual: "F8_E5M2".into(), problem: "DeepSeek checkpoints use E4M3 only".into() })
             }
             other => return Err(DeepSeekError::WrongDtype { name: name.to_string(), actual: format!("{other:?}") }),
         }
@@ -156,9 +194,23 @@ impl Checkpoint {
                 .chunks_exact(2)
                 .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
                 .collect(),
+            Dtype::F8_E4M3 => return self.read_fp8(name, bytes, &info.shape),
             _ => unreachable!("dtype checked above"),
         };
         Ok(TensorData::new(values, info.shape.clone()))
+    }
+
+    /// Dequantizes an FP8 weight with its block scales (checked by [`Checkpoint::check`]).
+    fn read_fp8(&self, name: &str, codes: &[u8], shape: &[usize]) -> Result<TensorData> {
+        if let Some((index, &code)) = codes.iter().enumerate().find(|(_, &c)| c & 0x7F == 0x7F) {
+            return Err(DeepSeekError::Fp8Nan { name: name.to_string(), index, code });
+        }
+        let block = self.fp8_block.expect("checked: FP8 needs a block size");
+        let scale = Self::scale_name(name);
+        let grid = crate::fp8::scale_grid(shape[0], shape[1], block);
+        let scales: Vec<f32> = self.read_f32(&scale, &grid)?.into_vec().expect("f32 data");
+        let q = crate::fp8::BlockQuant { rows: shape[0], cols: shape[1], block, codes: codes.to_vec(), scales };
+        Ok(TensorData::new(crate::fp8::dequantize_blocks(&q), shape.to_vec()))
     }
 
     fn searched(&self) -> String {
