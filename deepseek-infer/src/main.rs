@@ -29,6 +29,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Casts a checkpoint between BF16 and the released FP8 format (128×128 block scales),
+    /// writing sharded safetensors with an index.
+    Convert {
+        /// Hugging Face-layout model directory to read.
+        #[arg(long)]
+        model: PathBuf,
+        /// Directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// bf16 (dequantize FP8 weights) or fp8 (quantize projection weights).
+        #[arg(long)]
+        dtype: deepseek_core::checkpoint::convert::ConvertTo,
+        /// Largest shard, in MiB.
+        #[arg(long, default_value_t = 4096)]
+        shard_mib: u64,
+    },
     /// Runs the model on `input_ids` from a safetensors file and writes the `logits`.
     Logits {
         /// Hugging Face-layout model directory (config.json + safetensors).
@@ -169,6 +185,14 @@ impl SamplingArgs {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Convert { model, out, dtype, shard_mib } => {
+            let report = deepseek_core::checkpoint::convert::convert(&model, &out, dtype, shard_mib << 20)?;
+            println!("tensors: {}", report.tensors);
+            println!("converted: {}", report.converted);
+            println!("shards: {}", report.shards);
+            println!("bytes: {}", report.bytes);
+            Ok(())
+        }
         Command::Logits { model, input, output, device, allow_unused } => {
             with_backend!(device, |B, dev| logits::<B>(&model, &input, &output, &dev, allow_unused))
         }

@@ -107,3 +107,54 @@ fn bad_fp8_checkpoints_are_errors_naming_the_tensor() {
     let err = load(dir.path()).unwrap_err();
     assert!(matches!(&err, DeepSeekError::Fp8Nan { name, index: 5, .. } if name == W), "{err}");
 }
+
+#[test]
+fn converting_to_fp8_writes_the_released_format_bit_for_bit() {
+    use deepseek_core::checkpoint::convert::{convert, ConvertTo};
+    let out = tempfile::tempdir().unwrap();
+    // Small shards: the output is split and indexed.
+    let report = convert(&deepseek_tests::golden_dir("v3_yarn_qlora"), out.path(), ConvertTo::Fp8, 200_000).unwrap();
+    assert!(report.shards > 1, "{report:?}");
+    assert_eq!(report.converted, 101);
+    // Same codes and scales as the golden FP8 checkpoint the Python script made.
+    let ours = deepseek_core::checkpoint::Checkpoint::open(out.path()).unwrap();
+    let golden = read_raw(&deepseek_tests::golden_dir("v3_fp8_128").join("model.safetensors"));
+    assert_eq!(ours.names().count(), golden.len());
+    for (name, t) in &golden {
+        let stored = ours.stored(name).unwrap_or_else(|| panic!("`{name}` missing"));
+        assert_eq!((stored.dtype, &stored.shape), (t.dtype, &t.shape), "{name}");
+        assert!(ours.raw_bytes(name) == t.bytes.as_slice(), "`{name}` differs");
+    }
+    // And it loads (sharded, FP8); its tensors are those of the golden case, whose logits are
+    // checked above.
+    let model: deepseek_core::DeepSeekModel<burn::backend::Flex> =
+        deepseek_core::load_model(out.path(), &Default::default(), deepseek_core::LoadOptions::default()).unwrap();
+    assert!(model.config.quantization.is_some());
+}
+
+#[test]
+fn converting_fp8_to_bf16_dequantizes_and_drops_the_scales() {
+    use deepseek_core::checkpoint::convert::{convert, ConvertTo};
+    let out = tempfile::tempdir().unwrap();
+    let report = convert(&deepseek_tests::golden_dir("v3_fp8_ragged"), out.path(), ConvertTo::Bf16, 1 << 30).unwrap();
+    assert_eq!((report.converted, report.shards), (101, 1));
+    let ckpt = deepseek_core::checkpoint::Checkpoint::open(out.path()).unwrap();
+    assert!(ckpt.names().all(|n| !n.ends_with("_scale_inv")));
+    let w = "model.layers.1.self_attn.kv_b_proj.weight";
+    assert_eq!(ckpt.stored(w).unwrap().dtype, safetensors::Dtype::BF16);
+    let model: deepseek_core::DeepSeekModel<burn::backend::Flex> =
+        deepseek_core::load_model(out.path(), &Default::default(), deepseek_core::LoadOptions::default()).unwrap();
+    assert!(model.config.quantization.is_none());
+    // Every converted weight is the BF16 rounding of the dequantized FP8 weight; the rest is as stored.
+    // (Logits are not compared: BF16 rounding moves router scores by more than the golden
+    // case's top-k margins, so expert choices may change.)
+    let source = deepseek_core::checkpoint::Checkpoint::open(deepseek_tests::golden_dir("v3_fp8_ragged")).unwrap().with_fp8_block(Some([32, 48]));
+    for name in ckpt.names() {
+        let shape = ckpt.stored(name).unwrap().shape;
+        let before: Vec<f32> = source.read_f32(name, &shape).unwrap().into_vec().unwrap();
+        let after: Vec<f32> = ckpt.read_f32(name, &shape).unwrap().into_vec().unwrap();
+        let rounded: Vec<f32> = before.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect();
+        let expected = if source.stored(name).unwrap().dtype == safetensors::Dtype::F8_E4M3 { rounded } else { before };
+        assert!(after == expected, "`{name}`");
+    }
+}

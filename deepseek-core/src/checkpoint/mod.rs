@@ -5,6 +5,7 @@
 //! read, so a bad checkpoint fails fast with an error that names the tensor and the file; tensors
 //! the model does not use are reported as an error unless the caller allows them.
 
+pub mod convert;
 pub mod hf_names;
 pub mod reader;
 pub mod writer;

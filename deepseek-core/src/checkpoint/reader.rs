@@ -127,6 +127,15 @@ impl Checkpoint {
         self.info(name).map(|(_, info)| StoredTensor { dtype: info.dtype, shape: info.shape.clone() })
     }
 
+    /// The stored bytes of a tensor (little-endian, in its stored dtype).
+    ///
+    /// # Panics
+    /// If `name` is not in the checkpoint (see [`Checkpoint::stored`]).
+    pub fn raw_bytes(&self, name: &str) -> &[u8] {
+        let (shard, info) = self.info(name).expect("tensor listed by the checkpoint");
+        &shard.mmap[8 + shard.header_len + info.data_offsets.0..8 + shard.header_len + info.data_offsets.1]
+    }
+
     /// Checks presence, dtype and shape of a tensor without reading its data.
     pub fn check(&self, name: &str, expected: &[usize]) -> Result<()> {
         let Some((_, info)) = self.info(name) else {
