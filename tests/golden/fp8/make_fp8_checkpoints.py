@@ -15,22 +15,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from generate_fp8 import block_quant  # same directory: the one reference quantizer
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASE = os.path.join(HERE, "..", "v3_yarn_qlora")
 
 
 def quantize(w, br, bc):
-    rows, cols = w.shape
-    gr, gc = -(-rows // br), -(-cols // bc)
-    scales = torch.empty(gr, gc)
-    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
-    for i in range(gr):
-        for j in range(gc):
-            blk = w[i * br:(i + 1) * br, j * bc:(j + 1) * bc]
-            s = blk.abs().max().clamp(min=1e-4) / 448.0
-            scales[i, j] = s
-            q[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = (blk / s).to(torch.float8_e4m3fn)
-    return q, scales
+    codes, scales = block_quant(w, br, bc, ue8m0=False)
+    return codes.view(torch.float8_e4m3fn), scales
 
 
 def dequantize(q, scales, br, bc):
