@@ -83,9 +83,87 @@ pub fn dequantize_blocks(q: &BlockQuant) -> Vec<f32> {
     out
 }
 
+/// Packs row-major `[rows, cols]` codes four to a `u32`, little-endian, each row padded with
+/// zero codes to a whole word: the layout of the device kernels (`[rows, ceil(cols / 4)]`).
+pub fn pack_words(codes: &[u8], rows: usize, cols: usize) -> Vec<u32> {
+    assert_eq!(codes.len(), rows * cols, "codes must hold rows × cols values");
+    let words = cols.div_ceil(4);
+    let mut out = vec![0u32; rows * words];
+    for r in 0..rows {
+        for (c, &code) in codes[r * cols..(r + 1) * cols].iter().enumerate() {
+            out[r * words + c / 4] |= (code as u32) << (8 * (c % 4));
+        }
+    }
+    out
+}
+
+/// The inverse of [`pack_words`]: row-major `[rows, cols]` codes.
+pub fn unpack_words(words: &[u32], rows: usize, cols: usize) -> Vec<u8> {
+    let per_row = cols.div_ceil(4);
+    assert_eq!(words.len(), rows * per_row, "words must hold rows × ceil(cols / 4) values");
+    (0..rows * cols).map(|i| (words[(i / cols) * per_row + (i % cols) / 4] >> (8 * (i % cols % 4))) as u8).collect()
+}
+
+/// The block-scaled FP8 GEMM `a · bᵀ` as DeepSeek-V3 computes it (§3.3), on the host: for each
+/// 128-wide block of K, the products of decoded codes are summed in f32 (exact for up to 128
+/// products of 4-bit-mantissa values of similar range, which is the point of promoting every
+/// N_C = 128 elements), then scaled by `a_scale[m, kb] · b_scale[n / bn, kb]` and added to an f32
+/// accumulator. `a` is `[m, k]` in `[1, 128]` tiles, `b` is `[n, k]` in `[bn, 128]` blocks; the
+/// result is row-major `[m, n]`. This is the twin of the GEMM kernel.
+pub fn reference_gemm(a: &BlockQuant, b: &BlockQuant) -> Vec<f32> {
+    assert_eq!(a.block, [1, 128], "a is quantized in 1 × 128 tiles");
+    assert_eq!(b.block[1], 128, "b is quantized in blocks 128 wide along K");
+    assert_eq!(a.cols, b.cols, "inner dimensions agree");
+    let (m, n, k) = (a.rows, b.rows, a.cols);
+    let k_blocks = k.div_ceil(128);
+    let a_vals: Vec<f32> = a.codes.iter().map(|&c| decode(c)).collect();
+    let b_vals: Vec<f32> = b.codes.iter().map(|&c| decode(c)).collect();
+    let mut out = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0f32;
+            for kb in 0..k_blocks {
+                let (k0, k1) = (kb * 128, ((kb + 1) * 128).min(k));
+                let partial: f32 = (k0..k1).map(|t| a_vals[i * k + t] * b_vals[j * k + t]).sum();
+                acc += a.scales[i * k_blocks + kb] * b.scales[(j / b.block[0]) * k_blocks + kb] * partial;
+            }
+            out[i * n + j] = acc;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packing_round_trips_with_ragged_rows() {
+        let codes: Vec<u8> = (0..3 * 7).map(|i| (i * 37 % 256) as u8).collect();
+        let words = pack_words(&codes, 3, 7);
+        assert_eq!(words.len(), 3 * 2);
+        assert_eq!(words[0] & 0xFF, codes[0] as u32);
+        assert_eq!(words[1] >> 24, 0, "the padding byte of a row is the code of +0");
+        assert_eq!(unpack_words(&words, 3, 7), codes);
+    }
+
+    #[test]
+    fn reference_gemm_matches_the_dequantized_product() {
+        // Block-scaled FP8 GEMM = the f64 product of the dequantized operands, up to f32 rounding.
+        let (m, n, k) = (5, 3, 300);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0).collect();
+        let b: Vec<f32> = (0..n * k).map(|i| ((i * 104_729 % 977) as f32 - 488.0) / 311.0).collect();
+        let qa = quantize_blocks(&a, m, k, [1, 128], ScaleFormat::F32);
+        let qb = quantize_blocks(&b, n, k, [128, 128], ScaleFormat::F32);
+        let (da, db) = (dequantize_blocks(&qa), dequantize_blocks(&qb));
+        let c = reference_gemm(&qa, &qb);
+        for i in 0..m {
+            for j in 0..n {
+                let exact: f64 = (0..k).map(|t| da[i * k + t] as f64 * db[j * k + t] as f64).sum();
+                assert!((c[i * n + j] as f64 - exact).abs() <= 1e-5 * (1.0 + exact.abs()), "{} vs {exact}", c[i * n + j]);
+            }
+        }
+    }
 
     #[test]
     fn ragged_blocks_keep_each_value_within_half_a_step() {

@@ -1,0 +1,173 @@
+//! The FP8 CubeCL kernels against their host twins (`deepseek_core::fp8::block`), on wgpu
+//! (lavapipe in CI): quantization codes and scales bit for bit, dequantization bit for bit, the
+//! block-scaled GEMM within f32 summation-order tolerance. Random data with outliers, all-zero
+//! rows and tiny values; shapes that are not multiples of the block (nor of 4, the packing).
+//!
+//! `cargo test -p deepseek-tests --features wgpu --test fp8_kernels` (and `--features cuda` with
+//! `DEEPSEEK_TEST_DEVICE=cuda` on an NVIDIA GPU).
+#![cfg(any(feature = "wgpu", feature = "cuda"))]
+
+use deepseek_core::fp8::kernels::{self, DeviceFp8};
+use deepseek_core::fp8::{self, dequantize_blocks, quantize_blocks, reference_gemm, unpack_words, ScaleFormat};
+
+#[cfg(feature = "wgpu")]
+type Runtime = burn::backend::wgpu::WgpuRuntime;
+#[cfg(all(feature = "cuda", not(feature = "wgpu")))]
+type Runtime = cubecl::cuda::CudaRuntime;
+
+fn device() -> <Runtime as cubecl::Runtime>::Device {
+    Default::default()
+}
+
+/// SplitMix64 uniforms: reproducible data without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// Roughly normal values with occasional outliers (×300), tiny values and exact zeros.
+    fn activations(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let base = (0..4).map(|_| self.next()).sum::<f32>() - 2.0;
+                match (self.next() * 100.0) as u32 {
+                    0 => base * 300.0,
+                    1 => base * 1e-6,
+                    2 => 0.0,
+                    _ => base,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Shapes `[rows, cols]`: whole blocks, partial blocks on each edge, widths that are not a
+/// multiple of 4, single rows and columns.
+const SHAPES: [[usize; 2]; 7] = [[128, 128], [3, 300], [130, 200], [257, 129], [1, 7], [5, 1], [64, 384]];
+
+fn quantize_on_device(x: &[f32], shape: [usize; 2], block: [usize; 2], format: ScaleFormat) -> DeviceFp8<Runtime> {
+    kernels::quantize(kernels::upload::<Runtime>(&device(), x, shape), block, format).expect("valid input")
+}
+
+#[test]
+fn quantization_is_bit_identical_to_the_reference() {
+    let mut rng = Rng(1);
+    for shape in SHAPES {
+        let mut x = rng.activations(shape[0] * shape[1]);
+        // One all-zero row: its tiles take the 1e-4 floor of amax.
+        x[..shape[1]].fill(0.0);
+        for block in [fp8::ACTIVATION_BLOCK, fp8::WEIGHT_BLOCK, [32, 48]] {
+            for format in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
+                let expected = quantize_blocks(&x, shape[0], shape[1], block, format);
+                let q = quantize_on_device(&x, shape, block, format);
+                let scales: Vec<f32> = kernels::download(&q.scales);
+                let codes = unpack_words(&kernels::download::<Runtime, u32>(&q.codes), shape[0], shape[1]);
+                let scale_bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(scale_bits(&scales), scale_bits(&expected.scales), "scales of {shape:?} in {block:?} blocks ({format:?})");
+                let wrong = codes.iter().zip(&expected.codes).filter(|(a, b)| a != b).count();
+                assert_eq!(wrong, 0, "{wrong} codes differ for {shape:?} in {block:?} blocks ({format:?})");
+                // Padding bytes of each row's last word are zero.
+                let words: Vec<u32> = kernels::download(&q.codes);
+                assert_eq!(words, fp8::pack_words(&expected.codes, shape[0], shape[1]));
+
+                let y: Vec<f32> = kernels::download(&kernels::dequantize(&q));
+                let want = dequantize_blocks(&expected);
+                assert!(y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "dequantization of {shape:?} in {block:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_code_decodes_like_the_reference() {
+    // All 256 codes through the device decoder: codes from the reference, scale 1 (one block).
+    let values: Vec<f32> = (0..=255u8).map(fp8::decode).collect();
+    let finite: Vec<f32> = values.iter().map(|v| if v.is_nan() { 0.0 } else { *v }).collect();
+    // Quantizing the finite values with scale exactly 1 needs amax = 448: they already span it.
+    let q = quantize_on_device(&finite, [1, 256], [1, 256], ScaleFormat::F32);
+    assert_eq!(kernels::download::<Runtime, f32>(&q.scales), vec![1.0]);
+    let codes = unpack_words(&kernels::download::<Runtime, u32>(&q.codes), 1, 256);
+    for (i, &code) in codes.iter().enumerate() {
+        let want = if values[i].is_nan() { 0x00 } else { i as u8 };
+        // -0.0 encodes to 0x80 and +0.0 to 0x00, as the reference.
+        assert_eq!(code, want, "code {i:#04x}");
+    }
+    let y: Vec<f32> = kernels::download(&kernels::dequantize(&q));
+    for (i, v) in y.iter().enumerate() {
+        assert_eq!(v.to_bits(), finite[i].to_bits(), "decode of code {i:#04x}");
+    }
+}
+
+#[test]
+fn ties_round_to_the_even_code() {
+    // Midpoints between neighbouring finite codes (both signs), with 448 in the tile so that the
+    // scale is exactly 1: each must land on the code with an even mantissa, as the reference.
+    let mut x = vec![448.0f32];
+    for code in 0..0x7Du8 {
+        let mid = (fp8::decode(code) + fp8::decode(code + 1)) / 2.0;
+        x.extend([mid, -mid]);
+    }
+    let n = x.len();
+    let expected = quantize_blocks(&x, 1, n, [1, 256], ScaleFormat::F32);
+    assert_eq!(expected.scales, vec![1.0]);
+    let q = quantize_on_device(&x, [1, n], [1, 256], ScaleFormat::F32);
+    assert_eq!(unpack_words(&kernels::download::<Runtime, u32>(&q.codes), 1, n), expected.codes);
+}
+
+#[test]
+fn a_block_with_nan_gets_a_nan_scale_and_nan_codes() {
+    let mut x = vec![1.0f32; 2 * 256];
+    x[300] = f32::NAN;
+    let q = quantize_on_device(&x, [2, 256], fp8::ACTIVATION_BLOCK, ScaleFormat::F32);
+    let scales: Vec<f32> = kernels::download(&q.scales);
+    assert!(scales[2].is_nan() && scales.iter().enumerate().all(|(i, s)| i == 2 || *s == 1.0 / 448.0), "{scales:?}");
+    let codes = unpack_words(&kernels::download::<Runtime, u32>(&q.codes), 2, 256);
+    assert!(codes[256..384].iter().all(|c| c & 0x7F == 0x7F), "the NaN tile is all NaN codes");
+    assert!(codes[..256].iter().chain(&codes[384..]).all(|&c| c == 0x7E), "other tiles hold 448");
+}
+
+#[test]
+fn gemm_matches_the_reference_on_ragged_shapes() {
+    let mut rng = Rng(7);
+    // [m, n, k]: one tile, ragged on every side, K not a multiple of 128 nor of 4, single row.
+    for [m, n, k] in [[64, 64, 128], [70, 130, 300], [1, 5, 7], [129, 257, 384], [33, 200, 1000], [3, 128, 129]] {
+        let a = rng.activations(m * k);
+        let b: Vec<f32> = rng.activations(n * k).iter().map(|v| v * 0.05).collect();
+        let (qa, qb) = (
+            quantize_blocks(&a, m, k, fp8::ACTIVATION_BLOCK, ScaleFormat::F32),
+            quantize_blocks(&b, n, k, fp8::WEIGHT_BLOCK, ScaleFormat::F32),
+        );
+        let expected = reference_gemm(&qa, &qb);
+        let da = quantize_on_device(&a, [m, k], fp8::ACTIVATION_BLOCK, ScaleFormat::F32);
+        let db = quantize_on_device(&b, [n, k], fp8::WEIGHT_BLOCK, ScaleFormat::F32);
+        let c: Vec<f32> = kernels::download(&kernels::gemm(&da, &db).expect("valid operands"));
+        assert_eq!(c.len(), m * n);
+        // Tolerance: f32 summation order, relative to the sum of |products|.
+        let (dqa, dqb) = (dequantize_blocks(&qa), dequantize_blocks(&qb));
+        for i in 0..m {
+            for j in 0..n {
+                let magnitude: f32 = (0..k).map(|t| (dqa[i * k + t] * dqb[j * k + t]).abs()).sum();
+                let (got, want) = (c[i * n + j], expected[i * n + j]);
+                assert!((got - want).abs() <= 2e-6 * magnitude + 1e-30, "[{m}, {n}, {k}] at ({i}, {j}): {got} vs {want}");
+            }
+        }
+    }
+}
+
+#[test]
+fn launch_wrappers_reject_bad_operands() {
+    let x = kernels::upload::<Runtime>(&device(), &[1.0; 12], [3, 4]);
+    let err = kernels::quantize(x.clone(), [1, 6], ScaleFormat::F32).unwrap_err();
+    assert!(err.to_string().contains("multiple of 4"), "{err}");
+    let a = kernels::quantize(x.clone(), fp8::ACTIVATION_BLOCK, ScaleFormat::F32).unwrap();
+    let y = kernels::upload::<Runtime>(&device(), &[1.0; 10], [2, 5]);
+    let b = kernels::quantize(y, fp8::WEIGHT_BLOCK, ScaleFormat::F32).unwrap();
+    let err = kernels::gemm(&a, &b).unwrap_err();
+    assert!(err.to_string().contains("inner dimensions differ"), "{err}");
+    let err = kernels::gemm(&b, &a).unwrap_err();
+    assert!(err.to_string().contains("[1, 128] tiles"), "{err}");
+}
