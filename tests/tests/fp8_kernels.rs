@@ -171,3 +171,66 @@ fn launch_wrappers_reject_bad_operands() {
     let err = kernels::gemm(&b, &a).unwrap_err();
     assert!(err.to_string().contains("[1, 128] tiles"), "{err}");
 }
+
+#[cfg(feature = "wgpu")]
+mod burn_tensors {
+    //! The kernels behind Burn tensors: `fake_quantize` and the FP8 training GEMM on wgpu (with
+    //! and without fusion, under autodiff) against the host twin on Flex.
+    use super::*;
+    use burn::backend::{Autodiff, Flex, Wgpu};
+    use burn::tensor::{backend::Backend, Tensor, TensorData};
+    use deepseek_core::fp8::training;
+
+    type Plain = burn::backend::wgpu::CubeBackend<Runtime, f32, i32, u32>;
+
+    fn fake_on<B: Backend>(x: &[f32], shape: [usize; 2], block: [usize; 2]) -> Vec<f32> {
+        let t = Tensor::<B, 2>::from_data(TensorData::new(x.to_vec(), shape), &Default::default());
+        fp8::fake_quantize(t, block).into_data().into_vec().unwrap()
+    }
+
+    #[test]
+    fn fake_quantize_runs_the_kernels_and_matches_the_host_twin() {
+        assert!(fp8::runs_kernels::<Wgpu>() && fp8::runs_kernels::<Plain>());
+        assert!(!fp8::runs_kernels::<Flex>() && !fp8::runs_kernels::<Autodiff<Wgpu>>());
+        let mut rng = Rng(3);
+        let shape = [130, 260];
+        let x = rng.activations(shape[0] * shape[1]);
+        for block in [fp8::ACTIVATION_BLOCK, fp8::WEIGHT_BLOCK] {
+            let mut want = x.clone();
+            fp8::fake_quantize_blocks(&mut want, shape[0], shape[1], block);
+            for got in [fake_on::<Wgpu>(&x, shape, block), fake_on::<Plain>(&x, shape, block)] {
+                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{block:?}");
+            }
+        }
+    }
+
+    /// Loss `Σ (x·W) ⊙ u` through the FP8 GEMM; returns (y, dx, dW).
+    fn fp8_step<B: Backend>(x: &[f32], w: &[f32], u: &[f32], [m, k, n]: [usize; 3]) -> [Vec<f32>; 3] {
+        let device = Default::default();
+        let x = Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(x.to_vec(), [m, k]), &device).require_grad();
+        let w = Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(w.to_vec(), [k, n]), &device).require_grad();
+        let u = Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(u.to_vec(), [m, n]), &device);
+        let y = training::matmul(x.clone(), w.clone());
+        let grads = (y.clone() * u).sum().backward();
+        let host = |t: Tensor<B, 2>| t.into_data().into_vec::<f32>().unwrap();
+        [host(y.inner()), host(x.grad(&grads).unwrap()), host(w.grad(&grads).unwrap())]
+    }
+
+    #[test]
+    fn fp8_training_gemm_on_wgpu_matches_flex() {
+        fp8::register_autodiff::<Wgpu>();
+        fp8::register_autodiff::<Flex>();
+        let mut rng = Rng(5);
+        let dims = [70, 300, 130];
+        let x = rng.activations(dims[0] * dims[1]);
+        let w: Vec<f32> = rng.activations(dims[1] * dims[2]).iter().map(|v| v * 0.05).collect();
+        let u = rng.activations(dims[0] * dims[2]);
+        let gpu = fp8_step::<Wgpu>(&x, &w, &u, dims);
+        let cpu = fp8_step::<Flex>(&x, &w, &u, dims);
+        for (name, (a, b)) in ["y", "dx", "dW"].iter().zip(gpu.iter().zip(&cpu)) {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+            assert!(worst <= 1e-5 * scale, "{name}: {worst} against {scale}");
+        }
+    }
+}

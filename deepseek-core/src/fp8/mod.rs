@@ -6,10 +6,14 @@
 pub mod block;
 pub mod e4m3;
 #[cfg(feature = "kernels")]
+mod dispatch;
+#[cfg(feature = "kernels")]
 pub mod kernels;
+pub mod training;
 
-pub use block::{dequantize_blocks, pack_words, quantize_blocks, reference_gemm, scale_grid, unpack_words, BlockQuant, ScaleFormat};
+pub use block::{dequantize_blocks, fake_quantize_blocks, pack_words, quantize_blocks, reference_gemm, scale_grid, unpack_words, BlockQuant, ScaleFormat};
 pub use e4m3::{decode, encode, E4M3_MAX};
+pub use training::{fake_quantize, register_autodiff, runs_kernels, GemmPrecision};
 
 /// Activation tiles: 1 × 128 along the last dimension.
 pub const ACTIVATION_BLOCK: [usize; 2] = [1, 128];
