@@ -20,23 +20,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use burn::backend::Flex;
-use deepseek_core::{load_model, DeepSeekConfig, LoadOptions};
+use deepseek_core::{load_model, LoadOptions};
 use deepseek_infer::generate::{generate, Decoding, GenerateConfig};
 use deepseek_infer::tokenizer::TextTokenizer;
 use deepseek_train::pretrain::{pretrain, DeviceKind, PretrainArgs};
-use deepseek_train::{BalanceMode, TrainConfig};
-
-/// The `small` benchmark model with a byte vocabulary: hidden 256, 4 blocks (1 dense + 3 MoE
-/// with 16 routed experts top-4 in 4 groups, 2 shared), MLA with q-LoRA 64 / KV-LoRA 32, one
-/// MTP module. About 6.7M parameters.
-pub fn quickstart_model() -> DeepSeekConfig {
-    DeepSeekConfig { vocab_size: 256, max_position_embeddings: 1024, num_nextn_predict_layers: 1, ..DeepSeekConfig::small() }
-}
-
-/// The shared short-run recipe, evaluating every 100 steps.
-pub fn quickstart_train(steps: usize, seed: u64) -> TrainConfig {
-    TrainConfig { eval_every: 100, eval_batches: 16, checkpoint_every: 250, ..deepseek_examples::short_run(steps, seed, BalanceMode::AuxFree) }
-}
 
 fn main() -> Result<()> {
     deepseek_train::alloc::keep_freed_memory();
@@ -60,7 +47,7 @@ fn main() -> Result<()> {
         println!("== Clearing the previous quickstart run in {}", out.display());
         std::fs::remove_dir_all(&out).with_context(|| format!("cannot clear {}", out.display()))?;
     }
-    let model = quickstart_model();
+    let model = deepseek_examples::quickstart_model();
     let params = model.param_count();
     println!("== Pretraining a small DeepSeek-V3 on the built-in corpus ({device:?})");
     println!(
@@ -75,7 +62,7 @@ fn main() -> Result<()> {
         params.mtp as f64 / 1e6
     );
     println!("   {steps} steps of 8 × 128 byte tokens; progress below, metrics in {}", out.join("metrics.jsonl").display());
-    let mut run = PretrainArgs::new("small", &out, quickstart_train(steps, seed));
+    let mut run = PretrainArgs::new("small", &out, deepseek_examples::quickstart_train(steps, seed));
     run.model = Some(model);
     run.device = device;
     run.progress = true;

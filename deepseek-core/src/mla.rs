@@ -16,6 +16,8 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
+
+use crate::fp8::training::{linear, GemmPrecision};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Bool, FloatDType, Tensor, TensorData};
@@ -71,6 +73,7 @@ impl MlaConfig {
             qk_rope_head_dim: self.qk_rope_head_dim,
             v_head_dim: self.v_head_dim,
             softmax_scale: self.softmax_scale,
+            gemm: GemmPrecision::Full,
         }
     }
 }
@@ -93,10 +96,10 @@ pub struct LowRankQuery<B: Backend> {
 }
 
 impl<B: Backend> QueryProj<B> {
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    fn forward(&self, x: Tensor<B, 3>, gemm: GemmPrecision) -> Tensor<B, 3> {
         match self {
-            QueryProj::Direct(q_proj) => q_proj.forward(x),
-            QueryProj::LowRank(q) => q.q_b_proj.forward(q.q_a_layernorm.forward(q.q_a_proj.forward(x))),
+            QueryProj::Direct(q_proj) => linear(q_proj, x, gemm),
+            QueryProj::LowRank(q) => linear(&q.q_b_proj, q.q_a_layernorm.forward(linear(&q.q_a_proj, x, gemm)), gemm),
         }
     }
 }
@@ -130,6 +133,9 @@ pub struct Mla<B: Backend> {
     pub v_head_dim: usize,
     #[module(skip)]
     pub softmax_scale: f64,
+    /// How the projections run (FP8 in FP8 training).
+    #[module(skip)]
+    pub gemm: GemmPrecision,
 }
 
 /// Per-head queries, split into the part matched against `k_nope` and the rotated part.
@@ -181,7 +187,7 @@ impl<B: Backend> Mla<B> {
     /// `x`: `[batch, seq, d_model]`.
     pub fn queries(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, start: usize) -> Queries<B> {
         let [batch, seq, _] = x.dims();
-        let q = self.q.forward(x).reshape([batch, seq, self.n_heads, self.qk_nope_head_dim + self.qk_rope_head_dim]); // [b, s, h, d_qk]
+        let q = self.q.forward(x, self.gemm).reshape([batch, seq, self.n_heads, self.qk_nope_head_dim + self.qk_rope_head_dim]); // [b, s, h, d_qk]
         let nope = q.clone().narrow(3, 0, self.qk_nope_head_dim); // [b, s, h, nope]
         let q_rope = q.narrow(3, self.qk_nope_head_dim, self.qk_rope_head_dim); // [b, s, h, rope]
         Queries { nope, rope: rope.apply(q_rope, start) }
@@ -193,7 +199,7 @@ impl<B: Backend> Mla<B> {
     /// `x`: `[batch, seq, d_model]`.
     pub fn latent(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, start: usize) -> LatentKv<B> {
         let [batch, seq, _] = x.dims();
-        let kv = self.kv_a_proj_with_mqa.forward(x); // [b, s, kv_lora + rope]
+        let kv = linear(&self.kv_a_proj_with_mqa, x, self.gemm); // [b, s, kv_lora + rope]
         let c_kv = self.kv_a_layernorm.forward(kv.clone().narrow(2, 0, self.kv_lora_rank)); // [b, s, kv_lora]
         let k_rope = kv.narrow(2, self.kv_lora_rank, self.qk_rope_head_dim).reshape([batch, seq, 1, self.qk_rope_head_dim]); // [b, s, 1, rope]
         let k_rope = rope.apply(k_rope, start).reshape([batch, seq, self.qk_rope_head_dim]); // [b, s, rope]
@@ -210,7 +216,7 @@ impl<B: Backend> Mla<B> {
     pub fn attend_naive(&self, q: Queries<B>, kv: LatentKv<B>, start: usize) -> Tensor<B, 3> {
         let [batch, q_len, heads, _] = q.nope.dims();
         let [_, kv_len, _] = kv.c_kv.dims();
-        let kv_b = self.kv_b_proj.forward(kv.c_kv).reshape([batch, kv_len, heads, self.qk_nope_head_dim + self.v_head_dim]); // [b, t, h, nope + v]
+        let kv_b = linear(&self.kv_b_proj, kv.c_kv, self.gemm).reshape([batch, kv_len, heads, self.qk_nope_head_dim + self.v_head_dim]); // [b, t, h, nope + v]
         let k_nope = kv_b.clone().narrow(3, 0, self.qk_nope_head_dim); // [b, t, h, nope]
         let v = kv_b.narrow(3, self.qk_nope_head_dim, self.v_head_dim).swap_dims(1, 2); // [b, h, t, v]
         let k_rope = kv.k_rope.reshape([batch, kv_len, 1, self.qk_rope_head_dim]).expand([batch, kv_len, heads, self.qk_rope_head_dim]); // [b, t, h, rope]
@@ -218,7 +224,7 @@ impl<B: Backend> Mla<B> {
         let q = Tensor::cat(vec![q.nope, q.rope], 3).swap_dims(1, 2); // [b, h, s, d_qk]
         let o = causal_attention(q, k, v, start, self.softmax_scale); // [b, h, s, v]
         let o = o.swap_dims(1, 2).reshape([batch, q_len, heads * self.v_head_dim]); // [b, s, h·v]
-        self.o_proj.forward(o)
+        linear(&self.o_proj, o, self.gemm)
     }
 
     /// Absorbed attention over the latent (DeepSeek-V2 §2.1.2, "absorb" trick): `W_UK` is folded
@@ -247,7 +253,7 @@ impl<B: Backend> Mla<B> {
         let o_latent = shared_kv_causal_attention(q, k, kv.c_kv, start, self.softmax_scale); // [b, h, s, c]
         let o = o_latent.matmul(w_uv.unsqueeze::<4>()); // [b, h, s, v]
         let o = o.swap_dims(1, 2).reshape([batch, q_len, heads * v_dim]); // [b, s, h·v]
-        self.o_proj.forward(o)
+        linear(&self.o_proj, o, self.gemm)
     }
 }
 

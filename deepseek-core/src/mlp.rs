@@ -6,6 +6,8 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{activation::silu, backend::Backend, Tensor};
 
+use crate::fp8::training::{linear as project, GemmPrecision};
+
 /// Builds an [`Mlp`].
 #[derive(Config, Debug)]
 pub struct MlpConfig {
@@ -22,6 +24,7 @@ impl MlpConfig {
             gate_proj: linear(self.d_model, self.d_hidden),
             up_proj: linear(self.d_model, self.d_hidden),
             down_proj: linear(self.d_hidden, self.d_model),
+            gemm: GemmPrecision::Full,
         }
     }
 }
@@ -32,13 +35,16 @@ pub struct Mlp<B: Backend> {
     pub gate_proj: Linear<B>,
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
+    /// How the three projections run (FP8 in FP8 training).
+    #[module(skip)]
+    pub gemm: GemmPrecision,
 }
 
 impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// `x`: `[..., d_model]` → `[..., d_model]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = silu(project(&self.gate_proj, x.clone(), self.gemm));
+        project(&self.down_proj, gate * project(&self.up_proj, x, self.gemm), self.gemm)
     }
 }

@@ -1,6 +1,7 @@
 //! The causal language model: token embedding, the decoder blocks, the final norm, the untied
 //! output head, and the optional MTP modules (DeepSeek-V3 §2).
 
+use crate::fp8::GemmPrecision;
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Int, Tensor};
@@ -186,6 +187,30 @@ impl<B: Backend> DeepSeekModel<B> {
         for block in blocks {
             if let crate::block::FeedForward::Moe(moe) = &mut block.mlp {
                 moe.experts.path = path;
+            }
+        }
+        self
+    }
+
+    /// Chooses how the GEMMs of linear layers run: attention projections, dense and shared MLPs,
+    /// routed experts and the MTP projections. The embedding, the output head, the MoE router,
+    /// norms and the attention core keep the tensors' precision, as in DeepSeek-V3's FP8 training
+    /// (§3.3.1). With [`GemmPrecision::Fp8`] the grouped expert path falls back to per expert.
+    pub fn with_gemm_precision(mut self, gemm: GemmPrecision) -> Self {
+        for m in &mut self.mtp {
+            m.gemm = gemm;
+        }
+        let blocks = self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block));
+        for block in blocks {
+            block.self_attn.gemm = gemm;
+            match &mut block.mlp {
+                crate::block::FeedForward::Dense(mlp) => mlp.gemm = gemm,
+                crate::block::FeedForward::Moe(moe) => {
+                    moe.experts.gemm = gemm;
+                    if let Some(shared) = &mut moe.shared_experts {
+                        shared.gemm = gemm;
+                    }
+                }
             }
         }
         self

@@ -9,6 +9,8 @@
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
+
+use crate::fp8::training::{linear, GemmPrecision};
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::block::DecoderLayer;
@@ -27,6 +29,9 @@ pub struct MtpModule<B: Backend> {
     pub block: DecoderLayer<B>,
     /// `shared_head.norm`: the norm before the shared output head.
     pub head_norm: RmsNorm<B>,
+    /// How `eh_proj` runs (FP8 in FP8 training; the block has its own setting).
+    #[module(skip)]
+    pub gemm: GemmPrecision,
 }
 
 impl DeepSeekConfig {
@@ -39,6 +44,7 @@ impl DeepSeekConfig {
             eh_proj: LinearConfig::new(2 * self.hidden_size, self.hidden_size).with_bias(false).init(device),
             block: self.init_layer(self.num_hidden_layers + k - 1, device),
             head_norm: norm.init(device),
+            gemm: GemmPrecision::Full,
         }
     }
 }
@@ -60,6 +66,6 @@ impl<B: Backend> MtpModule<B> {
     /// `hidden`, `next_embeddings`: `[batch, n, d]` → `[batch, n, d]`.
     pub fn combine(&self, hidden: Tensor<B, 3>, next_embeddings: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = Tensor::cat(vec![self.enorm.forward(next_embeddings), self.hnorm.forward(hidden)], 2); // [b, n, 2d]
-        self.eh_proj.forward(x)
+        linear(&self.eh_proj, x, self.gemm)
     }
 }

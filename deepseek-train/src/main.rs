@@ -153,6 +153,9 @@ struct Hyper {
     /// stop or skip.
     #[arg(long)]
     on_nonfinite: Option<String>,
+    /// FP8 mixed precision: E4M3 GEMM operands with 1×128 / 128×128 scales, forward and backward.
+    #[arg(long)]
+    fp8: bool,
 }
 
 fn main() -> Result<()> {
@@ -209,6 +212,9 @@ fn main() -> Result<()> {
     set!(checkpoint_every = h.checkpoint_every);
     set!(keep_checkpoints = h.keep_checkpoints);
     set!(balance = cli.balance.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?);
+    if h.fp8 {
+        train.fp8 = true;
+    }
     set!(on_nonfinite = h.on_nonfinite.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?);
     if cli.steps.is_none() && cli.config.is_none() {
         bail!("--steps is required (or a --config file that sets `steps`)");

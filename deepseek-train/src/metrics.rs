@@ -191,6 +191,106 @@ pub fn plot(metrics: &Path, png: &Path, floor: Option<f64>) -> Result<()> {
     Ok(())
 }
 
+/// Moving average of the training loss over `window` steps (the steps' own noise hides small
+/// differences between runs otherwise).
+pub fn smoothed_loss(steps: &[StepRecord], window: usize) -> Vec<(usize, f64)> {
+    let window = window.max(1);
+    let mut out = Vec::with_capacity(steps.len());
+    let mut sum = 0f64;
+    for (i, r) in steps.iter().enumerate() {
+        sum += r.loss as f64;
+        if i >= window {
+            sum -= steps[i - window].loss as f64;
+        }
+        out.push((r.step, sum / (i + 1).min(window) as f64));
+    }
+    out
+}
+
+/// Draws `png` (1200×500) comparing runs on the same data: their training loss (moving average
+/// over `window` steps) and validation loss on the left, and on the right each run's relative
+/// difference from the first, `(loss − loss₀) / loss₀` in percent.
+pub fn plot_comparison(runs: &[(&str, &Path)], png: &Path, window: usize) -> Result<()> {
+    use plotters::prelude::*;
+    let plot_err = |e: String| TrainError::Data(format!("cannot draw {}: {e}", png.display()));
+    let logs = runs.iter().map(|(_, p)| read_metrics(p)).collect::<Result<Vec<_>>>()?;
+    if logs.is_empty() || logs.iter().any(|(s, _)| s.is_empty()) {
+        return Err(TrainError::Data("plot_comparison needs runs with at least one step each".into()));
+    }
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).map_err(|_| plot_err("bad embedded font".into()))?;
+    let root = BitMapBackend::new(png, (1200, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
+    let (left, right) = root.split_horizontally(600);
+    let smooth: Vec<Vec<(usize, f64)>> = logs.iter().map(|(s, _)| smoothed_loss(s, window)).collect();
+    let last = logs.iter().flat_map(|(s, _)| s.last().map(|r| r.step)).max().unwrap_or(1).max(1) as f64;
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
+
+    let values: Vec<f64> = smooth.iter().flatten().map(|p| p.1).chain(logs.iter().flat_map(|(_, e)| e.iter().map(|r| r.val_loss))).filter(|v| v.is_finite() && *v > 0.0).collect();
+    let hi = values.iter().cloned().fold(f64::MIN, f64::max).max(1e-3);
+    let lo = values.iter().cloned().fold(f64::MAX, f64::min).min(hi / 2.0);
+    let mut chart = ChartBuilder::on(&left)
+        .caption(format!("loss (train: mean of {window} steps; log scale)"), ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..last, (lo * 0.9..hi * 1.1).log_scale())
+        .map_err(|e| plot_err(e.to_string()))?;
+    chart.configure_mesh().x_desc("step").x_label_formatter(&|x| format!("{x:.0}")).draw().map_err(|e| plot_err(e.to_string()))?;
+    for (i, ((name, _), (curve, (_, evals)))) in runs.iter().zip(smooth.iter().zip(&logs)).enumerate() {
+        let color = colors[i % colors.len()];
+        chart
+            .draw_series(LineSeries::new(curve.iter().map(|&(s, v)| (s as f64, v)), color))
+            .map_err(|e| plot_err(e.to_string()))?
+            .label(format!("{name} train"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        chart
+            .draw_series(evals.iter().map(|r| Circle::new((r.step as f64, r.val_loss), 4, color.filled())))
+            .map_err(|e| plot_err(e.to_string()))?
+            .label(format!("{name} validation"))
+            .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| plot_err(e.to_string()))?;
+
+    // Relative difference from the first run, step by step (steps both runs logged).
+    let base: std::collections::HashMap<usize, f64> = smooth[0].iter().cloned().collect();
+    let base_eval: std::collections::HashMap<usize, f64> = logs[0].1.iter().map(|r| (r.step, r.val_loss)).collect();
+    let rel: Vec<Vec<(f64, f64)>> = smooth[1..]
+        .iter()
+        .map(|c| c.iter().filter(|(s, _)| *s > window).filter_map(|(s, v)| base.get(s).map(|b| (*s as f64, 100.0 * (v - b) / b))).collect())
+        .collect();
+    let rel_eval: Vec<Vec<(f64, f64)>> = logs[1..]
+        .iter()
+        .map(|(_, e)| e.iter().filter_map(|r| base_eval.get(&r.step).map(|b| (r.step as f64, 100.0 * (r.val_loss - b) / b))).collect())
+        .collect();
+    let span = rel.iter().chain(&rel_eval).flatten().map(|p| p.1.abs()).filter(|v| v.is_finite()).fold(0.25, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&right)
+        .caption(format!("relative difference from {} (%)", runs[0].0), ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..last, -span..span)
+        .map_err(|e| plot_err(e.to_string()))?;
+    chart.configure_mesh().x_desc("step").x_label_formatter(&|x| format!("{x:.0}")).draw().map_err(|e| plot_err(e.to_string()))?;
+    chart.draw_series(LineSeries::new(vec![(0.0, 0.0), (last, 0.0)], BLACK)).map_err(|e| plot_err(e.to_string()))?;
+    for (i, (curve, evals)) in rel.iter().zip(&rel_eval).enumerate() {
+        let color = colors[(i + 1) % colors.len()];
+        let name = runs[i + 1].0;
+        chart
+            .draw_series(LineSeries::new(curve.iter().cloned(), color))
+            .map_err(|e| plot_err(e.to_string()))?
+            .label(format!("{name} train"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        chart
+            .draw_series(evals.iter().map(|&p| Circle::new(p, 4, color.filled())))
+            .map_err(|e| plot_err(e.to_string()))?
+            .label(format!("{name} validation"))
+            .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| plot_err(e.to_string()))?;
+    root.present().map_err(|e| plot_err(e.to_string()))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

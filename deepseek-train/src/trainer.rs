@@ -13,6 +13,7 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use deepseek_core::{DeepSeekConfig, DeepSeekModel};
+use deepseek_core::fp8::{self, GemmPrecision};
 use serde::{Deserialize, Serialize};
 
 use crate::balance::{max_vio, update_model_biases};
@@ -93,6 +94,10 @@ pub struct TrainConfig {
     /// Checkpoints to keep.
     pub keep_checkpoints: usize,
     pub on_nonfinite: NonFinitePolicy,
+    /// FP8 mixed precision (DeepSeek-V3 §3.3): the GEMMs of linear layers with E4M3 operands
+    /// (1×128 activation tiles, 128×128 weight blocks) in forward and backward, f32 accumulation
+    /// and master weights.
+    pub fp8: bool,
 }
 
 impl Default for TrainConfig {
@@ -124,6 +129,7 @@ impl Default for TrainConfig {
             checkpoint_every: 250,
             keep_checkpoints: 3,
             on_nonfinite: NonFinitePolicy::Stop,
+            fp8: false,
         }
     }
 }
@@ -203,6 +209,19 @@ pub fn init_model<B: burn::tensor::backend::Backend>(config: &DeepSeekConfig, se
     model
 }
 
+/// Sets the model's GEMM precision from the recipe; FP8 installs the quantized backward for this
+/// backend.
+fn with_precision<AB: AutodiffBackend>(model: DeepSeekModel<AB>, config: &TrainConfig) -> Result<DeepSeekModel<AB>> {
+    if !config.fp8 {
+        return Ok(model.with_gemm_precision(GemmPrecision::Full));
+    }
+    fp8::register_autodiff::<AB::InnerBackend>();
+    if !fp8::training::has_autodiff_node::<AB>() {
+        return Err(TrainError::config("fp8", "FP8 training needs the plain Autodiff backend (no gradient checkpointing)"));
+    }
+    Ok(model.with_gemm_precision(GemmPrecision::Fp8))
+}
+
 /// A training run in progress.
 pub struct Trainer<AB: AutodiffBackend> {
     pub model: DeepSeekModel<AB>,
@@ -238,6 +257,7 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         // Draw every lazy parameter now, in a fixed order, so the run is a function of the seed.
         model.materialize();
         let optim = AdamW::new(config.optim);
+        let model = with_precision(model, &config)?;
         let metrics = MetricsWriter::open(out, None)?;
         Ok(Self {
             model,
@@ -275,7 +295,7 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         merged.validate(model_config)?;
         let metrics = MetricsWriter::open(out, Some(state.step))?;
         Ok(Self {
-            model: loaded.model,
+            model: with_precision(loaded.model, &merged)?,
             optim: loaded.optim,
             config: merged,
             data_config: state.data,

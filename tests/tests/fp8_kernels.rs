@@ -204,6 +204,34 @@ mod burn_tensors {
         }
     }
 
+    #[test]
+    fn fp8_linear_runs_the_gemm_kernel_and_matches_the_reference() {
+        let mut rng = Rng(9);
+        let (m, k, n) = (37, 300, 130);
+        let x = rng.activations(m * k);
+        let w: Vec<f32> = rng.activations(n * k).iter().map(|v| v * 0.05).collect();
+        let qw = quantize_blocks(&w, n, k, fp8::WEIGHT_BLOCK, ScaleFormat::F32);
+        fn forward<B: Backend>(x: &[f32], qw: &fp8::BlockQuant, [m, k, n]: [usize; 3]) -> (Vec<f32>, Vec<f32>) {
+            let device = Default::default();
+            let layer = fp8::Fp8Linear::<B>::from_codes(&qw.codes, qw.scales.clone(), [n, k], &device).unwrap();
+            assert_eq!(layer.codes.dtype(), burn::tensor::DType::U32, "one byte per parameter");
+            let x = Tensor::<B, 2>::from_data(TensorData::new(x.to_vec(), [m, k]), &device);
+            let host = |t: Tensor<B, 2>| t.into_data().into_vec::<f32>().unwrap();
+            (host(layer.forward(x.clone())), host(layer.forward_reference(x)))
+        }
+        let want = reference_gemm(&quantize_blocks(&x, m, k, fp8::ACTIVATION_BLOCK, ScaleFormat::F32), &qw);
+        let size = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (name, (kernel, reference)) in [("fusion", forward::<Wgpu>(&x, &qw, [m, k, n])), ("plain", forward::<Plain>(&x, &qw, [m, k, n]))] {
+            // The kernel sums in another order than the f32 matmul of the reference: bitwise
+            // equal outputs would mean the kernel path was not taken.
+            assert_ne!(kernel, reference, "{name}: the FP8 GEMM kernel ran");
+            for (what, got) in [("kernel", &kernel), ("reference", &reference)] {
+                let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(worst <= 1e-5 * size, "{name} {what}: {worst} against {size}");
+            }
+        }
+    }
+
     /// Loss `Σ (x·W) ⊙ u` through the FP8 GEMM; returns (y, dx, dW).
     fn fp8_step<B: Backend>(x: &[f32], w: &[f32], u: &[f32], [m, k, n]: [usize; 3]) -> [Vec<f32>; 3] {
         let device = Default::default();

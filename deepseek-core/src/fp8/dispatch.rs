@@ -97,3 +97,49 @@ pub(crate) fn runs_kernels<B: Backend>() -> bool {
     }
     false
 }
+
+/// `x · Wᵀ` through the FP8 kernels (`x` quantized here in 1 × 128 tiles, `W` `[n, k]` given as
+/// packed codes and 128 × 128 block scales), if `B` runs them.
+pub(crate) fn fp8_linear<B: Backend>(
+    x: &FloatTensor<B>,
+    codes: &burn::tensor::ops::IntTensor<B>,
+    scales: &FloatTensor<B>,
+    weight: [usize; 2],
+) -> Option<FloatTensor<B>> {
+    #[cfg(feature = "wgpu")]
+    if let Some(out) = linear_on::<B, burn_wgpu::WgpuRuntime, u32>(x, codes, scales, weight) {
+        return Some(out);
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(out) = linear_on::<B, cubecl::cuda::CudaRuntime, u8>(x, codes, scales, weight) {
+        return Some(out);
+    }
+    None
+}
+
+fn linear_on<B, R, BT>(x: &FloatTensor<B>, codes: &burn::tensor::ops::IntTensor<B>, scales: &FloatTensor<B>, weight: [usize; 2]) -> Option<FloatTensor<B>>
+where
+    B: Backend,
+    R: CubeRuntime,
+    BT: BoolElement,
+{
+    type Cube<R, BT> = CubeBackend<R, f32, i32, BT>;
+    let run = |x: CubeTensor<R>, codes: CubeTensor<R>, scales: CubeTensor<R>| {
+        let a = super::kernels::quantize(x, super::ACTIVATION_BLOCK, super::ScaleFormat::F32).expect("checked by the caller");
+        let b = super::kernels::DeviceFp8 { codes, scales, rows: weight[0], cols: weight[1], block: super::WEIGHT_BLOCK };
+        super::kernels::gemm(&a, &b).expect("checked by the caller")
+    };
+    if TypeId::of::<B>() == TypeId::of::<Cube<R, BT>>() {
+        return Some(cast(run(cast(x.clone()), cast(codes.clone()), cast(scales.clone()))));
+    }
+    if TypeId::of::<B>() == TypeId::of::<Fusion<Cube<R, BT>>>() {
+        type Fused<R, BT> = FusionTensor<<Cube<R, BT> as FusionBackend>::FusionRuntime>;
+        let x: Fused<R, BT> = cast(x.clone());
+        let client = x.client.clone();
+        let x = client.resolve_tensor_float::<Cube<R, BT>>(x);
+        let codes = client.resolve_tensor_int::<Cube<R, BT>>(cast::<_, Fused<R, BT>>(codes.clone()));
+        let scales = client.resolve_tensor_float::<Cube<R, BT>>(cast::<_, Fused<R, BT>>(scales.clone()));
+        return Some(cast(register_fused::<Cube<R, BT>>(run(x, codes, scales))));
+    }
+    None
+}

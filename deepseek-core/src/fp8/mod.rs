@@ -9,10 +9,12 @@ pub mod e4m3;
 mod dispatch;
 #[cfg(feature = "kernels")]
 pub mod kernels;
+pub mod linear;
 pub mod training;
 
 pub use block::{dequantize_blocks, fake_quantize_blocks, pack_words, quantize_blocks, reference_gemm, scale_grid, unpack_words, BlockQuant, ScaleFormat};
 pub use e4m3::{decode, encode, E4M3_MAX};
+pub use linear::Fp8Linear;
 pub use training::{fake_quantize, register_autodiff, runs_kernels, GemmPrecision};
 
 /// Activation tiles: 1 × 128 along the last dimension.

@@ -140,6 +140,11 @@ pub fn register_autodiff<B: Backend>() {
     registry().write().expect("registry lock").insert(TypeId::of::<Autodiff<B>>(), Box::new(op));
 }
 
+/// Whether [`matmul`] on `B` has the FP8 backward node ([`register_autodiff`] was called for it).
+pub fn has_autodiff_node<B: Backend>() -> bool {
+    registry().read().expect("registry lock").contains_key(&TypeId::of::<B>())
+}
+
 #[derive(Debug)]
 struct Fp8MatmulBackward;
 

@@ -13,6 +13,7 @@
 //!
 //! Legend: T tokens, D model dim, E routed experts, K experts per token, I expert width.
 
+use crate::fp8::training::{matmul as fp8_matmul, GemmPrecision};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::tensor::{activation::silu, backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
@@ -40,6 +41,7 @@ impl RoutedExpertsConfig {
             gate_up: uniform(d).init([e, d, 2 * i], device),
             down: uniform(i).init([e, i, d], device),
             path: ExpertPath::PerExpert,
+            gemm: GemmPrecision::Full,
         }
     }
 }
@@ -55,6 +57,9 @@ pub struct RoutedExperts<B: Backend> {
     /// Execution strategy of [`RoutedExperts::forward`]; does not change the result.
     #[module(skip)]
     pub path: ExpertPath,
+    /// How the expert GEMMs run (FP8 in FP8 training, per-expert path only).
+    #[module(skip)]
+    pub gemm: GemmPrecision,
 }
 
 /// Token order grouped by expert: the host-side plan of one dispatch.
@@ -135,7 +140,9 @@ impl<B: Backend> RoutedExperts<B> {
         let ids: Vec<i64> = indices.into_data().convert::<i64>().into_vec().expect("int tensor data");
         let plan = DispatchPlan::new(&ids, top_k, n_experts);
         let rows = tokens * top_k;
+        // The FP8 GEMMs are 2-D: FP8 runs per expert.
         let grouped = match path {
+            _ if self.gemm == GemmPrecision::Fp8 => false,
             ExpertPath::Grouped => true,
             ExpertPath::PerExpert => false,
             ExpertPath::Auto => plan.capacity() * n_experts <= 2 * rows,
@@ -189,12 +196,21 @@ impl<B: Backend> RoutedExperts<B> {
             }
             let gate_up = self.gate_up.val().narrow(0, e, 1).reshape([d_model, two_i]); // [D, 2I]
             let down = self.down.val().narrow(0, e, 1).reshape([i, d_model]); // [I, D]
-            let h = dispatched.clone().narrow(0, start, n).matmul(gate_up); // [n, 2I]
+            let h = self.gemm(dispatched.clone().narrow(0, start, n), gate_up); // [n, 2I]
             let act = silu(h.clone().narrow(1, 0, i)) * h.narrow(1, i, i); // [n, I]
-            outputs.push(act.matmul(down)); // [n, D]
+            outputs.push(self.gemm(act, down)); // [n, D]
             start += n;
         }
         Tensor::cat(outputs, 0)
+    }
+}
+
+impl<B: Backend> RoutedExperts<B> {
+    fn gemm(&self, x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self.gemm {
+            GemmPrecision::Full => x.matmul(w),
+            GemmPrecision::Fp8 => fp8_matmul(x, w),
+        }
     }
 }
 
