@@ -5,7 +5,7 @@
 set -u
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
-for name in forward golden deepseek; do
+for name in forward golden deepseek fp8_kernels fp8_bench; do
   if command -v xz >/dev/null; then xz -d -c "gpu-bin/$name.xz" > "gpu-bin/$name"
   else python3 -c 'import lzma,sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())' "gpu-bin/$name.xz" > "gpu-bin/$name"; fi
   chmod +x "gpu-bin/$name"
@@ -25,6 +25,12 @@ echo "== deepseek logits --device cuda"
 timeout 45 gpu-bin/deepseek logits --model tests/golden/v3_yarn_qlora --input tests/golden/v3_yarn_qlora/reference.safetensors \
   --output "$OUT/logits_v3_yarn_qlora.safetensors" --device cuda; echo "exit $?"
 fi
+
+echo "== FP8 kernels against their twins on CUDA"
+timeout 120 gpu-bin/fp8_kernels --test-threads 1 > "$OUT/fp8_kernels.txt" 2>&1
+echo "exit $?"; grep -E "^test |result|panicked" "$OUT/fp8_kernels.txt" | head -20
+echo "== FP8 GEMM benchmark on CUDA"
+timeout 120 gpu-bin/fp8_bench --device cuda --sizes 4096x4096x4096,8192x7168x2048,4096x576x7168 --iters 10 2>&1 | tee "$OUT/fp8_bench.txt" | tail -30
 
 echo "== forward throughput"
 bench() { timeout "$BENCH_TIMEOUT" gpu-bin/forward --preset small --runs 10 "$@" 2>&1 | tee -a "$OUT/bench.txt" | grep -E "device|expert_path|batch|tokens_per_s|median|rror|panic"; }

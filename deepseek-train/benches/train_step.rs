@@ -2,7 +2,7 @@
 //! tokens per second, median over timed steps.
 //!
 //! `cargo bench -p deepseek-train --bench train_step -- [--preset small] [--batch 8] [--seq 128]
-//! [--steps 20] [--warmup 3] [--device flex|wgpu|cuda] [--mtp-depth D]`
+//! [--steps 20] [--warmup 3] [--device flex|wgpu|cuda] [--mtp-depth D] [--fp8]`
 //!
 //! Compare with `python tests/golden/bench_train_hf.py` (PyTorch eager, same model, no MTP):
 //! pass `--mtp-depth 0` for the like-for-like figure.
@@ -30,11 +30,12 @@ struct Args {
     device: DeviceKind,
     mtp_depth: Option<usize>,
     expert_path: Option<ExpertPath>,
+    fp8: bool,
 }
 
 fn main() -> Result<()> {
     deepseek_train::alloc::keep_freed_memory();
-    let mut a = Args { preset: "small".into(), batch: 8, seq: 128, steps: 20, warmup: 3, device: DeviceKind::Flex, mtp_depth: None, expert_path: None };
+    let mut a = Args { preset: "small".into(), batch: 8, seq: 128, steps: 20, warmup: 3, device: DeviceKind::Flex, mtp_depth: None, expert_path: None, fp8: false };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -46,6 +47,7 @@ fn main() -> Result<()> {
             "--warmup" => a.warmup = value()?.parse()?,
             "--device" => a.device = value()?.parse().map_err(anyhow::Error::msg)?,
             "--mtp-depth" => a.mtp_depth = Some(value()?.parse()?),
+            "--fp8" => a.fp8 = true,
             "--expert-path" => {
                 a.expert_path = Some(match value()?.as_str() {
                     "per-expert" => ExpertPath::PerExpert,
@@ -76,7 +78,7 @@ fn bench<AB: AutodiffBackend>(a: &Args, device: &AB::Device) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data_cfg = DataConfig { builtin_bytes: (a.steps + a.warmup + 2) * a.batch * (a.seq + 1) * 2, ..Default::default() };
     let data = prepare(&dir.path().join("data"), &data_cfg)?;
-    let train = TrainConfig { steps: a.steps + a.warmup, batch_size: a.batch, seq_len: a.seq, lr: 1e-3, eval_every: 0, checkpoint_every: 0, ..Default::default() };
+    let train = TrainConfig { steps: a.steps + a.warmup, batch_size: a.batch, seq_len: a.seq, lr: 1e-3, eval_every: 0, checkpoint_every: 0, fp8: a.fp8, ..Default::default() };
     let mut model = init_model::<AB>(&model_cfg, 0, device);
     if let Some(path) = a.expert_path {
         model = model.with_expert_path(path);
@@ -100,6 +102,7 @@ fn bench<AB: AutodiffBackend>(a: &Args, device: &AB::Device) -> Result<()> {
     println!("device: {:?}", a.device);
     println!("batch: {} x {}", a.batch, a.seq);
     println!("expert_path: {:?}", a.expert_path.unwrap_or(ExpertPath::PerExpert));
+    println!("gemms: {}", if a.fp8 { "fp8" } else { "f32" });
     println!("median_step_ms: {:.1}", median * 1e3);
     println!("train_tokens_per_s: {:.0}", tokens / median);
     Ok(())

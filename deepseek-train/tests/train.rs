@@ -1,5 +1,5 @@
 //! The training loop end to end on the `tiny` preset: exact resume, atomic checkpoints,
-//! non-finite losses, mismatched checkpoints, and the HF export.
+//! non-finite losses, mismatched checkpoints, the HF export, FP8 training.
 
 use std::path::Path;
 
@@ -250,4 +250,32 @@ fn init_from_an_exported_model_continues_from_its_weights_and_can_extend_the_con
     let mut bad = PretrainArgs::new("tiny", dir.path().join("bad"), config(1));
     bad.yarn_factor = Some(2.0);
     assert!(pretrain(&bad).err().unwrap().to_string().contains("init-from"));
+}
+
+#[test]
+fn fp8_training_resumes_exactly_and_tracks_full_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data(dir.path());
+    let device = Default::default();
+    let fp8 = |steps| TrainConfig { fp8: true, ..config(steps) };
+
+    let mut straight = fresh(&dir.path().join("fp8"), fp8(6));
+    let fp8_steps = run(&mut straight, &data);
+    let split_dir = dir.path().join("split");
+    let mut first = fresh(&split_dir, fp8(3));
+    let mut split_steps = run(&mut first, &data);
+    drop(first);
+    // `fp8` is part of the saved recipe: the resumed run is FP8 again without being told.
+    let mut second = Trainer::<AB>::resume(&split_dir, &DeepSeekConfig::tiny(), config(6), &device).unwrap();
+    assert!(second.config.fp8);
+    split_steps.extend(run(&mut second, &data));
+    let bits = |s: &[StepRecord]| s.iter().map(|r| (r.loss.to_bits(), r.grad_norm.to_bits())).collect::<Vec<_>>();
+    assert_eq!(bits(&split_steps), bits(&fp8_steps));
+
+    // FP8 GEMMs change every step's numbers, by little.
+    let full_steps = run(&mut fresh(&dir.path().join("f32"), config(6)), &data);
+    assert_ne!(full_steps[0].loss.to_bits(), fp8_steps[0].loss.to_bits(), "the FP8 run is not the f32 run");
+    for (a, b) in fp8_steps.iter().zip(&full_steps) {
+        assert!((a.loss - b.loss).abs() < 0.02 * b.loss, "step {}: fp8 {} vs f32 {}", a.step, a.loss, b.loss);
+    }
 }
