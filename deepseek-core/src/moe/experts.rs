@@ -13,6 +13,7 @@
 //!
 //! Legend: T tokens, D model dim, E routed experts, K experts per token, I expert width.
 
+use super::dispatch::DispatchPlan;
 use crate::fp8::training::{matmul as fp8_matmul, GemmPrecision};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
@@ -60,54 +61,6 @@ pub struct RoutedExperts<B: Backend> {
     /// How the expert GEMMs run (FP8 in FP8 training, per-expert path only).
     #[module(skip)]
     pub gemm: GemmPrecision,
-}
-
-/// Token order grouped by expert: the host-side plan of one dispatch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DispatchPlan {
-    /// `[T·K]` source token of each dispatched row, rows grouped by expert.
-    pub token_of_row: Vec<i64>,
-    /// `[T·K]` flat index `t·K + k` of each row's gate weight.
-    pub slot_of_row: Vec<i64>,
-    /// `[E]` rows per expert (the per-expert token counts).
-    pub rows_per_expert: Vec<usize>,
-}
-
-impl DispatchPlan {
-    /// Counting sort of the `[T, K]` expert choices by expert (stable in token order).
-    pub fn new(indices: &[i64], top_k: usize, n_experts: usize) -> Self {
-        let mut rows_per_expert = vec![0usize; n_experts];
-        for &e in indices {
-            rows_per_expert[e as usize] += 1;
-        }
-        let mut offset = Self::offsets(&rows_per_expert);
-        let mut token_of_row = vec![0i64; indices.len()];
-        let mut slot_of_row = vec![0i64; indices.len()];
-        for (slot, &e) in indices.iter().enumerate() {
-            let row = &mut offset[e as usize];
-            token_of_row[*row] = (slot / top_k) as i64;
-            slot_of_row[*row] = slot as i64;
-            *row += 1;
-        }
-        Self { token_of_row, slot_of_row, rows_per_expert }
-    }
-
-    /// First row of each expert.
-    fn offsets(rows_per_expert: &[usize]) -> Vec<usize> {
-        rows_per_expert
-            .iter()
-            .scan(0, |acc, &n| {
-                let start = *acc;
-                *acc += n;
-                Some(start)
-            })
-            .collect()
-    }
-
-    /// Rows of the busiest expert.
-    pub fn capacity(&self) -> usize {
-        self.rows_per_expert.iter().copied().max().unwrap_or(0)
-    }
 }
 
 /// Which way [`RoutedExperts`] runs.
@@ -217,19 +170,4 @@ impl<B: Backend> RoutedExperts<B> {
 fn int_tensor<B: Backend>(values: Vec<i64>, device: &B::Device) -> Tensor<B, 1, Int> {
     let n = values.len();
     Tensor::from_data(TensorData::new(values, [n]), device)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dispatch_plan_groups_rows_by_expert_in_token_order() {
-        // T = 3, K = 2: token 0 → {2, 0}, token 1 → {0, 1}, token 2 → {2, 1}; expert 3 idle.
-        let plan = DispatchPlan::new(&[2, 0, 0, 1, 2, 1], 2, 4);
-        assert_eq!(plan.rows_per_expert, vec![2, 2, 2, 0]);
-        assert_eq!(plan.token_of_row, vec![0, 1, 1, 2, 0, 2]);
-        assert_eq!(plan.slot_of_row, vec![1, 2, 3, 5, 0, 4]);
-        assert_eq!(plan.capacity(), 2);
-    }
 }

@@ -4,7 +4,10 @@
 //! Legend used in this module's shape comments: T tokens, D model dim, E routed experts,
 //! K experts per token, G expert groups.
 
+pub mod dispatch;
 pub mod experts;
+#[cfg(feature = "kernels")]
+pub mod kernels;
 pub mod router;
 
 use burn::config::Config;
@@ -13,7 +16,8 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::config::DeepSeekConfig;
 use crate::mlp::{Mlp, MlpConfig};
-pub use experts::{DispatchPlan, ExpertPath, RoutedExperts, RoutedExpertsConfig};
+pub use dispatch::DispatchPlan;
+pub use experts::{ExpertPath, RoutedExperts, RoutedExpertsConfig};
 pub use router::{Router, RouterConfig, Routing};
 
 /// Builds a [`Moe`] layer.

@@ -1,0 +1,81 @@
+//! The MoE dispatch/combine kernels against their host twins (`deepseek_core::moe::dispatch`) on
+//! wgpu (lavapipe in CI): the counting sort exactly, the data movement and gradients bit for bit
+//! (same operations in the same order), on random routing with idle experts, one token, and
+//! more choices than a cube has units.
+#![cfg(any(feature = "wgpu", feature = "cuda"))]
+
+use deepseek_core::fp8::kernels::{download, upload};
+use deepseek_core::moe::dispatch::{combine_reference, dispatch_reference, gate_grad_reference, DispatchPlan};
+use deepseek_core::moe::kernels;
+
+#[cfg(feature = "wgpu")]
+type Runtime = burn::backend::wgpu::WgpuRuntime;
+#[cfg(all(feature = "cuda", not(feature = "wgpu")))]
+type Runtime = cubecl::cuda::CudaRuntime;
+
+/// SplitMix64: reproducible data without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    }
+    /// `[T, K]` distinct experts per token, drawn from the first `used` of `E` (the rest idle).
+    fn routing(&mut self, tokens: usize, top_k: usize, used: usize) -> Vec<u32> {
+        let mut ids = Vec::with_capacity(tokens * top_k);
+        for _ in 0..tokens {
+            let mut chosen: Vec<u32> = Vec::new();
+            while chosen.len() < top_k {
+                let e = (self.next() % used as u64) as u32;
+                if !chosen.contains(&e) {
+                    chosen.push(e);
+                }
+            }
+            ids.extend(chosen);
+        }
+        ids
+    }
+}
+
+#[test]
+fn dispatch_and_combine_match_the_twins() {
+    let device = Default::default();
+    let mut rng = Rng(11);
+    // [T, K, E used, E, D]: idle experts, a single token, more choices than 256 units per cube.
+    for [tokens, top_k, used, n_experts, d] in [[3, 2, 3, 4, 2], [1, 4, 8, 8, 5], [37, 4, 12, 16, 33], [600, 8, 40, 64, 7]] {
+        let ids = rng.routing(tokens, top_k, used);
+        let plan = DispatchPlan::new(&ids.iter().map(|&e| e as i64).collect::<Vec<_>>(), top_k, n_experts);
+        let dev = kernels::plan(kernels::upload_ids::<Runtime>(&device, &ids, [tokens, top_k]), n_experts);
+
+        let counts: Vec<u32> = download(&dev.counts);
+        assert_eq!(counts.iter().map(|&c| c as usize).collect::<Vec<_>>(), plan.rows_per_expert, "counts");
+        let offsets: Vec<u32> = download(&dev.offsets);
+        assert_eq!(offsets[n_experts] as usize, tokens * top_k);
+        let slot_of_row: Vec<u32> = download(&dev.slot_of_row);
+        assert_eq!(slot_of_row.iter().map(|&s| s as i64).collect::<Vec<_>>(), plan.slot_of_row, "rows in token order within each expert");
+        let row_of_slot: Vec<u32> = download(&dev.row_of_slot);
+        assert!(row_of_slot.iter().enumerate().all(|(slot, &row)| slot_of_row[row as usize] as usize == slot), "inverse maps");
+
+        let x: Vec<f32> = (0..tokens * d).map(|_| rng.uniform()).collect();
+        let w: Vec<f32> = (0..tokens * top_k).map(|_| rng.uniform()).collect();
+        let dy: Vec<f32> = (0..tokens * d).map(|_| rng.uniform()).collect();
+        let xd = upload::<Runtime>(&device, &x, [tokens, d]);
+        let wd = upload::<Runtime>(&device, &w, [tokens, top_k]);
+        let dyd = upload::<Runtime>(&device, &dy, [tokens, d]);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+
+        let rows = dispatch_reference(&x, d, &plan, None);
+        let rows_d = kernels::dispatch(xd.clone(), &dev, None);
+        assert_eq!(bits(&download(&rows_d)), bits(&rows), "dispatch");
+        assert_eq!(bits(&download(&kernels::dispatch(dyd.clone(), &dev, Some(wd.clone())))), bits(&dispatch_reference(&dy, d, &plan, Some(&w))), "weighted dispatch");
+        assert_eq!(bits(&download(&kernels::combine(rows_d.clone(), &dev, Some(wd.clone())))), bits(&combine_reference(&rows, d, &plan, Some(&w), top_k)), "combine");
+        assert_eq!(bits(&download(&kernels::combine(rows_d.clone(), &dev, None))), bits(&combine_reference(&rows, d, &plan, None, top_k)), "unweighted combine");
+        assert_eq!(bits(&download(&kernels::gate_grad(dyd, rows_d, &dev))), bits(&gate_grad_reference(&dy, &rows, d, &plan, top_k)), "gate gradient");
+    }
+}
