@@ -23,3 +23,12 @@ pub use config::{DeepSeekConfig, ScoringFunc, TopkMethod};
 pub use error::{DeepSeekError, Result};
 pub use model::{AttentionPath, CachedOutput, DeepSeekModel, ForwardOptions, ModelOutput};
 pub use params::ParamCount;
+
+/// Installs this crate's custom autodiff operations for `Autodiff<B>`: the FP8 training GEMM
+/// (quantized Dgrad and Wgrad) and, on GPU backends, the device MoE dispatch/combine. Model code is
+/// generic over the backend, so these are found per backend type at run time; call this once for
+/// the inner backend of a training run. Idempotent.
+pub fn register_autodiff<B: burn::tensor::backend::Backend>() {
+    fp8::register_autodiff::<B>();
+    moe::register_autodiff::<B>();
+}

@@ -209,13 +209,14 @@ pub fn init_model<B: burn::tensor::backend::Backend>(config: &DeepSeekConfig, se
     model
 }
 
-/// Sets the model's GEMM precision from the recipe; FP8 installs the quantized backward for this
-/// backend.
+/// Sets the model's GEMM precision from the recipe, after installing this backend's custom
+/// autodiff operations.
 fn with_precision<AB: AutodiffBackend>(model: DeepSeekModel<AB>, config: &TrainConfig) -> Result<DeepSeekModel<AB>> {
+    // The device MoE dispatch/combine (GPU backends) and the FP8 GEMM need their autodiff nodes.
+    deepseek_core::register_autodiff::<AB::InnerBackend>();
     if !config.fp8 {
         return Ok(model.with_gemm_precision(GemmPrecision::Full));
     }
-    fp8::register_autodiff::<AB::InnerBackend>();
     if !fp8::training::has_autodiff_node::<AB>() {
         return Err(TrainError::config("fp8", "FP8 training needs the plain Autodiff backend (no gradient checkpointing)"));
     }

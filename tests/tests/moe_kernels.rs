@@ -79,3 +79,80 @@ fn dispatch_and_combine_match_the_twins() {
         assert_eq!(bits(&download(&kernels::gate_grad(dyd, rows_d, &dev))), bits(&gate_grad_reference(&dy, &rows, d, &plan, top_k)), "gate gradient");
     }
 }
+
+#[cfg(feature = "wgpu")]
+mod routed_experts {
+    //! The MoE layer's routed experts with the device kernels (wgpu, fused, under autodiff)
+    //! against the host plan on Flex: outputs and every gradient.
+    use super::*;
+    use burn::backend::{Autodiff, Flex, Wgpu};
+    use burn::module::Param;
+    use burn::tensor::backend::Backend;
+    use burn::tensor::{Int, Tensor, TensorData};
+    use deepseek_core::fp8::GemmPrecision;
+    use deepseek_core::moe::{ExpertPath, RoutedExperts};
+
+    struct Case {
+        tokens: usize,
+        top_k: usize,
+        n_experts: usize,
+        d: usize,
+        i: usize,
+        ids: Vec<u32>,
+        x: Vec<f32>,
+        w: Vec<f32>,
+        gate_up: Vec<f32>,
+        down: Vec<f32>,
+        dy: Vec<f32>,
+    }
+
+    /// Output and gradients of `Σ y ⊙ dy` for x, gate weights, gate_up and down.
+    fn run<B: Backend>(c: &Case) -> [Vec<f32>; 5] {
+        let device = Default::default();
+        let f = |v: &[f32], shape: Vec<usize>| Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(v.to_vec(), shape), &device);
+        let f3 = |v: &[f32], shape: [usize; 3]| Tensor::<Autodiff<B>, 3>::from_data(TensorData::new(v.to_vec(), shape), &device);
+        let experts = RoutedExperts::<Autodiff<B>> {
+            gate_up: Param::from_tensor(f3(&c.gate_up, [c.n_experts, c.d, 2 * c.i])),
+            down: Param::from_tensor(f3(&c.down, [c.n_experts, c.i, c.d])),
+            path: ExpertPath::PerExpert,
+            gemm: GemmPrecision::Full,
+        };
+        let x = f(&c.x, vec![c.tokens, c.d]).require_grad();
+        let w = f(&c.w, vec![c.tokens, c.top_k]).require_grad();
+        let ids = Tensor::<Autodiff<B>, 2, Int>::from_data(TensorData::new(c.ids.iter().map(|&e| e as i64).collect::<Vec<_>>(), [c.tokens, c.top_k]), &device);
+        let y = experts.forward(x.clone(), ids, w.clone());
+        let grads = (y.clone() * f(&c.dy, vec![c.tokens, c.d])).sum().backward();
+        let host2 = |t: Tensor<B, 2>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
+        let host3 = |t: Tensor<B, 3>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
+        [
+            host2(y.inner()),
+            host2(x.grad(&grads).unwrap()),
+            host2(w.grad(&grads).unwrap()),
+            host3(experts.gate_up.grad(&grads).unwrap()),
+            host3(experts.down.grad(&grads).unwrap()),
+        ]
+    }
+
+    #[test]
+    fn routed_experts_on_the_kernels_match_the_host_plan_forward_and_backward() {
+        deepseek_core::moe::register_autodiff::<Wgpu>();
+        let mut rng = Rng(21);
+        let (tokens, top_k, n_experts, d, i) = (29, 4, 16, 24, 8);
+        // Experts 12..16 receive no tokens.
+        let ids = rng.routing(tokens, top_k, 12);
+        let mut v = |n: usize| (0..n).map(|_| rng.uniform()).collect::<Vec<f32>>();
+        let c = Case { tokens, top_k, n_experts, d, i, ids, x: v(tokens * d), w: v(tokens * top_k), gate_up: v(n_experts * d * 2 * i), down: v(n_experts * i * d), dy: v(tokens * d) };
+        let before = deepseek_core::moe::device_dispatches();
+        let gpu = run::<Wgpu>(&c);
+        assert!(deepseek_core::moe::device_dispatches() > before, "the wgpu run took the device kernels");
+        let cpu = run::<Flex>(&c);
+        for (name, (a, b)) in ["y", "dx", "d gate weights", "d gate_up", "d down"].iter().zip(gpu.iter().zip(&cpu)) {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+            let worst = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+            assert!(worst <= 1e-5 * scale, "{name}: {worst} against {scale}");
+        }
+        // Idle experts get zero gradient, on both.
+        let idle = 12 * d * 2 * i;
+        assert!(gpu[3][idle..].iter().all(|&g| g == 0.0));
+    }
+}

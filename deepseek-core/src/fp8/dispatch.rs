@@ -41,7 +41,7 @@ where
 }
 
 /// A fusion tensor backed by an existing device buffer (as `Fusion::float_from_data` does).
-fn register_fused<C: FusionBackend>(t: FloatTensor<C>) -> FusionTensor<C::FusionRuntime> {
+pub(crate) fn register_fused<C: FusionBackend>(t: FloatTensor<C>) -> FusionTensor<C::FusionRuntime> {
     let device = C::float_device(&t);
     let client = burn_fusion::get_client::<C>(&device);
     let (shape, dtype) = (t.shape(), t.dtype());

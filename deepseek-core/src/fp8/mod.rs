@@ -6,7 +6,7 @@
 pub mod block;
 pub mod e4m3;
 #[cfg(feature = "kernels")]
-mod dispatch;
+pub(crate) mod dispatch;
 #[cfg(feature = "kernels")]
 pub mod kernels;
 pub mod linear;

@@ -88,6 +88,12 @@ impl<B: Backend> RoutedExperts<B> {
         let [tokens, d_model] = x.dims();
         let [_, top_k] = indices.dims();
         let [n_experts, _, _] = self.gate_up.dims();
+        #[cfg(feature = "kernels")]
+        if x.dtype() == burn::tensor::DType::F32 && weights.dtype() == burn::tensor::DType::F32 {
+            if let Some(y) = self.on_device(x.clone(), &indices, weights.clone(), n_experts) {
+                return y;
+            }
+        }
         let device = x.device();
         let dtype = x.dtype();
         let ids: Vec<i64> = indices.into_data().convert::<i64>().into_vec().expect("int tensor data");
@@ -134,16 +140,31 @@ impl<B: Backend> RoutedExperts<B> {
         y.select(0, int_tensor::<B>(padded_slot_of_row, device)) // [T·K, D]
     }
 
+    /// Sort, dispatch and combine with the device kernels (wgpu, CUDA); `None` where `B` does not
+    /// run them. Experts run per expert on their slices of the dispatched rows.
+    #[cfg(feature = "kernels")]
+    fn on_device(&self, x: Tensor<B, 2>, indices: &Tensor<B, 2, Int>, weights: Tensor<B, 2>, n_experts: usize) -> Option<Tensor<B, 2>> {
+        let plan = super::device::plan::<B>(&indices.clone().into_primitive(), n_experts)?;
+        let rows = super::device::dispatch(x, &plan)?; // [T·K, D] grouped by expert
+        let expert_out = self.per_expert_rows(rows, &plan.counts); // [T·K, D]
+        super::device::combine(expert_out, weights, &plan)
+    }
+
     /// Each expert with tokens runs on its contiguous slice of the dispatched rows.
     ///
     /// # Shapes
     /// `dispatched`: `[T·K, D]` grouped by expert → `[T·K, D]`.
     fn per_expert(&self, dispatched: Tensor<B, 2>, plan: &DispatchPlan) -> Tensor<B, 2> {
+        self.per_expert_rows(dispatched, &plan.rows_per_expert)
+    }
+
+    /// [`Self::per_expert`] given the rows of each expert.
+    fn per_expert_rows(&self, dispatched: Tensor<B, 2>, rows_per_expert: &[usize]) -> Tensor<B, 2> {
         let [_, d_model, two_i] = self.gate_up.dims();
         let [_, i, _] = self.down.dims();
         let mut outputs = Vec::new();
         let mut start = 0;
-        for (e, &n) in plan.rows_per_expert.iter().enumerate() {
+        for (e, &n) in rows_per_expert.iter().enumerate() {
             if n == 0 {
                 continue;
             }

@@ -4,6 +4,8 @@
 //! Legend used in this module's shape comments: T tokens, D model dim, E routed experts,
 //! K experts per token, G expert groups.
 
+#[cfg(feature = "kernels")]
+mod device;
 pub mod dispatch;
 pub mod experts;
 #[cfg(feature = "kernels")]
@@ -19,6 +21,21 @@ use crate::mlp::{Mlp, MlpConfig};
 pub use dispatch::DispatchPlan;
 pub use experts::{ExpertPath, RoutedExperts, RoutedExpertsConfig};
 pub use router::{Router, RouterConfig, Routing};
+
+/// How many MoE dispatches of this process ran on the device kernels (0 without GPU backends).
+pub fn device_dispatches() -> usize {
+    #[cfg(feature = "kernels")]
+    return device::device_dispatches();
+    #[cfg(not(feature = "kernels"))]
+    0
+}
+
+/// Installs the autodiff nodes of the device dispatch/combine for `Autodiff<B>` (a no-op without
+/// GPU backends): routed experts then train on the device kernels. Idempotent.
+pub fn register_autodiff<B: burn::tensor::backend::Backend>() {
+    #[cfg(feature = "kernels")]
+    device::register_autodiff::<B>();
+}
 
 /// Builds a [`Moe`] layer.
 #[derive(Config, Debug)]
