@@ -33,7 +33,7 @@ struct Args {
     warmup: usize,
     #[arg(long, default_value = "flex")]
     device: DeviceKind,
-    /// How MoE blocks run their experts: per-expert, grouped or auto.
+    /// How MoE blocks run their experts: per-expert, host-per-expert, grouped or auto.
     #[arg(long, default_value = "per-expert")]
     expert_path: String,
     /// Ignored: cargo bench passes it.
@@ -47,7 +47,8 @@ fn run<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         "per-expert" => ExpertPath::PerExpert,
         "grouped" => ExpertPath::Grouped,
         "auto" => ExpertPath::Auto,
-        other => anyhow::bail!("unknown --expert-path `{other}`: per-expert, grouped or auto"),
+        "host-per-expert" => ExpertPath::HostPerExpert,
+        other => anyhow::bail!("unknown --expert-path `{other}`: per-expert, host-per-expert, grouped or auto"),
     };
     let model = cfg.init::<B>(device).with_expert_path(path);
     let ids = Tensor::<B, 2>::random([args.batch, args.seq], Distribution::Uniform(0.0, cfg.vocab_size as f64), device).int();

@@ -53,7 +53,8 @@ fn main() -> Result<()> {
                     "per-expert" => ExpertPath::PerExpert,
                     "grouped" => ExpertPath::Grouped,
                     "auto" => ExpertPath::Auto,
-                    other => bail!("unknown expert path `{other}`: per-expert, grouped or auto"),
+                    "host-per-expert" => ExpertPath::HostPerExpert,
+                    other => bail!("unknown expert path `{other}`: per-expert, host-per-expert, grouped or auto"),
                 })
             }
             other => bail!("unknown option `{other}`"),

@@ -7,6 +7,9 @@
 //! `DEEPSEEK_TEST_DEVICE=cuda` on an NVIDIA GPU).
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
+mod common;
+
+use common::Rng;
 use deepseek_core::fp8::kernels::{self, DeviceFp8};
 use deepseek_core::fp8::{self, dequantize_blocks, quantize_blocks, reference_gemm, unpack_words, ScaleFormat};
 
@@ -17,32 +20,6 @@ type Runtime = cubecl::cuda::CudaRuntime;
 
 fn device() -> <Runtime as cubecl::Runtime>::Device {
     Default::default()
-}
-
-/// SplitMix64 uniforms: reproducible data without a dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
-    }
-    /// Roughly normal values with occasional outliers (×300), tiny values and exact zeros.
-    fn activations(&mut self, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let base = (0..4).map(|_| self.next()).sum::<f32>() - 2.0;
-                match (self.next() * 100.0) as u32 {
-                    0 => base * 300.0,
-                    1 => base * 1e-6,
-                    2 => 0.0,
-                    _ => base,
-                }
-            })
-            .collect()
-    }
 }
 
 /// Shapes `[rows, cols]`: whole blocks, partial blocks on each edge, widths that are not a

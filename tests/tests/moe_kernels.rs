@@ -4,6 +4,9 @@
 //! more choices than a cube has units.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
+mod common;
+
+use common::Rng;
 use deepseek_core::fp8::kernels::{download, upload};
 use deepseek_core::moe::dispatch::{combine_reference, dispatch_reference, gate_grad_reference, DispatchPlan};
 use deepseek_core::moe::kernels;
@@ -12,36 +15,6 @@ use deepseek_core::moe::kernels;
 type Runtime = burn::backend::wgpu::WgpuRuntime;
 #[cfg(all(feature = "cuda", not(feature = "wgpu")))]
 type Runtime = cubecl::cuda::CudaRuntime;
-
-/// SplitMix64: reproducible data without a dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-    }
-    /// `[T, K]` distinct experts per token, drawn from the first `used` of `E` (the rest idle).
-    fn routing(&mut self, tokens: usize, top_k: usize, used: usize) -> Vec<u32> {
-        let mut ids = Vec::with_capacity(tokens * top_k);
-        for _ in 0..tokens {
-            let mut chosen: Vec<u32> = Vec::new();
-            while chosen.len() < top_k {
-                let e = (self.next() % used as u64) as u32;
-                if !chosen.contains(&e) {
-                    chosen.push(e);
-                }
-            }
-            ids.extend(chosen);
-        }
-        ids
-    }
-}
 
 #[test]
 fn dispatch_and_combine_match_the_twins() {

@@ -66,12 +66,17 @@ pub struct RoutedExperts<B: Backend> {
 /// Which way [`RoutedExperts`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExpertPath {
-    /// Pick per call: grouped when padding at most doubles the rows, else per expert.
+    /// Per expert on the device kernels where the backend runs them (wgpu, CUDA); elsewhere
+    /// grouped when padding at most doubles the rows, else per expert.
     Auto,
-    /// Two batched matmuls over all experts, rows padded to the busiest expert.
+    /// Two batched matmuls over all experts, rows padded to the busiest expert (host plan).
     Grouped,
-    /// One pair of matmuls per expert that received tokens.
+    /// One pair of matmuls per expert that received tokens; sorted, dispatched and combined by
+    /// the device kernels where the backend runs them, else by the host plan.
     PerExpert,
+    /// [`ExpertPath::PerExpert`] with the host plan on every backend (the indices read back, the
+    /// data moved by gather and scatter-add): the baseline of the device kernels.
+    HostPerExpert,
 }
 
 impl<B: Backend> RoutedExperts<B> {
@@ -89,7 +94,7 @@ impl<B: Backend> RoutedExperts<B> {
         let [_, top_k] = indices.dims();
         let [n_experts, _, _] = self.gate_up.dims();
         #[cfg(feature = "kernels")]
-        if x.dtype() == burn::tensor::DType::F32 && weights.dtype() == burn::tensor::DType::F32 {
+        if matches!(path, ExpertPath::Auto | ExpertPath::PerExpert) && x.dtype() == burn::tensor::DType::F32 && weights.dtype() == burn::tensor::DType::F32 {
             if let Some(y) = self.on_device(x.clone(), &indices, weights.clone(), n_experts) {
                 return y;
             }
@@ -103,7 +108,7 @@ impl<B: Backend> RoutedExperts<B> {
         let grouped = match path {
             _ if self.gemm == GemmPrecision::Fp8 => false,
             ExpertPath::Grouped => true,
-            ExpertPath::PerExpert => false,
+            ExpertPath::PerExpert | ExpertPath::HostPerExpert => false,
             ExpertPath::Auto => plan.capacity() * n_experts <= 2 * rows,
         };
         let token_of_row = int_tensor::<B>(plan.token_of_row.clone(), &device);

@@ -37,20 +37,26 @@ fn chunk(unit: u32, units: u32, n: u32) -> (u32, u32) {
     (start, u32::min(start + size, n))
 }
 
+/// How many of `ids[start..end]` name `expert`.
+#[cube]
+fn matches(ids: &Array<u32>, expert: u32, start: u32, end: u32) -> u32 {
+    let mut count = 0u32;
+    for i in start..end {
+        if ids[i as usize] == expert {
+            count += 1;
+        }
+    }
+    count
+}
+
 /// Per expert (cube): how many choices name it. Choices outside `0..E` are counted nowhere.
 #[cube(launch)]
 fn count_kernel(ids: &Array<u32>, counts: &mut Array<u32>, n: u32) {
     let expert = CUBE_POS_X;
     let unit = UNIT_POS_X;
     let (start, end) = chunk(unit, CUBE_DIM_X, n);
-    let mut local = 0u32;
-    for i in start..end {
-        if ids[i as usize] == expert {
-            local += 1;
-        }
-    }
     let mut shared = SharedMemory::<u32>::new(SORT_UNITS as usize);
-    shared[unit as usize] = local;
+    shared[unit as usize] = matches(ids, expert, start, end);
     sync_cube();
     if unit == 0 {
         let mut total = 0u32;
@@ -81,14 +87,8 @@ fn place_kernel(ids: &Array<u32>, offsets: &Array<u32>, row_of_slot: &mut Array<
     let expert = CUBE_POS_X;
     let unit = UNIT_POS_X;
     let (start, end) = chunk(unit, CUBE_DIM_X, n);
-    let mut local = 0u32;
-    for i in start..end {
-        if ids[i as usize] == expert {
-            local += 1;
-        }
-    }
     let mut shared = SharedMemory::<u32>::new(SORT_UNITS as usize);
-    shared[unit as usize] = local;
+    shared[unit as usize] = matches(ids, expert, start, end);
     sync_cube();
     if unit == 0 {
         let mut acc = 0u32;
