@@ -139,7 +139,7 @@ fn kernels<R: burn_cubecl::CubeRuntime>(args: &Args, label: &str) {
         quant_row(&format!("quantize [{n}, {k}], 128 × 128"), n * k, t);
         let qa = kernels::quantize(xd.clone(), fp8::ACTIVATION_BLOCK, ScaleFormat::F32).unwrap();
         let qw = kernels::quantize(wd.clone(), fp8::WEIGHT_BLOCK, ScaleFormat::F32).unwrap();
-        let t = time(args.iters, || drop(kernels::dequantize(&qw)), &sync);
+        let t = time(args.iters, || drop(kernels::dequantize(&qw).unwrap()), &sync);
         quant_row(&format!("dequantize [{n}, {k}]"), n * k, t);
         let t = time(args.iters, || drop(kernels::gemm(&qa, &qw).unwrap()), &sync);
         println!("| FP8 GEMM {m} × {n} × {k} (operands quantized) | {:.2} ms | {:.3} TFLOP/s |", t * 1e3, 2.0 * (m * n * k) as f64 / t / 1e12);

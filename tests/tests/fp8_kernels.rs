@@ -51,7 +51,7 @@ fn quantization_is_bit_identical_to_the_reference() {
                 let words: Vec<u32> = kernels::download(&q.codes);
                 assert_eq!(words, fp8::pack_words(&expected.codes, shape[0], shape[1]));
 
-                let y: Vec<f32> = kernels::download(&kernels::dequantize(&q));
+                let y: Vec<f32> = kernels::download(&kernels::dequantize(&q).unwrap());
                 let want = dequantize_blocks(&expected);
                 assert!(y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "dequantization of {shape:?} in {block:?}");
             }
@@ -73,7 +73,7 @@ fn every_code_decodes_like_the_reference() {
         // -0.0 encodes to 0x80 and +0.0 to 0x00, as the reference.
         assert_eq!(code, want, "code {i:#04x}");
     }
-    let y: Vec<f32> = kernels::download(&kernels::dequantize(&q));
+    let y: Vec<f32> = kernels::download(&kernels::dequantize(&q).unwrap());
     for (i, v) in y.iter().enumerate() {
         assert_eq!(v.to_bits(), finite[i].to_bits(), "decode of code {i:#04x}");
     }
@@ -147,6 +147,12 @@ fn launch_wrappers_reject_bad_operands() {
     assert!(err.to_string().contains("inner dimensions differ"), "{err}");
     let err = kernels::gemm(&b, &a).unwrap_err();
     assert!(err.to_string().contains("[1, 128] tiles"), "{err}");
+    // Parts that do not fit the stated shape.
+    let wrong = DeviceFp8 { rows: 4, ..a.clone() };
+    let err = kernels::dequantize(&wrong).unwrap_err();
+    assert!(err.to_string().contains("codes must be"), "{err}");
+    let wrong = DeviceFp8 { scales: b.scales.clone(), block: [1, 128], ..a };
+    assert!(kernels::gemm(&wrong, &b).unwrap_err().to_string().contains("scales must be"));
 }
 
 #[cfg(feature = "wgpu")]

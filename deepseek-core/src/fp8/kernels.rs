@@ -400,11 +400,11 @@ pub fn quantize<R: CubeRuntime>(x: CubeTensor<R>, block: [usize; 2], format: Sca
 }
 
 /// `decode(q) · scale` of every value: an f32 `[rows, cols]` matrix.
-pub fn dequantize<R: CubeRuntime>(q: &DeviceFp8<R>) -> CubeTensor<R> {
+pub fn dequantize<R: CubeRuntime>(q: &DeviceFp8<R>) -> Result<CubeTensor<R>, Fp8Error> {
+    q.check()?;
     let out = empty(&q.scales, [q.rows, q.cols], DType::F32);
     let n = (q.rows * q.cols) as u32;
     let units = 256u32;
-    quantize_grid_check(q);
     dequantize_kernel::launch(
         &q.codes.client,
         cube_grid(n.div_ceil(units)),
@@ -418,16 +418,27 @@ pub fn dequantize<R: CubeRuntime>(q: &DeviceFp8<R>) -> CubeTensor<R> {
         q.block[1] as u32,
         q.cols.div_ceil(q.block[1]) as u32,
     );
-    out
+    Ok(out)
 }
 
-fn quantize_grid_check<R: CubeRuntime>(q: &DeviceFp8<R>) {
-    debug_assert_eq!(q.scales.meta.shape().to_vec(), super::scale_grid(q.rows, q.cols, q.block).to_vec());
+impl<R: CubeRuntime> DeviceFp8<R> {
+    /// The codes and scales have the shapes and dtypes that `rows`, `cols` and `block` imply.
+    pub fn check(&self) -> Result<(), Fp8Error> {
+        let words = [self.rows, self.cols.div_ceil(4)];
+        let grid = super::scale_grid(self.rows, self.cols, self.block);
+        if self.codes.meta.shape().to_vec() != words.to_vec() || !matches!(self.codes.dtype, DType::U32 | DType::I32) || !self.codes.is_contiguous() {
+            return Err(Fp8Error::Shape(format!("codes must be contiguous 32-bit words {words:?} for a [{}, {}] matrix, got {:?} {:?}", self.rows, self.cols, self.codes.meta.shape().to_vec(), self.codes.dtype)));
+        }
+        if self.scales.meta.shape().to_vec() != grid.to_vec() || self.scales.dtype != DType::F32 || !self.scales.is_contiguous() {
+            return Err(Fp8Error::Shape(format!("scales must be contiguous f32 {grid:?} for a [{}, {}] matrix in {:?} blocks, got {:?} {:?}", self.rows, self.cols, self.block, self.scales.meta.shape().to_vec(), self.scales.dtype)));
+        }
+        Ok(())
+    }
 }
 
 /// Quantizes and dequantizes in one go: the values an FP8 GEMM sees (used by FP8 training).
 pub fn fake_quantize<R: CubeRuntime>(x: CubeTensor<R>, block: [usize; 2]) -> Result<CubeTensor<R>, Fp8Error> {
-    Ok(dequantize(&quantize(x, block, ScaleFormat::F32)?))
+    dequantize(&quantize(x, block, ScaleFormat::F32)?)
 }
 
 /// The block-scaled FP8 GEMM `a · bᵀ`: `a` `[m, k]` quantized in `[1, 128]` tiles, `b` `[n, k]`
@@ -439,6 +450,8 @@ pub fn gemm<R: CubeRuntime>(a: &DeviceFp8<R>, b: &DeviceFp8<R>) -> Result<CubeTe
     if b.block[1] != 128 {
         return Err(Fp8Error::Shape(format!("the right operand must be quantized in blocks 128 wide along K, got {:?}", b.block)));
     }
+    a.check()?;
+    b.check()?;
     if a.cols != b.cols {
         return Err(Fp8Error::Shape(format!("inner dimensions differ: a is [{}, {}], b is [{}, {}]", a.rows, a.cols, b.rows, b.cols)));
     }
