@@ -51,6 +51,9 @@ pub enum GemmPrecision {
 /// `x`: `[rows, cols]` → `[rows, cols]`, blocks of `block` (`[1, 128]` tiles along `cols`,
 /// `[128, 128]` blocks).
 pub fn fake_quantize<B: Backend>(x: Tensor<B, 2>, block: [usize; 2]) -> Tensor<B, 2> {
+    if x.shape().num_elements() == 0 {
+        return x;
+    }
     #[cfg(feature = "kernels")]
     if block[1] % 4 == 0 && x.dtype() == burn::tensor::DType::F32 {
         let primitive = x.into_primitive().tensor();
