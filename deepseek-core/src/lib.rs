@@ -4,6 +4,8 @@ pub mod block;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "kernels")]
+pub mod cube;
 pub mod device;
 pub mod error;
 pub mod fp8;

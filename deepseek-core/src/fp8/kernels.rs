@@ -15,11 +15,12 @@
 //! device and needs no native FP8 type: round to nearest, ties to even, saturation to ±448, NaN
 //! kept (see [`super::e4m3`]).
 
-use burn::tensor::{DType, Shape};
+use burn::tensor::DType;
 use burn_cubecl::{kernel::into_contiguous, tensor::CubeTensor, CubeRuntime};
 use cubecl::prelude::*;
 
 use super::block::ScaleFormat;
+use crate::cube::{array, empty, grid};
 use super::Fp8Error;
 
 /// Units per cube of the quantization kernel (one cube per block).
@@ -324,12 +325,6 @@ fn gemm_kernel(
     }
 }
 
-/// A 1-D launch of `count` cubes spread over two grid dimensions (each at most 65535).
-fn cube_grid(count: u32) -> CubeCount {
-    let x = count.clamp(1, 65_535);
-    CubeCount::Static(x, count.div_ceil(x).max(1), 1)
-}
-
 fn check_f32_matrix<R: CubeRuntime>(x: &CubeTensor<R>, what: &str) -> Result<[usize; 2], Fp8Error> {
     let shape = x.meta.shape();
     if shape.num_dims() != 2 {
@@ -348,26 +343,12 @@ fn check_f32_matrix<R: CubeRuntime>(x: &CubeTensor<R>, what: &str) -> Result<[us
     Ok(dims)
 }
 
-fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: [usize; 2], dtype: DType) -> CubeTensor<R> {
-    let bytes = shape[0] * shape[1] * 4;
-    let handle = like.client.empty(bytes.max(4));
-    CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), Shape::from(shape.to_vec()), handle, dtype)
-}
-
 /// Uploads a row-major f32 `[rows, cols]` matrix to `device`.
 pub fn upload<R: CubeRuntime>(device: &R::Device, values: &[f32], shape: [usize; 2]) -> CubeTensor<R> {
-    assert_eq!(values.len(), shape[0] * shape[1], "values must hold rows × cols values");
-    let client = R::client(device);
-    let handle = client.create_from_slice(bytemuck::cast_slice(values));
-    CubeTensor::new_contiguous(client, device.clone(), Shape::from(shape.to_vec()), handle, DType::F32)
+    crate::cube::upload(device, values, &shape, DType::F32)
 }
 
-/// Reads a contiguous 32-bit tensor back (f32 or u32 words), blocking.
-pub fn download<R: CubeRuntime, T: bytemuck::Pod>(t: &CubeTensor<R>) -> Vec<T> {
-    let n = t.meta.shape().num_elements();
-    let bytes = t.client.read_one_unchecked(t.handle.clone());
-    bytemuck::cast_slice::<u8, T>(&bytes[..n * 4]).to_vec()
-}
+pub use crate::cube::download;
 
 /// Quantizes an f32 matrix block by block (`[1, 128]` for activations, `[128, 128]` for weights;
 /// any block whose width is a multiple of 4).
@@ -378,16 +359,16 @@ pub fn quantize<R: CubeRuntime>(x: CubeTensor<R>, block: [usize; 2], format: Sca
     }
     let x = into_contiguous(x);
     let [grid_rows, grid_cols] = super::scale_grid(rows, cols, block);
-    let codes = empty(&x, [rows, cols.div_ceil(4)], DType::U32);
-    let scales = empty(&x, [grid_rows, grid_cols], DType::F32);
+    let codes = empty(&x, &[rows, cols.div_ceil(4)], DType::U32);
+    let scales = empty(&x, &[grid_rows, grid_cols], DType::F32);
     let n_blocks = (grid_rows * grid_cols) as u32;
     quantize_kernel::launch(
         &x.client,
-        cube_grid(n_blocks),
+        grid(n_blocks as usize),
         CubeDim::new_1d(QUANT_UNITS),
-        unsafe { ArrayArg::from_raw_parts(x.handle.clone(), rows * cols) },
-        unsafe { ArrayArg::from_raw_parts(codes.handle.clone(), rows * cols.div_ceil(4)) },
-        unsafe { ArrayArg::from_raw_parts(scales.handle.clone(), grid_rows * grid_cols) },
+        array(&x),
+        array(&codes),
+        array(&scales),
         rows as u32,
         cols as u32,
         block[0] as u32,
@@ -402,16 +383,16 @@ pub fn quantize<R: CubeRuntime>(x: CubeTensor<R>, block: [usize; 2], format: Sca
 /// `decode(q) · scale` of every value: an f32 `[rows, cols]` matrix.
 pub fn dequantize<R: CubeRuntime>(q: &DeviceFp8<R>) -> Result<CubeTensor<R>, Fp8Error> {
     q.check()?;
-    let out = empty(&q.scales, [q.rows, q.cols], DType::F32);
+    let out = empty(&q.scales, &[q.rows, q.cols], DType::F32);
     let n = (q.rows * q.cols) as u32;
     let units = 256u32;
     dequantize_kernel::launch(
         &q.codes.client,
-        cube_grid(n.div_ceil(units)),
+        grid(n.div_ceil(units) as usize),
         CubeDim::new_1d(units),
-        unsafe { ArrayArg::from_raw_parts(q.codes.handle.clone(), q.rows * q.cols.div_ceil(4)) },
-        unsafe { ArrayArg::from_raw_parts(q.scales.handle.clone(), q.scales.meta.shape().num_elements()) },
-        unsafe { ArrayArg::from_raw_parts(out.handle.clone(), q.rows * q.cols) },
+        array(&q.codes),
+        array(&q.scales),
+        array(&out),
         q.rows as u32,
         q.cols as u32,
         q.block[0] as u32,
@@ -459,16 +440,16 @@ pub fn gemm<R: CubeRuntime>(a: &DeviceFp8<R>, b: &DeviceFp8<R>) -> Result<CubeTe
         return Err(Fp8Error::Shape(format!("the output [{}, {}] is too large for 32-bit indexing", a.rows, b.rows)));
     }
     let (m, n, k) = (a.rows, b.rows, a.cols);
-    let out = empty(&a.scales, [m, n], DType::F32);
+    let out = empty(&a.scales, &[m, n], DType::F32);
     gemm_kernel::launch(
         &a.codes.client,
         CubeCount::Static(n.div_ceil(TILE as usize) as u32, m.div_ceil(TILE as usize) as u32, 1),
         CubeDim::new_2d(16, 16),
-        unsafe { ArrayArg::from_raw_parts(a.codes.handle.clone(), m * k.div_ceil(4)) },
-        unsafe { ArrayArg::from_raw_parts(a.scales.handle.clone(), a.scales.meta.shape().num_elements()) },
-        unsafe { ArrayArg::from_raw_parts(b.codes.handle.clone(), n * k.div_ceil(4)) },
-        unsafe { ArrayArg::from_raw_parts(b.scales.handle.clone(), b.scales.meta.shape().num_elements()) },
-        unsafe { ArrayArg::from_raw_parts(out.handle.clone(), m * n) },
+        array(&a.codes),
+        array(&a.scales),
+        array(&b.codes),
+        array(&b.scales),
+        array(&out),
         m as u32,
         n as u32,
         k as u32,

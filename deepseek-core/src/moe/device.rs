@@ -107,26 +107,28 @@ pub(crate) fn plan<B: Backend>(indices: &IntTensor<B>, n_experts: usize) -> Opti
     on_runtime!(|R| on::<B, R>(indices, n_experts))
 }
 
-/// `kernels::dispatch` on primitives of a non-autodiff backend.
-fn dispatch_prim<B: Backend>(x: &FloatTensor<B>, plan: &Plan, weights: Option<&FloatTensor<B>>) -> Option<FloatTensor<B>> {
-    fn on<B: Backend, R: CubeRuntime>(x: &FloatTensor<B>, plan: &Plan, weights: Option<&FloatTensor<B>>) -> Option<FloatTensor<B>> {
+/// Which way rows move: token order → expert order, or back.
+#[derive(Clone, Copy)]
+enum Direction {
+    /// `kernels::dispatch`.
+    Dispatch,
+    /// `kernels::combine`.
+    Combine,
+}
+
+/// `kernels::dispatch` or `kernels::combine` on primitives of a non-autodiff backend.
+fn move_prim<B: Backend>(direction: Direction, x: &FloatTensor<B>, plan: &Plan, weights: Option<&FloatTensor<B>>) -> Option<FloatTensor<B>> {
+    fn on<B: Backend, R: CubeRuntime>(direction: Direction, x: &FloatTensor<B>, plan: &Plan, weights: Option<&FloatTensor<B>>) -> Option<FloatTensor<B>> {
         let device = plan.device.downcast_ref::<DeviceDispatch<R>>()?;
         let (t, fused) = to_cube::<FloatTensor<B>, R>(x, false)?;
         let w = weights.map(|w| to_cube::<FloatTensor<B>, R>(w, false).expect("same runtime").0);
-        Some(from_cube(kernels::dispatch(t, device, w), fused))
+        let out = match direction {
+            Direction::Dispatch => kernels::dispatch(t, device, w),
+            Direction::Combine => kernels::combine(t, device, w),
+        };
+        Some(from_cube(out, fused))
     }
-    on_runtime!(|R| on::<B, R>(x, plan, weights))
-}
-
-/// `kernels::combine` on primitives of a non-autodiff backend.
-fn combine_prim<B: Backend>(rows: &FloatTensor<B>, plan: &Plan, weights: Option<&FloatTensor<B>>) -> Option<FloatTensor<B>> {
-    fn on<B: Backend, R: CubeRuntime>(rows: &FloatTensor<B>, plan: &Plan, weights: Option<&FloatTensor<B>>) -> Option<FloatTensor<B>> {
-        let device = plan.device.downcast_ref::<DeviceDispatch<R>>()?;
-        let (t, fused) = to_cube::<FloatTensor<B>, R>(rows, false)?;
-        let w = weights.map(|w| to_cube::<FloatTensor<B>, R>(w, false).expect("same runtime").0);
-        Some(from_cube(kernels::combine(t, device, w), fused))
-    }
-    on_runtime!(|R| on::<B, R>(rows, plan, weights))
+    on_runtime!(|R| on::<B, R>(direction, x, plan, weights))
 }
 
 /// `kernels::gate_grad` on primitives of a non-autodiff backend.
@@ -174,7 +176,7 @@ pub fn device_dispatches() -> usize {
 pub(crate) fn dispatch<B: Backend>(x: Tensor<B, 2>, plan: &Plan) -> Option<Tensor<B, 2>> {
     let out = match registered::<B>() {
         Some((op, _)) => op(x, plan),
-        None => dispatch_prim::<B>(&x.into_primitive().tensor(), plan, None).map(float),
+        None => move_prim::<B>(Direction::Dispatch, &x.into_primitive().tensor(), plan, None).map(float),
     };
     if out.is_some() {
         DEVICE_DISPATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -187,7 +189,7 @@ pub(crate) fn combine<B: Backend>(rows: Tensor<B, 2>, weights: Tensor<B, 2>, pla
     if let Some((_, op)) = registered::<B>() {
         return op(rows, weights, plan);
     }
-    combine_prim::<B>(&rows.into_primitive().tensor(), plan, Some(&weights.into_primitive().tensor())).map(float)
+    move_prim::<B>(Direction::Combine, &rows.into_primitive().tensor(), plan, Some(&weights.into_primitive().tensor())).map(float)
 }
 
 #[derive(Debug)]
@@ -200,7 +202,7 @@ impl<B: Backend> Backward<B, 1> for DispatchBackward {
         let [node] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         if let Some(node) = node {
-            let dx = combine_prim::<B>(&grad, &ops.state, None).expect("the forward ran on this runtime");
+            let dx = move_prim::<B>(Direction::Combine, &grad, &ops.state, None).expect("the forward ran on this runtime");
             grads.register::<B>(node.id, dx);
         }
     }
@@ -208,7 +210,7 @@ impl<B: Backend> Backward<B, 1> for DispatchBackward {
 
 fn autodiff_dispatch<B: Backend>(x: Tensor<Autodiff<B>, 2>, plan: &Plan) -> Option<Tensor<Autodiff<B>, 2>> {
     let x = x.into_primitive().tensor();
-    let out = dispatch_prim::<B>(&x.primitive, plan, None)?;
+    let out = move_prim::<B>(Direction::Dispatch, &x.primitive, plan, None)?;
     let out = match DispatchBackward.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish(plan.clone(), out),
         OpsKind::UnTracked(prep) => prep.finish(out),
@@ -228,7 +230,7 @@ impl<B: Backend> Backward<B, 2> for CombineBackward {
         let grad = grads.consume::<B>(&ops.node);
         let (rows, weights, plan) = ops.state;
         if let Some(node) = node_rows {
-            let d_rows = dispatch_prim::<B>(&grad, &plan, Some(&weights)).expect("the forward ran on this runtime");
+            let d_rows = move_prim::<B>(Direction::Dispatch, &grad, &plan, Some(&weights)).expect("the forward ran on this runtime");
             grads.register::<B>(node.id, d_rows);
         }
         if let Some(node) = node_weights {
@@ -240,7 +242,7 @@ impl<B: Backend> Backward<B, 2> for CombineBackward {
 
 fn autodiff_combine<B: Backend>(rows: Tensor<Autodiff<B>, 2>, weights: Tensor<Autodiff<B>, 2>, plan: &Plan) -> Option<Tensor<Autodiff<B>, 2>> {
     let (rows, weights) = (rows.into_primitive().tensor(), weights.into_primitive().tensor());
-    let out = combine_prim::<B>(&rows.primitive, plan, Some(&weights.primitive))?;
+    let out = move_prim::<B>(Direction::Combine, &rows.primitive, plan, Some(&weights.primitive))?;
     let out = match CombineBackward.prepare::<NoCheckpointing>([rows.node.clone(), weights.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish((rows.primitive, weights.primitive, plan.clone()), out),
         OpsKind::UnTracked(prep) => prep.finish(out),

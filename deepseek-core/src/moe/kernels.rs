@@ -4,9 +4,11 @@
 //! into one buffer grouped by expert, and the weighted combine back to token order, plus the
 //! pieces of their gradients. Twins: [`super::dispatch`]; tests: `tests/tests/moe_kernels.rs`.
 
-use burn::tensor::{DType, Shape};
+use burn::tensor::DType;
 use burn_cubecl::{kernel::into_contiguous, tensor::CubeTensor, CubeRuntime};
 use cubecl::prelude::*;
+
+use crate::cube::{array, empty, grid};
 
 /// Units per cube of the sort kernels (one cube per expert, each unit one chunk of the choices).
 const SORT_UNITS: u32 = 256;
@@ -49,9 +51,11 @@ fn matches(ids: &Array<u32>, expert: u32, start: u32, end: u32) -> u32 {
     count
 }
 
-/// Per expert (cube): how many choices name it. Choices outside `0..E` are counted nowhere.
+/// Per expert (cube): how many choices name it, and, per unit, how many of them lie in the
+/// chunks before its own (an exclusive scan, which `place_kernel` starts from). Choices outside
+/// `0..E` are counted nowhere.
 #[cube(launch)]
-fn count_kernel(ids: &Array<u32>, counts: &mut Array<u32>, n: u32) {
+fn count_kernel(ids: &Array<u32>, counts: &mut Array<u32>, chunk_prefix: &mut Array<u32>, n: u32) {
     let expert = CUBE_POS_X;
     let unit = UNIT_POS_X;
     let (start, end) = chunk(unit, CUBE_DIM_X, n);
@@ -59,11 +63,12 @@ fn count_kernel(ids: &Array<u32>, counts: &mut Array<u32>, n: u32) {
     shared[unit as usize] = matches(ids, expert, start, end);
     sync_cube();
     if unit == 0 {
-        let mut total = 0u32;
+        let mut acc = 0u32;
         for u in 0..CUBE_DIM_X {
-            total += shared[u as usize];
+            chunk_prefix[(expert * CUBE_DIM_X + u) as usize] = acc;
+            acc += shared[u as usize];
         }
-        counts[expert as usize] = total;
+        counts[expert as usize] = acc;
     }
 }
 
@@ -80,26 +85,15 @@ fn offsets_kernel(counts: &Array<u32>, offsets: &mut Array<u32>, n_experts: u32)
     }
 }
 
-/// Per expert (cube): each unit counts its chunk's matches, the cube scans those counts, and each
-/// unit then writes its matches' rows in order: rows follow token order within an expert.
+/// Per expert (cube): each unit writes the rows of its chunk's matches in order, starting after
+/// the expert's offset and the matches of the chunks before it: rows follow token order within
+/// an expert.
 #[cube(launch)]
-fn place_kernel(ids: &Array<u32>, offsets: &Array<u32>, row_of_slot: &mut Array<u32>, slot_of_row: &mut Array<u32>, n: u32) {
+fn place_kernel(ids: &Array<u32>, offsets: &Array<u32>, chunk_prefix: &Array<u32>, row_of_slot: &mut Array<u32>, slot_of_row: &mut Array<u32>, n: u32) {
     let expert = CUBE_POS_X;
     let unit = UNIT_POS_X;
     let (start, end) = chunk(unit, CUBE_DIM_X, n);
-    let mut shared = SharedMemory::<u32>::new(SORT_UNITS as usize);
-    shared[unit as usize] = matches(ids, expert, start, end);
-    sync_cube();
-    if unit == 0 {
-        let mut acc = 0u32;
-        for u in 0..CUBE_DIM_X {
-            let v = shared[u as usize];
-            shared[u as usize] = acc;
-            acc += v;
-        }
-    }
-    sync_cube();
-    let mut row = offsets[expert as usize] + shared[unit as usize];
+    let mut row = offsets[expert as usize] + chunk_prefix[(expert * CUBE_DIM_X + unit) as usize];
     for i in start..end {
         if ids[i as usize] == expert {
             row_of_slot[i as usize] = row;
@@ -164,29 +158,14 @@ fn gate_grad_kernel(dy: &Array<f32>, rows: &Array<f32>, row_of_slot: &Array<u32>
     dw[slot as usize] = acc;
 }
 
-/// Cubes for `n` units of `UNITS` each, spread over two grid dimensions.
-fn grid(n: usize) -> CubeCount {
-    let cubes = (n.div_ceil(UNITS as usize)).max(1) as u32;
-    let x = cubes.min(65_535);
-    CubeCount::Static(x, cubes.div_ceil(x), 1)
-}
-
-fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
-    let n: usize = shape.iter().product();
-    let handle = like.client.empty((n * 4).max(4));
-    CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), Shape::from(shape), handle, dtype)
-}
-
-fn array<R: CubeRuntime>(t: &CubeTensor<R>) -> ArrayArg<R> {
-    unsafe { ArrayArg::from_raw_parts(t.handle.clone(), t.meta.shape().num_elements().max(1)) }
+/// Cubes for `n` units of `UNITS` each.
+fn units(n: usize) -> CubeCount {
+    grid(n.div_ceil(UNITS as usize))
 }
 
 /// Uploads `[T, K]` expert choices as a `u32` tensor.
 pub fn upload_ids<R: CubeRuntime>(device: &R::Device, ids: &[u32], shape: [usize; 2]) -> CubeTensor<R> {
-    assert_eq!(ids.len(), shape[0] * shape[1], "ids must hold T × K values");
-    let client = R::client(device);
-    let handle = client.create_from_slice(bytemuck::cast_slice(ids));
-    CubeTensor::new_contiguous(client, device.clone(), Shape::from(shape.to_vec()), handle, DType::U32)
+    crate::cube::upload(device, ids, &shape, DType::U32)
 }
 
 /// Sorts the router's choices by expert. `indices`: `[T, K]`, 32-bit integers in `0..E`.
@@ -200,15 +179,16 @@ pub fn plan<R: CubeRuntime>(indices: CubeTensor<R>, n_experts: usize) -> DeviceD
     let (tokens, top_k) = (dims[0], dims[1]);
     let n = tokens * top_k;
     let indices = into_contiguous(indices);
-    let counts = empty(&indices, vec![n_experts], DType::U32);
-    let offsets = empty(&indices, vec![n_experts + 1], DType::U32);
-    let row_of_slot = empty(&indices, vec![n], DType::U32);
-    let slot_of_row = empty(&indices, vec![n], DType::U32);
+    let counts = empty(&indices, &[n_experts], DType::U32);
+    let chunk_prefix = empty(&indices, &[n_experts, SORT_UNITS as usize], DType::U32);
+    let offsets = empty(&indices, &[n_experts + 1], DType::U32);
+    let row_of_slot = empty(&indices, &[n], DType::U32);
+    let slot_of_row = empty(&indices, &[n], DType::U32);
     let client = &indices.client;
     let per_expert = CubeCount::Static(n_experts as u32, 1, 1);
-    count_kernel::launch(client, per_expert.clone(), CubeDim::new_1d(SORT_UNITS), array(&indices), array(&counts), n as u32);
+    count_kernel::launch(client, per_expert.clone(), CubeDim::new_1d(SORT_UNITS), array(&indices), array(&counts), array(&chunk_prefix), n as u32);
     offsets_kernel::launch(client, CubeCount::Static(1, 1, 1), CubeDim::new_1d(1), array(&counts), array(&offsets), n_experts as u32);
-    place_kernel::launch(client, per_expert, CubeDim::new_1d(SORT_UNITS), array(&indices), array(&offsets), array(&row_of_slot), array(&slot_of_row), n as u32);
+    place_kernel::launch(client, per_expert, CubeDim::new_1d(SORT_UNITS), array(&indices), array(&offsets), array(&chunk_prefix), array(&row_of_slot), array(&slot_of_row), n as u32);
     DeviceDispatch { counts, offsets, row_of_slot, slot_of_row, tokens, top_k, n_experts }
 }
 
@@ -218,11 +198,11 @@ pub fn dispatch<R: CubeRuntime>(x: CubeTensor<R>, plan: &DeviceDispatch<R>, weig
     let d = x.meta.shape()[1];
     let x = into_contiguous(x);
     let rows = plan.tokens * plan.top_k;
-    let out = empty(&x, vec![rows, d], DType::F32);
+    let out = empty(&x, &[rows, d], DType::F32);
     let weights = weights.map(into_contiguous);
     let weighted = weights.is_some();
     let w = weights.as_ref().unwrap_or(&x);
-    dispatch_kernel::launch(&x.client, grid(rows * d), CubeDim::new_1d(UNITS), array(&x), array(w), array(&plan.slot_of_row), array(&out), rows as u32, d as u32, plan.top_k as u32, weighted);
+    dispatch_kernel::launch(&x.client, units(rows * d), CubeDim::new_1d(UNITS), array(&x), array(w), array(&plan.slot_of_row), array(&out), rows as u32, d as u32, plan.top_k as u32, weighted);
     out
 }
 
@@ -231,11 +211,11 @@ pub fn dispatch<R: CubeRuntime>(x: CubeTensor<R>, plan: &DeviceDispatch<R>, weig
 pub fn combine<R: CubeRuntime>(rows: CubeTensor<R>, plan: &DeviceDispatch<R>, weights: Option<CubeTensor<R>>) -> CubeTensor<R> {
     let d = rows.meta.shape()[1];
     let rows = into_contiguous(rows);
-    let y = empty(&rows, vec![plan.tokens, d], DType::F32);
+    let y = empty(&rows, &[plan.tokens, d], DType::F32);
     let weights = weights.map(into_contiguous);
     let weighted = weights.is_some();
     let w = weights.as_ref().unwrap_or(&rows);
-    combine_kernel::launch(&rows.client, grid(plan.tokens * d), CubeDim::new_1d(UNITS), array(&rows), array(w), array(&plan.row_of_slot), array(&y), plan.tokens as u32, d as u32, plan.top_k as u32, weighted);
+    combine_kernel::launch(&rows.client, units(plan.tokens * d), CubeDim::new_1d(UNITS), array(&rows), array(w), array(&plan.row_of_slot), array(&y), plan.tokens as u32, d as u32, plan.top_k as u32, weighted);
     y
 }
 
@@ -245,7 +225,7 @@ pub fn gate_grad<R: CubeRuntime>(dy: CubeTensor<R>, rows: CubeTensor<R>, plan: &
     let d = rows.meta.shape()[1];
     let (dy, rows) = (into_contiguous(dy), into_contiguous(rows));
     let slots = plan.tokens * plan.top_k;
-    let dw = empty(&rows, vec![plan.tokens, plan.top_k], DType::F32);
-    gate_grad_kernel::launch(&rows.client, grid(slots), CubeDim::new_1d(UNITS), array(&dy), array(&rows), array(&plan.row_of_slot), array(&dw), slots as u32, d as u32, plan.top_k as u32);
+    let dw = empty(&rows, &[plan.tokens, plan.top_k], DType::F32);
+    gate_grad_kernel::launch(&rows.client, units(slots), CubeDim::new_1d(UNITS), array(&dy), array(&rows), array(&plan.row_of_slot), array(&dw), slots as u32, d as u32, plan.top_k as u32);
     dw
 }
