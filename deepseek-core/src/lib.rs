@@ -16,6 +16,7 @@ pub mod model;
 pub mod moe;
 pub mod mtp;
 pub mod norm;
+pub mod parallel;
 pub mod params;
 pub mod rope;
 
@@ -33,4 +34,5 @@ pub use params::ParamCount;
 pub fn register_autodiff<B: burn::tensor::backend::Backend>() {
     fp8::register_autodiff::<B>();
     moe::register_autodiff::<B>();
+    parallel::register_autodiff::<B>();
 }

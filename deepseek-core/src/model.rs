@@ -216,6 +216,44 @@ impl<B: Backend> DeepSeekModel<B> {
         self
     }
 
+    /// The MoE layers of the model (main layers, then MTP modules).
+    fn moe_layers_mut(&mut self) -> impl Iterator<Item = &mut crate::moe::Moe<B>> {
+        self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block)).filter_map(|block| match &mut block.mlp {
+            crate::block::FeedForward::Moe(moe) => Some(moe),
+            crate::block::FeedForward::Dense(_) => None,
+        })
+    }
+
+    /// Spreads the routed experts of every MoE layer over the ranks of `parallel`'s exchange
+    /// (`None`: every expert on this rank). Every rank of the group must then run the same
+    /// forward and backward passes in step. The weights stay whole on every rank.
+    pub fn with_expert_parallel(mut self, parallel: Option<crate::parallel::ExpertParallel>) -> crate::parallel::Result<Self> {
+        if let Some(p) = &parallel {
+            if p.n_experts() != self.config.n_routed_experts {
+                return Err(crate::parallel::ParallelError::Config {
+                    field: "expert_parallel",
+                    problem: format!("placement for {} experts on a model with {}", p.n_experts(), self.config.n_routed_experts),
+                });
+            }
+        }
+        for moe in self.moe_layers_mut() {
+            moe.experts.parallel = parallel.clone();
+        }
+        Ok(self)
+    }
+
+    /// Node-limited routing on every MoE layer (`None`: off). See [`crate::moe::NodeLimit`].
+    pub fn with_node_limit(mut self, limit: Option<crate::moe::NodeLimit>) -> Result<Self> {
+        if let Some(l) = limit {
+            l.check(self.config.n_routed_experts, self.config.num_experts_per_tok)
+                .map_err(|problem| crate::DeepSeekError::Config { field: "node_limit".into(), problem })?;
+        }
+        for moe in self.moe_layers_mut() {
+            moe.gate.node_limit = limit;
+        }
+        Ok(self)
+    }
+
     /// [`DeepSeekModel::forward_with`] after [`DeepSeekModel::check_input`]: the entry point for
     /// untrusted input.
     pub fn try_forward(&self, input_ids: Tensor<B, 2, Int>, options: ForwardOptions) -> Result<ModelOutput<B>> {

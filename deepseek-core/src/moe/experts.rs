@@ -11,10 +11,16 @@
 //!   matmuls ("grouped GEMM"), two kernel launches instead of 2·E, which suits GPUs.
 //!   [`ExpertPath::Auto`] takes it when padding at most doubles the rows.
 //!
-//! Legend: T tokens, D model dim, E routed experts, K experts per token, I expert width.
+//! With expert parallelism ([`RoutedExperts::parallel`]) the dispatched rows travel to the ranks
+//! that own their experts and back (see [`crate::parallel`]); each rank computes only its own
+//! experts, per expert.
+//!
+//! Legend: T tokens, D model dim, E routed experts, K experts per token, I expert width,
+//! N expert-parallel ranks, R rows received by this rank.
 
 use super::dispatch::DispatchPlan;
 use crate::fp8::training::{matmul as fp8_matmul, GemmPrecision};
+use crate::parallel::{all_to_all, ExpertParallel, Route};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::tensor::{activation::silu, backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
@@ -43,6 +49,7 @@ impl RoutedExpertsConfig {
             down: uniform(i).init([e, i, d], device),
             path: ExpertPath::PerExpert,
             gemm: GemmPrecision::Full,
+            parallel: None,
         }
     }
 }
@@ -61,6 +68,10 @@ pub struct RoutedExperts<B: Backend> {
     /// How the expert GEMMs run (FP8 in FP8 training, per-expert path only).
     #[module(skip)]
     pub gemm: GemmPrecision,
+    /// Expert parallelism: which experts this rank computes and how rows reach them. `None`
+    /// computes every expert here.
+    #[module(skip)]
+    pub parallel: Option<ExpertParallel>,
 }
 
 /// Which way [`RoutedExperts`] runs.
@@ -93,6 +104,9 @@ impl<B: Backend> RoutedExperts<B> {
         let [tokens, d_model] = x.dims();
         let [_, top_k] = indices.dims();
         let [n_experts, _, _] = self.gate_up.dims();
+        if let Some(parallel) = &self.parallel {
+            return self.forward_parallel(x, indices, weights, parallel);
+        }
         #[cfg(feature = "kernels")]
         if matches!(path, ExpertPath::Auto | ExpertPath::PerExpert) && x.dtype() == burn::tensor::DType::F32 && weights.dtype() == burn::tensor::DType::F32 {
             if let Some(y) = self.on_device(x.clone(), &indices, weights.clone(), n_experts) {
@@ -151,8 +165,70 @@ impl<B: Backend> RoutedExperts<B> {
     fn on_device(&self, x: Tensor<B, 2>, indices: &Tensor<B, 2, Int>, weights: Tensor<B, 2>, n_experts: usize) -> Option<Tensor<B, 2>> {
         let plan = super::device::plan::<B>(&indices.clone().into_primitive(), n_experts)?;
         let rows = super::device::dispatch(x, &plan)?; // [T·K, D] grouped by expert
-        let expert_out = self.per_expert_rows(rows, &plan.counts); // [T·K, D]
+        let expert_out = self.per_expert_rows(rows, &plan.counts, 0); // [T·K, D]
         super::device::combine(expert_out, weights, &plan)
+    }
+
+    /// Expert parallelism: dispatch here, send each expert's rows to its owner, compute this
+    /// rank's experts on the rows every rank sent, send the results back, combine here.
+    ///
+    /// # Shapes
+    /// `x`: `[T, D]`, `indices`: `[T, K]`, `weights`: `[T, K]` → `[T, D]`.
+    ///
+    /// # Panics
+    /// If a peer fails or times out (the message names the rank); the model's forward has no
+    /// error channel, and the training driver reports the panic of a rank as its error.
+    fn forward_parallel(&self, x: Tensor<B, 2>, indices: Tensor<B, 2, Int>, weights: Tensor<B, 2>, parallel: &ExpertParallel) -> Tensor<B, 2> {
+        let [tokens, d_model] = x.dims();
+        let [_, top_k] = indices.dims();
+        let device = x.device();
+        let exchange = parallel.exchange();
+        let ranks = exchange.size();
+        let ids: Vec<i64> = indices.into_data().convert::<i64>().into_vec().expect("int tensor data");
+        let plan = DispatchPlan::new(&ids, top_k, parallel.n_experts());
+        let token_of_row = int_tensor::<B>(plan.token_of_row.clone(), &device);
+        // Rows grouped by expert are grouped by owner: experts are placed in contiguous blocks.
+        let dispatched = x.select(0, token_of_row.clone()); // [T·K, D]
+        let counts: Vec<Vec<u64>> = (0..ranks).map(|r| plan.rows_per_expert[parallel.experts_of(r)].iter().map(|&n| n as u64).collect()).collect();
+        let send: Vec<usize> = counts.iter().map(|c| c.iter().sum::<u64>() as usize).collect();
+        let received_counts = exchange.all_to_all_counts(counts).unwrap_or_else(|e| panic!("expert-parallel dispatch: {e}"));
+        let recv: Vec<usize> = received_counts.iter().map(|c| c.iter().sum::<u64>() as usize).collect();
+        let route = Route { send, recv, exchange: exchange.clone() };
+        let received = all_to_all(dispatched, &route).unwrap_or_else(|e| panic!("expert-parallel dispatch: {e}")); // [R, D] by source rank, then expert
+        // Regroup by local expert: row order (expert, source) instead of (source, expert).
+        let local = parallel.local_experts();
+        let mut source_start = vec![0usize; ranks];
+        for r in 1..ranks {
+            source_start[r] = source_start[r - 1] + route.recv[r - 1];
+        }
+        let mut by_expert = Vec::with_capacity(route.recv.iter().sum());
+        let mut rows_per_expert = vec![0usize; local.len()];
+        for (e, rows) in rows_per_expert.iter_mut().enumerate() {
+            for (r, c) in received_counts.iter().enumerate() {
+                let before: u64 = c[..e].iter().sum();
+                let start = source_start[r] + before as usize;
+                by_expert.extend((start..start + c[e] as usize).map(|row| row as i64));
+                *rows += c[e] as usize;
+            }
+        }
+        let computed = if by_expert.is_empty() {
+            // No rows for this rank's experts: pass the empty buffer on, which keeps this rank's
+            // half of the backward exchange on the autodiff graph.
+            received
+        } else {
+            let mut back = vec![0i64; by_expert.len()];
+            for (i, &row) in by_expert.iter().enumerate() {
+                back[row as usize] = i as i64;
+            }
+            let grouped = received.select(0, int_tensor::<B>(by_expert, &device)); // [R, D] by expert
+            let out = self.per_expert_rows(grouped, &rows_per_expert, local.start); // [R, D]
+            out.select(0, int_tensor::<B>(back, &device)) // [R, D] by source rank again
+        };
+        let returned = all_to_all(computed, &route.reversed()).unwrap_or_else(|e| panic!("expert-parallel combine: {e}")); // [T·K, D]
+        let rows = tokens * top_k;
+        let gate = weights.reshape([rows]).select(0, int_tensor::<B>(plan.slot_of_row.clone(), &device)).unsqueeze_dim::<2>(1); // [T·K, 1]
+        let weighted = returned.clone() * gate.cast(returned.dtype());
+        Tensor::zeros([tokens, d_model], &device).select_assign(0, token_of_row, weighted, IndexingUpdateOp::Add)
     }
 
     /// Each expert with tokens runs on its contiguous slice of the dispatched rows.
@@ -160,16 +236,17 @@ impl<B: Backend> RoutedExperts<B> {
     /// # Shapes
     /// `dispatched`: `[T·K, D]` grouped by expert → `[T·K, D]`.
     fn per_expert(&self, dispatched: Tensor<B, 2>, plan: &DispatchPlan) -> Tensor<B, 2> {
-        self.per_expert_rows(dispatched, &plan.rows_per_expert)
+        self.per_expert_rows(dispatched, &plan.rows_per_expert, 0)
     }
 
-    /// [`Self::per_expert`] given the rows of each expert.
-    fn per_expert_rows(&self, dispatched: Tensor<B, 2>, rows_per_expert: &[usize]) -> Tensor<B, 2> {
+    /// [`Self::per_expert`] given the rows of experts `first_expert..`, in order.
+    fn per_expert_rows(&self, dispatched: Tensor<B, 2>, rows_per_expert: &[usize], first_expert: usize) -> Tensor<B, 2> {
         let [_, d_model, two_i] = self.gate_up.dims();
         let [_, i, _] = self.down.dims();
         let mut outputs = Vec::new();
         let mut start = 0;
         for (e, &n) in rows_per_expert.iter().enumerate() {
+            let e = first_expert + e;
             if n == 0 {
                 continue;
             }

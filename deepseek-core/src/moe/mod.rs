@@ -20,7 +20,7 @@ use crate::config::DeepSeekConfig;
 use crate::mlp::{Mlp, MlpConfig};
 pub use dispatch::DispatchPlan;
 pub use experts::{ExpertPath, RoutedExperts, RoutedExpertsConfig};
-pub use router::{Router, RouterConfig, Routing};
+pub use router::{NodeLimit, Router, RouterConfig, Routing};
 
 /// How many MoE dispatches of this process ran on the device kernels (0 without GPU backends).
 pub fn device_dispatches() -> usize {

@@ -60,7 +60,41 @@ impl RouterConfig {
             topk_method: self.topk_method,
             norm_topk_prob: self.norm_topk_prob,
             routed_scaling_factor: self.routed_scaling_factor,
+            node_limit: None,
         }
+    }
+}
+
+/// Node-limited routing (DeepSeek-V3 §2.1.2): the experts are split into `nodes` contiguous
+/// blocks (the placement of expert parallelism, expert `e` on node `⌊e·nodes/E⌋`), and each token
+/// may use experts on at most `max_nodes` of them, the nodes with the highest sums of their
+/// `⌈K/max_nodes⌉` best biased scores. This bounds the all-to-all fan-out of every token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeLimit {
+    /// Blocks the experts are split into (devices or nodes).
+    pub nodes: usize,
+    /// Most nodes one token's experts may span.
+    pub max_nodes: usize,
+}
+
+impl NodeLimit {
+    /// Checks the limit against a layer of `n_experts` experts choosing `top_k`.
+    pub fn check(&self, n_experts: usize, top_k: usize) -> Result<(), String> {
+        if self.nodes == 0 || n_experts % self.nodes != 0 {
+            return Err(format!("{n_experts} experts cannot be split into {} nodes", self.nodes));
+        }
+        if self.max_nodes == 0 || self.max_nodes > self.nodes {
+            return Err(format!("max_nodes must be in 1..={}, got {}", self.nodes, self.max_nodes));
+        }
+        if self.max_nodes * (n_experts / self.nodes) < top_k {
+            return Err(format!("{} nodes of {} experts hold fewer than the {top_k} experts a token needs", self.max_nodes, n_experts / self.nodes));
+        }
+        Ok(())
+    }
+
+    /// Scores summed per node: the best `⌈K/M⌉` of each.
+    fn per_node(&self, top_k: usize, per_node: usize) -> usize {
+        top_k.div_ceil(self.max_nodes).clamp(1, per_node)
     }
 }
 
@@ -85,6 +119,9 @@ pub struct Router<B: Backend> {
     pub norm_topk_prob: bool,
     #[module(skip)]
     pub routed_scaling_factor: f64,
+    /// Node-limited routing, if set (a deployment choice, not part of the checkpoint).
+    #[module(skip)]
+    pub node_limit: Option<NodeLimit>,
 }
 
 /// The routing decision for a batch of tokens.
@@ -116,7 +153,15 @@ impl<B: Backend> Router<B> {
             None => scores.clone(),
         };
         if self.n_group > 1 && self.topk_method != TopkMethod::Greedy {
-            choice = self.mask_dropped_groups(choice);
+            let score = match self.topk_method {
+                TopkMethod::NoAuxTc => BlockScore::TopSum(2),
+                _ => BlockScore::Max,
+            };
+            choice = mask_blocks(choice, self.n_group, self.topk_group, score);
+        }
+        if let Some(limit) = self.node_limit {
+            let per_node = n_experts / limit.nodes;
+            choice = mask_blocks(choice, limit.nodes, limit.max_nodes, BlockScore::TopSum(limit.per_node(self.top_k, per_node)));
         }
         let (_, indices) = top_k(choice, self.top_k); // [T, K]
         let mut weights = scores.clone().gather(1, indices.clone()); // [T, K]
@@ -135,31 +180,44 @@ impl<B: Backend> Router<B> {
         );
         Routing { indices, weights, scores, counts }
     }
+}
 
-    /// Keeps the `topk_group` best groups per token; the others become −∞.
-    ///
-    /// # Shapes
-    /// `choice`: `[T, E]` → `[T, E]`.
-    fn mask_dropped_groups(&self, choice: Tensor<B, 2>) -> Tensor<B, 2> {
-        let [tokens, n_experts] = choice.dims();
-        let per_group = n_experts / self.n_group;
-        let grouped = choice.clone().reshape([tokens, self.n_group, per_group]); // [T, G, E/G]
-        let group_score = match self.topk_method {
-            TopkMethod::NoAuxTc => grouped.sort_descending(2).narrow(2, 0, 2).sum_dim(2), // [T, G, 1]
-            _ => grouped.max_dim(2),                              // [T, G, 1]
-        }
-        .reshape([tokens, self.n_group]); // [T, G]
-        let (_, keep) = top_k(group_score, self.topk_group); // [T, topk_group]
-        let device = choice.device();
-        let kept = Tensor::<B, 2, Int>::zeros([tokens, self.n_group], &device)
-            // Indices are distinct, so adding ones marks each kept group once.
-            .scatter(1, keep, Tensor::ones([tokens, self.topk_group], &device), burn::tensor::IndexingUpdateOp::Add)
-            .equal_elem(0) // [T, G] true where dropped
-            .reshape([tokens, self.n_group, 1])
-            .expand([tokens, self.n_group, per_group])
-            .reshape([tokens, n_experts]); // [T, E]
-        choice.mask_fill(kept, f32::NEG_INFINITY)
+/// How a block of experts (a group, or a node) is scored for one token.
+#[derive(Debug, Clone, Copy)]
+enum BlockScore {
+    /// The sum of its `m` best scores (V3 groups: `m = 2`; nodes: `⌈K/M⌉`).
+    TopSum(usize),
+    /// Its best score (V2 `group_limited_greedy`).
+    Max,
+}
+
+/// Splits the experts into `blocks` contiguous blocks, keeps the `keep` best blocks per token and
+/// sets the scores of the others to −∞.
+///
+/// # Shapes
+/// `choice`: `[T, E]` → `[T, E]`.
+fn mask_blocks<B: Backend>(choice: Tensor<B, 2>, blocks: usize, keep: usize, score: BlockScore) -> Tensor<B, 2> {
+    let [tokens, n_experts] = choice.dims();
+    if keep >= blocks {
+        return choice;
     }
+    let per_block = n_experts / blocks;
+    let grouped = choice.clone().reshape([tokens, blocks, per_block]); // [T, G, E/G]
+    let block_score = match score {
+        BlockScore::TopSum(m) => grouped.sort_descending(2).narrow(2, 0, m.min(per_block)).sum_dim(2), // [T, G, 1]
+        BlockScore::Max => grouped.max_dim(2),                                                       // [T, G, 1]
+    }
+    .reshape([tokens, blocks]); // [T, G]
+    let (_, kept) = top_k(block_score, keep); // [T, keep]
+    let device = choice.device();
+    let dropped = Tensor::<B, 2, Int>::zeros([tokens, blocks], &device)
+        // Indices are distinct, so adding ones marks each kept block once.
+        .scatter(1, kept, Tensor::ones([tokens, keep], &device), burn::tensor::IndexingUpdateOp::Add)
+        .equal_elem(0) // [T, G] true where dropped
+        .reshape([tokens, blocks, 1])
+        .expand([tokens, blocks, per_block])
+        .reshape([tokens, n_experts]); // [T, E]
+    choice.mask_fill(dropped, f32::NEG_INFINITY)
 }
 
 /// The `k` largest entries of each row and their indices, in decreasing order. Burn 0.21's
