@@ -31,6 +31,10 @@ pub enum TrainError {
     #[error("checkpoint `{path}`: {problem}")]
     Checkpoint { path: PathBuf, problem: String },
 
+    /// A rank of a parallel run failed (or lost a peer); the message names the cause.
+    #[error("rank {rank}: {problem}")]
+    Rank { rank: usize, problem: String },
+
     /// The loss or the gradient norm became NaN or infinite; nothing was written for this step.
     #[error("non-finite {what} ({value}) at step {step}; no checkpoint was written for it (lower the learning rate, or pass `--on-nonfinite skip`)")]
     NonFinite { step: usize, what: &'static str, value: f64 },

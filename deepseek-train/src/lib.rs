@@ -5,6 +5,7 @@ pub mod balance;
 pub mod checkpoint;
 pub mod corpus;
 pub mod data;
+pub mod distributed;
 pub mod error;
 pub mod export;
 pub mod loss;

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use deepseek_train::distributed::{Layout, Nodes};
 use deepseek_train::pretrain::{pretrain, DeviceKind, PretrainArgs};
 
 #[derive(Parser)]
@@ -73,9 +74,33 @@ struct PretrainCli {
     /// With --init-from: extend the context with YaRN by this factor (sets max_position_embeddings).
     #[arg(long)]
     yarn_factor: Option<f64>,
-    /// flex (CPU), wgpu or cuda.
-    #[arg(long, default_value = "flex")]
-    device: DeviceKind,
+    /// flex (CPU), wgpu or cuda; a list of devices for several ranks: cuda:0,cuda:1
+    /// (ranks are placed on it round-robin).
+    #[arg(long, default_value = "flex", value_parser = parse_devices)]
+    device: (DeviceKind, Vec<usize>),
+    /// Ranks in this process, one thread each (data parallel size: ranks / expert-parallel).
+    /// The global batch (--batch-size) is split over all ranks.
+    #[arg(long, default_value_t = 1)]
+    ranks: usize,
+    /// Expert-parallel group size: the routed experts of each MoE layer are spread over this
+    /// many ranks (must divide --ranks and the number of routed experts).
+    #[arg(long, default_value_t = 1)]
+    expert_parallel: usize,
+    /// Seconds a rank waits for a peer before the run stops with an error.
+    #[arg(long, default_value_t = 600)]
+    rank_timeout: u64,
+    /// Processes (nodes) in a multi-node run; each runs --ranks ranks.
+    #[arg(long, env = "DEEPSEEK_NODES")]
+    nodes: Option<usize>,
+    /// This process's index among --nodes.
+    #[arg(long, env = "DEEPSEEK_NODE_RANK")]
+    node_rank: Option<usize>,
+    /// host:port of node 0 (its orchestrator listens on port+1, node i's data service on port+2+i).
+    #[arg(long, env = "DEEPSEEK_MASTER")]
+    master: Option<String>,
+    /// This node's address as the other nodes reach it (default: the master's host).
+    #[arg(long, env = "DEEPSEEK_NODE_HOST")]
+    node_host: Option<String>,
     /// TOML file with any of the hyperparameters below (flags override it).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -219,6 +244,19 @@ fn main() -> Result<()> {
     if cli.steps.is_none() && cli.config.is_none() {
         bail!("--steps is required (or a --config file that sets `steps`)");
     }
+    let nodes = match (cli.nodes, cli.node_rank, &cli.master) {
+        (None | Some(1), None, None) => None,
+        (Some(count), Some(node), Some(master)) => {
+            let host = match &cli.node_host {
+                Some(h) => h.clone(),
+                None => master.rsplit_once(':').map(|(h, _)| h.to_string()).context("--master must be host:port")?,
+            };
+            Some(Nodes { node, count, master: master.clone(), host })
+        }
+        _ => bail!("a multi-node run needs --nodes, --node-rank and --master (or DEEPSEEK_NODES, DEEPSEEK_NODE_RANK, DEEPSEEK_MASTER)"),
+    };
+    let layout = Layout { ranks: cli.ranks, expert_parallel: cli.expert_parallel, timeout: std::time::Duration::from_secs(cli.rank_timeout), nodes };
+    let (device, device_ids) = cli.device;
     let args = PretrainArgs {
         preset: cli.preset,
         out: cli.out,
@@ -228,7 +266,9 @@ fn main() -> Result<()> {
         resume: cli.resume,
         init_from: cli.init_from,
         yarn_factor: cli.yarn_factor,
-        device: cli.device,
+        device,
+        device_ids,
+        layout,
         builtin_bytes: cli.builtin_bytes,
         val_fraction: cli.val_fraction,
         train,
@@ -238,4 +278,23 @@ fn main() -> Result<()> {
     let summary = pretrain(&args)?;
     println!("{summary}");
     Ok(())
+}
+
+/// `flex`, `cuda`, or a device list `cuda:0,cuda:1` (one kind).
+fn parse_devices(s: &str) -> std::result::Result<(DeviceKind, Vec<usize>), String> {
+    let mut kind = None;
+    let mut ids = Vec::new();
+    for item in s.split(',') {
+        let (name, id) = match item.split_once(':') {
+            Some((name, id)) => (name, Some(id.parse::<usize>().map_err(|_| format!("`{item}`: the device index must be a number"))?)),
+            None => (item, None),
+        };
+        let k: DeviceKind = name.parse()?;
+        if kind.is_some_and(|prev| prev != k) {
+            return Err(format!("`{s}` mixes backends: list devices of one kind"));
+        }
+        kind = Some(k);
+        ids.extend(id);
+    }
+    Ok((kind.ok_or("no device given")?, ids))
 }

@@ -56,6 +56,18 @@ pub struct AdamW<B: Backend> {
     moments: Vec<Option<Moments<B>>>,
 }
 
+impl<B: Backend> AdamW<B> {
+    /// A copy of the state on `device` (another data-parallel rank's).
+    pub fn to_device(&self, device: &B::Device) -> Self {
+        let moments = self
+            .moments
+            .iter()
+            .map(|m| m.as_ref().map(|m| Moments { m: m.m.clone().to_device(device), v: m.v.clone().to_device(device) }))
+            .collect();
+        Self { config: self.config, step: self.step, moments }
+    }
+}
+
 /// What one optimizer step saw.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepStats {

@@ -11,6 +11,7 @@ use deepseek_core::config::YarnConfig;
 use deepseek_core::{DeepSeekConfig, LoadOptions};
 
 use crate::checkpoint;
+use crate::distributed::{self, Layout, RankContext};
 use crate::data::{prepare, CorpusSource, DataConfig, Dataset, TokenizerSource};
 use crate::error::{Result, TrainError};
 use crate::export::export_hf;
@@ -39,6 +40,11 @@ pub struct PretrainArgs {
     pub model: Option<DeepSeekConfig>,
     /// Progress bar and per-evaluation lines on stderr.
     pub progress: bool,
+    /// Device indices of `device` the ranks are placed on, round-robin (empty: the default
+    /// device).
+    pub device_ids: Vec<usize>,
+    /// Ranks, expert parallelism and nodes (default: one rank).
+    pub layout: Layout,
 }
 
 impl PretrainArgs {
@@ -59,6 +65,8 @@ impl PretrainArgs {
             train,
             model: None,
             progress: false,
+            device_ids: Vec::new(),
+            layout: Layout::default(),
         }
     }
 }
@@ -112,14 +120,47 @@ impl fmt::Display for Summary {
 pub fn pretrain(args: &PretrainArgs) -> Result<Summary> {
     match args.device {
         #[cfg(feature = "flex")]
-        DeviceKind::Flex => run::<burn::backend::Autodiff<burn::backend::Flex>>(args, &Default::default()),
+        DeviceKind::Flex => {
+            if args.device_ids.iter().any(|&i| i != 0) {
+                return Err(TrainError::config("device", "Flex has a single device (flex:0); ranks share it"));
+            }
+            run::<burn::backend::Autodiff<burn::backend::Flex>>(args, &[Default::default()])
+        }
         #[cfg(feature = "wgpu")]
-        DeviceKind::Wgpu => run::<burn::backend::Autodiff<burn::backend::Wgpu>>(args, &Default::default()),
+        DeviceKind::Wgpu => {
+            use burn::backend::wgpu::WgpuDevice;
+            let devices: Vec<WgpuDevice> = match args.device_ids.as_slice() {
+                [] => vec![WgpuDevice::DefaultDevice],
+                ids => ids.iter().map(|&i| WgpuDevice::DiscreteGpu(i)).collect(),
+            };
+            for (d, id) in devices.iter().zip(&args.device_ids) {
+                probe::<burn::backend::Wgpu>(d, &format!("wgpu:{id}"))?;
+            }
+            run::<burn::backend::Autodiff<burn::backend::Wgpu>>(args, &devices)
+        }
         #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => run::<burn::backend::Autodiff<burn::backend::Cuda>>(args, &Default::default()),
+        DeviceKind::Cuda => {
+            use burn::backend::cuda::CudaDevice;
+            let ids = if args.device_ids.is_empty() { vec![0] } else { args.device_ids.clone() };
+            let available = deepseek_core::parallel::nccl::cuda_device_count();
+            if let Some(bad) = ids.iter().find(|&&i| i >= available) {
+                return Err(TrainError::config("device", format!("cuda:{bad} does not exist: this machine has {available} CUDA device(s)")));
+            }
+            let devices: Vec<CudaDevice> = ids.iter().map(|&i| CudaDevice::new(i)).collect();
+            run::<burn::backend::Autodiff<burn::backend::Cuda>>(args, &devices)
+        }
         #[allow(unreachable_patterns)]
         other => Err(TrainError::config("device", format!("this build has no {other} backend: rebuild with `--features {other}`"))),
     }
+}
+
+/// Checks that `device` can run a tensor operation (a missing adapter panics inside the backend).
+#[cfg(feature = "wgpu")]
+fn probe<B: Backend>(device: &B::Device, name: &str) -> Result<()> {
+    let device = device.clone();
+    std::panic::catch_unwind(move || burn::tensor::Tensor::<B, 1>::zeros([1], &device).into_data())
+        .map(|_| ())
+        .map_err(|_| TrainError::config("device", format!("{name} does not exist or cannot be opened")))
 }
 
 /// The model configuration a run trains: the preset or the `--init-from` config, with the MTP
@@ -195,50 +236,66 @@ fn data_config(args: &PretrainArgs, model: &DeepSeekConfig) -> Result<DataConfig
     Ok(data)
 }
 
-fn run<AB: AutodiffBackend>(args: &PretrainArgs, device: &AB::Device) -> Result<Summary> {
-    let start = Instant::now();
+/// The trainer of rank 0 (or of a single-rank run): fresh, resumed, or from `--init-from`.
+fn start<AB: AutodiffBackend>(args: &PretrainArgs, model_cfg: &DeepSeekConfig, device: &AB::Device) -> Result<Trainer<AB>> {
     let out = &args.out;
-    let model_cfg = model_config(args)?;
     let existing = checkpoint::latest(out);
     let mut trainer = if args.resume {
-        Trainer::<AB>::resume(out, &model_cfg, args.train.clone(), device)?
+        Trainer::<AB>::resume(out, model_cfg, args.train.clone(), device)?
     } else {
         if let Some((step, dir)) = existing {
             return Err(TrainError::checkpoint(&dir, format!("{} already holds a run (checkpoint at step {step}): pass --resume to continue it, or choose another --out", out.display())));
         }
-        let data_cfg = data_config(args, &model_cfg)?;
+        let data_cfg = data_config(args, model_cfg)?;
         let model = match &args.init_from {
             Some(dir) => {
                 let mut m = deepseek_core::load_model::<AB>(dir, device, LoadOptions::default())?;
                 // A new YaRN factor changes the rotary tables and the softmax scale only.
-                if m.config != model_cfg {
+                if m.config != *model_cfg {
                     m.rope = deepseek_core::rope::RotaryEmbedding::new(&model_cfg.rope, model_cfg.qk_rope_head_dim);
-                    m = with_config(m, &model_cfg);
+                    m = with_config(m, model_cfg);
                 }
                 m
             }
-            None => crate::trainer::init_model::<AB>(&model_cfg, args.train.seed, device),
+            None => crate::trainer::init_model::<AB>(model_cfg, args.train.seed, device),
         };
         Trainer::new(model, args.train.clone(), data_cfg, out, device)?
     };
     trainer.progress = args.progress;
+    Ok(trainer)
+}
+
+fn run<AB: AutodiffBackend>(args: &PretrainArgs, devices: &[AB::Device]) -> Result<Summary> {
+    let start_time = Instant::now();
+    let out = &args.out;
+    let model_cfg = model_config(args)?;
+    args.layout.validate(&model_cfg, args.train.batch_size)?;
+    let trainer = start::<AB>(args, &model_cfg, &devices[0])?;
     let data = prepare(&out.join("data"), &trainer.data_config)?;
     check_vocab(&data, &model_cfg)?;
     let entropy = data.meta.entropy_per_token;
-    let (mut last_step, mut last_eval) = (None, None);
     let progress = args.progress;
-    trainer.run(&data, |event| match event {
-        Event::Step(s) => last_step = Some(s.clone()),
+    let observe = |last_step: &mut Option<StepRecord>, last_eval: &mut Option<EvalRecord>, event: Event| match event {
+        Event::Step(s) => *last_step = Some(s.clone()),
         Event::Eval(e) => {
             if progress {
                 let floor = entropy.map(|h| format!(" (corpus entropy {h:.3})")).unwrap_or_default();
                 eprintln!("step {}: val_loss {:.4}{floor}, max_vio_global {:.3}", e.step, e.val_loss, e.max_vio_global);
             }
-            last_eval = Some(e.clone());
+            *last_eval = Some(e.clone());
         }
         Event::Checkpoint(_) => {}
-    })?;
-    let hf_dir = export_hf(&trainer.model.valid(), &data, out)?;
+    };
+    let (trainer, last_step, last_eval) = if args.layout.is_parallel() {
+        run_ranks(trainer, &args.layout, devices, &data, &observe)?
+    } else {
+        let mut trainer = trainer;
+        let (mut last_step, mut last_eval) = (None, None);
+        trainer.run(&data, |event| observe(&mut last_step, &mut last_eval, event))?;
+        (trainer, last_step, last_eval)
+    };
+    let model = trainer.model.valid().with_expert_parallel(None).map_err(|e| TrainError::config("expert_parallel", e.to_string()))?;
+    let hf_dir = export_hf(&model, &data, out)?;
     let metrics = out.join(METRICS_FILE);
     let plot_path = out.join("loss.png");
     plot(&metrics, &plot_path, entropy)?;
@@ -246,7 +303,7 @@ fn run<AB: AutodiffBackend>(args: &PretrainArgs, device: &AB::Device) -> Result<
         out: out.clone(),
         steps: trainer.step,
         tokens: trainer.tokens,
-        wall_s: start.elapsed().as_secs_f64(),
+        wall_s: start_time.elapsed().as_secs_f64(),
         last_step,
         last_eval,
         entropy,
@@ -255,6 +312,87 @@ fn run<AB: AutodiffBackend>(args: &PretrainArgs, device: &AB::Device) -> Result<
         metrics,
         model_config: model_cfg,
     })
+}
+
+type Observer<'a> = dyn Fn(&mut Option<StepRecord>, &mut Option<EvalRecord>, Event) + Sync + 'a;
+
+/// Runs this process's ranks of a parallel run, one thread each, and returns rank 0's trainer
+/// and last records. Any rank's error (or panic) is the run's error.
+fn run_ranks<AB: AutodiffBackend>(
+    primary: Trainer<AB>,
+    layout: &Layout,
+    devices: &[AB::Device],
+    data: &Dataset,
+    observe: &Observer,
+) -> Result<(Trainer<AB>, Option<StepRecord>, Option<EvalRecord>)> {
+    let _turn = distributed::collective_lock();
+    let node = layout.nodes.as_ref().map_or(0, |n| n.node);
+    if let Some(nodes) = &layout.nodes {
+        if nodes.node == 0 {
+            distributed::start_orchestrator(&nodes.master)?;
+        }
+    }
+    let config = distributed::collective_config(layout)?;
+    burn_collective::reset_collective::<AB::InnerBackend>();
+    let exchanges = distributed::expert_exchanges(layout);
+    let context = |r: usize| {
+        let rank = node * layout.ranks + r;
+        RankContext { rank, world: layout.world(), peer: (rank as u32).into() }
+    };
+    let mut trainers: Vec<Trainer<AB>> = (1..layout.ranks).map(|r| primary.replica(&devices[r % devices.len()], context(r))).collect();
+    let mut primary = primary;
+    primary.rank = Some(context(0));
+    trainers.insert(0, primary);
+    for (t, exchange) in trainers.iter_mut().zip(exchanges) {
+        t.model = distributed::with_experts(t.model.clone(), exchange)?;
+    }
+    let results: Vec<std::thread::Result<Result<(Trainer<AB>, Option<StepRecord>, Option<EvalRecord>)>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = trainers
+            .into_iter()
+            .enumerate()
+            .map(|(r, mut trainer)| {
+                let device = devices[r % devices.len()].clone();
+                let config = config.clone();
+                std::thread::Builder::new()
+                    .name(format!("rank-{}", node * layout.ranks + r))
+                    .spawn_scoped(scope, move || {
+                        let peer = trainer.rank.as_ref().expect("set above").peer;
+                        distributed::register::<AB::InnerBackend>(peer, &device, config)?;
+                        let (mut last_step, mut last_eval) = (None, None);
+                        let outcome = trainer.run(data, |event| observe(&mut last_step, &mut last_eval, event));
+                        distributed::finish::<AB::InnerBackend>(peer);
+                        outcome.map(|_| (trainer, last_step, last_eval))
+                    })
+                    .expect("spawn a rank thread")
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join()).collect()
+    });
+    let mut first = None;
+    let mut failure: Option<TrainError> = None;
+    for (r, result) in results.into_iter().enumerate() {
+        let rank = node * layout.ranks + r;
+        match result {
+            Ok(Ok(done)) => {
+                if r == 0 {
+                    first = Some(done);
+                }
+            }
+            // The first failing rank is the cause; the others usually report losing it.
+            Ok(Err(e)) => {
+                failure.get_or_insert(TrainError::Rank { rank, problem: e.to_string() });
+            }
+            Err(panic) => {
+                let problem = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panicked".into());
+                failure.get_or_insert(TrainError::Rank { rank, problem });
+            }
+        }
+    }
+    match (failure, first) {
+        (Some(e), _) => Err(e),
+        (None, Some(done)) => Ok(done),
+        (None, None) => unreachable!("rank 0 either finished or failed"),
+    }
 }
 
 /// Applies a configuration that differs only in RoPE settings (YaRN context extension): the

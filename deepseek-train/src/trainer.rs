@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::balance::{max_vio, update_model_biases};
 use crate::checkpoint::{self, TrainState};
 use crate::data::{DataConfig, Dataset, Windows};
+use crate::distributed::{self, RankContext};
 use crate::error::{Result, TrainError};
 use crate::loss::{batch_loss, BalanceMode, LossWeights};
 use crate::metrics::{EvalRecord, MetricsWriter, StepRecord};
@@ -236,7 +237,10 @@ pub struct Trainer<AB: AutodiffBackend> {
     pub tokens: u64,
     pub out: PathBuf,
     device: AB::Device,
-    metrics: MetricsWriter,
+    /// `None` on ranks other than 0 of a parallel run.
+    metrics: Option<MetricsWriter>,
+    /// This trainer's rank in a parallel run.
+    pub rank: Option<RankContext>,
     elapsed_before: f64,
     consecutive_skips: usize,
     /// Show a progress bar on stderr.
@@ -270,7 +274,8 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             tokens: 0,
             out: out.to_path_buf(),
             device: device.clone(),
-            metrics,
+            metrics: Some(metrics),
+            rank: None,
             elapsed_before: 0.0,
             consecutive_skips: 0,
             progress: false,
@@ -305,17 +310,53 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             tokens: state.tokens,
             out: out.to_path_buf(),
             device: device.clone(),
-            metrics,
+            metrics: Some(metrics),
+            rank: None,
             elapsed_before: state.elapsed_s,
             consecutive_skips: 0,
             progress: false,
         })
     }
 
+    /// A copy of this trainer for another rank of a parallel run on `device`: the same weights
+    /// (a fresh autodiff graph), optimizer state and position, no metrics of its own.
+    pub fn replica(&self, device: &AB::Device, rank: RankContext) -> Self {
+        Self {
+            model: distributed::replica(&self.model, device),
+            optim: self.optim.to_device(device),
+            config: self.config.clone(),
+            data_config: self.data_config.clone(),
+            step: self.step,
+            position: self.position,
+            tokens: self.tokens,
+            out: self.out.clone(),
+            device: device.clone(),
+            metrics: None,
+            rank: Some(rank),
+            elapsed_before: self.elapsed_before,
+            consecutive_skips: 0,
+            progress: false,
+        }
+    }
+
+    /// Whether this trainer writes metrics, evaluates and checkpoints (rank 0, or a single run).
+    pub fn is_primary(&self) -> bool {
+        self.rank.as_ref().is_none_or(RankContext::is_primary)
+    }
+
+    /// Ranks sharing each step's global batch.
+    fn world(&self) -> usize {
+        self.rank.as_ref().map_or(1, |r| r.world)
+    }
+
+    /// This rank's share of the global micro-batch at `position`: sequences
+    /// `position + rank·b/R ..` of `b/R`.
     fn batch(&self, windows: &mut Windows, seed: u64, position: u64, batch: usize) -> Tensor<AB, 2, Int> {
         let seq = self.config.seq_len;
-        let ids: Vec<i64> = (0..batch as u64).flat_map(|i| windows.shuffled(seed, position + i)).map(i64::from).collect();
-        Tensor::from_data(TensorData::new(ids, [batch, seq + 1]), &self.device)
+        let per_rank = batch / self.world();
+        let first = position + (self.rank.as_ref().map_or(0, |r| r.rank) * per_rank) as u64;
+        let ids: Vec<i64> = (0..per_rank as u64).flat_map(|i| windows.shuffled(seed, first + i)).map(i64::from).collect();
+        Tensor::from_data(TensorData::new(ids, [per_rank, seq + 1]), &self.device)
     }
 
     /// One optimizer step over `grad_accum` micro-batches.
@@ -330,7 +371,8 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             let ids = self.batch(windows, cfg.seed, self.position, cfg.batch_size);
             self.position += cfg.batch_size as u64;
             let loss = batch_loss(&self.model, ids, weights);
-            let scaled = loss.total.div_scalar(cfg.grad_accum as f64);
+            // Each rank's loss is a mean over its share: the global mean is their average.
+            let scaled = loss.total.div_scalar((cfg.grad_accum * self.world()) as f64);
             let grads = GradientsParams::from_grads(scaled.backward(), &self.model);
             accumulator.accumulate(&self.model, grads);
             main_sum += loss.main.into_scalar().elem::<f64>();
@@ -342,9 +384,26 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             }
             add_counts(&mut counts, loss.counts);
         }
+        let mut grads = accumulator.grads();
+        if let Some(rank) = &self.rank {
+            // One all-reduce: gradients, loss sums and expert loads of every rank.
+            let mut stats = vec![main_sum as f32, mtp_sum.unwrap_or(0.0) as f32, bal_sum.unwrap_or(0.0) as f32];
+            stats.extend(counts.iter().flatten().map(|&c| c as f32));
+            let (summed, stats) = distributed::all_reduce(&self.model, grads, stats, rank)?;
+            grads = summed;
+            let world = rank.world as f64;
+            main_sum = stats[0] as f64 / world;
+            mtp_sum = mtp_sum.map(|_| stats[1] as f64 / world);
+            bal_sum = bal_sum.map(|_| stats[2] as f64 / world);
+            let mut global = stats[3..].iter();
+            for layer in counts.iter_mut() {
+                for c in layer.iter_mut() {
+                    *c = global.next().map_or(0, |&v| v.round() as u64);
+                }
+            }
+        }
         let n = cfg.grad_accum as f64;
         let (loss, mtp_loss, balance_loss) = (main_sum / n, mtp_sum.map(|v| v / n), bal_sum.map(|v| v / n));
-        let grads = accumulator.grads();
         let lr = cfg.schedule().lr(self.step);
         let grad_norm = AdamW::<AB::InnerBackend>::global_norm::<AB, _>(&self.model, &grads);
         let total = loss + mtp_loss.unwrap_or(0.0) + balance_loss.unwrap_or(0.0);
@@ -387,15 +446,21 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             tokens: self.tokens,
             skipped,
         };
-        self.metrics.write(&record)?;
+        if let Some(metrics) = &mut self.metrics {
+            metrics.write(&record)?;
+        }
         Ok(record)
     }
 
     /// Loss and global MaxVio over the validation split (its first `eval_batches` batches, in
     /// file order), with the inference model (no autodiff graph).
     pub fn evaluate(&mut self, data: &Dataset) -> Result<EvalRecord> {
-        let record = evaluate(&self.model.valid(), &data.val, &self.config, self.step)?;
-        self.metrics.write(&record)?;
+        // Every expert is on every rank: evaluation runs here alone, without the exchange.
+        let model = self.model.valid().with_expert_parallel(None).map_err(|e| TrainError::config("expert_parallel", e.to_string()))?;
+        let record = evaluate(&model, &data.val, &self.config, self.step)?;
+        if let Some(metrics) = &mut self.metrics {
+            metrics.write(&record)?;
+        }
         Ok(record)
     }
 
@@ -440,6 +505,9 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             let record = self.train_step(&mut windows)?;
             observer(Event::Step(&record));
             let last = self.step == self.config.steps;
+            if !self.is_primary() {
+                continue;
+            }
             if last || (self.config.eval_every > 0 && self.step % self.config.eval_every == 0) {
                 let eval = self.evaluate(data)?;
                 observer(Event::Eval(&eval));

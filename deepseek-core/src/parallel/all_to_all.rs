@@ -55,6 +55,14 @@ pub fn all_to_all<B: Backend>(x: Tensor<B, 2>, route: &Route) -> Result<Tensor<B
     Ok(float(move_rows::<B>(x.into_primitive().tensor(), route)?))
 }
 
+static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many all-to-alls of rows this process has run (forward and backward): a way to check
+/// that a run took the expert-parallel path.
+pub fn calls() -> usize {
+    CALLS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The data movement on primitives of a non-autodiff backend, through host memory. The result
 /// keeps the input's dtype and device.
 fn move_rows<B: Backend>(x: FloatTensor<B>, route: &Route) -> Result<FloatTensor<B>> {
@@ -75,6 +83,7 @@ fn move_rows<B: Backend>(x: FloatTensor<B>, route: &Route) -> Result<FloatTensor
     }
     let recv_lens: Vec<usize> = route.recv.iter().map(|n| n * d).collect();
     let received = route.exchange.all_to_all(send, &recv_lens)?;
+    CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let out_rows: usize = route.recv.iter().sum();
     let out = Tensor::<B, 2>::from_data(TensorData::new(received.concat(), [out_rows, d]), &device); // [Σ recv, D]
     let out = if dtype == DType::F32 { out } else { out.cast(dtype) };

@@ -17,6 +17,11 @@ use super::error::{ParallelError, Result};
 use super::exchange::{check_len, check_send, Exchange, Traffic};
 use super::rendezvous::RendezvousConfig;
 
+/// CUDA devices on this machine (0 when the driver cannot be loaded).
+pub fn cuda_device_count() -> usize {
+    cudarc::driver::result::init().ok().and_then(|_| cudarc::driver::result::device::get_count().ok()).map_or(0, |n| n as usize)
+}
+
 /// One GPU rank of an NCCL communicator.
 pub struct NcclExchange {
     comm: Mutex<Comm>,

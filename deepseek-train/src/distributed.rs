@@ -1,0 +1,275 @@
+//! Data and expert parallelism for training (DeepSeek-V3 §3.2, scaled down): `R` ranks, each a
+//! thread with its own model replica, optimizer and device (round-robin on the device list, so
+//! several ranks may share one; Flex has a single device). Ranks form `R/E` data-parallel
+//! replicas of `E` expert-parallel ranks: within a replica every MoE layer sends each expert's
+//! rows to the rank that owns it ([`deepseek_core::parallel`]).
+//!
+//! Every step:
+//! - each rank takes its `batch_size / R` sequences of the global batch (the global batch is the
+//!   same whatever `R` is, so runs are comparable) and scales its loss by `1/R`;
+//! - after backward, one all-reduce (sum) through `burn-collective` carries every gradient, the
+//!   loss sums and the per-expert token counts of all ranks. Every rank then holds the gradient
+//!   of the global batch and the global expert loads, applies the same AdamW step and the same
+//!   bias update, and so stays identical to the others;
+//! - rank 0 alone writes metrics, evaluates and checkpoints.
+//!
+//! Parameters and optimizer state are replicated on every rank (no ZeRO sharding): expert
+//! parallelism here divides the expert compute, not the weight memory. A rank's gradient of an
+//! expert it does not own is zero, so the all-reduce also sums each expert's gradient over the
+//! data-parallel replicas that own it.
+//!
+//! Several processes (nodes) join through `burn-collective`'s global orchestrator (rank 0 of
+//! process 0 runs it); see `docs/distributed.md`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn_collective::{CollectiveConfig, PeerId, ReduceOperation};
+use deepseek_core::parallel::{Exchange, ExpertParallel, LocalExchange};
+use deepseek_core::{DeepSeekConfig, DeepSeekModel};
+
+use crate::error::{Result, TrainError};
+
+/// How the ranks of a run are laid out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// Ranks in this process.
+    pub ranks: usize,
+    /// Expert-parallel group size `E` (divides `ranks` and the routed experts).
+    pub expert_parallel: usize,
+    /// A peer that does not answer within this time is an error.
+    pub timeout: Duration,
+    /// Several processes: this process's place among them.
+    pub nodes: Option<Nodes>,
+}
+
+/// Several processes, one per node, each with `Layout::ranks` ranks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nodes {
+    /// This process, `0..count`.
+    pub node: usize,
+    pub count: usize,
+    /// `host:port` where node 0 runs the orchestrator (the rendezvous port).
+    pub master: String,
+    /// This node's address as the others reach it (`host`), for its data service.
+    pub host: String,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Self { ranks: 1, expert_parallel: 1, timeout: Duration::from_secs(600), nodes: None }
+    }
+}
+
+impl Layout {
+    /// Ranks over all processes.
+    pub fn world(&self) -> usize {
+        self.ranks * self.nodes.as_ref().map_or(1, |n| n.count)
+    }
+
+    /// Data-parallel replicas.
+    pub fn data_parallel(&self) -> usize {
+        self.world() / self.expert_parallel
+    }
+
+    /// Whether this is more than one rank.
+    pub fn is_parallel(&self) -> bool {
+        self.world() > 1
+    }
+
+    /// Checks the layout against the model and the batch.
+    pub fn validate(&self, model: &DeepSeekConfig, batch_size: usize) -> Result<()> {
+        if self.ranks == 0 {
+            return Err(TrainError::config("ranks", "must be at least 1"));
+        }
+        if self.expert_parallel == 0 || self.ranks % self.expert_parallel != 0 {
+            return Err(TrainError::config(
+                "expert_parallel",
+                format!("an expert-parallel group of {} ranks must divide the {} ranks of each process", self.expert_parallel, self.ranks),
+            ));
+        }
+        if self.expert_parallel > 1 && (model.n_routed_experts == 0 || model.n_routed_experts % self.expert_parallel != 0) {
+            return Err(TrainError::config(
+                "expert_parallel",
+                format!("{} routed experts cannot be split over {} expert-parallel ranks: choose a size that divides {}", model.n_routed_experts, self.expert_parallel, model.n_routed_experts),
+            ));
+        }
+        if batch_size % self.world() != 0 {
+            return Err(TrainError::config("batch_size", format!("the global batch of {batch_size} sequences must split evenly over {} ranks", self.world())));
+        }
+        if let Some(n) = &self.nodes {
+            if n.count == 0 || n.node >= n.count {
+                return Err(TrainError::config("node_rank", format!("node {} is outside {} nodes", n.node, n.count)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One rank's place in the run, held by its [`crate::Trainer`].
+#[derive(Debug, Clone)]
+pub struct RankContext {
+    /// This rank over all processes, `0..world`.
+    pub rank: usize,
+    pub world: usize,
+    /// Its `burn-collective` peer.
+    pub peer: PeerId,
+}
+
+impl RankContext {
+    /// Whether this rank writes metrics, evaluates and checkpoints.
+    pub fn is_primary(&self) -> bool {
+        self.rank == 0
+    }
+}
+
+/// The expert-parallel exchanges of this process's ranks: rank `r` joins group `r / E`.
+pub fn expert_exchanges(layout: &Layout) -> Vec<Option<Arc<dyn Exchange>>> {
+    if layout.expert_parallel <= 1 {
+        return vec![None; layout.ranks];
+    }
+    (0..layout.ranks / layout.expert_parallel)
+        .flat_map(|_| LocalExchange::group(layout.expert_parallel, layout.timeout))
+        .map(|e| Some(Arc::new(e) as Arc<dyn Exchange>))
+        .collect()
+}
+
+/// Puts a model replica under expert parallelism.
+pub fn with_experts<B: Backend>(model: DeepSeekModel<B>, exchange: Option<Arc<dyn Exchange>>) -> Result<DeepSeekModel<B>> {
+    let Some(exchange) = exchange else { return Ok(model) };
+    let experts = model.config.n_routed_experts;
+    let parallel = ExpertParallel::new(exchange, experts).map_err(|e| TrainError::config("expert_parallel", e.to_string()))?;
+    model.with_expert_parallel(Some(parallel)).map_err(|e| TrainError::config("expert_parallel", e.to_string()))
+}
+
+/// `burn-collective` keeps one local server per backend type: runs in one process take turns.
+static COLLECTIVE: Mutex<()> = Mutex::new(());
+
+/// Holds the process's collective for the duration of a parallel run.
+pub fn collective_lock() -> std::sync::MutexGuard<'static, ()> {
+    COLLECTIVE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The `burn-collective` configuration of `layout` (local peers; plus the global orchestrator
+/// and this node's data service when there are several processes).
+pub fn collective_config(layout: &Layout) -> Result<CollectiveConfig> {
+    let mut config = CollectiveConfig::default().with_num_devices(layout.ranks);
+    if let Some(n) = &layout.nodes {
+        let (host, port) = split_host_port(&n.master)?;
+        let data_port = port + 2 + n.node as u16;
+        config = config
+            .with_num_nodes(n.count as u32)
+            .with_global_address(format!("ws://{host}:{}", port + 1).parse().expect("any string is an address"))
+            .with_node_address(format!("ws://{}:{data_port}", n.host).parse().expect("any string is an address"))
+            .with_data_service_port(data_port);
+    }
+    Ok(config)
+}
+
+/// `host:port` → both parts.
+pub fn split_host_port(address: &str) -> Result<(String, u16)> {
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| TrainError::config("master", format!("`{address}` is not host:port")))?;
+    let port: u16 = port.parse().map_err(|_| TrainError::config("master", format!("`{address}`: the port is not a number")))?;
+    if port > u16::MAX - 64 {
+        return Err(TrainError::config("master", format!("port {port} leaves no room for the orchestrator and data ports above it")));
+    }
+    Ok((host.to_string(), port))
+}
+
+/// Starts `burn-collective`'s global orchestrator on the port above the master's (node 0 does
+/// this once per process; it serves until the process ends).
+pub fn start_orchestrator(master: &str) -> Result<()> {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    let (_, port) = split_host_port(master)?;
+    STARTED.call_once(|| {
+        std::thread::Builder::new()
+            .name("collective-orchestrator".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("a tokio runtime");
+                runtime.block_on(burn_collective::start_global_orchestrator(port + 1));
+            })
+            .expect("spawn the orchestrator thread");
+    });
+    Ok(())
+}
+
+/// Registers a rank with the collective.
+pub fn register<B: Backend>(peer: PeerId, device: &B::Device, config: CollectiveConfig) -> Result<()> {
+    burn_collective::register::<B>(peer, device.clone(), config).map_err(|e| TrainError::config("collective", format!("registering rank {peer}: {e:?}")))
+}
+
+/// Leaves the collective.
+pub fn finish<B: Backend>(peer: PeerId) {
+    let _ = burn_collective::finish_collective::<B>(peer);
+}
+
+/// Sums `grads` (every trainable parameter of `model`, zeros where this rank has none) and
+/// `stats` over all ranks in one all-reduce, and returns both. Every rank gets the same result.
+pub fn all_reduce<AB: AutodiffBackend>(model: &DeepSeekModel<AB>, grads: GradientsParams, stats: Vec<f32>, ctx: &RankContext) -> Result<(GradientsParams, Vec<f32>)> {
+    struct Flatten<'a, B: Backend> {
+        grads: &'a mut GradientsParams,
+        parts: Vec<Tensor<B, 1>>,
+        layout: Vec<(burn::module::ParamId, Vec<usize>)>,
+        device: B::Device,
+    }
+    impl<AB: AutodiffBackend> ModuleVisitor<AB> for Flatten<'_, AB::InnerBackend> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+            if !param.is_require_grad() {
+                return;
+            }
+            let shape = param.shape().dims::<D>().to_vec();
+            let n: usize = shape.iter().product();
+            let flat = match self.grads.remove::<AB::InnerBackend, D>(param.id) {
+                Some(g) => g.reshape([n]),
+                None => Tensor::zeros([n], &self.device),
+            };
+            self.parts.push(flat);
+            self.layout.push((param.id, shape));
+        }
+    }
+    let device = model.embed_tokens.weight.val().inner().device();
+    let mut grads = grads;
+    let mut flatten = Flatten::<AB::InnerBackend> { grads: &mut grads, parts: Vec::new(), layout: Vec::new(), device: device.clone() };
+    model.visit(&mut flatten);
+    let (mut parts, layout) = (flatten.parts, flatten.layout);
+    let n_stats = stats.len();
+    parts.push(Tensor::from_data(TensorData::new(stats, [n_stats]), &device));
+    let flat = Tensor::cat(parts, 0); // [Σ params + stats]
+    let reduced = burn_collective::all_reduce::<AB::InnerBackend>(ctx.peer, flat.into_primitive().tensor(), ReduceOperation::Sum)
+        .map_err(|e| TrainError::config("collective", format!("rank {}: gradient all-reduce failed: {e:?}", ctx.rank)))?;
+    let reduced: Tensor<AB::InnerBackend, 1> = Tensor::from_primitive(TensorPrimitive::Float(reduced));
+    let mut out = GradientsParams::new();
+    let mut start = 0;
+    for (id, shape) in layout {
+        let n: usize = shape.iter().product();
+        let part = reduced.clone().narrow(0, start, n);
+        register_grad::<AB::InnerBackend>(&mut out, id, part, &shape);
+        start += n;
+    }
+    let stats: Vec<f32> = reduced.narrow(0, start, n_stats).into_data().convert::<f32>().into_vec().expect("f32 stats");
+    Ok((out, stats))
+}
+
+/// Registers a flat gradient under `id` with its parameter's rank.
+fn register_grad<B: Backend>(grads: &mut GradientsParams, id: burn::module::ParamId, flat: Tensor<B, 1>, shape: &[usize]) {
+    match shape.len() {
+        1 => grads.register::<B, 1>(id, flat.reshape([shape[0]])),
+        2 => grads.register::<B, 2>(id, flat.reshape([shape[0], shape[1]])),
+        3 => grads.register::<B, 3>(id, flat.reshape([shape[0], shape[1], shape[2]])),
+        4 => grads.register::<B, 4>(id, flat.reshape([shape[0], shape[1], shape[2], shape[3]])),
+        r => panic!("parameters of rank {r} are not used by this model"),
+    }
+}
+
+/// A copy of `model` for another rank on `device`. `fork` detaches every parameter into a fresh
+/// autodiff leaf, so each rank has its own graph: ranks sharing parameter nodes would share one
+/// graph lock, and one rank's backward would block the others' while it waits in an all-to-all.
+pub fn replica<AB: AutodiffBackend>(model: &DeepSeekModel<AB>, device: &AB::Device) -> DeepSeekModel<AB> {
+    burn::module::Module::fork(model.clone(), device)
+}

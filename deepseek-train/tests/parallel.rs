@@ -1,0 +1,119 @@
+//! Data- and expert-parallel training against one rank: the `tiny` model trained a few steps
+//! with 2 data-parallel ranks, 2 expert-parallel ranks, and 2×2, all sharing the Flex device,
+//! logs the same losses and ends with the same weights as a single rank given the same global
+//! batch (within float tolerance: only the order of summation differs). Plus the layout errors.
+
+use std::path::Path;
+
+use deepseek_core::checkpoint::model_tensors;
+use deepseek_core::LoadOptions;
+use deepseek_train::distributed::Layout;
+use deepseek_train::metrics::StepRecord;
+use deepseek_train::pretrain::{pretrain, PretrainArgs};
+use deepseek_train::TrainConfig;
+
+type B = burn::backend::Flex;
+
+fn config() -> TrainConfig {
+    TrainConfig {
+        steps: 3,
+        batch_size: 4,
+        seq_len: 16,
+        grad_accum: 2,
+        seed: 5,
+        lr: 3e-3,
+        warmup_steps: 1,
+        eval_every: 0,
+        eval_batches: 1,
+        checkpoint_every: 0,
+        bias_gamma: 0.01,
+        ..Default::default()
+    }
+}
+
+fn args(out: &Path, ranks: usize, expert_parallel: usize) -> PretrainArgs {
+    let mut args = PretrainArgs::new("tiny", out, config());
+    args.builtin_bytes = Some(20_000);
+    args.layout = Layout { ranks, expert_parallel, ..Default::default() };
+    args
+}
+
+fn steps(out: &Path) -> Vec<StepRecord> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<StepRecord>(l).ok())
+        .filter(|r| r.tokens > 0)
+        .collect()
+}
+
+/// Every exported tensor, by name.
+fn weights(out: &Path) -> Vec<(String, Vec<f32>)> {
+    let model = deepseek_core::load_model::<B>(&out.join("hf"), &Default::default(), LoadOptions::default()).unwrap();
+    model_tensors(&model).into_iter().map(|t| (t.name, t.values)).collect()
+}
+
+#[test]
+fn data_and_expert_parallel_training_equals_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let single = dir.path().join("single");
+    pretrain(&args(&single, 1, 1)).unwrap();
+    let (want_steps, want_weights) = (steps(&single), weights(&single));
+    assert_eq!(want_steps.len(), 3);
+    for (ranks, ep) in [(2, 1), (2, 2), (4, 2)] {
+        let out = dir.path().join(format!("r{ranks}-ep{ep}"));
+        let before = deepseek_core::parallel::all_to_all::calls();
+        let summary = pretrain(&args(&out, ranks, ep)).unwrap();
+        let calls = deepseek_core::parallel::all_to_all::calls() - before;
+        // Per rank, step and micro-batch: each MoE layer (the MTP module's included) × 2
+        // directions × forward and backward.
+        let tiny = deepseek_core::DeepSeekConfig::tiny();
+        let moe_layers = tiny.num_hidden_layers - tiny.first_k_dense_replace + tiny.num_nextn_predict_layers;
+        let expected = if ep > 1 { ranks * config().steps * config().grad_accum * moe_layers * 2 * 2 } else { 0 };
+        assert_eq!(calls, expected, "ranks {ranks}, EP {ep}: all-to-alls");
+        assert_eq!(summary.steps, 3);
+        let got = steps(&out);
+        assert_eq!(got.len(), want_steps.len(), "rank 0 alone writes one record per step");
+        for (g, w) in got.iter().zip(&want_steps) {
+            let what = format!("ranks {ranks}, EP {ep}, step {}", g.step);
+            assert!((g.loss - w.loss).abs() <= 1e-5 * w.loss, "{what}: loss {} vs {}", g.loss, w.loss);
+            assert!((g.grad_norm - w.grad_norm).abs() <= 1e-4 * w.grad_norm, "{what}: grad norm {} vs {}", g.grad_norm, w.grad_norm);
+            assert_eq!(g.max_vio_batch, w.max_vio_batch, "{what}: the expert loads are summed over all ranks");
+            assert_eq!(g.tokens, w.tokens, "{what}: the global batch does not depend on the ranks");
+        }
+        // AdamW moves a weight by at most about `lr` per step whatever its gradient, so rounding
+        // in a near-zero gradient can move it by a fraction of that: allow 1% of the largest
+        // total movement, `lr · steps`.
+        let bound = 0.01 * config().lr as f32 * config().steps as f32;
+        let mut worst = (0f32, String::new());
+        for ((name, g), (_, w)) in weights(&out).iter().zip(&want_weights) {
+            for (a, b) in g.iter().zip(w) {
+                if (a - b).abs() > worst.0 {
+                    worst = ((a - b).abs(), name.clone());
+                }
+            }
+        }
+        eprintln!("ranks {ranks}, EP {ep}: largest weight difference {:.2e} in {} (bound {bound:.1e})", worst.0, worst.1);
+        assert!(worst.0 <= bound, "ranks {ranks}, EP {ep}: weights differ by {} in {}", worst.0, worst.1);
+    }
+}
+
+#[test]
+fn layouts_the_model_or_batch_cannot_take_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (Layout { ranks: 3, expert_parallel: 3, ..Default::default() }, "8 routed experts cannot be split over 3"),
+        (Layout { ranks: 3, expert_parallel: 2, ..Default::default() }, "must divide the 3 ranks"),
+        (Layout { ranks: 8, expert_parallel: 1, ..Default::default() }, "must split evenly over 8 ranks"),
+        (Layout { ranks: 0, expert_parallel: 1, ..Default::default() }, "at least 1"),
+    ];
+    for (layout, expected) in cases {
+        let mut a = args(&dir.path().join("bad"), 1, 1);
+        a.layout = layout.clone();
+        let err = pretrain(&a).err().unwrap_or_else(|| panic!("{layout:?} should fail")).to_string();
+        assert!(err.contains(expected), "{layout:?}: `{err}` lacks `{expected}`");
+    }
+    let mut a = args(&dir.path().join("bad"), 2, 1);
+    a.device_ids = vec![0, 1];
+    assert!(pretrain(&a).err().unwrap().to_string().contains("Flex has a single device"));
+}
