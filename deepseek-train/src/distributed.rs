@@ -18,8 +18,12 @@
 //! expert it does not own is zero, so the all-reduce also sums each expert's gradient over the
 //! data-parallel replicas that own it.
 //!
-//! Several processes (nodes) join through `burn-collective`'s global orchestrator (rank 0 of
-//! process 0 runs it); see `docs/distributed.md`.
+//! Several processes (nodes, one rank each, as torchrun starts one process per GPU) meet at a
+//! rendezvous and share one exchange (a TCP mesh, or NCCL between CUDA GPUs): the gradient
+//! all-reduce runs over all of it, and each expert-parallel group is a [`GroupView`] of it. See
+//! `docs/distributed.md`. (`burn-collective`'s global orchestrator was the first choice for the
+//! processes' all-reduce; with 0.21 its second all-reduce between two processes never completed,
+//! with the ring and the centralized strategies alike.)
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,7 +33,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use burn_collective::{CollectiveConfig, PeerId, ReduceOperation};
-use deepseek_core::parallel::{Exchange, ExpertParallel, LocalExchange};
+use deepseek_core::parallel::{Exchange, ExpertParallel, GroupView, LocalExchange, RendezvousConfig, TcpExchange};
 use deepseek_core::{DeepSeekConfig, DeepSeekModel};
 
 use crate::error::{Result, TrainError};
@@ -47,16 +51,36 @@ pub struct Layout {
     pub nodes: Option<Nodes>,
 }
 
-/// Several processes, one per node, each with `Layout::ranks` ranks.
+/// Several processes, one rank each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nodes {
     /// This process, `0..count`.
     pub node: usize,
     pub count: usize,
-    /// `host:port` where node 0 runs the orchestrator (the rendezvous port).
+    /// `host:port` of node 0's rendezvous.
     pub master: String,
-    /// This node's address as the others reach it (`host`), for its data service.
-    pub host: String,
+    /// How the processes exchange data.
+    pub transport: Transport,
+}
+
+/// The exchange between processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A TCP mesh (any backend).
+    Tcp,
+    /// NCCL between CUDA GPUs (feature `cuda`); the GPU is the rank's `--device` index.
+    Nccl,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "tcp" => Ok(Self::Tcp),
+            "nccl" => Ok(Self::Nccl),
+            other => Err(format!("unknown transport `{other}`: choose tcp or nccl")),
+        }
+    }
 }
 
 impl Default for Layout {
@@ -86,11 +110,8 @@ impl Layout {
         if self.ranks == 0 {
             return Err(TrainError::config("ranks", "must be at least 1"));
         }
-        if self.expert_parallel == 0 || self.ranks % self.expert_parallel != 0 {
-            return Err(TrainError::config(
-                "expert_parallel",
-                format!("an expert-parallel group of {} ranks must divide the {} ranks of each process", self.expert_parallel, self.ranks),
-            ));
+        if self.expert_parallel == 0 || self.world() % self.expert_parallel != 0 {
+            return Err(TrainError::config("expert_parallel", format!("an expert-parallel group of {} ranks must divide the {} ranks", self.expert_parallel, self.world())));
         }
         if self.expert_parallel > 1 && (model.n_routed_experts == 0 || model.n_routed_experts % self.expert_parallel != 0) {
             return Err(TrainError::config(
@@ -105,6 +126,9 @@ impl Layout {
             if n.count == 0 || n.node >= n.count {
                 return Err(TrainError::config("node_rank", format!("node {} is outside {} nodes", n.node, n.count)));
             }
+            if self.ranks != 1 {
+                return Err(TrainError::config("ranks", "a multi-process run has one rank per process (--ranks 1): start one process per device"));
+            }
         }
         Ok(())
     }
@@ -116,8 +140,17 @@ pub struct RankContext {
     /// This rank over all processes, `0..world`.
     pub rank: usize,
     pub world: usize,
-    /// Its `burn-collective` peer.
-    pub peer: PeerId,
+    /// How its gradients meet the others'.
+    pub reducer: Reducer,
+}
+
+/// The all-reduce of a rank's gradients.
+#[derive(Debug, Clone)]
+pub enum Reducer {
+    /// `burn-collective` between the threads of this process (tensors stay on their devices).
+    Collective(PeerId),
+    /// The exchange between processes (through host memory).
+    Exchange(Arc<dyn Exchange>),
 }
 
 impl RankContext {
@@ -154,49 +187,37 @@ pub fn collective_lock() -> std::sync::MutexGuard<'static, ()> {
     COLLECTIVE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The `burn-collective` configuration of `layout` (local peers; plus the global orchestrator
-/// and this node's data service when there are several processes).
-pub fn collective_config(layout: &Layout) -> Result<CollectiveConfig> {
-    let mut config = CollectiveConfig::default().with_num_devices(layout.ranks);
-    if let Some(n) = &layout.nodes {
-        let (host, port) = split_host_port(&n.master)?;
-        let data_port = port + 2 + n.node as u16;
-        config = config
-            .with_num_nodes(n.count as u32)
-            .with_global_address(format!("ws://{host}:{}", port + 1).parse().expect("any string is an address"))
-            .with_node_address(format!("ws://{}:{data_port}", n.host).parse().expect("any string is an address"))
-            .with_data_service_port(data_port);
-    }
-    Ok(config)
+/// The `burn-collective` configuration of this process's ranks.
+pub fn collective_config(layout: &Layout) -> CollectiveConfig {
+    CollectiveConfig::default().with_num_devices(layout.ranks)
 }
 
-/// `host:port` → both parts.
-pub fn split_host_port(address: &str) -> Result<(String, u16)> {
-    let (host, port) = address
-        .rsplit_once(':')
-        .ok_or_else(|| TrainError::config("master", format!("`{address}` is not host:port")))?;
-    let port: u16 = port.parse().map_err(|_| TrainError::config("master", format!("`{address}`: the port is not a number")))?;
-    if port > u16::MAX - 64 {
-        return Err(TrainError::config("master", format!("port {port} leaves no room for the orchestrator and data ports above it")));
+/// The exchange of a multi-process run: meets the other processes at the rendezvous, then
+/// connects the mesh (TCP) or the communicator (NCCL, on GPU `ordinal`).
+pub fn connect(nodes: &Nodes, timeout: Duration, ordinal: usize) -> Result<Arc<dyn Exchange>> {
+    let config = RendezvousConfig { rank: nodes.node, world: nodes.count, master: nodes.master.clone(), timeout };
+    let failed = |e: deepseek_core::parallel::ParallelError| TrainError::Rank { rank: nodes.node, problem: e.to_string() };
+    match nodes.transport {
+        Transport::Tcp => Ok(Arc::new(TcpExchange::connect(config.join(&[]).map_err(failed)?).map_err(failed)?)),
+        #[cfg(feature = "cuda")]
+        Transport::Nccl => Ok(Arc::new(deepseek_core::parallel::NcclExchange::connect(&config, ordinal).map_err(failed)?)),
+        #[cfg(not(feature = "cuda"))]
+        Transport::Nccl => {
+            let _ = ordinal;
+            Err(TrainError::config("transport", "NCCL needs a build with `--features cuda`"))
+        }
     }
-    Ok((host.to_string(), port))
 }
 
-/// Starts `burn-collective`'s global orchestrator on the port above the master's (node 0 does
-/// this once per process; it serves until the process ends).
-pub fn start_orchestrator(master: &str) -> Result<()> {
-    static STARTED: std::sync::Once = std::sync::Once::new();
-    let (_, port) = split_host_port(master)?;
-    STARTED.call_once(|| {
-        std::thread::Builder::new()
-            .name("collective-orchestrator".into())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("a tokio runtime");
-                runtime.block_on(burn_collective::start_global_orchestrator(port + 1));
-            })
-            .expect("spawn the orchestrator thread");
-    });
-    Ok(())
+/// The expert-parallel group of this rank within the processes' exchange: ranks
+/// `⌊rank/E⌋·E .. +E`.
+pub fn expert_group(world: &Arc<dyn Exchange>, expert_parallel: usize) -> Result<Option<Arc<dyn Exchange>>> {
+    if expert_parallel <= 1 {
+        return Ok(None);
+    }
+    let start = world.rank() / expert_parallel * expert_parallel;
+    let view = GroupView::new(world.clone(), start..start + expert_parallel).map_err(|e| TrainError::config("expert_parallel", e.to_string()))?;
+    Ok(Some(Arc::new(view)))
 }
 
 /// Registers a rank with the collective.
@@ -241,9 +262,19 @@ pub fn all_reduce<AB: AutodiffBackend>(model: &DeepSeekModel<AB>, grads: Gradien
     let n_stats = stats.len();
     parts.push(Tensor::from_data(TensorData::new(stats, [n_stats]), &device));
     let flat = Tensor::cat(parts, 0); // [Σ params + stats]
-    let reduced = burn_collective::all_reduce::<AB::InnerBackend>(ctx.peer, flat.into_primitive().tensor(), ReduceOperation::Sum)
-        .map_err(|e| TrainError::config("collective", format!("rank {}: gradient all-reduce failed: {e:?}", ctx.rank)))?;
-    let reduced: Tensor<AB::InnerBackend, 1> = Tensor::from_primitive(TensorPrimitive::Float(reduced));
+    let reduced: Tensor<AB::InnerBackend, 1> = match &ctx.reducer {
+        Reducer::Collective(peer) => {
+            let reduced = burn_collective::all_reduce::<AB::InnerBackend>(*peer, flat.into_primitive().tensor(), ReduceOperation::Sum)
+                .map_err(|e| TrainError::Rank { rank: ctx.rank, problem: format!("gradient all-reduce failed: {e:?}") })?;
+            Tensor::from_primitive(TensorPrimitive::Float(reduced))
+        }
+        Reducer::Exchange(exchange) => {
+            let n = flat.dims()[0];
+            let mut values: Vec<f64> = flat.into_data().convert::<f64>().into_vec().expect("f64 values");
+            exchange.all_reduce_sum(&mut values).map_err(|e| TrainError::Rank { rank: ctx.rank, problem: format!("gradient all-reduce failed: {e}") })?;
+            Tensor::from_data(TensorData::new(values.into_iter().map(|v| v as f32).collect::<Vec<f32>>(), [n]), &device)
+        }
+    };
     let mut out = GradientsParams::new();
     let mut start = 0;
     for (id, shape) in layout {

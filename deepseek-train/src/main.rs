@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use deepseek_train::distributed::{Layout, Nodes};
+use deepseek_train::distributed::{Layout, Nodes, Transport};
 use deepseek_train::pretrain::{pretrain, DeviceKind, PretrainArgs};
 
 #[derive(Parser)]
@@ -95,12 +95,12 @@ struct PretrainCli {
     /// This process's index among --nodes.
     #[arg(long, env = "DEEPSEEK_NODE_RANK")]
     node_rank: Option<usize>,
-    /// host:port of node 0 (its orchestrator listens on port+1, node i's data service on port+2+i).
+    /// host:port of node 0's rendezvous (node 0 listens there).
     #[arg(long, env = "DEEPSEEK_MASTER")]
     master: Option<String>,
-    /// This node's address as the other nodes reach it (default: the master's host).
-    #[arg(long, env = "DEEPSEEK_NODE_HOST")]
-    node_host: Option<String>,
+    /// How the processes exchange data: tcp, or nccl between CUDA GPUs.
+    #[arg(long, default_value = "tcp")]
+    transport: Transport,
     /// TOML file with any of the hyperparameters below (flags override it).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -185,6 +185,14 @@ struct Hyper {
 
 fn main() -> Result<()> {
     deepseek_train::alloc::keep_freed_memory();
+    // A rank thread that fails (a lost peer inside the model's forward) is reported once, as the
+    // run's error naming the rank: keep the default panic report for every other thread.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !std::thread::current().name().is_some_and(|n| n.starts_with("rank-")) {
+            default_hook(info);
+        }
+    }));
     let cli = match Cli::parse().command {
         Command::Pretrain(cli) => *cli,
         Command::Plot { metrics, out, floor } => {
@@ -246,13 +254,7 @@ fn main() -> Result<()> {
     }
     let nodes = match (cli.nodes, cli.node_rank, &cli.master) {
         (None | Some(1), None, None) => None,
-        (Some(count), Some(node), Some(master)) => {
-            let host = match &cli.node_host {
-                Some(h) => h.clone(),
-                None => master.rsplit_once(':').map(|(h, _)| h.to_string()).context("--master must be host:port")?,
-            };
-            Some(Nodes { node, count, master: master.clone(), host })
-        }
+        (Some(count), Some(node), Some(master)) => Some(Nodes { node, count, master: master.clone(), transport: cli.transport }),
         _ => bail!("a multi-node run needs --nodes, --node-rank and --master (or DEEPSEEK_NODES, DEEPSEEK_NODE_RANK, DEEPSEEK_MASTER)"),
     };
     let layout = Layout { ranks: cli.ranks, expert_parallel: cli.expert_parallel, timeout: std::time::Duration::from_secs(cli.rank_timeout), nodes };

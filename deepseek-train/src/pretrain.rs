@@ -11,7 +11,7 @@ use deepseek_core::config::YarnConfig;
 use deepseek_core::{DeepSeekConfig, LoadOptions};
 
 use crate::checkpoint;
-use crate::distributed::{self, Layout, RankContext};
+use crate::distributed::{self, Layout, RankContext, Reducer};
 use crate::data::{prepare, CorpusSource, DataConfig, Dataset, TokenizerSource};
 use crate::error::{Result, TrainError};
 use crate::export::export_hf;
@@ -287,7 +287,7 @@ fn run<AB: AutodiffBackend>(args: &PretrainArgs, devices: &[AB::Device]) -> Resu
         Event::Checkpoint(_) => {}
     };
     let (trainer, last_step, last_eval) = if args.layout.is_parallel() {
-        run_ranks(trainer, &args.layout, devices, &data, &observe)?
+        run_ranks(trainer, &args.layout, devices, args.device_ids.first().copied().unwrap_or(0), &data, &observe)?
     } else {
         let mut trainer = trainer;
         let (mut last_step, mut last_eval) = (None, None);
@@ -322,23 +322,29 @@ fn run_ranks<AB: AutodiffBackend>(
     primary: Trainer<AB>,
     layout: &Layout,
     devices: &[AB::Device],
+    device_ordinal: usize,
     data: &Dataset,
     observe: &Observer,
 ) -> Result<(Trainer<AB>, Option<StepRecord>, Option<EvalRecord>)> {
     let _turn = distributed::collective_lock();
-    let node = layout.nodes.as_ref().map_or(0, |n| n.node);
-    if let Some(nodes) = &layout.nodes {
-        if nodes.node == 0 {
-            distributed::start_orchestrator(&nodes.master)?;
-        }
-    }
-    let config = distributed::collective_config(layout)?;
-    burn_collective::reset_collective::<AB::InnerBackend>();
-    let exchanges = distributed::expert_exchanges(layout);
+    let (node, world_exchange) = match &layout.nodes {
+        Some(nodes) => (nodes.node, Some(distributed::connect(nodes, layout.timeout, device_ordinal)?)),
+        None => (0, None),
+    };
+    let exchanges = match &world_exchange {
+        Some(world) => vec![distributed::expert_group(world, layout.expert_parallel)?],
+        None => distributed::expert_exchanges(layout),
+    };
     let context = |r: usize| {
         let rank = node * layout.ranks + r;
-        RankContext { rank, world: layout.world(), peer: (rank as u32).into() }
+        let reducer = match &world_exchange {
+            Some(world) => Reducer::Exchange(world.clone()),
+            None => Reducer::Collective((r as u32).into()),
+        };
+        RankContext { rank, world: layout.world(), reducer }
     };
+    let config = distributed::collective_config(layout);
+    burn_collective::reset_collective::<AB::InnerBackend>();
     let mut trainers: Vec<Trainer<AB>> = (1..layout.ranks).map(|r| primary.replica(&devices[r % devices.len()], context(r))).collect();
     let mut primary = primary;
     primary.rank = Some(context(0));
@@ -356,11 +362,18 @@ fn run_ranks<AB: AutodiffBackend>(
                 std::thread::Builder::new()
                     .name(format!("rank-{}", node * layout.ranks + r))
                     .spawn_scoped(scope, move || {
-                        let peer = trainer.rank.as_ref().expect("set above").peer;
-                        distributed::register::<AB::InnerBackend>(peer, &device, config)?;
+                        let peer = match &trainer.rank.as_ref().expect("set above").reducer {
+                            Reducer::Collective(peer) => Some(*peer),
+                            Reducer::Exchange(_) => None,
+                        };
+                        if let Some(peer) = peer {
+                            distributed::register::<AB::InnerBackend>(peer, &device, config)?;
+                        }
                         let (mut last_step, mut last_eval) = (None, None);
                         let outcome = trainer.run(data, |event| observe(&mut last_step, &mut last_eval, event));
-                        distributed::finish::<AB::InnerBackend>(peer);
+                        if let Some(peer) = peer {
+                            distributed::finish::<AB::InnerBackend>(peer);
+                        }
                         outcome.map(|_| (trainer, last_step, last_eval))
                     })
                     .expect("spawn a rank thread")

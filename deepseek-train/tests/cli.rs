@@ -59,3 +59,131 @@ fn bad_input_is_a_clear_error() {
     assert!(!ok);
     assert!(stderr.contains("no checkpoint"), "{stderr}");
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn losses(out: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["loss"].as_f64())
+        .collect()
+}
+
+const PARALLEL: [&str; 14] = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "16", "--builtin-bytes", "20000", "--eval-batches", "1", "--steps", "3", "--seed", "5"];
+
+#[test]
+fn two_processes_on_localhost_train_like_two_ranks_in_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = format!("127.0.0.1:{}", free_port());
+    // Two processes, one rank each, experts split between them (EP=2) over the TCP mesh.
+    let spawn = |node: usize| {
+        let out = dir.path().join(format!("node{node}"));
+        Command::new(env!("CARGO_BIN_EXE_deepseek-train"))
+            .arg("pretrain")
+            .args(PARALLEL)
+            .args(["--expert-parallel", "2", "--rank-timeout", "60", "--out", out.to_str().unwrap()])
+            .env("DEEPSEEK_NODES", "2")
+            .env("DEEPSEEK_NODE_RANK", node.to_string())
+            .env("DEEPSEEK_MASTER", &master)
+            .output()
+            .expect("runs")
+    };
+    let (n1, n0) = std::thread::scope(|s| {
+        let n1 = s.spawn(|| spawn(1));
+        let n0 = spawn(0);
+        (n1.join().unwrap(), n0)
+    });
+    assert!(n0.status.success(), "node 0: {}", String::from_utf8_lossy(&n0.stderr));
+    assert!(n1.status.success(), "node 1: {}", String::from_utf8_lossy(&n1.stderr));
+
+    let in_process = dir.path().join("threads");
+    let mut args = PARALLEL.to_vec();
+    args.extend(["--ranks", "2", "--expert-parallel", "2", "--out", in_process.to_str().unwrap()]);
+    let (ok, _, stderr) = train(&args);
+    assert!(ok, "{stderr}");
+    let single = dir.path().join("single");
+    let mut args = PARALLEL.to_vec();
+    args.extend(["--out", single.to_str().unwrap()]);
+    assert!(train(&args).0);
+
+    let (procs, threads, one) = (losses(&dir.path().join("node0")), losses(&in_process), losses(&single));
+    assert_eq!(procs.len(), 3);
+    assert_eq!(procs, threads, "processes and threads sum the same numbers in the same order");
+    for (p, o) in procs.iter().zip(&one) {
+        assert!((p - o).abs() <= 1e-5 * o, "two processes {p} vs one rank {o}");
+    }
+}
+
+#[test]
+fn parallel_layouts_and_ranks_that_never_join_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out = out.to_str().unwrap();
+    let port = free_port().to_string();
+    let master = format!("127.0.0.1:{port}");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--ranks", "3", "--expert-parallel", "3", "--batch-size", "3"], "8 routed experts cannot be split over 3"),
+        (vec!["--ranks", "2", "--device", "flex:0,flex:1"], "Flex has a single device"),
+        (vec!["--ranks", "2", "--device", "flex,wgpu:1"], "mixes backends"),
+        (vec!["--ranks", "3", "--batch-size", "4"], "must split evenly over 3 ranks"),
+        (vec!["--nodes", "2", "--node-rank", "1"], "needs --nodes, --node-rank and --master"),
+        (vec!["--nodes", "2", "--node-rank", "2", "--master", &master], "node 2 is outside 2 nodes"),
+        (vec!["--nodes", "2", "--node-rank", "0", "--master", &master, "--ranks", "2"], "one rank per process"),
+        // Rank 1 starts, but rank 0 never does.
+        (vec!["--nodes", "2", "--node-rank", "1", "--master", &master, "--rank-timeout", "2"], "could not reach the master"),
+        // Rank 0 starts, but rank 1 never joins.
+        (vec!["--nodes", "2", "--node-rank", "0", "--master", &master, "--rank-timeout", "2"], "never joined"),
+        (vec!["--nodes", "2", "--node-rank", "0", "--master", &master, "--transport", "nccl"], "NCCL needs a build with `--features cuda`"),
+    ];
+    for (extra, expected) in cases {
+        let mut args = vec!["--preset", "tiny", "--steps", "1", "--out", out, "--builtin-bytes", "20000", "--seq-len", "16"];
+        args.extend(extra.iter());
+        let (ok, _, stderr) = train(&args);
+        assert!(!ok, "{extra:?} should fail");
+        assert!(stderr.contains(expected), "{extra:?}: expected `{expected}` in\n{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        let _ = std::fs::remove_dir_all(out);
+    }
+}
+
+#[test]
+fn a_process_that_dies_mid_run_stops_the_others_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = format!("127.0.0.1:{}", free_port());
+    for ep in ["1", "2"] {
+        let start = |node: usize| {
+            let mut args = PARALLEL.to_vec();
+            // Long enough to be killed while training.
+            args[11] = "100000";
+            let out = dir.path().join(format!("ep{ep}-node{node}"));
+            Command::new(env!("CARGO_BIN_EXE_deepseek-train"))
+                .arg("pretrain")
+                .args(args)
+                .args(["--expert-parallel", ep, "--rank-timeout", "60", "--checkpoint-every", "0", "--eval-every", "0", "--out", out.to_str().unwrap()])
+                .args(["--nodes", "2", "--node-rank", &node.to_string(), "--master", &master])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("starts")
+        };
+        let mut n1 = start(1);
+        let n0 = start(0);
+        let metrics = dir.path().join(format!("ep{ep}-node0/metrics.jsonl"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 2) {
+            assert!(std::time::Instant::now() < deadline, "node 0 never trained");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        n1.kill().unwrap();
+        n1.wait().unwrap();
+        let out = n0.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "node 0 must stop");
+        assert!(stderr.contains("lost rank 1") || stderr.contains("waited"), "EP {ep}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

@@ -7,12 +7,14 @@
 //! - [`exchange`]: the [`Exchange`] interface between ranks.
 //! - [`local`], [`tcp`], [`nccl`]: its implementations (threads, processes over TCP, CUDA GPUs).
 //! - [`rendezvous`]: the multi-process bootstrap (rank, world, master address).
+//! - [`group`]: a contiguous group of ranks of a larger exchange.
 //! - [`placement`]: [`ExpertParallel`], which experts a rank owns.
 //! - [`all_to_all`]: the differentiable all-to-all of rows.
 
 pub mod all_to_all;
 pub mod error;
 pub mod exchange;
+pub mod group;
 pub mod local;
 #[cfg(feature = "cuda")]
 pub mod nccl;
@@ -23,6 +25,7 @@ pub mod tcp;
 pub use all_to_all::{all_to_all, Route};
 pub use error::{ParallelError, Result};
 pub use exchange::Exchange;
+pub use group::GroupView;
 pub use local::LocalExchange;
 #[cfg(feature = "cuda")]
 pub use nccl::NcclExchange;
