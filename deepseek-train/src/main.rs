@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use deepseek_core::moe::NodeLimit;
 use deepseek_train::distributed::{Layout, Nodes, Transport};
 use deepseek_train::pretrain::{pretrain, DeviceKind, PretrainArgs};
 
@@ -181,6 +182,10 @@ struct Hyper {
     /// FP8 mixed precision: E4M3 GEMM operands with 1×128 / 128×128 scales, forward and backward.
     #[arg(long)]
     fp8: bool,
+    /// Node-limited routing NODES:M: the experts split into NODES blocks, each token's experts
+    /// on at most M of them (chosen by the sums of their best K/M scores).
+    #[arg(long, value_parser = parse_node_limit)]
+    node_limit: Option<NodeLimit>,
 }
 
 fn main() -> Result<()> {
@@ -248,6 +253,9 @@ fn main() -> Result<()> {
     if h.fp8 {
         train.fp8 = true;
     }
+    if let Some(limit) = h.node_limit {
+        train.node_limit = Some(limit);
+    }
     set!(on_nonfinite = h.on_nonfinite.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?);
     if cli.steps.is_none() && cli.config.is_none() {
         bail!("--steps is required (or a --config file that sets `steps`)");
@@ -299,4 +307,11 @@ fn parse_devices(s: &str) -> std::result::Result<(DeviceKind, Vec<usize>), Strin
         ids.extend(id);
     }
     Ok((kind.ok_or("no device given")?, ids))
+}
+
+/// `NODES:M`.
+fn parse_node_limit(s: &str) -> std::result::Result<NodeLimit, String> {
+    let (nodes, max) = s.split_once(':').ok_or_else(|| format!("`{s}`: expected NODES:M, e.g. 8:4"))?;
+    let number = |v: &str| v.parse::<usize>().map_err(|_| format!("`{s}`: `{v}` is not a number"));
+    Ok(NodeLimit { nodes: number(nodes)?, max_nodes: number(max)? })
 }

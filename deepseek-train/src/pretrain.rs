@@ -158,7 +158,7 @@ pub fn pretrain(args: &PretrainArgs) -> Result<Summary> {
 #[cfg(feature = "wgpu")]
 fn probe<B: Backend>(device: &B::Device, name: &str) -> Result<()> {
     let device = device.clone();
-    std::panic::catch_unwind(move || burn::tensor::Tensor::<B, 1>::zeros([1], &device).into_data())
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || burn::tensor::Tensor::<B, 1>::zeros([1], &device).into_data()))
         .map(|_| ())
         .map_err(|_| TrainError::config("device", format!("{name} does not exist or cannot be opened")))
 }

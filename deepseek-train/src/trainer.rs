@@ -99,6 +99,10 @@ pub struct TrainConfig {
     /// (1×128 activation tiles, 128×128 weight blocks) in forward and backward, f32 accumulation
     /// and master weights.
     pub fp8: bool,
+    /// Node-limited routing (DeepSeek-V3 §2.1.2): each token's experts on at most `max_nodes`
+    /// of `nodes` contiguous blocks of experts (the expert-parallel placement). TOML:
+    /// `node_limit = { nodes = 4, max_nodes = 2 }`.
+    pub node_limit: Option<deepseek_core::moe::NodeLimit>,
 }
 
 impl Default for TrainConfig {
@@ -131,6 +135,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 3,
             on_nonfinite: NonFinitePolicy::Stop,
             fp8: false,
+            node_limit: None,
         }
     }
 }
@@ -191,6 +196,9 @@ impl TrainConfig {
         if !(0.0..=1.0).contains(&self.decay_start) || !(self.decay_start..=1.0).contains(&self.decay_end) {
             return Err(TrainError::config("decay_start/decay_end", "need 0 ≤ decay_start ≤ decay_end ≤ 1"));
         }
+        if let Some(limit) = self.node_limit {
+            limit.check(model.n_routed_experts, model.num_experts_per_tok).map_err(|problem| TrainError::config("node_limit", problem))?;
+        }
         if self.balance == BalanceMode::AuxFree && !model.topk_method.has_bias() && model.n_routed_experts > 0 {
             return Err(TrainError::config("balance", "aux-free balancing needs a router with a selection bias (topk_method noaux_tc)"));
         }
@@ -213,8 +221,10 @@ pub fn init_model<B: burn::tensor::backend::Backend>(config: &DeepSeekConfig, se
 /// Sets the model's GEMM precision from the recipe, after installing this backend's custom
 /// autodiff operations.
 fn with_precision<AB: AutodiffBackend>(model: DeepSeekModel<AB>, config: &TrainConfig) -> Result<DeepSeekModel<AB>> {
-    // The device MoE dispatch/combine (GPU backends) and the FP8 GEMM need their autodiff nodes.
+    // The device MoE dispatch/combine (GPU backends), the expert-parallel all-to-all and the FP8
+    // GEMM need their autodiff nodes.
     deepseek_core::register_autodiff::<AB::InnerBackend>();
+    let model = model.with_node_limit(config.node_limit)?;
     if !config.fp8 {
         return Ok(model.with_gemm_precision(GemmPrecision::Full));
     }

@@ -130,6 +130,8 @@ fn parallel_layouts_and_ranks_that_never_join_are_clear_errors() {
         (vec!["--ranks", "2", "--device", "flex:0,flex:1"], "Flex has a single device"),
         (vec!["--ranks", "2", "--device", "flex,wgpu:1"], "mixes backends"),
         (vec!["--ranks", "3", "--batch-size", "4"], "must split evenly over 3 ranks"),
+        (vec!["--node-limit", "3:1"], "cannot be split into 3 nodes"),
+        (vec!["--node-limit", "4"], "expected NODES:M"),
         (vec!["--nodes", "2", "--node-rank", "1"], "needs --nodes, --node-rank and --master"),
         (vec!["--nodes", "2", "--node-rank", "2", "--master", &master], "node 2 is outside 2 nodes"),
         (vec!["--nodes", "2", "--node-rank", "0", "--master", &master, "--ranks", "2"], "one rank per process"),

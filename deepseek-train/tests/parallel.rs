@@ -14,6 +14,13 @@ use deepseek_train::TrainConfig;
 
 type B = burn::backend::Flex;
 
+/// The all-to-all counter is per process: the tests of this file take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn config() -> TrainConfig {
     TrainConfig {
         steps: 3,
@@ -55,6 +62,7 @@ fn weights(out: &Path) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn data_and_expert_parallel_training_equals_one_rank() {
+    let _turn = serial();
     let dir = tempfile::tempdir().unwrap();
     let single = dir.path().join("single");
     pretrain(&args(&single, 1, 1)).unwrap();
@@ -116,4 +124,30 @@ fn layouts_the_model_or_batch_cannot_take_are_errors() {
     let mut a = args(&dir.path().join("bad"), 2, 1);
     a.device_ids = vec![0, 1];
     assert!(pretrain(&a).err().unwrap().to_string().contains("Flex has a single device"));
+}
+
+#[test]
+fn node_limited_routing_is_part_of_the_recipe_and_parallel_runs_agree_on_it() {
+    let _turn = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let limited = |out: &Path, ranks, ep| {
+        let mut a = args(out, ranks, ep);
+        // tiny: 8 experts, top-2; one node of the two per token.
+        a.train.node_limit = Some(deepseek_core::moe::NodeLimit { nodes: 2, max_nodes: 1 });
+        a
+    };
+    let (free, one, two) = (dir.path().join("free"), dir.path().join("one"), dir.path().join("two"));
+    pretrain(&args(&free, 1, 1)).unwrap();
+    pretrain(&limited(&one, 1, 1)).unwrap();
+    pretrain(&limited(&two, 2, 2)).unwrap();
+    let (free, one, two) = (steps(&free), steps(&one), steps(&two));
+    assert_ne!(free[1].loss, one[1].loss, "the limit changes the routing");
+    for (a, b) in two.iter().zip(&one) {
+        assert!((a.loss - b.loss).abs() <= 1e-5 * b.loss, "step {}: {} vs {}", a.step, a.loss, b.loss);
+    }
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("one/checkpoints/step-00000003/state.json")).unwrap()).unwrap();
+    assert_eq!(state["train"]["node_limit"]["max_nodes"], 1, "saved with the recipe, so --resume keeps it");
+    let mut bad = args(&dir.path().join("bad"), 1, 1);
+    bad.train.node_limit = Some(deepseek_core::moe::NodeLimit { nodes: 3, max_nodes: 1 });
+    assert!(pretrain(&bad).err().unwrap().to_string().contains("cannot be split into 3 nodes"));
 }

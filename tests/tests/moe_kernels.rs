@@ -89,6 +89,7 @@ mod routed_experts {
             down: Param::from_tensor(f3(&c.down, [c.n_experts, c.i, c.d])),
             path: ExpertPath::PerExpert,
             gemm: GemmPrecision::Full,
+            parallel: None,
         };
         let x = f(&c.x, vec![c.tokens, c.d]).require_grad();
         let w = f(&c.w, vec![c.tokens, c.top_k]).require_grad();
