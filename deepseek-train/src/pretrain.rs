@@ -393,7 +393,10 @@ fn run_ranks<AB: AutodiffBackend>(
             }
             // The first failing rank is the cause; the others usually report losing it.
             Ok(Err(e)) => {
-                failure.get_or_insert(TrainError::Rank { rank, problem: e.to_string() });
+                failure.get_or_insert(match e {
+                    TrainError::Rank { .. } => e,
+                    other => TrainError::Rank { rank, problem: other.to_string() },
+                });
             }
             Err(panic) => {
                 let problem = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panicked".into());

@@ -184,6 +184,7 @@ fn a_process_that_dies_mid_run_stops_the_others_with_an_error() {
         n1.wait().unwrap();
         let out = n0.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
+        eprintln!("EP {ep}: {}", stderr.lines().find(|l| l.starts_with("Error")).unwrap_or_default());
         assert!(!out.status.success(), "node 0 must stop");
         assert!(stderr.contains("lost rank 1") || stderr.contains("waited"), "EP {ep}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");

@@ -154,6 +154,7 @@ impl TcpExchange {
 fn io(rank: usize, peer: usize, during: &'static str, e: std::io::Error, timeout: Duration) -> ParallelError {
     match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ParallelError::Timeout { rank, peer, seconds: timeout.as_secs_f64(), during },
+        std::io::ErrorKind::UnexpectedEof => ParallelError::PeerLost { rank, peer, during, reason: "the connection closed (did the process end?)".into() },
         _ => ParallelError::PeerLost { rank, peer, during, reason: e.to_string() },
     }
 }
