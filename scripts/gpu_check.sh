@@ -5,7 +5,7 @@
 set -u
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
-for name in forward golden deepseek fp8_kernels fp8_bench; do
+for name in forward golden deepseek fp8_kernels fp8_bench moe_kernels moe_bench; do
   if command -v xz >/dev/null; then xz -d -c "gpu-bin/$name.xz" > "gpu-bin/$name"
   else python3 -c 'import lzma,sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())' "gpu-bin/$name.xz" > "gpu-bin/$name"; fi
   chmod +x "gpu-bin/$name"
@@ -31,6 +31,12 @@ timeout 120 gpu-bin/fp8_kernels --test-threads 1 > "$OUT/fp8_kernels.txt" 2>&1
 echo "exit $?"; grep -E "^test |result|panicked" "$OUT/fp8_kernels.txt" | head -20
 echo "== FP8 GEMM benchmark on CUDA"
 timeout 120 gpu-bin/fp8_bench --device cuda --sizes 4096x4096x4096,8192x7168x2048,4096x576x7168 --iters 10 2>&1 | tee "$OUT/fp8_bench.txt" | tail -30
+
+echo "== MoE dispatch/combine kernels against their twins on CUDA"
+timeout 120 gpu-bin/moe_kernels --test-threads 1 > "$OUT/moe_kernels.txt" 2>&1
+echo "exit $?"; grep -E "^test |result|panicked" "$OUT/moe_kernels.txt" | head -20
+echo "== routed experts: device kernels vs host plan vs grouped GEMM on CUDA"
+timeout 150 gpu-bin/moe_bench --device cuda --tokens 1024,4096 --iters 5 2>&1 | tee "$OUT/moe_bench.txt" | tail -12
 
 echo "== forward throughput"
 bench() { timeout "$BENCH_TIMEOUT" gpu-bin/forward --preset small --runs 10 "$@" 2>&1 | tee -a "$OUT/bench.txt" | grep -E "device|expert_path|batch|tokens_per_s|median|rror|panic"; }
