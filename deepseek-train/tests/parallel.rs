@@ -151,3 +151,27 @@ fn node_limited_routing_is_part_of_the_recipe_and_parallel_runs_agree_on_it() {
     bad.train.node_limit = Some(deepseek_core::moe::NodeLimit { nodes: 3, max_nodes: 1 });
     assert!(pretrain(&bad).err().unwrap().to_string().contains("cannot be split into 3 nodes"));
 }
+
+#[test]
+fn a_parallel_run_resumes_where_it_stopped() {
+    let _turn = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (straight, split) = (dir.path().join("straight"), dir.path().join("split"));
+    let mut run = args(&straight, 2, 2);
+    run.train.checkpoint_every = 1;
+    pretrain(&run).unwrap();
+    // The same run stopped after step 2: its directory without the last checkpoint.
+    assert!(std::process::Command::new("cp").arg("-r").arg(&straight).arg(&split).status().unwrap().success());
+    std::fs::remove_dir_all(split.join("checkpoints/step-00000003")).unwrap();
+    let mut resumed = args(&split, 2, 2);
+    resumed.train.checkpoint_every = 1;
+    resumed.resume = true;
+    pretrain(&resumed).unwrap();
+    let (a, b) = (steps(&straight), steps(&split));
+    assert_eq!(b.len(), 3, "the resumed run logs steps 1..=3 once");
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.step, y.step);
+        assert_eq!(x.loss.to_bits(), y.loss.to_bits(), "step {}: {} vs {}", x.step, x.loss, y.loss);
+        assert_eq!(x.grad_norm.to_bits(), y.grad_norm.to_bits(), "step {}", x.step);
+    }
+}
