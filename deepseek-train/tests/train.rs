@@ -253,7 +253,7 @@ fn init_from_an_exported_model_continues_from_its_weights_and_can_extend_the_con
 }
 
 #[test]
-fn fp8_training_resumes_exactly_and_tracks_full_precision() {
+fn fp8_training_resumes_and_tracks_full_precision() {
     let dir = tempfile::tempdir().unwrap();
     let data = data(dir.path());
     let device = Default::default();
@@ -269,8 +269,16 @@ fn fp8_training_resumes_exactly_and_tracks_full_precision() {
     let mut second = Trainer::<AB>::resume(&split_dir, &DeepSeekConfig::tiny(), config(6), &device).unwrap();
     assert!(second.config.fp8);
     split_steps.extend(run(&mut second, &data));
-    let bits = |s: &[StepRecord]| s.iter().map(|r| (r.loss.to_bits(), r.grad_norm.to_bits())).collect::<Vec<_>>();
-    assert_eq!(bits(&split_steps), bits(&fp8_steps));
+    // Within 1e-5, not bit for bit: one CI run of this test differed in the last bits of the
+    // step-2 gradient norm between two identical FP8 runs (not reproduced in many local runs).
+    // Flex sums tensors above 64K elements with rayon, whose combine order depends on thread
+    // scheduling. A resume bug (lost optimizer state, wrong data position) moves the losses far
+    // more than this.
+    assert_eq!(split_steps.len(), fp8_steps.len());
+    for (a, b) in split_steps.iter().zip(&fp8_steps) {
+        assert!((a.loss - b.loss).abs() <= 1e-5 * b.loss, "step {}: resumed {} vs straight {}", a.step, a.loss, b.loss);
+        assert!((a.grad_norm - b.grad_norm).abs() <= 1e-5 * b.grad_norm, "step {}: grad norm {} vs {}", a.step, a.grad_norm, b.grad_norm);
+    }
 
     // FP8 GEMMs change every step's numbers, by little.
     let full_steps = run(&mut fresh(&dir.path().join("f32"), config(6)), &data);
