@@ -148,7 +148,10 @@ pub struct RankContext {
 #[derive(Debug, Clone)]
 pub enum Reducer {
     /// `burn-collective` between the threads of this process (tensors stay on their devices).
-    Collective(PeerId),
+    /// `burn-collective` waits without a deadline, so every all-reduce is preceded by a one-value
+    /// round on `barrier`, which fails fast when a rank has ended and times out when one is stuck:
+    /// the others then stop with an error instead of waiting forever.
+    Collective { peer: PeerId, barrier: Arc<dyn Exchange> },
     /// The exchange between processes (through host memory).
     Exchange(Arc<dyn Exchange>),
 }
@@ -158,6 +161,11 @@ impl RankContext {
     pub fn is_primary(&self) -> bool {
         self.rank == 0
     }
+}
+
+/// One exchange between all ranks of this process, for the barrier of [`Reducer::Collective`].
+pub fn barriers(layout: &Layout) -> Vec<Arc<dyn Exchange>> {
+    LocalExchange::group(layout.ranks, layout.timeout).into_iter().map(|e| Arc::new(e) as Arc<dyn Exchange>).collect()
 }
 
 /// The expert-parallel exchanges of this process's ranks: rank `r` joins group `r / E`.
@@ -263,7 +271,8 @@ pub fn all_reduce<AB: AutodiffBackend>(model: &DeepSeekModel<AB>, grads: Gradien
     parts.push(Tensor::from_data(TensorData::new(stats, [n_stats]), &device));
     let flat = Tensor::cat(parts, 0); // [Σ params + stats]
     let reduced: Tensor<AB::InnerBackend, 1> = match &ctx.reducer {
-        Reducer::Collective(peer) => {
+        Reducer::Collective { peer, barrier } => {
+            barrier.all_reduce_sum(&mut [0.0]).map_err(|e| TrainError::Rank { rank: ctx.rank, problem: format!("before the gradient all-reduce: {e}") })?;
             let reduced = burn_collective::all_reduce::<AB::InnerBackend>(*peer, flat.into_primitive().tensor(), ReduceOperation::Sum)
                 .map_err(|e| TrainError::Rank { rank: ctx.rank, problem: format!("gradient all-reduce failed: {e:?}") })?;
             Tensor::from_primitive(TensorPrimitive::Float(reduced))

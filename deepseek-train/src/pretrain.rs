@@ -335,19 +335,25 @@ fn run_ranks<AB: AutodiffBackend>(
         Some(world) => vec![distributed::expert_group(world, layout.expert_parallel)?],
         None => distributed::expert_exchanges(layout),
     };
-    let context = |r: usize| {
-        let rank = node * layout.ranks + r;
-        let reducer = match &world_exchange {
-            Some(world) => Reducer::Exchange(world.clone()),
-            None => Reducer::Collective((r as u32).into()),
-        };
-        RankContext { rank, world: layout.world(), reducer }
-    };
+    // Each context owns its rank's barrier endpoint: when a rank's thread ends, its endpoint goes
+    // with it, and the others see it gone instead of waiting.
+    let mut contexts: Vec<RankContext> = distributed::barriers(layout)
+        .into_iter()
+        .enumerate()
+        .map(|(r, barrier)| {
+            let reducer = match &world_exchange {
+                Some(world) => Reducer::Exchange(world.clone()),
+                None => Reducer::Collective { peer: (r as u32).into(), barrier },
+            };
+            RankContext { rank: node * layout.ranks + r, world: layout.world(), reducer }
+        })
+        .collect();
     let config = distributed::collective_config(layout);
     burn_collective::reset_collective::<AB::InnerBackend>();
-    let mut trainers: Vec<Trainer<AB>> = (1..layout.ranks).map(|r| primary.replica(&devices[r % devices.len()], context(r))).collect();
+    let others = contexts.split_off(1);
+    let mut trainers: Vec<Trainer<AB>> = others.into_iter().enumerate().map(|(i, ctx)| primary.replica(&devices[(i + 1) % devices.len()], ctx)).collect();
     let mut primary = primary;
-    primary.rank = Some(context(0));
+    primary.rank = contexts.pop();
     trainers.insert(0, primary);
     for (t, exchange) in trainers.iter_mut().zip(exchanges) {
         t.model = distributed::with_experts(t.model.clone(), exchange)?;
@@ -363,7 +369,7 @@ fn run_ranks<AB: AutodiffBackend>(
                     .name(format!("rank-{}", node * layout.ranks + r))
                     .spawn_scoped(scope, move || {
                         let peer = match &trainer.rank.as_ref().expect("set above").reducer {
-                            Reducer::Collective(peer) => Some(*peer),
+                            Reducer::Collective { peer, .. } => Some(*peer),
                             Reducer::Exchange(_) => None,
                         };
                         if let Some(peer) = peer {

@@ -175,3 +175,21 @@ fn a_parallel_run_resumes_where_it_stopped() {
         assert_eq!(x.grad_norm.to_bits(), y.grad_norm.to_bits(), "step {}", x.step);
     }
 }
+
+#[test]
+fn a_rank_that_fails_stops_the_others_instead_of_leaving_them_waiting() {
+    let _turn = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    std::fs::create_dir_all(&out).unwrap();
+    // Rank 0's first checkpoint cannot be written: it fails after step 1, while rank 1 goes on
+    // to step 2 and waits for it at the gradient all-reduce.
+    std::fs::write(out.join("checkpoints"), "not a directory").unwrap();
+    let mut a = args(&out, 2, 1);
+    a.train.checkpoint_every = 1;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(pretrain(&a).map(|_| ()).map_err(|e| e.to_string())));
+    let outcome = rx.recv_timeout(std::time::Duration::from_secs(300)).expect("the run must end, not hang");
+    let err = outcome.expect_err("rank 0 cannot checkpoint");
+    assert!(err.starts_with("rank 0:") && err.contains("checkpoints"), "{err}");
+}
