@@ -94,6 +94,8 @@ fn main() -> Result<()> {
     deepseek_core::register_autodiff::<Flex>();
     let device = Default::default();
     let experts: RoutedExperts<AB> = RoutedExpertsConfig::new(a.d_model, a.d_expert, a.experts).init(&device);
+    // Draw the lazy weights once, so that every rank's clone holds the same experts.
+    let _ = (experts.gate_up.val(), experts.down.val());
     println!(
         "## Expert parallelism on Flex (threads sharing the CPU): E = {}, K = {}, D = {}, I = {}, {} tokens per rank, forward + backward ({} iterations, median of the slowest rank)",
         a.experts, a.top_k, a.d_model, a.d_expert, a.tokens, a.iters
