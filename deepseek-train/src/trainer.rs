@@ -247,7 +247,7 @@ pub struct Trainer<AB: AutodiffBackend> {
     pub tokens: u64,
     pub out: PathBuf,
     device: AB::Device,
-    /// `None` on ranks other than 0 of a parallel run.
+    /// `None` on the replicas a process makes for its ranks after the first.
     metrics: Option<MetricsWriter>,
     /// This trainer's rank in a parallel run.
     pub rank: Option<RankContext>,
@@ -349,7 +349,7 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         }
     }
 
-    /// Whether this trainer writes metrics, evaluates and checkpoints (rank 0, or a single run).
+    /// Whether this trainer evaluates and checkpoints (rank 0, or a single run).
     pub fn is_primary(&self) -> bool {
         self.rank.as_ref().is_none_or(RankContext::is_primary)
     }
