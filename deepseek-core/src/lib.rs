@@ -18,6 +18,7 @@ pub mod mtp;
 pub mod norm;
 pub mod parallel;
 pub mod params;
+mod registry;
 pub mod rope;
 
 pub use cache::LatentCache;

@@ -19,9 +19,6 @@
 //! without a registered node (inference, or an autodiff backend nobody registered) the forward
 //! is still FP8 and gradients pass straight through the quantizers.
 
-use std::any::{Any, TypeId};
-use std::collections::HashMap;
-use std::sync::{OnceLock, RwLock};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
@@ -93,8 +90,7 @@ fn forward<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
 /// # Shapes
 /// `x`: `[m, k]`, `w`: `[k, n]` → `[m, n]`.
 pub fn matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
-    if let Some(op) = registry().read().expect("registry lock").get(&TypeId::of::<B>()) {
-        let op = op.downcast_ref::<MatmulFn<B>>().expect("entries are keyed by their backend");
+    if let Some(op) = REGISTRY.get::<B, MatmulFn<B>>() {
         return op(x, w);
     }
     if B::ad_enabled(&x.device()) {
@@ -132,20 +128,17 @@ pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>, pr
 
 type MatmulFn<B> = fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>;
 
-fn registry() -> &'static RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>> {
-    static REGISTRY: OnceLock<RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>>> = OnceLock::new();
-    REGISTRY.get_or_init(Default::default)
-}
+static REGISTRY: crate::registry::OpRegistry = crate::registry::OpRegistry::new();
 
 /// Installs the FP8 backward (quantized Dgrad and Wgrad) for `Autodiff<B>`. Idempotent.
 pub fn register_autodiff<B: Backend>() {
     let op: MatmulFn<Autodiff<B>> = autodiff_matmul::<B>;
-    registry().write().expect("registry lock").insert(TypeId::of::<Autodiff<B>>(), Box::new(op));
+    REGISTRY.insert::<Autodiff<B>, _>(op);
 }
 
 /// Whether [`matmul`] on `B` has the FP8 backward node ([`register_autodiff`] was called for it).
 pub fn has_autodiff_node<B: Backend>() -> bool {
-    registry().read().expect("registry lock").contains_key(&TypeId::of::<B>())
+    REGISTRY.get::<B, MatmulFn<B>>().is_some()
 }
 
 #[derive(Debug)]

@@ -9,8 +9,7 @@
 //! of the output gradient with the rows (for the gate weights).
 
 use std::any::{Any, TypeId};
-use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -145,19 +144,16 @@ fn gate_grad_prim<B: Backend>(dy: &FloatTensor<B>, rows: &FloatTensor<B>, plan: 
 type DispatchFn<B> = fn(Tensor<B, 2>, &Plan) -> Option<Tensor<B, 2>>;
 type CombineFn<B> = fn(Tensor<B, 2>, Tensor<B, 2>, &Plan) -> Option<Tensor<B, 2>>;
 
-fn registry() -> &'static RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>> {
-    static REGISTRY: OnceLock<RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>>> = OnceLock::new();
-    REGISTRY.get_or_init(Default::default)
-}
+static REGISTRY: crate::registry::OpRegistry = crate::registry::OpRegistry::new();
 
 /// Installs the dispatch and combine autodiff nodes for `Autodiff<B>`. Idempotent.
 pub fn register_autodiff<B: Backend>() {
     let ops: (DispatchFn<Autodiff<B>>, CombineFn<Autodiff<B>>) = (autodiff_dispatch::<B>, autodiff_combine::<B>);
-    registry().write().expect("registry lock").insert(TypeId::of::<Autodiff<B>>(), Box::new(ops));
+    REGISTRY.insert::<Autodiff<B>, _>(ops);
 }
 
 fn registered<B: Backend>() -> Option<(DispatchFn<B>, CombineFn<B>)> {
-    registry().read().expect("registry lock").get(&TypeId::of::<B>()).and_then(|ops| ops.downcast_ref().copied())
+    REGISTRY.get::<B, (DispatchFn<B>, CombineFn<B>)>()
 }
 
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {

@@ -10,9 +10,7 @@
 //! step lie on one dependency chain (layer after layer), and Burn runs backward steps in reverse
 //! topological order.
 
-use std::any::{Any, TypeId};
-use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -96,19 +94,16 @@ fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
 
 type AllToAllFn<B> = fn(Tensor<B, 2>, &Route) -> Result<Tensor<B, 2>>;
 
-fn registry() -> &'static RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>> {
-    static REGISTRY: OnceLock<RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>>> = OnceLock::new();
-    REGISTRY.get_or_init(Default::default)
-}
+static REGISTRY: crate::registry::OpRegistry = crate::registry::OpRegistry::new();
 
 /// Installs the all-to-all autodiff node for `Autodiff<B>`. Idempotent.
 pub fn register_autodiff<B: Backend>() {
     let op: AllToAllFn<Autodiff<B>> = autodiff_all_to_all::<B>;
-    registry().write().unwrap_or_else(|p| p.into_inner()).insert(TypeId::of::<Autodiff<B>>(), Box::new(op));
+    REGISTRY.insert::<Autodiff<B>, _>(op);
 }
 
 fn registered<B: Backend>() -> Option<AllToAllFn<B>> {
-    registry().read().unwrap_or_else(|p| p.into_inner()).get(&TypeId::of::<B>()).and_then(|op| op.downcast_ref().copied())
+    REGISTRY.get::<B, AllToAllFn<B>>()
 }
 
 #[derive(Debug)]
