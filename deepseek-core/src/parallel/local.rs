@@ -28,6 +28,50 @@ impl Message {
     }
 }
 
+/// One kind of collective round: how its buffers travel and how errors name them.
+struct Round<T> {
+    during: &'static str,
+    /// The message kind due, for a mismatch.
+    want: &'static str,
+    /// The buffer, for a length mismatch.
+    buffer: &'static str,
+    wrap: fn(Vec<T>) -> Message,
+    unwrap: fn(Message) -> std::result::Result<Vec<T>, Message>,
+}
+
+const COUNTS: Round<u64> = Round {
+    during: "the count exchange",
+    want: "counts",
+    buffer: "counts",
+    wrap: Message::Counts,
+    unwrap: |m| match m {
+        Message::Counts(c) => Ok(c),
+        other => Err(other),
+    },
+};
+
+const VALUES: Round<f32> = Round {
+    during: "the all-to-all",
+    want: "values",
+    buffer: "an all-to-all buffer",
+    wrap: Message::Values,
+    unwrap: |m| match m {
+        Message::Values(v) => Ok(v),
+        other => Err(other),
+    },
+};
+
+const SUMS: Round<f64> = Round {
+    during: "an all-reduce",
+    want: "sums",
+    buffer: "an all-reduce buffer",
+    wrap: Message::Sums,
+    unwrap: |m| match m {
+        Message::Sums(v) => Ok(v),
+        other => Err(other),
+    },
+};
+
 /// One rank of an in-process group; build the group with [`LocalExchange::group`].
 pub struct LocalExchange {
     rank: usize,
@@ -90,6 +134,23 @@ impl LocalExchange {
         })
     }
 
+    /// Sends `send[j]` to every rank `j`, then receives one buffer of `expect[j]` values from each.
+    fn round<T>(&self, round: &Round<T>, send: Vec<Vec<T>>, expect: &[usize]) -> Result<Vec<Vec<T>>> {
+        for (peer, buffer) in send.into_iter().enumerate() {
+            if peer != self.rank {
+                self.traffic.add(buffer.len() * std::mem::size_of::<T>());
+            }
+            self.send(peer, (round.wrap)(buffer), round.during)?;
+        }
+        (0..self.size())
+            .map(|peer| {
+                let got = (round.unwrap)(self.recv(peer, round.during)?).map_err(|other| self.unexpected(peer, &other, round.want))?;
+                check_len(self.rank, peer, got.len(), expect[peer], round.buffer)?;
+                Ok(got)
+            })
+            .collect()
+    }
+
     fn unexpected(&self, peer: usize, got: &Message, want: &str) -> ParallelError {
         ParallelError::Mismatch { rank: self.rank, problem: format!("rank {peer} sent {} where {want} were due: the ranks called different collectives", got.kind()) }
     }
@@ -107,54 +168,20 @@ impl Exchange for LocalExchange {
     fn all_to_all_counts(&self, send: Vec<Vec<u64>>) -> Result<Vec<Vec<u64>>> {
         check_send(self.rank, self.size(), &send, None)?;
         let width = send.first().map_or(0, Vec::len);
-        for (peer, counts) in send.into_iter().enumerate() {
-            if peer != self.rank {
-                self.traffic.add(counts.len() * 8);
-            }
-            self.send(peer, Message::Counts(counts), "the count exchange")?;
-        }
-        (0..self.size())
-            .map(|peer| match self.recv(peer, "the count exchange")? {
-                Message::Counts(c) => check_len(self.rank, peer, c.len(), width, "counts").map(|_| c),
-                other => Err(self.unexpected(peer, &other, "counts")),
-            })
-            .collect()
+        self.round(&COUNTS, send, &vec![width; self.size()])
     }
 
     fn all_to_all(&self, send: Vec<Vec<f32>>, recv_lens: &[usize]) -> Result<Vec<Vec<f32>>> {
         check_send(self.rank, self.size(), &send, Some(recv_lens))?;
-        for (peer, values) in send.into_iter().enumerate() {
-            if peer != self.rank {
-                self.traffic.add(values.len() * 4);
-            }
-            self.send(peer, Message::Values(values), "the all-to-all")?;
-        }
-        (0..self.size())
-            .map(|peer| match self.recv(peer, "the all-to-all")? {
-                Message::Values(v) => check_len(self.rank, peer, v.len(), recv_lens[peer], "an all-to-all buffer").map(|_| v),
-                other => Err(self.unexpected(peer, &other, "values")),
-            })
-            .collect()
+        self.round(&VALUES, send, recv_lens)
     }
 
     fn all_reduce_sum(&self, values: &mut [f64]) -> Result<()> {
-        for peer in 0..self.size() {
-            if peer != self.rank {
-                self.traffic.add(values.len() * 8);
-            }
-            self.send(peer, Message::Sums(values.to_vec()), "an all-reduce")?;
+        let got = self.round(&SUMS, vec![values.to_vec(); self.size()], &vec![values.len(); self.size()])?;
+        values.fill(0.0);
+        for v in got {
+            values.iter_mut().zip(v).for_each(|(t, v)| *t += v);
         }
-        let mut total = vec![0f64; values.len()];
-        for peer in 0..self.size() {
-            match self.recv(peer, "an all-reduce")? {
-                Message::Sums(v) => {
-                    check_len(self.rank, peer, v.len(), values.len(), "an all-reduce buffer")?;
-                    total.iter_mut().zip(v).for_each(|(t, v)| *t += v);
-                }
-                other => return Err(self.unexpected(peer, &other, "sums")),
-            }
-        }
-        values.copy_from_slice(&total);
         Ok(())
     }
 
