@@ -108,5 +108,6 @@ fn main() -> Result<()> {
     println!("   metrics   {}", summary.metrics.display());
     println!("   plot      {}", summary.plot.display());
     println!("   model     {} (try: cargo run -p deepseek-infer --bin deepseek -- generate --model {} --prompt \"the \")", summary.hf_dir.display(), summary.hf_dir.display());
+    println!("             or chat with it (its template continues your line): cargo run -p deepseek-infer --bin deepseek -- chat --model {}", summary.hf_dir.display());
     Ok(())
 }

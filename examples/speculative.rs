@@ -54,6 +54,9 @@ fn main() -> Result<()> {
     let cfg = DeepSeekConfig::preset(&preset)?;
     println!("training the `{preset}` preset for {steps} steps");
     let vocab = cfg.vocab_size as u64;
+    // A hand-written training loop installs the custom autodiff operations itself (the trainer
+    // and the backend switch do it for theirs).
+    deepseek_core::register_autodiff::<Flex>();
     let mut model = cfg.init::<Train>(&device);
     let mut optim = AdamConfig::new().init();
     let mut rng = Lcg(7);

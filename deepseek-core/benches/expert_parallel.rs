@@ -20,6 +20,7 @@ use burn::module::Module;
 use burn::tensor::{Distribution, Tensor};
 use deepseek_core::moe::{RoutedExperts, RoutedExpertsConfig};
 use deepseek_core::parallel::{Exchange, ExpertParallel, LocalExchange};
+use deepseek_core::ExecutionPolicy;
 
 type AB = Autodiff<Flex>;
 
@@ -61,13 +62,12 @@ struct RankResult {
 
 fn rank(a: &Args, experts: RoutedExperts<AB>, exchange: Option<LocalExchange>, barrier: &Barrier) -> RankResult {
     let device = Default::default();
-    let mut experts = experts.fork(&device);
+    let experts = experts.fork(&device);
     let n = exchange.as_ref().map_or(1, |e| e.size());
     let me = exchange.as_ref().map_or(0, |e| e.rank());
     let exchange: Option<Arc<dyn Exchange>> = exchange.map(|e| Arc::new(e) as Arc<dyn Exchange>);
-    if let Some(e) = &exchange {
-        experts.parallel = Some(ExpertParallel::new(e.clone(), a.experts).expect("experts divide over the ranks"));
-    }
+    let parallel = exchange.as_ref().map(|e| ExpertParallel::new(e.clone(), a.experts).expect("experts divide over the ranks"));
+    let policy = ExecutionPolicy::default().with_expert_parallel(parallel);
     let (mut seconds, mut analytic) = (Vec::new(), 0u64);
     let before = exchange.as_ref().map_or(0, |e| e.bytes_sent());
     for _ in 0..a.iters {
@@ -80,7 +80,7 @@ fn rank(a: &Args, experts: RoutedExperts<AB>, exchange: Option<LocalExchange>, b
         analytic += remote * 4 * a.d_model as u64 * 4 + if n > 1 { (n as u64 - 1) * per_rank as u64 * 8 } else { 0 };
         barrier.wait();
         let start = Instant::now();
-        let y = experts.forward(x.clone(), indices, weights);
+        let y = experts.forward(x.clone(), indices, weights, &policy);
         let grads = y.sum().backward();
         let _ = x.grad(&grads).expect("dx").into_data();
         seconds.push(start.elapsed().as_secs_f64());

@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
-use deepseek_core::device::DeviceKind;
+use deepseek_core::device::{run_on, BackendTask, DeviceKind};
 use deepseek_core::fp8::{self, Fp8Linear, ScaleFormat};
 use deepseek_core::DeepSeekConfig;
 
@@ -119,12 +119,26 @@ fn host(args: &Args) {
     gemm_table::<burn::backend::Flex>(args, &Default::default(), "Flex (reference: fake-quantized x · dequantized W)");
 }
 
+/// The kernels on their own (quantize, dequantize, GEMM of quantized operands), on the CubeCL
+/// runtime under backend `B`, if it has one.
+fn raw_kernels<B: Backend>(args: &Args) {
+    #[cfg(feature = "wgpu")]
+    if std::any::TypeId::of::<B>() == std::any::TypeId::of::<burn::backend::Wgpu>() {
+        kernels::<burn_wgpu::WgpuRuntime>(args, "wgpu");
+    }
+    #[cfg(feature = "cuda")]
+    if std::any::TypeId::of::<B>() == std::any::TypeId::of::<burn::backend::Cuda>() {
+        kernels::<cubecl::cuda::CudaRuntime>(args, "CUDA");
+    }
+    let _ = args;
+}
+
 #[cfg(feature = "kernels")]
 fn kernels<R: burn_cubecl::CubeRuntime>(args: &Args, label: &str) {
     use deepseek_core::fp8::kernels;
-    type B<R> = burn_cubecl::CubeBackend<R, f32, i32, u32>;
+    type Cube<R> = burn_cubecl::CubeBackend<R, f32, i32, u32>;
     let device = R::Device::default();
-    let sync = || <B<R> as Backend>::sync(&device).expect("device sync");
+    let sync = || <Cube<R> as Backend>::sync(&device).expect("device sync");
     println!("\n## Kernels on {label} ({} iterations, median)", args.iters);
     println!("| what | time | f32 input |");
     println!("|---|---|---|");
@@ -144,20 +158,25 @@ fn kernels<R: burn_cubecl::CubeRuntime>(args: &Args, label: &str) {
         let t = time(args.iters, || drop(kernels::gemm(&qa, &qw).unwrap()), &sync);
         println!("| FP8 GEMM {m} × {n} × {k} (operands quantized) | {:.2} ms | {:.3} TFLOP/s |", t * 1e3, 2.0 * (m * n * k) as f64 / t / 1e12);
     }
-    gemm_table::<B<R>>(args, &device, label);
+    gemm_table::<Cube<R>>(args, &device, label);
+}
+
+struct Bench(Args);
+
+impl BackendTask for Bench {
+    type Output = ();
+    fn run<B: Backend>(self, _devices: Vec<B::Device>) {
+        if self.0.device == DeviceKind::Flex {
+            host(&self.0);
+        } else {
+            raw_kernels::<B>(&self.0);
+        }
+    }
 }
 
 fn main() -> Result<()> {
     let args = parse()?;
-    match args.device {
-        DeviceKind::Flex => host(&args),
-        #[cfg(feature = "wgpu")]
-        DeviceKind::Wgpu => kernels::<burn_wgpu::WgpuRuntime>(&args, "wgpu"),
-        #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => kernels::<cubecl::cuda::CudaRuntime>(&args, "CUDA"),
-        #[allow(unreachable_patterns)]
-        other => bail!("this build has no {other} backend: add --features {other}"),
-    }
+    run_on(args.device, &[], Bench(args))?;
     memory();
     Ok(())
 }

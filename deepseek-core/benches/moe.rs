@@ -13,8 +13,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
-use deepseek_core::device::DeviceKind;
+use deepseek_core::device::{run_on, BackendTask, DeviceKind};
 use deepseek_core::moe::{ExpertPath, RoutedExperts, RoutedExpertsConfig};
+use deepseek_core::ExecutionPolicy;
 
 struct Args {
     device: DeviceKind,
@@ -60,7 +61,8 @@ fn bench<B: Backend>(a: &Args, device: &B::Device) {
         let (weights, indices) = scores.topk_with_indices(a.top_k, 1);
         for (name, path) in [("per-expert (device kernels on GPUs)", ExpertPath::PerExpert), ("host-per-expert", ExpertPath::HostPerExpert), ("grouped", ExpertPath::Grouped)] {
             let run = || {
-                let y = experts.forward_path(x.clone(), indices.clone(), weights.clone(), path);
+                let policy = ExecutionPolicy::default().with_expert_path(path);
+                let y = experts.forward(x.clone(), indices.clone(), weights.clone(), &policy);
                 B::sync(device).expect("sync");
                 drop(y);
             };
@@ -79,17 +81,18 @@ fn bench<B: Backend>(a: &Args, device: &B::Device) {
     }
 }
 
+struct Bench(Args);
+
+impl BackendTask for Bench {
+    type Output = ();
+    fn run<B: Backend>(self, devices: Vec<B::Device>) {
+        bench::<B>(&self.0, &devices[0])
+    }
+}
+
 fn main() -> Result<()> {
     let a = parse()?;
-    match a.device {
-        DeviceKind::Flex => bench::<burn::backend::Flex>(&a, &Default::default()),
-        #[cfg(feature = "wgpu")]
-        DeviceKind::Wgpu => bench::<burn::backend::Wgpu>(&a, &Default::default()),
-        #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => bench::<burn::backend::Cuda>(&a, &Default::default()),
-        #[allow(unreachable_patterns)]
-        other => bail!("this build has no {other} backend: add --features {other}"),
-    }
+    run_on(a.device, &[], Bench(a))?;
     println!("device dispatches: {}", deepseek_core::moe::device_dispatches());
     Ok(())
 }

@@ -9,21 +9,28 @@ use crate::mla::{Mla, MlaConfig};
 use crate::mlp::{Mlp, MlpConfig};
 use crate::moe::{Moe, MoeConfig, Routing};
 use crate::norm::{RmsNorm, RmsNormConfig};
+use crate::policy::ExecutionPolicy;
 use crate::rope::RotaryEmbedding;
 
 /// The feed-forward half of a block, chosen once per layer index.
 #[derive(Module, Debug)]
 pub enum FeedForward<B: Backend> {
+    /// A dense SwiGLU MLP (the first `first_k_dense_replace` blocks).
     Dense(Mlp<B>),
+    /// DeepSeekMoE.
     Moe(Moe<B>),
 }
 
 /// A pre-norm decoder block; field names follow the checkpoints.
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
+    /// Norm before attention.
     pub input_layernorm: RmsNorm<B>,
+    /// Multi-head latent attention.
     pub self_attn: Mla<B>,
+    /// Norm before the feed-forward half.
     pub post_attention_layernorm: RmsNorm<B>,
+    /// Dense MLP or MoE.
     pub mlp: FeedForward<B>,
 }
 
@@ -64,8 +71,8 @@ impl<B: Backend> DecoderLayer<B> {
     /// # Shapes
     /// `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`, plus the routing if this is a
     /// MoE block.
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, start: usize) -> (Tensor<B, 3>, Option<Routing<B>>) {
-        self.forward_with_attention(x, |attn, normed| attn.forward(normed, rope, start))
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, start: usize, policy: &ExecutionPolicy) -> (Tensor<B, 3>, Option<Routing<B>>) {
+        self.forward_with_attention(x, policy, |attn, normed| attn.forward(normed, rope, start, policy.gemm))
     }
 
     /// The block with the attention call supplied by the caller (who may read and write a KV
@@ -76,14 +83,15 @@ impl<B: Backend> DecoderLayer<B> {
     pub fn forward_with_attention(
         &self,
         x: Tensor<B, 3>,
+        policy: &ExecutionPolicy,
         attend: impl FnOnce(&Mla<B>, Tensor<B, 3>) -> Tensor<B, 3>,
     ) -> (Tensor<B, 3>, Option<Routing<B>>) {
         let h = x.clone() + attend(&self.self_attn, self.input_layernorm.forward(x));
         let normed = self.post_attention_layernorm.forward(h.clone());
         match &self.mlp {
-            FeedForward::Dense(mlp) => (h + mlp.forward(normed), None),
+            FeedForward::Dense(mlp) => (h + mlp.forward(normed, policy.gemm), None),
             FeedForward::Moe(moe) => {
-                let (y, routing) = moe.forward(normed);
+                let (y, routing) = moe.forward(normed, policy);
                 (h + y, Some(routing))
             }
         }

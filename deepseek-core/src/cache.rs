@@ -8,22 +8,73 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::config::DeepSeekConfig;
 use crate::error::{DeepSeekError, Result};
-use crate::mla::LatentKv;
 
-/// One block's buffers.
+/// What attention over a token stores: the normalized latent and the rotated shared key. This is
+/// all a latent KV cache keeps.
 #[derive(Debug, Clone)]
-struct BlockCache<B: Backend> {
+pub struct LatentKv<B: Backend> {
+    /// `[batch, seq, kv_lora_rank]`
+    pub c_kv: Tensor<B, 3>,
+    /// `[batch, seq, rope]`, already rotated.
+    pub k_rope: Tensor<B, 3>,
+}
+
+/// One block's buffers and how many positions of them are filled. Attention appends to the slot
+/// of its own block; the slot advances itself, so the blocks need no shared counter.
+#[derive(Debug, Clone)]
+pub struct LatentSlot<B: Backend> {
     /// `[batch, capacity, kv_lora_rank]`
     c_kv: Tensor<B, 3>,
     /// `[batch, capacity, qk_rope_head_dim]`
     k_rope: Tensor<B, 3>,
+    len: usize,
 }
 
-/// Latent caches of all main blocks, filled up to [`LatentCache::len`].
+impl<B: Backend> LatentSlot<B> {
+    /// Positions cached in this slot (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes the latent of positions `len..len + seq`, advances past them and returns the
+    /// cached latent of positions `0..len + seq`. The caller checked the room
+    /// ([`LatentCache::check_fits`]).
+    ///
+    /// # Shapes
+    /// `new.c_kv`: `[batch, seq, kv_lora]` → `c_kv`: `[batch, len + seq, kv_lora]`.
+    pub fn append(&mut self, new: LatentKv<B>) -> LatentKv<B> {
+        let [batch, seq, _] = new.c_kv.dims();
+        let (start, end) = (self.len, self.len + seq);
+        assert!(end <= self.c_kv.dims()[1], "latent cache overflow: check_fits before the forward pass");
+        // Move the buffers out while writing, so the backend sees the only reference and may
+        // update them in place rather than copy them whole at every decoding step.
+        let write = |slot: &mut Tensor<B, 3>, values: Tensor<B, 3>| {
+            let placeholder = Tensor::empty([0, 0, 0], &values.device());
+            let buffer = std::mem::replace(slot, placeholder);
+            *slot = buffer.slice_assign([0..batch, start..end], values);
+        };
+        write(&mut self.c_kv, new.c_kv);
+        write(&mut self.k_rope, new.k_rope);
+        self.len = end;
+        LatentKv { c_kv: self.c_kv.clone().narrow(1, 0, end), k_rope: self.k_rope.clone().narrow(1, 0, end) }
+    }
+
+    /// Bytes one token of one sequence occupies in this slot's buffers.
+    fn bytes_per_token(&self) -> usize {
+        self.c_kv.dims()[2] * self.c_kv.dtype().size() + self.k_rope.dims()[2] * self.k_rope.dtype().size()
+    }
+}
+
+/// Latent caches of all main blocks (or of one MTP block), one [`LatentSlot`] each, filled up to
+/// [`LatentCache::len`].
 #[derive(Debug, Clone)]
 pub struct LatentCache<B: Backend> {
-    blocks: Vec<BlockCache<B>>,
-    len: usize,
+    slots: Vec<LatentSlot<B>>,
     capacity: usize,
     batch: usize,
 }
@@ -47,23 +98,24 @@ impl<B: Backend> LatentCache<B> {
                 cfg.max_position_embeddings
             )));
         }
-        let blocks = (0..blocks)
-            .map(|_| BlockCache {
+        let slots = (0..blocks)
+            .map(|_| LatentSlot {
                 c_kv: Tensor::zeros([batch, capacity, cfg.kv_lora_rank], device),
                 k_rope: Tensor::zeros([batch, capacity, cfg.qk_rope_head_dim], device),
+                len: 0,
             })
             .collect();
-        Ok(Self { blocks, len: 0, capacity, batch })
+        Ok(Self { slots, capacity, batch })
     }
 
     /// Tokens cached so far (the position of the next token).
     pub fn len(&self) -> usize {
-        self.len
+        self.slots.first().map_or(0, LatentSlot::len)
     }
 
     /// Whether nothing is cached yet.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// Tokens the buffers can hold.
@@ -76,13 +128,20 @@ impl<B: Backend> LatentCache<B> {
         self.batch
     }
 
+    /// Blocks the cache holds slots for.
+    pub fn blocks(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The per-block slots, in block order: block `l`'s attention appends to slot `l`.
+    pub fn slots_mut(&mut self) -> &mut [LatentSlot<B>] {
+        &mut self.slots
+    }
+
     /// Bytes one token occupies in the allocated buffers, over all blocks, for one sequence.
     /// Measured from the buffers themselves (shape and dtype), not from the config.
     pub fn bytes_per_token(&self) -> usize {
-        self.blocks
-            .iter()
-            .map(|b| b.c_kv.dims()[2] * b.c_kv.dtype().size() + b.k_rope.dims()[2] * b.k_rope.dtype().size())
-            .sum()
+        self.slots.iter().map(LatentSlot::bytes_per_token).sum()
     }
 
     /// Fails unless `new_tokens` more tokens of a `batch`-sequence input fit this cache.
@@ -95,45 +154,21 @@ impl<B: Backend> LatentCache<B> {
 
     /// Fails unless `new_tokens` more fit.
     pub fn check_room(&self, new_tokens: usize) -> Result<()> {
-        if self.len + new_tokens > self.capacity {
+        if self.len() + new_tokens > self.capacity {
             return Err(DeepSeekError::Input(format!(
                 "context full: {} cached + {new_tokens} new tokens exceed the cache of {} tokens",
-                self.len, self.capacity
+                self.len(),
+                self.capacity
             )));
         }
         Ok(())
     }
 
-    /// Writes block `block`'s latent for positions `len..len + seq` and returns the cached latent
-    /// of positions `0..len + seq`. Call [`LatentCache::advance`] once all blocks have written.
-    ///
-    /// # Shapes
-    /// `new.c_kv`: `[batch, seq, kv_lora]` → `c_kv`: `[batch, len + seq, kv_lora]`.
-    pub(crate) fn append(&mut self, block: usize, new: LatentKv<B>) -> LatentKv<B> {
-        let [batch, seq, _] = new.c_kv.dims();
-        debug_assert!(self.len + seq <= self.capacity, "check_room before appending");
-        let (start, end) = (self.len, self.len + seq);
-        let b = &mut self.blocks[block];
-        // Move the buffers out while writing, so the backend sees the only reference and may
-        // update them in place rather than copy them whole at every decoding step.
-        let write = |slot: &mut Tensor<B, 3>, values: Tensor<B, 3>| {
-            let placeholder = Tensor::empty([0, 0, 0], &values.device());
-            let buffer = std::mem::replace(slot, placeholder);
-            *slot = buffer.slice_assign([0..batch, start..end], values);
-        };
-        write(&mut b.c_kv, new.c_kv);
-        write(&mut b.k_rope, new.k_rope);
-        LatentKv { c_kv: b.c_kv.clone().narrow(1, 0, end), k_rope: b.k_rope.clone().narrow(1, 0, end) }
-    }
-
-    /// Marks `tokens` more positions as cached.
-    pub(crate) fn advance(&mut self, tokens: usize) {
-        self.len += tokens;
-    }
-
     /// Forgets everything after the first `len` tokens (speculative decoding rolls back this way;
     /// the stale values are overwritten by the next append).
     pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+        for slot in &mut self.slots {
+            slot.len = slot.len.min(len);
+        }
     }
 }

@@ -1,11 +1,12 @@
 #![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
 
 pub mod block;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
 #[cfg(feature = "kernels")]
-pub mod cube;
+pub(crate) mod cube;
 pub mod device;
 pub mod error;
 pub mod fp8;
@@ -18,6 +19,8 @@ pub mod mtp;
 pub mod norm;
 pub mod parallel;
 pub mod params;
+pub mod policy;
+pub mod projection;
 mod registry;
 pub mod rope;
 
@@ -26,6 +29,8 @@ pub use checkpoint::{load_model, save_model, LoadOptions};
 pub use config::{DeepSeekConfig, ScoringFunc, TopkMethod};
 pub use error::{DeepSeekError, Result};
 pub use model::{AttentionPath, CachedOutput, DeepSeekModel, ForwardOptions, ModelOutput};
+pub use policy::ExecutionPolicy;
+pub use projection::Projection;
 pub use params::ParamCount;
 
 /// Installs this crate's custom autodiff operations for `Autodiff<B>`: the FP8 training GEMM
@@ -36,4 +41,12 @@ pub fn register_autodiff<B: burn::tensor::backend::Backend>() {
     fp8::register_autodiff::<B>();
     moe::register_autodiff::<B>();
     parallel::register_autodiff::<B>();
+    registry::mark_installed::<B>();
+}
+
+/// Whether [`register_autodiff`] installed this crate's custom operations for `AB`, an autodiff
+/// backend (`Autodiff<Inner>`). Training on an autodiff backend without them panics at the first
+/// MoE layer or FP8 GEMM, naming the call to make.
+pub fn autodiff_ops_installed<AB: burn::tensor::backend::Backend>() -> bool {
+    registry::installed::<AB>()
 }

@@ -15,15 +15,14 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
-
-use crate::fp8::training::{linear, GemmPrecision};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Bool, FloatDType, Tensor, TensorData};
 
-use crate::cache::LatentCache;
+use crate::cache::{LatentKv, LatentSlot};
+use crate::fp8::GemmPrecision;
 use crate::norm::{RmsNorm, RmsNormConfig};
+use crate::projection::Projection;
 use crate::rope::RotaryEmbedding;
 
 /// Builds an [`Mla`].
@@ -50,8 +49,9 @@ pub struct MlaConfig {
 }
 
 impl MlaConfig {
+    /// A fresh attention layer (weights drawn lazily, as Burn's `Linear` draws them).
     pub fn init<B: Backend>(&self, device: &B::Device) -> Mla<B> {
-        let linear = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
+        let linear = |i, o| Projection::new(i, o, device);
         let qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim;
         let q = match self.q_lora_rank {
             None => QueryProj::Direct(linear(self.d_model, self.n_heads * qk_head_dim)),
@@ -73,7 +73,6 @@ impl MlaConfig {
             qk_rope_head_dim: self.qk_rope_head_dim,
             v_head_dim: self.v_head_dim,
             softmax_scale: self.softmax_scale,
-            gemm: GemmPrecision::Full,
         }
     }
 }
@@ -82,7 +81,7 @@ impl MlaConfig {
 #[derive(Module, Debug)]
 pub enum QueryProj<B: Backend> {
     /// `q_proj`: `[d] → [n_h·d_qk]` (V2-Lite).
-    Direct(Linear<B>),
+    Direct(Projection<B>),
     /// `q_b_proj(q_a_layernorm(q_a_proj(x)))` (V3).
     LowRank(LowRankQuery<B>),
 }
@@ -90,16 +89,19 @@ pub enum QueryProj<B: Backend> {
 /// Low-rank query compression.
 #[derive(Module, Debug)]
 pub struct LowRankQuery<B: Backend> {
-    pub q_a_proj: Linear<B>,
+    /// `[d] → [q_lora_rank]`
+    pub q_a_proj: Projection<B>,
+    /// Norm of the compressed query.
     pub q_a_layernorm: RmsNorm<B>,
-    pub q_b_proj: Linear<B>,
+    /// `[q_lora_rank] → [n_h·d_qk]`
+    pub q_b_proj: Projection<B>,
 }
 
 impl<B: Backend> QueryProj<B> {
     fn forward(&self, x: Tensor<B, 3>, gemm: GemmPrecision) -> Tensor<B, 3> {
         match self {
-            QueryProj::Direct(q_proj) => linear(q_proj, x, gemm),
-            QueryProj::LowRank(q) => linear(&q.q_b_proj, q.q_a_layernorm.forward(linear(&q.q_a_proj, x, gemm)), gemm),
+            QueryProj::Direct(q_proj) => q_proj.forward(x, gemm),
+            QueryProj::LowRank(q) => q.q_b_proj.forward(q.q_a_layernorm.forward(q.q_a_proj.forward(x, gemm)), gemm),
         }
     }
 }
@@ -116,26 +118,34 @@ pub enum AttentionPath {
 /// Multi-head latent attention; weights named as in the checkpoints.
 #[derive(Module, Debug)]
 pub struct Mla<B: Backend> {
+    /// The query projection, direct or low-rank.
     pub q: QueryProj<B>,
-    pub kv_a_proj_with_mqa: Linear<B>,
+    /// `[d] → [kv_lora_rank + rope]`: the latent and the shared rotary key.
+    pub kv_a_proj_with_mqa: Projection<B>,
+    /// Norm of the latent (what the cache stores is after it).
     pub kv_a_layernorm: RmsNorm<B>,
-    pub kv_b_proj: Linear<B>,
-    pub o_proj: Linear<B>,
+    /// `[kv_lora_rank] → [n_h·(nope + v)]`: per-head `k_nope` and `v` (`W_UK`, `W_UV`).
+    pub kv_b_proj: Projection<B>,
+    /// `[n_h·v] → [d]`
+    pub o_proj: Projection<B>,
+    /// Heads `n_h`.
     #[module(skip)]
     pub n_heads: usize,
+    /// Latent width.
     #[module(skip)]
     pub kv_lora_rank: usize,
+    /// Per-head width of the non-rotated query/key part.
     #[module(skip)]
     pub qk_nope_head_dim: usize,
+    /// Width of the rotated query/key part.
     #[module(skip)]
     pub qk_rope_head_dim: usize,
+    /// Per-head value width.
     #[module(skip)]
     pub v_head_dim: usize,
+    /// `d_qk^-0.5 · mscale²`.
     #[module(skip)]
     pub softmax_scale: f64,
-    /// How the projections run (FP8 in FP8 training).
-    #[module(skip)]
-    pub gemm: GemmPrecision,
 }
 
 /// Per-head queries, split into the part matched against `k_nope` and the rotated part.
@@ -146,38 +156,30 @@ pub struct Queries<B: Backend> {
     pub rope: Tensor<B, 4>,
 }
 
-/// What attention over a token stores: the normalized latent and the rotated shared key. This is
-/// all a latent KV cache keeps.
-pub struct LatentKv<B: Backend> {
-    /// `[batch, seq, kv_lora_rank]`
-    pub c_kv: Tensor<B, 3>,
-    /// `[batch, seq, rope]`, already rotated.
-    pub k_rope: Tensor<B, 3>,
-}
-
 impl<B: Backend> Mla<B> {
-    /// Causal self-attention over `x`, whose first token sits at position `start`.
+    /// Causal self-attention over `x`, whose first token sits at position `start`, with the
+    /// projections' GEMMs at `gemm` precision.
     ///
     /// # Shapes
     /// `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`.
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, start: usize) -> Tensor<B, 3> {
-        let q = self.queries(x.clone(), rope, start);
-        let kv = self.latent(x, rope, start);
-        self.attend_naive(q, kv, start)
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, start: usize, gemm: GemmPrecision) -> Tensor<B, 3> {
+        let q = self.queries(x.clone(), rope, start, gemm);
+        let kv = self.latent(x, rope, start, gemm);
+        self.attend_naive(q, kv, start, gemm)
     }
 
-    /// Attention of new positions `cache.len()..` over everything cached, after appending their
-    /// latents to block `block` of `cache` (which the caller advances once all blocks ran).
+    /// Attention of new positions `slot.len()..` over everything cached in this block's `slot`,
+    /// after appending their latents to it.
     ///
     /// # Shapes
     /// `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`.
-    pub fn forward_cached(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, cache: &mut LatentCache<B>, block: usize, path: AttentionPath) -> Tensor<B, 3> {
-        let start = cache.len();
-        let q = self.queries(x.clone(), rope, start);
-        let kv = cache.append(block, self.latent(x, rope, start));
+    pub fn forward_cached(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, slot: &mut LatentSlot<B>, path: AttentionPath, gemm: GemmPrecision) -> Tensor<B, 3> {
+        let start = slot.len();
+        let q = self.queries(x.clone(), rope, start, gemm);
+        let kv = slot.append(self.latent(x, rope, start, gemm));
         match path {
-            AttentionPath::Naive => self.attend_naive(q, kv, start),
-            AttentionPath::Absorbed => self.attend_absorbed(q, kv, start),
+            AttentionPath::Naive => self.attend_naive(q, kv, start, gemm),
+            AttentionPath::Absorbed => self.attend_absorbed(q, kv, start, gemm),
         }
     }
 
@@ -185,9 +187,9 @@ impl<B: Backend> Mla<B> {
     ///
     /// # Shapes
     /// `x`: `[batch, seq, d_model]`.
-    pub fn queries(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, start: usize) -> Queries<B> {
+    pub fn queries(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, start: usize, gemm: GemmPrecision) -> Queries<B> {
         let [batch, seq, _] = x.dims();
-        let q = self.q.forward(x, self.gemm).reshape([batch, seq, self.n_heads, self.qk_nope_head_dim + self.qk_rope_head_dim]); // [b, s, h, d_qk]
+        let q = self.q.forward(x, gemm).reshape([batch, seq, self.n_heads, self.qk_nope_head_dim + self.qk_rope_head_dim]); // [b, s, h, d_qk]
         let nope = q.clone().narrow(3, 0, self.qk_nope_head_dim); // [b, s, h, nope]
         let q_rope = q.narrow(3, self.qk_nope_head_dim, self.qk_rope_head_dim); // [b, s, h, rope]
         Queries { nope, rope: rope.apply(q_rope, start) }
@@ -197,9 +199,9 @@ impl<B: Backend> Mla<B> {
     ///
     /// # Shapes
     /// `x`: `[batch, seq, d_model]`.
-    pub fn latent(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, start: usize) -> LatentKv<B> {
+    pub fn latent(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, start: usize, gemm: GemmPrecision) -> LatentKv<B> {
         let [batch, seq, _] = x.dims();
-        let kv = linear(&self.kv_a_proj_with_mqa, x, self.gemm); // [b, s, kv_lora + rope]
+        let kv = self.kv_a_proj_with_mqa.forward(x, gemm); // [b, s, kv_lora + rope]
         let c_kv = self.kv_a_layernorm.forward(kv.clone().narrow(2, 0, self.kv_lora_rank)); // [b, s, kv_lora]
         let k_rope = kv.narrow(2, self.kv_lora_rank, self.qk_rope_head_dim).reshape([batch, seq, 1, self.qk_rope_head_dim]); // [b, s, 1, rope]
         let k_rope = rope.apply(k_rope, start).reshape([batch, seq, self.qk_rope_head_dim]); // [b, s, rope]
@@ -213,10 +215,10 @@ impl<B: Backend> Mla<B> {
     /// # Shapes
     /// `q.nope`: `[batch, q_len, heads, nope]`, `kv.c_kv`: `[batch, kv_len, kv_lora]` →
     /// `[batch, q_len, d_model]`.
-    pub fn attend_naive(&self, q: Queries<B>, kv: LatentKv<B>, start: usize) -> Tensor<B, 3> {
+    pub fn attend_naive(&self, q: Queries<B>, kv: LatentKv<B>, start: usize, gemm: GemmPrecision) -> Tensor<B, 3> {
         let [batch, q_len, heads, _] = q.nope.dims();
         let [_, kv_len, _] = kv.c_kv.dims();
-        let kv_b = linear(&self.kv_b_proj, kv.c_kv, self.gemm).reshape([batch, kv_len, heads, self.qk_nope_head_dim + self.v_head_dim]); // [b, t, h, nope + v]
+        let kv_b = self.kv_b_proj.forward(kv.c_kv, gemm).reshape([batch, kv_len, heads, self.qk_nope_head_dim + self.v_head_dim]); // [b, t, h, nope + v]
         let k_nope = kv_b.clone().narrow(3, 0, self.qk_nope_head_dim); // [b, t, h, nope]
         let v = kv_b.narrow(3, self.qk_nope_head_dim, self.v_head_dim).swap_dims(1, 2); // [b, h, t, v]
         let k_rope = kv.k_rope.reshape([batch, kv_len, 1, self.qk_rope_head_dim]).expand([batch, kv_len, heads, self.qk_rope_head_dim]); // [b, t, h, rope]
@@ -224,7 +226,7 @@ impl<B: Backend> Mla<B> {
         let q = Tensor::cat(vec![q.nope, q.rope], 3).swap_dims(1, 2); // [b, h, s, d_qk]
         let o = causal_attention(q, k, v, start, self.softmax_scale); // [b, h, s, v]
         let o = o.swap_dims(1, 2).reshape([batch, q_len, heads * self.v_head_dim]); // [b, s, h·v]
-        linear(&self.o_proj, o, self.gemm)
+        self.o_proj.forward(o, gemm)
     }
 
     /// Absorbed attention over the latent (DeepSeek-V2 §2.1.2, "absorb" trick): `W_UK` is folded
@@ -238,7 +240,7 @@ impl<B: Backend> Mla<B> {
     /// # Shapes
     /// `q.nope`: `[batch, q_len, heads, nope]`, `kv.c_kv`: `[batch, kv_len, kv_lora]` →
     /// `[batch, q_len, d_model]`.
-    pub fn attend_absorbed(&self, q: Queries<B>, kv: LatentKv<B>, start: usize) -> Tensor<B, 3> {
+    pub fn attend_absorbed(&self, q: Queries<B>, kv: LatentKv<B>, start: usize, gemm: GemmPrecision) -> Tensor<B, 3> {
         let [batch, q_len, heads, _] = q.nope.dims();
         let [_, _, kv_lora] = kv.c_kv.dims();
         let (nope, v_dim) = (self.qk_nope_head_dim, self.v_head_dim);
@@ -253,7 +255,7 @@ impl<B: Backend> Mla<B> {
         let o_latent = shared_kv_causal_attention(q, k, kv.c_kv, start, self.softmax_scale); // [b, h, s, c]
         let o = o_latent.matmul(w_uv.unsqueeze::<4>()); // [b, h, s, v]
         let o = o.swap_dims(1, 2).reshape([batch, q_len, heads * v_dim]); // [b, s, h·v]
-        linear(&self.o_proj, o, self.gemm)
+        self.o_proj.forward(o, gemm)
     }
 }
 

@@ -3,10 +3,10 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{activation::silu, backend::Backend, Tensor};
 
-use crate::fp8::training::{linear as project, GemmPrecision};
+use crate::fp8::GemmPrecision;
+use crate::projection::Projection;
 
 /// Builds an [`Mlp`].
 #[derive(Config, Debug)]
@@ -18,13 +18,12 @@ pub struct MlpConfig {
 }
 
 impl MlpConfig {
+    /// A fresh MLP (weights drawn lazily, as Burn's `Linear` draws them).
     pub fn init<B: Backend>(&self, device: &B::Device) -> Mlp<B> {
-        let linear = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
         Mlp {
-            gate_proj: linear(self.d_model, self.d_hidden),
-            up_proj: linear(self.d_model, self.d_hidden),
-            down_proj: linear(self.d_hidden, self.d_model),
-            gemm: GemmPrecision::Full,
+            gate_proj: Projection::new(self.d_model, self.d_hidden, device),
+            up_proj: Projection::new(self.d_model, self.d_hidden, device),
+            down_proj: Projection::new(self.d_hidden, self.d_model, device),
         }
     }
 }
@@ -32,19 +31,21 @@ impl MlpConfig {
 /// Gated MLP with SiLU activation.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub gate_proj: Linear<B>,
-    pub up_proj: Linear<B>,
-    pub down_proj: Linear<B>,
-    /// How the three projections run (FP8 in FP8 training).
-    #[module(skip)]
-    pub gemm: GemmPrecision,
+    /// `[d] → [hidden]`, through SiLU.
+    pub gate_proj: Projection<B>,
+    /// `[d] → [hidden]`, the gated branch.
+    pub up_proj: Projection<B>,
+    /// `[hidden] → [d]`
+    pub down_proj: Projection<B>,
 }
 
 impl<B: Backend> Mlp<B> {
+    /// The MLP with its three GEMMs at `gemm` precision.
+    ///
     /// # Shapes
     /// `x`: `[..., d_model]` → `[..., d_model]`.
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let gate = silu(project(&self.gate_proj, x.clone(), self.gemm));
-        project(&self.down_proj, gate * project(&self.up_proj, x, self.gemm), self.gemm)
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>, gemm: GemmPrecision) -> Tensor<B, D> {
+        let gate = silu(self.gate_proj.forward(x.clone(), gemm));
+        self.down_proj.forward(gate * self.up_proj.forward(x, gemm), gemm)
     }
 }

@@ -1,33 +1,47 @@
 //! The causal language model: token embedding, the decoder blocks, the final norm, the untied
 //! output head, and the optional MTP modules (DeepSeek-V3 §2).
 
-use crate::fp8::GemmPrecision;
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig};
 use burn::tensor::{backend::Backend, Int, Tensor};
 
 use crate::block::DecoderLayer;
 use crate::cache::LatentCache;
 use crate::config::DeepSeekConfig;
 use crate::error::{DeepSeekError, Result};
+use crate::fp8::GemmPrecision;
 use crate::moe::Routing;
 use crate::mtp::MtpModule;
 use crate::norm::{RmsNorm, RmsNormConfig};
+use crate::policy::ExecutionPolicy;
+use crate::projection::Projection;
 use crate::rope::RotaryEmbedding;
 
-/// A DeepSeek-V2/V3 model. Single-device and stateless: caches, sharding and the balancing-bias
-/// update live with inference and training.
+/// A DeepSeek-V2/V3 model: weights, the rotary tables, the config and the [`ExecutionPolicy`]
+/// its forward passes run under. Single-device: a latent KV cache is passed into
+/// [`DeepSeekModel::forward_cached`] by the caller, expert parallelism arrives through the
+/// policy, and the balancing-bias update lives with training.
 #[derive(Module, Debug)]
 pub struct DeepSeekModel<B: Backend> {
+    /// `[vocab, d]` token embedding.
     pub embed_tokens: Embedding<B>,
+    /// The main decoder blocks.
     pub layers: Vec<DecoderLayer<B>>,
+    /// The final norm.
     pub norm: RmsNorm<B>,
-    pub lm_head: Linear<B>,
+    /// `[d] → [vocab]`, untied from the embedding; shared by the MTP modules.
+    pub lm_head: Projection<B>,
+    /// The MTP modules, depth 1 first.
     pub mtp: Vec<MtpModule<B>>,
+    /// Rotary tables (YaRN included).
     #[module(skip)]
     pub rope: RotaryEmbedding,
+    /// The configuration the model was built from.
     #[module(skip)]
     pub config: DeepSeekConfig,
+    /// How the forward passes run; set with [`DeepSeekModel::with_policy`].
+    #[module(skip)]
+    policy: ExecutionPolicy,
 }
 
 /// What one forward pass can return besides the logits.
@@ -72,10 +86,11 @@ impl DeepSeekConfig {
             embed_tokens: EmbeddingConfig::new(self.vocab_size, self.hidden_size).init(device),
             layers: (0..self.num_hidden_layers).map(|l| self.init_layer(l, device)).collect(),
             norm: RmsNormConfig::new(self.hidden_size).with_eps(self.rms_norm_eps).init(device),
-            lm_head: LinearConfig::new(self.hidden_size, self.vocab_size).with_bias(false).init(device),
+            lm_head: Projection::new(self.hidden_size, self.vocab_size, device),
             mtp: (1..=self.num_nextn_predict_layers).map(|k| self.init_mtp(k, device)).collect(),
             rope: RotaryEmbedding::new(&self.rope, self.qk_rope_head_dim),
             config: self.clone(),
+            policy: ExecutionPolicy::default(),
         }
     }
 }
@@ -99,7 +114,7 @@ impl<B: Backend> DeepSeekModel<B> {
         let mut hidden_states = Vec::new();
         let mut routing = Vec::new();
         for layer in &self.layers {
-            let (out, r) = layer.forward(x, &self.rope, 0);
+            let (out, r) = layer.forward(x, &self.rope, 0, &self.policy);
             x = out;
             routing.extend(r);
             if options.hidden_states {
@@ -107,7 +122,7 @@ impl<B: Backend> DeepSeekModel<B> {
             }
         }
         let final_hidden = self.norm.forward(x);
-        let logits = self.lm_head.forward(final_hidden.clone());
+        let logits = self.head(final_hidden.clone());
         let mut mtp_logits = Vec::new();
         if options.mtp {
             let [_, seq, _] = embeddings.dims();
@@ -119,9 +134,9 @@ impl<B: Backend> DeepSeekModel<B> {
                 }
                 let prev = hidden.narrow(1, 0, seq - k); // [b, s - k, d]
                 let next = embeddings.clone().narrow(1, k, seq - k); // [b, s - k, d]
-                let (h, r) = module.forward(prev, next, &self.rope);
+                let (h, r) = module.forward(prev, next, &self.rope, &self.policy);
                 routing.extend(r);
-                mtp_logits.push(self.lm_head.forward(module.head_norm.forward(h.clone())));
+                mtp_logits.push(self.head(module.head_norm.forward(h.clone())));
                 hidden = h;
             }
         }
@@ -135,15 +150,18 @@ impl<B: Backend> DeepSeekModel<B> {
     /// `input_ids`: `[batch, seq]` → logits `[batch, seq, vocab]`.
     pub fn forward_cached(&self, input_ids: Tensor<B, 2, Int>, cache: &mut LatentCache<B>, path: AttentionPath) -> Result<CachedOutput<B>> {
         let [batch, seq] = input_ids.dims();
+        if cache.blocks() != self.layers.len() {
+            return Err(DeepSeekError::Input(format!("a cache of {} blocks for a model of {} (LatentCache::new)", cache.blocks(), self.layers.len())));
+        }
         cache.check_fits(batch, seq)?;
         let mut x = self.embed_tokens.forward(input_ids); // [b, s, d]
-        for (l, layer) in self.layers.iter().enumerate() {
-            let (out, _) = layer.forward_with_attention(x, |attn, normed| attn.forward_cached(normed, &self.rope, cache, l, path));
+        let gemm = self.policy.gemm;
+        for (layer, slot) in self.layers.iter().zip(cache.slots_mut().iter_mut()) {
+            let (out, _) = layer.forward_with_attention(x, &self.policy, |attn, normed| attn.forward_cached(normed, &self.rope, slot, path, gemm));
             x = out;
         }
-        cache.advance(seq);
         let final_hidden = self.norm.forward(x);
-        Ok(CachedOutput { logits: self.lm_head.forward(final_hidden.clone()), final_hidden })
+        Ok(CachedOutput { logits: self.head(final_hidden.clone()), final_hidden })
     }
 
     /// MTP module `k` (1-based) over new positions, with its own one-block `cache` (see
@@ -160,12 +178,23 @@ impl<B: Backend> DeepSeekModel<B> {
         })?;
         let [batch, seq, _] = hidden.dims();
         cache.check_fits(batch, seq)?;
-        let x = module.combine(hidden, self.embed_tokens.forward(next_ids)); // [b, s, d]
-        let (h, _) = module
-            .block
-            .forward_with_attention(x, |attn, normed| attn.forward_cached(normed, &self.rope, cache, 0, AttentionPath::Naive));
-        cache.advance(seq);
-        Ok(CachedOutput { logits: self.lm_head.forward(module.head_norm.forward(h.clone())), final_hidden: h })
+        let x = module.combine(hidden, self.embed_tokens.forward(next_ids), &self.policy); // [b, s, d]
+        let slot = match cache.slots_mut() {
+            [slot] => slot,
+            slots => return Err(DeepSeekError::Input(format!("an MTP module needs a one-block cache (LatentCache::for_mtp), got {} blocks", slots.len()))),
+        };
+        let gemm = self.policy.gemm;
+        let (h, _) = module.block.forward_with_attention(x, &self.policy, |attn, normed| attn.forward_cached(normed, &self.rope, slot, AttentionPath::Naive, gemm));
+        Ok(CachedOutput { logits: self.head(module.head_norm.forward(h.clone())), final_hidden: h })
+    }
+
+    /// The output head, always at the tensors' precision (DeepSeek-V3 §3.3.1 keeps it out of
+    /// FP8).
+    ///
+    /// # Shapes
+    /// `hidden`: `[batch, seq, d]` → `[batch, seq, vocab]`.
+    fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.lm_head.forward(hidden, GemmPrecision::Full)
     }
 
     /// Initializes every lazily-initialized parameter in place. Burn draws a lazy parameter on
@@ -181,77 +210,35 @@ impl<B: Backend> DeepSeekModel<B> {
         self.visit(&mut Touch);
     }
 
-    /// Chooses how every MoE block runs its routed experts (a speed choice: results agree).
-    pub fn with_expert_path(mut self, path: crate::moe::ExpertPath) -> Self {
-        let blocks = self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block));
-        for block in blocks {
-            if let crate::block::FeedForward::Moe(moe) = &mut block.mlp {
-                moe.experts.path = path;
+    /// This model running under `policy` (GEMM precision, expert path, expert parallelism,
+    /// node limit): one value for every block, checked against the model here.
+    pub fn with_policy(mut self, policy: ExecutionPolicy) -> Result<Self> {
+        let (experts, top_k) = (self.config.n_routed_experts, self.config.num_experts_per_tok);
+        if let Some(p) = &policy.expert_parallel {
+            if p.n_experts() != experts {
+                return Err(DeepSeekError::config("expert_parallel", format!("placement for {} experts on a model with {experts}", p.n_experts())));
             }
         }
-        self
-    }
-
-    /// Chooses how the GEMMs of linear layers run: attention projections, dense and shared MLPs,
-    /// routed experts and the MTP projections. The embedding, the output head, the MoE router,
-    /// norms and the attention core keep the tensors' precision, as in DeepSeek-V3's FP8 training
-    /// (§3.3.1). With [`GemmPrecision::Fp8`] the grouped expert path falls back to per expert.
-    pub fn with_gemm_precision(mut self, gemm: GemmPrecision) -> Self {
-        for m in &mut self.mtp {
-            m.gemm = gemm;
+        if let Some(limit) = policy.node_limit {
+            limit.check(experts, top_k).map_err(|problem| DeepSeekError::config("node_limit", problem))?;
         }
-        let blocks = self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block));
-        for block in blocks {
-            block.self_attn.gemm = gemm;
-            match &mut block.mlp {
-                crate::block::FeedForward::Dense(mlp) => mlp.gemm = gemm,
-                crate::block::FeedForward::Moe(moe) => {
-                    moe.experts.gemm = gemm;
-                    if let Some(shared) = &mut moe.shared_experts {
-                        shared.gemm = gemm;
-                    }
-                }
-            }
-        }
-        self
-    }
-
-    /// The MoE layers of the model (main layers, then MTP modules).
-    fn moe_layers_mut(&mut self) -> impl Iterator<Item = &mut crate::moe::Moe<B>> {
-        self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block)).filter_map(|block| match &mut block.mlp {
-            crate::block::FeedForward::Moe(moe) => Some(moe),
-            crate::block::FeedForward::Dense(_) => None,
-        })
-    }
-
-    /// Spreads the routed experts of every MoE layer over the ranks of `parallel`'s exchange
-    /// (`None`: every expert on this rank). Every rank of the group must then run the same
-    /// forward and backward passes in step. The weights stay whole on every rank.
-    pub fn with_expert_parallel(mut self, parallel: Option<crate::parallel::ExpertParallel>) -> crate::parallel::Result<Self> {
-        if let Some(p) = &parallel {
-            if p.n_experts() != self.config.n_routed_experts {
-                return Err(crate::parallel::ParallelError::Config {
-                    field: "expert_parallel",
-                    problem: format!("placement for {} experts on a model with {}", p.n_experts(), self.config.n_routed_experts),
-                });
-            }
-        }
-        for moe in self.moe_layers_mut() {
-            moe.experts.parallel = parallel.clone();
-        }
+        self.policy = policy;
         Ok(self)
     }
 
-    /// Node-limited routing on every MoE layer (`None`: off). See [`crate::moe::NodeLimit`].
-    pub fn with_node_limit(mut self, limit: Option<crate::moe::NodeLimit>) -> Result<Self> {
-        if let Some(l) = limit {
-            l.check(self.config.n_routed_experts, self.config.num_experts_per_tok)
-                .map_err(|problem| crate::DeepSeekError::Config { field: "node_limit".into(), problem })?;
-        }
-        for moe in self.moe_layers_mut() {
-            moe.gate.node_limit = limit;
-        }
-        Ok(self)
+    /// How this model's forward passes run.
+    pub fn policy(&self) -> &ExecutionPolicy {
+        &self.policy
+    }
+
+    /// The decoder blocks of the model: the main blocks, then each MTP module's block.
+    pub fn blocks(&self) -> impl Iterator<Item = &DecoderLayer<B>> {
+        self.layers.iter().chain(self.mtp.iter().map(|m| &m.block))
+    }
+
+    /// [`DeepSeekModel::blocks`], mutably.
+    pub fn blocks_mut(&mut self) -> impl Iterator<Item = &mut DecoderLayer<B>> {
+        self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block))
     }
 
     /// [`DeepSeekModel::forward_with`] after [`DeepSeekModel::check_input`]: the entry point for

@@ -8,30 +8,29 @@
 //! released MTP weights); the embedding and output head are the main model's.
 
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
-
-use crate::fp8::training::{linear, GemmPrecision};
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::block::DecoderLayer;
 use crate::config::DeepSeekConfig;
 use crate::moe::Routing;
 use crate::norm::{RmsNorm, RmsNormConfig};
+use crate::policy::ExecutionPolicy;
+use crate::projection::Projection;
 use crate::rope::RotaryEmbedding;
 
 /// One MTP module; stored in checkpoints as layer `num_hidden_layers + k - 1`.
 #[derive(Module, Debug)]
 pub struct MtpModule<B: Backend> {
+    /// Norm of the embeddings of the tokens `k` ahead.
     pub enorm: RmsNorm<B>,
+    /// Norm of the previous depth's hidden states.
     pub hnorm: RmsNorm<B>,
     /// `[2d] → [d]`
-    pub eh_proj: Linear<B>,
+    pub eh_proj: Projection<B>,
+    /// The module's transformer block (always MoE).
     pub block: DecoderLayer<B>,
     /// `shared_head.norm`: the norm before the shared output head.
     pub head_norm: RmsNorm<B>,
-    /// How `eh_proj` runs (FP8 in FP8 training; the block has its own setting).
-    #[module(skip)]
-    pub gemm: GemmPrecision,
 }
 
 impl DeepSeekConfig {
@@ -41,10 +40,9 @@ impl DeepSeekConfig {
         MtpModule {
             enorm: norm.init(device),
             hnorm: norm.init(device),
-            eh_proj: LinearConfig::new(2 * self.hidden_size, self.hidden_size).with_bias(false).init(device),
+            eh_proj: Projection::new(2 * self.hidden_size, self.hidden_size, device),
             block: self.init_layer(self.num_hidden_layers + k - 1, device),
             head_norm: norm.init(device),
-            gemm: GemmPrecision::Full,
         }
     }
 }
@@ -56,16 +54,16 @@ impl<B: Backend> MtpModule<B> {
     /// # Shapes
     /// `hidden`: `[batch, n, d]` (positions `0..n`), `next_embeddings`: `[batch, n, d]` (the
     /// embeddings of the tokens `k` positions later) → `[batch, n, d]`.
-    pub fn forward(&self, hidden: Tensor<B, 3>, next_embeddings: Tensor<B, 3>, rope: &RotaryEmbedding) -> (Tensor<B, 3>, Option<Routing<B>>) {
-        self.block.forward(self.combine(hidden, next_embeddings), rope, 0)
+    pub fn forward(&self, hidden: Tensor<B, 3>, next_embeddings: Tensor<B, 3>, rope: &RotaryEmbedding, policy: &ExecutionPolicy) -> (Tensor<B, 3>, Option<Routing<B>>) {
+        self.block.forward(self.combine(hidden, next_embeddings, policy), rope, 0, policy)
     }
 
     /// The block's input: `eh_proj([enorm(embeddings); hnorm(hidden)])`.
     ///
     /// # Shapes
     /// `hidden`, `next_embeddings`: `[batch, n, d]` → `[batch, n, d]`.
-    pub fn combine(&self, hidden: Tensor<B, 3>, next_embeddings: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn combine(&self, hidden: Tensor<B, 3>, next_embeddings: Tensor<B, 3>, policy: &ExecutionPolicy) -> Tensor<B, 3> {
         let x = Tensor::cat(vec![self.enorm.forward(next_embeddings), self.hnorm.forward(hidden)], 2); // [b, n, 2d]
-        linear(&self.eh_proj, x, self.gemm)
+        self.eh_proj.forward(x, policy.gemm)
     }
 }

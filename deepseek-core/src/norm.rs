@@ -16,6 +16,7 @@ pub struct RmsNormConfig {
 }
 
 impl RmsNormConfig {
+    /// A norm with unit gain.
     pub fn init<B: Backend>(&self, device: &B::Device) -> RmsNorm<B> {
         RmsNorm { weight: Initializer::Ones.init([self.dim], device), eps: self.eps }
     }
@@ -26,6 +27,7 @@ impl RmsNormConfig {
 pub struct RmsNorm<B: Backend> {
     /// Gain `[dim]`.
     pub weight: Param<Tensor<B, 1>>,
+    /// Added to the mean square before the root.
     #[module(skip)]
     pub eps: f64,
 }

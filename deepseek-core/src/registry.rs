@@ -28,3 +28,34 @@ impl OpRegistry {
         self.map().read().unwrap_or_else(|p| p.into_inner()).get(&TypeId::of::<B>()).and_then(|op| op.downcast_ref::<T>().copied())
     }
 }
+
+/// The autodiff backends whose custom operations [`crate::register_autodiff`] installed.
+static INSTALLED: OpRegistry = OpRegistry::new();
+
+/// Records that every custom operation of `Autodiff<B>` is installed.
+pub(crate) fn mark_installed<B: burn::tensor::backend::Backend>() {
+    INSTALLED.insert::<burn::backend::Autodiff<B>, ()>(());
+}
+
+/// Whether [`crate::register_autodiff`] ran for the inner backend of `B` (`B` an autodiff
+/// backend).
+pub(crate) fn installed<B: 'static>() -> bool {
+    INSTALLED.get::<B, ()>().is_some()
+}
+
+/// Panics, naming the missing call, when `B` records gradients but its custom operations were
+/// never installed: training would otherwise go on with other gradients (FP8 straight-through)
+/// or another code path (MoE on the host) than it asked for, and nothing would say so. The
+/// forward passes that reach this have no error channel; the backend switch
+/// ([`crate::device::run_on`]) and the trainer install the operations, so only a hand-built
+/// training loop can get here.
+pub(crate) fn require_autodiff_ops<B: burn::tensor::backend::Backend>(device: &B::Device, what: &str) {
+    if B::ad_enabled(device) && !installed::<B>() {
+        panic!(
+            "{what} ran on the autodiff backend `{}` whose custom operations are not installed: call \
+             `deepseek_core::register_autodiff::<Inner>()` once for its inner backend before training \
+             (deepseek_core::device::run_on does it)",
+            std::any::type_name::<B>()
+        );
+    }
+}

@@ -14,10 +14,9 @@ use anyhow::Result;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
 use clap::Parser;
+use deepseek_core::device::{run_on, BackendTask, DeviceKind};
 use deepseek_core::moe::ExpertPath;
-use deepseek_core::DeepSeekConfig;
-use deepseek_infer::backend::DeviceKind;
-use deepseek_infer::with_backend;
+use deepseek_core::{DeepSeekConfig, ExecutionPolicy};
 
 #[derive(Parser)]
 struct Args {
@@ -50,7 +49,7 @@ fn run<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         "host-per-expert" => ExpertPath::HostPerExpert,
         other => anyhow::bail!("unknown --expert-path `{other}`: per-expert, host-per-expert, grouped or auto"),
     };
-    let model = cfg.init::<B>(device).with_expert_path(path);
+    let model = cfg.init::<B>(device).with_policy(ExecutionPolicy::default().with_expert_path(path))?;
     let ids = Tensor::<B, 2>::random([args.batch, args.seq], Distribution::Uniform(0.0, cfg.vocab_size as f64), device).int();
     let step = |ids: Tensor<B, 2, Int>| {
         let logits = model.forward(ids);
@@ -85,7 +84,16 @@ fn run<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     Ok(())
 }
 
+struct Bench(Args);
+
+impl BackendTask for Bench {
+    type Output = Result<()>;
+    fn run<B: Backend>(self, devices: Vec<B::Device>) -> Result<()> {
+        run::<B>(&self.0, &devices[0])
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
-    with_backend!(args.device, |B, dev| run::<B>(&args, &dev))
+    run_on(args.device, &[], Bench(args))?
 }

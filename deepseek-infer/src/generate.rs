@@ -19,6 +19,48 @@ pub enum Decoding {
     Sample { temperature: f32, top_k: Option<usize>, top_p: Option<f32>, seed: u64 },
 }
 
+impl Decoding {
+    /// The decoding the `--temperature`, `--top-k`, `--top-p` and `--seed` flags (or an API
+    /// request) ask for: greedy for temperature 0, else sampling. Every value is checked, also
+    /// those greedy decoding ignores, so a typo is an error rather than silently dropped.
+    pub fn new(temperature: f32, top_k: Option<usize>, top_p: Option<f32>, seed: u64) -> Result<Self> {
+        if !(temperature >= 0.0 && temperature.is_finite()) {
+            bail!("temperature must be a finite number ≥ 0 (0 decodes greedily), got {temperature}");
+        }
+        check_filters(top_k, top_p)?;
+        if temperature == 0.0 {
+            return Ok(Decoding::Greedy);
+        }
+        Ok(Decoding::Sample { temperature, top_k, top_p, seed })
+    }
+
+    /// Checks the settings (a [`Decoding::Sample`] built by hand may hold any values); every
+    /// decoder calls it before the first token.
+    pub fn validate(&self) -> Result<()> {
+        match *self {
+            Decoding::Greedy => Ok(()),
+            Decoding::Sample { temperature, top_k, top_p, .. } => {
+                if !(temperature > 0.0 && temperature.is_finite()) {
+                    bail!("temperature must be a positive number, got {temperature} (use greedy decoding for 0)");
+                }
+                check_filters(top_k, top_p)
+            }
+        }
+    }
+}
+
+fn check_filters(top_k: Option<usize>, top_p: Option<f32>) -> Result<()> {
+    if let Some(p) = top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            bail!("top_p must be in (0, 1], got {p}");
+        }
+    }
+    if top_k == Some(0) {
+        bail!("top_k must be at least 1");
+    }
+    Ok(())
+}
+
 /// Generation settings.
 #[derive(Debug, Clone)]
 pub struct GenerateConfig {
@@ -45,19 +87,7 @@ pub fn generate_streaming<B: Backend>(
     device: &B::Device,
     on_token: &mut dyn FnMut(usize, i64) -> Result<bool>,
 ) -> Result<Vec<Vec<i64>>> {
-    if let Decoding::Sample { temperature, top_p, top_k, .. } = cfg.decoding {
-        if !(temperature > 0.0) || !temperature.is_finite() {
-            bail!("temperature must be a positive number, got {temperature} (use greedy decoding for 0)");
-        }
-        if let Some(p) = top_p {
-            if !(p > 0.0 && p <= 1.0) {
-                bail!("top_p must be in (0, 1], got {p}");
-            }
-        }
-        if top_k == Some(0) {
-            bail!("top_k must be at least 1");
-        }
-    }
+    cfg.decoding.validate()?;
     prompts.iter().enumerate().map(|(i, p)| generate_one(model, p, cfg, device, i, on_token)).collect()
 }
 
@@ -209,6 +239,16 @@ mod tests {
         assert!((freq - 0.25).abs() < 0.015, "{freq}");
         // top_p 0.7 keeps only the first token.
         assert!((0..100).all(|_| sample(&logits, 1.0, None, Some(0.7), &mut rng) == 0));
+    }
+
+    #[test]
+    fn bad_sampling_settings_are_errors_for_every_decoder() {
+        for (t, k, p) in [(-1.0, None, None), (f32::NAN, None, None), (0.0, None, Some(2.0)), (0.7, None, Some(0.0)), (0.7, Some(0), None)] {
+            assert!(Decoding::new(t, k, p, 0).is_err(), "{t} {k:?} {p:?}");
+        }
+        assert_eq!(Decoding::new(0.0, Some(5), Some(0.9), 1).unwrap(), Decoding::Greedy);
+        let hand_built = Decoding::Sample { temperature: -0.5, top_k: None, top_p: None, seed: 0 };
+        assert!(hand_built.validate().is_err());
     }
 
     #[test]

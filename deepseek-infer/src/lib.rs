@@ -1,6 +1,5 @@
 #![doc = include_str!("../README.md")]
 
-pub mod backend;
 pub mod bench;
 pub mod chat;
 pub mod generate;

@@ -10,15 +10,15 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, Subcommand};
+use deepseek_core::device::{run_on, BackendTask, DeviceKind};
 use deepseek_core::{load_model, AttentionPath, DeepSeekConfig, ForwardOptions, LoadOptions};
-use deepseek_infer::backend::DeviceKind;
 use std::io::Write;
 
 use deepseek_infer::generate::{generate, generate_streaming, Decoding, GenerateConfig};
 use deepseek_infer::chat::{ChatTemplate, Message};
 use deepseek_infer::tokenizer::{IncrementalDecoder, TextTokenizer};
 use deepseek_infer::speculative;
-use deepseek_infer::{io, with_backend};
+use deepseek_infer::io;
 
 #[derive(Parser)]
 #[command(name = "deepseek", version, about = "DeepSeek-V3 models in Burn")]
@@ -164,23 +164,73 @@ struct SamplingArgs {
     /// 0 decodes greedily.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens reaching this probability, in (0, 1].
     #[arg(long)]
     top_p: Option<f32>,
+    /// Keep only this many most likely tokens (at least 1).
     #[arg(long)]
     top_k: Option<usize>,
+    /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
 
 impl SamplingArgs {
-    fn decoding(&self) -> Decoding {
+    fn decoding(&self) -> Result<Decoding> {
         let Self { temperature, top_p, top_k, seed } = *self;
-        if temperature == 0.0 {
-            Decoding::Greedy
-        } else {
-            Decoding::Sample { temperature, top_k, top_p, seed }
+        Decoding::new(temperature, top_k, top_p, seed)
+    }
+}
+
+/// A command that runs a model, carried to the backend `--device` names by the one backend
+/// switch ([`run_on`]).
+enum OnDevice {
+    Logits { model: PathBuf, input: PathBuf, output: PathBuf, allow_unused: bool },
+    Chat { model: PathBuf, tok: TextTokenizer, template: ChatTemplate, system: Option<String>, cfg: GenerateConfig },
+    Generate { model: PathBuf, prompt: Vec<i64>, cfg: GenerateConfig, print_ids: bool, speculative: bool, tok: Option<TextTokenizer>, stop: Vec<String> },
+    Bench { model: Option<PathBuf>, preset: Option<String>, context: Option<usize>, prompt_tokens: usize, new_tokens: usize, path: AttentionPath, repeats: usize, device: DeviceKind },
+}
+
+impl BackendTask for OnDevice {
+    type Output = Result<()>;
+
+    fn run<B: Backend>(self, devices: Vec<B::Device>) -> Result<()> {
+        let dev = &devices[0];
+        match self {
+            OnDevice::Logits { model, input, output, allow_unused } => logits::<B>(&model, &input, &output, dev, allow_unused),
+            OnDevice::Chat { model, tok, template, system, cfg } => chat_cmd::<B>(&model, &tok, &template, system, cfg, dev),
+            OnDevice::Generate { model, prompt, cfg, print_ids, speculative, tok, stop } => {
+                generate_cmd::<B>(&model, prompt, cfg, dev, print_ids, speculative, tok.as_ref(), &stop)
+            }
+            OnDevice::Bench { model, preset, context, prompt_tokens, new_tokens, path, repeats, device } => {
+                let model = match (&model, &preset) {
+                    (Some(dir), _) => load_model::<B>(dir, dev, LoadOptions::default()).with_context(|| format!("loading {}", dir.display()))?,
+                    (None, Some(name)) => {
+                        let mut cfg = DeepSeekConfig::preset(name)?;
+                        if let Some(c) = context {
+                            cfg.max_position_embeddings = cfg.max_position_embeddings.max(c);
+                        }
+                        cfg.init::<B>(dev)
+                    }
+                    (None, None) => unreachable!("clap requires one"),
+                };
+                let r = deepseek_infer::bench::run(&model, prompt_tokens, new_tokens, path, repeats, dev)?;
+                println!("device: {device}");
+                println!("decode_path: {path:?}");
+                println!("prompt_tokens: {}", r.prompt_tokens);
+                println!("new_tokens: {}", r.new_tokens);
+                println!("prefill_tokens_per_s: {:.1}", r.prefill_tokens_per_s);
+                println!("decode_tokens_per_s: {:.1}", r.decode_tokens_per_s);
+                println!("kv_bytes_per_token: {} (measured from the cache buffers)", r.kv_bytes_per_token);
+                Ok(())
+            }
         }
     }
+}
+
+/// Runs `task` on `device`'s default device.
+fn on_device(device: DeviceKind, task: OnDevice) -> Result<()> {
+    run_on(device, &[], task)?
 }
 
 fn main() -> Result<()> {
@@ -193,14 +243,12 @@ fn main() -> Result<()> {
             println!("bytes: {}", report.bytes);
             Ok(())
         }
-        Command::Logits { model, input, output, device, allow_unused } => {
-            with_backend!(device, |B, dev| logits::<B>(&model, &input, &output, &dev, allow_unused))
-        }
+        Command::Logits { model, input, output, device, allow_unused } => on_device(device, OnDevice::Logits { model, input, output, allow_unused }),
         Command::Chat { model, tokenizer, tokenizer_config, system, max_new_tokens, sampling, device } => {
             let tok = TextTokenizer::from_file(&tokenizer.unwrap_or_else(|| model.join("tokenizer.json")))?;
             let template = ChatTemplate::from_tokenizer_config(&tokenizer_config.unwrap_or_else(|| model.join("tokenizer_config.json")))?;
-            let cfg = GenerateConfig { max_new_tokens, decoding: sampling.decoding(), eos_token_id: None, stop_sequences: vec![] };
-            with_backend!(device, |B, dev| chat_cmd::<B>(&model, &tok, &template, system, cfg, &dev))
+            let cfg = GenerateConfig { max_new_tokens, decoding: sampling.decoding()?, eos_token_id: None, stop_sequences: vec![] };
+            on_device(device, OnDevice::Chat { model, tok, template, system, cfg })
         }
         Command::Tokenize { tokenizer, text } => {
             let tok = TextTokenizer::from_file(&tokenizer)?;
@@ -222,13 +270,13 @@ fn main() -> Result<()> {
                 (None, Some(ids)) => ids,
                 (None, None) => unreachable!("clap requires one"),
             };
-            let decoding = sampling.decoding();
+            let decoding = sampling.decoding()?;
             let cfg = GenerateConfig { max_new_tokens, decoding, eos_token_id: None, stop_sequences: vec![] };
             let tok = text.map(|(tok, _)| tok);
             if !stop.is_empty() && (tok.is_none() || speculative) {
                 bail!("--stop works on text: use it with --prompt (and without --speculative)");
             }
-            with_backend!(device, |B, dev| generate_cmd::<B>(&model, prompt_ids, cfg, &dev, print_ids, speculative, tok.as_ref(), &stop))
+            on_device(device, OnDevice::Generate { model, prompt: prompt_ids, cfg, print_ids, speculative, tok, stop })
         }
         Command::Bench { model, preset, prompt_tokens, new_tokens, path, context, repeats, device } => {
             let path = match path.as_str() {
@@ -239,28 +287,7 @@ fn main() -> Result<()> {
             if prompt_tokens == 0 {
                 bail!("--prompt-tokens must be at least 1");
             }
-            with_backend!(device, |B, dev| {
-                let model = match (&model, &preset) {
-                    (Some(dir), _) => load_model::<B>(dir, &dev, LoadOptions::default()).with_context(|| format!("loading {}", dir.display()))?,
-                    (None, Some(name)) => {
-                        let mut cfg = DeepSeekConfig::preset(name)?;
-                        if let Some(c) = context {
-                            cfg.max_position_embeddings = cfg.max_position_embeddings.max(c);
-                        }
-                        cfg.init::<B>(&dev)
-                    }
-                    (None, None) => unreachable!("clap requires one"),
-                };
-                let r = deepseek_infer::bench::run(&model, prompt_tokens, new_tokens, path, repeats, &dev)?;
-                println!("device: {device}");
-                println!("decode_path: {path:?}");
-                println!("prompt_tokens: {}", r.prompt_tokens);
-                println!("new_tokens: {}", r.new_tokens);
-                println!("prefill_tokens_per_s: {:.1}", r.prefill_tokens_per_s);
-                println!("decode_tokens_per_s: {:.1}", r.decode_tokens_per_s);
-                println!("kv_bytes_per_token: {} (measured from the cache buffers)", r.kv_bytes_per_token);
-                Ok(())
-            })
+            on_device(device, OnDevice::Bench { model, preset, context, prompt_tokens, new_tokens, path, repeats, device })
         }
         Command::Info { model, preset } => {
             let cfg = match (model, preset) {

@@ -98,6 +98,7 @@ pub fn speculative<B: Backend>(
     decoding: Decoding,
     device: &B::Device,
 ) -> Result<SpeculativeOutput> {
+    decoding.validate()?;
     let seed = match decoding {
         Decoding::Sample { seed, .. } => seed,
         Decoding::Greedy => 0,

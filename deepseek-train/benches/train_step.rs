@@ -13,7 +13,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::AutodiffBackend;
+use burn::backend::Autodiff;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use deepseek_core::device::{run_on, BackendTask};
 use deepseek_core::moe::ExpertPath;
 use deepseek_core::DeepSeekConfig;
 use deepseek_train::data::{prepare, DataConfig, Windows};
@@ -60,14 +62,15 @@ fn main() -> Result<()> {
             other => bail!("unknown option `{other}`"),
         }
     }
-    match a.device {
-        DeviceKind::Flex => bench::<burn::backend::Autodiff<burn::backend::Flex>>(&a, &Default::default()),
-        #[cfg(feature = "wgpu")]
-        DeviceKind::Wgpu => bench::<burn::backend::Autodiff<burn::backend::Wgpu>>(&a, &Default::default()),
-        #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => bench::<burn::backend::Autodiff<burn::backend::Cuda>>(&a, &Default::default()),
-        #[allow(unreachable_patterns)]
-        other => bail!("this build has no {other:?} backend: rebuild with its feature"),
+    run_on(a.device, &[], Bench(a))?
+}
+
+struct Bench(Args);
+
+impl BackendTask for Bench {
+    type Output = Result<()>;
+    fn run<B: Backend>(self, devices: Vec<B::Device>) -> Result<()> {
+        bench::<Autodiff<B>>(&self.0, &devices[0])
     }
 }
 
@@ -82,7 +85,8 @@ fn bench<AB: AutodiffBackend>(a: &Args, device: &AB::Device) -> Result<()> {
     let train = TrainConfig { steps: a.steps + a.warmup, batch_size: a.batch, seq_len: a.seq, lr: 1e-3, eval_every: 0, checkpoint_every: 0, fp8: a.fp8, ..Default::default() };
     let mut model = init_model::<AB>(&model_cfg, 0, device);
     if let Some(path) = a.expert_path {
-        model = model.with_expert_path(path);
+        let policy = model.policy().clone().with_expert_path(path);
+        model = model.with_policy(policy)?;
     }
     let mut trainer = Trainer::new(model, train, data_cfg, dir.path(), device)?;
     let mut windows = Windows::new(&data.train, a.seq)?;

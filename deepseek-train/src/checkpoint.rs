@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::DataConfig;
 use crate::error::{Result, TrainError};
 use crate::optim::{param_sizes, AdamW};
-use crate::trainer::TrainConfig;
+use crate::config::TrainConfig;
 
 /// Subdirectory of the run directory.
 pub const CHECKPOINTS_DIR: &str = "checkpoints";

@@ -184,7 +184,8 @@ pub fn with_experts<B: Backend>(model: DeepSeekModel<B>, exchange: Option<Arc<dy
     let Some(exchange) = exchange else { return Ok(model) };
     let experts = model.config.n_routed_experts;
     let parallel = ExpertParallel::new(exchange, experts).map_err(|e| TrainError::config("expert_parallel", e.to_string()))?;
-    model.with_expert_parallel(Some(parallel)).map_err(|e| TrainError::config("expert_parallel", e.to_string()))
+    let policy = model.policy().clone().with_expert_parallel(Some(parallel));
+    Ok(model.with_policy(policy)?)
 }
 
 /// `burn-collective` keeps one local server per backend type: runs in one process take turns.
@@ -240,7 +241,15 @@ pub fn finish<B: Backend>(peer: PeerId) {
 
 /// Sums `grads` (every trainable parameter of `model`, zeros where this rank has none) and
 /// `stats` over all ranks in one all-reduce, and returns both. Every rank gets the same result.
-pub fn all_reduce<AB: AutodiffBackend>(model: &DeepSeekModel<AB>, grads: GradientsParams, stats: Vec<f32>, ctx: &RankContext) -> Result<(GradientsParams, Vec<f32>)> {
+///
+/// # Shapes
+/// `stats`: `[n]` → `[n]`.
+pub fn all_reduce<AB: AutodiffBackend>(
+    model: &DeepSeekModel<AB>,
+    grads: GradientsParams,
+    stats: Tensor<AB::InnerBackend, 1>,
+    ctx: &RankContext,
+) -> Result<(GradientsParams, Tensor<AB::InnerBackend, 1>)> {
     struct Flatten<'a, B: Backend> {
         grads: &'a mut GradientsParams,
         parts: Vec<Tensor<B, 1>>,
@@ -267,8 +276,8 @@ pub fn all_reduce<AB: AutodiffBackend>(model: &DeepSeekModel<AB>, grads: Gradien
     let mut flatten = Flatten::<AB::InnerBackend> { grads: &mut grads, parts: Vec::new(), layout: Vec::new(), device: device.clone() };
     model.visit(&mut flatten);
     let (mut parts, layout) = (flatten.parts, flatten.layout);
-    let n_stats = stats.len();
-    parts.push(Tensor::from_data(TensorData::new(stats, [n_stats]), &device));
+    let [n_stats] = stats.dims();
+    parts.push(stats);
     let flat = Tensor::cat(parts, 0); // [Σ params + stats]
     let reduced: Tensor<AB::InnerBackend, 1> = match &ctx.reducer {
         Reducer::Collective { peer, barrier } => {
@@ -292,8 +301,7 @@ pub fn all_reduce<AB: AutodiffBackend>(model: &DeepSeekModel<AB>, grads: Gradien
         register_grad::<AB::InnerBackend>(&mut out, id, part, &shape);
         start += n;
     }
-    let stats: Vec<f32> = reduced.narrow(0, start, n_stats).into_data().convert::<f32>().into_vec().expect("f32 stats");
-    Ok((out, stats))
+    Ok((out, reduced.narrow(0, start, n_stats)))
 }
 
 /// Registers a flat gradient under `id` with its parameter's rank.

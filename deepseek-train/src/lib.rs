@@ -3,6 +3,7 @@
 pub mod alloc;
 pub mod balance;
 pub mod checkpoint;
+pub mod config;
 pub mod corpus;
 pub mod data;
 pub mod distributed;
@@ -17,4 +18,5 @@ pub mod trainer;
 
 pub use error::{Result, TrainError};
 pub use loss::BalanceMode;
-pub use trainer::{Event, NonFinitePolicy, TrainConfig, Trainer};
+pub use config::{NonFinitePolicy, RunSettings, TrainConfig};
+pub use trainer::{Event, Trainer};

@@ -8,6 +8,7 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use deepseek_core::config::YarnConfig;
+use deepseek_core::device::BackendTask;
 use deepseek_core::{DeepSeekConfig, LoadOptions};
 
 use crate::checkpoint;
@@ -16,7 +17,8 @@ use crate::data::{prepare, CorpusSource, DataConfig, Dataset, TokenizerSource};
 use crate::error::{Result, TrainError};
 use crate::export::export_hf;
 use crate::metrics::{plot, EvalRecord, StepRecord, METRICS_FILE};
-use crate::trainer::{Event, TrainConfig, Trainer};
+use crate::config::TrainConfig;
+use crate::trainer::{Event, Trainer};
 
 pub use deepseek_core::device::DeviceKind;
 
@@ -116,51 +118,17 @@ impl fmt::Display for Summary {
     }
 }
 
-/// Runs `args` to completion on the chosen backend.
+/// Runs `args` to completion on the chosen backend (through the one backend switch,
+/// [`deepseek_core::device::run_on`], which also installs the custom autodiff operations).
 pub fn pretrain(args: &PretrainArgs) -> Result<Summary> {
-    match args.device {
-        #[cfg(feature = "flex")]
-        DeviceKind::Flex => {
-            if args.device_ids.iter().any(|&i| i != 0) {
-                return Err(TrainError::config("device", "Flex has a single device (flex:0); ranks share it"));
-            }
-            run::<burn::backend::Autodiff<burn::backend::Flex>>(args, &[Default::default()])
+    struct Run<'a>(&'a PretrainArgs);
+    impl BackendTask for Run<'_> {
+        type Output = Result<Summary>;
+        fn run<B: Backend>(self, devices: Vec<B::Device>) -> Result<Summary> {
+            run::<burn::backend::Autodiff<B>>(self.0, &devices)
         }
-        #[cfg(feature = "wgpu")]
-        DeviceKind::Wgpu => {
-            use burn::backend::wgpu::WgpuDevice;
-            let devices: Vec<WgpuDevice> = match args.device_ids.as_slice() {
-                [] => vec![WgpuDevice::DefaultDevice],
-                ids => ids.iter().map(|&i| WgpuDevice::DiscreteGpu(i)).collect(),
-            };
-            for (d, id) in devices.iter().zip(&args.device_ids) {
-                probe::<burn::backend::Wgpu>(d, &format!("wgpu:{id}"))?;
-            }
-            run::<burn::backend::Autodiff<burn::backend::Wgpu>>(args, &devices)
-        }
-        #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => {
-            use burn::backend::cuda::CudaDevice;
-            let ids = if args.device_ids.is_empty() { vec![0] } else { args.device_ids.clone() };
-            let available = deepseek_core::parallel::nccl::cuda_device_count();
-            if let Some(bad) = ids.iter().find(|&&i| i >= available) {
-                return Err(TrainError::config("device", format!("cuda:{bad} does not exist: this machine has {available} CUDA device(s)")));
-            }
-            let devices: Vec<CudaDevice> = ids.iter().map(|&i| CudaDevice::new(i)).collect();
-            run::<burn::backend::Autodiff<burn::backend::Cuda>>(args, &devices)
-        }
-        #[allow(unreachable_patterns)]
-        other => Err(TrainError::config("device", format!("this build has no {other} backend: rebuild with `--features {other}`"))),
     }
-}
-
-/// Checks that `device` can run a tensor operation (a missing adapter panics inside the backend).
-#[cfg(feature = "wgpu")]
-fn probe<B: Backend>(device: &B::Device, name: &str) -> Result<()> {
-    let device = device.clone();
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || burn::tensor::Tensor::<B, 1>::zeros([1], &device).into_data()))
-        .map(|_| ())
-        .map_err(|_| TrainError::config("device", format!("{name} does not exist or cannot be opened")))
+    deepseek_core::device::run_on(args.device, &args.device_ids, Run(args))?
 }
 
 /// The model configuration a run trains: the preset or the `--init-from` config, with the MTP
@@ -294,7 +262,9 @@ fn run<AB: AutodiffBackend>(args: &PretrainArgs, devices: &[AB::Device]) -> Resu
         trainer.run(&data, |event| observe(&mut last_step, &mut last_eval, event))?;
         (trainer, last_step, last_eval)
     };
-    let model = trainer.model.valid().with_expert_parallel(None).map_err(|e| TrainError::config("expert_parallel", e.to_string()))?;
+    let model = trainer.model.valid();
+    let policy = model.policy().clone().with_expert_parallel(None);
+    let model = model.with_policy(policy)?;
     let hf_dir = export_hf(&model, &data, out)?;
     let metrics = out.join(METRICS_FILE);
     let plot_path = out.join("loss.png");

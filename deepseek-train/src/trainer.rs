@@ -3,208 +3,33 @@
 //! schedule, and load balancing: after every optimizer step each MoE block's selection bias
 //! moves by `±γ` toward balance (aux-free), or the classic auxiliary loss (aux-loss), or nothing.
 //!
-//! Model code stays stateless: the bias update, the optimizer and the data position live here.
+//! One step is three parts: [`Trainer::accumulate`] runs the micro-batches and keeps the
+//! statistics on the device, [`Trainer::reduce`] sums gradients and statistics over the ranks
+//! and reads the statistics back once, and [`Trainer::apply`] checks them against the
+//! non-finite policy and updates the weights and the balancing biases.
+//!
+//! Model code stays single-device: the bias update, the optimizer and the data position live
+//! here.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use deepseek_core::{DeepSeekConfig, DeepSeekModel};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use deepseek_core::fp8::{self, GemmPrecision};
-use serde::{Deserialize, Serialize};
+use deepseek_core::{DeepSeekConfig, DeepSeekModel};
 
 use crate::balance::{max_vio, update_model_biases};
 use crate::checkpoint::{self, TrainState};
+use crate::config::{NonFinitePolicy, TrainConfig};
 use crate::data::{DataConfig, Dataset, Windows};
 use crate::distributed::{self, RankContext};
 use crate::error::{Result, TrainError};
 use crate::loss::{batch_loss, BalanceMode, LossWeights};
 use crate::metrics::{EvalRecord, MetricsWriter, StepRecord};
-use crate::optim::{AdamW, AdamWConfig};
-use crate::schedule::LrSchedule;
-
-/// What to do when the loss or the gradient norm is NaN or infinite.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum NonFinitePolicy {
-    /// Stop with an error naming the step (no checkpoint of the poisoned state is written).
-    #[default]
-    Stop,
-    /// Skip the update, log the step as skipped, and go on (at most 10 in a row).
-    Skip,
-}
-
-impl std::str::FromStr for NonFinitePolicy {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "stop" => Ok(Self::Stop),
-            "skip" => Ok(Self::Skip),
-            other => Err(format!("unknown policy `{other}`: choose stop or skip")),
-        }
-    }
-}
-
-/// Every hyperparameter of a run. Serialized into checkpoints and readable from TOML.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrainConfig {
-    /// Total optimizer steps.
-    pub steps: usize,
-    /// Sequences per micro-batch.
-    pub batch_size: usize,
-    /// Tokens per sequence.
-    pub seq_len: usize,
-    /// Micro-batches per optimizer step.
-    pub grad_accum: usize,
-    pub seed: u64,
-    /// Peak learning rate.
-    pub lr: f64,
-    pub warmup_steps: usize,
-    /// Fraction of `steps` at which the cosine decay starts.
-    pub decay_start: f64,
-    /// Fraction of `steps` at which it reaches `min_lr`.
-    pub decay_end: f64,
-    pub min_lr: f64,
-    /// Rate of the last phase (from `decay_end`), if different from `min_lr`.
-    pub final_lr: Option<f64>,
-    pub optim: AdamWConfig,
-    pub balance: BalanceMode,
-    /// γ of the bias update (aux-free).
-    pub bias_gamma: f64,
-    /// Stop updating the bias from this step on (the paper stops for its last 500B tokens).
-    pub bias_update_until: Option<usize>,
-    /// α of the sequence-wise balance loss (aux-free).
-    pub seq_aux_alpha: f64,
-    /// α of the batch-wise auxiliary loss (aux-loss).
-    pub aux_loss_alpha: f64,
-    /// λ of the MTP loss, first phase.
-    pub mtp_lambda: f64,
-    /// λ after `mtp_lambda_switch` (fraction of `steps`).
-    pub mtp_lambda_late: f64,
-    pub mtp_lambda_switch: f64,
-    /// Evaluate every this many steps (and at the end); 0: only at the end.
-    pub eval_every: usize,
-    /// Validation batches per evaluation (0: the whole split).
-    pub eval_batches: usize,
-    /// Checkpoint every this many steps (and always at the last step); 0: only at the end.
-    pub checkpoint_every: usize,
-    /// Checkpoints to keep.
-    pub keep_checkpoints: usize,
-    pub on_nonfinite: NonFinitePolicy,
-    /// FP8 mixed precision (DeepSeek-V3 §3.3): the GEMMs of linear layers with E4M3 operands
-    /// (1×128 activation tiles, 128×128 weight blocks) in forward and backward, f32 accumulation
-    /// and master weights.
-    pub fp8: bool,
-    /// Node-limited routing (DeepSeek-V3 §2.1.2): each token's experts on at most `max_nodes`
-    /// of `nodes` contiguous blocks of experts (the expert-parallel placement). TOML:
-    /// `node_limit = { nodes = 4, max_nodes = 2 }`.
-    pub node_limit: Option<deepseek_core::moe::NodeLimit>,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            steps: 1000,
-            batch_size: 8,
-            seq_len: 128,
-            grad_accum: 1,
-            seed: 0,
-            lr: 2.2e-4,
-            warmup_steps: 20,
-            decay_start: 0.67,
-            decay_end: 0.97,
-            min_lr: 2.2e-5,
-            final_lr: Some(7.3e-6),
-            optim: AdamWConfig::default(),
-            balance: BalanceMode::AuxFree,
-            bias_gamma: 0.001,
-            bias_update_until: None,
-            seq_aux_alpha: 1e-4,
-            aux_loss_alpha: 1e-3,
-            mtp_lambda: 0.3,
-            mtp_lambda_late: 0.1,
-            // 10T of the 14.8T tokens at λ = 0.3.
-            mtp_lambda_switch: 10.0 / 14.8,
-            eval_every: 100,
-            eval_batches: 16,
-            checkpoint_every: 250,
-            keep_checkpoints: 3,
-            on_nonfinite: NonFinitePolicy::Stop,
-            fp8: false,
-            node_limit: None,
-        }
-    }
-}
-
-impl TrainConfig {
-    /// The learning-rate schedule over `steps`.
-    pub fn schedule(&self) -> LrSchedule {
-        let at = |f: f64| (self.steps as f64 * f).round() as usize;
-        LrSchedule {
-            peak: self.lr,
-            warmup_steps: self.warmup_steps,
-            decay_start: at(self.decay_start),
-            decay_end: at(self.decay_end),
-            floor: self.min_lr,
-            final_start: self.final_lr.map(|_| at(self.decay_end)),
-            final_lr: self.final_lr.unwrap_or(self.min_lr),
-        }
-    }
-
-    /// λ of the MTP loss at `step`.
-    pub fn mtp_lambda_at(&self, step: usize) -> f64 {
-        if (step as f64) < self.mtp_lambda_switch * self.steps as f64 {
-            self.mtp_lambda
-        } else {
-            self.mtp_lambda_late
-        }
-    }
-
-    fn loss_weights(&self, step: usize) -> LossWeights {
-        let alpha = match self.balance {
-            BalanceMode::AuxFree => self.seq_aux_alpha,
-            BalanceMode::AuxLoss => self.aux_loss_alpha,
-            BalanceMode::None => 0.0,
-        };
-        LossWeights { mtp_lambda: self.mtp_lambda_at(step), balance: self.balance, alpha }
-    }
-
-    /// Checks the settings against each other and against the model.
-    pub fn validate(&self, model: &DeepSeekConfig) -> Result<()> {
-        let positive = [("steps", self.steps), ("batch_size", self.batch_size), ("seq_len", self.seq_len), ("grad_accum", self.grad_accum)];
-        for (field, v) in positive {
-            if v == 0 {
-                return Err(TrainError::config(field, "must be at least 1"));
-            }
-        }
-        if self.seq_len > model.max_position_embeddings {
-            return Err(TrainError::config(
-                "seq_len",
-                format!("{} exceeds the model's context of {} tokens (max_position_embeddings)", self.seq_len, model.max_position_embeddings),
-            ));
-        }
-        if self.seq_len <= model.num_nextn_predict_layers + 1 {
-            return Err(TrainError::config("seq_len", format!("must exceed the MTP depth + 1 ({})", model.num_nextn_predict_layers + 1)));
-        }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(TrainError::config("lr", format!("must be positive, got {}", self.lr)));
-        }
-        if !(0.0..=1.0).contains(&self.decay_start) || !(self.decay_start..=1.0).contains(&self.decay_end) {
-            return Err(TrainError::config("decay_start/decay_end", "need 0 ≤ decay_start ≤ decay_end ≤ 1"));
-        }
-        if let Some(limit) = self.node_limit {
-            limit.check(model.n_routed_experts, model.num_experts_per_tok).map_err(|problem| TrainError::config("node_limit", problem))?;
-        }
-        if self.balance == BalanceMode::AuxFree && !model.topk_method.has_bias() && model.n_routed_experts > 0 {
-            return Err(TrainError::config("balance", "aux-free balancing needs a router with a selection bias (topk_method noaux_tc)"));
-        }
-        Ok(())
-    }
-}
+use crate::optim::AdamW;
 
 /// A fresh model whose weights are a function of `seed` alone. Burn draws initial weights from
 /// one process-wide generator per backend; a lock keeps other initializations in this crate
@@ -218,20 +43,47 @@ pub fn init_model<B: burn::tensor::backend::Backend>(config: &DeepSeekConfig, se
     model
 }
 
-/// Sets the model's GEMM precision from the recipe, after installing this backend's custom
-/// autodiff operations.
-fn with_precision<AB: AutodiffBackend>(model: DeepSeekModel<AB>, config: &TrainConfig) -> Result<DeepSeekModel<AB>> {
+/// The model under the recipe's execution policy (GEMM precision, node limit), after installing
+/// this backend's custom autodiff operations.
+fn with_recipe<AB: AutodiffBackend>(model: DeepSeekModel<AB>, config: &TrainConfig) -> Result<DeepSeekModel<AB>> {
     // The device MoE dispatch/combine (GPU backends), the expert-parallel all-to-all and the FP8
     // GEMM need their autodiff nodes.
     deepseek_core::register_autodiff::<AB::InnerBackend>();
-    let model = model.with_node_limit(config.node_limit)?;
-    if !config.fp8 {
-        return Ok(model.with_gemm_precision(GemmPrecision::Full));
-    }
-    if !fp8::training::has_autodiff_node::<AB>() {
-        return Err(TrainError::config("fp8", "FP8 training needs the plain Autodiff backend (no gradient checkpointing)"));
-    }
-    Ok(model.with_gemm_precision(GemmPrecision::Fp8))
+    let gemm = match config.fp8 {
+        false => GemmPrecision::Full,
+        true if fp8::training::has_autodiff_node::<AB>() => GemmPrecision::Fp8,
+        true => return Err(TrainError::config("fp8", "FP8 training needs the plain Autodiff backend (no gradient checkpointing)")),
+    };
+    let policy = model.policy().clone().with_gemm(gemm).with_node_limit(config.node_limit);
+    Ok(model.with_policy(policy)?)
+}
+
+/// Where a run stands: what a checkpoint restores besides weights and optimizer state.
+#[derive(Debug, Clone, Copy, Default)]
+struct Position {
+    step: usize,
+    position: u64,
+    tokens: u64,
+    elapsed_s: f64,
+}
+
+/// What [`Trainer::accumulate`] leaves for the rest of the step.
+struct Accumulated<AB: AutodiffBackend> {
+    grads: GradientsParams,
+    /// `[3 + Σ E]` on the device: the sums over micro-batches of the main, MTP and balance
+    /// losses, then every MoE block's expert token counts.
+    stats: Tensor<AB::InnerBackend, 1>,
+    has_mtp: bool,
+    has_balance: bool,
+}
+
+/// A step's statistics on the host, averaged over micro-batches and ranks (counts summed).
+struct StepStats {
+    loss: f64,
+    mtp_loss: Option<f64>,
+    balance_loss: Option<f64>,
+    /// Tokens per expert of every MoE block, over the global batch.
+    counts: Vec<Vec<u64>>,
 }
 
 /// A training run in progress.
@@ -265,6 +117,37 @@ pub enum Event<'a> {
 }
 
 impl<AB: AutodiffBackend> Trainer<AB> {
+    /// The one place a trainer is put together.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        model: DeepSeekModel<AB>,
+        optim: AdamW<AB::InnerBackend>,
+        config: TrainConfig,
+        data_config: DataConfig,
+        at: Position,
+        out: &Path,
+        device: &AB::Device,
+        metrics: Option<MetricsWriter>,
+        rank: Option<RankContext>,
+    ) -> Self {
+        Self {
+            model,
+            optim,
+            config,
+            data_config,
+            step: at.step,
+            position: at.position,
+            tokens: at.tokens,
+            out: out.to_path_buf(),
+            device: device.clone(),
+            metrics,
+            rank,
+            elapsed_before: at.elapsed_s,
+            consecutive_skips: 0,
+            progress: false,
+        }
+    }
+
     /// A fresh run of `model` (already seeded and initialized) writing into `out`.
     pub fn new(model: DeepSeekModel<AB>, config: TrainConfig, data_config: DataConfig, out: &Path, device: &AB::Device) -> Result<Self> {
         config.validate(&model.config)?;
@@ -272,81 +155,34 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         // Draw every lazy parameter now, in a fixed order, so the run is a function of the seed.
         model.materialize();
         let optim = AdamW::new(config.optim);
-        let model = with_precision(model, &config)?;
+        let model = with_recipe(model, &config)?;
         let metrics = MetricsWriter::open(out, None)?;
-        Ok(Self {
-            model,
-            optim,
-            config,
-            data_config,
-            step: 0,
-            position: 0,
-            tokens: 0,
-            out: out.to_path_buf(),
-            device: device.clone(),
-            metrics: Some(metrics),
-            rank: None,
-            elapsed_before: 0.0,
-            consecutive_skips: 0,
-            progress: false,
-        })
+        Ok(Self::assemble(model, optim, config, data_config, Position::default(), out, device, Some(metrics), None))
     }
 
     /// Continues from the newest checkpoint in `out`. `model_config` must equal the saved one;
-    /// `config` may change `steps` (the new total) and the logging/checkpoint cadence, not the
-    /// recipe.
+    /// `config` may change the [`crate::config::RunSettings`] (the new total of `steps`, the
+    /// logging and checkpoint cadence), not the recipe.
     pub fn resume(out: &Path, model_config: &DeepSeekConfig, config: TrainConfig, device: &AB::Device) -> Result<Self> {
         let Some((_, dir)) = checkpoint::latest(out) else {
             return Err(TrainError::checkpoint(out, "no checkpoint to resume from (run without --resume to start)"));
         };
         let loaded = checkpoint::load::<AB>(&dir, model_config, device)?;
         let state = loaded.state;
-        let mut merged = state.train.clone();
-        merged.steps = config.steps;
-        merged.eval_every = config.eval_every;
-        merged.eval_batches = config.eval_batches;
-        merged.checkpoint_every = config.checkpoint_every;
-        merged.keep_checkpoints = config.keep_checkpoints;
-        merged.on_nonfinite = config.on_nonfinite;
+        let merged = state.train.clone().with_run_settings(config.run_settings());
         merged.validate(model_config)?;
         let metrics = MetricsWriter::open(out, Some(state.step))?;
-        Ok(Self {
-            model: with_precision(loaded.model, &merged)?,
-            optim: loaded.optim,
-            config: merged,
-            data_config: state.data,
-            step: state.step,
-            position: state.position,
-            tokens: state.tokens,
-            out: out.to_path_buf(),
-            device: device.clone(),
-            metrics: Some(metrics),
-            rank: None,
-            elapsed_before: state.elapsed_s,
-            consecutive_skips: 0,
-            progress: false,
-        })
+        let at = Position { step: state.step, position: state.position, tokens: state.tokens, elapsed_s: state.elapsed_s };
+        let model = with_recipe(loaded.model, &merged)?;
+        Ok(Self::assemble(model, loaded.optim, merged, state.data, at, out, device, Some(metrics), None))
     }
 
     /// A copy of this trainer for another rank of a parallel run on `device`: the same weights
     /// (a fresh autodiff graph), optimizer state and position, no metrics of its own.
     pub fn replica(&self, device: &AB::Device, rank: RankContext) -> Self {
-        Self {
-            model: distributed::replica(&self.model, device),
-            optim: self.optim.to_device(device),
-            config: self.config.clone(),
-            data_config: self.data_config.clone(),
-            step: self.step,
-            position: self.position,
-            tokens: self.tokens,
-            out: self.out.clone(),
-            device: device.clone(),
-            metrics: None,
-            rank: Some(rank),
-            elapsed_before: self.elapsed_before,
-            consecutive_skips: 0,
-            progress: false,
-        }
+        let at = Position { step: self.step, position: self.position, tokens: self.tokens, elapsed_s: self.elapsed_before };
+        let model = distributed::replica(&self.model, device);
+        Self::assemble(model, self.optim.to_device(device), self.config.clone(), self.data_config.clone(), at, &self.out, device, None, Some(rank))
     }
 
     /// Whether this trainer evaluates and checkpoints (rank 0, or a single run).
@@ -372,87 +208,23 @@ impl<AB: AutodiffBackend> Trainer<AB> {
     /// One optimizer step over `grad_accum` micro-batches.
     pub fn train_step(&mut self, windows: &mut Windows) -> Result<StepRecord> {
         let start = Instant::now();
-        let cfg = self.config.clone();
-        let weights = cfg.loss_weights(self.step);
-        let mut accumulator = GradientsAccumulator::<DeepSeekModel<AB>>::new();
-        let (mut main_sum, mut mtp_sum, mut bal_sum) = (0f64, None::<f64>, None::<f64>);
-        let mut counts: Vec<Vec<u64>> = Vec::new();
-        for _ in 0..cfg.grad_accum {
-            let ids = self.batch(windows, cfg.seed, self.position, cfg.batch_size);
-            self.position += cfg.batch_size as u64;
-            let loss = batch_loss(&self.model, ids, weights);
-            // Each rank's loss is a mean over its share: the global mean is their average.
-            let scaled = loss.total.div_scalar((cfg.grad_accum * self.world()) as f64);
-            let grads = GradientsParams::from_grads(scaled.backward(), &self.model);
-            accumulator.accumulate(&self.model, grads);
-            main_sum += loss.main.into_scalar().elem::<f64>();
-            if let Some(m) = loss.mtp {
-                *mtp_sum.get_or_insert(0.0) += m.into_scalar().elem::<f64>();
-            }
-            if let Some(b) = loss.balance {
-                *bal_sum.get_or_insert(0.0) += b.into_scalar().elem::<f64>();
-            }
-            add_counts(&mut counts, loss.counts);
-        }
-        let mut grads = accumulator.grads();
-        if let Some(rank) = &self.rank {
-            // One all-reduce: gradients, loss sums and expert loads of every rank.
-            let mut stats = vec![main_sum as f32, mtp_sum.unwrap_or(0.0) as f32, bal_sum.unwrap_or(0.0) as f32];
-            stats.extend(counts.iter().flatten().map(|&c| c as f32));
-            let (summed, stats) = distributed::all_reduce(&self.model, grads, stats, rank)?;
-            grads = summed;
-            let world = rank.world as f64;
-            main_sum = stats[0] as f64 / world;
-            mtp_sum = mtp_sum.map(|_| stats[1] as f64 / world);
-            bal_sum = bal_sum.map(|_| stats[2] as f64 / world);
-            let mut global = stats[3..].iter();
-            for layer in counts.iter_mut() {
-                for c in layer.iter_mut() {
-                    *c = global.next().map_or(0, |&v| v.round() as u64);
-                }
-            }
-        }
-        let n = cfg.grad_accum as f64;
-        let (loss, mtp_loss, balance_loss) = (main_sum / n, mtp_sum.map(|v| v / n), bal_sum.map(|v| v / n));
-        let lr = cfg.schedule().lr(self.step);
+        let accumulated = self.accumulate(windows);
+        let (grads, stats) = self.reduce(accumulated)?;
+        let lr = self.config.schedule().lr(self.step);
         let grad_norm = AdamW::<AB::InnerBackend>::global_norm::<AB, _>(&self.model, &grads);
-        let total = loss + mtp_loss.unwrap_or(0.0) + balance_loss.unwrap_or(0.0);
-        let bad = [("loss", total), ("gradient norm", grad_norm)].into_iter().find(|(_, v)| !v.is_finite());
-        let mut skipped = false;
-        if let Some((what, value)) = bad {
-            match cfg.on_nonfinite {
-                NonFinitePolicy::Stop => return Err(TrainError::NonFinite { step: self.step + 1, what, value }),
-                NonFinitePolicy::Skip => {
-                    self.consecutive_skips += 1;
-                    if self.consecutive_skips > 10 {
-                        return Err(TrainError::NonFinite { step: self.step + 1, what, value });
-                    }
-                    skipped = true;
-                }
-            }
-        }
-        if !skipped {
-            self.consecutive_skips = 0;
-            let model = self.model.clone();
-            let (model, _) = self.optim.step_with_norm::<AB, _>(lr, model, grads, grad_norm);
-            self.model = model;
-            let updating = cfg.balance == BalanceMode::AuxFree && cfg.bias_update_until.is_none_or(|until| self.step < until);
-            if updating && cfg.bias_gamma > 0.0 {
-                update_model_biases(&mut self.model, &counts, cfg.bias_gamma as f32);
-            }
-        }
+        let skipped = !self.apply(lr, grads, grad_norm, &stats)?;
         self.step += 1;
-        let step_tokens = (cfg.grad_accum * cfg.batch_size * cfg.seq_len) as u64;
+        let step_tokens = (self.config.grad_accum * self.config.batch_size * self.config.seq_len) as u64;
         self.tokens += step_tokens;
         let record = StepRecord {
             step: self.step,
-            loss: loss as f32,
-            mtp_loss: mtp_loss.map(|v| v as f32),
-            balance_loss: balance_loss.map(|v| v as f32),
+            loss: stats.loss as f32,
+            mtp_loss: stats.mtp_loss.map(|v| v as f32),
+            balance_loss: stats.balance_loss.map(|v| v as f32),
             lr,
             grad_norm,
             tokens_per_s: step_tokens as f64 / start.elapsed().as_secs_f64(),
-            max_vio_batch: counts.iter().map(|c| max_vio(c)).fold(0.0, f64::max),
+            max_vio_batch: stats.counts.iter().map(|c| max_vio(c)).fold(0.0, f64::max),
             tokens: self.tokens,
             skipped,
         };
@@ -462,11 +234,89 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         Ok(record)
     }
 
+    /// Forward and backward over this rank's share of `grad_accum` micro-batches: the summed
+    /// gradients, and the loss sums and expert counts as one device tensor (no host read).
+    fn accumulate(&mut self, windows: &mut Windows) -> Accumulated<AB> {
+        let cfg = &self.config;
+        let weights = cfg.loss_weights(self.step);
+        let mut accumulator = GradientsAccumulator::<DeepSeekModel<AB>>::new();
+        let mut stats: Option<Tensor<AB::InnerBackend, 1>> = None;
+        let (mut has_mtp, mut has_balance) = (false, false);
+        for _ in 0..cfg.grad_accum {
+            let ids = self.batch(windows, cfg.seed, self.position, cfg.batch_size);
+            self.position += cfg.batch_size as u64;
+            let loss = batch_loss(&self.model, ids, weights);
+            // Each rank's loss is a mean over its share: the global mean is their average.
+            let scaled = loss.total.div_scalar((cfg.grad_accum * self.world()) as f64);
+            let grads = GradientsParams::from_grads(scaled.backward(), &self.model);
+            accumulator.accumulate(&self.model, grads);
+            (has_mtp, has_balance) = (loss.mtp.is_some(), loss.balance.is_some());
+            let zero = || loss.main.zeros_like();
+            let mut parts = vec![loss.main.clone(), loss.mtp.clone().unwrap_or_else(zero), loss.balance.clone().unwrap_or_else(zero)];
+            parts.extend(loss.counts.iter().map(|c| c.clone().float()));
+            let micro = Tensor::cat(parts, 0).inner(); // [3 + Σ E]
+            stats = Some(match stats {
+                Some(sum) => sum + micro,
+                None => micro,
+            });
+        }
+        let stats = stats.expect("grad_accum ≥ 1 (validated)");
+        Accumulated { grads: accumulator.grads(), stats, has_mtp, has_balance }
+    }
+
+    /// Sums the gradients and statistics over the ranks (one all-reduce; nothing on a single
+    /// rank) and reads the statistics back: the step's one host read.
+    fn reduce(&self, acc: Accumulated<AB>) -> Result<(GradientsParams, StepStats)> {
+        let (grads, stats, world) = match &self.rank {
+            Some(rank) => {
+                let (grads, stats) = distributed::all_reduce(&self.model, acc.grads, acc.stats, rank)?;
+                (grads, stats, rank.world as f64)
+            }
+            None => (acc.grads, acc.stats, 1.0),
+        };
+        let values: Vec<f32> = stats.into_data().convert::<f32>().into_vec().expect("f32 statistics");
+        let n = self.config.grad_accum as f64 * world;
+        let experts = self.model.config.n_routed_experts.max(1);
+        let counts = values[3..].chunks(experts).map(|c| c.iter().map(|&v| v.round() as u64).collect()).collect();
+        let stats = StepStats {
+            loss: values[0] as f64 / n,
+            mtp_loss: acc.has_mtp.then(|| values[1] as f64 / n),
+            balance_loss: acc.has_balance.then(|| values[2] as f64 / n),
+            counts,
+        };
+        Ok((grads, stats))
+    }
+
+    /// The update: AdamW on the weights and the bias step of aux-free balancing, unless the loss
+    /// or the gradient norm is not finite, where the non-finite policy stops the run or skips
+    /// the update (at most 10 in a row). Returns whether the update was applied.
+    fn apply(&mut self, lr: f64, grads: GradientsParams, grad_norm: f64, stats: &StepStats) -> Result<bool> {
+        let total = stats.loss + stats.mtp_loss.unwrap_or(0.0) + stats.balance_loss.unwrap_or(0.0);
+        if let Some((what, value)) = [("loss", total), ("gradient norm", grad_norm)].into_iter().find(|(_, v)| !v.is_finite()) {
+            self.consecutive_skips += 1;
+            if self.config.on_nonfinite == NonFinitePolicy::Stop || self.consecutive_skips > 10 {
+                return Err(TrainError::NonFinite { step: self.step + 1, what, value });
+            }
+            return Ok(false);
+        }
+        self.consecutive_skips = 0;
+        let (model, _) = self.optim.step_with_norm::<AB, _>(lr, self.model.clone(), grads, grad_norm);
+        self.model = model;
+        let cfg = &self.config;
+        let updating = cfg.balance == BalanceMode::AuxFree && cfg.bias_update_until.is_none_or(|until| self.step < until);
+        if updating && cfg.bias_gamma > 0.0 {
+            update_model_biases(&mut self.model, &stats.counts, cfg.bias_gamma as f32);
+        }
+        Ok(true)
+    }
+
     /// Loss and global MaxVio over the validation split (its first `eval_batches` batches, in
     /// file order), with the inference model (no autodiff graph).
     pub fn evaluate(&mut self, data: &Dataset) -> Result<EvalRecord> {
         // Every expert is on every rank: evaluation runs here alone, without the exchange.
-        let model = self.model.valid().with_expert_parallel(None).map_err(|e| TrainError::config("expert_parallel", e.to_string()))?;
+        let model = self.model.valid();
+        let policy = model.policy().clone().with_expert_parallel(None);
+        let model = model.with_policy(policy)?;
         let record = evaluate(&model, &data.val, &self.config, self.step)?;
         if let Some(metrics) = &mut self.metrics {
             metrics.write(&record)?;
@@ -589,34 +439,4 @@ pub fn evaluate<B: burn::tensor::backend::Backend>(model: &DeepSeekModel<B>, val
         max_vio_global: counts.iter().map(|c| max_vio(c)).fold(0.0, f64::max),
         val_tokens: tokens,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_readme_toml_example_parses_and_unknown_keys_are_errors() {
-        let readme = include_str!("../README.md");
-        let start = readme.find("```toml\n").expect("a TOML example") + 8;
-        let text = &readme[start..start + readme[start..].find("```").unwrap()];
-        let cfg: TrainConfig = toml::from_str(text).unwrap();
-        assert_eq!(cfg.steps, 2000);
-        assert_eq!(cfg.balance, BalanceMode::AuxFree);
-        assert_eq!(cfg.optim.max_grad_norm, Some(1.0));
-        assert_eq!(cfg.seq_len, TrainConfig::default().seq_len, "unset keys keep their defaults");
-        let err = toml::from_str::<TrainConfig>("stepz = 3").unwrap_err().to_string();
-        assert!(err.contains("stepz"), "{err}");
-    }
-
-    #[test]
-    fn mtp_lambda_follows_the_paper_schedule() {
-        let cfg = TrainConfig { steps: 148, ..Default::default() };
-        assert_eq!(cfg.mtp_lambda_at(0), 0.3);
-        assert_eq!(cfg.mtp_lambda_at(99), 0.3);
-        assert_eq!(cfg.mtp_lambda_at(100), 0.1);
-        let s = cfg.schedule();
-        assert!((s.lr(cfg.warmup_steps) - cfg.lr).abs() < 1e-12);
-        assert_eq!(s.lr(147), 7.3e-6);
-    }
 }

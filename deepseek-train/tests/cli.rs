@@ -22,13 +22,36 @@ fn a_short_run_writes_metrics_checkpoints_plot_and_model() {
     for key in ["steps: 3", "val_loss:", "max_vio_global:", "corpus_entropy:", "model:"] {
         assert!(stdout.contains(key), "missing `{key}` in\n{stdout}");
     }
-    for file in ["metrics.jsonl", "loss.png", "hf/config.json", "hf/model.safetensors", "hf/tokenizer.json", "checkpoints/step-00000003/state.json"] {
+    for file in ["metrics.jsonl", "loss.png", "hf/config.json", "hf/model.safetensors", "hf/tokenizer.json", "hf/tokenizer_config.json", "checkpoints/step-00000003/state.json"] {
         assert!(out.join(file).exists(), "{file}");
     }
+    chat_turn_ends_at_the_exported_eos(&out.join("hf"));
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints/step-00000003/state.json")).unwrap()).unwrap();
     assert_eq!(state["train"]["lr"], 0.003, "the TOML value");
     assert_eq!(state["train"]["optim"]["weight_decay"], 0.05);
     assert_eq!(state["train"]["balance"], "aux-loss", "the flag");
+}
+
+/// What `deepseek chat --model HF_DIR` does for one turn: the template and tokenizer from the
+/// exported directory, a greedy reply that ends at the template's EOS token (the newline of the
+/// built-in corpus) or at the token limit.
+fn chat_turn_ends_at_the_exported_eos(hf: &std::path::Path) {
+    use deepseek_infer::chat::{ChatTemplate, Message};
+    use deepseek_infer::generate::{generate, Decoding, GenerateConfig};
+    use deepseek_infer::tokenizer::TextTokenizer;
+    let template = ChatTemplate::from_tokenizer_config(&hf.join("tokenizer_config.json")).expect("a chat template");
+    let tok = TextTokenizer::from_file(&hf.join("tokenizer.json")).unwrap();
+    let eos = template.eos_token.as_deref().and_then(|t| tok.token_id(t)).expect("the EOS token is in the vocabulary");
+    assert_eq!(tok.encode("\n").unwrap(), vec![eos], "EOS is the newline token");
+    let messages = [Message::new("user", "the cat sat."), Message::new("assistant", "a dog ran."), Message::new("user", "12 + 7 =")];
+    let prompt = template.render(&messages, true).unwrap();
+    assert_eq!(prompt, "the cat sat.\na dog ran.\n12 + 7 =", "one message per line, the last one open");
+    let ids: Vec<i64> = tok.encode(&prompt).unwrap().into_iter().map(i64::from).collect();
+    let model = deepseek_core::load_model::<burn::backend::Flex>(hf, &Default::default(), deepseek_core::LoadOptions::default()).unwrap();
+    let cfg = GenerateConfig { max_new_tokens: 8, decoding: Decoding::Greedy, eos_token_id: Some(eos as i64), stop_sequences: vec![] };
+    let reply = generate(&model, &[ids], &cfg, &Default::default()).unwrap().remove(0);
+    assert!(!reply.is_empty() && reply.len() <= 8);
+    assert!(reply.iter().position(|&t| t == eos as i64).is_none_or(|i| i == reply.len() - 1), "nothing after EOS: {reply:?}");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
+use deepseek_core::fp8::GemmPrecision;
 use deepseek_core::{load_model, AttentionPath, DeepSeekError, LatentCache, LoadOptions};
 use deepseek_tests::*;
 
@@ -30,10 +31,11 @@ fn absorbed_attention_matches_naive() {
             // The last `q_len` positions attending to everything before them.
             for start in [0, 1, 6, 11] {
                 let q_len = 12 - start;
-                let kv = || attn.latent(x.clone(), &model.rope, 0);
-                let q = || attn.queries(x.clone().narrow(1, start, q_len), &model.rope, start);
-                let naive = to_vec(attn.attend_naive(q(), kv(), start));
-                let absorbed = to_vec(attn.attend_absorbed(q(), kv(), start));
+                let full = GemmPrecision::Full;
+                let kv = || attn.latent(x.clone(), &model.rope, 0, full);
+                let q = || attn.queries(x.clone().narrow(1, start, q_len), &model.rope, start, full);
+                let naive = to_vec(attn.attend_naive(q(), kv(), start, full));
+                let absorbed = to_vec(attn.attend_absorbed(q(), kv(), start, full));
                 assert_close(&format!("{case} start {start}"), &absorbed, &naive, 1e-5);
             }
         }

@@ -16,7 +16,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use common::Rng;
 use deepseek_core::moe::{NodeLimit, RoutedExperts, RoutedExpertsConfig, RouterConfig};
 use deepseek_core::parallel::{Exchange, ExpertParallel, LocalExchange, ParallelError, RendezvousConfig, TcpExchange};
-use deepseek_core::{ScoringFunc, TopkMethod};
+use deepseek_core::{ExecutionPolicy, ScoringFunc, TopkMethod};
 
 type AB = Autodiff<Flex>;
 
@@ -55,17 +55,17 @@ impl Batch {
 /// Output, `dL/dx`, `dL/dw`, `dL/d gate_up`, `dL/d down` of `L = Σ y ⊙ c`.
 type Grads = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
 
-fn run(experts: &RoutedExperts<AB>, b: &Batch) -> Grads {
+fn run(experts: &RoutedExperts<AB>, policy: &ExecutionPolicy, b: &Batch) -> Grads {
     let device = Default::default();
     let x = Tensor::<AB, 2>::from_data(TensorData::new(b.x.clone(), [b.tokens, D]), &device).require_grad();
     let w = Tensor::<AB, 2>::from_data(TensorData::new(b.w.clone(), [b.tokens, K]), &device).require_grad();
     let ids = Tensor::<AB, 2, Int>::from_data(TensorData::new(b.ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [b.tokens, K]), &device);
     let c = Tensor::<AB, 2>::from_data(TensorData::new(b.c.clone(), [b.tokens, D]), &device);
-    let y = experts.forward(x.clone(), ids, w.clone());
+    let y = experts.forward(x.clone(), ids, w.clone(), policy);
     let grads = (y.clone() * c).sum().backward();
     let g = |p: &Tensor<AB, 2>| values(p.grad(&grads).expect("gradient"));
     let g3 = |p: &Tensor<AB, 3>| p.grad(&grads).map(values).unwrap_or_else(|| vec![0.0; p.dims().iter().product()]);
-    (values(y.inner()), g(&x), g(&w), g3(&experts.gate_up.val()), g3(&experts.down.val()))
+    (values(y.inner()), g(&x), g(&w), g3(&experts.gate_up.weight.val()), g3(&experts.down.weight.val()))
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f32]) {
@@ -82,7 +82,7 @@ fn check_against_one_device(batches: Vec<Batch>) {
     deepseek_core::register_autodiff::<Flex>();
     let device = Default::default();
     let experts = RoutedExpertsConfig::new(D, I, E).init::<AB>(&device);
-    let reference: Vec<Grads> = batches.iter().map(|b| run(&experts, b)).collect();
+    let reference: Vec<Grads> = batches.iter().map(|b| run(&experts, &ExecutionPolicy::default(), b)).collect();
     let group = LocalExchange::group(batches.len(), Duration::from_secs(30));
     let handles: Vec<_> = group
         .into_iter()
@@ -91,9 +91,9 @@ fn check_against_one_device(batches: Vec<Batch>) {
             let experts = experts.clone();
             std::thread::spawn(move || {
                 // A fresh autodiff graph per rank (shared parameter nodes would merge the graphs).
-                let mut experts = experts.fork(&Default::default());
-                experts.parallel = Some(ExpertParallel::new(Arc::new(exchange), E).unwrap());
-                run(&experts, &batch)
+                let experts = experts.fork(&Default::default());
+                let parallel = ExpertParallel::new(Arc::new(exchange), E).unwrap();
+                run(&experts, &ExecutionPolicy::default().with_expert_parallel(Some(parallel)), &batch)
             })
         })
         .collect();
@@ -171,11 +171,10 @@ fn node_limited_routing_keeps_each_token_on_at_most_m_nodes() {
     router.e_score_correction_bias = Some(burn::module::Param::from_tensor(Tensor::from_data(TensorData::new(bias.clone(), [e]), &device)));
     let x_values: Vec<f32> = (0..tokens * d).map(|_| rng.uniform() * 2.0).collect();
     let x = Tensor::<B, 2>::from_data(TensorData::new(x_values.clone(), [tokens, d]), &device);
-    let unlimited = router.forward(x.clone());
+    let unlimited = router.forward(x.clone(), &ExecutionPolicy::default());
     for limit in [NodeLimit { nodes: 4, max_nodes: 2 }, NodeLimit { nodes: 8, max_nodes: 2 }, NodeLimit { nodes: 4, max_nodes: 4 }] {
         limit.check(e, k).unwrap();
-        router.node_limit = Some(limit);
-        let routing = router.forward(x.clone());
+        let routing = router.forward(x.clone(), &ExecutionPolicy::default().with_node_limit(Some(limit)));
         let ids: Vec<i64> = routing.indices.into_data().convert::<i64>().into_vec().unwrap();
         let scores = values(routing.scores.clone());
         let per = e / limit.nodes;

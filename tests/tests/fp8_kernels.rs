@@ -162,6 +162,7 @@ mod burn_tensors {
     use super::*;
     use burn::backend::{Autodiff, Flex, Wgpu};
     use burn::tensor::{backend::Backend, Tensor, TensorData};
+    use deepseek_core::device::{run_on, BackendTask, DeviceKind};
     use deepseek_core::fp8::training;
 
     type Plain = burn::backend::wgpu::CubeBackend<Runtime, f32, i32, u32>;
@@ -227,17 +228,33 @@ mod burn_tensors {
         [host(y.inner()), host(x.grad(&grads).unwrap()), host(w.grad(&grads).unwrap())]
     }
 
+    /// [`fp8_step`] on the backend the switch picks, which installs the FP8 backward itself.
+    struct Step {
+        x: Vec<f32>,
+        w: Vec<f32>,
+        u: Vec<f32>,
+        dims: [usize; 3],
+    }
+
+    impl BackendTask for Step {
+        type Output = [Vec<f32>; 3];
+        fn run<B: Backend>(self, _devices: Vec<B::Device>) -> [Vec<f32>; 3] {
+            fp8_step::<B>(&self.x, &self.w, &self.u, self.dims)
+        }
+    }
+
     #[test]
     fn fp8_training_gemm_on_wgpu_matches_flex() {
-        fp8::register_autodiff::<Wgpu>();
-        fp8::register_autodiff::<Flex>();
         let mut rng = Rng(5);
         let dims = [70, 300, 130];
         let x = rng.activations(dims[0] * dims[1]);
         let w: Vec<f32> = rng.activations(dims[1] * dims[2]).iter().map(|v| v * 0.05).collect();
         let u = rng.activations(dims[0] * dims[2]);
-        let gpu = fp8_step::<Wgpu>(&x, &w, &u, dims);
-        let cpu = fp8_step::<Flex>(&x, &w, &u, dims);
+        let step = || Step { x: x.clone(), w: w.clone(), u: u.clone(), dims };
+        // Through the backend switch, with no registration call of our own.
+        let gpu = run_on(DeviceKind::Wgpu, &[], step()).unwrap();
+        assert!(training::has_autodiff_node::<Autodiff<Wgpu>>(), "the switch installed the FP8 backward for wgpu");
+        let cpu = run_on(DeviceKind::Flex, &[], step()).unwrap();
         for (name, (a, b)) in ["y", "dx", "dW"].iter().zip(gpu.iter().zip(&cpu)) {
             let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
             let worst = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);

@@ -6,7 +6,8 @@ use burn::backend::Flex;
 use burn::module::Param;
 use burn::tensor::{Distribution, Tensor, TensorData};
 use deepseek_core::moe::{ExpertPath, MoeConfig, RouterConfig};
-use deepseek_core::{DeepSeekConfig, ScoringFunc, TopkMethod};
+use deepseek_core::fp8::GemmPrecision;
+use deepseek_core::{DeepSeekConfig, ExecutionPolicy, ScoringFunc, TopkMethod};
 
 type B = Flex;
 
@@ -96,7 +97,7 @@ fn check_router(c: RouterConfig, bias_shift: f64, seed: u64) {
     if let Some(b) = &bias {
         router.e_score_correction_bias = Some(Param::from_tensor(Tensor::from_data(TensorData::new(b.clone(), [e]), &device)));
     }
-    let routing = router.forward(Tensor::from_data(TensorData::new(x.clone(), [t, d]), &device));
+    let routing = router.forward(Tensor::from_data(TensorData::new(x.clone(), [t, d]), &device), &ExecutionPolicy::default());
     let idx: Vec<i64> = routing.indices.into_data().convert::<i64>().into_vec().unwrap();
     let weights = vec2(routing.weights);
     let mut checked = 0;
@@ -153,7 +154,7 @@ fn router_bias_changes_selection_not_gate_weights() {
     let mut bias = vec![0.0f32; 16];
     bias[5] = 10.0; // expert 5 must be chosen for every token...
     router.e_score_correction_bias = Some(Param::from_tensor(Tensor::from_data(TensorData::new(bias, [16]), &device)));
-    let r = router.forward(x);
+    let r = router.forward(x, &ExecutionPolicy::default());
     let idx: Vec<i64> = r.indices.into_data().convert::<i64>().into_vec().unwrap();
     let w = vec2(r.weights);
     let scores = vec2(r.scores);
@@ -175,21 +176,21 @@ fn sorted_dispatch_moe_equals_every_expert_on_every_token() {
         cfg.num_experts_per_tok = k;
         let moe = MoeConfig::from_model(&cfg).init::<B>(&device);
         let x = Tensor::<B, 3>::random([1, tokens, cfg.hidden_size], Distribution::Normal(0.0, 1.0), &device);
-        let (y, routing) = moe.forward(x.clone());
+        let (y, routing) = moe.forward(x.clone(), &ExecutionPolicy::default());
         let flat = x.reshape([tokens, cfg.hidden_size]);
         // Dense reference: gate matrix [T, E] with the chosen weights, zeros elsewhere.
         let idx: Vec<i64> = routing.indices.into_data().convert::<i64>().into_vec().unwrap();
         let w = vec2(routing.weights);
-        let mut expected = moe.shared_experts.as_ref().unwrap().forward(flat.clone());
+        let mut expected = moe.shared_experts.as_ref().unwrap().forward(flat.clone(), GemmPrecision::Full);
         let (d, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
         for e in 0..cfg.n_routed_experts {
             let gate: Vec<f32> = (0..tokens)
                 .map(|t| (0..k).filter(|&j| idx[t * k + j] == e as i64).map(|j| w[t * k + j]).sum())
                 .collect();
             let gate = Tensor::<B, 2>::from_data(TensorData::new(gate, [tokens, 1]), &device);
-            let gate_proj = moe.experts.gate_up.val().narrow(0, e, 1).reshape([d, 2 * i]).narrow(1, 0, i);
-            let up_proj = moe.experts.gate_up.val().narrow(0, e, 1).reshape([d, 2 * i]).narrow(1, i, i);
-            let down_proj = moe.experts.down.val().narrow(0, e, 1).reshape([i, d]);
+            let gate_proj = moe.experts.gate_up.weight.val().narrow(0, e, 1).reshape([d, 2 * i]).narrow(1, 0, i);
+            let up_proj = moe.experts.gate_up.weight.val().narrow(0, e, 1).reshape([d, 2 * i]).narrow(1, i, i);
+            let down_proj = moe.experts.down.weight.val().narrow(0, e, 1).reshape([i, d]);
             let swiglu = burn::tensor::activation::silu(flat.clone().matmul(gate_proj)) * flat.clone().matmul(up_proj);
             expected = expected + swiglu.matmul(down_proj) * gate;
         }
@@ -212,8 +213,11 @@ fn grouped_and_per_expert_paths_agree() {
     let moe = MoeConfig::from_model(&cfg).init::<B>(&device);
     for tokens in [1, 5, 64] {
         let x = Tensor::<B, 2>::random([tokens, cfg.hidden_size], Distribution::Normal(0.0, 1.0), &device);
-        let routing = moe.gate.forward(x.clone());
-        let run = |path| vec2(moe.experts.forward_path(x.clone(), routing.indices.clone(), routing.weights.clone(), path));
+        let routing = moe.gate.forward(x.clone(), &ExecutionPolicy::default());
+        let run = |path| {
+            let policy = ExecutionPolicy::default().with_expert_path(path);
+            vec2(moe.experts.forward(x.clone(), routing.indices.clone(), routing.weights.clone(), &policy))
+        };
         let (grouped, per_expert) = (run(ExpertPath::Grouped), run(ExpertPath::PerExpert));
         let diff = grouped.iter().zip(&per_expert).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
         assert!(diff < 1e-5, "T={tokens}: {diff}");

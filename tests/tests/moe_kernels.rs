@@ -58,13 +58,15 @@ mod routed_experts {
     //! The MoE layer's routed experts with the device kernels (wgpu, fused, under autodiff)
     //! against the host plan on Flex: outputs and every gradient.
     use super::*;
-    use burn::backend::{Autodiff, Flex, Wgpu};
+    use burn::backend::{Autodiff, Wgpu};
     use burn::module::Param;
     use burn::tensor::backend::Backend;
     use burn::tensor::{Int, Tensor, TensorData};
-    use deepseek_core::fp8::GemmPrecision;
-    use deepseek_core::moe::{ExpertPath, RoutedExperts};
+    use deepseek_core::device::{run_on, BackendTask, DeviceKind};
+    use deepseek_core::moe::RoutedExperts;
+    use deepseek_core::{ExecutionPolicy, Projection};
 
+    #[derive(Clone)]
     struct Case {
         tokens: usize,
         top_k: usize,
@@ -85,16 +87,13 @@ mod routed_experts {
         let f = |v: &[f32], shape: Vec<usize>| Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(v.to_vec(), shape), &device);
         let f3 = |v: &[f32], shape: [usize; 3]| Tensor::<Autodiff<B>, 3>::from_data(TensorData::new(v.to_vec(), shape), &device);
         let experts = RoutedExperts::<Autodiff<B>> {
-            gate_up: Param::from_tensor(f3(&c.gate_up, [c.n_experts, c.d, 2 * c.i])),
-            down: Param::from_tensor(f3(&c.down, [c.n_experts, c.i, c.d])),
-            path: ExpertPath::PerExpert,
-            gemm: GemmPrecision::Full,
-            parallel: None,
+            gate_up: Projection::stacked(Param::from_tensor(f3(&c.gate_up, [c.n_experts, c.d, 2 * c.i]))),
+            down: Projection::stacked(Param::from_tensor(f3(&c.down, [c.n_experts, c.i, c.d]))),
         };
         let x = f(&c.x, vec![c.tokens, c.d]).require_grad();
         let w = f(&c.w, vec![c.tokens, c.top_k]).require_grad();
         let ids = Tensor::<Autodiff<B>, 2, Int>::from_data(TensorData::new(c.ids.iter().map(|&e| e as i64).collect::<Vec<_>>(), [c.tokens, c.top_k]), &device);
-        let y = experts.forward(x.clone(), ids, w.clone());
+        let y = experts.forward(x.clone(), ids, w.clone(), &ExecutionPolicy::default());
         let grads = (y.clone() * f(&c.dy, vec![c.tokens, c.d])).sum().backward();
         let host2 = |t: Tensor<B, 2>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
         let host3 = |t: Tensor<B, 3>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
@@ -102,14 +101,23 @@ mod routed_experts {
             host2(y.inner()),
             host2(x.grad(&grads).unwrap()),
             host2(w.grad(&grads).unwrap()),
-            host3(experts.gate_up.grad(&grads).unwrap()),
-            host3(experts.down.grad(&grads).unwrap()),
+            host3(experts.gate_up.weight.grad(&grads).unwrap()),
+            host3(experts.down.weight.grad(&grads).unwrap()),
         ]
+    }
+
+    /// [`run`] on the backend the switch picks, which installs the autodiff nodes itself.
+    struct OnBackend(Case);
+
+    impl BackendTask for OnBackend {
+        type Output = [Vec<f32>; 5];
+        fn run<B: Backend>(self, _devices: Vec<B::Device>) -> [Vec<f32>; 5] {
+            run::<B>(&self.0)
+        }
     }
 
     #[test]
     fn routed_experts_on_the_kernels_match_the_host_plan_forward_and_backward() {
-        deepseek_core::moe::register_autodiff::<Wgpu>();
         let mut rng = Rng(21);
         let (tokens, top_k, n_experts, d, i) = (29, 4, 16, 24, 8);
         // Experts 12..16 receive no tokens.
@@ -117,9 +125,12 @@ mod routed_experts {
         let mut v = |n: usize| (0..n).map(|_| rng.uniform()).collect::<Vec<f32>>();
         let c = Case { tokens, top_k, n_experts, d, i, ids, x: v(tokens * d), w: v(tokens * top_k), gate_up: v(n_experts * d * 2 * i), down: v(n_experts * i * d), dy: v(tokens * d) };
         let before = deepseek_core::moe::device_dispatches();
-        let gpu = run::<Wgpu>(&c);
+        // Through the backend switch, with no registration call of our own: the switch installs
+        // the dispatch/combine autodiff nodes, and the device kernels run under autodiff.
+        let gpu = run_on(DeviceKind::Wgpu, &[], OnBackend(c.clone())).unwrap();
+        assert!(deepseek_core::autodiff_ops_installed::<Autodiff<Wgpu>>());
         assert!(deepseek_core::moe::device_dispatches() > before, "the wgpu run took the device kernels");
-        let cpu = run::<Flex>(&c);
+        let cpu = run_on(DeviceKind::Flex, &[], OnBackend(c.clone())).unwrap();
         for (name, (a, b)) in ["y", "dx", "d gate weights", "d gate_up", "d down"].iter().zip(gpu.iter().zip(&cpu)) {
             let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
             let worst = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);

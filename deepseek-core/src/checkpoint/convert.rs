@@ -28,7 +28,9 @@ use crate::fp8::{quantize_blocks, ScaleFormat};
 /// The dtype a conversion produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvertTo {
+    /// BF16, dequantizing FP8 weights (as DeepSeek's `fp8_cast_bf16.py`).
     Bf16,
+    /// The released FP8 format: E4M3 projection weights with 128×128 `weight_scale_inv` blocks.
     Fp8,
 }
 
@@ -46,10 +48,13 @@ impl std::str::FromStr for ConvertTo {
 /// What a conversion wrote.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConvertReport {
+    /// Tensors written.
     pub tensors: usize,
     /// Weights converted (quantized or dequantized).
     pub converted: usize,
+    /// Shard files written.
     pub shards: usize,
+    /// Bytes of tensor data written.
     pub bytes: u64,
 }
 

@@ -8,7 +8,7 @@
 //! main model and so does not load twice.
 
 use burn::module::Param;
-use burn::nn::Linear;
+use crate::projection::Projection;
 use burn::tensor::backend::Backend;
 
 use crate::block::{DecoderLayer, FeedForward};
@@ -22,7 +22,7 @@ use crate::norm::RmsNorm;
 /// Where a checkpoint tensor goes.
 pub enum Target<B: Backend> {
     /// A linear weight: stored `[out, in]`, Burn keeps `[in, out]`.
-    Linear(fn(&mut DeepSeekModel<B>, usize) -> &mut Linear<B>),
+    Linear(fn(&mut DeepSeekModel<B>, usize) -> &mut Projection<B>),
     /// An RMSNorm gain `[d]`.
     Norm(fn(&mut DeepSeekModel<B>, usize) -> &mut RmsNorm<B>),
     /// A 2-D parameter stored as is (embedding `[V, d]`, router weight `[E, d]`).

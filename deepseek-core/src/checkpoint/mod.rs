@@ -6,9 +6,9 @@
 //! the model does not use are reported as an error unless the caller allows them.
 
 pub mod convert;
-pub mod hf_names;
-pub mod reader;
-pub mod writer;
+mod hf_names;
+mod reader;
+mod writer;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -19,7 +19,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use crate::config::DeepSeekConfig;
 use crate::error::{DeepSeekError, Result};
 use crate::model::DeepSeekModel;
-pub use hf_names::{table, Entry, ExpertPart, Target, EXPERT_STRIDE};
+pub(crate) use hf_names::{table, ExpertPart, Target, EXPERT_STRIDE};
 pub use reader::{Checkpoint, StoredTensor, INDEX_FILE, SINGLE_FILE};
 pub use writer::{model_tensors, save_model, write_atomic, write_safetensors, NamedTensor};
 
@@ -135,8 +135,8 @@ impl StackedExperts {
         let (d, i, e) = (self.d, self.i, self.e);
         for (layer, (gate_up, down)) in self.blocks {
             let experts = hf_names::routed_experts(model, layer);
-            experts.gate_up = Param::from_tensor(Tensor::from_data(TensorData::new(gate_up, [e, d, 2 * i]), device));
-            experts.down = Param::from_tensor(Tensor::from_data(TensorData::new(down, [e, i, d]), device));
+            experts.gate_up.weight = Param::from_tensor(Tensor::from_data(TensorData::new(gate_up, [e, d, 2 * i]), device));
+            experts.down.weight = Param::from_tensor(Tensor::from_data(TensorData::new(down, [e, i, d]), device));
         }
     }
 }

@@ -45,7 +45,9 @@ impl std::fmt::Debug for Checkpoint {
 /// The shape and dtype of a stored tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredTensor {
+    /// The safetensors dtype.
     pub dtype: Dtype,
+    /// The stored shape (`[out, in]` for linear weights).
     pub shape: Vec<usize>,
 }
 

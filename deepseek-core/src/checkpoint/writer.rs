@@ -22,8 +22,11 @@ use crate::model::DeepSeekModel;
 /// One named f32 tensor in checkpoint layout.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NamedTensor {
+    /// The Hugging Face name (`model.layers.0.self_attn.o_proj.weight`).
     pub name: String,
+    /// The checkpoint shape.
     pub shape: Vec<usize>,
+    /// Row-major values.
     pub values: Vec<f32>,
 }
 
@@ -62,7 +65,7 @@ pub fn model_tensors<B: Backend>(model: &DeepSeekModel<B>) -> Vec<NamedTensor> {
                 let (layer, expert) = (row.index / EXPERT_STRIDE, row.index % EXPERT_STRIDE);
                 let (gate_up, down) = stacks.entry(layer).or_insert_with(|| {
                     let experts = super::hf_names::routed_experts(&mut m, layer);
-                    (host(experts.gate_up.val().into_data()), host(experts.down.val().into_data()))
+                    (host(experts.gate_up.weight.val().into_data()), host(experts.down.weight.val().into_data()))
                 });
                 match part {
                     // gate/up: columns `0..I` / `I..2I` of the expert's [D, 2I] slice → [I, D].

@@ -19,7 +19,9 @@ pub enum ScaleFormat {
 /// A quantized `[rows, cols]` matrix.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockQuant {
+    /// Rows of the matrix.
     pub rows: usize,
+    /// Columns of the matrix.
     pub cols: usize,
     /// `[block_rows, block_cols]`: `[1, 128]` for activations, `[128, 128]` for weights.
     pub block: [usize; 2],

@@ -19,8 +19,10 @@ pub struct Fp8Linear<B: Backend> {
     pub codes: Tensor<B, 2, Int>,
     /// f32 block scales `[ceil(d_out / 128), ceil(d_in / 128)]` (`weight_scale_inv`).
     pub scales: Tensor<B, 2>,
+    /// Input width.
     #[module(skip)]
     pub d_in: usize,
+    /// Output width.
     #[module(skip)]
     pub d_out: usize,
 }

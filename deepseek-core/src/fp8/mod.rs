@@ -7,7 +7,10 @@ pub mod block;
 pub mod e4m3;
 #[cfg(feature = "kernels")]
 pub(crate) mod dispatch;
+/// The CubeCL kernels and their launch wrappers: reached through [`fake_quantize`],
+/// [`training::matmul`] and [`Fp8Linear`]; public for the kernel tests and benchmarks only.
 #[cfg(feature = "kernels")]
+#[doc(hidden)]
 pub mod kernels;
 pub mod linear;
 pub mod training;
@@ -15,7 +18,8 @@ pub mod training;
 pub use block::{dequantize_blocks, fake_quantize_blocks, pack_words, quantize_blocks, reference_gemm, scale_grid, unpack_words, BlockQuant, ScaleFormat};
 pub use e4m3::{decode, encode, E4M3_MAX};
 pub use linear::Fp8Linear;
-pub use training::{fake_quantize, register_autodiff, runs_kernels, GemmPrecision};
+pub(crate) use training::register_autodiff;
+pub use training::{fake_quantize, runs_kernels, GemmPrecision};
 
 /// Activation tiles: 1 × 128 along the last dimension.
 pub const ACTIVATION_BLOCK: [usize; 2] = [1, 128];

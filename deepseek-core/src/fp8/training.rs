@@ -14,17 +14,18 @@
 //! the paper's fine-grained scheme requires for the scales to factor out of each block's sum.
 //!
 //! The quantized backward needs its own autodiff node. Model code is generic over `B: Backend`,
-//! so the node is reached through a registry keyed by the backend type: the trainer calls
-//! [`register_autodiff`] for its inner backend once, and [`matmul`] looks it up. On a backend
-//! without a registered node (inference, or an autodiff backend nobody registered) the forward
-//! is still FP8 and gradients pass straight through the quantizers.
+//! so the node is reached through a registry keyed by the backend type: the backend switch
+//! ([`crate::device::run_on`]) or the trainer calls [`crate::register_autodiff`] for the inner
+//! backend once, and [`matmul`] looks it up. An autodiff backend nobody registered panics with
+//! the call to make rather than training with other gradients than it was asked for; an
+//! autodiff backend with gradient checkpointing (no node of ours) passes gradients straight
+//! through the quantizers.
 
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
-use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
@@ -94,6 +95,7 @@ pub fn matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
         return op(x, w);
     }
     if B::ad_enabled(&x.device()) {
+        crate::registry::require_autodiff_ops::<B>(&x.device(), "the FP8 GEMM");
         // Straight-through: the forward value of the quantized operands, gradients as if f32.
         let xq = x.clone() + (fake_quantize(x.clone().detach(), ACTIVATION_BLOCK) - x.detach());
         let wq = w.clone() + (fake_quantize(w.clone().detach(), WEIGHT_BLOCK) - w.detach());
@@ -102,36 +104,12 @@ pub fn matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
     forward(x, w)
 }
 
-/// A linear layer (no bias in this model) with the given GEMM precision.
-///
-/// # Shapes
-/// `x`: `[..., d_in]` → `[..., d_out]`.
-pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>, precision: GemmPrecision) -> Tensor<B, D> {
-    match precision {
-        GemmPrecision::Full => layer.forward(x),
-        GemmPrecision::Fp8 => {
-            let dims = x.dims();
-            let d_in = dims[D - 1];
-            let rows = dims[..D - 1].iter().product();
-            let w = layer.weight.val(); // [d_in, d_out]
-            let [_, d_out] = w.dims();
-            let mut y = matmul(x.reshape([rows, d_in]), w); // [rows, d_out]
-            if let Some(bias) = &layer.bias {
-                y = y + bias.val().unsqueeze();
-            }
-            let mut out = dims;
-            out[D - 1] = d_out;
-            y.reshape(out)
-        }
-    }
-}
-
 type MatmulFn<B> = fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>;
 
 static REGISTRY: crate::registry::OpRegistry = crate::registry::OpRegistry::new();
 
 /// Installs the FP8 backward (quantized Dgrad and Wgrad) for `Autodiff<B>`. Idempotent.
-pub fn register_autodiff<B: Backend>() {
+pub(crate) fn register_autodiff<B: Backend>() {
     let op: MatmulFn<Autodiff<B>> = autodiff_matmul::<B>;
     REGISTRY.insert::<Autodiff<B>, _>(op);
 }
@@ -255,13 +233,13 @@ mod tests {
     }
 
     #[test]
-    fn fp8_linear_keeps_leading_dimensions() {
+    fn fp8_projection_keeps_leading_dimensions() {
         let device = Default::default();
-        let layer = burn::nn::LinearConfig::new(130, 7).with_bias(false).init::<Flex>(&device);
+        let layer = crate::projection::Projection::<Flex>::new(130, 7, &device);
         let x = Tensor::<Flex, 3>::from_data(TensorData::new(data(2 * 3 * 130, 4), [2, 3, 130]), &device);
-        let y = linear(&layer, x.clone(), GemmPrecision::Fp8);
+        let y = layer.forward(x.clone(), GemmPrecision::Fp8);
         assert_eq!(y.dims(), [2, 3, 7]);
-        let full = linear(&layer, x, GemmPrecision::Full);
+        let full = layer.forward(x, GemmPrecision::Full);
         // FP8 is close to full precision (3 mantissa bits on each operand), and not equal to it.
         let diff = (y - full.clone()).abs().max().into_scalar();
         let size = full.abs().max().into_scalar();

@@ -11,7 +11,7 @@
 //!   matmuls ("grouped GEMM"), two kernel launches instead of 2·E, which suits GPUs.
 //!   [`ExpertPath::Auto`] takes it when padding at most doubles the rows.
 //!
-//! With expert parallelism ([`RoutedExperts::parallel`]) the dispatched rows travel to the ranks
+//! With expert parallelism ([`ExecutionPolicy::expert_parallel`]) the dispatched rows travel to the ranks
 //! that own their experts and back (see [`crate::parallel`]); each rank computes only its own
 //! experts, per expert.
 //!
@@ -19,10 +19,12 @@
 //! N expert-parallel ranks, R rows received by this rank.
 
 use super::dispatch::DispatchPlan;
-use crate::fp8::training::{matmul as fp8_matmul, GemmPrecision};
+use crate::fp8::GemmPrecision;
 use crate::parallel::{all_to_all, ExpertParallel, Route};
+use crate::policy::ExecutionPolicy;
+use crate::projection::Projection;
 use burn::config::Config;
-use burn::module::{Initializer, Module, Param};
+use burn::module::{Initializer, Module};
 use burn::tensor::{activation::silu, backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
 
 /// Builds [`RoutedExperts`].
@@ -37,6 +39,7 @@ pub struct RoutedExpertsConfig {
 }
 
 impl RoutedExpertsConfig {
+    /// Fresh experts, drawn lazily with the bound of Burn's `Linear` per expert.
     pub fn init<B: Backend>(&self, device: &B::Device) -> RoutedExperts<B> {
         let (d, i, e) = (self.d_model, self.d_expert, self.n_experts);
         // Same bound as Burn's Linear default (Kaiming uniform with fan_in = input width).
@@ -45,11 +48,8 @@ impl RoutedExpertsConfig {
             Initializer::Uniform { min: -bound, max: bound }
         };
         RoutedExperts {
-            gate_up: uniform(d).init([e, d, 2 * i], device),
-            down: uniform(i).init([e, i, d], device),
-            path: ExpertPath::PerExpert,
-            gemm: GemmPrecision::Full,
-            parallel: None,
+            gate_up: Projection::stacked(uniform(d).init([e, d, 2 * i], device)),
+            down: Projection::stacked(uniform(i).init([e, i, d], device)),
         }
     }
 }
@@ -59,23 +59,13 @@ impl RoutedExpertsConfig {
 #[derive(Module, Debug)]
 pub struct RoutedExperts<B: Backend> {
     /// `[E, D, 2I]`: columns `0..I` are `gate_proj`, `I..2I` are `up_proj`.
-    pub gate_up: Param<Tensor<B, 3>>,
+    pub gate_up: Projection<B, 3>,
     /// `[E, I, D]`: `down_proj`.
-    pub down: Param<Tensor<B, 3>>,
-    /// Execution strategy of [`RoutedExperts::forward`]; does not change the result.
-    #[module(skip)]
-    pub path: ExpertPath,
-    /// How the expert GEMMs run (FP8 in FP8 training, per-expert path only).
-    #[module(skip)]
-    pub gemm: GemmPrecision,
-    /// Expert parallelism: which experts this rank computes and how rows reach them. `None`
-    /// computes every expert here.
-    #[module(skip)]
-    pub parallel: Option<ExpertParallel>,
+    pub down: Projection<B, 3>,
 }
 
 /// Which way [`RoutedExperts`] runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ExpertPath {
     /// Per expert on the device kernels where the backend runs them (wgpu, CUDA); elsewhere
     /// grouped when padding at most doubles the rows, else per expert.
@@ -84,6 +74,7 @@ pub enum ExpertPath {
     Grouped,
     /// One pair of matmuls per expert that received tokens; sorted, dispatched and combined by
     /// the device kernels where the backend runs them, else by the host plan.
+    #[default]
     PerExpert,
     /// [`ExpertPath::PerExpert`] with the host plan on every backend (the indices read back, the
     /// data moved by gather and scatter-add): the baseline of the device kernels.
@@ -91,25 +82,27 @@ pub enum ExpertPath {
 }
 
 impl<B: Backend> RoutedExperts<B> {
-    /// `y_t = Σ_k w_{t,k} · expert_{idx_{t,k}}(x_t)`.
+    /// `y_t = Σ_k w_{t,k} · expert_{idx_{t,k}}(x_t)`, along `policy.expert_path`, with
+    /// `policy.gemm` GEMMs, on the ranks of `policy.expert_parallel`.
     ///
     /// # Shapes
     /// `x`: `[T, D]`, `indices`: `[T, K]`, `weights`: `[T, K]` → `[T, D]`.
-    pub fn forward(&self, x: Tensor<B, 2>, indices: Tensor<B, 2, Int>, weights: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.forward_path(x, indices, weights, self.path)
-    }
-
-    /// [`RoutedExperts::forward`] along a chosen path.
-    pub fn forward_path(&self, x: Tensor<B, 2>, indices: Tensor<B, 2, Int>, weights: Tensor<B, 2>, path: ExpertPath) -> Tensor<B, 2> {
+    ///
+    /// # Panics
+    /// On an autodiff backend whose custom operations were never installed
+    /// ([`crate::register_autodiff`]; the backend switch does it).
+    pub fn forward(&self, x: Tensor<B, 2>, indices: Tensor<B, 2, Int>, weights: Tensor<B, 2>, policy: &ExecutionPolicy) -> Tensor<B, 2> {
         let [tokens, d_model] = x.dims();
         let [_, top_k] = indices.dims();
         let [n_experts, _, _] = self.gate_up.dims();
-        if let Some(parallel) = &self.parallel {
-            return self.forward_parallel(x, indices, weights, parallel);
+        let (path, gemm) = (policy.expert_path, policy.gemm);
+        crate::registry::require_autodiff_ops::<B>(&x.device(), "the routed experts");
+        if let Some(parallel) = &policy.expert_parallel {
+            return self.forward_parallel(x, indices, weights, parallel, gemm);
         }
         #[cfg(feature = "kernels")]
         if matches!(path, ExpertPath::Auto | ExpertPath::PerExpert) && x.dtype() == burn::tensor::DType::F32 && weights.dtype() == burn::tensor::DType::F32 {
-            if let Some(y) = self.on_device(x.clone(), &indices, weights.clone(), n_experts) {
+            if let Some(y) = self.on_device(x.clone(), &indices, weights.clone(), n_experts, gemm) {
                 return y;
             }
         }
@@ -120,7 +113,7 @@ impl<B: Backend> RoutedExperts<B> {
         let rows = tokens * top_k;
         // The FP8 GEMMs are 2-D: FP8 runs per expert.
         let grouped = match path {
-            _ if self.gemm == GemmPrecision::Fp8 => false,
+            _ if gemm == GemmPrecision::Fp8 => false,
             ExpertPath::Grouped => true,
             ExpertPath::PerExpert | ExpertPath::HostPerExpert => false,
             ExpertPath::Auto => plan.capacity() * n_experts <= 2 * rows,
@@ -129,7 +122,7 @@ impl<B: Backend> RoutedExperts<B> {
         let expert_out = if grouped {
             self.grouped(x, &plan, &device)
         } else {
-            self.per_expert(x.select(0, token_of_row.clone()), &plan)
+            self.per_expert_rows(x.select(0, token_of_row.clone()), &plan.rows_per_expert, 0, gemm)
         }; // [T·K, D] rows grouped by expert
         let gate = weights.reshape([rows]).select(0, int_tensor::<B>(plan.slot_of_row.clone(), &device)).unsqueeze_dim::<2>(1); // [T·K, 1]
         let weighted = expert_out * gate.cast(dtype);
@@ -153,19 +146,19 @@ impl<B: Backend> RoutedExperts<B> {
             }
         }
         let xs = x.select(0, int_tensor::<B>(padded_token, device)).reshape([n_experts, cap, d_model]); // [E, cap, D]
-        let h = xs.matmul(self.gate_up.val()); // [E, cap, 2I]
+        let h = self.gate_up.forward_grouped(xs); // [E, cap, 2I]
         let act = silu(h.clone().narrow(2, 0, two_i / 2)) * h.narrow(2, two_i / 2, two_i / 2); // [E, cap, I]
-        let y = act.matmul(self.down.val()).reshape([n_experts * cap, d_model]); // [E·cap, D]
+        let y = self.down.forward_grouped(act).reshape([n_experts * cap, d_model]); // [E·cap, D]
         y.select(0, int_tensor::<B>(padded_slot_of_row, device)) // [T·K, D]
     }
 
     /// Sort, dispatch and combine with the device kernels (wgpu, CUDA); `None` where `B` does not
     /// run them. Experts run per expert on their slices of the dispatched rows.
     #[cfg(feature = "kernels")]
-    fn on_device(&self, x: Tensor<B, 2>, indices: &Tensor<B, 2, Int>, weights: Tensor<B, 2>, n_experts: usize) -> Option<Tensor<B, 2>> {
+    fn on_device(&self, x: Tensor<B, 2>, indices: &Tensor<B, 2, Int>, weights: Tensor<B, 2>, n_experts: usize, gemm: GemmPrecision) -> Option<Tensor<B, 2>> {
         let plan = super::device::plan::<B>(&indices.clone().into_primitive(), n_experts)?;
         let rows = super::device::dispatch(x, &plan)?; // [T·K, D] grouped by expert
-        let expert_out = self.per_expert_rows(rows, &plan.counts, 0); // [T·K, D]
+        let expert_out = self.per_expert_rows(rows, &plan.counts, 0, gemm); // [T·K, D]
         super::device::combine(expert_out, weights, &plan)
     }
 
@@ -178,7 +171,7 @@ impl<B: Backend> RoutedExperts<B> {
     /// # Panics
     /// If a peer fails or times out (the message names the rank); the model's forward has no
     /// error channel, and the training driver reports the panic of a rank as its error.
-    fn forward_parallel(&self, x: Tensor<B, 2>, indices: Tensor<B, 2, Int>, weights: Tensor<B, 2>, parallel: &ExpertParallel) -> Tensor<B, 2> {
+    fn forward_parallel(&self, x: Tensor<B, 2>, indices: Tensor<B, 2, Int>, weights: Tensor<B, 2>, parallel: &ExpertParallel, gemm: GemmPrecision) -> Tensor<B, 2> {
         let [tokens, d_model] = x.dims();
         let [_, top_k] = indices.dims();
         let device = x.device();
@@ -221,7 +214,7 @@ impl<B: Backend> RoutedExperts<B> {
                 back[row as usize] = i as i64;
             }
             let grouped = received.select(0, int_tensor::<B>(by_expert, &device)); // [R, D] by expert
-            let out = self.per_expert_rows(grouped, &rows_per_expert, local.start); // [R, D]
+            let out = self.per_expert_rows(grouped, &rows_per_expert, local.start, gemm); // [R, D]
             out.select(0, int_tensor::<B>(back, &device)) // [R, D] by source rank again
         };
         let returned = all_to_all(computed, &route.reversed()).unwrap_or_else(|e| panic!("expert-parallel combine: {e}")); // [T·K, D]
@@ -231,17 +224,12 @@ impl<B: Backend> RoutedExperts<B> {
         Tensor::zeros([tokens, d_model], &device).select_assign(0, token_of_row, weighted, IndexingUpdateOp::Add)
     }
 
-    /// Each expert with tokens runs on its contiguous slice of the dispatched rows.
+    /// Each expert with tokens runs on its contiguous slice of the dispatched rows: the rows of
+    /// experts `first_expert..`, in order, `rows_per_expert[j]` for expert `first_expert + j`.
     ///
     /// # Shapes
-    /// `dispatched`: `[T·K, D]` grouped by expert → `[T·K, D]`.
-    fn per_expert(&self, dispatched: Tensor<B, 2>, plan: &DispatchPlan) -> Tensor<B, 2> {
-        self.per_expert_rows(dispatched, &plan.rows_per_expert, 0)
-    }
-
-    /// [`Self::per_expert`] given the rows of experts `first_expert..`, in order.
-    fn per_expert_rows(&self, dispatched: Tensor<B, 2>, rows_per_expert: &[usize], first_expert: usize) -> Tensor<B, 2> {
-        let [_, d_model, two_i] = self.gate_up.dims();
+    /// `dispatched`: `[rows, D]` grouped by expert → `[rows, D]`.
+    fn per_expert_rows(&self, dispatched: Tensor<B, 2>, rows_per_expert: &[usize], first_expert: usize, gemm: GemmPrecision) -> Tensor<B, 2> {
         let [_, i, _] = self.down.dims();
         let mut outputs = Vec::new();
         let mut start = 0;
@@ -250,23 +238,12 @@ impl<B: Backend> RoutedExperts<B> {
             if n == 0 {
                 continue;
             }
-            let gate_up = self.gate_up.val().narrow(0, e, 1).reshape([d_model, two_i]); // [D, 2I]
-            let down = self.down.val().narrow(0, e, 1).reshape([i, d_model]); // [I, D]
-            let h = self.gemm(dispatched.clone().narrow(0, start, n), gate_up); // [n, 2I]
+            let h = self.gate_up.forward_expert(e, dispatched.clone().narrow(0, start, n), gemm); // [n, 2I]
             let act = silu(h.clone().narrow(1, 0, i)) * h.narrow(1, i, i); // [n, I]
-            outputs.push(self.gemm(act, down)); // [n, D]
+            outputs.push(self.down.forward_expert(e, act, gemm)); // [n, D]
             start += n;
         }
         Tensor::cat(outputs, 0)
-    }
-}
-
-impl<B: Backend> RoutedExperts<B> {
-    fn gemm(&self, x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
-        match self.gemm {
-            GemmPrecision::Full => x.matmul(w),
-            GemmPrecision::Fp8 => fp8_matmul(x, w),
-        }
     }
 }
 

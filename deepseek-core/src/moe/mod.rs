@@ -8,7 +8,10 @@
 mod device;
 pub mod dispatch;
 pub mod experts;
+/// The CubeCL sort, dispatch and combine kernels: reached through [`RoutedExperts::forward`];
+/// public for the kernel tests only.
 #[cfg(feature = "kernels")]
+#[doc(hidden)]
 pub mod kernels;
 pub mod router;
 
@@ -18,6 +21,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::config::DeepSeekConfig;
 use crate::mlp::{Mlp, MlpConfig};
+use crate::policy::ExecutionPolicy;
 pub use dispatch::DispatchPlan;
 pub use experts::{ExpertPath, RoutedExperts, RoutedExpertsConfig};
 pub use router::{NodeLimit, Router, RouterConfig, Routing};
@@ -32,7 +36,7 @@ pub fn device_dispatches() -> usize {
 
 /// Installs the autodiff nodes of the device dispatch/combine for `Autodiff<B>` (a no-op without
 /// GPU backends): routed experts then train on the device kernels. Idempotent.
-pub fn register_autodiff<B: burn::tensor::backend::Backend>() {
+pub(crate) fn register_autodiff<B: burn::tensor::backend::Backend>() {
     #[cfg(feature = "kernels")]
     device::register_autodiff::<B>();
 }
@@ -69,6 +73,7 @@ impl MoeConfig {
         }
     }
 
+    /// A fresh MoE layer (weights drawn lazily).
     pub fn init<B: Backend>(&self, device: &B::Device) -> Moe<B> {
         Moe {
             gate: self.router.init(device),
@@ -82,21 +87,26 @@ impl MoeConfig {
 /// `mlp.shared_experts`).
 #[derive(Module, Debug)]
 pub struct Moe<B: Backend> {
+    /// The router.
     pub gate: Router<B>,
+    /// The routed experts, stacked.
     pub experts: RoutedExperts<B>,
+    /// The shared experts fused into one MLP, if any.
     pub shared_experts: Option<Mlp<B>>,
 }
 
 impl<B: Backend> Moe<B> {
+    /// Shared plus routed experts, run as `policy` says.
+    ///
     /// # Shapes
     /// `x`: `[batch, seq, D]` → `[batch, seq, D]`, and the routing of the `T = batch·seq` tokens.
-    pub fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Routing<B>) {
+    pub fn forward(&self, x: Tensor<B, 3>, policy: &ExecutionPolicy) -> (Tensor<B, 3>, Routing<B>) {
         let [batch, seq, d_model] = x.dims();
         let tokens = x.reshape([batch * seq, d_model]); // [T, D]
-        let routing = self.gate.forward(tokens.clone());
-        let mut y = self.experts.forward(tokens.clone(), routing.indices.clone(), routing.weights.clone()); // [T, D]
+        let routing = self.gate.forward(tokens.clone(), policy);
+        let mut y = self.experts.forward(tokens.clone(), routing.indices.clone(), routing.weights.clone(), policy); // [T, D]
         if let Some(shared) = &self.shared_experts {
-            y = y + shared.forward(tokens);
+            y = y + shared.forward(tokens, policy.gemm);
         }
         (y.reshape([batch, seq, d_model]), routing)
     }

@@ -16,6 +16,7 @@ use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{backend::Backend, FloatDType, Int, Tensor};
 
 use crate::config::{ScoringFunc, TopkMethod};
+use crate::policy::ExecutionPolicy;
 
 /// Builds a [`Router`].
 #[derive(Config, Debug)]
@@ -41,6 +42,7 @@ pub struct RouterConfig {
 }
 
 impl RouterConfig {
+    /// A fresh router: weight drawn lazily, selection bias zero where the method has one.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Router<B> {
         // Lazy like Burn's own layers: loading a checkpoint replaces it before it is ever drawn.
         let bound = (1.0 / self.d_model as f64).sqrt();
@@ -60,7 +62,6 @@ impl RouterConfig {
             topk_method: self.topk_method,
             norm_topk_prob: self.norm_topk_prob,
             routed_scaling_factor: self.routed_scaling_factor,
-            node_limit: None,
         }
     }
 }
@@ -105,23 +106,27 @@ pub struct Router<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     /// `[E]` selection bias of auxiliary-loss-free balancing (f32; updated outside the model).
     pub e_score_correction_bias: Option<Param<Tensor<B, 1>>>,
+    /// Experts per token `K`.
     #[module(skip)]
     pub top_k: usize,
+    /// Expert groups `G`.
     #[module(skip)]
     pub n_group: usize,
+    /// Groups kept per token.
     #[module(skip)]
     pub topk_group: usize,
+    /// Affinity function.
     #[module(skip)]
     pub scoring_func: ScoringFunc,
+    /// Selection rule.
     #[module(skip)]
     pub topk_method: TopkMethod,
+    /// Normalize the chosen weights to sum to one.
     #[module(skip)]
     pub norm_topk_prob: bool,
+    /// Multiplier on the gate weights.
     #[module(skip)]
     pub routed_scaling_factor: f64,
-    /// Node-limited routing, if set (a deployment choice, not part of the checkpoint).
-    #[module(skip)]
-    pub node_limit: Option<NodeLimit>,
 }
 
 /// The routing decision for a batch of tokens.
@@ -138,9 +143,11 @@ pub struct Routing<B: Backend> {
 }
 
 impl<B: Backend> Router<B> {
+    /// Routes the tokens `x`, node-limited when `policy` says so.
+    ///
     /// # Shapes
     /// `x`: `[T, D]`.
-    pub fn forward(&self, x: Tensor<B, 2>) -> Routing<B> {
+    pub fn forward(&self, x: Tensor<B, 2>, policy: &ExecutionPolicy) -> Routing<B> {
         let [tokens, _] = x.dims();
         let n_experts = self.weight.dims()[0];
         let logits = x.cast(FloatDType::F32).matmul(self.weight.val().cast(FloatDType::F32).transpose()); // [T, E]
@@ -159,7 +166,7 @@ impl<B: Backend> Router<B> {
             };
             choice = mask_blocks(choice, self.n_group, self.topk_group, score);
         }
-        if let Some(limit) = self.node_limit {
+        if let Some(limit) = policy.node_limit {
             let per_node = n_experts / limit.nodes;
             choice = mask_blocks(choice, limit.nodes, limit.max_nodes, BlockScore::TopSum(limit.per_node(self.top_k, per_node)));
         }

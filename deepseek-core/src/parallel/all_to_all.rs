@@ -27,8 +27,11 @@ use super::exchange::Exchange;
 /// Row counts of one all-to-all: `send[j]` rows go to rank `j`, `recv[j]` come from rank `j`.
 #[derive(Clone, Debug)]
 pub struct Route {
+    /// Rows this rank sends to each rank, in rank order.
     pub send: Vec<usize>,
+    /// Rows this rank receives from each rank, in rank order.
     pub recv: Vec<usize>,
+    /// The ranks.
     pub exchange: Arc<dyn Exchange>,
 }
 
@@ -97,7 +100,7 @@ type AllToAllFn<B> = fn(Tensor<B, 2>, &Route) -> Result<Tensor<B, 2>>;
 static REGISTRY: crate::registry::OpRegistry = crate::registry::OpRegistry::new();
 
 /// Installs the all-to-all autodiff node for `Autodiff<B>`. Idempotent.
-pub fn register_autodiff<B: Backend>() {
+pub(crate) fn register_autodiff<B: Backend>() {
     let op: AllToAllFn<Autodiff<B>> = autodiff_all_to_all::<B>;
     REGISTRY.insert::<Autodiff<B>, _>(op);
 }

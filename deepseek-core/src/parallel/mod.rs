@@ -12,15 +12,15 @@
 //! - [`all_to_all`]: the differentiable all-to-all of rows.
 
 pub mod all_to_all;
-pub mod error;
-pub mod exchange;
-pub mod group;
-pub mod local;
+mod error;
+mod exchange;
+mod group;
+mod local;
 #[cfg(feature = "cuda")]
-pub mod nccl;
-pub mod placement;
-pub mod rendezvous;
-pub mod tcp;
+mod nccl;
+mod placement;
+mod rendezvous;
+mod tcp;
 
 pub use all_to_all::{all_to_all, Route};
 pub use error::{ParallelError, Result};
@@ -34,6 +34,6 @@ pub use rendezvous::{Rendezvous, RendezvousConfig};
 pub use tcp::TcpExchange;
 
 /// Installs the all-to-all autodiff node for `Autodiff<B>`. Idempotent.
-pub fn register_autodiff<B: burn::tensor::backend::Backend>() {
+pub(crate) fn register_autodiff<B: burn::tensor::backend::Backend>() {
     all_to_all::register_autodiff::<B>();
 }

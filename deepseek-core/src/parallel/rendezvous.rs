@@ -19,7 +19,9 @@ use super::error::{ParallelError, Result};
 /// Where the master is and who this process is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RendezvousConfig {
+    /// This process's rank.
     pub rank: usize,
+    /// Ranks in all.
     pub world: usize,
     /// `host:port` of rank 0's rendezvous listener.
     pub master: String,
@@ -30,11 +32,17 @@ pub struct RendezvousConfig {
 /// The outcome: every rank's peer address, rank 0's blob, and this rank's listener for the mesh.
 #[derive(Debug)]
 pub struct Rendezvous {
+    /// This process's rank.
     pub rank: usize,
+    /// Ranks in all.
     pub world: usize,
+    /// The mesh address of every rank, in rank order.
     pub peers: Vec<SocketAddr>,
+    /// Rank 0's payload for everyone (the NCCL unique id).
     pub blob: Vec<u8>,
+    /// This rank's listener for the mesh connections.
     pub listener: TcpListener,
+    /// How long to wait for peers.
     pub timeout: Duration,
 }
 

@@ -1,0 +1,90 @@
+//! The one type every learned linear map of the model goes through: the MLA projections, the
+//! dense and shared MLPs, the stacked routed experts, the MTP `eh_proj` and the output head.
+//!
+//! A projection owns how its weight is stored and runs its GEMM under the policy's precision;
+//! the modules that use it only call [`Projection::forward`] (or the per-expert forms). Today the
+//! weight is a dense tensor in Burn's `[in, out]` layout (the transpose of the checkpoints'
+//! `[out, in]`), `[E, in, out]` for the experts stacked along a leading axis. Other storages
+//! (FP8-resident codes and scales, other dtypes, a LoRA adapter beside the weight) grow here
+//! without touching MLA, the MLP, the experts or MTP.
+
+use burn::module::{Module, Param};
+use burn::nn::LinearConfig;
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::fp8::training::matmul as fp8_matmul;
+use crate::fp8::GemmPrecision;
+
+/// A bias-free linear map `y = x · W`. `R` is the rank of the stored weight: 2 for one matrix,
+/// 3 for experts stacked `[E, in, out]`.
+#[derive(Module, Debug)]
+pub struct Projection<B: Backend, const R: usize = 2> {
+    /// `[in, out]`, or `[E, in, out]` for stacked experts.
+    pub weight: Param<Tensor<B, R>>,
+}
+
+impl<B: Backend> Projection<B, 2> {
+    /// A fresh `[d_in] → [d_out]` map, initialized (lazily) as Burn's `Linear` is.
+    pub fn new(d_in: usize, d_out: usize, device: &B::Device) -> Self {
+        Self { weight: LinearConfig::new(d_in, d_out).with_bias(false).init(device).weight }
+    }
+
+    /// `[d_in, d_out]`.
+    pub fn dims(&self) -> [usize; 2] {
+        self.weight.dims()
+    }
+
+    /// `x · W`, the GEMM at `gemm` precision.
+    ///
+    /// # Shapes
+    /// `x`: `[..., d_in]` → `[..., d_out]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>, gemm: GemmPrecision) -> Tensor<B, D> {
+        match gemm {
+            GemmPrecision::Full => burn::tensor::module::linear(x, self.weight.val(), None),
+            GemmPrecision::Fp8 => {
+                let dims = x.dims();
+                let d_in = dims[D - 1];
+                let rows = dims[..D - 1].iter().product();
+                let [_, d_out] = self.dims();
+                let y = fp8_matmul(x.reshape([rows, d_in]), self.weight.val()); // [rows, d_out]
+                let mut out = dims;
+                out[D - 1] = d_out;
+                y.reshape(out)
+            }
+        }
+    }
+}
+
+impl<B: Backend> Projection<B, 3> {
+    /// Stacked per-expert maps from an existing `[E, in, out]` parameter.
+    pub fn stacked(weight: Param<Tensor<B, 3>>) -> Self {
+        Self { weight }
+    }
+
+    /// `[E, d_in, d_out]`.
+    pub fn dims(&self) -> [usize; 3] {
+        self.weight.dims()
+    }
+
+    /// Expert `e`'s map applied to its rows, at `gemm` precision.
+    ///
+    /// # Shapes
+    /// `x`: `[n, d_in]` → `[n, d_out]`.
+    pub fn forward_expert(&self, e: usize, x: Tensor<B, 2>, gemm: GemmPrecision) -> Tensor<B, 2> {
+        let [_, d_in, d_out] = self.dims();
+        let w = self.weight.val().narrow(0, e, 1).reshape([d_in, d_out]); // [d_in, d_out]
+        match gemm {
+            GemmPrecision::Full => x.matmul(w),
+            GemmPrecision::Fp8 => fp8_matmul(x, w),
+        }
+    }
+
+    /// Every expert on its own padded block of rows, as one batched matmul ("grouped GEMM"),
+    /// at the tensors' precision (the FP8 GEMMs are 2-D: FP8 runs per expert).
+    ///
+    /// # Shapes
+    /// `x`: `[E, cap, d_in]` → `[E, cap, d_out]`.
+    pub fn forward_grouped(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        x.matmul(self.weight.val())
+    }
+}
