@@ -44,9 +44,17 @@ fn main() -> Result<()> {
     for (name, fp8) in [("f32", false), ("fp8", true)] {
         let dir = out.join(name);
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot clear {}", dir.display()))?;
         }
-        let train = TrainConfig { fp8, eval_every: 100, eval_batches: 0, checkpoint_every: 0, keep_checkpoints: 1, ..deepseek_examples::quickstart_train(steps, seed) };
+        let train = TrainConfig {
+            fp8,
+            eval_every: 100,
+            eval_batches: 0,
+            checkpoint_every: 0,
+            keep_checkpoints: 1,
+            ..deepseek_examples::quickstart_train(steps, seed)
+        };
         let mut run = PretrainArgs::new("small", &dir, train);
         run.model = Some(model.clone());
         run.progress = true;
@@ -56,23 +64,38 @@ fn main() -> Result<()> {
         let secs = start.elapsed().as_secs_f64();
         let eval = summary.last_eval.context("the run ends with an evaluation")?;
         let (log, _) = read_metrics(&summary.metrics)?;
-        let train_tail = smoothed_loss(&log, TAIL).last().map(|p| p.1).context("the run logged steps")?;
-        let tokens_per_s = log.iter().skip(5).map(|r| r.tokens_per_s).sum::<f64>() / log.len().saturating_sub(5).max(1) as f64;
+        let train_tail =
+            smoothed_loss(&log, TAIL).last().map(|p| p.1).context("the run logged steps")?;
+        let tokens_per_s = log.iter().skip(5).map(|r| r.tokens_per_s).sum::<f64>()
+            / log.len().saturating_sub(5).max(1) as f64;
         rows.push((name, train_tail, eval.val_loss, eval.val_mtp_loss, tokens_per_s, secs));
         metrics.push((name, summary.metrics.clone()));
     }
     let png = out.join("fp8_gap.png");
-    let runs: Vec<(&str, &std::path::Path)> = metrics.iter().map(|(n, p)| (*n, p.as_path())).collect();
+    let runs: Vec<(&str, &std::path::Path)> =
+        metrics.iter().map(|(n, p)| (*n, p.as_path())).collect();
     plot_comparison(&runs, &png, TAIL)?;
 
     let (_, base_train, base_val, _, _, _) = rows[0];
-    println!("\n{steps} steps of 8 × 128 byte tokens, quickstart model (`small`, MTP 1), seed {seed}");
+    println!(
+        "\n{steps} steps of 8 × 128 byte tokens, quickstart model (`small`, MTP 1), seed {seed}"
+    );
     println!("| GEMMs | training loss (mean of last {TAIL} steps) | validation loss | validation MTP loss | tokens/s | wall time |");
     println!("|---|---|---|---|---|---|");
     for (name, train, val, mtp, tps, secs) in &rows {
-        let rel = |v: f64, b: f64| if *name == "f32" { String::new() } else { format!(" ({:+.3}%)", 100.0 * (v - b) / b) };
+        let rel = |v: f64, b: f64| {
+            if *name == "f32" {
+                String::new()
+            } else {
+                format!(" ({:+.3}%)", 100.0 * (v - b) / b)
+            }
+        };
         let mtp = mtp.map(|m| format!("{m:.4}")).unwrap_or_else(|| "–".into());
-        println!("| {name} | {train:.4}{} | {val:.4}{} | {mtp} | {tps:.0} | {secs:.0} s |", rel(*train, base_train), rel(*val, base_val));
+        println!(
+            "| {name} | {train:.4}{} | {val:.4}{} | {mtp} | {tps:.0} | {secs:.0} s |",
+            rel(*train, base_train),
+            rel(*val, base_val)
+        );
     }
     println!("\ncurves: {}", png.display());
     Ok(())

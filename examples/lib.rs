@@ -8,12 +8,22 @@ use deepseek_train::{BalanceMode, TrainConfig};
 /// blocks (1 dense + 3 MoE with 16 routed experts top-4 in 4 groups, 2 shared), MLA with q-LoRA
 /// 64 / KV-LoRA 32, one MTP module. About 6.7M parameters.
 pub fn quickstart_model() -> DeepSeekConfig {
-    DeepSeekConfig { vocab_size: 256, max_position_embeddings: 1024, num_nextn_predict_layers: 1, ..DeepSeekConfig::small() }
+    DeepSeekConfig {
+        vocab_size: 256,
+        max_position_embeddings: 1024,
+        num_nextn_predict_layers: 1,
+        ..DeepSeekConfig::small()
+    }
 }
 
 /// The quickstart's recipe: [`short_run`] with aux-free balancing, evaluation every 100 steps.
 pub fn quickstart_train(steps: usize, seed: u64) -> TrainConfig {
-    TrainConfig { eval_every: 100, eval_batches: 16, checkpoint_every: 250, ..short_run(steps, seed, BalanceMode::AuxFree) }
+    TrainConfig {
+        eval_every: 100,
+        eval_batches: 16,
+        checkpoint_every: 250,
+        ..short_run(steps, seed, BalanceMode::AuxFree)
+    }
 }
 
 /// The short-run recipe of the quickstart and the load-balance experiment: the paper's AdamW

@@ -41,8 +41,13 @@ fn main() -> Result<()> {
         }
     }
     // The `small` model with byte tokens and no MTP: MaxVio is about the routers alone.
-    let model = DeepSeekConfig { vocab_size: 256, num_nextn_predict_layers: 0, ..DeepSeekConfig::small() };
-    let runs = [(BalanceMode::AuxFree, "aux-free"), (BalanceMode::AuxLoss, "aux-loss"), (BalanceMode::None, "none")];
+    let model =
+        DeepSeekConfig { vocab_size: 256, num_nextn_predict_layers: 0, ..DeepSeekConfig::small() };
+    let runs = [
+        (BalanceMode::AuxFree, "aux-free"),
+        (BalanceMode::AuxLoss, "aux-loss"),
+        (BalanceMode::None, "none"),
+    ];
     let mut rows = Vec::new();
     for (mode, name) in runs {
         if only.as_ref().is_some_and(|o| !o.iter().any(|m| m == name)) {
@@ -50,7 +55,8 @@ fn main() -> Result<()> {
         }
         let dir = out.join(name);
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot clear {}", dir.display()))?;
         }
         let train = TrainConfig {
             bias_gamma: gamma,
@@ -74,7 +80,13 @@ fn main() -> Result<()> {
         // MaxVio_batch averaged over the second half of training.
         let tail = &steps_log[steps_log.len() / 2..];
         let vio_batch = tail.iter().map(|s| s.max_vio_batch).sum::<f64>() / tail.len() as f64;
-        rows.push((name, eval.val_loss, eval.max_vio_global, vio_batch, start.elapsed().as_secs_f64()));
+        rows.push((
+            name,
+            eval.val_loss,
+            eval.max_vio_global,
+            vio_batch,
+            start.elapsed().as_secs_f64(),
+        ));
     }
     println!("\n{steps} steps of 8 × 128 byte tokens, `small` model (3 MoE layers, 16 experts top-4), seed {seed}, γ = {gamma}");
     println!("| balancing | validation loss | MaxVio_global | mean MaxVio_batch (2nd half) | wall time |");

@@ -61,19 +61,31 @@ fn main() -> Result<()> {
         params.total as f64 / 1e6,
         params.mtp as f64 / 1e6
     );
-    println!("   {steps} steps of 8 × 128 byte tokens; progress below, metrics in {}", out.join("metrics.jsonl").display());
-    let mut run = PretrainArgs::new("small", &out, deepseek_examples::quickstart_train(steps, seed));
+    println!(
+        "   {steps} steps of 8 × 128 byte tokens; progress below, metrics in {}",
+        out.join("metrics.jsonl").display()
+    );
+    let mut run =
+        PretrainArgs::new("small", &out, deepseek_examples::quickstart_train(steps, seed));
     run.model = Some(model);
     run.device = device;
     run.progress = true;
     let summary = pretrain(&run)?;
 
-    println!("\n== Result after {} steps ({} tokens) in {:.0} s", summary.steps, summary.tokens, summary.wall_s);
+    println!(
+        "\n== Result after {} steps ({} tokens) in {:.0} s",
+        summary.steps, summary.tokens, summary.wall_s
+    );
     let eval = summary.last_eval.as_ref().context("the run ends with an evaluation")?;
     let entropy = summary.entropy.context("the built-in corpus has a known entropy")?;
     println!("   validation loss   {:.3} nats/token", eval.val_loss);
     println!("   corpus entropy    {entropy:.3} nats/token (the best possible loss)");
-    println!("   gap               {:.3} nats/token (from {:.3} at the start: ln 256 = {:.3})", eval.val_loss - entropy, (256f64).ln() - entropy, (256f64).ln());
+    println!(
+        "   gap               {:.3} nats/token (from {:.3} at the start: ln 256 = {:.3})",
+        eval.val_loss - entropy,
+        (256f64).ln() - entropy,
+        (256f64).ln()
+    );
     if let Some(m) = eval.val_mtp_loss {
         println!("   MTP module loss   {m:.3} nats/token (predicting the token after next)");
     }
@@ -85,10 +97,18 @@ fn main() -> Result<()> {
     let tokenizer = TextTokenizer::from_file(&summary.hf_dir.join("tokenizer.json"))?;
     let newline = tokenizer.encode("\n")?[0] as i64;
     let (mut right, mut asked) = (0, 0);
-    for prompt in ["the ", "a happy ", "the robot ", "12 + 7 = ", "13 + 19 = ", "4 + 15 = ", "8 + 16 = "] {
+    for prompt in
+        ["the ", "a happy ", "the robot ", "12 + 7 = ", "13 + 19 = ", "4 + 15 = ", "8 + 16 = "]
+    {
         // Sentences in the corpus follow a newline: start the prompt at a sentence boundary.
-        let ids: Vec<i64> = tokenizer.encode(&format!(".\n{prompt}"))?.into_iter().map(i64::from).collect();
-        let cfg = GenerateConfig { max_new_tokens: 48, decoding: Decoding::Greedy, eos_token_id: Some(newline), stop_sequences: vec![] };
+        let ids: Vec<i64> =
+            tokenizer.encode(&format!(".\n{prompt}"))?.into_iter().map(i64::from).collect();
+        let cfg = GenerateConfig {
+            max_new_tokens: 48,
+            decoding: Decoding::Greedy,
+            eos_token_id: Some(newline),
+            stop_sequences: vec![],
+        };
         let tokens = generate(&model, &[ids], &cfg, &device)?.remove(0);
         let text: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
         let completion = tokenizer.decode(&text)?;

@@ -89,12 +89,18 @@ fn main() -> Result<()> {
     // Stay within the trained length (32 positions): RoPE positions never seen in training
     // degrade both the main model and the MTP module.
     let new_tokens = 24;
-    let (mut plain_time, mut spec_time, mut accepted, mut drafted, mut main_steps, mut produced) = (0.0, 0.0, 0, 0, 0, 0);
+    let (mut plain_time, mut spec_time, mut accepted, mut drafted, mut main_steps, mut produced) =
+        (0.0, 0.0, 0, 0, 0, 0);
     for _ in 0..16 {
         let prompt = sequence(&mut rng, 8, vocab);
-        let cfg = GenerateConfig { max_new_tokens: new_tokens, decoding: Decoding::Greedy, eos_token_id: None, stop_sequences: vec![] };
+        let cfg = GenerateConfig {
+            max_new_tokens: new_tokens,
+            decoding: Decoding::Greedy,
+            eos_token_id: None,
+            stop_sequences: vec![],
+        };
         let t = Instant::now();
-        let plain = generate(&model, &[prompt.clone()], &cfg, &device)?.remove(0);
+        let plain = generate(&model, std::slice::from_ref(&prompt), &cfg, &device)?.remove(0);
         plain_time += t.elapsed().as_secs_f64();
         let t = Instant::now();
         let spec = speculative_greedy(&model, &prompt, new_tokens, None, &device)?;
@@ -106,7 +112,10 @@ fn main() -> Result<()> {
         produced += spec.tokens.len();
     }
     println!("speculative_acceptance: {:.1}%", 100.0 * accepted as f64 / drafted as f64);
-    println!("main_model_steps: {main_steps} for {produced} tokens ({:.2} tokens per step)", produced as f64 / main_steps as f64);
+    println!(
+        "main_model_steps: {main_steps} for {produced} tokens ({:.2} tokens per step)",
+        produced as f64 / main_steps as f64
+    );
     println!("plain_greedy_tokens_per_s: {:.1}", produced as f64 / plain_time);
     println!("speculative_tokens_per_s: {:.1}", produced as f64 / spec_time);
     println!("speedup: {:.2}x", plain_time / spec_time);

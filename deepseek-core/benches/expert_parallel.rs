@@ -35,7 +35,15 @@ struct Args {
 }
 
 fn parse() -> Result<Args> {
-    let mut a = Args { ranks: vec![1, 2, 4], tokens: 512, experts: 64, top_k: 8, d_model: 512, d_expert: 128, iters: 3 };
+    let mut a = Args {
+        ranks: vec![1, 2, 4],
+        tokens: 512,
+        experts: 64,
+        top_k: 8,
+        d_model: 512,
+        d_expert: 128,
+        iters: 3,
+    };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -60,24 +68,34 @@ struct RankResult {
     analytic: u64,
 }
 
-fn rank(a: &Args, experts: RoutedExperts<AB>, exchange: Option<LocalExchange>, barrier: &Barrier) -> RankResult {
+fn rank(
+    a: &Args,
+    experts: RoutedExperts<AB>,
+    exchange: Option<LocalExchange>,
+    barrier: &Barrier,
+) -> RankResult {
     let device = Default::default();
     let experts = experts.fork(&device);
     let n = exchange.as_ref().map_or(1, |e| e.size());
     let me = exchange.as_ref().map_or(0, |e| e.rank());
     let exchange: Option<Arc<dyn Exchange>> = exchange.map(|e| Arc::new(e) as Arc<dyn Exchange>);
-    let parallel = exchange.as_ref().map(|e| ExpertParallel::new(e.clone(), a.experts).expect("experts divide over the ranks"));
+    let parallel = exchange
+        .as_ref()
+        .map(|e| ExpertParallel::new(e.clone(), a.experts).expect("experts divide over the ranks"));
     let policy = ExecutionPolicy::default().with_expert_parallel(parallel);
     let (mut seconds, mut analytic) = (Vec::new(), 0u64);
     let before = exchange.as_ref().map_or(0, |e| e.bytes_sent());
     for _ in 0..a.iters {
-        let x = Tensor::<AB, 2>::random([a.tokens, a.d_model], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let x =
+            Tensor::<AB, 2>::random([a.tokens, a.d_model], Distribution::Normal(0.0, 1.0), &device)
+                .require_grad();
         let scores = Tensor::<AB, 2>::random([a.tokens, a.experts], Distribution::Default, &device);
         let (weights, indices) = scores.topk_with_indices(a.top_k, 1);
         let ids: Vec<i64> = indices.clone().into_data().convert::<i64>().into_vec().unwrap();
         let per_rank = a.experts / n;
         let remote = ids.iter().filter(|&&e| e as usize / per_rank != me).count() as u64;
-        analytic += remote * 4 * a.d_model as u64 * 4 + if n > 1 { (n as u64 - 1) * per_rank as u64 * 8 } else { 0 };
+        analytic += remote * 4 * a.d_model as u64 * 4
+            + if n > 1 { (n as u64 - 1) * per_rank as u64 * 8 } else { 0 };
         barrier.wait();
         let start = Instant::now();
         let y = experts.forward(x.clone(), indices, weights, &policy);
@@ -93,9 +111,10 @@ fn main() -> Result<()> {
     let a = parse()?;
     deepseek_core::register_autodiff::<Flex>();
     let device = Default::default();
-    let experts: RoutedExperts<AB> = RoutedExpertsConfig::new(a.d_model, a.d_expert, a.experts).init(&device);
+    let experts: RoutedExperts<AB> =
+        RoutedExpertsConfig::new(a.d_model, a.d_expert, a.experts).init(&device);
     // Draw the lazy weights once, so that every rank's clone holds the same experts.
-    let _ = (experts.gate_up.val(), experts.down.val());
+    let _ = (experts.gate_up.weight.val(), experts.down.weight.val());
     println!(
         "## Expert parallelism on Flex (threads sharing the CPU): E = {}, K = {}, D = {}, I = {}, {} tokens per rank, forward + backward ({} iterations, median of the slowest rank)",
         a.experts, a.top_k, a.d_model, a.d_expert, a.tokens, a.iters
@@ -107,21 +126,33 @@ fn main() -> Result<()> {
             bail!("{} experts do not split over {n} ranks", a.experts);
         }
         let barrier = Barrier::new(n);
-        let exchanges: Vec<Option<LocalExchange>> = if n == 1 { vec![None] } else { LocalExchange::group(n, Duration::from_secs(600)).into_iter().map(Some).collect() };
+        let exchanges: Vec<Option<LocalExchange>> = if n == 1 {
+            vec![None]
+        } else {
+            LocalExchange::group(n, Duration::from_secs(600)).into_iter().map(Some).collect()
+        };
         let results: Vec<RankResult> = std::thread::scope(|s| {
-            let handles: Vec<_> = exchanges.into_iter().map(|e| {
-                let experts = experts.clone();
-                let (a, barrier) = (&a, &barrier);
-                s.spawn(move || rank(a, experts, e, barrier))
-            }).collect();
+            let handles: Vec<_> = exchanges
+                .into_iter()
+                .map(|e| {
+                    let experts = experts.clone();
+                    let (a, barrier) = (&a, &barrier);
+                    s.spawn(move || rank(a, experts, e, barrier))
+                })
+                .collect();
             handles.into_iter().map(|h| h.join().expect("rank")).collect()
         });
-        let mut step: Vec<f64> = (0..a.iters).map(|i| results.iter().map(|r| r.seconds[i]).fold(0.0, f64::max)).collect();
+        let mut step: Vec<f64> = (0..a.iters)
+            .map(|i| results.iter().map(|r| r.seconds[i]).fold(0.0, f64::max))
+            .collect();
         step.sort_by(|x, y| x.partial_cmp(y).unwrap());
         let median = step[step.len() / 2];
         let bytes = results.iter().map(|r| r.bytes).sum::<u64>() as f64 / (n * a.iters) as f64;
-        let analytic = results.iter().map(|r| r.analytic).sum::<u64>() as f64 / (n * a.iters) as f64;
-        let uniform = (a.tokens * a.top_k) as f64 * (n - 1) as f64 / n as f64 * 4.0 * a.d_model as f64 * 4.0 + ((n - 1) * (a.experts / n) * 8) as f64;
+        let analytic =
+            results.iter().map(|r| r.analytic).sum::<u64>() as f64 / (n * a.iters) as f64;
+        let uniform =
+            (a.tokens * a.top_k) as f64 * (n - 1) as f64 / n as f64 * 4.0 * a.d_model as f64 * 4.0
+                + ((n - 1) * (a.experts / n) * 8) as f64;
         println!(
             "| {n} | {:.1} ms | {:.0} | {:.2} MB | {:.2} MB | {:.2} MB |",
             median * 1e3,

@@ -24,7 +24,11 @@ struct Args {
 }
 
 fn parse() -> Result<Args> {
-    let mut a = Args { device: DeviceKind::Flex, sizes: vec![[256, 1024, 1024], [1024, 1024, 1024], [512, 576, 7168]], iters: 5 };
+    let mut a = Args {
+        device: DeviceKind::Flex,
+        sizes: vec![[256, 1024, 1024], [1024, 1024, 1024], [512, 576, 7168]],
+        iters: 5,
+    };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -35,7 +39,8 @@ fn parse() -> Result<Args> {
                 a.sizes = value()?
                     .split(',')
                     .map(|s| {
-                        let v: Vec<usize> = s.split('x').map(str::parse).collect::<Result<_, _>>()?;
+                        let v: Vec<usize> =
+                            s.split('x').map(str::parse).collect::<Result<_, _>>()?;
                         let [m, n, k] = v[..] else { bail!("size `{s}` is not MxNxK") };
                         Ok([m, n, k])
                     })
@@ -68,15 +73,30 @@ fn memory() {
     println!("| weight | shape | BF16 | FP8 | ratio |");
     println!("|---|---|---|---|---|");
     let device = Default::default();
-    for (name, [n, k]) in [("q_b_proj", [24576, 1536]), ("kv_a_proj_with_mqa", [576, 7168]), ("expert down_proj", [7168, 2048]), ("o_proj", [7168, 16384])] {
+    for (name, [n, k]) in [
+        ("q_b_proj", [24576, 1536]),
+        ("kv_a_proj_with_mqa", [576, 7168]),
+        ("expert down_proj", [7168, 2048]),
+        ("o_proj", [7168, 16384]),
+    ] {
         let w = Tensor::<burn::backend::Flex, 2>::zeros([k, n], &device);
         let bytes = Fp8Linear::quantize(w).weight_bytes();
         let bf16 = 2 * n * k;
-        println!("| {name} | {n} × {k} | {:.2} MiB | {:.2} MiB | {:.3} |", bf16 as f64 / 1048576.0, bytes as f64 / 1048576.0, bytes as f64 / bf16 as f64);
+        println!(
+            "| {name} | {n} × {k} | {:.2} MiB | {:.2} MiB | {:.3} |",
+            bf16 as f64 / 1048576.0,
+            bytes as f64 / 1048576.0,
+            bytes as f64 / bf16 as f64
+        );
     }
     let v3 = DeepSeekConfig::v3_671b();
     let (bf16, f8) = (v3.weight_bytes_bf16(), v3.weight_bytes_fp8());
-    println!("| DeepSeek-V3 (all weights, MTP included) | | {:.1} GiB | {:.1} GiB | {:.3} |", bf16 as f64 / (1u64 << 30) as f64, f8 as f64 / (1u64 << 30) as f64, f8 as f64 / bf16 as f64);
+    println!(
+        "| DeepSeek-V3 (all weights, MTP included) | | {:.1} GiB | {:.1} GiB | {:.3} |",
+        bf16 as f64 / (1u64 << 30) as f64,
+        f8 as f64 / (1u64 << 30) as f64,
+        f8 as f64 / bf16 as f64
+    );
 }
 
 /// GEMM table through Burn tensors: `Fp8Linear::forward` (activation quantization + FP8 GEMM on
@@ -105,32 +125,60 @@ fn gemm_table<B: Backend>(args: &Args, device: &B::Device, label: &str) {
 
 /// Quantization throughput in GB/s of f32 input.
 fn quant_row(label: &str, elements: usize, seconds: f64) {
-    println!("| {label} | {:.2} ms | {:.2} GB/s |", seconds * 1e3, (elements * 4) as f64 / seconds / 1e9);
+    println!(
+        "| {label} | {:.2} ms | {:.2} GB/s |",
+        seconds * 1e3,
+        (elements * 4) as f64 / seconds / 1e9
+    );
 }
 
 fn host(args: &Args) {
-    println!("\n## Quantization on the host (the twin; {} threads)", std::thread::available_parallelism().map_or(1, |n| n.get()));
+    println!(
+        "\n## Quantization on the host (the twin; {} threads)",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
     println!("| what | time | f32 input |");
     println!("|---|---|---|");
     let [m, _, k] = args.sizes[0];
     let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0).collect();
-    quant_row(&format!("quantize [{m}, {k}] in 1 × 128 tiles"), m * k, time(args.iters, || drop(fp8::quantize_blocks(&x, m, k, fp8::ACTIVATION_BLOCK, ScaleFormat::F32)), &|| ()));
-    quant_row(&format!("fake-quantize [{m}, {k}] (quantize + dequantize)"), m * k, time(args.iters, || fp8::fake_quantize_blocks(&mut x.clone(), m, k, fp8::ACTIVATION_BLOCK), &|| ()));
-    gemm_table::<burn::backend::Flex>(args, &Default::default(), "Flex (reference: fake-quantized x · dequantized W)");
+    quant_row(
+        &format!("quantize [{m}, {k}] in 1 × 128 tiles"),
+        m * k,
+        time(
+            args.iters,
+            || drop(fp8::quantize_blocks(&x, m, k, fp8::ACTIVATION_BLOCK, ScaleFormat::F32)),
+            &|| (),
+        ),
+    );
+    quant_row(
+        &format!("fake-quantize [{m}, {k}] (quantize + dequantize)"),
+        m * k,
+        time(
+            args.iters,
+            || fp8::fake_quantize_blocks(&mut x.clone(), m, k, fp8::ACTIVATION_BLOCK),
+            &|| (),
+        ),
+    );
+    gemm_table::<burn::backend::Flex>(
+        args,
+        &Default::default(),
+        "Flex (reference: fake-quantized x · dequantized W)",
+    );
 }
 
 /// The kernels on their own (quantize, dequantize, GEMM of quantized operands), on the CubeCL
 /// runtime under backend `B`, if it has one.
 fn raw_kernels<B: Backend>(args: &Args) {
+    let backend = std::any::TypeId::of::<B>();
     #[cfg(feature = "wgpu")]
-    if std::any::TypeId::of::<B>() == std::any::TypeId::of::<burn::backend::Wgpu>() {
+    if backend == std::any::TypeId::of::<burn::backend::Wgpu>() {
         kernels::<burn_wgpu::WgpuRuntime>(args, "wgpu");
     }
     #[cfg(feature = "cuda")]
-    if std::any::TypeId::of::<B>() == std::any::TypeId::of::<burn::backend::Cuda>() {
+    if backend == std::any::TypeId::of::<burn::backend::Cuda>() {
         kernels::<cubecl::cuda::CudaRuntime>(args, "CUDA");
     }
-    let _ = args;
+    let _ = (backend, args);
 }
 
 #[cfg(feature = "kernels")]
@@ -144,19 +192,36 @@ fn kernels<R: burn_cubecl::CubeRuntime>(args: &Args, label: &str) {
     println!("|---|---|---|");
     for &[m, n, k] in &args.sizes {
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| ((i * 104_729 % 977) as f32 - 488.0) / 3111.0).collect();
+        let w: Vec<f32> =
+            (0..n * k).map(|i| ((i * 104_729 % 977) as f32 - 488.0) / 3111.0).collect();
         let xd = kernels::upload::<R>(&device, &x, [m, k]);
         let wd = kernels::upload::<R>(&device, &w, [n, k]);
-        let t = time(args.iters, || drop(kernels::quantize(xd.clone(), fp8::ACTIVATION_BLOCK, ScaleFormat::F32).unwrap()), &sync);
+        let t = time(
+            args.iters,
+            || {
+                drop(
+                    kernels::quantize(xd.clone(), fp8::ACTIVATION_BLOCK, ScaleFormat::F32).unwrap(),
+                )
+            },
+            &sync,
+        );
         quant_row(&format!("quantize [{m}, {k}], 1 × 128"), m * k, t);
-        let t = time(args.iters, || drop(kernels::quantize(wd.clone(), fp8::WEIGHT_BLOCK, ScaleFormat::F32).unwrap()), &sync);
+        let t = time(
+            args.iters,
+            || drop(kernels::quantize(wd.clone(), fp8::WEIGHT_BLOCK, ScaleFormat::F32).unwrap()),
+            &sync,
+        );
         quant_row(&format!("quantize [{n}, {k}], 128 × 128"), n * k, t);
         let qa = kernels::quantize(xd.clone(), fp8::ACTIVATION_BLOCK, ScaleFormat::F32).unwrap();
         let qw = kernels::quantize(wd.clone(), fp8::WEIGHT_BLOCK, ScaleFormat::F32).unwrap();
         let t = time(args.iters, || drop(kernels::dequantize(&qw).unwrap()), &sync);
         quant_row(&format!("dequantize [{n}, {k}]"), n * k, t);
         let t = time(args.iters, || drop(kernels::gemm(&qa, &qw).unwrap()), &sync);
-        println!("| FP8 GEMM {m} × {n} × {k} (operands quantized) | {:.2} ms | {:.3} TFLOP/s |", t * 1e3, 2.0 * (m * n * k) as f64 / t / 1e12);
+        println!(
+            "| FP8 GEMM {m} × {n} × {k} (operands quantized) | {:.2} ms | {:.3} TFLOP/s |",
+            t * 1e3,
+            2.0 * (m * n * k) as f64 / t / 1e12
+        );
     }
     gemm_table::<Cube<R>>(args, &device, label);
 }

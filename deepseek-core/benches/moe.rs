@@ -28,13 +28,23 @@ struct Args {
 }
 
 fn parse() -> Result<Args> {
-    let mut a = Args { device: DeviceKind::Flex, tokens: vec![256, 1024], experts: 64, top_k: 8, d_model: 512, d_expert: 128, iters: 5 };
+    let mut a = Args {
+        device: DeviceKind::Flex,
+        tokens: vec![256, 1024],
+        experts: 64,
+        top_k: 8,
+        d_model: 512,
+        d_expert: 128,
+        iters: 5,
+    };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--device" => a.device = value()?.parse().map_err(anyhow::Error::msg)?,
-            "--tokens" => a.tokens = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--tokens" => {
+                a.tokens = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?
+            }
             "--experts" => a.experts = value()?.parse()?,
             "--top-k" => a.top_k = value()?.parse()?,
             "--d-model" => a.d_model = value()?.parse()?,
@@ -47,7 +57,8 @@ fn parse() -> Result<Args> {
 }
 
 fn bench<B: Backend>(a: &Args, device: &B::Device) {
-    let experts: RoutedExperts<B> = RoutedExpertsConfig::new(a.d_model, a.d_expert, a.experts).init(device);
+    let experts: RoutedExperts<B> =
+        RoutedExpertsConfig::new(a.d_model, a.d_expert, a.experts).init(device);
     println!(
         "## Routed experts on {:?}: E = {}, K = {}, D = {}, I = {} ({} iterations, median)",
         a.device, a.experts, a.top_k, a.d_model, a.d_expert, a.iters
@@ -59,7 +70,11 @@ fn bench<B: Backend>(a: &Args, device: &B::Device) {
         // Top-K of random scores: distinct experts per token, roughly balanced.
         let scores = Tensor::<B, 2>::random([t, a.experts], Distribution::Default, device);
         let (weights, indices) = scores.topk_with_indices(a.top_k, 1);
-        for (name, path) in [("per-expert (device kernels on GPUs)", ExpertPath::PerExpert), ("host-per-expert", ExpertPath::HostPerExpert), ("grouped", ExpertPath::Grouped)] {
+        for (name, path) in [
+            ("per-expert (device kernels on GPUs)", ExpertPath::PerExpert),
+            ("host-per-expert", ExpertPath::HostPerExpert),
+            ("grouped", ExpertPath::Grouped),
+        ] {
             let run = || {
                 let policy = ExecutionPolicy::default().with_expert_path(path);
                 let y = experts.forward(x.clone(), indices.clone(), weights.clone(), &policy);

@@ -50,7 +50,10 @@ impl<B: Backend> LatentSlot<B> {
     pub fn append(&mut self, new: LatentKv<B>) -> LatentKv<B> {
         let [batch, seq, _] = new.c_kv.dims();
         let (start, end) = (self.len, self.len + seq);
-        assert!(end <= self.c_kv.dims()[1], "latent cache overflow: check_fits before the forward pass");
+        assert!(
+            end <= self.c_kv.dims()[1],
+            "latent cache overflow: check_fits before the forward pass"
+        );
         // Move the buffers out while writing, so the backend sees the only reference and may
         // update them in place rather than copy them whole at every decoding step.
         let write = |slot: &mut Tensor<B, 3>, values: Tensor<B, 3>| {
@@ -61,12 +64,16 @@ impl<B: Backend> LatentSlot<B> {
         write(&mut self.c_kv, new.c_kv);
         write(&mut self.k_rope, new.k_rope);
         self.len = end;
-        LatentKv { c_kv: self.c_kv.clone().narrow(1, 0, end), k_rope: self.k_rope.clone().narrow(1, 0, end) }
+        LatentKv {
+            c_kv: self.c_kv.clone().narrow(1, 0, end),
+            k_rope: self.k_rope.clone().narrow(1, 0, end),
+        }
     }
 
     /// Bytes one token of one sequence occupies in this slot's buffers.
     fn bytes_per_token(&self) -> usize {
-        self.c_kv.dims()[2] * self.c_kv.dtype().size() + self.k_rope.dims()[2] * self.k_rope.dtype().size()
+        self.c_kv.dims()[2] * self.c_kv.dtype().size()
+            + self.k_rope.dims()[2] * self.k_rope.dtype().size()
     }
 }
 
@@ -82,16 +89,32 @@ pub struct LatentCache<B: Backend> {
 impl<B: Backend> LatentCache<B> {
     /// Preallocates room for `capacity` tokens of `batch` sequences; `capacity` may not exceed
     /// the model's `max_position_embeddings`.
-    pub fn new(cfg: &DeepSeekConfig, batch: usize, capacity: usize, device: &B::Device) -> Result<Self> {
+    pub fn new(
+        cfg: &DeepSeekConfig,
+        batch: usize,
+        capacity: usize,
+        device: &B::Device,
+    ) -> Result<Self> {
         Self::with_blocks(cfg, cfg.num_hidden_layers, batch, capacity, device)
     }
 
     /// A cache for the one block of an MTP module (speculative drafting keeps one per module).
-    pub fn for_mtp(cfg: &DeepSeekConfig, batch: usize, capacity: usize, device: &B::Device) -> Result<Self> {
+    pub fn for_mtp(
+        cfg: &DeepSeekConfig,
+        batch: usize,
+        capacity: usize,
+        device: &B::Device,
+    ) -> Result<Self> {
         Self::with_blocks(cfg, 1, batch, capacity, device)
     }
 
-    fn with_blocks(cfg: &DeepSeekConfig, blocks: usize, batch: usize, capacity: usize, device: &B::Device) -> Result<Self> {
+    fn with_blocks(
+        cfg: &DeepSeekConfig,
+        blocks: usize,
+        batch: usize,
+        capacity: usize,
+        device: &B::Device,
+    ) -> Result<Self> {
         if capacity > cfg.max_position_embeddings {
             return Err(DeepSeekError::Input(format!(
                 "a cache of {capacity} tokens exceeds the model's context of {} (max_position_embeddings)",
@@ -147,7 +170,10 @@ impl<B: Backend> LatentCache<B> {
     /// Fails unless `new_tokens` more tokens of a `batch`-sequence input fit this cache.
     pub fn check_fits(&self, batch: usize, new_tokens: usize) -> Result<()> {
         if batch != self.batch {
-            return Err(DeepSeekError::Input(format!("batch of {batch} sequences for a cache built for {}", self.batch)));
+            return Err(DeepSeekError::Input(format!(
+                "batch of {batch} sequences for a cache built for {}",
+                self.batch
+            )));
         }
         self.check_room(new_tokens)
     }

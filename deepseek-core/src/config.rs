@@ -209,7 +209,10 @@ impl DeepSeekConfig {
             // V3's YaRN settings but for the softmax correction: mscale = mscale_all_dim = 0.707.
             rope: {
                 let v3 = Self::v3_671b().rope;
-                RopeConfig { yarn: v3.yarn.map(|y| YarnConfig { mscale_all_dim: 0.707, ..y }), ..v3 }
+                RopeConfig {
+                    yarn: v3.yarn.map(|y| YarnConfig { mscale_all_dim: 0.707, ..y }),
+                    ..v3
+                }
             },
             max_position_embeddings: 163840,
             rms_norm_eps: 1e-6,
@@ -243,7 +246,11 @@ impl DeepSeekConfig {
             n_group: 4,
             topk_group: 2,
             rope: RopeConfig {
-                yarn: v3.rope.yarn.map(|y| YarnConfig { factor: 4.0, original_max_position_embeddings: 64, ..y }),
+                yarn: v3.rope.yarn.map(|y| YarnConfig {
+                    factor: 4.0,
+                    original_max_position_embeddings: 64,
+                    ..y
+                }),
                 ..v3.rope
             },
             max_position_embeddings: 256,
@@ -346,23 +353,35 @@ impl DeepSeekConfig {
             }
         }
         if self.q_lora_rank == Some(0) {
-            return Err(DeepSeekError::config("q_lora_rank", "must be > 0, or null for a direct q_proj"));
+            return Err(DeepSeekError::config(
+                "q_lora_rank",
+                "must be > 0, or null for a direct q_proj",
+            ));
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err(DeepSeekError::config(
                 "qk_rope_head_dim",
                 format!("must be even (RoPE rotates pairs), got {}", self.qk_rope_head_dim),
             ));
         }
         if self.first_k_dense_replace > 0 && self.intermediate_size == 0 {
-            return Err(DeepSeekError::config("intermediate_size", "dense layers need a width > 0"));
+            return Err(DeepSeekError::config(
+                "intermediate_size",
+                "dense layers need a width > 0",
+            ));
         }
         if self.num_nextn_predict_layers > 0 && self.n_routed_experts == 0 {
-            return Err(DeepSeekError::config("num_nextn_predict_layers", "MTP blocks are MoE blocks: n_routed_experts must be > 0"));
+            return Err(DeepSeekError::config(
+                "num_nextn_predict_layers",
+                "MTP blocks are MoE blocks: n_routed_experts must be > 0",
+            ));
         }
         if self.n_routed_experts > 0 {
             if self.moe_intermediate_size == 0 {
-                return Err(DeepSeekError::config("moe_intermediate_size", "must be > 0 when n_routed_experts > 0"));
+                return Err(DeepSeekError::config(
+                    "moe_intermediate_size",
+                    "must be > 0 when n_routed_experts > 0",
+                ));
             }
             let k = self.num_experts_per_tok;
             if k == 0 || k > self.n_routed_experts {
@@ -371,10 +390,13 @@ impl DeepSeekConfig {
                     format!("must be in 1..={} (n_routed_experts), got {k}", self.n_routed_experts),
                 ));
             }
-            if self.n_group == 0 || self.n_routed_experts % self.n_group != 0 {
+            if self.n_group == 0 || !self.n_routed_experts.is_multiple_of(self.n_group) {
                 return Err(DeepSeekError::config(
                     "n_group",
-                    format!("must divide n_routed_experts ({}), got {}", self.n_routed_experts, self.n_group),
+                    format!(
+                        "must divide n_routed_experts ({}), got {}",
+                        self.n_routed_experts, self.n_group
+                    ),
                 ));
             }
             if self.topk_group == 0 || self.topk_group > self.n_group {
@@ -396,22 +418,32 @@ impl DeepSeekConfig {
                     format!("the {} kept group(s) hold {} experts, fewer than num_experts_per_tok = {k}", self.topk_group, self.topk_group * per_group),
                 ));
             }
-            if self.scoring_func == ScoringFunc::Softmax && self.topk_method == TopkMethod::NoAuxTc {
-                return Err(DeepSeekError::config("scoring_func", "noaux_tc routing is defined for sigmoid scoring"));
+            if self.scoring_func == ScoringFunc::Softmax && self.topk_method == TopkMethod::NoAuxTc
+            {
+                return Err(DeepSeekError::config(
+                    "scoring_func",
+                    "noaux_tc routing is defined for sigmoid scoring",
+                ));
             }
         }
         if let Some(y) = self.rope.yarn {
-            if !(y.factor >= 1.0) {
-                return Err(DeepSeekError::config("rope_scaling.factor", format!("must be >= 1, got {}", y.factor)));
+            if y.factor.is_nan() || y.factor < 1.0 {
+                return Err(DeepSeekError::config(
+                    "rope_scaling.factor",
+                    format!("must be >= 1, got {}", y.factor),
+                ));
             }
             if y.original_max_position_embeddings == 0 {
-                return Err(DeepSeekError::config("rope_scaling.original_max_position_embeddings", "must be > 0"));
+                return Err(DeepSeekError::config(
+                    "rope_scaling.original_max_position_embeddings",
+                    "must be > 0",
+                ));
             }
         }
-        if !(self.rope.theta > 0.0) {
+        if self.rope.theta.is_nan() || self.rope.theta <= 0.0 {
             return Err(DeepSeekError::config("rope_theta", "must be > 0"));
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             return Err(DeepSeekError::config("rms_norm_eps", "must be > 0"));
         }
         Ok(())

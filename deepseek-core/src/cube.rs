@@ -6,10 +6,20 @@ use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use cubecl::prelude::*;
 
 /// An uninitialized contiguous tensor of 32-bit elements on `like`'s device.
-pub(crate) fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: &[usize], dtype: DType) -> CubeTensor<R> {
+pub(crate) fn empty<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    shape: &[usize],
+    dtype: DType,
+) -> CubeTensor<R> {
     let n: usize = shape.iter().product();
     let handle = like.client.empty((n * 4).max(4));
-    CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), Shape::from(shape.to_vec()), handle, dtype)
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(shape.to_vec()),
+        handle,
+        dtype,
+    )
 }
 
 /// A contiguous tensor as a flat kernel array.
@@ -26,9 +36,18 @@ pub(crate) fn grid(cubes: usize) -> CubeCount {
 }
 
 /// Uploads row-major 32-bit `values` of `shape` to `device` as a tensor of `dtype`.
-pub fn upload<R: CubeRuntime, T: bytemuck::Pod>(device: &R::Device, values: &[T], shape: &[usize], dtype: DType) -> CubeTensor<R> {
+pub fn upload<R: CubeRuntime, T: bytemuck::Pod>(
+    device: &R::Device,
+    values: &[T],
+    shape: &[usize],
+    dtype: DType,
+) -> CubeTensor<R> {
     assert_eq!(std::mem::size_of::<T>(), 4, "32-bit elements");
-    assert_eq!(values.len(), shape.iter().product::<usize>(), "values must fill the shape {shape:?}");
+    assert_eq!(
+        values.len(),
+        shape.iter().product::<usize>(),
+        "values must fill the shape {shape:?}"
+    );
     let client = R::client(device);
     let handle = client.create_from_slice(bytemuck::cast_slice(values));
     CubeTensor::new_contiguous(client, device.clone(), Shape::from(shape.to_vec()), handle, dtype)

@@ -44,7 +44,6 @@ impl fmt::Display for DeviceKind {
     }
 }
 
-
 /// Work generic over the backend, run by [`run_on`] on the backend a [`DeviceKind`] names.
 /// Rust has no generic closures; this trait is one: the task's state is `self`, its body
 /// [`BackendTask::run`]. Train on `Autodiff<B>` inside it: the custom operations are installed.
@@ -63,12 +62,19 @@ pub trait BackendTask {
 /// # Errors
 /// A backend this build lacks (the message names the Cargo feature), a device index that does
 /// not exist, or a wgpu adapter that cannot be opened.
-pub fn run_on<T: BackendTask>(kind: DeviceKind, ids: &[usize], task: T) -> crate::Result<T::Output> {
+pub fn run_on<T: BackendTask>(
+    kind: DeviceKind,
+    ids: &[usize],
+    task: T,
+) -> crate::Result<T::Output> {
     match kind {
         #[cfg(feature = "flex")]
         DeviceKind::Flex => {
             if ids.iter().any(|&i| i != 0) {
-                return Err(DeepSeekError::config("device", "Flex has a single device (flex:0); ranks share it"));
+                return Err(DeepSeekError::config(
+                    "device",
+                    "Flex has a single device (flex:0); ranks share it",
+                ));
             }
             Ok(start::<burn::backend::Flex, T>(vec![Default::default()], task))
         }
@@ -90,12 +96,23 @@ pub fn run_on<T: BackendTask>(kind: DeviceKind, ids: &[usize], task: T) -> crate
             let ids = if ids.is_empty() { vec![0] } else { ids.to_vec() };
             let available = crate::parallel::nccl::cuda_device_count();
             if let Some(bad) = ids.iter().find(|&&i| i >= available) {
-                return Err(DeepSeekError::config("device", format!("cuda:{bad} does not exist: this machine has {available} CUDA device(s)")));
+                return Err(DeepSeekError::config(
+                    "device",
+                    format!(
+                        "cuda:{bad} does not exist: this machine has {available} CUDA device(s)"
+                    ),
+                ));
             }
-            Ok(start::<burn::backend::Cuda, T>(ids.iter().map(|&i| CudaDevice::new(i)).collect(), task))
+            Ok(start::<burn::backend::Cuda, T>(
+                ids.iter().map(|&i| CudaDevice::new(i)).collect(),
+                task,
+            ))
         }
         #[allow(unreachable_patterns)]
-        other => Err(DeepSeekError::config("device", format!("this build has no {other} backend: rebuild with `--features {other}`"))),
+        other => Err(DeepSeekError::config(
+            "device",
+            format!("this build has no {other} backend: rebuild with `--features {other}`"),
+        )),
     }
 }
 
@@ -108,7 +125,11 @@ fn start<B: Backend, T: BackendTask>(devices: Vec<B::Device>, task: T) -> T::Out
 #[cfg(feature = "wgpu")]
 fn probe<B: Backend>(device: &B::Device, name: &str) -> crate::Result<()> {
     let device = device.clone();
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || burn::tensor::Tensor::<B, 1>::zeros([1], &device).into_data()))
-        .map(|_| ())
-        .map_err(|_| DeepSeekError::config("device", format!("{name} does not exist or cannot be opened")))
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        burn::tensor::Tensor::<B, 1>::zeros([1], &device).into_data()
+    }))
+    .map(|_| ())
+    .map_err(|_| {
+        DeepSeekError::config("device", format!("{name} does not exist or cannot be opened"))
+    })
 }

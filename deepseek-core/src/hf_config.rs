@@ -73,8 +73,10 @@ impl DeepSeekConfig {
 
     /// Parses the text of a Hugging Face `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
-        let raw: HfConfig = serde_json::from_str(text)
-            .map_err(|e| DeepSeekError::Json { path: "config.json".into(), reason: e.to_string() })?;
+        let raw: HfConfig = serde_json::from_str(text).map_err(|e| DeepSeekError::Json {
+            path: "config.json".into(),
+            reason: e.to_string(),
+        })?;
         let cfg = raw.resolve()?;
         cfg.validate()?;
         Ok(cfg)
@@ -166,10 +168,9 @@ fn required<T>(value: Option<T>, field: &str) -> Result<T> {
 fn get_f64(obj: &Value, key: &str, section: &str) -> Result<Option<f64>> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| DeepSeekError::config(format!("{section}.{key}"), format!("must be a number, got {v}"))),
+        Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+            DeepSeekError::config(format!("{section}.{key}"), format!("must be a number, got {v}"))
+        }),
     }
 }
 
@@ -182,7 +183,9 @@ fn token_id(value: Option<Value>, field: &str) -> Result<Option<u32>> {
             .ok_or_else(|| DeepSeekError::config(field, format!("must be a token id, got {n}"))),
         // Some configs list several EOS ids; the first is the canonical one.
         Some(Value::Array(items)) => token_id(items.into_iter().next(), field),
-        Some(other) => Err(DeepSeekError::config(field, format!("must be a token id, got {other}"))),
+        Some(other) => {
+            Err(DeepSeekError::config(field, format!("must be a token id, got {other}")))
+        }
     }
 }
 
@@ -191,25 +194,44 @@ impl HfConfig {
         let is_v2 = self.check_architecture()?;
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
-                return Err(DeepSeekError::config("hidden_act", format!("only `silu` (SwiGLU) is implemented, got `{act}`")));
+                return Err(DeepSeekError::config(
+                    "hidden_act",
+                    format!("only `silu` (SwiGLU) is implemented, got `{act}`"),
+                ));
             }
         }
         if self.attention_bias == Some(true) {
-            return Err(DeepSeekError::config("attention_bias", "DeepSeek attention has no biases; `true` is not supported"));
+            return Err(DeepSeekError::config(
+                "attention_bias",
+                "DeepSeek attention has no biases; `true` is not supported",
+            ));
         }
         if self.tie_word_embeddings == Some(true) {
-            return Err(DeepSeekError::config("tie_word_embeddings", "DeepSeek models have an untied lm_head; `true` is not supported"));
+            return Err(DeepSeekError::config(
+                "tie_word_embeddings",
+                "DeepSeek models have an untied lm_head; `true` is not supported",
+            ));
         }
         if let Some(freq) = self.moe_layer_freq {
             if freq != 1 {
-                return Err(DeepSeekError::config("moe_layer_freq", format!("only 1 (every layer after first_k_dense_replace) is supported, got {freq}")));
+                return Err(DeepSeekError::config(
+                    "moe_layer_freq",
+                    format!(
+                        "only 1 (every layer after first_k_dense_replace) is supported, got {freq}"
+                    ),
+                ));
             }
         }
         let heads = required(self.num_attention_heads, "num_attention_heads")?;
         if let Some(kv_heads) = self.num_key_value_heads {
             // MLA has no KV heads of its own; HF configs repeat the head count here.
             if kv_heads != heads {
-                return Err(DeepSeekError::config("num_key_value_heads", format!("MLA expects it equal to num_attention_heads ({heads}), got {kv_heads}")));
+                return Err(DeepSeekError::config(
+                    "num_key_value_heads",
+                    format!(
+                        "MLA expects it equal to num_attention_heads ({heads}), got {kv_heads}"
+                    ),
+                ));
             }
         }
         let qk_rope_head_dim = required(self.qk_rope_head_dim, "qk_rope_head_dim")?;
@@ -219,22 +241,38 @@ impl HfConfig {
                 return Err(DeepSeekError::config("head_dim", format!("transformers uses it as the rotary width and it must equal qk_rope_head_dim ({qk_rope_head_dim}), got {head_dim}")));
             }
         }
-        let max_position_embeddings = required(self.max_position_embeddings, "max_position_embeddings")?;
+        let max_position_embeddings =
+            required(self.max_position_embeddings, "max_position_embeddings")?;
         let rope = self.resolve_rope(max_position_embeddings)?;
-        let (default_scoring, default_method) =
-            if is_v2 { (ScoringFunc::Softmax, TopkMethod::Greedy) } else { (ScoringFunc::Sigmoid, TopkMethod::NoAuxTc) };
+        let (default_scoring, default_method) = if is_v2 {
+            (ScoringFunc::Softmax, TopkMethod::Greedy)
+        } else {
+            (ScoringFunc::Sigmoid, TopkMethod::NoAuxTc)
+        };
         let scoring_func = match self.scoring_func.as_deref() {
             None => default_scoring,
             Some("sigmoid") => ScoringFunc::Sigmoid,
             Some("softmax") => ScoringFunc::Softmax,
-            Some(other) => return Err(DeepSeekError::config("scoring_func", format!("expected `sigmoid` or `softmax`, got `{other}`"))),
+            Some(other) => {
+                return Err(DeepSeekError::config(
+                    "scoring_func",
+                    format!("expected `sigmoid` or `softmax`, got `{other}`"),
+                ))
+            }
         };
         let topk_method = match self.topk_method.as_deref() {
             None => default_method,
             Some("greedy") => TopkMethod::Greedy,
             Some("group_limited_greedy") => TopkMethod::GroupLimited,
             Some("noaux_tc") => TopkMethod::NoAuxTc,
-            Some(other) => return Err(DeepSeekError::config("topk_method", format!("expected `greedy`, `group_limited_greedy` or `noaux_tc`, got `{other}`"))),
+            Some(other) => {
+                return Err(DeepSeekError::config(
+                    "topk_method",
+                    format!(
+                        "expected `greedy`, `group_limited_greedy` or `noaux_tc`, got `{other}`"
+                    ),
+                ))
+            }
         };
         let n_routed_experts = self.n_routed_experts.unwrap_or(0);
         Ok(DeepSeekConfig {
@@ -252,7 +290,11 @@ impl HfConfig {
             v_head_dim: required(self.v_head_dim, "v_head_dim")?,
             n_routed_experts,
             n_shared_experts: self.n_shared_experts.unwrap_or(0),
-            num_experts_per_tok: if n_routed_experts > 0 { required(self.num_experts_per_tok, "num_experts_per_tok")? } else { 0 },
+            num_experts_per_tok: if n_routed_experts > 0 {
+                required(self.num_experts_per_tok, "num_experts_per_tok")?
+            } else {
+                0
+            },
             n_group: self.n_group.unwrap_or(1),
             topk_group: self.topk_group.unwrap_or(1),
             routed_scaling_factor: self.routed_scaling_factor.unwrap_or(1.0),
@@ -283,7 +325,9 @@ impl HfConfig {
         match self.model_type.as_deref() {
             Some("deepseek_v3") => Ok(false),
             Some("deepseek_v2") => Ok(true),
-            Some(other) => Err(DeepSeekError::UnknownArchitecture { found: format!("model_type {other}") }),
+            Some(other) => {
+                Err(DeepSeekError::UnknownArchitecture { found: format!("model_type {other}") })
+            }
             None => Ok(self
                 .architectures
                 .as_ref()
@@ -310,29 +354,38 @@ impl HfConfig {
             .flatten()
             .or(self.rope_theta)
             .unwrap_or(10000.0);
-        let kind = params.and_then(|p| p.get("rope_type").or_else(|| p.get("type"))).and_then(Value::as_str);
+        let kind = params
+            .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
+            .and_then(Value::as_str);
         let yarn = match kind {
             None | Some("default") => None,
             Some("yarn") => {
                 let p = params.expect("kind came from params");
-                let factor = required(get_f64(p, "factor", section)?, &format!("{section}.factor"))?;
+                let factor =
+                    required(get_f64(p, "factor", section)?, &format!("{section}.factor"))?;
                 let original = get_f64(p, "original_max_position_embeddings", section)?
                     .map(|v| v as usize)
                     .unwrap_or(max_position_embeddings);
                 let mscale = get_f64(p, "mscale", section)?;
                 let mscale_all_dim = get_f64(p, "mscale_all_dim", section)?;
                 // The cos/sin factor as transformers resolves it (`_compute_yarn_parameters`).
-                let attention_factor = match (get_f64(p, "attention_factor", section)?, mscale, mscale_all_dim) {
-                    (Some(f), _, _) => f,
-                    (None, Some(m), Some(m_all)) if m != 0.0 && m_all != 0.0 => {
-                        yarn_mscale(factor, m) / yarn_mscale(factor, m_all)
-                    }
-                    _ => yarn_mscale(factor, 1.0),
-                };
+                let attention_factor =
+                    match (get_f64(p, "attention_factor", section)?, mscale, mscale_all_dim) {
+                        (Some(f), _, _) => f,
+                        (None, Some(m), Some(m_all)) if m != 0.0 && m_all != 0.0 => {
+                            yarn_mscale(factor, m) / yarn_mscale(factor, m_all)
+                        }
+                        _ => yarn_mscale(factor, 1.0),
+                    };
                 let truncate = match p.get("truncate") {
                     None | Some(Value::Null) => true,
                     Some(Value::Bool(b)) => *b,
-                    Some(v) => return Err(DeepSeekError::config(format!("{section}.truncate"), format!("must be a boolean, got {v}"))),
+                    Some(v) => {
+                        return Err(DeepSeekError::config(
+                            format!("{section}.truncate"),
+                            format!("must be a boolean, got {v}"),
+                        ))
+                    }
                 };
                 Some(YarnConfig {
                     factor,
@@ -366,7 +419,10 @@ fn resolve_quantization(q: Option<&Value>) -> Result<Option<Fp8Quantization>> {
     }
     if let Some(fmt) = q.get("fmt").and_then(Value::as_str) {
         if fmt != "e4m3" {
-            return Err(DeepSeekError::config("quantization_config.fmt", format!("only `e4m3` is supported, got `{fmt}`")));
+            return Err(DeepSeekError::config(
+                "quantization_config.fmt",
+                format!("only `e4m3` is supported, got `{fmt}`"),
+            ));
         }
     }
     let block = match q.get("weight_block_size") {
@@ -374,11 +430,21 @@ fn resolve_quantization(q: Option<&Value>) -> Result<Option<Fp8Quantization>> {
             let dims: Vec<Option<u64>> = a.iter().map(Value::as_u64).collect();
             match dims[..] {
                 [Some(r), Some(c)] if r > 0 && c > 0 => [r as usize, c as usize],
-                _ => return Err(DeepSeekError::config("quantization_config.weight_block_size", format!("must be two positive integers, got {a:?}"))),
+                _ => {
+                    return Err(DeepSeekError::config(
+                        "quantization_config.weight_block_size",
+                        format!("must be two positive integers, got {a:?}"),
+                    ))
+                }
             }
         }
         None => [128, 128],
-        Some(other) => return Err(DeepSeekError::config("quantization_config.weight_block_size", format!("must be [rows, cols], got {other}"))),
+        Some(other) => {
+            return Err(DeepSeekError::config(
+                "quantization_config.weight_block_size",
+                format!("must be [rows, cols], got {other}"),
+            ))
+        }
     };
     Ok(Some(Fp8Quantization { weight_block_size: block }))
 }
@@ -443,10 +509,20 @@ mod tests {
     fn errors_name_the_field() {
         let cases = [
             (v3_original_json().replace(r#""n_group": 8"#, r#""n_group": 7"#), "n_group"),
-            (v3_original_json().replace(r#""scoring_func": "sigmoid""#, r#""scoring_func": "relu""#), "scoring_func"),
-            (v3_original_json().replace(r#""type": "yarn""#, r#""type": "dynamic""#), "rope_scaling.type"),
+            (
+                v3_original_json()
+                    .replace(r#""scoring_func": "sigmoid""#, r#""scoring_func": "relu""#),
+                "scoring_func",
+            ),
+            (
+                v3_original_json().replace(r#""type": "yarn""#, r#""type": "dynamic""#),
+                "rope_scaling.type",
+            ),
             (v3_original_json().replace(r#""kv_lora_rank": 512,"#, ""), "kv_lora_rank"),
-            (v3_original_json().replace(r#""hidden_act": "silu""#, r#""hidden_act": "gelu""#), "hidden_act"),
+            (
+                v3_original_json().replace(r#""hidden_act": "silu""#, r#""hidden_act": "gelu""#),
+                "hidden_act",
+            ),
         ];
         for (json, field) in cases {
             let err = DeepSeekError::to_string(&DeepSeekConfig::from_hf_json(&json).unwrap_err());

@@ -29,9 +29,9 @@ pub use checkpoint::{load_model, save_model, LoadOptions};
 pub use config::{DeepSeekConfig, ScoringFunc, TopkMethod};
 pub use error::{DeepSeekError, Result};
 pub use model::{AttentionPath, CachedOutput, DeepSeekModel, ForwardOptions, ModelOutput};
+pub use params::ParamCount;
 pub use policy::ExecutionPolicy;
 pub use projection::Projection;
-pub use params::ParamCount;
 
 /// Installs this crate's custom autodiff operations for `Autodiff<B>`: the FP8 training GEMM
 /// (quantized Dgrad and Wgrad) and, on GPU backends, the device MoE dispatch/combine. Model code is

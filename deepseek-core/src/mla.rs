@@ -64,8 +64,13 @@ impl MlaConfig {
         Mla {
             q,
             kv_a_proj_with_mqa: linear(self.d_model, self.kv_lora_rank + self.qk_rope_head_dim),
-            kv_a_layernorm: RmsNormConfig::new(self.kv_lora_rank).with_eps(self.rms_norm_eps).init(device),
-            kv_b_proj: linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim)),
+            kv_a_layernorm: RmsNormConfig::new(self.kv_lora_rank)
+                .with_eps(self.rms_norm_eps)
+                .init(device),
+            kv_b_proj: linear(
+                self.kv_lora_rank,
+                self.n_heads * (self.qk_nope_head_dim + self.v_head_dim),
+            ),
             o_proj: linear(self.n_heads * self.v_head_dim, self.d_model),
             n_heads: self.n_heads,
             kv_lora_rank: self.kv_lora_rank,
@@ -78,6 +83,8 @@ impl MlaConfig {
 }
 
 /// The two query projections a checkpoint may carry.
+// One per block, built once (see `FeedForward`).
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum QueryProj<B: Backend> {
     /// `q_proj`: `[d] → [n_h·d_qk]` (V2-Lite).
@@ -101,7 +108,9 @@ impl<B: Backend> QueryProj<B> {
     fn forward(&self, x: Tensor<B, 3>, gemm: GemmPrecision) -> Tensor<B, 3> {
         match self {
             QueryProj::Direct(q_proj) => q_proj.forward(x, gemm),
-            QueryProj::LowRank(q) => q.q_b_proj.forward(q.q_a_layernorm.forward(q.q_a_proj.forward(x, gemm)), gemm),
+            QueryProj::LowRank(q) => {
+                q.q_b_proj.forward(q.q_a_layernorm.forward(q.q_a_proj.forward(x, gemm)), gemm)
+            }
         }
     }
 }
@@ -162,7 +171,13 @@ impl<B: Backend> Mla<B> {
     ///
     /// # Shapes
     /// `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`.
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, start: usize, gemm: GemmPrecision) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding,
+        start: usize,
+        gemm: GemmPrecision,
+    ) -> Tensor<B, 3> {
         let q = self.queries(x.clone(), rope, start, gemm);
         let kv = self.latent(x, rope, start, gemm);
         self.attend_naive(q, kv, start, gemm)
@@ -173,7 +188,14 @@ impl<B: Backend> Mla<B> {
     ///
     /// # Shapes
     /// `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`.
-    pub fn forward_cached(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, slot: &mut LatentSlot<B>, path: AttentionPath, gemm: GemmPrecision) -> Tensor<B, 3> {
+    pub fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding,
+        slot: &mut LatentSlot<B>,
+        path: AttentionPath,
+        gemm: GemmPrecision,
+    ) -> Tensor<B, 3> {
         let start = slot.len();
         let q = self.queries(x.clone(), rope, start, gemm);
         let kv = slot.append(self.latent(x, rope, start, gemm));
@@ -187,9 +209,20 @@ impl<B: Backend> Mla<B> {
     ///
     /// # Shapes
     /// `x`: `[batch, seq, d_model]`.
-    pub fn queries(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, start: usize, gemm: GemmPrecision) -> Queries<B> {
+    pub fn queries(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding,
+        start: usize,
+        gemm: GemmPrecision,
+    ) -> Queries<B> {
         let [batch, seq, _] = x.dims();
-        let q = self.q.forward(x, gemm).reshape([batch, seq, self.n_heads, self.qk_nope_head_dim + self.qk_rope_head_dim]); // [b, s, h, d_qk]
+        let q = self.q.forward(x, gemm).reshape([
+            batch,
+            seq,
+            self.n_heads,
+            self.qk_nope_head_dim + self.qk_rope_head_dim,
+        ]); // [b, s, h, d_qk]
         let nope = q.clone().narrow(3, 0, self.qk_nope_head_dim); // [b, s, h, nope]
         let q_rope = q.narrow(3, self.qk_nope_head_dim, self.qk_rope_head_dim); // [b, s, h, rope]
         Queries { nope, rope: rope.apply(q_rope, start) }
@@ -199,11 +232,22 @@ impl<B: Backend> Mla<B> {
     ///
     /// # Shapes
     /// `x`: `[batch, seq, d_model]`.
-    pub fn latent(&self, x: Tensor<B, 3>, rope: &RotaryEmbedding, start: usize, gemm: GemmPrecision) -> LatentKv<B> {
+    pub fn latent(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding,
+        start: usize,
+        gemm: GemmPrecision,
+    ) -> LatentKv<B> {
         let [batch, seq, _] = x.dims();
         let kv = self.kv_a_proj_with_mqa.forward(x, gemm); // [b, s, kv_lora + rope]
         let c_kv = self.kv_a_layernorm.forward(kv.clone().narrow(2, 0, self.kv_lora_rank)); // [b, s, kv_lora]
-        let k_rope = kv.narrow(2, self.kv_lora_rank, self.qk_rope_head_dim).reshape([batch, seq, 1, self.qk_rope_head_dim]); // [b, s, 1, rope]
+        let k_rope = kv.narrow(2, self.kv_lora_rank, self.qk_rope_head_dim).reshape([
+            batch,
+            seq,
+            1,
+            self.qk_rope_head_dim,
+        ]); // [b, s, 1, rope]
         let k_rope = rope.apply(k_rope, start).reshape([batch, seq, self.qk_rope_head_dim]); // [b, s, rope]
         LatentKv { c_kv, k_rope }
     }
@@ -215,13 +259,29 @@ impl<B: Backend> Mla<B> {
     /// # Shapes
     /// `q.nope`: `[batch, q_len, heads, nope]`, `kv.c_kv`: `[batch, kv_len, kv_lora]` →
     /// `[batch, q_len, d_model]`.
-    pub fn attend_naive(&self, q: Queries<B>, kv: LatentKv<B>, start: usize, gemm: GemmPrecision) -> Tensor<B, 3> {
+    pub fn attend_naive(
+        &self,
+        q: Queries<B>,
+        kv: LatentKv<B>,
+        start: usize,
+        gemm: GemmPrecision,
+    ) -> Tensor<B, 3> {
         let [batch, q_len, heads, _] = q.nope.dims();
         let [_, kv_len, _] = kv.c_kv.dims();
-        let kv_b = self.kv_b_proj.forward(kv.c_kv, gemm).reshape([batch, kv_len, heads, self.qk_nope_head_dim + self.v_head_dim]); // [b, t, h, nope + v]
+        let kv_b = self.kv_b_proj.forward(kv.c_kv, gemm).reshape([
+            batch,
+            kv_len,
+            heads,
+            self.qk_nope_head_dim + self.v_head_dim,
+        ]); // [b, t, h, nope + v]
         let k_nope = kv_b.clone().narrow(3, 0, self.qk_nope_head_dim); // [b, t, h, nope]
         let v = kv_b.narrow(3, self.qk_nope_head_dim, self.v_head_dim).swap_dims(1, 2); // [b, h, t, v]
-        let k_rope = kv.k_rope.reshape([batch, kv_len, 1, self.qk_rope_head_dim]).expand([batch, kv_len, heads, self.qk_rope_head_dim]); // [b, t, h, rope]
+        let k_rope = kv.k_rope.reshape([batch, kv_len, 1, self.qk_rope_head_dim]).expand([
+            batch,
+            kv_len,
+            heads,
+            self.qk_rope_head_dim,
+        ]); // [b, t, h, rope]
         let k = Tensor::cat(vec![k_nope, k_rope], 3).swap_dims(1, 2); // [b, h, t, d_qk]
         let q = Tensor::cat(vec![q.nope, q.rope], 3).swap_dims(1, 2); // [b, h, s, d_qk]
         let o = causal_attention(q, k, v, start, self.softmax_scale); // [b, h, s, v]
@@ -240,7 +300,13 @@ impl<B: Backend> Mla<B> {
     /// # Shapes
     /// `q.nope`: `[batch, q_len, heads, nope]`, `kv.c_kv`: `[batch, kv_len, kv_lora]` →
     /// `[batch, q_len, d_model]`.
-    pub fn attend_absorbed(&self, q: Queries<B>, kv: LatentKv<B>, start: usize, gemm: GemmPrecision) -> Tensor<B, 3> {
+    pub fn attend_absorbed(
+        &self,
+        q: Queries<B>,
+        kv: LatentKv<B>,
+        start: usize,
+        gemm: GemmPrecision,
+    ) -> Tensor<B, 3> {
         let [batch, q_len, heads, _] = q.nope.dims();
         let [_, _, kv_lora] = kv.c_kv.dims();
         let (nope, v_dim) = (self.qk_nope_head_dim, self.v_head_dim);
@@ -250,6 +316,7 @@ impl<B: Backend> Mla<B> {
         let w_uv = w.narrow(2, nope, v_dim).swap_dims(0, 1); // [h, c, v]
         let q_latent = q.nope.swap_dims(1, 2).matmul(w_uk.unsqueeze::<4>()); // [b, h, s, c]
         let q = Tensor::cat(vec![q_latent, q.rope.swap_dims(1, 2)], 3); // [b, h, s, c + rope]
+
         // One key/value "head" shared by all query heads, as in multi-query attention.
         let k = Tensor::cat(vec![kv.c_kv.clone(), kv.k_rope], 2); // [b, t, c + rope]
         let o_latent = shared_kv_causal_attention(q, k, kv.c_kv, start, self.softmax_scale); // [b, h, s, c]
@@ -266,7 +333,13 @@ impl<B: Backend> Mla<B> {
 /// # Shapes
 /// `q`: `[batch, heads, q_len, d]`, `k`: `[batch, kv_len, d]`, `v`: `[batch, kv_len, d_v]` →
 /// `[batch, heads, q_len, d_v]`.
-pub fn shared_kv_causal_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 3>, v: Tensor<B, 3>, start: usize, scale: f64) -> Tensor<B, 4> {
+pub fn shared_kv_causal_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    start: usize,
+    scale: f64,
+) -> Tensor<B, 4> {
     let [batch, heads, q_len, d] = q.dims();
     let [_, kv_len, d_v] = v.dims();
     let dtype = q.dtype();
@@ -274,8 +347,10 @@ pub fn shared_kv_causal_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 3>, 
     let q = q.reshape([batch, 1, rows, d]).cast(FloatDType::F32); // [b, 1, h·s, d]
     let k = k.unsqueeze_dim::<4>(1).cast(FloatDType::F32); // [b, 1, t, d]
     let v = v.unsqueeze_dim::<4>(1).cast(FloatDType::F32); // [b, 1, t, d_v]
+
     // Row r is query position r % q_len of head r / q_len.
-    let mask: Vec<bool> = (0..rows).flat_map(|r| (0..kv_len).map(move |j| j > start + r % q_len)).collect();
+    let mask: Vec<bool> =
+        (0..rows).flat_map(|r| (0..kv_len).map(move |j| j > start + r % q_len)).collect();
     let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(mask, [rows, kv_len]), &q.device())
         .reshape([1, 1, rows, kv_len])
         .expand([batch, 1, rows, kv_len]);
@@ -290,7 +365,13 @@ pub fn shared_kv_causal_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 3>, 
 /// # Shapes
 /// `q`: `[batch, heads, q_len, d_qk]`, `k`: `[batch, heads, kv_len, d_qk]`,
 /// `v`: `[batch, heads, kv_len, d_v]` → `[batch, heads, q_len, d_v]`.
-pub fn causal_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, start: usize, scale: f64) -> Tensor<B, 4> {
+pub fn causal_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    start: usize,
+    scale: f64,
+) -> Tensor<B, 4> {
     let [batch, heads, q_len, _] = q.dims();
     let [_, _, kv_len, _] = k.dims();
     let dtype = q.dtype();
@@ -299,12 +380,14 @@ pub fn causal_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<
     // of the keys and the mask says so explicitly.
     let from_origin = start == 0 && q_len == kv_len;
     let mask = (!from_origin).then(|| {
-        let mask: Vec<bool> = (0..q_len).flat_map(|i| (0..kv_len).map(move |j| j > start + i)).collect();
+        let mask: Vec<bool> =
+            (0..q_len).flat_map(|i| (0..kv_len).map(move |j| j > start + i)).collect();
         Tensor::<B, 2, Bool>::from_data(TensorData::new(mask, [q_len, kv_len]), &q.device())
             .reshape([1, 1, q_len, kv_len]) // [1, 1, s, t]
             .expand([batch, heads, q_len, kv_len])
     });
-    let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: from_origin };
+    let options =
+        AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: from_origin };
     attention(f32(q), f32(k), f32(v), mask, None, options).cast(dtype)
 }
 
@@ -318,11 +401,19 @@ mod tests {
     fn queries_at_an_offset_see_the_same_keys_as_in_a_full_causal_pass() {
         let device = Default::default();
         let (b, h, t, d, dv) = (2, 3, 9, 8, 5);
-        let rand = |shape: [usize; 4]| Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let rand = |shape: [usize; 4]| {
+            Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device)
+        };
         let (q, k, v) = (rand([b, h, t, d]), rand([b, h, t, d]), rand([b, h, t, dv]));
         let full = causal_attention(q.clone(), k.clone(), v.clone(), 0, 0.3);
         for start in [1, 5, 8] {
-            let tail = causal_attention(q.clone().narrow(2, start, t - start), k.clone(), v.clone(), start, 0.3);
+            let tail = causal_attention(
+                q.clone().narrow(2, start, t - start),
+                k.clone(),
+                v.clone(),
+                start,
+                0.3,
+            );
             let expected = full.clone().narrow(2, start, t - start);
             let diff = (tail - expected).abs().max().into_scalar();
             assert!(diff < 1e-5, "start {start}: {diff}");

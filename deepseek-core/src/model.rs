@@ -108,7 +108,11 @@ impl<B: Backend> DeepSeekModel<B> {
     ///
     /// # Shapes
     /// `input_ids`: `[batch, seq]`.
-    pub fn forward_with(&self, input_ids: Tensor<B, 2, Int>, options: ForwardOptions) -> ModelOutput<B> {
+    pub fn forward_with(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        options: ForwardOptions,
+    ) -> ModelOutput<B> {
         let embeddings = self.embed_tokens.forward(input_ids); // [b, s, d]
         let mut x = embeddings.clone();
         let mut hidden_states = Vec::new();
@@ -148,16 +152,27 @@ impl<B: Backend> DeepSeekModel<B> {
     ///
     /// # Shapes
     /// `input_ids`: `[batch, seq]` → logits `[batch, seq, vocab]`.
-    pub fn forward_cached(&self, input_ids: Tensor<B, 2, Int>, cache: &mut LatentCache<B>, path: AttentionPath) -> Result<CachedOutput<B>> {
+    pub fn forward_cached(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        cache: &mut LatentCache<B>,
+        path: AttentionPath,
+    ) -> Result<CachedOutput<B>> {
         let [batch, seq] = input_ids.dims();
         if cache.blocks() != self.layers.len() {
-            return Err(DeepSeekError::Input(format!("a cache of {} blocks for a model of {} (LatentCache::new)", cache.blocks(), self.layers.len())));
+            return Err(DeepSeekError::Input(format!(
+                "a cache of {} blocks for a model of {} (LatentCache::new)",
+                cache.blocks(),
+                self.layers.len()
+            )));
         }
         cache.check_fits(batch, seq)?;
         let mut x = self.embed_tokens.forward(input_ids); // [b, s, d]
         let gemm = self.policy.gemm;
         for (layer, slot) in self.layers.iter().zip(cache.slots_mut().iter_mut()) {
-            let (out, _) = layer.forward_with_attention(x, &self.policy, |attn, normed| attn.forward_cached(normed, &self.rope, slot, path, gemm));
+            let (out, _) = layer.forward_with_attention(x, &self.policy, |attn, normed| {
+                attn.forward_cached(normed, &self.rope, slot, path, gemm)
+            });
             x = out;
         }
         let final_hidden = self.norm.forward(x);
@@ -172,19 +187,35 @@ impl<B: Backend> DeepSeekModel<B> {
     ///
     /// # Shapes
     /// `hidden`: `[batch, seq, d]`, `next_ids`: `[batch, seq]` → logits `[batch, seq, vocab]`.
-    pub fn forward_mtp_cached(&self, k: usize, hidden: Tensor<B, 3>, next_ids: Tensor<B, 2, Int>, cache: &mut LatentCache<B>) -> Result<CachedOutput<B>> {
+    pub fn forward_mtp_cached(
+        &self,
+        k: usize,
+        hidden: Tensor<B, 3>,
+        next_ids: Tensor<B, 2, Int>,
+        cache: &mut LatentCache<B>,
+    ) -> Result<CachedOutput<B>> {
         let module = self.mtp.get(k.wrapping_sub(1)).ok_or_else(|| {
-            DeepSeekError::Input(format!("MTP module {k} requested; the model has {} (num_nextn_predict_layers)", self.mtp.len()))
+            DeepSeekError::Input(format!(
+                "MTP module {k} requested; the model has {} (num_nextn_predict_layers)",
+                self.mtp.len()
+            ))
         })?;
         let [batch, seq, _] = hidden.dims();
         cache.check_fits(batch, seq)?;
         let x = module.combine(hidden, self.embed_tokens.forward(next_ids), &self.policy); // [b, s, d]
         let slot = match cache.slots_mut() {
             [slot] => slot,
-            slots => return Err(DeepSeekError::Input(format!("an MTP module needs a one-block cache (LatentCache::for_mtp), got {} blocks", slots.len()))),
+            slots => {
+                return Err(DeepSeekError::Input(format!(
+                    "an MTP module needs a one-block cache (LatentCache::for_mtp), got {} blocks",
+                    slots.len()
+                )))
+            }
         };
         let gemm = self.policy.gemm;
-        let (h, _) = module.block.forward_with_attention(x, &self.policy, |attn, normed| attn.forward_cached(normed, &self.rope, slot, AttentionPath::Naive, gemm));
+        let (h, _) = module.block.forward_with_attention(x, &self.policy, |attn, normed| {
+            attn.forward_cached(normed, &self.rope, slot, AttentionPath::Naive, gemm)
+        });
         Ok(CachedOutput { logits: self.head(module.head_norm.forward(h.clone())), final_hidden: h })
     }
 
@@ -216,11 +247,16 @@ impl<B: Backend> DeepSeekModel<B> {
         let (experts, top_k) = (self.config.n_routed_experts, self.config.num_experts_per_tok);
         if let Some(p) = &policy.expert_parallel {
             if p.n_experts() != experts {
-                return Err(DeepSeekError::config("expert_parallel", format!("placement for {} experts on a model with {experts}", p.n_experts())));
+                return Err(DeepSeekError::config(
+                    "expert_parallel",
+                    format!("placement for {} experts on a model with {experts}", p.n_experts()),
+                ));
             }
         }
         if let Some(limit) = policy.node_limit {
-            limit.check(experts, top_k).map_err(|problem| DeepSeekError::config("node_limit", problem))?;
+            limit
+                .check(experts, top_k)
+                .map_err(|problem| DeepSeekError::config("node_limit", problem))?;
         }
         self.policy = policy;
         Ok(self)
@@ -243,7 +279,11 @@ impl<B: Backend> DeepSeekModel<B> {
 
     /// [`DeepSeekModel::forward_with`] after [`DeepSeekModel::check_input`]: the entry point for
     /// untrusted input.
-    pub fn try_forward(&self, input_ids: Tensor<B, 2, Int>, options: ForwardOptions) -> Result<ModelOutput<B>> {
+    pub fn try_forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        options: ForwardOptions,
+    ) -> Result<ModelOutput<B>> {
         self.check_input(&input_ids)?;
         Ok(self.forward_with(input_ids, options))
     }
@@ -261,7 +301,8 @@ impl<B: Backend> DeepSeekModel<B> {
                 self.config.max_position_embeddings
             )));
         }
-        let ids: Vec<i64> = input_ids.to_data().convert::<i64>().into_vec().expect("int tensor data");
+        let ids: Vec<i64> =
+            input_ids.to_data().convert::<i64>().into_vec().expect("int tensor data");
         let vocab = self.config.vocab_size as i64;
         if let Some((pos, id)) = ids.iter().enumerate().find(|(_, &id)| id < 0 || id >= vocab) {
             return Err(DeepSeekError::Input(format!(

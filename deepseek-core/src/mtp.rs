@@ -54,7 +54,13 @@ impl<B: Backend> MtpModule<B> {
     /// # Shapes
     /// `hidden`: `[batch, n, d]` (positions `0..n`), `next_embeddings`: `[batch, n, d]` (the
     /// embeddings of the tokens `k` positions later) → `[batch, n, d]`.
-    pub fn forward(&self, hidden: Tensor<B, 3>, next_embeddings: Tensor<B, 3>, rope: &RotaryEmbedding, policy: &ExecutionPolicy) -> (Tensor<B, 3>, Option<Routing<B>>) {
+    pub fn forward(
+        &self,
+        hidden: Tensor<B, 3>,
+        next_embeddings: Tensor<B, 3>,
+        rope: &RotaryEmbedding,
+        policy: &ExecutionPolicy,
+    ) -> (Tensor<B, 3>, Option<Routing<B>>) {
         self.block.forward(self.combine(hidden, next_embeddings, policy), rope, 0, policy)
     }
 
@@ -62,8 +68,14 @@ impl<B: Backend> MtpModule<B> {
     ///
     /// # Shapes
     /// `hidden`, `next_embeddings`: `[batch, n, d]` → `[batch, n, d]`.
-    pub fn combine(&self, hidden: Tensor<B, 3>, next_embeddings: Tensor<B, 3>, policy: &ExecutionPolicy) -> Tensor<B, 3> {
-        let x = Tensor::cat(vec![self.enorm.forward(next_embeddings), self.hnorm.forward(hidden)], 2); // [b, n, 2d]
+    pub fn combine(
+        &self,
+        hidden: Tensor<B, 3>,
+        next_embeddings: Tensor<B, 3>,
+        policy: &ExecutionPolicy,
+    ) -> Tensor<B, 3> {
+        let x =
+            Tensor::cat(vec![self.enorm.forward(next_embeddings), self.hnorm.forward(hidden)], 2); // [b, n, 2d]
         self.eh_proj.forward(x, policy.gemm)
     }
 }

@@ -26,7 +26,9 @@ impl DeepSeekConfig {
             None => d * h * qk,
         };
         let kvl = self.kv_lora_rank as u64;
-        let kv = d * (kvl + self.qk_rope_head_dim as u64) + kvl + kvl * h * (self.qk_nope_head_dim + self.v_head_dim) as u64;
+        let kv = d * (kvl + self.qk_rope_head_dim as u64)
+            + kvl
+            + kvl * h * (self.qk_nope_head_dim + self.v_head_dim) as u64;
         q + kv + h * self.v_head_dim as u64 * d
     }
 
@@ -117,7 +119,8 @@ impl DeepSeekConfig {
             }
         }
         let moe_blocks = (0..blocks).filter(|&l| self.is_moe_layer(l)).count() as u64;
-        let bias = if self.topk_method.has_bias() { self.n_routed_experts as u64 * moe_blocks } else { 0 };
+        let bias =
+            if self.topk_method.has_bias() { self.n_routed_experts as u64 * moe_blocks } else { 0 };
         let p = self.param_count();
         let other = p.total + p.mtp - linear_params - bias;
         linear_params + scale_bytes + 2 * other + 4 * bias
@@ -131,7 +134,10 @@ impl DeepSeekConfig {
 
     /// Bytes per token a plain multi-head cache (full K and V per head) would need, for comparison.
     pub fn mha_cache_bytes_per_token(&self, dtype_bytes: usize) -> usize {
-        self.num_attention_heads * (self.qk_head_dim() + self.v_head_dim) * dtype_bytes * self.num_hidden_layers
+        self.num_attention_heads
+            * (self.qk_head_dim() + self.v_head_dim)
+            * dtype_bytes
+            * self.num_hidden_layers
     }
 }
 
@@ -151,15 +157,21 @@ mod tests {
 
     #[test]
     fn linear_shapes_account_for_every_parameter_but_norms_embeddings_and_router() {
-        for cfg in [DeepSeekConfig::v3_671b(), DeepSeekConfig::v2_lite_16b(), DeepSeekConfig::tiny()] {
+        for cfg in
+            [DeepSeekConfig::v3_671b(), DeepSeekConfig::v2_lite_16b(), DeepSeekConfig::tiny()]
+        {
             let p = cfg.param_count();
             let blocks = cfg.num_hidden_layers + cfg.num_nextn_predict_layers;
-            let linear: u64 = (0..blocks).flat_map(|l| cfg.layer_linears(l)).map(|[r, c]| (r * c) as u64).sum();
+            let linear: u64 =
+                (0..blocks).flat_map(|l| cfg.layer_linears(l)).map(|[r, c]| (r * c) as u64).sum();
             let d = cfg.hidden_size as u64;
             let moe = (0..blocks).filter(|&l| cfg.is_moe_layer(l)).count() as u64;
-            let router = moe * cfg.n_routed_experts as u64 * (d + cfg.topk_method.has_bias() as u64);
+            let router =
+                moe * cfg.n_routed_experts as u64 * (d + cfg.topk_method.has_bias() as u64);
             let q_norm = cfg.q_lora_rank.unwrap_or(0) as u64;
-            let norms = blocks as u64 * (2 * d + q_norm + cfg.kv_lora_rank as u64) + d + 3 * d * cfg.num_nextn_predict_layers as u64;
+            let norms = blocks as u64 * (2 * d + q_norm + cfg.kv_lora_rank as u64)
+                + d
+                + 3 * d * cfg.num_nextn_predict_layers as u64;
             let embed_head = 2 * cfg.vocab_size as u64 * d;
             assert_eq!(linear + router + norms + embed_head, p.total + p.mtp, "{cfg:?}");
         }

@@ -20,12 +20,19 @@ impl OpRegistry {
 
     /// Installs `op` for backend `B` (replacing an earlier one: installing is idempotent).
     pub fn insert<B: 'static, T: Any + Send + Sync>(&self, op: T) {
-        self.map().write().unwrap_or_else(|p| p.into_inner()).insert(TypeId::of::<B>(), Box::new(op));
+        self.map()
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(TypeId::of::<B>(), Box::new(op));
     }
 
     /// The operation installed for backend `B`, if any.
     pub fn get<B: 'static, T: Any + Copy>(&self) -> Option<T> {
-        self.map().read().unwrap_or_else(|p| p.into_inner()).get(&TypeId::of::<B>()).and_then(|op| op.downcast_ref::<T>().copied())
+        self.map()
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&TypeId::of::<B>())
+            .and_then(|op| op.downcast_ref::<T>().copied())
     }
 }
 
@@ -49,7 +56,10 @@ pub(crate) fn installed<B: 'static>() -> bool {
 /// forward passes that reach this have no error channel; the backend switch
 /// ([`crate::device::run_on`]) and the trainer install the operations, so only a hand-built
 /// training loop can get here.
-pub(crate) fn require_autodiff_ops<B: burn::tensor::backend::Backend>(device: &B::Device, what: &str) {
+pub(crate) fn require_autodiff_ops<B: burn::tensor::backend::Backend>(
+    device: &B::Device,
+    what: &str,
+) {
     if B::ad_enabled(device) && !installed::<B>() {
         panic!(
             "{what} ran on the autodiff backend `{}` whose custom operations are not installed: call \

@@ -43,7 +43,11 @@ impl RotaryEmbedding {
             .map(|i| 1.0 / (base.powf((2 * i) as f64 / dim as f64) as f32 as f64))
             .collect();
         let Some(y) = rope.yarn else {
-            return Self { inv_freq: original, attention_factor: 1.0, interleaved: rope.interleaved };
+            return Self {
+                inv_freq: original,
+                attention_factor: 1.0,
+                interleaved: rope.interleaved,
+            };
         };
         let corr_dim = |rotations: f64| {
             dim as f64 * (y.original_max_position_embeddings as f64 / (rotations * 2.0 * PI)).ln()
@@ -71,7 +75,12 @@ impl RotaryEmbedding {
     }
 
     /// cos and sin tables `[seq, r/2]` for positions `start..start + seq`.
-    pub fn tables<B: Backend>(&self, start: usize, seq: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    pub fn tables<B: Backend>(
+        &self,
+        start: usize,
+        seq: usize,
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let half = self.inv_freq.len();
         let (cos, sin) = self.pair_values(start, seq);
         let cos = Tensor::from_data(TensorData::new(cos, [seq, half]), device);
@@ -109,10 +118,16 @@ impl RotaryEmbedding {
         let [batch, seq, heads, dim] = x.dims();
         let device = x.device();
         let (cos, sin) = self.full_tables(start, batch, seq, heads);
-        let cos = Tensor::<B, 4>::from_data(TensorData::new(cos, [batch, seq, heads, dim]), &device);
-        let sin = Tensor::<B, 4>::from_data(TensorData::new(sin, [batch, seq, heads, dim]), &device);
+        let cos =
+            Tensor::<B, 4>::from_data(TensorData::new(cos, [batch, seq, heads, dim]), &device);
+        let sin =
+            Tensor::<B, 4>::from_data(TensorData::new(sin, [batch, seq, heads, dim]), &device);
         let r = Tensor::<B, 2>::from_data(TensorData::new(self.rotation(dim), [dim, dim]), &device);
-        let rotated = x.clone().reshape([batch * seq * heads, dim]).matmul(r).reshape([batch, seq, heads, dim]); // [b, s, h, r]
+        let rotated = x
+            .clone()
+            .reshape([batch * seq * heads, dim])
+            .matmul(r)
+            .reshape([batch, seq, heads, dim]); // [b, s, h, r]
         x * cos + rotated * sin
     }
 
@@ -138,7 +153,13 @@ impl RotaryEmbedding {
 
     /// cos and sin tables laid out exactly like `x` `[batch, seq, heads, r]`, each pair's value
     /// at both of its positions.
-    fn full_tables(&self, start: usize, batch: usize, seq: usize, heads: usize) -> (Vec<f32>, Vec<f32>) {
+    fn full_tables(
+        &self,
+        start: usize,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
         let dim = 2 * half;
         let (cos, sin) = self.pair_values(start, seq);
@@ -187,9 +208,15 @@ mod tests {
             if i <= 10 {
                 assert!((ratio - 1.0).abs() < 1e-6, "dim {i} should keep its frequency: {ratio}");
             } else if i >= 23 {
-                assert!((ratio - 1.0 / y.factor).abs() < 1e-6, "dim {i} should be interpolated: {ratio}");
+                assert!(
+                    (ratio - 1.0 / y.factor).abs() < 1e-6,
+                    "dim {i} should be interpolated: {ratio}"
+                );
             } else {
-                assert!(ratio < 1.0 && ratio > 1.0 / y.factor, "dim {i} should be blended: {ratio}");
+                assert!(
+                    ratio < 1.0 && ratio > 1.0 / y.factor,
+                    "dim {i} should be blended: {ratio}"
+                );
             }
         }
     }
@@ -202,7 +229,12 @@ mod flex_tests {
     use burn::tensor::Distribution;
 
     /// Direct rotation of each pair, the textbook form, as the reference.
-    fn rotate_pairs(rope: &RotaryEmbedding, x: &[f32], [b, s, h, d]: [usize; 4], start: usize) -> Vec<f32> {
+    fn rotate_pairs(
+        rope: &RotaryEmbedding,
+        x: &[f32],
+        [b, s, h, d]: [usize; 4],
+        start: usize,
+    ) -> Vec<f32> {
         let mut out = x.to_vec();
         for bi in 0..b {
             for p in 0..s {
@@ -210,7 +242,10 @@ mod flex_tests {
                     let base = ((bi * s + p) * h + hi) * d;
                     for (i, &f) in rope.inv_freq.iter().enumerate() {
                         let angle = (f as f32 * (start + p) as f32) as f64;
-                        let (c, sn) = (angle.cos() * rope.attention_factor, angle.sin() * rope.attention_factor);
+                        let (c, sn) = (
+                            angle.cos() * rope.attention_factor,
+                            angle.sin() * rope.attention_factor,
+                        );
                         let (ia, ib) = rope.pair(i, d);
                         let (xa, xb) = (x[base + ia] as f64, x[base + ib] as f64);
                         out[base + ia] = (xa * c - xb * sn) as f32;

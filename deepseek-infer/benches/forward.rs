@@ -47,10 +47,18 @@ fn run<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         "grouped" => ExpertPath::Grouped,
         "auto" => ExpertPath::Auto,
         "host-per-expert" => ExpertPath::HostPerExpert,
-        other => anyhow::bail!("unknown --expert-path `{other}`: per-expert, host-per-expert, grouped or auto"),
+        other => anyhow::bail!(
+            "unknown --expert-path `{other}`: per-expert, host-per-expert, grouped or auto"
+        ),
     };
-    let model = cfg.init::<B>(device).with_policy(ExecutionPolicy::default().with_expert_path(path))?;
-    let ids = Tensor::<B, 2>::random([args.batch, args.seq], Distribution::Uniform(0.0, cfg.vocab_size as f64), device).int();
+    let model =
+        cfg.init::<B>(device).with_policy(ExecutionPolicy::default().with_expert_path(path))?;
+    let ids = Tensor::<B, 2>::random(
+        [args.batch, args.seq],
+        Distribution::Uniform(0.0, cfg.vocab_size as f64),
+        device,
+    )
+    .int();
     let step = |ids: Tensor<B, 2, Int>| {
         let logits = model.forward(ids);
         // Reading one value back waits for asynchronous backends to finish.

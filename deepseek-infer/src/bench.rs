@@ -22,7 +22,14 @@ pub struct BenchReport {
 
 /// Prefills `prompt_tokens` pseudo-random tokens, then decodes `new_tokens` greedily on `path`,
 /// timing both phases (the best of `repeats` runs, after one warm-up run).
-pub fn run<B: Backend>(model: &DeepSeekModel<B>, prompt_tokens: usize, new_tokens: usize, path: AttentionPath, repeats: usize, device: &B::Device) -> Result<BenchReport> {
+pub fn run<B: Backend>(
+    model: &DeepSeekModel<B>,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    path: AttentionPath,
+    repeats: usize,
+    device: &B::Device,
+) -> Result<BenchReport> {
     let vocab = model.config.vocab_size as u64;
     // A fixed LCG: the same prompt on every backend and run.
     let mut state = 0x2545F4914F6CDD1Du64;
@@ -35,10 +42,20 @@ pub fn run<B: Backend>(model: &DeepSeekModel<B>, prompt_tokens: usize, new_token
     let mut best = (f64::MAX, f64::MAX, 0);
     for _ in 0..repeats + 1 {
         let mut cache = LatentCache::new(&model.config, 1, prompt_tokens + new_tokens, device)?;
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(prompt.clone(), [1, prompt_tokens]), device);
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(prompt.clone(), [1, prompt_tokens]),
+            device,
+        );
         let start = Instant::now();
         let logits = model.forward_cached(ids, &mut cache, AttentionPath::Naive)?.logits;
-        let mut next = argmax(&logits.narrow(1, prompt_tokens - 1, 1).into_data().convert::<f32>().into_vec::<f32>().expect("f32"));
+        let mut next = argmax(
+            &logits
+                .narrow(1, prompt_tokens - 1, 1)
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .expect("f32"),
+        );
         let prefill = start.elapsed().as_secs_f64();
         let start = Instant::now();
         for _ in 0..new_tokens {

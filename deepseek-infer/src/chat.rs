@@ -43,13 +43,20 @@ fn token_text(value: Option<&Value>) -> Option<String> {
 impl ChatTemplate {
     /// Reads `tokenizer_config.json` (a file, or a directory holding one).
     pub fn from_tokenizer_config(path: &Path) -> Result<Self> {
-        let file = if path.is_dir() { path.join("tokenizer_config.json") } else { path.to_path_buf() };
-        let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
-        let config: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", file.display()))?;
+        let file =
+            if path.is_dir() { path.join("tokenizer_config.json") } else { path.to_path_buf() };
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let config: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", file.display()))?;
         let Some(template) = config.get("chat_template").and_then(Value::as_str) else {
             bail!("{} has no `chat_template`: this model has no chat format", file.display());
         };
-        Self::new(template, token_text(config.get("bos_token")).unwrap_or_default(), token_text(config.get("eos_token")))
+        Self::new(
+            template,
+            token_text(config.get("bos_token")).unwrap_or_default(),
+            token_text(config.get("eos_token")),
+        )
     }
 
     /// A template from its source text.
@@ -59,7 +66,8 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         // transformers' templates call Python string methods (`content.split(...)`, `strip`).
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_template_owned("chat", template.to_string()).map_err(|e| anyhow!("invalid chat template: {e}"))?;
+        env.add_template_owned("chat", template.to_string())
+            .map_err(|e| anyhow!("invalid chat template: {e}"))?;
         Ok(Self { env, bos_token, eos_token })
     }
 

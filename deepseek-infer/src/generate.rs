@@ -23,9 +23,16 @@ impl Decoding {
     /// The decoding the `--temperature`, `--top-k`, `--top-p` and `--seed` flags (or an API
     /// request) ask for: greedy for temperature 0, else sampling. Every value is checked, also
     /// those greedy decoding ignores, so a typo is an error rather than silently dropped.
-    pub fn new(temperature: f32, top_k: Option<usize>, top_p: Option<f32>, seed: u64) -> Result<Self> {
+    pub fn new(
+        temperature: f32,
+        top_k: Option<usize>,
+        top_p: Option<f32>,
+        seed: u64,
+    ) -> Result<Self> {
         if !(temperature >= 0.0 && temperature.is_finite()) {
-            bail!("temperature must be a finite number ≥ 0 (0 decodes greedily), got {temperature}");
+            bail!(
+                "temperature must be a finite number ≥ 0 (0 decodes greedily), got {temperature}"
+            );
         }
         check_filters(top_k, top_p)?;
         if temperature == 0.0 {
@@ -74,7 +81,12 @@ pub struct GenerateConfig {
 
 /// Generates a continuation of each prompt; returns the new tokens only. Prompts may differ in
 /// length: each runs with its own cache, one after the other.
-pub fn generate<B: Backend>(model: &DeepSeekModel<B>, prompts: &[Vec<i64>], cfg: &GenerateConfig, device: &B::Device) -> Result<Vec<Vec<i64>>> {
+pub fn generate<B: Backend>(
+    model: &DeepSeekModel<B>,
+    prompts: &[Vec<i64>],
+    cfg: &GenerateConfig,
+    device: &B::Device,
+) -> Result<Vec<Vec<i64>>> {
     generate_streaming(model, prompts, cfg, device, &mut |_, _| Ok(true))
 }
 
@@ -88,7 +100,11 @@ pub fn generate_streaming<B: Backend>(
     on_token: &mut dyn FnMut(usize, i64) -> Result<bool>,
 ) -> Result<Vec<Vec<i64>>> {
     cfg.decoding.validate()?;
-    prompts.iter().enumerate().map(|(i, p)| generate_one(model, p, cfg, device, i, on_token)).collect()
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| generate_one(model, p, cfg, device, i, on_token))
+        .collect()
 }
 
 fn generate_one<B: Backend>(
@@ -111,7 +127,8 @@ fn generate_one<B: Backend>(
             cfg.max_new_tokens
         );
     }
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(prompt.to_vec(), [1, prompt.len()]), device);
+    let ids =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(prompt.to_vec(), [1, prompt.len()]), device);
     model.check_input(&ids)?;
     let mut cache = LatentCache::new(&model.config, 1, prompt.len() + cfg.max_new_tokens, device)?;
     let mut rng = match cfg.decoding {
@@ -125,16 +142,24 @@ fn generate_one<B: Backend>(
     let mut logits = model.forward_cached(ids, &mut cache, AttentionPath::Naive)?.logits;
     loop {
         let [_, seq, vocab] = logits.dims();
-        let last: Vec<f32> = logits.narrow(1, seq - 1, 1).into_data().convert::<f32>().into_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let last: Vec<f32> = logits
+            .narrow(1, seq - 1, 1)
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         debug_assert_eq!(last.len(), vocab);
         let next = match (cfg.decoding, rng.as_mut()) {
-            (Decoding::Sample { temperature, top_k, top_p, .. }, Some(rng)) => sample(&last, temperature, top_k, top_p, rng),
+            (Decoding::Sample { temperature, top_k, top_p, .. }, Some(rng)) => {
+                sample(&last, temperature, top_k, top_p, rng)
+            }
             _ => argmax(&last),
         };
         out.push(next);
         let go_on = on_token(index, next)?;
         let stop = !go_on
-            || Some(next) == cfg.eos_token_id || cfg.stop_sequences.iter().any(|s| !s.is_empty() && out.ends_with(s));
+            || Some(next) == cfg.eos_token_id
+            || cfg.stop_sequences.iter().any(|s| !s.is_empty() && out.ends_with(s));
         if stop || out.len() == cfg.max_new_tokens {
             return Ok(out);
         }
@@ -155,21 +180,33 @@ pub fn argmax(logits: &[f32]) -> i64 {
 }
 
 /// Samples a token id: temperature, then top-k, then top-p (nucleus) filtering.
-pub fn sample(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: Option<f32>, rng: &mut impl Rng) -> i64 {
+pub fn sample(
+    logits: &[f32],
+    temperature: f32,
+    top_k: Option<usize>,
+    top_p: Option<f32>,
+    rng: &mut impl Rng,
+) -> i64 {
     sample_from(&probabilities(logits, temperature, top_k, top_p), rng)
 }
 
 /// The distribution sampling draws from: `softmax(logits / temperature)` restricted to the
 /// `top_k` most likely tokens, then to the smallest set reaching probability `top_p`,
 /// renormalized; zero elsewhere. `[vocab]`.
-pub fn probabilities(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: Option<f32>) -> Vec<f64> {
+pub fn probabilities(
+    logits: &[f32],
+    temperature: f32,
+    top_k: Option<usize>,
+    top_p: Option<f32>,
+) -> Vec<f64> {
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
     if let Some(k) = top_k {
         order.truncate(k.max(1));
     }
     let max = logits[order[0]] as f64;
-    let mut kept: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / temperature as f64).exp()).collect();
+    let mut kept: Vec<f64> =
+        order.iter().map(|&i| ((logits[i] as f64 - max) / temperature as f64).exp()).collect();
     let total: f64 = kept.iter().sum();
     kept.iter_mut().for_each(|p| *p /= total);
     if let Some(p) = top_p {
@@ -243,7 +280,13 @@ mod tests {
 
     #[test]
     fn bad_sampling_settings_are_errors_for_every_decoder() {
-        for (t, k, p) in [(-1.0, None, None), (f32::NAN, None, None), (0.0, None, Some(2.0)), (0.7, None, Some(0.0)), (0.7, Some(0), None)] {
+        for (t, k, p) in [
+            (-1.0, None, None),
+            (f32::NAN, None, None),
+            (0.0, None, Some(2.0)),
+            (0.7, None, Some(0.0)),
+            (0.7, Some(0), None),
+        ] {
             assert!(Decoding::new(t, k, p, 0).is_err(), "{t} {k:?} {p:?}");
         }
         assert_eq!(Decoding::new(0.0, Some(5), Some(0.9), 1).unwrap(), Decoding::Greedy);

@@ -4,7 +4,7 @@
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
@@ -14,11 +14,11 @@ use deepseek_core::device::{run_on, BackendTask, DeviceKind};
 use deepseek_core::{load_model, AttentionPath, DeepSeekConfig, ForwardOptions, LoadOptions};
 use std::io::Write;
 
-use deepseek_infer::generate::{generate, generate_streaming, Decoding, GenerateConfig};
 use deepseek_infer::chat::{ChatTemplate, Message};
-use deepseek_infer::tokenizer::{IncrementalDecoder, TextTokenizer};
-use deepseek_infer::speculative;
+use deepseek_infer::generate::{generate, generate_streaming, Decoding, GenerateConfig};
 use deepseek_infer::io;
+use deepseek_infer::speculative;
+use deepseek_infer::tokenizer::{IncrementalDecoder, TextTokenizer};
 
 #[derive(Parser)]
 #[command(name = "deepseek", version, about = "DeepSeek-V3 models in Burn")]
@@ -184,11 +184,46 @@ impl SamplingArgs {
 
 /// A command that runs a model, carried to the backend `--device` names by the one backend
 /// switch ([`run_on`]).
+// One value per process: the size of the larger variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum OnDevice {
-    Logits { model: PathBuf, input: PathBuf, output: PathBuf, allow_unused: bool },
-    Chat { model: PathBuf, tok: TextTokenizer, template: ChatTemplate, system: Option<String>, cfg: GenerateConfig },
-    Generate { model: PathBuf, prompt: Vec<i64>, cfg: GenerateConfig, print_ids: bool, speculative: bool, tok: Option<TextTokenizer>, stop: Vec<String> },
-    Bench { model: Option<PathBuf>, preset: Option<String>, context: Option<usize>, prompt_tokens: usize, new_tokens: usize, path: AttentionPath, repeats: usize, device: DeviceKind },
+    Logits {
+        model: PathBuf,
+        input: PathBuf,
+        output: PathBuf,
+        allow_unused: bool,
+    },
+    Chat {
+        model: PathBuf,
+        tok: TextTokenizer,
+        template: ChatTemplate,
+        system: Option<String>,
+        cfg: GenerateConfig,
+    },
+    Generate(GenerateJob),
+    Bench {
+        model: Option<PathBuf>,
+        preset: Option<String>,
+        context: Option<usize>,
+        prompt_tokens: usize,
+        new_tokens: usize,
+        path: AttentionPath,
+        repeats: usize,
+        device: DeviceKind,
+    },
+}
+
+/// What `deepseek generate` runs.
+struct GenerateJob {
+    model: PathBuf,
+    prompt: Vec<i64>,
+    cfg: GenerateConfig,
+    print_ids: bool,
+    speculative: bool,
+    /// Set for text prompts: the output streams as text.
+    tok: Option<TextTokenizer>,
+    /// Stop strings (text prompts only).
+    stop: Vec<String>,
 }
 
 impl BackendTask for OnDevice {
@@ -197,14 +232,26 @@ impl BackendTask for OnDevice {
     fn run<B: Backend>(self, devices: Vec<B::Device>) -> Result<()> {
         let dev = &devices[0];
         match self {
-            OnDevice::Logits { model, input, output, allow_unused } => logits::<B>(&model, &input, &output, dev, allow_unused),
-            OnDevice::Chat { model, tok, template, system, cfg } => chat_cmd::<B>(&model, &tok, &template, system, cfg, dev),
-            OnDevice::Generate { model, prompt, cfg, print_ids, speculative, tok, stop } => {
-                generate_cmd::<B>(&model, prompt, cfg, dev, print_ids, speculative, tok.as_ref(), &stop)
+            OnDevice::Logits { model, input, output, allow_unused } => {
+                logits::<B>(&model, &input, &output, dev, allow_unused)
             }
-            OnDevice::Bench { model, preset, context, prompt_tokens, new_tokens, path, repeats, device } => {
+            OnDevice::Chat { model, tok, template, system, cfg } => {
+                chat_cmd::<B>(&model, &tok, &template, system, cfg, dev)
+            }
+            OnDevice::Generate(job) => generate_cmd::<B>(job, dev),
+            OnDevice::Bench {
+                model,
+                preset,
+                context,
+                prompt_tokens,
+                new_tokens,
+                path,
+                repeats,
+                device,
+            } => {
                 let model = match (&model, &preset) {
-                    (Some(dir), _) => load_model::<B>(dir, dev, LoadOptions::default()).with_context(|| format!("loading {}", dir.display()))?,
+                    (Some(dir), _) => load_model::<B>(dir, dev, LoadOptions::default())
+                        .with_context(|| format!("loading {}", dir.display()))?,
                     (None, Some(name)) => {
                         let mut cfg = DeepSeekConfig::preset(name)?;
                         if let Some(c) = context {
@@ -214,14 +261,24 @@ impl BackendTask for OnDevice {
                     }
                     (None, None) => unreachable!("clap requires one"),
                 };
-                let r = deepseek_infer::bench::run(&model, prompt_tokens, new_tokens, path, repeats, dev)?;
+                let r = deepseek_infer::bench::run(
+                    &model,
+                    prompt_tokens,
+                    new_tokens,
+                    path,
+                    repeats,
+                    dev,
+                )?;
                 println!("device: {device}");
                 println!("decode_path: {path:?}");
                 println!("prompt_tokens: {}", r.prompt_tokens);
                 println!("new_tokens: {}", r.new_tokens);
                 println!("prefill_tokens_per_s: {:.1}", r.prefill_tokens_per_s);
                 println!("decode_tokens_per_s: {:.1}", r.decode_tokens_per_s);
-                println!("kv_bytes_per_token: {} (measured from the cache buffers)", r.kv_bytes_per_token);
+                println!(
+                    "kv_bytes_per_token: {} (measured from the cache buffers)",
+                    r.kv_bytes_per_token
+                );
                 Ok(())
             }
         }
@@ -236,18 +293,38 @@ fn on_device(device: DeviceKind, task: OnDevice) -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Convert { model, out, dtype, shard_mib } => {
-            let report = deepseek_core::checkpoint::convert::convert(&model, &out, dtype, shard_mib << 20)?;
+            let report =
+                deepseek_core::checkpoint::convert::convert(&model, &out, dtype, shard_mib << 20)?;
             println!("tensors: {}", report.tensors);
             println!("converted: {}", report.converted);
             println!("shards: {}", report.shards);
             println!("bytes: {}", report.bytes);
             Ok(())
         }
-        Command::Logits { model, input, output, device, allow_unused } => on_device(device, OnDevice::Logits { model, input, output, allow_unused }),
-        Command::Chat { model, tokenizer, tokenizer_config, system, max_new_tokens, sampling, device } => {
-            let tok = TextTokenizer::from_file(&tokenizer.unwrap_or_else(|| model.join("tokenizer.json")))?;
-            let template = ChatTemplate::from_tokenizer_config(&tokenizer_config.unwrap_or_else(|| model.join("tokenizer_config.json")))?;
-            let cfg = GenerateConfig { max_new_tokens, decoding: sampling.decoding()?, eos_token_id: None, stop_sequences: vec![] };
+        Command::Logits { model, input, output, device, allow_unused } => {
+            on_device(device, OnDevice::Logits { model, input, output, allow_unused })
+        }
+        Command::Chat {
+            model,
+            tokenizer,
+            tokenizer_config,
+            system,
+            max_new_tokens,
+            sampling,
+            device,
+        } => {
+            let tok = TextTokenizer::from_file(
+                &tokenizer.unwrap_or_else(|| model.join("tokenizer.json")),
+            )?;
+            let template = ChatTemplate::from_tokenizer_config(
+                &tokenizer_config.unwrap_or_else(|| model.join("tokenizer_config.json")),
+            )?;
+            let cfg = GenerateConfig {
+                max_new_tokens,
+                decoding: sampling.decoding()?,
+                eos_token_id: None,
+                stop_sequences: vec![],
+            };
             on_device(device, OnDevice::Chat { model, tok, template, system, cfg })
         }
         Command::Tokenize { tokenizer, text } => {
@@ -256,7 +333,18 @@ fn main() -> Result<()> {
             println!("{}", ids.join(" "));
             Ok(())
         }
-        Command::Generate { model, prompt_ids, prompt, tokenizer, max_new_tokens, sampling, device, print_ids, stop, speculative } => {
+        Command::Generate {
+            model,
+            prompt_ids,
+            prompt,
+            tokenizer,
+            max_new_tokens,
+            sampling,
+            device,
+            print_ids,
+            stop,
+            speculative,
+        } => {
             let text = match prompt {
                 Some(text) => {
                     let path = tokenizer.unwrap_or_else(|| model.join("tokenizer.json"));
@@ -271,14 +359,39 @@ fn main() -> Result<()> {
                 (None, None) => unreachable!("clap requires one"),
             };
             let decoding = sampling.decoding()?;
-            let cfg = GenerateConfig { max_new_tokens, decoding, eos_token_id: None, stop_sequences: vec![] };
+            let cfg = GenerateConfig {
+                max_new_tokens,
+                decoding,
+                eos_token_id: None,
+                stop_sequences: vec![],
+            };
             let tok = text.map(|(tok, _)| tok);
             if !stop.is_empty() && (tok.is_none() || speculative) {
                 bail!("--stop works on text: use it with --prompt (and without --speculative)");
             }
-            on_device(device, OnDevice::Generate { model, prompt: prompt_ids, cfg, print_ids, speculative, tok, stop })
+            on_device(
+                device,
+                OnDevice::Generate(GenerateJob {
+                    model,
+                    prompt: prompt_ids,
+                    cfg,
+                    print_ids,
+                    speculative,
+                    tok,
+                    stop,
+                }),
+            )
         }
-        Command::Bench { model, preset, prompt_tokens, new_tokens, path, context, repeats, device } => {
+        Command::Bench {
+            model,
+            preset,
+            prompt_tokens,
+            new_tokens,
+            path,
+            context,
+            repeats,
+            device,
+        } => {
             let path = match path.as_str() {
                 "absorbed" => AttentionPath::Absorbed,
                 "naive" => AttentionPath::Naive,
@@ -287,11 +400,24 @@ fn main() -> Result<()> {
             if prompt_tokens == 0 {
                 bail!("--prompt-tokens must be at least 1");
             }
-            on_device(device, OnDevice::Bench { model, preset, context, prompt_tokens, new_tokens, path, repeats, device })
+            on_device(
+                device,
+                OnDevice::Bench {
+                    model,
+                    preset,
+                    context,
+                    prompt_tokens,
+                    new_tokens,
+                    path,
+                    repeats,
+                    device,
+                },
+            )
         }
         Command::Info { model, preset } => {
             let cfg = match (model, preset) {
-                (Some(dir), _) => DeepSeekConfig::from_hf_file(&dir).with_context(|| format!("loading {}", dir.display()))?,
+                (Some(dir), _) => DeepSeekConfig::from_hf_file(&dir)
+                    .with_context(|| format!("loading {}", dir.display()))?,
                 (None, Some(name)) => DeepSeekConfig::preset(&name)?,
                 (None, None) => unreachable!("clap requires one"),
             };
@@ -301,28 +427,28 @@ fn main() -> Result<()> {
     }
 }
 
-fn logits<B: Backend>(model_dir: &PathBuf, input: &PathBuf, output: &PathBuf, device: &B::Device, allow_unused: bool) -> Result<()> {
+fn logits<B: Backend>(
+    model_dir: &Path,
+    input: &Path,
+    output: &Path,
+    device: &B::Device,
+    allow_unused: bool,
+) -> Result<()> {
     let model = load_model::<B>(model_dir, device, LoadOptions { allow_unused })
         .with_context(|| format!("loading model from {}", model_dir.display()))?;
     let (ids, [batch, seq]) = io::read_ids(input, "input_ids")?;
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), device);
     let logits = model.try_forward(ids, ForwardOptions::default())?.logits;
     let shape = logits.dims().to_vec();
-    let values: Vec<f32> = logits.into_data().convert::<f32>().into_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let values: Vec<f32> =
+        logits.into_data().convert::<f32>().into_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     io::write_f32(output, &[("logits", &values, shape)])
 }
 
-fn generate_cmd<B: Backend>(
-    model_dir: &PathBuf,
-    prompt: Vec<i64>,
-    mut cfg: GenerateConfig,
-    device: &B::Device,
-    print_ids: bool,
-    speculative: bool,
-    tokenizer: Option<&TextTokenizer>,
-    stop: &[String],
-) -> Result<()> {
-    let model = load_model::<B>(model_dir, device, LoadOptions::default())
+fn generate_cmd<B: Backend>(job: GenerateJob, device: &B::Device) -> Result<()> {
+    let GenerateJob { model: model_dir, prompt, mut cfg, print_ids, speculative, tok, stop } = job;
+    let tokenizer = tok.as_ref();
+    let model = load_model::<B>(&model_dir, device, LoadOptions::default())
         .with_context(|| format!("loading model from {}", model_dir.display()))?;
     if let Some(tok) = tokenizer {
         tok.check_vocab(model.config.vocab_size)?;
@@ -330,7 +456,14 @@ fn generate_cmd<B: Backend>(
     cfg.eos_token_id = model.config.eos_token_id.map(i64::from);
     let start = std::time::Instant::now();
     let out = if speculative {
-        let spec = speculative::speculative(&model, &prompt, cfg.max_new_tokens, cfg.eos_token_id, cfg.decoding, device)?;
+        let spec = speculative::speculative(
+            &model,
+            &prompt,
+            cfg.max_new_tokens,
+            cfg.eos_token_id,
+            cfg.decoding,
+            device,
+        )?;
         eprintln!(
             "speculative: {} of {} drafts accepted ({:.0}%), {} main-model steps",
             spec.accepted,
@@ -349,7 +482,8 @@ fn generate_cmd<B: Backend>(
         let mut stdout = std::io::stdout();
         let mut text = String::new();
         let out = generate_streaming(&model, &[prompt], &cfg, device, &mut |_, id| {
-            let piece = stream.push(u32::try_from(id).expect("ids are checked against the vocabulary"))?;
+            let piece =
+                stream.push(u32::try_from(id).expect("ids are checked against the vocabulary"))?;
             write!(stdout, "{piece}")?;
             stdout.flush()?;
             text.push_str(&piece);
@@ -371,7 +505,7 @@ fn generate_cmd<B: Backend>(
 }
 
 fn chat_cmd<B: Backend>(
-    model_dir: &PathBuf,
+    model_dir: &Path,
     tok: &TextTokenizer,
     template: &ChatTemplate,
     system: Option<String>,
@@ -398,7 +532,8 @@ fn chat_cmd<B: Backend>(
             continue;
         }
         messages.push(Message::new("user", text));
-        let prompt: Vec<i64> = tok.encode(&template.render(&messages, true)?)?.into_iter().map(i64::from).collect();
+        let prompt: Vec<i64> =
+            tok.encode(&template.render(&messages, true)?)?.into_iter().map(i64::from).collect();
         let mut stream = IncrementalDecoder::new(tok);
         let mut reply = String::new();
         generate_streaming(&model, &[prompt], &cfg, device, &mut |_, id| {
@@ -424,16 +559,41 @@ fn info(cfg: &DeepSeekConfig) -> String {
         ("layers", cfg.num_hidden_layers.to_string()),
         ("hidden_size", cfg.hidden_size.to_string()),
         ("attention_heads", cfg.num_attention_heads.to_string()),
-        ("routed_experts", format!("{} (top-{}, {} groups keep {})", cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group)),
+        (
+            "routed_experts",
+            format!(
+                "{} (top-{}, {} groups keep {})",
+                cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+            ),
+        ),
         ("shared_experts", cfg.n_shared_experts.to_string()),
         ("mtp_modules", cfg.num_nextn_predict_layers.to_string()),
         ("total_params", format!("{} ({:.1}B)", p.total, p.total as f64 / 1e9)),
         ("active_params", format!("{} ({:.1}B)", p.active, p.active as f64 / 1e9)),
         ("mtp_params", format!("{} ({:.1}B)", p.mtp, p.mtp as f64 / 1e9)),
-        ("kv_cache_bytes_per_token", format!("{} (latent cache, bf16, all layers)", cfg.kv_cache_bytes_per_token(2))),
-        ("mha_cache_bytes_per_token", format!("{} (plain multi-head cache, bf16, for comparison)", cfg.mha_cache_bytes_per_token(2))),
-        ("weights_bytes_bf16", format!("{} ({:.1} GiB)", cfg.weight_bytes_bf16(), gib(cfg.weight_bytes_bf16()))),
-        ("weights_bytes_fp8", format!("{} ({:.1} GiB, E4M3 + 128x128 f32 scales)", cfg.weight_bytes_fp8(), gib(cfg.weight_bytes_fp8()))),
+        (
+            "kv_cache_bytes_per_token",
+            format!("{} (latent cache, bf16, all layers)", cfg.kv_cache_bytes_per_token(2)),
+        ),
+        (
+            "mha_cache_bytes_per_token",
+            format!(
+                "{} (plain multi-head cache, bf16, for comparison)",
+                cfg.mha_cache_bytes_per_token(2)
+            ),
+        ),
+        (
+            "weights_bytes_bf16",
+            format!("{} ({:.1} GiB)", cfg.weight_bytes_bf16(), gib(cfg.weight_bytes_bf16())),
+        ),
+        (
+            "weights_bytes_fp8",
+            format!(
+                "{} ({:.1} GiB, E4M3 + 128x128 f32 scales)",
+                cfg.weight_bytes_fp8(),
+                gib(cfg.weight_bytes_fp8())
+            ),
+        ),
     ];
     lines.iter().map(|(k, v)| format!("{k}: {v}\n")).collect()
 }

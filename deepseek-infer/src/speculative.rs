@@ -27,7 +27,9 @@ use crate::generate::{one_hot, probabilities, sample_from, Decoding};
 fn distribution(logits: &[f32], decoding: Decoding) -> Vec<f64> {
     match decoding {
         Decoding::Greedy => one_hot(logits),
-        Decoding::Sample { temperature, top_k, top_p, .. } => probabilities(logits, temperature, top_k, top_p),
+        Decoding::Sample { temperature, top_k, top_p, .. } => {
+            probabilities(logits, temperature, top_k, top_p)
+        }
     }
 }
 
@@ -64,7 +66,11 @@ pub struct SpeculativeOutput {
 impl SpeculativeOutput {
     /// Share of drafts accepted.
     pub fn acceptance(&self) -> f64 {
-        if self.drafted == 0 { 0.0 } else { self.accepted as f64 / self.drafted as f64 }
+        if self.drafted == 0 {
+            0.0
+        } else {
+            self.accepted as f64 / self.drafted as f64
+        }
     }
 }
 
@@ -135,14 +141,20 @@ pub fn speculative<B: Backend>(
     out.tokens.push(next);
     let mut following: Vec<i64> = prompt[1..].to_vec();
     following.push(next);
-    let draft_logits = model.forward_mtp_cached(1, main.final_hidden, ids::<B>(following, device), &mut mtp_cache)?.logits;
+    let draft_logits = model
+        .forward_mtp_cached(1, main.final_hidden, ids::<B>(following, device), &mut mtp_cache)?
+        .logits;
     let mut draft_dist = distribution(&last_row(draft_logits, n - 1), decoding);
     let mut draft = sample_from(&draft_dist, &mut rng);
 
     while out.tokens.len() < max_new_tokens && Some(next) != eos {
         // Verify: the main model reads [next, draft]; its prediction after `next` must be `draft`.
         let pos = cache.len();
-        let verify = model.forward_cached(ids::<B>(vec![next, draft], device), &mut cache, AttentionPath::Absorbed)?;
+        let verify = model.forward_cached(
+            ids::<B>(vec![next, draft], device),
+            &mut cache,
+            AttentionPath::Absorbed,
+        )?;
         out.main_steps += 1;
         out.drafted += 1;
         let target = distribution(&last_row(verify.logits.clone(), 0), decoding);
@@ -168,7 +180,14 @@ pub fn speculative<B: Backend>(
             break;
         }
         let count = confirmed_following.len();
-        let draft_logits = model.forward_mtp_cached(1, confirmed_hidden, ids::<B>(confirmed_following, device), &mut mtp_cache)?.logits;
+        let draft_logits = model
+            .forward_mtp_cached(
+                1,
+                confirmed_hidden,
+                ids::<B>(confirmed_following, device),
+                &mut mtp_cache,
+            )?
+            .logits;
         draft_dist = distribution(&last_row(draft_logits, count - 1), decoding);
         draft = sample_from(&draft_dist, &mut rng);
     }

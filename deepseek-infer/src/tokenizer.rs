@@ -15,7 +15,8 @@ impl TextTokenizer {
     /// Loads `tokenizer.json` (a file, or a directory holding one).
     pub fn from_file(path: &Path) -> Result<Self> {
         let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
-        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| anyhow!("cannot load tokenizer {}: {e}", file.display()))?;
+        let inner = tokenizers::Tokenizer::from_file(&file)
+            .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", file.display()))?;
         Ok(Self { inner })
     }
 
@@ -66,9 +67,15 @@ impl<'a> IncrementalDecoder<'a> {
     /// Adds a token; returns the newly complete text, possibly empty.
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read]).context("incremental decode")?;
+        let before = self
+            .tokenizer
+            .decode(&self.ids[self.prefix..self.read])
+            .context("incremental decode")?;
         let now = self.tokenizer.decode(&self.ids[self.prefix..]).context("incremental decode")?;
-        if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.is_char_boundary(before.len()) {
+        if now.len() > before.len()
+            && !now.ends_with('\u{FFFD}')
+            && now.is_char_boundary(before.len())
+        {
             let new = now[before.len()..].to_string();
             self.prefix = self.read;
             self.read = self.ids.len();

@@ -14,7 +14,10 @@ fn read_f32(path: &Path, name: &str) -> (Vec<f32>, Vec<usize>) {
     let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let v = st.tensor(name).unwrap();
-    (v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(), v.shape().to_vec())
+    (
+        v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+        v.shape().to_vec(),
+    )
 }
 
 fn deepseek(args: &[&str]) -> std::process::Output {
@@ -29,9 +32,12 @@ fn logits_command_reproduces_transformers_on_every_golden_case() {
         let reference = golden(case).join("reference.safetensors");
         let o = deepseek(&[
             "logits",
-            "--model", golden(case).to_str().unwrap(),
-            "--input", reference.to_str().unwrap(),
-            "--output", out.to_str().unwrap(),
+            "--model",
+            golden(case).to_str().unwrap(),
+            "--input",
+            reference.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
         let (got, shape) = read_f32(&out, "logits");
@@ -62,12 +68,18 @@ fn out_of_vocabulary_ids_fail_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("ids.safetensors");
     let ids: Vec<u8> = [3i64, 7, 999].iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 3], &ids).unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 3], &ids).unwrap();
     safetensors::serialize_to_file(vec![("input_ids", view)], None, &input).unwrap();
     let out = dir.path().join("logits.safetensors");
     let o = deepseek(&[
-        "logits", "--model", golden("v3_no_qlora").to_str().unwrap(),
-        "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap(),
+        "logits",
+        "--model",
+        golden("v3_no_qlora").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
     ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
@@ -89,20 +101,35 @@ fn missing_backend_and_missing_model_are_clear_errors() {
 fn hf_greedy(case: &str) -> Vec<(Vec<i64>, Vec<i64>)> {
     let bytes = std::fs::read(golden(case).join("reference.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let ids: Vec<i64> = st.tensor("greedy.output_ids").unwrap().data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+    let ids: Vec<i64> = st
+        .tensor("greedy.output_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     ids.chunks(20).map(|row| (row[..12].to_vec(), row[12..].to_vec())).collect()
 }
 
 #[test]
 fn generate_print_ids_reproduces_transformers_greedy_continuations() {
-    for (case, (prompt, expected)) in ["v3_yarn_qlora", "v3_no_qlora", "v5_style"].into_iter().flat_map(|c| hf_greedy(c).into_iter().map(move |r| (c, r))) {
+    for (case, (prompt, expected)) in ["v3_yarn_qlora", "v3_no_qlora", "v5_style"]
+        .into_iter()
+        .flat_map(|c| hf_greedy(c).into_iter().map(move |r| (c, r)))
+    {
         let prompt: Vec<String> = prompt.iter().map(i64::to_string).collect();
         let has_mtp = case != "v3_no_qlora";
         let (dir, prompt) = (golden(case), prompt.join(","));
         for speculative in [false, true].into_iter().filter(|&s| !s || has_mtp) {
             let mut args = vec![
-                "generate", "--model", dir.to_str().unwrap(),
-                "--prompt-ids", &prompt, "--max-new-tokens", "8", "--print-ids",
+                "generate",
+                "--model",
+                dir.to_str().unwrap(),
+                "--prompt-ids",
+                &prompt,
+                "--max-new-tokens",
+                "8",
+                "--print-ids",
             ];
             if speculative {
                 args.push("--speculative");

@@ -25,7 +25,8 @@ fn reference(case: &str, name: &str) -> (Vec<u8>, Vec<usize>) {
 
 fn prompts(case: &str) -> Vec<Vec<i64>> {
     let (bytes, _) = reference(case, "input_ids");
-    let ids: Vec<i64> = bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+    let ids: Vec<i64> =
+        bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
     ids.chunks(12).map(<[i64]>::to_vec).collect()
 }
 
@@ -36,11 +37,22 @@ fn speculative_decode_equals_greedy_decode() {
         let model = load_model::<B>(golden(case), &device, LoadOptions::default()).unwrap();
         for prompt in prompts(case) {
             for max_new in [1, 2, 7, 20] {
-                let cfg = GenerateConfig { max_new_tokens: max_new, decoding: Decoding::Greedy, eos_token_id: None, stop_sequences: vec![] };
-                let greedy = generate(&model, &[prompt.clone()], &cfg, &device).unwrap().remove(0);
+                let cfg = GenerateConfig {
+                    max_new_tokens: max_new,
+                    decoding: Decoding::Greedy,
+                    eos_token_id: None,
+                    stop_sequences: vec![],
+                };
+                let greedy = generate(&model, std::slice::from_ref(&prompt), &cfg, &device)
+                    .unwrap()
+                    .remove(0);
                 let spec = speculative_greedy(&model, &prompt, max_new, None, &device).unwrap();
                 assert_eq!(spec.tokens, greedy, "{case} max_new {max_new}");
-                assert!(spec.main_steps <= max_new, "{case}: {} main steps for {max_new} tokens", spec.main_steps);
+                assert!(
+                    spec.main_steps <= max_new,
+                    "{case}: {} main steps for {max_new} tokens",
+                    spec.main_steps
+                );
             }
         }
     }
@@ -54,15 +66,30 @@ fn mtp_over_its_cache_matches_the_reference_mtp_logits() {
     let flat: Vec<i64> = prompts(case).concat();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [2, 12]), &device);
     let mut cache = LatentCache::new(&model.config, 2, 12, &device).unwrap();
-    let hidden = model.forward_cached(ids.clone(), &mut cache, AttentionPath::Naive).unwrap().final_hidden;
+    let hidden =
+        model.forward_cached(ids.clone(), &mut cache, AttentionPath::Naive).unwrap().final_hidden;
     // Module 1 at positions 0..11 reads h_i and the token at i + 1; fed in two chunks.
     let mut mtp_cache = LatentCache::for_mtp(&model.config, 2, 11, &device).unwrap();
-    let first = model.forward_mtp_cached(1, hidden.clone().narrow(1, 0, 4), ids.clone().narrow(1, 1, 4), &mut mtp_cache).unwrap();
-    let rest = model.forward_mtp_cached(1, hidden.narrow(1, 4, 7), ids.narrow(1, 5, 7), &mut mtp_cache).unwrap();
-    let got: Vec<f32> = Tensor::cat(vec![first.logits, rest.logits], 1).into_data().convert::<f32>().into_vec().unwrap();
+    let first = model
+        .forward_mtp_cached(
+            1,
+            hidden.clone().narrow(1, 0, 4),
+            ids.clone().narrow(1, 1, 4),
+            &mut mtp_cache,
+        )
+        .unwrap();
+    let rest = model
+        .forward_mtp_cached(1, hidden.narrow(1, 4, 7), ids.narrow(1, 5, 7), &mut mtp_cache)
+        .unwrap();
+    let got: Vec<f32> = Tensor::cat(vec![first.logits, rest.logits], 1)
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .unwrap();
     let (bytes, shape) = reference(case, "mtp_logits.1");
     assert_eq!(shape, vec![2, 11, 256]);
-    let want: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let want: Vec<f32> =
+        bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
     let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
     assert!(diff < 1e-4, "max |diff| {diff:e}");
 }
@@ -81,7 +108,8 @@ fn speculative_sampling_is_seeded_and_respects_the_token_budget() {
     let device = Default::default();
     let model = load_model::<B>(golden("v5_style"), &device, LoadOptions::default()).unwrap();
     let prompt = prompts("v5_style").remove(0);
-    let decoding = Decoding::Sample { temperature: 0.8, top_k: Some(50), top_p: Some(0.95), seed: 7 };
+    let decoding =
+        Decoding::Sample { temperature: 0.8, top_k: Some(50), top_p: Some(0.95), seed: 7 };
     let a = speculative(&model, &prompt, 15, None, decoding, &device).unwrap();
     let b = speculative(&model, &prompt, 15, None, decoding, &device).unwrap();
     assert_eq!(a.tokens, b.tokens);

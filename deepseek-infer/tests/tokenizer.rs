@@ -17,16 +17,22 @@ fn cases(file: &str) -> Vec<(String, Vec<u32>)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| (c["text"].as_str().unwrap().to_string(), c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()))
+        .map(|c| {
+            (
+                c["text"].as_str().unwrap().to_string(),
+                c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect(),
+            )
+        })
         .collect()
 }
 
 /// Where `scripts/fetch_deepseek_v3_tokenizer.sh` puts the real DeepSeek-V3 tokenizer files
 /// (override with DEEPSEEK_V3_TOKENIZER_DIR).
 fn deepseek_v3_dir() -> PathBuf {
-    std::env::var_os("DEEPSEEK_V3_TOKENIZER_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/deepseek-burn/tokenizer-deepseek-v3"))
+    std::env::var_os("DEEPSEEK_V3_TOKENIZER_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap())
+            .join(".cache/deepseek-burn/tokenizer-deepseek-v3")
+    })
 }
 
 fn check(tokenizer: &TextTokenizer, refs: &[(String, Vec<u32>)]) {
@@ -77,19 +83,43 @@ fn tokenize_command_and_text_prompts_work_end_to_end() {
     let (text, ids) = cases("byte_tokenizer_ids.json").remove(0);
     let o = deepseek(&["tokenize", "--tokenizer", tok_path.to_str().unwrap(), "--text", &text]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let printed: Vec<u32> = String::from_utf8(o.stdout).unwrap().trim().split(' ').map(|t| t.parse().unwrap()).collect();
+    let printed: Vec<u32> = String::from_utf8(o.stdout)
+        .unwrap()
+        .trim()
+        .split(' ')
+        .map(|t| t.parse().unwrap())
+        .collect();
     assert_eq!(printed, ids);
 
     // A text prompt generates the same tokens as the same prompt given as ids.
     let model = golden().join("v3_yarn_qlora");
     let id_list: Vec<String> = ids.iter().map(u32::to_string).collect();
-    let by_ids = deepseek(&["generate", "--model", model.to_str().unwrap(), "--prompt-ids", &id_list.join(","), "--max-new-tokens", "6", "--print-ids"]);
+    let by_ids = deepseek(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-ids",
+        &id_list.join(","),
+        "--max-new-tokens",
+        "6",
+        "--print-ids",
+    ]);
     let by_text = deepseek(&[
-        "generate", "--model", model.to_str().unwrap(), "--tokenizer", tok_path.to_str().unwrap(),
-        "--prompt", &text, "--max-new-tokens", "6", "--print-ids",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokenizer",
+        tok_path.to_str().unwrap(),
+        "--prompt",
+        &text,
+        "--max-new-tokens",
+        "6",
+        "--print-ids",
     ]);
     assert!(by_text.status.success(), "{}", String::from_utf8_lossy(&by_text.stderr));
-    let last = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).lines().last().unwrap().to_string();
+    let last = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stdout).lines().last().unwrap().to_string()
+    };
     assert_eq!(last(&by_text), last(&by_ids));
 
     // A model directory without tokenizer.json cannot take a text prompt.
@@ -110,7 +140,12 @@ fn chat_cases() -> Vec<(Vec<deepseek_infer::chat::Message>, String)> {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|m| deepseek_infer::chat::Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+                .map(|m| {
+                    deepseek_infer::chat::Message::new(
+                        m["role"].as_str().unwrap(),
+                        m["content"].as_str().unwrap(),
+                    )
+                })
                 .collect();
             (messages, c["rendered"].as_str().unwrap().to_string())
         })
@@ -135,17 +170,29 @@ fn chat_command_holds_a_multi_turn_conversation() {
     let model = golden().join("v3_yarn_qlora");
     let mut child = Command::new(env!("CARGO_BIN_EXE_deepseek"))
         .args([
-            "chat", "--model", model.to_str().unwrap(),
-            "--tokenizer", golden().join("tokenizer/byte_tokenizer.json").to_str().unwrap(),
-            "--tokenizer-config", golden().join("tokenizer/chat_tokenizer_config.json").to_str().unwrap(),
-            "--max-new-tokens", "5", "--system", "Be brief.",
+            "chat",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokenizer",
+            golden().join("tokenizer/byte_tokenizer.json").to_str().unwrap(),
+            "--tokenizer-config",
+            golden().join("tokenizer/chat_tokenizer_config.json").to_str().unwrap(),
+            "--max-new-tokens",
+            "5",
+            "--system",
+            "Be brief.",
         ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.as_mut().unwrap().write_all("Hello there\nAnd again ✓\n/exit\n".as_bytes()).unwrap();
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all("Hello there\nAnd again ✓\n/exit\n".as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Two replies, each ended by a newline. The random-weight model emits arbitrary bytes, some
@@ -158,9 +205,19 @@ fn chat_command_holds_a_multi_turn_conversation() {
 #[test]
 fn simple_chat_template_renders_turns_and_generation_prompt() {
     use deepseek_infer::chat::{ChatTemplate, Message};
-    let t = ChatTemplate::from_tokenizer_config(&golden().join("tokenizer/chat_tokenizer_config.json")).unwrap();
-    let messages = [Message::new("system", "S"), Message::new("user", " hi "), Message::new("assistant", "yo"), Message::new("user", "more")];
-    assert_eq!(t.render(&messages, true).unwrap(), "<s>S\nUser: hi\nAssistant: yo</s>\nUser: more\nAssistant:");
+    let t =
+        ChatTemplate::from_tokenizer_config(&golden().join("tokenizer/chat_tokenizer_config.json"))
+            .unwrap();
+    let messages = [
+        Message::new("system", "S"),
+        Message::new("user", " hi "),
+        Message::new("assistant", "yo"),
+        Message::new("user", "more"),
+    ];
+    assert_eq!(
+        t.render(&messages, true).unwrap(),
+        "<s>S\nUser: hi\nAssistant: yo</s>\nUser: more\nAssistant:"
+    );
     assert_eq!(t.eos_token.as_deref(), Some("</s>"));
 }
 
@@ -168,10 +225,25 @@ fn simple_chat_template_renders_turns_and_generation_prompt() {
 fn stop_strings_end_generation_early() {
     let model = golden().join("v3_yarn_qlora");
     let tok_path = golden().join("tokenizer/byte_tokenizer.json");
-    let base = ["generate", "--model", model.to_str().unwrap(), "--tokenizer", tok_path.to_str().unwrap(), "--prompt", "Hello", "--print-ids"];
+    let base = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokenizer",
+        tok_path.to_str().unwrap(),
+        "--prompt",
+        "Hello",
+        "--print-ids",
+    ];
     let ids = |o: std::process::Output| -> Vec<u32> {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).lines().last().unwrap().split(' ').map(|t| t.parse().unwrap()).collect()
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .split(' ')
+            .map(|t| t.parse().unwrap())
+            .collect()
     };
     let full = ids(deepseek(&[&base[..], &["--max-new-tokens", "12"]].concat()));
     // The first generated token (after the first) whose text is a clean character that has not
@@ -181,9 +253,11 @@ fn stop_strings_end_generation_early() {
         .find_map(|j| {
             let piece = tok.decode(&full[j..=j]).ok()?;
             let before = tok.decode(&full[..j]).ok()?;
-            (!piece.trim().is_empty() && !piece.contains('\u{FFFD}') && !before.contains(&piece)).then_some((j, piece))
+            (!piece.trim().is_empty() && !piece.contains('\u{FFFD}') && !before.contains(&piece))
+                .then_some((j, piece))
         })
         .expect("the golden model generates a usable stop character");
-    let stopped = ids(deepseek(&[&base[..], &["--max-new-tokens", "12", "--stop", &stop]].concat()));
+    let stopped =
+        ids(deepseek(&[&base[..], &["--max-new-tokens", "12", "--stop", &stop]].concat()));
     assert_eq!(stopped, full[..=j].to_vec(), "stop string {stop:?}");
 }

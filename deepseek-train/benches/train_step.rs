@@ -37,7 +37,17 @@ struct Args {
 
 fn main() -> Result<()> {
     deepseek_train::alloc::keep_freed_memory();
-    let mut a = Args { preset: "small".into(), batch: 8, seq: 128, steps: 20, warmup: 3, device: DeviceKind::Flex, mtp_depth: None, expert_path: None, fp8: false };
+    let mut a = Args {
+        preset: "small".into(),
+        batch: 8,
+        seq: 128,
+        steps: 20,
+        warmup: 3,
+        device: DeviceKind::Flex,
+        mtp_depth: None,
+        expert_path: None,
+        fp8: false,
+    };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -56,7 +66,9 @@ fn main() -> Result<()> {
                     "grouped" => ExpertPath::Grouped,
                     "auto" => ExpertPath::Auto,
                     "host-per-expert" => ExpertPath::HostPerExpert,
-                    other => bail!("unknown expert path `{other}`: per-expert, host-per-expert, grouped or auto"),
+                    other => bail!(
+                    "unknown expert path `{other}`: per-expert, host-per-expert, grouped or auto"
+                ),
                 })
             }
             other => bail!("unknown option `{other}`"),
@@ -80,9 +92,21 @@ fn bench<AB: AutodiffBackend>(a: &Args, device: &AB::Device) -> Result<()> {
         model_cfg.num_nextn_predict_layers = d;
     }
     let dir = tempfile::tempdir()?;
-    let data_cfg = DataConfig { builtin_bytes: (a.steps + a.warmup + 2) * a.batch * (a.seq + 1) * 2, ..Default::default() };
+    let data_cfg = DataConfig {
+        builtin_bytes: (a.steps + a.warmup + 2) * a.batch * (a.seq + 1) * 2,
+        ..Default::default()
+    };
     let data = prepare(&dir.path().join("data"), &data_cfg)?;
-    let train = TrainConfig { steps: a.steps + a.warmup, batch_size: a.batch, seq_len: a.seq, lr: 1e-3, eval_every: 0, checkpoint_every: 0, fp8: a.fp8, ..Default::default() };
+    let train = TrainConfig {
+        steps: a.steps + a.warmup,
+        batch_size: a.batch,
+        seq_len: a.seq,
+        lr: 1e-3,
+        eval_every: 0,
+        checkpoint_every: 0,
+        fp8: a.fp8,
+        ..Default::default()
+    };
     let mut model = init_model::<AB>(&model_cfg, 0, device);
     if let Some(path) = a.expert_path {
         let policy = model.policy().clone().with_expert_path(path);

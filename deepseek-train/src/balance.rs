@@ -18,13 +18,23 @@ pub fn update_bias(bias: &mut [f32], counts: &[u64], gamma: f32) {
     for (b, &c) in bias.iter_mut().zip(counts) {
         let gap = mean - c as f64;
         // sign(0) = 0: an expert exactly at the mean keeps its bias.
-        *b += if gap > 0.0 { gamma } else if gap < 0.0 { -gamma } else { 0.0 };
+        *b += if gap > 0.0 {
+            gamma
+        } else if gap < 0.0 {
+            -gamma
+        } else {
+            0.0
+        };
     }
 }
 
 /// Applies [`update_bias`] to every MoE block of `model` (main blocks, then MTP blocks, the
 /// order of `ModelOutput::routing`). The bias stays a non-trainable parameter.
-pub fn update_model_biases<B: Backend>(model: &mut DeepSeekModel<B>, counts: &[Vec<u64>], gamma: f32) {
+pub fn update_model_biases<B: Backend>(
+    model: &mut DeepSeekModel<B>,
+    counts: &[Vec<u64>],
+    gamma: f32,
+) {
     let blocks = model.layers.iter_mut().chain(model.mtp.iter_mut().map(|m| &mut m.block));
     let mut counts = counts.iter();
     for block in blocks {
@@ -32,10 +42,12 @@ pub fn update_model_biases<B: Backend>(model: &mut DeepSeekModel<B>, counts: &[V
         let Some(bias) = moe.gate.e_score_correction_bias.as_mut() else { continue };
         let layer_counts = counts.next().expect("one count vector per MoE block");
         let device = bias.device();
-        let mut values: Vec<f32> = bias.val().into_data().convert::<f32>().into_vec().expect("f32 bias");
+        let mut values: Vec<f32> =
+            bias.val().into_data().convert::<f32>().into_vec().expect("f32 bias");
         update_bias(&mut values, layer_counts, gamma);
         let n = values.len();
-        *bias = Param::from_tensor(Tensor::from_data(TensorData::new(values, [n]), &device)).set_require_grad(false);
+        *bias = Param::from_tensor(Tensor::from_data(TensorData::new(values, [n]), &device))
+            .set_require_grad(false);
     }
 }
 
@@ -54,7 +66,11 @@ pub fn max_vio(counts: &[u64]) -> f64 {
 ///
 /// # Shapes
 /// `scores`: `[T, E]` (unbiased affinities), `indices`: `[T, K]` → `[1]`.
-pub fn sequence_balance_loss<B: Backend>(scores: Tensor<B, 2>, indices: Tensor<B, 2, Int>, alpha: f64) -> Tensor<B, 1> {
+pub fn sequence_balance_loss<B: Backend>(
+    scores: Tensor<B, 2>,
+    indices: Tensor<B, 2, Int>,
+    alpha: f64,
+) -> Tensor<B, 1> {
     grouped_balance_loss(scores, indices, 1, alpha)
 }
 
@@ -64,10 +80,18 @@ pub fn sequence_balance_loss<B: Backend>(scores: Tensor<B, 2>, indices: Tensor<B
 ///
 /// # Shapes
 /// `scores`: `[T, E]`, `indices`: `[T, K]`, `T` divisible by `groups` → `[1]`.
-pub fn grouped_balance_loss<B: Backend>(scores: Tensor<B, 2>, indices: Tensor<B, 2, Int>, groups: usize, alpha: f64) -> Tensor<B, 1> {
+pub fn grouped_balance_loss<B: Backend>(
+    scores: Tensor<B, 2>,
+    indices: Tensor<B, 2, Int>,
+    groups: usize,
+    alpha: f64,
+) -> Tensor<B, 1> {
     let [tokens, experts] = scores.dims();
     let [_, k] = indices.dims();
-    assert!(groups > 0 && tokens % groups == 0, "{tokens} tokens do not split into {groups} groups");
+    assert!(
+        groups > 0 && tokens % groups == 0,
+        "{tokens} tokens do not split into {groups} groups"
+    );
     let per = tokens / groups;
     let device = scores.device();
     let chosen = Tensor::<B, 2>::zeros([groups, experts], &device).scatter(
@@ -128,8 +152,10 @@ mod tests {
         let device = Default::default();
         let s = [[0.9f32, 0.2, 0.4, 0.1], [0.3, 0.8, 0.5, 0.6], [0.7, 0.1, 0.9, 0.2]]; // T = 3, E = 4
         let idx = [[0i64, 2], [1, 3], [2, 0]]; // K = 2
-        let scores = Tensor::<B, 2>::from_data(TensorData::new(s.concat(), [3, 4]), &device).require_grad();
-        let indices = Tensor::<B, 2, Int>::from_data(TensorData::new(idx.concat(), [3, 2]), &device);
+        let scores =
+            Tensor::<B, 2>::from_data(TensorData::new(s.concat(), [3, 4]), &device).require_grad();
+        let indices =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(idx.concat(), [3, 2]), &device);
         let loss = sequence_balance_loss(scores.clone(), indices, 0.1);
         // Scalar reference.
         let (t, e, k) = (3.0, 4.0, 2.0);
@@ -137,7 +163,11 @@ mod tests {
         for i in 0..4 {
             let count = idx.iter().filter(|row| row.contains(&(i as i64))).count() as f64;
             let f = e / (k * t) * count;
-            let p = s.iter().map(|row| row[i] as f64 / row.iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>() / t;
+            let p = s
+                .iter()
+                .map(|row| row[i] as f64 / row.iter().map(|&v| v as f64).sum::<f64>())
+                .sum::<f64>()
+                / t;
             expected += f * p;
         }
         let got = loss.clone().into_scalar() as f64;
@@ -149,12 +179,25 @@ mod tests {
     #[test]
     fn grouped_loss_is_the_mean_of_the_per_sequence_losses() {
         let device = Default::default();
-        let scores = Tensor::<Flex, 2>::random([12, 4], burn::tensor::Distribution::Uniform(0.05, 1.0), &device);
-        let idx: Vec<i64> = (0..12).flat_map(|t| [t % 4, (t * 3 + 1) % 4]).map(|i| i as i64).collect();
+        let scores = Tensor::<Flex, 2>::random(
+            [12, 4],
+            burn::tensor::Distribution::Uniform(0.05, 1.0),
+            &device,
+        );
+        let idx: Vec<i64> =
+            (0..12).flat_map(|t| [t % 4, (t * 3 + 1) % 4]).map(|i| i as i64).collect();
         let indices = Tensor::<Flex, 2, Int>::from_data(TensorData::new(idx, [12, 2]), &device);
-        let grouped: f32 = grouped_balance_loss(scores.clone(), indices.clone(), 3, 0.5).into_scalar();
+        let grouped: f32 =
+            grouped_balance_loss(scores.clone(), indices.clone(), 3, 0.5).into_scalar();
         let mean: f32 = (0..3)
-            .map(|g| sequence_balance_loss(scores.clone().narrow(0, 4 * g, 4), indices.clone().narrow(0, 4 * g, 4), 0.5).into_scalar())
+            .map(|g| {
+                sequence_balance_loss(
+                    scores.clone().narrow(0, 4 * g, 4),
+                    indices.clone().narrow(0, 4 * g, 4),
+                    0.5,
+                )
+                .into_scalar()
+            })
             .sum::<f32>()
             / 3.0;
         assert!((grouped - mean).abs() < 1e-6, "{grouped} vs {mean}");

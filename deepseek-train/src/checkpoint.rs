@@ -17,10 +17,10 @@ use deepseek_core::checkpoint::{write_atomic, write_safetensors, NamedTensor};
 use deepseek_core::{DeepSeekConfig, DeepSeekModel, LoadOptions};
 use serde::{Deserialize, Serialize};
 
+use crate::config::TrainConfig;
 use crate::data::DataConfig;
 use crate::error::{Result, TrainError};
 use crate::optim::{param_sizes, AdamW};
-use crate::config::TrainConfig;
 
 /// Subdirectory of the run directory.
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
@@ -57,7 +57,13 @@ fn step_dir(out: &Path, step: usize) -> PathBuf {
 }
 
 /// Writes a checkpoint of `step` and keeps only the newest `keep` ones.
-pub fn save<AB: AutodiffBackend>(out: &Path, model: &DeepSeekModel<AB>, optim: &AdamW<AB::InnerBackend>, state: &TrainState, keep: usize) -> Result<PathBuf> {
+pub fn save<AB: AutodiffBackend>(
+    out: &Path,
+    model: &DeepSeekModel<AB>,
+    optim: &AdamW<AB::InnerBackend>,
+    state: &TrainState,
+    keep: usize,
+) -> Result<PathBuf> {
     save_interruptible(out, model, optim, state, keep, None)
 }
 
@@ -136,9 +142,15 @@ fn prune(root: &Path, keep: usize) -> Result<()> {
 }
 
 /// Reads the checkpoint in `dir`; fails if its model configuration differs from `expected`.
-pub fn load<AB: AutodiffBackend>(dir: &Path, expected: &DeepSeekConfig, device: &AB::Device) -> Result<Loaded<AB>> {
-    let text = std::fs::read_to_string(dir.join(STATE_FILE)).map_err(|e| TrainError::io(&dir.join(STATE_FILE), e))?;
-    let state: TrainState = serde_json::from_str(&text).map_err(|e| TrainError::checkpoint(dir, format!("malformed {STATE_FILE}: {e}")))?;
+pub fn load<AB: AutodiffBackend>(
+    dir: &Path,
+    expected: &DeepSeekConfig,
+    device: &AB::Device,
+) -> Result<Loaded<AB>> {
+    let text = std::fs::read_to_string(dir.join(STATE_FILE))
+        .map_err(|e| TrainError::io(&dir.join(STATE_FILE), e))?;
+    let state: TrainState = serde_json::from_str(&text)
+        .map_err(|e| TrainError::checkpoint(dir, format!("malformed {STATE_FILE}: {e}")))?;
     let saved = DeepSeekConfig::from_hf_file(dir)?;
     if &saved != expected {
         return Err(TrainError::checkpoint(
@@ -148,7 +160,8 @@ pub fn load<AB: AutodiffBackend>(dir: &Path, expected: &DeepSeekConfig, device: 
                 expected.num_hidden_layers, expected.hidden_size, expected.vocab_size, expected.n_routed_experts, expected.num_nextn_predict_layers),
         ));
     }
-    let model: DeepSeekModel<AB> = deepseek_core::checkpoint::load_model(dir, device, LoadOptions::default())?;
+    let model: DeepSeekModel<AB> =
+        deepseek_core::checkpoint::load_model(dir, device, LoadOptions::default())?;
     let opt_path = dir.join(OPTIMIZER_FILE);
     let ckpt_tensors = read_all(&opt_path)?;
     let mut optim = AdamW::new(state.train.optim);
@@ -159,13 +172,21 @@ pub fn load<AB: AutodiffBackend>(dir: &Path, expected: &DeepSeekConfig, device: 
 
 fn read_all(path: &Path) -> Result<Vec<NamedTensor>> {
     let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| TrainError::checkpoint(path, format!("malformed or truncated: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| TrainError::checkpoint(path, format!("malformed or truncated: {e}")))?;
     let mut out = Vec::new();
     for (name, view) in st.tensors() {
         if view.dtype() != safetensors::Dtype::F32 {
-            return Err(TrainError::checkpoint(path, format!("`{name}` is {:?}, expected F32", view.dtype())));
+            return Err(TrainError::checkpoint(
+                path,
+                format!("`{name}` is {:?}, expected F32", view.dtype()),
+            ));
         }
-        let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
         out.push(NamedTensor { name, shape: view.shape().to_vec(), values });
     }
     Ok(out)

@@ -160,7 +160,12 @@ impl TrainConfig {
 
     /// Checks the settings against each other and against the model.
     pub fn validate(&self, model: &DeepSeekConfig) -> Result<()> {
-        let positive = [("steps", self.steps), ("batch_size", self.batch_size), ("seq_len", self.seq_len), ("grad_accum", self.grad_accum)];
+        let positive = [
+            ("steps", self.steps),
+            ("batch_size", self.batch_size),
+            ("seq_len", self.seq_len),
+            ("grad_accum", self.grad_accum),
+        ];
         for (field, v) in positive {
             if v == 0 {
                 return Err(TrainError::config(field, "must be at least 1"));
@@ -169,23 +174,42 @@ impl TrainConfig {
         if self.seq_len > model.max_position_embeddings {
             return Err(TrainError::config(
                 "seq_len",
-                format!("{} exceeds the model's context of {} tokens (max_position_embeddings)", self.seq_len, model.max_position_embeddings),
+                format!(
+                    "{} exceeds the model's context of {} tokens (max_position_embeddings)",
+                    self.seq_len, model.max_position_embeddings
+                ),
             ));
         }
         if self.seq_len <= model.num_nextn_predict_layers + 1 {
-            return Err(TrainError::config("seq_len", format!("must exceed the MTP depth + 1 ({})", model.num_nextn_predict_layers + 1)));
+            return Err(TrainError::config(
+                "seq_len",
+                format!("must exceed the MTP depth + 1 ({})", model.num_nextn_predict_layers + 1),
+            ));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(TrainError::config("lr", format!("must be positive, got {}", self.lr)));
         }
-        if !(0.0..=1.0).contains(&self.decay_start) || !(self.decay_start..=1.0).contains(&self.decay_end) {
-            return Err(TrainError::config("decay_start/decay_end", "need 0 ≤ decay_start ≤ decay_end ≤ 1"));
+        if !(0.0..=1.0).contains(&self.decay_start)
+            || !(self.decay_start..=1.0).contains(&self.decay_end)
+        {
+            return Err(TrainError::config(
+                "decay_start/decay_end",
+                "need 0 ≤ decay_start ≤ decay_end ≤ 1",
+            ));
         }
         if let Some(limit) = self.node_limit {
-            limit.check(model.n_routed_experts, model.num_experts_per_tok).map_err(|problem| TrainError::config("node_limit", problem))?;
+            limit
+                .check(model.n_routed_experts, model.num_experts_per_tok)
+                .map_err(|problem| TrainError::config("node_limit", problem))?;
         }
-        if self.balance == BalanceMode::AuxFree && !model.topk_method.has_bias() && model.n_routed_experts > 0 {
-            return Err(TrainError::config("balance", "aux-free balancing needs a router with a selection bias (topk_method noaux_tc)"));
+        if self.balance == BalanceMode::AuxFree
+            && !model.topk_method.has_bias()
+            && model.n_routed_experts > 0
+        {
+            return Err(TrainError::config(
+                "balance",
+                "aux-free balancing needs a router with a selection bias (topk_method noaux_tc)",
+            ));
         }
         Ok(())
     }
@@ -225,8 +249,23 @@ impl TrainConfig {
 
     /// This recipe with `run`'s settings.
     pub fn with_run_settings(self, run: RunSettings) -> Self {
-        let RunSettings { steps, eval_every, eval_batches, checkpoint_every, keep_checkpoints, on_nonfinite } = run;
-        Self { steps, eval_every, eval_batches, checkpoint_every, keep_checkpoints, on_nonfinite, ..self }
+        let RunSettings {
+            steps,
+            eval_every,
+            eval_batches,
+            checkpoint_every,
+            keep_checkpoints,
+            on_nonfinite,
+        } = run;
+        Self {
+            steps,
+            eval_every,
+            eval_batches,
+            checkpoint_every,
+            keep_checkpoints,
+            on_nonfinite,
+            ..self
+        }
     }
 }
 
@@ -262,9 +301,18 @@ mod tests {
     #[test]
     fn resuming_takes_the_run_settings_and_keeps_the_recipe() {
         let saved = TrainConfig { steps: 10, lr: 1e-3, eval_every: 5, ..Default::default() };
-        let asked = TrainConfig { steps: 20, lr: 5.0, eval_every: 7, on_nonfinite: NonFinitePolicy::Skip, ..Default::default() };
+        let asked = TrainConfig {
+            steps: 20,
+            lr: 5.0,
+            eval_every: 7,
+            on_nonfinite: NonFinitePolicy::Skip,
+            ..Default::default()
+        };
         let merged = saved.clone().with_run_settings(asked.run_settings());
-        assert_eq!((merged.steps, merged.eval_every, merged.on_nonfinite), (20, 7, NonFinitePolicy::Skip));
+        assert_eq!(
+            (merged.steps, merged.eval_every, merged.on_nonfinite),
+            (20, 7, NonFinitePolicy::Skip)
+        );
         assert_eq!(merged.lr, saved.lr, "the recipe stays the checkpoint's");
         assert_eq!(merged.with_run_settings(saved.run_settings()), saved);
     }

@@ -38,12 +38,16 @@ pub struct Grammar {
 }
 
 const DET: &[&str] = &["the", "a"];
-const ADJ: &[&str] = &["red", "small", "happy", "old", "quiet", "bright", "brave", "tiny", "green", "lazy"];
+const ADJ: &[&str] =
+    &["red", "small", "happy", "old", "quiet", "bright", "brave", "tiny", "green", "lazy"];
 const NOUN: &[&str] = &[
-    "cat", "dog", "bird", "fox", "child", "robot", "farmer", "teacher", "river", "garden", "house", "tree", "ship", "king",
-    "baker", "horse",
+    "cat", "dog", "bird", "fox", "child", "robot", "farmer", "teacher", "river", "garden", "house",
+    "tree", "ship", "king", "baker", "horse",
 ];
-const VERB: &[&str] = &["sees", "likes", "finds", "follows", "helps", "paints", "visits", "watches", "carries", "builds", "hears", "greets"];
+const VERB: &[&str] = &[
+    "sees", "likes", "finds", "follows", "helps", "paints", "visits", "watches", "carries",
+    "builds", "hears", "greets",
+];
 
 impl Grammar {
     /// The built-in grammar: 70% sentences `det [adj] noun verb det [adj] noun.`, 30% addition
@@ -70,7 +74,10 @@ impl Grammar {
                         Lit(".\n"),
                     ],
                 },
-                Template { weight: 0.3, parts: vec![Num(20), Lit(" + "), Num(20), Lit(" = "), Sum, Lit("\n")] },
+                Template {
+                    weight: 0.3,
+                    parts: vec![Num(20), Lit(" + "), Num(20), Lit(" = "), Sum, Lit("\n")],
+                },
             ],
         }
     }
@@ -179,7 +186,11 @@ fn expected_template_length(t: &Template) -> f64 {
     }
     // The sum's length depends on the numbers: average over all of their combinations.
     if t.parts.iter().any(|p| matches!(p, Part::Sum)) {
-        let ranges: Vec<u64> = t.parts.iter().filter_map(|p| if let Part::Num(n) = p { Some(*n as u64) } else { None }).collect();
+        let ranges: Vec<u64> = t
+            .parts
+            .iter()
+            .filter_map(|p| if let Part::Num(n) = p { Some(*n as u64) } else { None })
+            .collect();
         let combos: u64 = ranges.iter().product();
         let mut total = 0usize;
         for mut code in 0..combos {
@@ -275,8 +286,22 @@ mod tests {
         use Part::*;
         Grammar {
             templates: vec![
-                Template { weight: 2.0, parts: vec![Pick(DET), Lit(" "), Maybe(0.3, &ADJ[..3]), Pick(&NOUN[..4]), Lit(" "), Pick(&VERB[..2]), Lit(".\n")] },
-                Template { weight: 1.0, parts: vec![Num(12), Lit(" + "), Num(7), Lit(" = "), Sum, Lit("\n")] },
+                Template {
+                    weight: 2.0,
+                    parts: vec![
+                        Pick(DET),
+                        Lit(" "),
+                        Maybe(0.3, &ADJ[..3]),
+                        Pick(&NOUN[..4]),
+                        Lit(" "),
+                        Pick(&VERB[..2]),
+                        Lit(".\n"),
+                    ],
+                },
+                Template {
+                    weight: 1.0,
+                    parts: vec![Num(12), Lit(" + "), Num(7), Lit(" = "), Sum, Lit("\n")],
+                },
             ],
         }
     }
@@ -316,10 +341,18 @@ mod tests {
         let text = g.generate(42, 2_000_000);
         let sentences = text.matches('\n').count() as f64;
         let mean = text.len() as f64 / sentences;
-        assert!((mean - g.expected_length()).abs() / g.expected_length() < 0.01, "{mean} vs {}", g.expected_length());
+        assert!(
+            (mean - g.expected_length()).abs() / g.expected_length() < 0.01,
+            "{mean} vs {}",
+            g.expected_length()
+        );
         // Arithmetic lines are correct.
         for line in text.lines().filter(|l| l.contains('+')).take(1000) {
-            let nums: Vec<u64> = line.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect();
+            let nums: Vec<u64> = line
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse().unwrap())
+                .collect();
             assert_eq!(nums[0] + nums[1], nums[2], "{line}");
         }
         let rate = g.entropy_per_byte();

@@ -55,7 +55,13 @@ pub struct DataConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { corpus: CorpusSource::Builtin, tokenizer: TokenizerSource::Bytes, builtin_bytes: 4 << 20, val_fraction: 0.05, seed: 0 }
+        Self {
+            corpus: CorpusSource::Builtin,
+            tokenizer: TokenizerSource::Bytes,
+            builtin_bytes: 4 << 20,
+            val_fraction: 0.05,
+            seed: 0,
+        }
     }
 }
 
@@ -82,6 +88,9 @@ pub struct Dataset {
     pub dir: PathBuf,
 }
 
+/// A stream of documents (text files, or the built-in corpus in pieces).
+type Documents = Box<dyn Iterator<Item = Result<String>>>;
+
 /// The tokenizer and token files live here, inside the run directory.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
@@ -97,7 +106,7 @@ pub fn prepare(dir: &Path, config: &DataConfig) -> Result<Dataset> {
         }
     }
     std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
-    let (train_text, val_text): (Box<dyn Iterator<Item = Result<String>>>, Box<dyn Iterator<Item = Result<String>>>);
+    let (train_text, val_text): (Documents, Documents);
     let mut entropy = None;
     match &config.corpus {
         CorpusSource::Builtin => {
@@ -107,8 +116,12 @@ pub fn prepare(dir: &Path, config: &DataConfig) -> Result<Dataset> {
             }
             let val_bytes = (config.builtin_bytes / 20).max(64 << 10);
             // Different seeds for the two splits: validation sentences are fresh draws.
-            train_text = Box::new(std::iter::once(Ok(grammar.generate(config.seed.wrapping_mul(2), config.builtin_bytes))));
-            val_text = Box::new(std::iter::once(Ok(grammar.generate(config.seed.wrapping_mul(2) + 1, val_bytes))));
+            train_text = Box::new(std::iter::once(Ok(
+                grammar.generate(config.seed.wrapping_mul(2), config.builtin_bytes)
+            )));
+            val_text = Box::new(std::iter::once(Ok(
+                grammar.generate(config.seed.wrapping_mul(2) + 1, val_bytes)
+            )));
         }
         CorpusSource::Files(files) => {
             if files.is_empty() {
@@ -118,12 +131,17 @@ pub fn prepare(dir: &Path, config: &DataConfig) -> Result<Dataset> {
             for f in files {
                 let meta = std::fs::metadata(f).map_err(|e| TrainError::io(f, e))?;
                 if !meta.is_file() {
-                    return Err(TrainError::Data(format!("corpus path `{}` is not a file", f.display())));
+                    return Err(TrainError::Data(format!(
+                        "corpus path `{}` is not a file",
+                        f.display()
+                    )));
                 }
                 bytes += meta.len();
             }
             if bytes == 0 {
-                return Err(TrainError::Data("the corpus files are empty: nothing to train on".into()));
+                return Err(TrainError::Data(
+                    "the corpus files are empty: nothing to train on".into(),
+                ));
             }
             // Split later, by token count; the text streams line by line from disk.
             train_text = Box::new(lines(files.clone()));
@@ -145,11 +163,16 @@ pub fn prepare(dir: &Path, config: &DataConfig) -> Result<Dataset> {
         let tail: Vec<u32> = all.slice(n_train as usize, held as usize);
         drop(all);
         write_u32s(&val_path, &tail)?;
-        let f = std::fs::OpenOptions::new().write(true).open(&train_path).map_err(|e| TrainError::io(&train_path, e))?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&train_path)
+            .map_err(|e| TrainError::io(&train_path, e))?;
         f.set_len(n_train * 4).map_err(|e| TrainError::io(&train_path, e))?;
     }
     if n_train < 2 {
-        return Err(TrainError::Data(format!("the corpus has {n_train} training tokens: nothing to train on")));
+        return Err(TrainError::Data(format!(
+            "the corpus has {n_train} training tokens: nothing to train on"
+        )));
     }
     tokenizer
         .save(dir.join(TOKENIZER_FILE), true)
@@ -168,7 +191,9 @@ pub fn prepare(dir: &Path, config: &DataConfig) -> Result<Dataset> {
 }
 
 fn open(dir: &Path, meta: DataMeta) -> Result<Dataset> {
-    let tokenizer = Tokenizer::from_file(dir.join(TOKENIZER_FILE)).map_err(|e| TrainError::Data(format!("cannot read the tokenizer in {}: {e}", dir.display())))?;
+    let tokenizer = Tokenizer::from_file(dir.join(TOKENIZER_FILE)).map_err(|e| {
+        TrainError::Data(format!("cannot read the tokenizer in {}: {e}", dir.display()))
+    })?;
     Ok(Dataset {
         train: TokenFile::open(&dir.join("train.bin"))?,
         val: TokenFile::open(&dir.join("val.bin"))?,
@@ -186,7 +211,11 @@ fn lines(files: Vec<PathBuf>) -> impl Iterator<Item = Result<String>> {
             Ok(f) => {
                 let p = path.clone();
                 // Keep the newline: it is part of the text the model should learn.
-                Box::new(BufReader::new(f).lines().map(move |l| l.map(|s| s + "\n").map_err(|e| TrainError::io(&p, e))))
+                Box::new(
+                    BufReader::new(f)
+                        .lines()
+                        .map(move |l| l.map(|s| s + "\n").map_err(|e| TrainError::io(&p, e))),
+                )
             }
         };
         iter
@@ -194,7 +223,11 @@ fn lines(files: Vec<PathBuf>) -> impl Iterator<Item = Result<String>> {
 }
 
 /// Tokenizes a stream of text chunks into `path`; returns the token count and the largest id.
-fn write_tokens(tokenizer: &Tokenizer, text: impl Iterator<Item = Result<String>>, path: &Path) -> Result<(u64, u32)> {
+fn write_tokens(
+    tokenizer: &Tokenizer,
+    text: impl Iterator<Item = Result<String>>,
+    path: &Path,
+) -> Result<(u64, u32)> {
     let file = File::create(path).map_err(|e| TrainError::io(path, e))?;
     let mut out = BufWriter::new(file);
     let (mut count, mut max_id) = (0u64, 0u32);
@@ -238,12 +271,14 @@ fn write_u32s(path: &Path, values: &[u32]) -> Result<()> {
 fn build_tokenizer(config: &DataConfig) -> Result<Tokenizer> {
     match &config.tokenizer {
         TokenizerSource::Bytes => Ok(byte_tokenizer()),
-        TokenizerSource::File(path) => {
-            Tokenizer::from_file(path).map_err(|e| TrainError::Data(format!("cannot read tokenizer `{}`: {e}", path.display())))
-        }
+        TokenizerSource::File(path) => Tokenizer::from_file(path).map_err(|e| {
+            TrainError::Data(format!("cannot read tokenizer `{}`: {e}", path.display()))
+        }),
         TokenizerSource::TrainBpe(vocab) => {
             let CorpusSource::Files(files) = &config.corpus else {
-                return Err(TrainError::Data("a BPE is trained on user files; the built-in corpus uses byte tokens".into()));
+                return Err(TrainError::Data(
+                    "a BPE is trained on user files; the built-in corpus uses byte tokens".into(),
+                ));
             };
             train_bpe(files, *vocab)
         }
@@ -252,7 +287,8 @@ fn build_tokenizer(config: &DataConfig) -> Result<Tokenizer> {
 
 /// GPT-2's reversible map from bytes to printable characters (byte-level BPE's alphabet).
 fn byte_chars() -> Vec<char> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut extra = 0;
     (0u32..256)
         .map(|b| {
@@ -268,8 +304,11 @@ fn byte_chars() -> Vec<char> {
 
 /// A byte-level `tokenizer.json` with no merges whose id `i` is byte `i`.
 pub fn byte_tokenizer() -> Tokenizer {
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        byte_chars().into_iter().enumerate().map(|(i, c)| (c.to_string(), serde_json::Value::from(i))).collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = byte_chars()
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), serde_json::Value::from(i)))
+        .collect();
     let json = serde_json::json!({
         "version": "1.0",
         "truncation": null,
@@ -292,11 +331,14 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize) -> Result<Tokenizer> {
     use tokenizers::models::TrainerWrapper;
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
     if vocab_size < 256 {
-        return Err(TrainError::Data(format!("a byte-level BPE needs at least 256 tokens, got {vocab_size}")));
+        return Err(TrainError::Data(format!(
+            "a byte-level BPE needs at least 256 tokens, got {vocab_size}"
+        )));
     }
     let mut tokenizer = byte_tokenizer();
     // Regex pre-splitting (GPT-2's) keeps merges inside words.
-    tokenizer.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false).use_regex(true)));
+    tokenizer
+        .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false).use_regex(true)));
     let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
         .min_frequency(2)
@@ -321,11 +363,18 @@ impl TokenFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| TrainError::io(path, e))?;
         let bytes = file.metadata().map_err(|e| TrainError::io(path, e))?.len() as usize;
-        if bytes % 4 != 0 {
-            return Err(TrainError::Data(format!("{} is not a whole number of u32 tokens ({bytes} bytes)", path.display())));
+        if !bytes.is_multiple_of(4) {
+            return Err(TrainError::Data(format!(
+                "{} is not a whole number of u32 tokens ({bytes} bytes)",
+                path.display()
+            )));
         }
         // An empty file cannot be mapped on every platform.
-        let mmap = if bytes == 0 { None } else { Some(unsafe { Mmap::map(&file) }.map_err(|e| TrainError::io(path, e))?) };
+        let mmap = if bytes == 0 {
+            None
+        } else {
+            Some(unsafe { Mmap::map(&file) }.map_err(|e| TrainError::io(path, e))?)
+        };
         Ok(Self { mmap, len: bytes / 4 })
     }
 
@@ -357,7 +406,11 @@ impl<'a> Windows<'a> {
     pub fn new(tokens: &'a TokenFile, seq: usize) -> Result<Self> {
         let count = tokens.len().saturating_sub(1) / seq;
         if count == 0 {
-            return Err(TrainError::Data(format!("the split has {} tokens, fewer than one sequence of {} + 1", tokens.len(), seq)));
+            return Err(TrainError::Data(format!(
+                "the split has {} tokens, fewer than one sequence of {} + 1",
+                tokens.len(),
+                seq
+            )));
         }
         Ok(Self { tokens, seq, count, perm: None })
     }
@@ -417,7 +470,11 @@ mod tests {
         let modified = std::fs::metadata(dir.path().join("train.bin")).unwrap().modified().unwrap();
         let again = prepare(dir.path(), &cfg).unwrap();
         assert_eq!(again.meta, data.meta);
-        assert_eq!(std::fs::metadata(dir.path().join("train.bin")).unwrap().modified().unwrap(), modified, "reused, not rewritten");
+        assert_eq!(
+            std::fs::metadata(dir.path().join("train.bin")).unwrap().modified().unwrap(),
+            modified,
+            "reused, not rewritten"
+        );
     }
 
     #[test]
@@ -425,14 +482,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let corpus = dir.path().join("corpus.txt");
         std::fs::write(&corpus, Grammar::builtin().generate(3, 50_000)).unwrap();
-        let cfg = DataConfig { corpus: CorpusSource::Files(vec![corpus.clone()]), tokenizer: TokenizerSource::TrainBpe(300), val_fraction: 0.1, ..Default::default() };
+        let cfg = DataConfig {
+            corpus: CorpusSource::Files(vec![corpus.clone()]),
+            tokenizer: TokenizerSource::TrainBpe(300),
+            val_fraction: 0.1,
+            ..Default::default()
+        };
         let data = prepare(&dir.path().join("data"), &cfg).unwrap();
         assert_eq!(data.tokenizer.get_vocab_size(true), 300);
         let total = data.meta.train_tokens + data.meta.val_tokens;
         assert_eq!(data.meta.val_tokens, (total as f64 * 0.1).round() as u64);
         // The two splits concatenated are the tokenization of the file, line by line.
         let text = std::fs::read_to_string(&corpus).unwrap();
-        let ids: Vec<u32> = text.split_inclusive('\n').flat_map(|l| data.tokenizer.encode(l, false).unwrap().get_ids().to_vec()).collect();
+        let ids: Vec<u32> = text
+            .split_inclusive('\n')
+            .flat_map(|l| data.tokenizer.encode(l, false).unwrap().get_ids().to_vec())
+            .collect();
         let mut both = data.train.slice(0, data.train.len());
         both.extend(data.val.slice(0, data.val.len()));
         assert_eq!(both, ids);
@@ -442,12 +507,16 @@ mod tests {
     #[test]
     fn bad_corpora_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let missing = DataConfig { corpus: CorpusSource::Files(vec![dir.path().join("nope.txt")]), ..Default::default() };
+        let missing = DataConfig {
+            corpus: CorpusSource::Files(vec![dir.path().join("nope.txt")]),
+            ..Default::default()
+        };
         let err = prepare(&dir.path().join("a"), &missing).err().unwrap().to_string();
         assert!(err.contains("nope.txt"), "{err}");
         let empty_file = dir.path().join("empty.txt");
         std::fs::write(&empty_file, "").unwrap();
-        let empty = DataConfig { corpus: CorpusSource::Files(vec![empty_file]), ..Default::default() };
+        let empty =
+            DataConfig { corpus: CorpusSource::Files(vec![empty_file]), ..Default::default() };
         let err = prepare(&dir.path().join("b"), &empty).err().unwrap().to_string();
         assert!(err.contains("nothing to train on"), "{err}");
         let none = DataConfig { corpus: CorpusSource::Files(vec![]), ..Default::default() };
@@ -471,6 +540,10 @@ mod tests {
         assert_eq!(window[10], window[0] + 10);
         let mut fresh = Windows::new(&file, 10).unwrap();
         assert_eq!(fresh.shuffled(5, 137), w.shuffled(5, 137));
-        assert_ne!((100..200).map(|p| w.shuffled(5, p)[0]).collect::<Vec<_>>(), firsts, "epochs differ");
+        assert_ne!(
+            (100..200).map(|p| w.shuffled(5, p)[0]).collect::<Vec<_>>(),
+            firsts,
+            "epochs differ"
+        );
     }
 }

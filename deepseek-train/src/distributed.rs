@@ -33,7 +33,9 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use burn_collective::{CollectiveConfig, PeerId, ReduceOperation};
-use deepseek_core::parallel::{Exchange, ExpertParallel, GroupView, LocalExchange, RendezvousConfig, TcpExchange};
+use deepseek_core::parallel::{
+    Exchange, ExpertParallel, GroupView, LocalExchange, RendezvousConfig, TcpExchange,
+};
 use deepseek_core::{DeepSeekConfig, DeepSeekModel};
 
 use crate::error::{Result, TrainError};
@@ -110,21 +112,40 @@ impl Layout {
         if self.ranks == 0 {
             return Err(TrainError::config("ranks", "must be at least 1"));
         }
-        if self.expert_parallel == 0 || self.world() % self.expert_parallel != 0 {
-            return Err(TrainError::config("expert_parallel", format!("an expert-parallel group of {} ranks must divide the {} ranks", self.expert_parallel, self.world())));
+        if self.expert_parallel == 0 || !self.world().is_multiple_of(self.expert_parallel) {
+            return Err(TrainError::config(
+                "expert_parallel",
+                format!(
+                    "an expert-parallel group of {} ranks must divide the {} ranks",
+                    self.expert_parallel,
+                    self.world()
+                ),
+            ));
         }
-        if self.expert_parallel > 1 && (model.n_routed_experts == 0 || model.n_routed_experts % self.expert_parallel != 0) {
+        if self.expert_parallel > 1
+            && (model.n_routed_experts == 0
+                || !model.n_routed_experts.is_multiple_of(self.expert_parallel))
+        {
             return Err(TrainError::config(
                 "expert_parallel",
                 format!("{} routed experts cannot be split over {} expert-parallel ranks: choose a size that divides {}", model.n_routed_experts, self.expert_parallel, model.n_routed_experts),
             ));
         }
-        if batch_size % self.world() != 0 {
-            return Err(TrainError::config("batch_size", format!("the global batch of {batch_size} sequences must split evenly over {} ranks", self.world())));
+        if !batch_size.is_multiple_of(self.world()) {
+            return Err(TrainError::config(
+                "batch_size",
+                format!(
+                    "the global batch of {batch_size} sequences must split evenly over {} ranks",
+                    self.world()
+                ),
+            ));
         }
         if let Some(n) = &self.nodes {
             if n.count == 0 || n.node >= n.count {
-                return Err(TrainError::config("node_rank", format!("node {} is outside {} nodes", n.node, n.count)));
+                return Err(TrainError::config(
+                    "node_rank",
+                    format!("node {} is outside {} nodes", n.node, n.count),
+                ));
             }
             if self.ranks != 1 {
                 return Err(TrainError::config("ranks", "a multi-process run has one rank per process (--ranks 1): start one process per device"));
@@ -165,7 +186,10 @@ impl RankContext {
 
 /// One exchange between all ranks of this process, for the barrier of [`Reducer::Collective`].
 pub fn barriers(layout: &Layout) -> Vec<Arc<dyn Exchange>> {
-    LocalExchange::group(layout.ranks, layout.timeout).into_iter().map(|e| Arc::new(e) as Arc<dyn Exchange>).collect()
+    LocalExchange::group(layout.ranks, layout.timeout)
+        .into_iter()
+        .map(|e| Arc::new(e) as Arc<dyn Exchange>)
+        .collect()
 }
 
 /// The expert-parallel exchanges of this process's ranks: rank `r` joins group `r / E`.
@@ -180,10 +204,14 @@ pub fn expert_exchanges(layout: &Layout) -> Vec<Option<Arc<dyn Exchange>>> {
 }
 
 /// Puts a model replica under expert parallelism.
-pub fn with_experts<B: Backend>(model: DeepSeekModel<B>, exchange: Option<Arc<dyn Exchange>>) -> Result<DeepSeekModel<B>> {
+pub fn with_experts<B: Backend>(
+    model: DeepSeekModel<B>,
+    exchange: Option<Arc<dyn Exchange>>,
+) -> Result<DeepSeekModel<B>> {
     let Some(exchange) = exchange else { return Ok(model) };
     let experts = model.config.n_routed_experts;
-    let parallel = ExpertParallel::new(exchange, experts).map_err(|e| TrainError::config("expert_parallel", e.to_string()))?;
+    let parallel = ExpertParallel::new(exchange, experts)
+        .map_err(|e| TrainError::config("expert_parallel", e.to_string()))?;
     let policy = model.policy().clone().with_expert_parallel(Some(parallel));
     Ok(model.with_policy(policy)?)
 }
@@ -204,12 +232,24 @@ pub fn collective_config(layout: &Layout) -> CollectiveConfig {
 /// The exchange of a multi-process run: meets the other processes at the rendezvous, then
 /// connects the mesh (TCP) or the communicator (NCCL, on GPU `ordinal`).
 pub fn connect(nodes: &Nodes, timeout: Duration, ordinal: usize) -> Result<Arc<dyn Exchange>> {
-    let config = RendezvousConfig { rank: nodes.node, world: nodes.count, master: nodes.master.clone(), timeout };
-    let failed = |e: deepseek_core::parallel::ParallelError| TrainError::Rank { rank: nodes.node, problem: e.to_string() };
+    let config = RendezvousConfig {
+        rank: nodes.node,
+        world: nodes.count,
+        master: nodes.master.clone(),
+        timeout,
+    };
+    let failed = |e: deepseek_core::parallel::ParallelError| TrainError::Rank {
+        rank: nodes.node,
+        problem: e.to_string(),
+    };
     match nodes.transport {
-        Transport::Tcp => Ok(Arc::new(TcpExchange::connect(config.join(&[]).map_err(failed)?).map_err(failed)?)),
+        Transport::Tcp => {
+            Ok(Arc::new(TcpExchange::connect(config.join(&[]).map_err(failed)?).map_err(failed)?))
+        }
         #[cfg(feature = "cuda")]
-        Transport::Nccl => Ok(Arc::new(deepseek_core::parallel::NcclExchange::connect(&config, ordinal).map_err(failed)?)),
+        Transport::Nccl => Ok(Arc::new(
+            deepseek_core::parallel::NcclExchange::connect(&config, ordinal).map_err(failed)?,
+        )),
         #[cfg(not(feature = "cuda"))]
         Transport::Nccl => {
             let _ = ordinal;
@@ -220,18 +260,27 @@ pub fn connect(nodes: &Nodes, timeout: Duration, ordinal: usize) -> Result<Arc<d
 
 /// The expert-parallel group of this rank within the processes' exchange: ranks
 /// `⌊rank/E⌋·E .. +E`.
-pub fn expert_group(world: &Arc<dyn Exchange>, expert_parallel: usize) -> Result<Option<Arc<dyn Exchange>>> {
+pub fn expert_group(
+    world: &Arc<dyn Exchange>,
+    expert_parallel: usize,
+) -> Result<Option<Arc<dyn Exchange>>> {
     if expert_parallel <= 1 {
         return Ok(None);
     }
     let start = world.rank() / expert_parallel * expert_parallel;
-    let view = GroupView::new(world.clone(), start..start + expert_parallel).map_err(|e| TrainError::config("expert_parallel", e.to_string()))?;
+    let view = GroupView::new(world.clone(), start..start + expert_parallel)
+        .map_err(|e| TrainError::config("expert_parallel", e.to_string()))?;
     Ok(Some(Arc::new(view)))
 }
 
 /// Registers a rank with the collective.
-pub fn register<B: Backend>(peer: PeerId, device: &B::Device, config: CollectiveConfig) -> Result<()> {
-    burn_collective::register::<B>(peer, device.clone(), config).map_err(|e| TrainError::config("collective", format!("registering rank {peer}: {e:?}")))
+pub fn register<B: Backend>(
+    peer: PeerId,
+    device: &B::Device,
+    config: CollectiveConfig,
+) -> Result<()> {
+    burn_collective::register::<B>(peer, device.clone(), config)
+        .map_err(|e| TrainError::config("collective", format!("registering rank {peer}: {e:?}")))
 }
 
 /// Leaves the collective.
@@ -273,7 +322,12 @@ pub fn all_reduce<AB: AutodiffBackend>(
     }
     let device = model.embed_tokens.weight.val().inner().device();
     let mut grads = grads;
-    let mut flatten = Flatten::<AB::InnerBackend> { grads: &mut grads, parts: Vec::new(), layout: Vec::new(), device: device.clone() };
+    let mut flatten = Flatten::<AB::InnerBackend> {
+        grads: &mut grads,
+        parts: Vec::new(),
+        layout: Vec::new(),
+        device: device.clone(),
+    };
     model.visit(&mut flatten);
     let (mut parts, layout) = (flatten.parts, flatten.layout);
     let [n_stats] = stats.dims();
@@ -281,16 +335,33 @@ pub fn all_reduce<AB: AutodiffBackend>(
     let flat = Tensor::cat(parts, 0); // [Σ params + stats]
     let reduced: Tensor<AB::InnerBackend, 1> = match &ctx.reducer {
         Reducer::Collective { peer, barrier } => {
-            barrier.all_reduce_sum(&mut [0.0]).map_err(|e| TrainError::Rank { rank: ctx.rank, problem: format!("before the gradient all-reduce: {e}") })?;
-            let reduced = burn_collective::all_reduce::<AB::InnerBackend>(*peer, flat.into_primitive().tensor(), ReduceOperation::Sum)
-                .map_err(|e| TrainError::Rank { rank: ctx.rank, problem: format!("gradient all-reduce failed: {e:?}") })?;
+            barrier.all_reduce_sum(&mut [0.0]).map_err(|e| TrainError::Rank {
+                rank: ctx.rank,
+                problem: format!("before the gradient all-reduce: {e}"),
+            })?;
+            let reduced = burn_collective::all_reduce::<AB::InnerBackend>(
+                *peer,
+                flat.into_primitive().tensor(),
+                ReduceOperation::Sum,
+            )
+            .map_err(|e| TrainError::Rank {
+                rank: ctx.rank,
+                problem: format!("gradient all-reduce failed: {e:?}"),
+            })?;
             Tensor::from_primitive(TensorPrimitive::Float(reduced))
         }
         Reducer::Exchange(exchange) => {
             let n = flat.dims()[0];
-            let mut values: Vec<f64> = flat.into_data().convert::<f64>().into_vec().expect("f64 values");
-            exchange.all_reduce_sum(&mut values).map_err(|e| TrainError::Rank { rank: ctx.rank, problem: format!("gradient all-reduce failed: {e}") })?;
-            Tensor::from_data(TensorData::new(values.into_iter().map(|v| v as f32).collect::<Vec<f32>>(), [n]), &device)
+            let mut values: Vec<f64> =
+                flat.into_data().convert::<f64>().into_vec().expect("f64 values");
+            exchange.all_reduce_sum(&mut values).map_err(|e| TrainError::Rank {
+                rank: ctx.rank,
+                problem: format!("gradient all-reduce failed: {e}"),
+            })?;
+            Tensor::from_data(
+                TensorData::new(values.into_iter().map(|v| v as f32).collect::<Vec<f32>>(), [n]),
+                &device,
+            )
         }
     };
     let mut out = GradientsParams::new();
@@ -305,7 +376,12 @@ pub fn all_reduce<AB: AutodiffBackend>(
 }
 
 /// Registers a flat gradient under `id` with its parameter's rank.
-fn register_grad<B: Backend>(grads: &mut GradientsParams, id: burn::module::ParamId, flat: Tensor<B, 1>, shape: &[usize]) {
+fn register_grad<B: Backend>(
+    grads: &mut GradientsParams,
+    id: burn::module::ParamId,
+    flat: Tensor<B, 1>,
+    shape: &[usize],
+) {
     match shape.len() {
         1 => grads.register::<B, 1>(id, flat.reshape([shape[0]])),
         2 => grads.register::<B, 2>(id, flat.reshape([shape[0], shape[1]])),
@@ -318,6 +394,9 @@ fn register_grad<B: Backend>(grads: &mut GradientsParams, id: burn::module::Para
 /// A copy of `model` for another rank on `device`. `fork` detaches every parameter into a fresh
 /// autodiff leaf, so each rank has its own graph: ranks sharing parameter nodes would share one
 /// graph lock, and one rank's backward would block the others' while it waits in an all-to-all.
-pub fn replica<AB: AutodiffBackend>(model: &DeepSeekModel<AB>, device: &AB::Device) -> DeepSeekModel<AB> {
+pub fn replica<AB: AutodiffBackend>(
+    model: &DeepSeekModel<AB>,
+    device: &AB::Device,
+) -> DeepSeekModel<AB> {
     burn::module::Module::fork(model.clone(), device)
 }

@@ -33,7 +33,11 @@ pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 pub const LINE_CHAT_TEMPLATE: &str = "{% if bos_token %}{{ bos_token }}{% endif %}{% for message in messages %}{{ message['content'] }}{% if not (loop.last and add_generation_prompt) %}{{ '\\n' }}{% endif %}{% endfor %}";
 
 /// Writes the model, the tokenizer and its config to `<out>/hf/`; returns that directory.
-pub fn export_hf<B: Backend>(model: &DeepSeekModel<B>, data: &Dataset, out: &Path) -> Result<PathBuf> {
+pub fn export_hf<B: Backend>(
+    model: &DeepSeekModel<B>,
+    data: &Dataset,
+    out: &Path,
+) -> Result<PathBuf> {
     let dir = out.join(HF_DIR);
     deepseek_core::save_model(model, &dir)?;
     let source = data.dir.join(TOKENIZER_FILE);
@@ -43,7 +47,9 @@ pub fn export_hf<B: Backend>(model: &DeepSeekModel<B>, data: &Dataset, out: &Pat
         Some(path) => std::fs::read(&path).map_err(|e| TrainError::io(&path, e))?,
         None => {
             let cfg = &model.config;
-            tokenizer_config(&data.tokenizer, cfg.bos_token_id, cfg.eos_token_id)?.to_string().into_bytes()
+            tokenizer_config(&data.tokenizer, cfg.bos_token_id, cfg.eos_token_id)?
+                .to_string()
+                .into_bytes()
         }
     };
     deepseek_core::checkpoint::write_atomic(&dir.join(TOKENIZER_CONFIG_FILE), &config)?;
@@ -61,18 +67,31 @@ fn shipped_config(source: &TokenizerSource) -> Option<PathBuf> {
 ///
 /// # Errors
 /// A BOS or EOS id outside the tokenizer, or no EOS id and no single newline token.
-pub fn tokenizer_config(tokenizer: &Tokenizer, bos_id: Option<u32>, eos_id: Option<u32>) -> Result<serde_json::Value> {
+pub fn tokenizer_config(
+    tokenizer: &Tokenizer,
+    bos_id: Option<u32>,
+    eos_id: Option<u32>,
+) -> Result<serde_json::Value> {
     let token = |id: u32, what: &str| {
-        tokenizer.id_to_token(id).ok_or_else(|| TrainError::Data(format!("{what} id {id} is not in the tokenizer's vocabulary")))
+        tokenizer.id_to_token(id).ok_or_else(|| {
+            TrainError::Data(format!("{what} id {id} is not in the tokenizer's vocabulary"))
+        })
     };
     let bos = bos_id.map(|id| token(id, "bos_token_id")).transpose()?;
     let eos = match eos_id {
         Some(id) => token(id, "eos_token_id")?,
         None => {
-            let newline = tokenizer.encode("\n", false).map_err(|e| TrainError::Data(format!("cannot tokenize a newline: {e}")))?;
+            let newline = tokenizer
+                .encode("\n", false)
+                .map_err(|e| TrainError::Data(format!("cannot tokenize a newline: {e}")))?;
             match newline.get_ids() {
                 [id] => token(*id, "newline")?,
-                ids => return Err(TrainError::Data(format!("the model has no eos_token_id and a newline is {} tokens, not one", ids.len()))),
+                ids => {
+                    return Err(TrainError::Data(format!(
+                        "the model has no eos_token_id and a newline is {} tokens, not one",
+                        ids.len()
+                    )))
+                }
             }
         }
     };

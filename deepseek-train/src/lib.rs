@@ -16,7 +16,7 @@ pub mod pretrain;
 pub mod schedule;
 pub mod trainer;
 
+pub use config::{NonFinitePolicy, RunSettings, TrainConfig};
 pub use error::{Result, TrainError};
 pub use loss::BalanceMode;
-pub use config::{NonFinitePolicy, RunSettings, TrainConfig};
 pub use trainer::{Event, Trainer};

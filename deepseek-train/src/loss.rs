@@ -31,7 +31,9 @@ impl std::str::FromStr for BalanceMode {
             "aux-free" => Ok(Self::AuxFree),
             "aux-loss" => Ok(Self::AuxLoss),
             "none" => Ok(Self::None),
-            other => Err(format!("unknown balance mode `{other}`: choose aux-free, aux-loss or none")),
+            other => {
+                Err(format!("unknown balance mode `{other}`: choose aux-free, aux-loss or none"))
+            }
         }
     }
 }
@@ -74,7 +76,11 @@ pub fn cross_entropy<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int
 ///
 /// # Shapes
 /// `windows`: `[batch, seq + 1]`.
-pub fn batch_loss<B: Backend>(model: &DeepSeekModel<B>, windows: Tensor<B, 2, Int>, weights: LossWeights) -> BatchLoss<B> {
+pub fn batch_loss<B: Backend>(
+    model: &DeepSeekModel<B>,
+    windows: Tensor<B, 2, Int>,
+    weights: LossWeights,
+) -> BatchLoss<B> {
     let [batch, len] = windows.dims();
     let seq = len - 1;
     let inputs = windows.clone().narrow(1, 0, seq); // [b, s]
@@ -136,7 +142,10 @@ mod tests {
         let logits = [[[1.0f32, 2.0, 0.5], [0.0, -1.0, 3.0]]];
         let targets = [[1i64, 2]];
         let ce: f32 = cross_entropy(
-            Tensor::<Flex, 3>::from_data(TensorData::new(logits.concat().concat(), [1, 2, 3]), &device),
+            Tensor::<Flex, 3>::from_data(
+                TensorData::new(logits.concat().concat(), [1, 2, 3]),
+                &device,
+            ),
             Tensor::<Flex, 2, Int>::from_data(TensorData::new(targets.concat(), [1, 2]), &device),
         )
         .into_scalar();
@@ -159,10 +168,15 @@ mod tests {
         let bal: f32 = l.balance.unwrap().into_scalar();
         assert!((total - (main + 0.3 * mtp + bal)).abs() < 1e-5);
         // tiny: 2 MoE blocks + 1 MTP block, each counting 2·8 tokens × K = 2 (MTP: 2·7).
-        let sums: Vec<i64> = l.counts.iter().map(|c| c.clone().sum().into_scalar().elem::<i64>()).collect();
+        let sums: Vec<i64> =
+            l.counts.iter().map(|c| c.clone().sum().into_scalar().elem::<i64>()).collect();
         assert_eq!(sums, vec![32, 32, 28]);
         // No balance term and λ = 0: the objective is the main loss.
-        let plain = batch_loss(&model, windows, LossWeights { mtp_lambda: 0.0, balance: BalanceMode::None, alpha: 0.01 });
+        let plain = batch_loss(
+            &model,
+            windows,
+            LossWeights { mtp_lambda: 0.0, balance: BalanceMode::None, alpha: 0.01 },
+        );
         assert!(plain.balance.is_none());
         let (t, m): (f32, f32) = (plain.total.into_scalar(), plain.main.into_scalar());
         assert_eq!(t, m);

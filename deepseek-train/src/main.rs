@@ -18,7 +18,11 @@ use deepseek_train::distributed::{Layout, Nodes, Transport};
 use deepseek_train::pretrain::{pretrain, DeviceKind, PretrainArgs};
 
 #[derive(Parser)]
-#[command(name = "deepseek-train", version, about = "Pretrain DeepSeek-V3-style models (MLA, DeepSeekMoE with auxiliary-loss-free balancing, MTP)")]
+#[command(
+    name = "deepseek-train",
+    version,
+    about = "Pretrain DeepSeek-V3-style models (MLA, DeepSeekMoE with auxiliary-loss-free balancing, MTP)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -201,7 +205,11 @@ fn main() -> Result<()> {
     let cli = match Cli::parse().command {
         Command::Pretrain(cli) => *cli,
         Command::Plot { metrics, out, floor } => {
-            let file = if metrics.is_dir() { metrics.join(deepseek_train::metrics::METRICS_FILE) } else { metrics };
+            let file = if metrics.is_dir() {
+                metrics.join(deepseek_train::metrics::METRICS_FILE)
+            } else {
+                metrics
+            };
             let png = out.unwrap_or_else(|| file.with_file_name("loss.png"));
             deepseek_train::metrics::plot(&file, &png, floor)?;
             println!("{}", png.display());
@@ -210,8 +218,10 @@ fn main() -> Result<()> {
     };
     let mut train: deepseek_train::TrainConfig = match &cli.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            toml::from_str(&text).with_context(|| format!("{} is not a valid training config", path.display()))?
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str(&text)
+                .with_context(|| format!("{} is not a valid training config", path.display()))?
         }
         None => Default::default(),
     };
@@ -256,7 +266,10 @@ fn main() -> Result<()> {
     if let Some(limit) = h.node_limit {
         train.node_limit = Some(limit);
     }
-    set!(on_nonfinite = h.on_nonfinite.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?);
+    set!(
+        on_nonfinite =
+            h.on_nonfinite.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?
+    );
     if cli.steps.is_none() && cli.config.is_none() {
         bail!("--steps is required (or a --config file that sets `steps`)");
     }
@@ -265,7 +278,12 @@ fn main() -> Result<()> {
         (Some(count), Some(node), Some(master)) => Some(Nodes { node, count, master: master.clone(), transport: cli.transport }),
         _ => bail!("a multi-node run needs --nodes, --node-rank and --master (or DEEPSEEK_NODES, DEEPSEEK_NODE_RANK, DEEPSEEK_MASTER)"),
     };
-    let layout = Layout { ranks: cli.ranks, expert_parallel: cli.expert_parallel, timeout: std::time::Duration::from_secs(cli.rank_timeout), nodes };
+    let layout = Layout {
+        ranks: cli.ranks,
+        expert_parallel: cli.expert_parallel,
+        timeout: std::time::Duration::from_secs(cli.rank_timeout),
+        nodes,
+    };
     let (device, device_ids) = cli.device;
     let args = PretrainArgs {
         preset: cli.preset,
@@ -296,7 +314,13 @@ fn parse_devices(s: &str) -> std::result::Result<(DeviceKind, Vec<usize>), Strin
     let mut ids = Vec::new();
     for item in s.split(',') {
         let (name, id) = match item.split_once(':') {
-            Some((name, id)) => (name, Some(id.parse::<usize>().map_err(|_| format!("`{item}`: the device index must be a number"))?)),
+            Some((name, id)) => (
+                name,
+                Some(
+                    id.parse::<usize>()
+                        .map_err(|_| format!("`{item}`: the device index must be a number"))?,
+                ),
+            ),
             None => (item, None),
         };
         let k: DeviceKind = name.parse()?;
@@ -311,7 +335,8 @@ fn parse_devices(s: &str) -> std::result::Result<(DeviceKind, Vec<usize>), Strin
 
 /// `NODES:M`.
 fn parse_node_limit(s: &str) -> std::result::Result<NodeLimit, String> {
-    let (nodes, max) = s.split_once(':').ok_or_else(|| format!("`{s}`: expected NODES:M, e.g. 8:4"))?;
+    let (nodes, max) =
+        s.split_once(':').ok_or_else(|| format!("`{s}`: expected NODES:M, e.g. 8:4"))?;
     let number = |v: &str| v.parse::<usize>().map_err(|_| format!("`{s}`: `{v}` is not a number"));
     Ok(NodeLimit { nodes: number(nodes)?, max_nodes: number(max)? })
 }

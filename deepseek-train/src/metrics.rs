@@ -66,7 +66,12 @@ impl MetricsWriter {
             Some(step) if path.exists() => {
                 let kept: Vec<String> = read_lines(&path)?
                     .into_iter()
-                    .filter(|line| serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= step))
+                    .filter(|line| {
+                        serde_json::from_str::<serde_json::Value>(line)
+                            .ok()
+                            .and_then(|v| v["step"].as_u64())
+                            .is_some_and(|s| s as usize <= step)
+                    })
                     .collect();
                 let mut text = kept.join("\n");
                 if !text.is_empty() {
@@ -79,7 +84,11 @@ impl MetricsWriter {
             }
             _ => {}
         }
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| TrainError::io(&path, e))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| TrainError::io(&path, e))?;
         Ok(Self { path, file })
     }
 
@@ -122,11 +131,14 @@ pub fn plot(metrics: &Path, png: &Path, floor: Option<f64>) -> Result<()> {
     use plotters::prelude::*;
     let (steps, evals) = read_metrics(metrics)?;
     let plot_err = |e: String| TrainError::Data(format!("cannot draw {}: {e}", png.display()));
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).map_err(|_| plot_err("bad embedded font".into()))?;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| plot_err("bad embedded font".into()))?;
     let root = BitMapBackend::new(png, (1200, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
     let (left, right) = root.split_horizontally(600);
-    let last = steps.iter().map(|r| r.step).chain(evals.iter().map(|r| r.step)).max().unwrap_or(1).max(1) as f64;
+    let last =
+        steps.iter().map(|r| r.step).chain(evals.iter().map(|r| r.step)).max().unwrap_or(1).max(1)
+            as f64;
 
     // Loss panel.
     let losses: Vec<f64> = steps
@@ -146,14 +158,28 @@ pub fn plot(metrics: &Path, png: &Path, floor: Option<f64>) -> Result<()> {
         .y_label_area_size(50)
         .build_cartesian_2d(0.0..last, (lo * 0.9..hi * 1.1).log_scale())
         .map_err(|e| plot_err(e.to_string()))?;
-    chart.configure_mesh().x_desc("step").x_label_formatter(&|x| format!("{x:.0}")).draw().map_err(|e| plot_err(e.to_string()))?;
     chart
-        .draw_series(LineSeries::new(steps.iter().filter(|r| r.loss.is_finite() && r.loss > 0.0).map(|r| (r.step as f64, r.loss as f64)), &BLUE))
+        .configure_mesh()
+        .x_desc("step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()
+        .map_err(|e| plot_err(e.to_string()))?;
+    chart
+        .draw_series(LineSeries::new(
+            steps
+                .iter()
+                .filter(|r| r.loss.is_finite() && r.loss > 0.0)
+                .map(|r| (r.step as f64, r.loss as f64)),
+            &BLUE,
+        ))
         .map_err(|e| plot_err(e.to_string()))?
         .label("train")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
     chart
-        .draw_series(LineSeries::new(evals.iter().map(|r| (r.step as f64, r.val_loss)), RED.stroke_width(2)))
+        .draw_series(LineSeries::new(
+            evals.iter().map(|r| (r.step as f64, r.val_loss)),
+            RED.stroke_width(2),
+        ))
         .map_err(|e| plot_err(e.to_string()))?
         .label("validation")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
@@ -164,10 +190,20 @@ pub fn plot(metrics: &Path, png: &Path, floor: Option<f64>) -> Result<()> {
             .label("corpus entropy")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| plot_err(e.to_string()))?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| plot_err(e.to_string()))?;
 
     // MaxVio panel.
-    let vio_hi = steps.iter().map(|r| r.max_vio_batch).chain(evals.iter().map(|r| r.max_vio_global)).filter(|v| v.is_finite()).fold(0.1, f64::max);
+    let vio_hi = steps
+        .iter()
+        .map(|r| r.max_vio_batch)
+        .chain(evals.iter().map(|r| r.max_vio_global))
+        .filter(|v| v.is_finite())
+        .fold(0.1, f64::max);
     let mut chart = ChartBuilder::on(&right)
         .caption("expert load MaxVio", ("sans-serif", 20))
         .margin(10)
@@ -175,18 +211,31 @@ pub fn plot(metrics: &Path, png: &Path, floor: Option<f64>) -> Result<()> {
         .y_label_area_size(50)
         .build_cartesian_2d(0.0..last, 0.0..vio_hi * 1.05)
         .map_err(|e| plot_err(e.to_string()))?;
-    chart.configure_mesh().x_desc("step").x_label_formatter(&|x| format!("{x:.0}")).draw().map_err(|e| plot_err(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()
+        .map_err(|e| plot_err(e.to_string()))?;
     chart
         .draw_series(LineSeries::new(steps.iter().map(|r| (r.step as f64, r.max_vio_batch)), &BLUE))
         .map_err(|e| plot_err(e.to_string()))?
         .label("batch")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
     chart
-        .draw_series(LineSeries::new(evals.iter().map(|r| (r.step as f64, r.max_vio_global)), RED.stroke_width(2)))
+        .draw_series(LineSeries::new(
+            evals.iter().map(|r| (r.step as f64, r.max_vio_global)),
+            RED.stroke_width(2),
+        ))
         .map_err(|e| plot_err(e.to_string()))?
         .label("global (validation)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| plot_err(e.to_string()))?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| plot_err(e.to_string()))?;
     root.present().map_err(|e| plot_err(e.to_string()))?;
     Ok(())
 }
@@ -215,17 +264,28 @@ pub fn plot_comparison(runs: &[(&str, &Path)], png: &Path, window: usize) -> Res
     let plot_err = |e: String| TrainError::Data(format!("cannot draw {}: {e}", png.display()));
     let logs = runs.iter().map(|(_, p)| read_metrics(p)).collect::<Result<Vec<_>>>()?;
     if logs.is_empty() || logs.iter().any(|(s, _)| s.is_empty()) {
-        return Err(TrainError::Data("plot_comparison needs runs with at least one step each".into()));
+        return Err(TrainError::Data(
+            "plot_comparison needs runs with at least one step each".into(),
+        ));
     }
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).map_err(|_| plot_err("bad embedded font".into()))?;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| plot_err("bad embedded font".into()))?;
     let root = BitMapBackend::new(png, (1200, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
     let (left, right) = root.split_horizontally(600);
-    let smooth: Vec<Vec<(usize, f64)>> = logs.iter().map(|(s, _)| smoothed_loss(s, window)).collect();
-    let last = logs.iter().flat_map(|(s, _)| s.last().map(|r| r.step)).max().unwrap_or(1).max(1) as f64;
+    let smooth: Vec<Vec<(usize, f64)>> =
+        logs.iter().map(|(s, _)| smoothed_loss(s, window)).collect();
+    let last =
+        logs.iter().flat_map(|(s, _)| s.last().map(|r| r.step)).max().unwrap_or(1).max(1) as f64;
     let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
 
-    let values: Vec<f64> = smooth.iter().flatten().map(|p| p.1).chain(logs.iter().flat_map(|(_, e)| e.iter().map(|r| r.val_loss))).filter(|v| v.is_finite() && *v > 0.0).collect();
+    let values: Vec<f64> = smooth
+        .iter()
+        .flatten()
+        .map(|p| p.1)
+        .chain(logs.iter().flat_map(|(_, e)| e.iter().map(|r| r.val_loss)))
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .collect();
     let hi = values.iter().cloned().fold(f64::MIN, f64::max).max(1e-3);
     let lo = values.iter().cloned().fold(f64::MAX, f64::min).min(hi / 2.0);
     let mut chart = ChartBuilder::on(&left)
@@ -235,8 +295,15 @@ pub fn plot_comparison(runs: &[(&str, &Path)], png: &Path, window: usize) -> Res
         .y_label_area_size(50)
         .build_cartesian_2d(0.0..last, (lo * 0.9..hi * 1.1).log_scale())
         .map_err(|e| plot_err(e.to_string()))?;
-    chart.configure_mesh().x_desc("step").x_label_formatter(&|x| format!("{x:.0}")).draw().map_err(|e| plot_err(e.to_string()))?;
-    for (i, ((name, _), (curve, (_, evals)))) in runs.iter().zip(smooth.iter().zip(&logs)).enumerate() {
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()
+        .map_err(|e| plot_err(e.to_string()))?;
+    for (i, ((name, _), (curve, (_, evals)))) in
+        runs.iter().zip(smooth.iter().zip(&logs)).enumerate()
+    {
         let color = colors[i % colors.len()];
         chart
             .draw_series(LineSeries::new(curve.iter().map(|&(s, v)| (s as f64, v)), color))
@@ -244,25 +311,51 @@ pub fn plot_comparison(runs: &[(&str, &Path)], png: &Path, window: usize) -> Res
             .label(format!("{name} train"))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         chart
-            .draw_series(evals.iter().map(|r| Circle::new((r.step as f64, r.val_loss), 4, color.filled())))
+            .draw_series(
+                evals.iter().map(|r| Circle::new((r.step as f64, r.val_loss), 4, color.filled())),
+            )
             .map_err(|e| plot_err(e.to_string()))?
             .label(format!("{name} validation"))
             .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| plot_err(e.to_string()))?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| plot_err(e.to_string()))?;
 
     // Relative difference from the first run, step by step (steps both runs logged).
     let base: std::collections::HashMap<usize, f64> = smooth[0].iter().cloned().collect();
-    let base_eval: std::collections::HashMap<usize, f64> = logs[0].1.iter().map(|r| (r.step, r.val_loss)).collect();
+    let base_eval: std::collections::HashMap<usize, f64> =
+        logs[0].1.iter().map(|r| (r.step, r.val_loss)).collect();
     let rel: Vec<Vec<(f64, f64)>> = smooth[1..]
         .iter()
-        .map(|c| c.iter().filter(|(s, _)| *s > window).filter_map(|(s, v)| base.get(s).map(|b| (*s as f64, 100.0 * (v - b) / b))).collect())
+        .map(|c| {
+            c.iter()
+                .filter(|(s, _)| *s > window)
+                .filter_map(|(s, v)| base.get(s).map(|b| (*s as f64, 100.0 * (v - b) / b)))
+                .collect()
+        })
         .collect();
     let rel_eval: Vec<Vec<(f64, f64)>> = logs[1..]
         .iter()
-        .map(|(_, e)| e.iter().filter_map(|r| base_eval.get(&r.step).map(|b| (r.step as f64, 100.0 * (r.val_loss - b) / b))).collect())
+        .map(|(_, e)| {
+            e.iter()
+                .filter_map(|r| {
+                    base_eval.get(&r.step).map(|b| (r.step as f64, 100.0 * (r.val_loss - b) / b))
+                })
+                .collect()
+        })
         .collect();
-    let span = rel.iter().chain(&rel_eval).flatten().map(|p| p.1.abs()).filter(|v| v.is_finite()).fold(0.25, f64::max) * 1.1;
+    let span = rel
+        .iter()
+        .chain(&rel_eval)
+        .flatten()
+        .map(|p| p.1.abs())
+        .filter(|v| v.is_finite())
+        .fold(0.25, f64::max)
+        * 1.1;
     let mut chart = ChartBuilder::on(&right)
         .caption(format!("relative difference from {} (%)", runs[0].0), ("sans-serif", 18))
         .margin(10)
@@ -270,8 +363,15 @@ pub fn plot_comparison(runs: &[(&str, &Path)], png: &Path, window: usize) -> Res
         .y_label_area_size(50)
         .build_cartesian_2d(0.0..last, -span..span)
         .map_err(|e| plot_err(e.to_string()))?;
-    chart.configure_mesh().x_desc("step").x_label_formatter(&|x| format!("{x:.0}")).draw().map_err(|e| plot_err(e.to_string()))?;
-    chart.draw_series(LineSeries::new(vec![(0.0, 0.0), (last, 0.0)], BLACK)).map_err(|e| plot_err(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()
+        .map_err(|e| plot_err(e.to_string()))?;
+    chart
+        .draw_series(LineSeries::new(vec![(0.0, 0.0), (last, 0.0)], BLACK))
+        .map_err(|e| plot_err(e.to_string()))?;
     for (i, (curve, evals)) in rel.iter().zip(&rel_eval).enumerate() {
         let color = colors[(i + 1) % colors.len()];
         let name = runs[i + 1].0;
@@ -286,7 +386,12 @@ pub fn plot_comparison(runs: &[(&str, &Path)], png: &Path, window: usize) -> Res
             .label(format!("{name} validation"))
             .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| plot_err(e.to_string()))?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| plot_err(e.to_string()))?;
     root.present().map_err(|e| plot_err(e.to_string()))?;
     Ok(())
 }
@@ -296,7 +401,18 @@ mod tests {
     use super::*;
 
     fn step(step: usize, loss: f32) -> StepRecord {
-        StepRecord { step, loss, mtp_loss: Some(loss + 0.5), balance_loss: None, lr: 1e-3, grad_norm: 1.0, tokens_per_s: 100.0, max_vio_batch: 0.5, tokens: 10, skipped: false }
+        StepRecord {
+            step,
+            loss,
+            mtp_loss: Some(loss + 0.5),
+            balance_loss: None,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            tokens_per_s: 100.0,
+            max_vio_batch: 0.5,
+            tokens: 10,
+            skipped: false,
+        }
     }
 
     #[test]
@@ -306,11 +422,19 @@ mod tests {
         for s in 1..=4 {
             w.write(&step(s, 3.0 - s as f32 * 0.1)).unwrap();
         }
-        w.write(&EvalRecord { step: 4, val_loss: 2.5, val_mtp_loss: None, max_vio_global: 0.2, val_tokens: 100 }).unwrap();
+        w.write(&EvalRecord {
+            step: 4,
+            val_loss: 2.5,
+            val_mtp_loss: None,
+            max_vio_global: 0.2,
+            val_tokens: 100,
+        })
+        .unwrap();
         drop(w);
         let text = std::fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap();
         let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-        for key in ["step", "loss", "mtp_loss", "lr", "grad_norm", "tokens_per_s", "max_vio_batch"] {
+        for key in ["step", "loss", "mtp_loss", "lr", "grad_norm", "tokens_per_s", "max_vio_batch"]
+        {
             assert!(first.get(key).is_some(), "missing `{key}`");
         }
         let eval: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();

@@ -62,7 +62,12 @@ impl<B: Backend> AdamW<B> {
         let moments = self
             .moments
             .iter()
-            .map(|m| m.as_ref().map(|m| Moments { m: m.m.clone().to_device(device), v: m.v.clone().to_device(device) }))
+            .map(|m| {
+                m.as_ref().map(|m| Moments {
+                    m: m.m.clone().to_device(device),
+                    v: m.v.clone().to_device(device),
+                })
+            })
             .collect();
         Self { config: self.config, step: self.step, moments }
     }
@@ -121,7 +126,13 @@ impl<B: Backend> AdamW<B> {
     }
 
     /// [`AdamW::step`] with the global norm already computed by [`AdamW::global_norm`].
-    pub fn step_with_norm<AB, M>(&mut self, lr: f64, module: M, mut grads: GradientsParams, grad_norm: f64) -> (M, StepStats)
+    pub fn step_with_norm<AB, M>(
+        &mut self,
+        lr: f64,
+        module: M,
+        mut grads: GradientsParams,
+        grad_norm: f64,
+    ) -> (M, StepStats)
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
@@ -152,8 +163,13 @@ impl<B: Backend> AdamW<B> {
         for (i, slot) in self.moments.iter().enumerate() {
             if let Some(Moments { m, v }) = slot {
                 for (kind, t) in [("m", m), ("v", v)] {
-                    let values: Vec<f32> = t.to_data().convert::<f32>().into_vec().expect("f32 moments");
-                    out.push(NamedTensor { name: format!("{kind}.{i}"), shape: vec![values.len()], values });
+                    let values: Vec<f32> =
+                        t.to_data().convert::<f32>().into_vec().expect("f32 moments");
+                    out.push(NamedTensor {
+                        name: format!("{kind}.{i}"),
+                        shape: vec![values.len()],
+                        values,
+                    });
                 }
             }
         }
@@ -162,15 +178,27 @@ impl<B: Backend> AdamW<B> {
 
     /// Restores the state written by [`AdamW::state_tensors`] for a model whose parameters, in
     /// visiting order, have `sizes` elements.
-    pub fn load_state(&mut self, step: u64, tensors: Vec<NamedTensor>, sizes: &[usize], device: &B::Device) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        step: u64,
+        tensors: Vec<NamedTensor>,
+        sizes: &[usize],
+        device: &B::Device,
+    ) -> Result<()> {
         let mut moments: Vec<Option<Moments<B>>> = (0..sizes.len()).map(|_| None).collect();
-        let mut pending: std::collections::HashMap<usize, (Option<Vec<f32>>, Option<Vec<f32>>)> = Default::default();
+        // Parameter index → (first moment, second moment), until both have been read.
+        type Halves = (Option<Vec<f32>>, Option<Vec<f32>>);
+        let mut pending: std::collections::HashMap<usize, Halves> = Default::default();
         for t in tensors {
-            let bad = || TrainError::config("optimizer state", format!("unexpected tensor `{}`", t.name));
+            let bad =
+                || TrainError::config("optimizer state", format!("unexpected tensor `{}`", t.name));
             let (kind, index) = t.name.split_once('.').ok_or_else(bad)?;
             let index: usize = index.parse().map_err(|_| bad())?;
             let size = *sizes.get(index).ok_or_else(|| {
-                TrainError::config("optimizer state", format!("moment for parameter {index}, but the model has {}", sizes.len()))
+                TrainError::config(
+                    "optimizer state",
+                    format!("moment for parameter {index}, but the model has {}", sizes.len()),
+                )
             })?;
             if t.values.len() != size {
                 return Err(TrainError::config(
@@ -187,7 +215,10 @@ impl<B: Backend> AdamW<B> {
         }
         for (index, pair) in pending {
             let (Some(m), Some(v)) = pair else {
-                return Err(TrainError::config("optimizer state", format!("parameter {index} has only one of its two moments")));
+                return Err(TrainError::config(
+                    "optimizer state",
+                    format!("parameter {index} has only one of its two moments"),
+                ));
             };
             let n = m.len();
             moments[index] = Some(Moments {
@@ -251,7 +282,8 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB::InnerBackend> {
         };
         let m = m.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
         let v = v.mul_scalar(c.beta2) + g.powi_scalar(2).mul_scalar(1.0 - c.beta2);
-        let update = m.clone().div_scalar(self.correction1) / v.clone().div_scalar(self.correction2).sqrt().add_scalar(c.eps);
+        let update = m.clone().div_scalar(self.correction1)
+            / v.clone().div_scalar(self.correction2).sqrt().add_scalar(c.eps);
         let mut flat = value.reshape([n]);
         if D >= 2 && c.weight_decay > 0.0 {
             flat = flat.mul_scalar(1.0 - self.lr * c.weight_decay);
@@ -286,14 +318,22 @@ mod tests {
     }
 
     /// Scalar AdamW on one value, the reference.
-    fn reference(p: f64, grads: &[f64], lr: f64, c: AdamWConfig, decay: bool, scales: &[f64]) -> f64 {
+    fn reference(
+        p: f64,
+        grads: &[f64],
+        lr: f64,
+        c: AdamWConfig,
+        decay: bool,
+        scales: &[f64],
+    ) -> f64 {
         let (mut p, mut m, mut v) = (p, 0.0, 0.0);
         for (t, (&g, &s)) in grads.iter().zip(scales).enumerate() {
             let g = g * s;
             let t = t as i32 + 1;
             m = c.beta1 * m + (1.0 - c.beta1) * g;
             v = c.beta2 * v + (1.0 - c.beta2) * g * g;
-            let update = (m / (1.0 - c.beta1.powi(t))) / ((v / (1.0 - c.beta2.powi(t))).sqrt() + c.eps);
+            let update =
+                (m / (1.0 - c.beta1.powi(t))) / ((v / (1.0 - c.beta2.powi(t))).sqrt() + c.eps);
             if decay {
                 p *= 1.0 - lr * c.weight_decay;
             }
@@ -306,7 +346,8 @@ mod tests {
     fn matches_scalar_adamw_with_decay_on_matrices_only_and_global_clipping() {
         let device = Default::default();
         let lin: Linear<AB> = LinearConfig::new(2, 2).with_bias(false).init(&device);
-        let mut model = Tiny { lin, gain: Param::from_tensor(Tensor::from_floats([1.0, 2.0], &device)) };
+        let mut model =
+            Tiny { lin, gain: Param::from_tensor(Tensor::from_floats([1.0, 2.0], &device)) };
         let w0 = values(model.lin.weight.val());
         let g0 = values(model.gain.val());
         let config = AdamWConfig { max_grad_norm: Some(0.5), ..Default::default() };
@@ -317,7 +358,8 @@ mod tests {
         let mut grad_log: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
         let mut scales = Vec::new();
         for _ in 0..3 {
-            let loss = model.lin.forward(x.clone()).sum() + model.gain.val().powi_scalar(2).mul_scalar(3.0).sum();
+            let loss = model.lin.forward(x.clone()).sum()
+                + model.gain.val().powi_scalar(2).mul_scalar(3.0).sum();
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             let gw = values(grads.get::<Flex, 2>(model.lin.weight.id).unwrap());
             let gg = values(grads.get::<Flex, 1>(model.gain.id).unwrap());

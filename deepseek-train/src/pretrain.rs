@@ -12,12 +12,12 @@ use deepseek_core::device::BackendTask;
 use deepseek_core::{DeepSeekConfig, LoadOptions};
 
 use crate::checkpoint;
-use crate::distributed::{self, Layout, RankContext, Reducer};
+use crate::config::TrainConfig;
 use crate::data::{prepare, CorpusSource, DataConfig, Dataset, TokenizerSource};
+use crate::distributed::{self, Layout, RankContext, Reducer};
 use crate::error::{Result, TrainError};
 use crate::export::export_hf;
 use crate::metrics::{plot, EvalRecord, StepRecord, METRICS_FILE};
-use crate::config::TrainConfig;
 use crate::trainer::{Event, Trainer};
 
 pub use deepseek_core::device::DeviceKind;
@@ -141,20 +141,36 @@ pub fn model_config(args: &PretrainArgs) -> Result<DeepSeekConfig> {
     };
     if let Some(d) = args.mtp_depth {
         if args.init_from.is_some() && d != cfg.num_nextn_predict_layers {
-            return Err(TrainError::config("mtp_depth", format!("--init-from model has {} MTP modules; it cannot be changed when continuing", cfg.num_nextn_predict_layers)));
+            return Err(TrainError::config(
+                "mtp_depth",
+                format!(
+                    "--init-from model has {} MTP modules; it cannot be changed when continuing",
+                    cfg.num_nextn_predict_layers
+                ),
+            ));
         }
         cfg.num_nextn_predict_layers = d;
     }
     if let Some(factor) = args.yarn_factor {
         if args.init_from.is_none() {
-            return Err(TrainError::config("yarn_factor", "context extension applies to a trained model: use it with --init-from"));
+            return Err(TrainError::config(
+                "yarn_factor",
+                "context extension applies to a trained model: use it with --init-from",
+            ));
         }
-        if !(factor >= 1.0) {
-            return Err(TrainError::config("yarn_factor", format!("must be at least 1, got {factor}")));
+        if factor.is_nan() || factor < 1.0 {
+            return Err(TrainError::config(
+                "yarn_factor",
+                format!("must be at least 1, got {factor}"),
+            ));
         }
         // Extend from the context the model was trained with (its original one if it already
         // has YaRN), as DeepSeek-V3 §4.3 extends 4K → 32K → 128K.
-        let original = cfg.rope.yarn.map(|y| y.original_max_position_embeddings).unwrap_or(cfg.max_position_embeddings);
+        let original = cfg
+            .rope
+            .yarn
+            .map(|y| y.original_max_position_embeddings)
+            .unwrap_or(cfg.max_position_embeddings);
         let base = cfg.rope.yarn.unwrap_or(YarnConfig {
             factor: 1.0,
             original_max_position_embeddings: original,
@@ -164,7 +180,8 @@ pub fn model_config(args: &PretrainArgs) -> Result<DeepSeekConfig> {
             attention_factor: 1.0,
             truncate: true,
         });
-        cfg.rope.yarn = Some(YarnConfig { factor, original_max_position_embeddings: original, ..base });
+        cfg.rope.yarn =
+            Some(YarnConfig { factor, original_max_position_embeddings: original, ..base });
         cfg.max_position_embeddings = (original as f64 * factor).round() as usize;
     }
     cfg.validate()?;
@@ -183,10 +200,17 @@ fn data_config(args: &PretrainArgs, model: &DeepSeekConfig) -> Result<DataConfig
         data.val_fraction = f;
     }
     match args.corpus.as_slice() {
-        [] => return Err(TrainError::Data("no corpus given: pass `--corpus builtin` or text files".into())),
+        [] => {
+            return Err(TrainError::Data(
+                "no corpus given: pass `--corpus builtin` or text files".into(),
+            ))
+        }
         [one] if one == "builtin" => {
             if args.tokenizer.is_some() {
-                return Err(TrainError::config("tokenizer", "the built-in corpus uses byte tokens; --tokenizer applies to --corpus files"));
+                return Err(TrainError::config(
+                    "tokenizer",
+                    "the built-in corpus uses byte tokens; --tokenizer applies to --corpus files",
+                ));
             }
         }
         files => {
@@ -195,7 +219,9 @@ fn data_config(args: &PretrainArgs, model: &DeepSeekConfig) -> Result<DataConfig
                 Some(path) => TokenizerSource::File(path.clone()),
                 None => match &args.init_from {
                     // Continuing a model: keep its tokenizer.
-                    Some(dir) if dir.join(crate::data::TOKENIZER_FILE).is_file() => TokenizerSource::File(dir.join(crate::data::TOKENIZER_FILE)),
+                    Some(dir) if dir.join(crate::data::TOKENIZER_FILE).is_file() => {
+                        TokenizerSource::File(dir.join(crate::data::TOKENIZER_FILE))
+                    }
                     _ => TokenizerSource::TrainBpe(model.vocab_size),
                 },
             };
@@ -205,7 +231,11 @@ fn data_config(args: &PretrainArgs, model: &DeepSeekConfig) -> Result<DataConfig
 }
 
 /// The trainer of rank 0 (or of a single-rank run): fresh, resumed, or from `--init-from`.
-fn start<AB: AutodiffBackend>(args: &PretrainArgs, model_cfg: &DeepSeekConfig, device: &AB::Device) -> Result<Trainer<AB>> {
+fn start<AB: AutodiffBackend>(
+    args: &PretrainArgs,
+    model_cfg: &DeepSeekConfig,
+    device: &AB::Device,
+) -> Result<Trainer<AB>> {
     let out = &args.out;
     let existing = checkpoint::latest(out);
     let mut trainer = if args.resume {
@@ -220,7 +250,10 @@ fn start<AB: AutodiffBackend>(args: &PretrainArgs, model_cfg: &DeepSeekConfig, d
                 let mut m = deepseek_core::load_model::<AB>(dir, device, LoadOptions::default())?;
                 // A new YaRN factor changes the rotary tables and the softmax scale only.
                 if m.config != *model_cfg {
-                    m.rope = deepseek_core::rope::RotaryEmbedding::new(&model_cfg.rope, model_cfg.qk_rope_head_dim);
+                    m.rope = deepseek_core::rope::RotaryEmbedding::new(
+                        &model_cfg.rope,
+                        model_cfg.qk_rope_head_dim,
+                    );
                     m = with_config(m, model_cfg);
                 }
                 m
@@ -243,19 +276,32 @@ fn run<AB: AutodiffBackend>(args: &PretrainArgs, devices: &[AB::Device]) -> Resu
     check_vocab(&data, &model_cfg)?;
     let entropy = data.meta.entropy_per_token;
     let progress = args.progress;
-    let observe = |last_step: &mut Option<StepRecord>, last_eval: &mut Option<EvalRecord>, event: Event| match event {
+    let observe = |last_step: &mut Option<StepRecord>,
+                   last_eval: &mut Option<EvalRecord>,
+                   event: Event| match event {
         Event::Step(s) => *last_step = Some(s.clone()),
         Event::Eval(e) => {
             if progress {
-                let floor = entropy.map(|h| format!(" (corpus entropy {h:.3})")).unwrap_or_default();
-                eprintln!("step {}: val_loss {:.4}{floor}, max_vio_global {:.3}", e.step, e.val_loss, e.max_vio_global);
+                let floor =
+                    entropy.map(|h| format!(" (corpus entropy {h:.3})")).unwrap_or_default();
+                eprintln!(
+                    "step {}: val_loss {:.4}{floor}, max_vio_global {:.3}",
+                    e.step, e.val_loss, e.max_vio_global
+                );
             }
             *last_eval = Some(e.clone());
         }
         Event::Checkpoint(_) => {}
     };
     let (trainer, last_step, last_eval) = if args.layout.is_parallel() {
-        run_ranks(trainer, &args.layout, devices, args.device_ids.first().copied().unwrap_or(0), &data, &observe)?
+        run_ranks(
+            trainer,
+            &args.layout,
+            devices,
+            args.device_ids.first().copied().unwrap_or(0),
+            &data,
+            &observe,
+        )?
     } else {
         let mut trainer = trainer;
         let (mut last_step, mut last_eval) = (None, None);
@@ -284,6 +330,9 @@ fn run<AB: AutodiffBackend>(args: &PretrainArgs, devices: &[AB::Device]) -> Resu
     })
 }
 
+/// What one rank's thread returns: its trainer and last records, or its error.
+type RankOutcome<AB> = Result<(Trainer<AB>, Option<StepRecord>, Option<EvalRecord>)>;
+
 type Observer<'a> = dyn Fn(&mut Option<StepRecord>, &mut Option<EvalRecord>, Event) + Sync + 'a;
 
 /// Runs this process's ranks of a parallel run, one thread each, and returns rank 0's trainer
@@ -295,10 +344,12 @@ fn run_ranks<AB: AutodiffBackend>(
     device_ordinal: usize,
     data: &Dataset,
     observe: &Observer,
-) -> Result<(Trainer<AB>, Option<StepRecord>, Option<EvalRecord>)> {
+) -> RankOutcome<AB> {
     let _turn = distributed::collective_lock();
     let (node, world_exchange) = match &layout.nodes {
-        Some(nodes) => (nodes.node, Some(distributed::connect(nodes, layout.timeout, device_ordinal)?)),
+        Some(nodes) => {
+            (nodes.node, Some(distributed::connect(nodes, layout.timeout, device_ordinal)?))
+        }
         None => (0, None),
     };
     let exchanges = match &world_exchange {
@@ -321,14 +372,18 @@ fn run_ranks<AB: AutodiffBackend>(
     let config = distributed::collective_config(layout);
     burn_collective::reset_collective::<AB::InnerBackend>();
     let others = contexts.split_off(1);
-    let mut trainers: Vec<Trainer<AB>> = others.into_iter().enumerate().map(|(i, ctx)| primary.replica(&devices[(i + 1) % devices.len()], ctx)).collect();
+    let mut trainers: Vec<Trainer<AB>> = others
+        .into_iter()
+        .enumerate()
+        .map(|(i, ctx)| primary.replica(&devices[(i + 1) % devices.len()], ctx))
+        .collect();
     let mut primary = primary;
     primary.rank = contexts.pop();
     trainers.insert(0, primary);
     for (t, exchange) in trainers.iter_mut().zip(exchanges) {
         t.model = distributed::with_experts(t.model.clone(), exchange)?;
     }
-    let results: Vec<std::thread::Result<Result<(Trainer<AB>, Option<StepRecord>, Option<EvalRecord>)>>> = std::thread::scope(|scope| {
+    let results: Vec<std::thread::Result<RankOutcome<AB>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = trainers
             .into_iter()
             .enumerate()
@@ -346,7 +401,8 @@ fn run_ranks<AB: AutodiffBackend>(
                             distributed::register::<AB::InnerBackend>(peer, &device, config)?;
                         }
                         let (mut last_step, mut last_eval) = (None, None);
-                        let outcome = trainer.run(data, |event| observe(&mut last_step, &mut last_eval, event));
+                        let outcome = trainer
+                            .run(data, |event| observe(&mut last_step, &mut last_eval, event));
                         if let Some(peer) = peer {
                             distributed::finish::<AB::InnerBackend>(peer);
                         }
@@ -375,7 +431,11 @@ fn run_ranks<AB: AutodiffBackend>(
                 });
             }
             Err(panic) => {
-                let problem = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panicked".into());
+                let problem = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panicked".into());
                 failure.get_or_insert(TrainError::Rank { rank, problem });
             }
         }
@@ -389,7 +449,10 @@ fn run_ranks<AB: AutodiffBackend>(
 
 /// Applies a configuration that differs only in RoPE settings (YaRN context extension): the
 /// attention softmax scale follows the new `mscale`.
-fn with_config<B: Backend>(mut model: deepseek_core::DeepSeekModel<B>, cfg: &DeepSeekConfig) -> deepseek_core::DeepSeekModel<B> {
+fn with_config<B: Backend>(
+    mut model: deepseek_core::DeepSeekModel<B>,
+    cfg: &DeepSeekConfig,
+) -> deepseek_core::DeepSeekModel<B> {
     let scale = cfg.softmax_scale();
     for layer in model.layers.iter_mut().chain(model.mtp.iter_mut().map(|m| &mut m.block)) {
         layer.self_attn.softmax_scale = scale;

@@ -55,8 +55,10 @@ impl LrSchedule {
         if step >= self.decay_end || self.decay_end <= self.decay_start {
             return self.floor;
         }
-        let progress = (step - self.decay_start) as f64 / (self.decay_end - self.decay_start) as f64;
-        self.floor + 0.5 * (self.peak - self.floor) * (1.0 + (std::f64::consts::PI * progress).cos())
+        let progress =
+            (step - self.decay_start) as f64 / (self.decay_end - self.decay_start) as f64;
+        self.floor
+            + 0.5 * (self.peak - self.floor) * (1.0 + (std::f64::consts::PI * progress).cos())
     }
 }
 
@@ -66,7 +68,15 @@ mod tests {
 
     #[test]
     fn phases_meet_at_their_boundaries() {
-        let s = LrSchedule { peak: 1.0, warmup_steps: 10, decay_start: 20, decay_end: 40, floor: 0.1, final_start: Some(50), final_lr: 0.01 };
+        let s = LrSchedule {
+            peak: 1.0,
+            warmup_steps: 10,
+            decay_start: 20,
+            decay_end: 40,
+            floor: 0.1,
+            final_start: Some(50),
+            final_lr: 0.01,
+        };
         assert!((s.lr(0) - 0.1).abs() < 1e-12); // (0 + 1) / 10
         assert!((s.lr(9) - 1.0).abs() < 1e-12);
         assert_eq!(s.lr(15), 1.0);

@@ -34,7 +34,11 @@ use crate::optim::AdamW;
 /// A fresh model whose weights are a function of `seed` alone. Burn draws initial weights from
 /// one process-wide generator per backend; a lock keeps other initializations in this crate
 /// (another run on another thread, parallel tests) from interleaving with this one.
-pub fn init_model<B: burn::tensor::backend::Backend>(config: &DeepSeekConfig, seed: u64, device: &B::Device) -> DeepSeekModel<B> {
+pub fn init_model<B: burn::tensor::backend::Backend>(
+    config: &DeepSeekConfig,
+    seed: u64,
+    device: &B::Device,
+) -> DeepSeekModel<B> {
     static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     B::seed(device, seed);
@@ -45,14 +49,22 @@ pub fn init_model<B: burn::tensor::backend::Backend>(config: &DeepSeekConfig, se
 
 /// The model under the recipe's execution policy (GEMM precision, node limit), after installing
 /// this backend's custom autodiff operations.
-fn with_recipe<AB: AutodiffBackend>(model: DeepSeekModel<AB>, config: &TrainConfig) -> Result<DeepSeekModel<AB>> {
+fn with_recipe<AB: AutodiffBackend>(
+    model: DeepSeekModel<AB>,
+    config: &TrainConfig,
+) -> Result<DeepSeekModel<AB>> {
     // The device MoE dispatch/combine (GPU backends), the expert-parallel all-to-all and the FP8
     // GEMM need their autodiff nodes.
     deepseek_core::register_autodiff::<AB::InnerBackend>();
     let gemm = match config.fp8 {
         false => GemmPrecision::Full,
         true if fp8::training::has_autodiff_node::<AB>() => GemmPrecision::Fp8,
-        true => return Err(TrainError::config("fp8", "FP8 training needs the plain Autodiff backend (no gradient checkpointing)")),
+        true => {
+            return Err(TrainError::config(
+                "fp8",
+                "FP8 training needs the plain Autodiff backend (no gradient checkpointing)",
+            ))
+        }
     };
     let policy = model.policy().clone().with_gemm(gemm).with_node_limit(config.node_limit);
     Ok(model.with_policy(policy)?)
@@ -149,7 +161,13 @@ impl<AB: AutodiffBackend> Trainer<AB> {
     }
 
     /// A fresh run of `model` (already seeded and initialized) writing into `out`.
-    pub fn new(model: DeepSeekModel<AB>, config: TrainConfig, data_config: DataConfig, out: &Path, device: &AB::Device) -> Result<Self> {
+    pub fn new(
+        model: DeepSeekModel<AB>,
+        config: TrainConfig,
+        data_config: DataConfig,
+        out: &Path,
+        device: &AB::Device,
+    ) -> Result<Self> {
         config.validate(&model.config)?;
         std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
         // Draw every lazy parameter now, in a fixed order, so the run is a function of the seed.
@@ -157,32 +175,80 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         let optim = AdamW::new(config.optim);
         let model = with_recipe(model, &config)?;
         let metrics = MetricsWriter::open(out, None)?;
-        Ok(Self::assemble(model, optim, config, data_config, Position::default(), out, device, Some(metrics), None))
+        Ok(Self::assemble(
+            model,
+            optim,
+            config,
+            data_config,
+            Position::default(),
+            out,
+            device,
+            Some(metrics),
+            None,
+        ))
     }
 
     /// Continues from the newest checkpoint in `out`. `model_config` must equal the saved one;
     /// `config` may change the [`crate::config::RunSettings`] (the new total of `steps`, the
     /// logging and checkpoint cadence), not the recipe.
-    pub fn resume(out: &Path, model_config: &DeepSeekConfig, config: TrainConfig, device: &AB::Device) -> Result<Self> {
+    pub fn resume(
+        out: &Path,
+        model_config: &DeepSeekConfig,
+        config: TrainConfig,
+        device: &AB::Device,
+    ) -> Result<Self> {
         let Some((_, dir)) = checkpoint::latest(out) else {
-            return Err(TrainError::checkpoint(out, "no checkpoint to resume from (run without --resume to start)"));
+            return Err(TrainError::checkpoint(
+                out,
+                "no checkpoint to resume from (run without --resume to start)",
+            ));
         };
         let loaded = checkpoint::load::<AB>(&dir, model_config, device)?;
         let state = loaded.state;
         let merged = state.train.clone().with_run_settings(config.run_settings());
         merged.validate(model_config)?;
         let metrics = MetricsWriter::open(out, Some(state.step))?;
-        let at = Position { step: state.step, position: state.position, tokens: state.tokens, elapsed_s: state.elapsed_s };
+        let at = Position {
+            step: state.step,
+            position: state.position,
+            tokens: state.tokens,
+            elapsed_s: state.elapsed_s,
+        };
         let model = with_recipe(loaded.model, &merged)?;
-        Ok(Self::assemble(model, loaded.optim, merged, state.data, at, out, device, Some(metrics), None))
+        Ok(Self::assemble(
+            model,
+            loaded.optim,
+            merged,
+            state.data,
+            at,
+            out,
+            device,
+            Some(metrics),
+            None,
+        ))
     }
 
     /// A copy of this trainer for another rank of a parallel run on `device`: the same weights
     /// (a fresh autodiff graph), optimizer state and position, no metrics of its own.
     pub fn replica(&self, device: &AB::Device, rank: RankContext) -> Self {
-        let at = Position { step: self.step, position: self.position, tokens: self.tokens, elapsed_s: self.elapsed_before };
+        let at = Position {
+            step: self.step,
+            position: self.position,
+            tokens: self.tokens,
+            elapsed_s: self.elapsed_before,
+        };
         let model = distributed::replica(&self.model, device);
-        Self::assemble(model, self.optim.to_device(device), self.config.clone(), self.data_config.clone(), at, &self.out, device, None, Some(rank))
+        Self::assemble(
+            model,
+            self.optim.to_device(device),
+            self.config.clone(),
+            self.data_config.clone(),
+            at,
+            &self.out,
+            device,
+            None,
+            Some(rank),
+        )
     }
 
     /// Whether this trainer evaluates and checkpoints (rank 0, or a single run).
@@ -197,11 +263,20 @@ impl<AB: AutodiffBackend> Trainer<AB> {
 
     /// This rank's share of the global micro-batch at `position`: sequences
     /// `position + rank·b/R ..` of `b/R`.
-    fn batch(&self, windows: &mut Windows, seed: u64, position: u64, batch: usize) -> Tensor<AB, 2, Int> {
+    fn batch(
+        &self,
+        windows: &mut Windows,
+        seed: u64,
+        position: u64,
+        batch: usize,
+    ) -> Tensor<AB, 2, Int> {
         let seq = self.config.seq_len;
         let per_rank = batch / self.world();
         let first = position + (self.rank.as_ref().map_or(0, |r| r.rank) * per_rank) as u64;
-        let ids: Vec<i64> = (0..per_rank as u64).flat_map(|i| windows.shuffled(seed, first + i)).map(i64::from).collect();
+        let ids: Vec<i64> = (0..per_rank as u64)
+            .flat_map(|i| windows.shuffled(seed, first + i))
+            .map(i64::from)
+            .collect();
         Tensor::from_data(TensorData::new(ids, [per_rank, seq + 1]), &self.device)
     }
 
@@ -214,7 +289,8 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         let grad_norm = AdamW::<AB::InnerBackend>::global_norm::<AB, _>(&self.model, &grads);
         let skipped = !self.apply(lr, grads, grad_norm, &stats)?;
         self.step += 1;
-        let step_tokens = (self.config.grad_accum * self.config.batch_size * self.config.seq_len) as u64;
+        let step_tokens =
+            (self.config.grad_accum * self.config.batch_size * self.config.seq_len) as u64;
         self.tokens += step_tokens;
         let record = StepRecord {
             step: self.step,
@@ -252,7 +328,11 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             accumulator.accumulate(&self.model, grads);
             (has_mtp, has_balance) = (loss.mtp.is_some(), loss.balance.is_some());
             let zero = || loss.main.zeros_like();
-            let mut parts = vec![loss.main.clone(), loss.mtp.clone().unwrap_or_else(zero), loss.balance.clone().unwrap_or_else(zero)];
+            let mut parts = vec![
+                loss.main.clone(),
+                loss.mtp.clone().unwrap_or_else(zero),
+                loss.balance.clone().unwrap_or_else(zero),
+            ];
             parts.extend(loss.counts.iter().map(|c| c.clone().float()));
             let micro = Tensor::cat(parts, 0).inner(); // [3 + Σ E]
             stats = Some(match stats {
@@ -269,15 +349,20 @@ impl<AB: AutodiffBackend> Trainer<AB> {
     fn reduce(&self, acc: Accumulated<AB>) -> Result<(GradientsParams, StepStats)> {
         let (grads, stats, world) = match &self.rank {
             Some(rank) => {
-                let (grads, stats) = distributed::all_reduce(&self.model, acc.grads, acc.stats, rank)?;
+                let (grads, stats) =
+                    distributed::all_reduce(&self.model, acc.grads, acc.stats, rank)?;
                 (grads, stats, rank.world as f64)
             }
             None => (acc.grads, acc.stats, 1.0),
         };
-        let values: Vec<f32> = stats.into_data().convert::<f32>().into_vec().expect("f32 statistics");
+        let values: Vec<f32> =
+            stats.into_data().convert::<f32>().into_vec().expect("f32 statistics");
         let n = self.config.grad_accum as f64 * world;
         let experts = self.model.config.n_routed_experts.max(1);
-        let counts = values[3..].chunks(experts).map(|c| c.iter().map(|&v| v.round() as u64).collect()).collect();
+        let counts = values[3..]
+            .chunks(experts)
+            .map(|c| c.iter().map(|&v| v.round() as u64).collect())
+            .collect();
         let stats = StepStats {
             loss: values[0] as f64 / n,
             mtp_loss: acc.has_mtp.then(|| values[1] as f64 / n),
@@ -290,9 +375,18 @@ impl<AB: AutodiffBackend> Trainer<AB> {
     /// The update: AdamW on the weights and the bias step of aux-free balancing, unless the loss
     /// or the gradient norm is not finite, where the non-finite policy stops the run or skips
     /// the update (at most 10 in a row). Returns whether the update was applied.
-    fn apply(&mut self, lr: f64, grads: GradientsParams, grad_norm: f64, stats: &StepStats) -> Result<bool> {
+    fn apply(
+        &mut self,
+        lr: f64,
+        grads: GradientsParams,
+        grad_norm: f64,
+        stats: &StepStats,
+    ) -> Result<bool> {
         let total = stats.loss + stats.mtp_loss.unwrap_or(0.0) + stats.balance_loss.unwrap_or(0.0);
-        if let Some((what, value)) = [("loss", total), ("gradient norm", grad_norm)].into_iter().find(|(_, v)| !v.is_finite()) {
+        if let Some((what, value)) = [("loss", total), ("gradient norm", grad_norm)]
+            .into_iter()
+            .find(|(_, v)| !v.is_finite())
+        {
             self.consecutive_skips += 1;
             if self.config.on_nonfinite == NonFinitePolicy::Stop || self.consecutive_skips > 10 {
                 return Err(TrainError::NonFinite { step: self.step + 1, what, value });
@@ -300,10 +394,12 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             return Ok(false);
         }
         self.consecutive_skips = 0;
-        let (model, _) = self.optim.step_with_norm::<AB, _>(lr, self.model.clone(), grads, grad_norm);
+        let (model, _) =
+            self.optim.step_with_norm::<AB, _>(lr, self.model.clone(), grads, grad_norm);
         self.model = model;
         let cfg = &self.config;
-        let updating = cfg.balance == BalanceMode::AuxFree && cfg.bias_update_until.is_none_or(|until| self.step < until);
+        let updating = cfg.balance == BalanceMode::AuxFree
+            && cfg.bias_update_until.is_none_or(|until| self.step < until);
         if updating && cfg.bias_gamma > 0.0 {
             update_model_biases(&mut self.model, &stats.counts, cfg.bias_gamma as f32);
         }
@@ -352,8 +448,10 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         let bar = if self.progress {
             let bar = indicatif::ProgressBar::new(self.config.steps as u64);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
-                    .expect("valid template"),
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+                )
+                .expect("valid template"),
             );
             bar.set_position(self.step as u64);
             bar
@@ -368,7 +466,9 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             if !self.is_primary() {
                 continue;
             }
-            if last || (self.config.eval_every > 0 && self.step % self.config.eval_every == 0) {
+            if last
+                || (self.config.eval_every > 0 && self.step.is_multiple_of(self.config.eval_every))
+            {
                 let eval = self.evaluate(data)?;
                 observer(Event::Eval(&eval));
                 last_eval = Some(eval);
@@ -378,13 +478,20 @@ impl<AB: AutodiffBackend> Trainer<AB> {
                 "loss {:.3}{} val {} lr {:.1e} MaxVio {:.2} {:.0} tok/s",
                 record.loss,
                 record.mtp_loss.map(|m| format!(" mtp {m:.3}")).unwrap_or_default(),
-                last_eval.as_ref().map(|e| format!("{:.3}", e.val_loss)).unwrap_or_else(|| "-".into()),
+                last_eval
+                    .as_ref()
+                    .map(|e| format!("{:.3}", e.val_loss))
+                    .unwrap_or_else(|| "-".into()),
                 record.lr,
                 record.max_vio_batch,
                 record.tokens_per_s,
             ));
-            if last || (self.config.checkpoint_every > 0 && self.step % self.config.checkpoint_every == 0) {
-                let dir = self.save_checkpoint(self.elapsed_before + start.elapsed().as_secs_f64())?;
+            if last
+                || (self.config.checkpoint_every > 0
+                    && self.step.is_multiple_of(self.config.checkpoint_every))
+            {
+                let dir =
+                    self.save_checkpoint(self.elapsed_before + start.elapsed().as_secs_f64())?;
                 observer(Event::Checkpoint(&dir));
             }
         }
@@ -395,7 +502,10 @@ impl<AB: AutodiffBackend> Trainer<AB> {
 
 /// Adds each MoE block's `[E]` token counts to the running per-block totals (one host read per
 /// block).
-fn add_counts<B: burn::tensor::backend::Backend>(totals: &mut Vec<Vec<u64>>, counts: Vec<Tensor<B, 1, Int>>) {
+fn add_counts<B: burn::tensor::backend::Backend>(
+    totals: &mut Vec<Vec<u64>>,
+    counts: Vec<Tensor<B, 1, Int>>,
+) {
     for (l, c) in counts.into_iter().enumerate() {
         let c: Vec<i64> = c.into_data().convert::<i64>().into_vec().expect("int counts");
         if totals.len() <= l {
@@ -408,20 +518,30 @@ fn add_counts<B: burn::tensor::backend::Backend>(totals: &mut Vec<Vec<u64>>, cou
 }
 
 /// Mean losses and global MaxVio of `model` over the validation windows.
-pub fn evaluate<B: burn::tensor::backend::Backend>(model: &DeepSeekModel<B>, val: &crate::data::TokenFile, config: &TrainConfig, step: usize) -> Result<EvalRecord> {
+pub fn evaluate<B: burn::tensor::backend::Backend>(
+    model: &DeepSeekModel<B>,
+    val: &crate::data::TokenFile,
+    config: &TrainConfig,
+    step: usize,
+) -> Result<EvalRecord> {
     let windows = Windows::new(val, config.seq_len)?;
     let device = model.embed_tokens.weight.device();
     let per_batch = config.batch_size;
     let available = windows.count().div_ceil(per_batch);
-    let batches = if config.eval_batches == 0 { available } else { config.eval_batches.min(available) };
+    let batches =
+        if config.eval_batches == 0 { available } else { config.eval_batches.min(available) };
     let weights = LossWeights { mtp_lambda: 0.0, balance: BalanceMode::None, alpha: 0.0 };
     let (mut main, mut mtp, mut tokens, mut n_seq) = (0f64, None::<f64>, 0u64, 0usize);
     let mut counts: Vec<Vec<u64>> = Vec::new();
     for b in 0..batches {
         let first = b * per_batch;
         let size = per_batch.min(windows.count() - first);
-        let ids: Vec<i64> = (first..first + size).flat_map(|i| windows.window(i)).map(i64::from).collect();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [size, config.seq_len + 1]), &device);
+        let ids: Vec<i64> =
+            (first..first + size).flat_map(|i| windows.window(i)).map(i64::from).collect();
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(ids, [size, config.seq_len + 1]),
+            &device,
+        );
         let loss = batch_loss(model, ids, weights);
         // Weighted by sequences so a short last batch counts for what it holds.
         main += loss.main.into_scalar().elem::<f64>() * size as f64;

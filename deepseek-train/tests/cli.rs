@@ -3,11 +3,30 @@
 use std::process::Command;
 
 fn train(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_deepseek-train")).arg("pretrain").args(args).output().expect("runs");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_deepseek-train"))
+        .arg("pretrain")
+        .args(args)
+        .output()
+        .expect("runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
-const SHORT: [&str; 10] = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--builtin-bytes", "20000", "--eval-batches", "2"];
+const SHORT: [&str; 10] = [
+    "--preset",
+    "tiny",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "16",
+    "--builtin-bytes",
+    "20000",
+    "--eval-batches",
+    "2",
+];
 
 #[test]
 fn a_short_run_writes_metrics_checkpoints_plot_and_model() {
@@ -16,17 +35,37 @@ fn a_short_run_writes_metrics_checkpoints_plot_and_model() {
     let toml = dir.path().join("train.toml");
     std::fs::write(&toml, "lr = 0.003\nwarmup_steps = 1\n[optim]\nweight_decay = 0.05\n").unwrap();
     let mut args = SHORT.to_vec();
-    args.extend(["--steps", "3", "--out", out.to_str().unwrap(), "--config", toml.to_str().unwrap(), "--balance", "aux-loss"]);
+    args.extend([
+        "--steps",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+        "--config",
+        toml.to_str().unwrap(),
+        "--balance",
+        "aux-loss",
+    ]);
     let (ok, stdout, stderr) = train(&args);
     assert!(ok, "{stderr}");
     for key in ["steps: 3", "val_loss:", "max_vio_global:", "corpus_entropy:", "model:"] {
         assert!(stdout.contains(key), "missing `{key}` in\n{stdout}");
     }
-    for file in ["metrics.jsonl", "loss.png", "hf/config.json", "hf/model.safetensors", "hf/tokenizer.json", "hf/tokenizer_config.json", "checkpoints/step-00000003/state.json"] {
+    for file in [
+        "metrics.jsonl",
+        "loss.png",
+        "hf/config.json",
+        "hf/model.safetensors",
+        "hf/tokenizer.json",
+        "hf/tokenizer_config.json",
+        "checkpoints/step-00000003/state.json",
+    ] {
         assert!(out.join(file).exists(), "{file}");
     }
     chat_turn_ends_at_the_exported_eos(&out.join("hf"));
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints/step-00000003/state.json")).unwrap()).unwrap();
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoints/step-00000003/state.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(state["train"]["lr"], 0.003, "the TOML value");
     assert_eq!(state["train"]["optim"]["weight_decay"], 0.05);
     assert_eq!(state["train"]["balance"], "aux-loss", "the flag");
@@ -39,19 +78,44 @@ fn chat_turn_ends_at_the_exported_eos(hf: &std::path::Path) {
     use deepseek_infer::chat::{ChatTemplate, Message};
     use deepseek_infer::generate::{generate, Decoding, GenerateConfig};
     use deepseek_infer::tokenizer::TextTokenizer;
-    let template = ChatTemplate::from_tokenizer_config(&hf.join("tokenizer_config.json")).expect("a chat template");
+    let template = ChatTemplate::from_tokenizer_config(&hf.join("tokenizer_config.json"))
+        .expect("a chat template");
     let tok = TextTokenizer::from_file(&hf.join("tokenizer.json")).unwrap();
-    let eos = template.eos_token.as_deref().and_then(|t| tok.token_id(t)).expect("the EOS token is in the vocabulary");
+    let eos = template
+        .eos_token
+        .as_deref()
+        .and_then(|t| tok.token_id(t))
+        .expect("the EOS token is in the vocabulary");
     assert_eq!(tok.encode("\n").unwrap(), vec![eos], "EOS is the newline token");
-    let messages = [Message::new("user", "the cat sat."), Message::new("assistant", "a dog ran."), Message::new("user", "12 + 7 =")];
+    let messages = [
+        Message::new("user", "the cat sat."),
+        Message::new("assistant", "a dog ran."),
+        Message::new("user", "12 + 7 ="),
+    ];
     let prompt = template.render(&messages, true).unwrap();
-    assert_eq!(prompt, "the cat sat.\na dog ran.\n12 + 7 =", "one message per line, the last one open");
+    assert_eq!(
+        prompt, "the cat sat.\na dog ran.\n12 + 7 =",
+        "one message per line, the last one open"
+    );
     let ids: Vec<i64> = tok.encode(&prompt).unwrap().into_iter().map(i64::from).collect();
-    let model = deepseek_core::load_model::<burn::backend::Flex>(hf, &Default::default(), deepseek_core::LoadOptions::default()).unwrap();
-    let cfg = GenerateConfig { max_new_tokens: 8, decoding: Decoding::Greedy, eos_token_id: Some(eos as i64), stop_sequences: vec![] };
+    let model = deepseek_core::load_model::<burn::backend::Flex>(
+        hf,
+        &Default::default(),
+        deepseek_core::LoadOptions::default(),
+    )
+    .unwrap();
+    let cfg = GenerateConfig {
+        max_new_tokens: 8,
+        decoding: Decoding::Greedy,
+        eos_token_id: Some(eos as i64),
+        stop_sequences: vec![],
+    };
     let reply = generate(&model, &[ids], &cfg, &Default::default()).unwrap().remove(0);
     assert!(!reply.is_empty() && reply.len() <= 8);
-    assert!(reply.iter().position(|&t| t == eos as i64).is_none_or(|i| i == reply.len() - 1), "nothing after EOS: {reply:?}");
+    assert!(
+        reply.iter().position(|&t| t == eos as i64).is_none_or(|i| i == reply.len() - 1),
+        "nothing after EOS: {reply:?}"
+    );
 }
 
 #[test]
@@ -66,7 +130,8 @@ fn bad_input_is_a_clear_error() {
         (vec!["--device", "tpu"], "flex"),
     ];
     for (extra, expected) in cases {
-        let mut args = vec!["--preset", "tiny", "--steps", "1", "--out", out, "--builtin-bytes", "20000"];
+        let mut args =
+            vec!["--preset", "tiny", "--steps", "1", "--out", out, "--builtin-bytes", "20000"];
         args.extend(extra.iter());
         let (ok, _, stderr) = train(&args);
         assert!(!ok, "{extra:?} should fail");
@@ -75,7 +140,16 @@ fn bad_input_is_a_clear_error() {
     }
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "").unwrap();
-    let (ok, _, stderr) = train(&["--preset", "tiny", "--steps", "1", "--out", out, "--corpus", empty.to_str().unwrap()]);
+    let (ok, _, stderr) = train(&[
+        "--preset",
+        "tiny",
+        "--steps",
+        "1",
+        "--out",
+        out,
+        "--corpus",
+        empty.to_str().unwrap(),
+    ]);
     assert!(!ok);
     assert!(stderr.contains("nothing to train on") || stderr.contains("tokens"), "{stderr}");
     let (ok, _, stderr) = train(&["--preset", "tiny", "--steps", "1", "--out", out, "--resume"]);
@@ -96,7 +170,22 @@ fn losses(out: &std::path::Path) -> Vec<f64> {
         .collect()
 }
 
-const PARALLEL: [&str; 14] = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "16", "--builtin-bytes", "20000", "--eval-batches", "1", "--steps", "3", "--seed", "5"];
+const PARALLEL: [&str; 14] = [
+    "--preset",
+    "tiny",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "16",
+    "--builtin-bytes",
+    "20000",
+    "--eval-batches",
+    "1",
+    "--steps",
+    "3",
+    "--seed",
+    "5",
+];
 
 #[test]
 fn two_processes_on_localhost_train_like_two_ranks_in_one_process() {
@@ -108,7 +197,14 @@ fn two_processes_on_localhost_train_like_two_ranks_in_one_process() {
         Command::new(env!("CARGO_BIN_EXE_deepseek-train"))
             .arg("pretrain")
             .args(PARALLEL)
-            .args(["--expert-parallel", "2", "--rank-timeout", "60", "--out", out.to_str().unwrap()])
+            .args([
+                "--expert-parallel",
+                "2",
+                "--rank-timeout",
+                "60",
+                "--out",
+                out.to_str().unwrap(),
+            ])
             .env("DEEPSEEK_NODES", "2")
             .env("DEEPSEEK_NODE_RANK", node.to_string())
             .env("DEEPSEEK_MASTER", &master)
@@ -133,7 +229,8 @@ fn two_processes_on_localhost_train_like_two_ranks_in_one_process() {
     args.extend(["--out", single.to_str().unwrap()]);
     assert!(train(&args).0);
 
-    let (procs, threads, one) = (losses(&dir.path().join("node0")), losses(&in_process), losses(&single));
+    let (procs, threads, one) =
+        (losses(&dir.path().join("node0")), losses(&in_process), losses(&single));
     assert_eq!(procs.len(), 3);
     assert_eq!(procs, threads, "processes and threads sum the same numbers in the same order");
     for (p, o) in procs.iter().zip(&one) {
@@ -149,23 +246,52 @@ fn parallel_layouts_and_ranks_that_never_join_are_clear_errors() {
     let port = free_port().to_string();
     let master = format!("127.0.0.1:{port}");
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["--ranks", "3", "--expert-parallel", "3", "--batch-size", "3"], "8 routed experts cannot be split over 3"),
+        (
+            vec!["--ranks", "3", "--expert-parallel", "3", "--batch-size", "3"],
+            "8 routed experts cannot be split over 3",
+        ),
         (vec!["--ranks", "2", "--device", "flex:0,flex:1"], "Flex has a single device"),
         (vec!["--ranks", "2", "--device", "flex,wgpu:1"], "mixes backends"),
         (vec!["--ranks", "3", "--batch-size", "4"], "must split evenly over 3 ranks"),
         (vec!["--node-limit", "3:1"], "cannot be split into 3 nodes"),
         (vec!["--node-limit", "4"], "expected NODES:M"),
         (vec!["--nodes", "2", "--node-rank", "1"], "needs --nodes, --node-rank and --master"),
-        (vec!["--nodes", "2", "--node-rank", "2", "--master", &master], "node 2 is outside 2 nodes"),
-        (vec!["--nodes", "2", "--node-rank", "0", "--master", &master, "--ranks", "2"], "one rank per process"),
+        (
+            vec!["--nodes", "2", "--node-rank", "2", "--master", &master],
+            "node 2 is outside 2 nodes",
+        ),
+        (
+            vec!["--nodes", "2", "--node-rank", "0", "--master", &master, "--ranks", "2"],
+            "one rank per process",
+        ),
         // Rank 1 starts, but rank 0 never does.
-        (vec!["--nodes", "2", "--node-rank", "1", "--master", &master, "--rank-timeout", "2"], "could not reach the master"),
+        (
+            vec!["--nodes", "2", "--node-rank", "1", "--master", &master, "--rank-timeout", "2"],
+            "could not reach the master",
+        ),
         // Rank 0 starts, but rank 1 never joins.
-        (vec!["--nodes", "2", "--node-rank", "0", "--master", &master, "--rank-timeout", "2"], "never joined"),
-        (vec!["--nodes", "2", "--node-rank", "0", "--master", &master, "--transport", "nccl"], "NCCL needs a build with `--features cuda`"),
+        (
+            vec!["--nodes", "2", "--node-rank", "0", "--master", &master, "--rank-timeout", "2"],
+            "never joined",
+        ),
+        (
+            vec!["--nodes", "2", "--node-rank", "0", "--master", &master, "--transport", "nccl"],
+            "NCCL needs a build with `--features cuda`",
+        ),
     ];
     for (extra, expected) in cases {
-        let mut args = vec!["--preset", "tiny", "--steps", "1", "--out", out, "--builtin-bytes", "20000", "--seq-len", "16"];
+        let mut args = vec![
+            "--preset",
+            "tiny",
+            "--steps",
+            "1",
+            "--out",
+            out,
+            "--builtin-bytes",
+            "20000",
+            "--seq-len",
+            "16",
+        ];
         args.extend(extra.iter());
         let (ok, _, stderr) = train(&args);
         assert!(!ok, "{extra:?} should fail");
@@ -188,7 +314,18 @@ fn a_process_that_dies_mid_run_stops_the_others_with_an_error() {
             Command::new(env!("CARGO_BIN_EXE_deepseek-train"))
                 .arg("pretrain")
                 .args(args)
-                .args(["--expert-parallel", ep, "--rank-timeout", "60", "--checkpoint-every", "0", "--eval-every", "0", "--out", out.to_str().unwrap()])
+                .args([
+                    "--expert-parallel",
+                    ep,
+                    "--rank-timeout",
+                    "60",
+                    "--checkpoint-every",
+                    "0",
+                    "--eval-every",
+                    "0",
+                    "--out",
+                    out.to_str().unwrap(),
+                ])
                 .args(["--nodes", "2", "--node-rank", &node.to_string(), "--master", &master])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::piped())
@@ -207,7 +344,10 @@ fn a_process_that_dies_mid_run_stops_the_others_with_an_error() {
         n1.wait().unwrap();
         let out = n0.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        eprintln!("EP {ep}: {}", stderr.lines().find(|l| l.starts_with("Error")).unwrap_or_default());
+        eprintln!(
+            "EP {ep}: {}",
+            stderr.lines().find(|l| l.starts_with("Error")).unwrap_or_default()
+        );
         assert!(!out.status.success(), "node 0 must stop");
         assert!(stderr.contains("lost rank 1") || stderr.contains("waited"), "EP {ep}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");

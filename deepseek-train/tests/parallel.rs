@@ -56,7 +56,12 @@ fn steps(out: &Path) -> Vec<StepRecord> {
 
 /// Every exported tensor, by name.
 fn weights(out: &Path) -> Vec<(String, Vec<f32>)> {
-    let model = deepseek_core::load_model::<B>(&out.join("hf"), &Default::default(), LoadOptions::default()).unwrap();
+    let model = deepseek_core::load_model::<B>(
+        &out.join("hf"),
+        &Default::default(),
+        LoadOptions::default(),
+    )
+    .unwrap();
     model_tensors(&model).into_iter().map(|t| (t.name, t.values)).collect()
 }
 
@@ -76,17 +81,35 @@ fn data_and_expert_parallel_training_equals_one_rank() {
         // Per rank, step and micro-batch: each MoE layer (the MTP module's included) × 2
         // directions × forward and backward.
         let tiny = deepseek_core::DeepSeekConfig::tiny();
-        let moe_layers = tiny.num_hidden_layers - tiny.first_k_dense_replace + tiny.num_nextn_predict_layers;
-        let expected = if ep > 1 { ranks * config().steps * config().grad_accum * moe_layers * 2 * 2 } else { 0 };
+        let moe_layers =
+            tiny.num_hidden_layers - tiny.first_k_dense_replace + tiny.num_nextn_predict_layers;
+        let expected = if ep > 1 {
+            ranks * config().steps * config().grad_accum * moe_layers * 2 * 2
+        } else {
+            0
+        };
         assert_eq!(calls, expected, "ranks {ranks}, EP {ep}: all-to-alls");
         assert_eq!(summary.steps, 3);
         let got = steps(&out);
         assert_eq!(got.len(), want_steps.len(), "rank 0 alone writes one record per step");
         for (g, w) in got.iter().zip(&want_steps) {
             let what = format!("ranks {ranks}, EP {ep}, step {}", g.step);
-            assert!((g.loss - w.loss).abs() <= 1e-5 * w.loss, "{what}: loss {} vs {}", g.loss, w.loss);
-            assert!((g.grad_norm - w.grad_norm).abs() <= 1e-4 * w.grad_norm, "{what}: grad norm {} vs {}", g.grad_norm, w.grad_norm);
-            assert_eq!(g.max_vio_batch, w.max_vio_batch, "{what}: the expert loads are summed over all ranks");
+            assert!(
+                (g.loss - w.loss).abs() <= 1e-5 * w.loss,
+                "{what}: loss {} vs {}",
+                g.loss,
+                w.loss
+            );
+            assert!(
+                (g.grad_norm - w.grad_norm).abs() <= 1e-4 * w.grad_norm,
+                "{what}: grad norm {} vs {}",
+                g.grad_norm,
+                w.grad_norm
+            );
+            assert_eq!(
+                g.max_vio_batch, w.max_vio_batch,
+                "{what}: the expert loads are summed over all ranks"
+            );
             assert_eq!(g.tokens, w.tokens, "{what}: the global batch does not depend on the ranks");
         }
         // AdamW moves a weight by at most about `lr` per step whatever its gradient, so rounding
@@ -101,8 +124,16 @@ fn data_and_expert_parallel_training_equals_one_rank() {
                 }
             }
         }
-        eprintln!("ranks {ranks}, EP {ep}: largest weight difference {:.2e} in {} (bound {bound:.1e})", worst.0, worst.1);
-        assert!(worst.0 <= bound, "ranks {ranks}, EP {ep}: weights differ by {} in {}", worst.0, worst.1);
+        eprintln!(
+            "ranks {ranks}, EP {ep}: largest weight difference {:.2e} in {} (bound {bound:.1e})",
+            worst.0, worst.1
+        );
+        assert!(
+            worst.0 <= bound,
+            "ranks {ranks}, EP {ep}: weights differ by {} in {}",
+            worst.0,
+            worst.1
+        );
     }
 }
 
@@ -110,15 +141,22 @@ fn data_and_expert_parallel_training_equals_one_rank() {
 fn layouts_the_model_or_batch_cannot_take_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        (Layout { ranks: 3, expert_parallel: 3, ..Default::default() }, "8 routed experts cannot be split over 3"),
+        (
+            Layout { ranks: 3, expert_parallel: 3, ..Default::default() },
+            "8 routed experts cannot be split over 3",
+        ),
         (Layout { ranks: 3, expert_parallel: 2, ..Default::default() }, "must divide the 3 ranks"),
-        (Layout { ranks: 8, expert_parallel: 1, ..Default::default() }, "must split evenly over 8 ranks"),
+        (
+            Layout { ranks: 8, expert_parallel: 1, ..Default::default() },
+            "must split evenly over 8 ranks",
+        ),
         (Layout { ranks: 0, expert_parallel: 1, ..Default::default() }, "at least 1"),
     ];
     for (layout, expected) in cases {
         let mut a = args(&dir.path().join("bad"), 1, 1);
         a.layout = layout.clone();
-        let err = pretrain(&a).err().unwrap_or_else(|| panic!("{layout:?} should fail")).to_string();
+        let err =
+            pretrain(&a).err().unwrap_or_else(|| panic!("{layout:?} should fail")).to_string();
         assert!(err.contains(expected), "{layout:?}: `{err}` lacks `{expected}`");
     }
     let mut a = args(&dir.path().join("bad"), 2, 1);
@@ -136,17 +174,31 @@ fn node_limited_routing_is_part_of_the_recipe_and_parallel_runs_agree_on_it() {
         a.train.node_limit = Some(deepseek_core::moe::NodeLimit { nodes: 2, max_nodes: 1 });
         a
     };
-    let (free, one, two) = (dir.path().join("free"), dir.path().join("one"), dir.path().join("two"));
+    let (free, one, two) =
+        (dir.path().join("free"), dir.path().join("one"), dir.path().join("two"));
     pretrain(&args(&free, 1, 1)).unwrap();
     pretrain(&limited(&one, 1, 1)).unwrap();
     pretrain(&limited(&two, 2, 2)).unwrap();
     let (free, one, two) = (steps(&free), steps(&one), steps(&two));
     assert_ne!(free[1].loss, one[1].loss, "the limit changes the routing");
     for (a, b) in two.iter().zip(&one) {
-        assert!((a.loss - b.loss).abs() <= 1e-5 * b.loss, "step {}: {} vs {}", a.step, a.loss, b.loss);
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-5 * b.loss,
+            "step {}: {} vs {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
     }
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("one/checkpoints/step-00000003/state.json")).unwrap()).unwrap();
-    assert_eq!(state["train"]["node_limit"]["max_nodes"], 1, "saved with the recipe, so --resume keeps it");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("one/checkpoints/step-00000003/state.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        state["train"]["node_limit"]["max_nodes"], 1,
+        "saved with the recipe, so --resume keeps it"
+    );
     let mut bad = args(&dir.path().join("bad"), 1, 1);
     bad.train.node_limit = Some(deepseek_core::moe::NodeLimit { nodes: 3, max_nodes: 1 });
     assert!(pretrain(&bad).err().unwrap().to_string().contains("cannot be split into 3 nodes"));
@@ -161,7 +213,13 @@ fn a_parallel_run_resumes_where_it_stopped() {
     run.train.checkpoint_every = 1;
     pretrain(&run).unwrap();
     // The same run stopped after step 2: its directory without the last checkpoint.
-    assert!(std::process::Command::new("cp").arg("-r").arg(&straight).arg(&split).status().unwrap().success());
+    assert!(std::process::Command::new("cp")
+        .arg("-r")
+        .arg(&straight)
+        .arg(&split)
+        .status()
+        .unwrap()
+        .success());
     std::fs::remove_dir_all(split.join("checkpoints/step-00000003")).unwrap();
     let mut resumed = args(&split, 2, 2);
     resumed.train.checkpoint_every = 1;
@@ -189,7 +247,8 @@ fn a_rank_that_fails_stops_the_others_instead_of_leaving_them_waiting() {
     a.train.checkpoint_every = 1;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || tx.send(pretrain(&a).map(|_| ()).map_err(|e| e.to_string())));
-    let outcome = rx.recv_timeout(std::time::Duration::from_secs(300)).expect("the run must end, not hang");
+    let outcome =
+        rx.recv_timeout(std::time::Duration::from_secs(300)).expect("the run must end, not hang");
     let err = outcome.expect_err("rank 0 cannot checkpoint");
     assert!(err.starts_with("rank 0:") && err.contains("checkpoints"), "{err}");
 }

@@ -40,8 +40,16 @@ fn data(dir: &Path) -> Dataset {
 
 fn fresh(out: &Path, cfg: TrainConfig) -> Trainer<AB> {
     let device = Default::default();
-    let model = deepseek_train::trainer::init_model::<AB>(&DeepSeekConfig::tiny(), cfg.seed, &device);
-    Trainer::new(model, cfg, DataConfig { builtin_bytes: 20_000, ..Default::default() }, out, &device).unwrap()
+    let model =
+        deepseek_train::trainer::init_model::<AB>(&DeepSeekConfig::tiny(), cfg.seed, &device);
+    Trainer::new(
+        model,
+        cfg,
+        DataConfig { builtin_bytes: 20_000, ..Default::default() },
+        out,
+        &device,
+    )
+    .unwrap()
 }
 
 fn run(trainer: &mut Trainer<AB>, data: &Dataset) -> Vec<StepRecord> {
@@ -57,8 +65,18 @@ fn run(trainer: &mut Trainer<AB>, data: &Dataset) -> Vec<StepRecord> {
 }
 
 fn bias_of(model: &deepseek_core::DeepSeekModel<AB>) -> Vec<f32> {
-    let deepseek_core::block::FeedForward::Moe(moe) = &model.layers[1].mlp else { panic!("layer 1 is MoE") };
-    moe.gate.e_score_correction_bias.as_ref().unwrap().val().into_data().convert::<f32>().into_vec().unwrap()
+    let deepseek_core::block::FeedForward::Moe(moe) = &model.layers[1].mlp else {
+        panic!("layer 1 is MoE")
+    };
+    moe.gate
+        .e_score_correction_bias
+        .as_ref()
+        .unwrap()
+        .val()
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .unwrap()
 }
 
 #[test]
@@ -75,11 +93,16 @@ fn resume_is_bitwise_identical_to_an_uninterrupted_run() {
     let mut first = fresh(&split_dir, config(3));
     let mut split_steps = run(&mut first, &data);
     drop(first);
-    let mut second = Trainer::<AB>::resume(&split_dir, &DeepSeekConfig::tiny(), config(6), &device).unwrap();
+    let mut second =
+        Trainer::<AB>::resume(&split_dir, &DeepSeekConfig::tiny(), config(6), &device).unwrap();
     assert_eq!(second.step, 3);
     split_steps.extend(run(&mut second, &data));
 
-    let bits = |s: &[StepRecord]| s.iter().map(|r| (r.loss.to_bits(), r.mtp_loss.map(f32::to_bits), r.grad_norm.to_bits())).collect::<Vec<_>>();
+    let bits = |s: &[StepRecord]| {
+        s.iter()
+            .map(|r| (r.loss.to_bits(), r.mtp_loss.map(f32::to_bits), r.grad_norm.to_bits()))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(bits(&split_steps), bits(&straight_steps), "losses and gradient norms, bit for bit");
     // The loss went down and the balancing bias moved.
     assert!(straight_steps[5].loss < straight_steps[0].loss);
@@ -90,7 +113,8 @@ fn resume_is_bitwise_identical_to_an_uninterrupted_run() {
         assert!(x == y, "`{}` differs after resume", x.name);
     }
     // The resumed run's metrics file has each step once.
-    let (steps, _) = deepseek_train::metrics::read_metrics(&split_dir.join("metrics.jsonl")).unwrap();
+    let (steps, _) =
+        deepseek_train::metrics::read_metrics(&split_dir.join("metrics.jsonl")).unwrap();
     assert_eq!(steps.iter().map(|s| s.step).collect::<Vec<_>>(), (1..=6).collect::<Vec<_>>());
 }
 
@@ -99,22 +123,33 @@ fn an_interrupted_save_leaves_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let data = data(dir.path());
     let out = dir.path().join("run");
-    let mut trainer = fresh(&out, TrainConfig { checkpoint_every: 2, keep_checkpoints: 2, ..config(4) });
+    let mut trainer =
+        fresh(&out, TrainConfig { checkpoint_every: 2, keep_checkpoints: 2, ..config(4) });
     let steps = run(&mut trainer, &data);
     assert_eq!(checkpoint::list(&out).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![2, 4]);
 
     // A crash in the middle of saving step 6: the model is written, the rest is not.
-    let mut state_json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints/step-00000004/state.json")).unwrap()).unwrap();
+    let mut state_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoints/step-00000004/state.json")).unwrap(),
+    )
+    .unwrap();
     state_json["step"] = 6.into();
     let state: checkpoint::TrainState = serde_json::from_value(state_json).unwrap();
-    let err = checkpoint::save_interruptible(&out, &trainer.model, &trainer.optim, &state, 2, Some(2)).err().unwrap();
+    let err =
+        checkpoint::save_interruptible(&out, &trainer.model, &trainer.optim, &state, 2, Some(2))
+            .err()
+            .unwrap();
     assert!(err.to_string().contains("interrupted"));
-    assert!(out.join("checkpoints/.step-00000006.partial/model.safetensors").exists(), "the crash left a partial save");
+    assert!(
+        out.join("checkpoints/.step-00000006.partial/model.safetensors").exists(),
+        "the crash left a partial save"
+    );
     let (latest, dir4) = checkpoint::latest(&out).unwrap();
     assert_eq!(latest, 4, "the partial save is not a checkpoint");
     // The last good checkpoint is intact and resumes.
-    let resumed = Trainer::<AB>::resume(&out, &DeepSeekConfig::tiny(), config(4), &Default::default()).unwrap();
+    let resumed =
+        Trainer::<AB>::resume(&out, &DeepSeekConfig::tiny(), config(4), &Default::default())
+            .unwrap();
     assert_eq!(resumed.step, 4);
     assert_eq!(model_tensors(&resumed.model), model_tensors(&trainer.model));
     assert_eq!(steps.len(), 4);
@@ -168,9 +203,20 @@ fn resuming_with_another_model_or_a_corrupt_checkpoint_is_an_error() {
     let weights = ckpt.join("model.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
-    let err = Trainer::<AB>::resume(&out, &DeepSeekConfig::tiny(), config(2), &device).err().unwrap().to_string();
+    let err = Trainer::<AB>::resume(&out, &DeepSeekConfig::tiny(), config(2), &device)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("model.safetensors"), "{err}");
-    let err = Trainer::<AB>::resume(&dir.path().join("empty"), &DeepSeekConfig::tiny(), config(2), &device).err().unwrap().to_string();
+    let err = Trainer::<AB>::resume(
+        &dir.path().join("empty"),
+        &DeepSeekConfig::tiny(),
+        config(2),
+        &device,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("no checkpoint"), "{err}");
 }
 
@@ -180,7 +226,10 @@ fn settings_the_model_cannot_take_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let model = DeepSeekConfig::tiny().init::<AB>(&device);
     let too_long = TrainConfig { seq_len: 10_000, ..config(1) };
-    let err = Trainer::new(model, too_long, DataConfig::default(), dir.path(), &device).err().unwrap().to_string();
+    let err = Trainer::new(model, too_long, DataConfig::default(), dir.path(), &device)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("max_position_embeddings"), "{err}");
 }
 
@@ -188,17 +237,23 @@ fn settings_the_model_cannot_take_are_rejected() {
 fn pretrain_exports_a_model_that_loads_and_reproduces_the_trained_logits() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let mut args = PretrainArgs::new("tiny", &out, TrainConfig { balance: BalanceMode::AuxFree, ..config(3) });
+    let mut args =
+        PretrainArgs::new("tiny", &out, TrainConfig { balance: BalanceMode::AuxFree, ..config(3) });
     args.builtin_bytes = Some(20_000);
     let summary = pretrain(&args).unwrap();
     assert_eq!(summary.steps, 3);
     assert!(summary.entropy.unwrap() > 0.0);
     assert!(summary.plot.exists());
     let device = Default::default();
-    let exported: deepseek_core::DeepSeekModel<Flex> = deepseek_core::load_model(&summary.hf_dir, &device, LoadOptions::default()).unwrap();
+    let exported: deepseek_core::DeepSeekModel<Flex> =
+        deepseek_core::load_model(&summary.hf_dir, &device, LoadOptions::default()).unwrap();
     let (_, last) = checkpoint::latest(&out).unwrap();
-    let trained = checkpoint::load::<AB>(&last, &DeepSeekConfig::tiny(), &device).unwrap().model.valid();
-    let ids = Tensor::<Flex, 2, Int>::from_data(TensorData::new((0..16i64).map(|i| i * 7 % 256).collect::<Vec<_>>(), [2, 8]), &device);
+    let trained =
+        checkpoint::load::<AB>(&last, &DeepSeekConfig::tiny(), &device).unwrap().model.valid();
+    let ids = Tensor::<Flex, 2, Int>::from_data(
+        TensorData::new((0..16i64).map(|i| i * 7 % 256).collect::<Vec<_>>(), [2, 8]),
+        &device,
+    );
     let a: Vec<f32> = exported.forward(ids.clone()).into_data().into_vec().unwrap();
     let b: Vec<f32> = trained.forward(ids).into_data().into_vec().unwrap();
     assert_eq!(a, b);
@@ -221,13 +276,16 @@ fn init_from_an_exported_model_continues_from_its_weights_and_can_extend_the_con
     let summary = pretrain(&args).unwrap();
     // Continue with a vanishing learning rate: the run starts from (and so ends at) the
     // exported weights.
-    let mut cont = PretrainArgs::new("tiny", dir.path().join("cont"), TrainConfig { lr: 1e-9, ..config(1) });
+    let mut cont =
+        PretrainArgs::new("tiny", dir.path().join("cont"), TrainConfig { lr: 1e-9, ..config(1) });
     cont.builtin_bytes = Some(20_000);
     cont.init_from = Some(summary.hf_dir.clone());
     let s = pretrain(&cont).unwrap();
     let device = Default::default();
-    let before: deepseek_core::DeepSeekModel<Flex> = deepseek_core::load_model(&summary.hf_dir, &device, LoadOptions::default()).unwrap();
-    let after: deepseek_core::DeepSeekModel<Flex> = deepseek_core::load_model(&s.hf_dir, &device, LoadOptions::default()).unwrap();
+    let before: deepseek_core::DeepSeekModel<Flex> =
+        deepseek_core::load_model(&summary.hf_dir, &device, LoadOptions::default()).unwrap();
+    let after: deepseek_core::DeepSeekModel<Flex> =
+        deepseek_core::load_model(&s.hf_dir, &device, LoadOptions::default()).unwrap();
     for (x, y) in model_tensors(&before).iter().zip(&model_tensors(&after)) {
         let diff = x.values.iter().zip(&y.values).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         // The balancing bias moves by γ = 0.01 per step whatever the learning rate.
@@ -236,7 +294,11 @@ fn init_from_an_exported_model_continues_from_its_weights_and_can_extend_the_con
     }
 
     // Context extension: YaRN factor 2 over the original 64-token context of `tiny`.
-    let mut long = PretrainArgs::new("tiny", dir.path().join("long"), TrainConfig { seq_len: 100, ..config(1) });
+    let mut long = PretrainArgs::new(
+        "tiny",
+        dir.path().join("long"),
+        TrainConfig { seq_len: 100, ..config(1) },
+    );
     long.builtin_bytes = Some(20_000);
     long.init_from = Some(summary.hf_dir.clone());
     long.yarn_factor = Some(8.0);
@@ -266,7 +328,8 @@ fn fp8_training_resumes_and_tracks_full_precision() {
     let mut split_steps = run(&mut first, &data);
     drop(first);
     // `fp8` is part of the saved recipe: the resumed run is FP8 again without being told.
-    let mut second = Trainer::<AB>::resume(&split_dir, &DeepSeekConfig::tiny(), config(6), &device).unwrap();
+    let mut second =
+        Trainer::<AB>::resume(&split_dir, &DeepSeekConfig::tiny(), config(6), &device).unwrap();
     assert!(second.config.fp8);
     split_steps.extend(run(&mut second, &data));
     // Within 1e-5, not bit for bit: one CI run of this test differed in the last bits of the
@@ -276,14 +339,36 @@ fn fp8_training_resumes_and_tracks_full_precision() {
     // more than this.
     assert_eq!(split_steps.len(), fp8_steps.len());
     for (a, b) in split_steps.iter().zip(&fp8_steps) {
-        assert!((a.loss - b.loss).abs() <= 1e-5 * b.loss, "step {}: resumed {} vs straight {}", a.step, a.loss, b.loss);
-        assert!((a.grad_norm - b.grad_norm).abs() <= 1e-5 * b.grad_norm, "step {}: grad norm {} vs {}", a.step, a.grad_norm, b.grad_norm);
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-5 * b.loss,
+            "step {}: resumed {} vs straight {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+        assert!(
+            (a.grad_norm - b.grad_norm).abs() <= 1e-5 * b.grad_norm,
+            "step {}: grad norm {} vs {}",
+            a.step,
+            a.grad_norm,
+            b.grad_norm
+        );
     }
 
     // FP8 GEMMs change every step's numbers, by little.
     let full_steps = run(&mut fresh(&dir.path().join("f32"), config(6)), &data);
-    assert_ne!(full_steps[0].loss.to_bits(), fp8_steps[0].loss.to_bits(), "the FP8 run is not the f32 run");
+    assert_ne!(
+        full_steps[0].loss.to_bits(),
+        fp8_steps[0].loss.to_bits(),
+        "the FP8 run is not the f32 run"
+    );
     for (a, b) in fp8_steps.iter().zip(&full_steps) {
-        assert!((a.loss - b.loss).abs() < 0.02 * b.loss, "step {}: fp8 {} vs f32 {}", a.step, a.loss, b.loss);
+        assert!(
+            (a.loss - b.loss).abs() < 0.02 * b.loss,
+            "step {}: fp8 {} vs f32 {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
     }
 }

@@ -58,8 +58,18 @@ impl Reference {
         for (name, view) in st.tensors() {
             let data = view.data();
             let (f32, i64) = match view.dtype() {
-                Dtype::F32 => (data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(), vec![]),
-                Dtype::I64 => (vec![], data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()),
+                Dtype::F32 => (
+                    data.chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                        .collect(),
+                    vec![],
+                ),
+                Dtype::I64 => (
+                    vec![],
+                    data.chunks_exact(8)
+                        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                        .collect(),
+                ),
                 other => panic!("unexpected dtype {other:?} for {name}"),
             };
             tensors.insert(name, RefTensor { shape: view.shape().to_vec(), f32, i64 });
@@ -118,7 +128,12 @@ pub fn read_raw(path: &Path) -> std::collections::BTreeMap<String, RawTensor> {
     let st = SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()
         .into_iter()
-        .map(|(name, v)| (name, RawTensor { dtype: v.dtype(), shape: v.shape().to_vec(), bytes: v.data().to_vec() }))
+        .map(|(name, v)| {
+            (
+                name,
+                RawTensor { dtype: v.dtype(), shape: v.shape().to_vec(), bytes: v.data().to_vec() },
+            )
+        })
         .collect()
 }
 
@@ -126,14 +141,22 @@ pub fn read_raw(path: &Path) -> std::collections::BTreeMap<String, RawTensor> {
 pub fn write_raw(path: &Path, tensors: &std::collections::BTreeMap<String, RawTensor>) {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
-        .map(|(n, t)| (n.clone(), safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap()))
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
 /// Copies golden case `case` into a fresh temporary directory, letting `edit` change the tensors
 /// first. The directory lives as long as the returned guard.
-pub fn edited_copy(case: &str, edit: impl FnOnce(&mut std::collections::BTreeMap<String, RawTensor>)) -> tempfile::TempDir {
+pub fn edited_copy(
+    case: &str,
+    edit: impl FnOnce(&mut std::collections::BTreeMap<String, RawTensor>),
+) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let src = golden_dir(case);
     std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();

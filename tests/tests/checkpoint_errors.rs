@@ -20,7 +20,8 @@ fn load(dir: &std::path::Path) -> Result<deepseek_core::DeepSeekModel<Flex>, Dee
 fn logits(dir: &std::path::Path) -> Vec<f32> {
     let model = load(dir).unwrap();
     let ids = Reference::load(CASE).get("input_ids").clone();
-    let input = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids.i64, ids.shape), &Default::default());
+    let input =
+        Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids.i64, ids.shape), &Default::default());
     model.forward(input).into_data().convert::<f32>().into_vec().unwrap()
 }
 
@@ -70,7 +71,11 @@ fn truncated_file_is_reported_as_malformed() {
 #[test]
 fn garbage_header_is_reported_as_malformed() {
     let dir = edited_copy(CASE, |_| {});
-    std::fs::write(dir.path().join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}").unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}",
+    )
+    .unwrap();
     assert!(matches!(load(dir.path()).unwrap_err(), DeepSeekError::MalformedSafetensors { .. }));
 }
 
@@ -107,17 +112,22 @@ fn unexpected_tensors_are_reported_unless_allowed() {
         t.insert("model.layers.0.self_attn.rotary_emb.inv_freq".into(), extra);
     });
     match load(dir.path()).unwrap_err() {
-        DeepSeekError::UnexpectedTensors { names } => assert_eq!(names, vec!["model.layers.0.self_attn.rotary_emb.inv_freq"]),
+        DeepSeekError::UnexpectedTensors { names } => {
+            assert_eq!(names, vec!["model.layers.0.self_attn.rotary_emb.inv_freq"])
+        }
         other => panic!("expected UnexpectedTensors, got {other}"),
     }
-    load_model::<Flex>(dir.path(), &Default::default(), LoadOptions { allow_unused: true }).unwrap();
+    load_model::<Flex>(dir.path(), &Default::default(), LoadOptions { allow_unused: true })
+        .unwrap();
 }
 
 #[test]
 fn unknown_architecture_is_a_typed_error() {
     let dir = edited_copy(CASE, |_| {});
     let path = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&path).unwrap().replace("DeepseekV3ForCausalLM", "MixtralForCausalLM");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("DeepseekV3ForCausalLM", "MixtralForCausalLM");
     std::fs::write(&path, text).unwrap();
     assert!(matches!(load(dir.path()).unwrap_err(), DeepSeekError::UnknownArchitecture { .. }));
 }
@@ -131,9 +141,17 @@ fn sharded_checkpoint_with_index_gives_the_same_logits() {
     let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
     let mut weight_map = serde_json::Map::new();
     for (i, (name, t)) in tensors.into_iter().enumerate() {
-        let file = if i % 2 == 0 { "model-00001-of-00002.safetensors" } else { "model-00002-of-00002.safetensors" };
+        let file = if i % 2 == 0 {
+            "model-00001-of-00002.safetensors"
+        } else {
+            "model-00002-of-00002.safetensors"
+        };
         weight_map.insert(name.clone(), file.into());
-        if i % 2 == 0 { a.insert(name, t) } else { b.insert(name, t) };
+        if i % 2 == 0 {
+            a.insert(name, t)
+        } else {
+            b.insert(name, t)
+        };
     }
     write_raw(&dir.path().join("model-00001-of-00002.safetensors"), &a);
     write_raw(&dir.path().join("model-00002-of-00002.safetensors"), &b);
@@ -148,7 +166,9 @@ fn index_naming_a_missing_shard_is_an_io_error() {
     let index = serde_json::json!({ "weight_map": { "lm_head.weight": "model-00009-of-00009.safetensors" } });
     std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
     match load(dir.path()).unwrap_err() {
-        DeepSeekError::Io { path, .. } => assert!(path.ends_with("model-00009-of-00009.safetensors")),
+        DeepSeekError::Io { path, .. } => {
+            assert!(path.ends_with("model-00009-of-00009.safetensors"))
+        }
         other => panic!("expected Io, got {other}"),
     }
 }
@@ -159,10 +179,15 @@ fn bf16_and_f16_weights_load_as_their_rounded_values() {
     for dtype in [Dtype::BF16, Dtype::F16] {
         let dir = edited_copy(CASE, |t| {
             for tensor in t.values_mut() {
-                let values = tensor.bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()));
+                let values =
+                    tensor.bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()));
                 tensor.bytes = match dtype {
-                    Dtype::BF16 => values.flat_map(|v| half::bf16::from_f32(v).to_bits().to_le_bytes()).collect(),
-                    _ => values.flat_map(|v| half::f16::from_f32(v).to_bits().to_le_bytes()).collect(),
+                    Dtype::BF16 => values
+                        .flat_map(|v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+                        .collect(),
+                    _ => values
+                        .flat_map(|v| half::f16::from_f32(v).to_bits().to_le_bytes())
+                        .collect(),
                 };
                 tensor.dtype = dtype;
             }
@@ -174,7 +199,13 @@ fn bf16_and_f16_weights_load_as_their_rounded_values() {
             .bytes
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .map(|v| if dtype == Dtype::BF16 { half::bf16::from_f32(v).to_f32() } else { half::f16::from_f32(v).to_f32() })
+            .map(|v| {
+                if dtype == Dtype::BF16 {
+                    half::bf16::from_f32(v).to_f32()
+                } else {
+                    half::f16::from_f32(v).to_f32()
+                }
+            })
             .collect();
         assert_eq!(loaded, expected, "{dtype:?}");
         // The whole model still loads and runs.

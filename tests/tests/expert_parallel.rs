@@ -15,7 +15,9 @@ use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
 use common::Rng;
 use deepseek_core::moe::{NodeLimit, RoutedExperts, RoutedExpertsConfig, RouterConfig};
-use deepseek_core::parallel::{Exchange, ExpertParallel, LocalExchange, ParallelError, RendezvousConfig, TcpExchange};
+use deepseek_core::parallel::{
+    Exchange, ExpertParallel, LocalExchange, ParallelError, RendezvousConfig, TcpExchange,
+};
 use deepseek_core::{ExecutionPolicy, ScoringFunc, TopkMethod};
 
 type AB = Autodiff<Flex>;
@@ -41,7 +43,8 @@ struct Batch {
 
 impl Batch {
     fn random(rng: &mut Rng, tokens: usize, used: &[u32]) -> Self {
-        let ids = rng.routing(tokens, K, used.len()).into_iter().map(|i| used[i as usize]).collect();
+        let ids =
+            rng.routing(tokens, K, used.len()).into_iter().map(|i| used[i as usize]).collect();
         Batch {
             x: (0..tokens * D).map(|_| rng.uniform() * 2.0).collect(),
             ids,
@@ -57,15 +60,28 @@ type Grads = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
 
 fn run(experts: &RoutedExperts<AB>, policy: &ExecutionPolicy, b: &Batch) -> Grads {
     let device = Default::default();
-    let x = Tensor::<AB, 2>::from_data(TensorData::new(b.x.clone(), [b.tokens, D]), &device).require_grad();
-    let w = Tensor::<AB, 2>::from_data(TensorData::new(b.w.clone(), [b.tokens, K]), &device).require_grad();
-    let ids = Tensor::<AB, 2, Int>::from_data(TensorData::new(b.ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [b.tokens, K]), &device);
+    let x = Tensor::<AB, 2>::from_data(TensorData::new(b.x.clone(), [b.tokens, D]), &device)
+        .require_grad();
+    let w = Tensor::<AB, 2>::from_data(TensorData::new(b.w.clone(), [b.tokens, K]), &device)
+        .require_grad();
+    let ids = Tensor::<AB, 2, Int>::from_data(
+        TensorData::new(b.ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [b.tokens, K]),
+        &device,
+    );
     let c = Tensor::<AB, 2>::from_data(TensorData::new(b.c.clone(), [b.tokens, D]), &device);
     let y = experts.forward(x.clone(), ids, w.clone(), policy);
     let grads = (y.clone() * c).sum().backward();
     let g = |p: &Tensor<AB, 2>| values(p.grad(&grads).expect("gradient"));
-    let g3 = |p: &Tensor<AB, 3>| p.grad(&grads).map(values).unwrap_or_else(|| vec![0.0; p.dims().iter().product()]);
-    (values(y.inner()), g(&x), g(&w), g3(&experts.gate_up.weight.val()), g3(&experts.down.weight.val()))
+    let g3 = |p: &Tensor<AB, 3>| {
+        p.grad(&grads).map(values).unwrap_or_else(|| vec![0.0; p.dims().iter().product()])
+    };
+    (
+        values(y.inner()),
+        g(&x),
+        g(&w),
+        g3(&experts.gate_up.weight.val()),
+        g3(&experts.down.weight.val()),
+    )
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f32]) {
@@ -82,7 +98,8 @@ fn check_against_one_device(batches: Vec<Batch>) {
     deepseek_core::register_autodiff::<Flex>();
     let device = Default::default();
     let experts = RoutedExpertsConfig::new(D, I, E).init::<AB>(&device);
-    let reference: Vec<Grads> = batches.iter().map(|b| run(&experts, &ExecutionPolicy::default(), b)).collect();
+    let reference: Vec<Grads> =
+        batches.iter().map(|b| run(&experts, &ExecutionPolicy::default(), b)).collect();
     let group = LocalExchange::group(batches.len(), Duration::from_secs(30));
     let handles: Vec<_> = group
         .into_iter()
@@ -93,11 +110,16 @@ fn check_against_one_device(batches: Vec<Batch>) {
                 // A fresh autodiff graph per rank (shared parameter nodes would merge the graphs).
                 let experts = experts.fork(&Default::default());
                 let parallel = ExpertParallel::new(Arc::new(exchange), E).unwrap();
-                run(&experts, &ExecutionPolicy::default().with_expert_parallel(Some(parallel)), &batch)
+                run(
+                    &experts,
+                    &ExecutionPolicy::default().with_expert_parallel(Some(parallel)),
+                    &batch,
+                )
             })
         })
         .collect();
-    let parallel: Vec<Grads> = handles.into_iter().map(|h| h.join().expect("rank thread")).collect();
+    let parallel: Vec<Grads> =
+        handles.into_iter().map(|h| h.join().expect("rank thread")).collect();
     let (mut gate_up, mut down) = (vec![0f32; E * D * 2 * I], vec![0f32; E * I * D]);
     for (r, (p, want)) in parallel.iter().zip(&reference).enumerate() {
         assert_close(&format!("rank {r} output"), &p.0, &want.0);
@@ -107,7 +129,11 @@ fn check_against_one_device(batches: Vec<Batch>) {
         down.iter_mut().zip(&p.4).for_each(|(a, b)| *a += b);
     }
     // Single device: one module saw every rank's tokens.
-    let sum = |f: fn(&Grads) -> &Vec<f32>| reference.iter().fold(vec![0f32; f(&reference[0]).len()], |acc, g| acc.iter().zip(f(g)).map(|(a, b)| a + b).collect());
+    let sum = |f: fn(&Grads) -> &Vec<f32>| {
+        reference.iter().fold(vec![0f32; f(&reference[0]).len()], |acc, g| {
+            acc.iter().zip(f(g)).map(|(a, b)| a + b).collect()
+        })
+    };
     assert_close("dL/d gate_up (summed over ranks)", &gate_up, &sum(|g| &g.3));
     assert_close("dL/d down (summed over ranks)", &down, &sum(|g| &g.4));
 }
@@ -126,7 +152,10 @@ fn a_rank_whose_experts_get_no_rows_still_takes_part_in_backward() {
     let mut rng = Rng(5);
     // Every token chooses among experts 0..4: rank 1's experts stay idle.
     let used = [0, 1, 2, 3];
-    check_against_one_device(vec![Batch::random(&mut rng, 7, &used), Batch::random(&mut rng, 4, &used)]);
+    check_against_one_device(vec![
+        Batch::random(&mut rng, 7, &used),
+        Batch::random(&mut rng, 4, &used),
+    ]);
 }
 
 #[test]
@@ -150,7 +179,8 @@ fn reference_node_limited(choice: &[f32], nodes: usize, max_nodes: usize, k: usi
         .collect();
     node_scores.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
     let kept: Vec<usize> = node_scores[..max_nodes].iter().map(|s| s.1).collect();
-    let mut candidates: Vec<(f32, usize)> = (0..choice.len()).filter(|e| kept.contains(&(e / per))).map(|e| (choice[e], e)).collect();
+    let mut candidates: Vec<(f32, usize)> =
+        (0..choice.len()).filter(|e| kept.contains(&(e / per))).map(|e| (choice[e], e)).collect();
     candidates.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
     let mut chosen: Vec<usize> = candidates[..k].iter().map(|c| c.1).collect();
     chosen.sort();
@@ -162,19 +192,31 @@ fn node_limited_routing_keeps_each_token_on_at_most_m_nodes() {
     type B = Flex;
     let device = Default::default();
     let (d, e, k, tokens) = (12, 16, 4, 40);
-    let config = RouterConfig::new(d, e, k, 1, 1, ScoringFunc::Sigmoid, TopkMethod::NoAuxTc, true, 2.5);
+    let config =
+        RouterConfig::new(d, e, k, 1, 1, ScoringFunc::Sigmoid, TopkMethod::NoAuxTc, true, 2.5);
     let mut router = config.init::<B>(&device);
     let mut rng = Rng(3);
     // O(1) weights and a nonzero bias, so that the decisions are not near-ties.
-    router.weight = burn::module::Param::from_tensor(Tensor::from_data(TensorData::new((0..e * d).map(|_| rng.uniform() * 3.0).collect::<Vec<_>>(), [e, d]), &device));
+    router.weight = burn::module::Param::from_tensor(Tensor::from_data(
+        TensorData::new((0..e * d).map(|_| rng.uniform() * 3.0).collect::<Vec<_>>(), [e, d]),
+        &device,
+    ));
     let bias: Vec<f32> = (0..e).map(|_| rng.uniform() * 0.2).collect();
-    router.e_score_correction_bias = Some(burn::module::Param::from_tensor(Tensor::from_data(TensorData::new(bias.clone(), [e]), &device)));
+    router.e_score_correction_bias = Some(burn::module::Param::from_tensor(Tensor::from_data(
+        TensorData::new(bias.clone(), [e]),
+        &device,
+    )));
     let x_values: Vec<f32> = (0..tokens * d).map(|_| rng.uniform() * 2.0).collect();
     let x = Tensor::<B, 2>::from_data(TensorData::new(x_values.clone(), [tokens, d]), &device);
     let unlimited = router.forward(x.clone(), &ExecutionPolicy::default());
-    for limit in [NodeLimit { nodes: 4, max_nodes: 2 }, NodeLimit { nodes: 8, max_nodes: 2 }, NodeLimit { nodes: 4, max_nodes: 4 }] {
+    for limit in [
+        NodeLimit { nodes: 4, max_nodes: 2 },
+        NodeLimit { nodes: 8, max_nodes: 2 },
+        NodeLimit { nodes: 4, max_nodes: 4 },
+    ] {
         limit.check(e, k).unwrap();
-        let routing = router.forward(x.clone(), &ExecutionPolicy::default().with_node_limit(Some(limit)));
+        let routing =
+            router.forward(x.clone(), &ExecutionPolicy::default().with_node_limit(Some(limit)));
         let ids: Vec<i64> = routing.indices.into_data().convert::<i64>().into_vec().unwrap();
         let scores = values(routing.scores.clone());
         let per = e / limit.nodes;
@@ -183,12 +225,23 @@ fn node_limited_routing_keeps_each_token_on_at_most_m_nodes() {
             got.sort();
             let mut spanned: Vec<usize> = got.iter().map(|e| e / per).collect();
             spanned.dedup();
-            assert!(spanned.len() <= limit.max_nodes, "token {t} spans nodes {spanned:?} under {limit:?}");
+            assert!(
+                spanned.len() <= limit.max_nodes,
+                "token {t} spans nodes {spanned:?} under {limit:?}"
+            );
             let choice: Vec<f32> = (0..e).map(|i| scores[t * e + i] + bias[i]).collect();
-            assert_eq!(got, reference_node_limited(&choice, limit.nodes, limit.max_nodes, k), "token {t} under {limit:?}");
+            assert_eq!(
+                got,
+                reference_node_limited(&choice, limit.nodes, limit.max_nodes, k),
+                "token {t} under {limit:?}"
+            );
         }
         if limit.max_nodes == limit.nodes {
-            assert_eq!(ids, unlimited.indices.clone().into_data().convert::<i64>().into_vec::<i64>().unwrap(), "no limit when every node is allowed");
+            assert_eq!(
+                ids,
+                unlimited.indices.clone().into_data().convert::<i64>().into_vec::<i64>().unwrap(),
+                "no limit when every node is allowed"
+            );
         }
     }
     let err = NodeLimit { nodes: 3, max_nodes: 1 }.check(e, k).unwrap_err();
@@ -217,16 +270,28 @@ fn tcp_exchange_moves_counts_payloads_and_sums_between_rendezvoused_ranks() {
     let handles: Vec<_> = (0..world)
         .map(|rank| {
             std::thread::spawn(move || {
-                let config = RendezvousConfig { rank, world, master: format!("127.0.0.1:{port}"), timeout: Duration::from_secs(20) };
+                let config = RendezvousConfig {
+                    rank,
+                    world,
+                    master: format!("127.0.0.1:{port}"),
+                    timeout: Duration::from_secs(20),
+                };
                 let rv = config.join(b"blob from rank 0").unwrap();
                 assert_eq!(rv.blob, b"blob from rank 0");
                 let ex = TcpExchange::connect(rv).unwrap();
                 // Rank r sends r·10 + j values of (r, j) to rank j: large enough to need the
                 // concurrent writers.
                 let n = |r: usize, j: usize| 20_000 * (r * 10 + j) % 70_001;
-                let counts = ex.all_to_all_counts((0..world).map(|j| vec![n(rank, j) as u64, 7]).collect()).unwrap();
+                let counts = ex
+                    .all_to_all_counts((0..world).map(|j| vec![n(rank, j) as u64, 7]).collect())
+                    .unwrap();
                 let lens: Vec<usize> = counts.iter().map(|c| c[0] as usize).collect();
-                let got = ex.all_to_all((0..world).map(|j| vec![(rank * 100 + j) as f32; n(rank, j)]).collect(), &lens).unwrap();
+                let got = ex
+                    .all_to_all(
+                        (0..world).map(|j| vec![(rank * 100 + j) as f32; n(rank, j)]).collect(),
+                        &lens,
+                    )
+                    .unwrap();
                 for (src, buf) in got.iter().enumerate() {
                     assert_eq!(buf.len(), n(src, rank));
                     assert!(buf.iter().all(|&v| v == (src * 100 + rank) as f32));
@@ -236,7 +301,10 @@ fn tcp_exchange_moves_counts_payloads_and_sums_between_rendezvoused_ranks() {
                 assert_eq!(sums, vec![3.0, 3.0]);
                 let own = n(rank, rank) * 4;
                 let sent: usize = (0..world).map(|j| n(rank, j) * 4).sum::<usize>() - own;
-                assert!(ex.bytes_sent() as usize >= sent, "traffic counts every remote payload byte");
+                assert!(
+                    ex.bytes_sent() as usize >= sent,
+                    "traffic counts every remote payload byte"
+                );
             })
         })
         .collect();
@@ -248,10 +316,23 @@ fn tcp_exchange_moves_counts_payloads_and_sums_between_rendezvoused_ranks() {
 #[test]
 fn a_rendezvous_without_the_master_is_a_clear_error() {
     let port = free_port();
-    let config = RendezvousConfig { rank: 1, world: 2, master: format!("127.0.0.1:{port}"), timeout: Duration::from_millis(300) };
+    let config = RendezvousConfig {
+        rank: 1,
+        world: 2,
+        master: format!("127.0.0.1:{port}"),
+        timeout: Duration::from_millis(300),
+    };
     let err = config.join(&[]).unwrap_err().to_string();
-    assert!(err.contains("could not reach the master") && err.contains("is rank 0 running"), "{err}");
-    let bad = RendezvousConfig { rank: 2, world: 2, master: "127.0.0.1:1".into(), timeout: Duration::from_millis(10) };
+    assert!(
+        err.contains("could not reach the master") && err.contains("is rank 0 running"),
+        "{err}"
+    );
+    let bad = RendezvousConfig {
+        rank: 2,
+        world: 2,
+        master: "127.0.0.1:1".into(),
+        timeout: Duration::from_millis(10),
+    };
     assert!(bad.join(&[]).unwrap_err().to_string().contains("outside a world of 2"));
 }
 

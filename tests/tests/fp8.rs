@@ -19,7 +19,10 @@ fn decoding_every_code_matches_pytorch() {
     let expected = f32s(&g["all_codes_decoded"]);
     for code in 0..=255u8 {
         let (ours, theirs) = (decode(code), expected[code as usize]);
-        assert!(ours.to_bits() == theirs.to_bits() || (ours.is_nan() && theirs.is_nan()), "code {code:#04x}: {ours} vs {theirs}");
+        assert!(
+            ours.to_bits() == theirs.to_bits() || (ours.is_nan() && theirs.is_nan()),
+            "code {code:#04x}: {ours} vs {theirs}"
+        );
     }
 }
 
@@ -34,7 +37,9 @@ fn encoding_random_values_is_bit_identical_to_pytorch() {
         .zip(codes)
         .filter(|(x, c)| encode(**x) != **c)
         .take(5)
-        .map(|(x, c)| format!("{x:e} ({:#010x}): ours {:#04x}, PyTorch {c:#04x}", x.to_bits(), encode(*x)))
+        .map(|(x, c)| {
+            format!("{x:e} ({:#010x}): ours {:#04x}, PyTorch {c:#04x}", x.to_bits(), encode(*x))
+        })
         .collect();
     assert!(mismatches.is_empty(), "{mismatches:#?}");
 }
@@ -47,7 +52,10 @@ fn block_quantization_matches_the_reference_on_ragged_shapes() {
         for (fmt, format) in [("f32", ScaleFormat::F32), ("ue8m0", ScaleFormat::Ue8m0)] {
             let q = quantize_blocks(&x, rows, cols, block, format);
             let scales = f32s(&g[&format!("{name}_scales_{fmt}")]);
-            assert_eq!(g[&format!("{name}_scales_{fmt}")].shape, scale_grid(rows, cols, block).to_vec());
+            assert_eq!(
+                g[&format!("{name}_scales_{fmt}")].shape,
+                scale_grid(rows, cols, block).to_vec()
+            );
             assert_eq!(q.scales, scales, "{name} {fmt} scales");
             let codes = &g[&format!("{name}_codes_{fmt}")].bytes;
             let wrong = q.codes.iter().zip(codes).filter(|(a, b)| a != b).count();
@@ -63,13 +71,23 @@ fn fp8_case_matches(case: &str) {
     use burn::tensor::{Int, Tensor, TensorData};
     let dir = deepseek_tests::golden_dir(case);
     let device = Default::default();
-    let model: deepseek_core::DeepSeekModel<Flex> = deepseek_core::load_model(&dir, &device, deepseek_core::LoadOptions::default()).unwrap();
+    let model: deepseek_core::DeepSeekModel<Flex> =
+        deepseek_core::load_model(&dir, &device, deepseek_core::LoadOptions::default()).unwrap();
     let reference = read_raw(&dir.join("reference.safetensors"));
     let ids_raw = &reference["input_ids"];
-    let ids: Vec<i64> = ids_raw.bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
-    let ids = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids, [ids_raw.shape[0], ids_raw.shape[1]]), &device);
+    let ids: Vec<i64> =
+        ids_raw.bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+    let ids = Tensor::<Flex, 2, Int>::from_data(
+        TensorData::new(ids, [ids_raw.shape[0], ids_raw.shape[1]]),
+        &device,
+    );
     let logits: Vec<f32> = model.forward(ids).into_data().into_vec().unwrap();
-    deepseek_tests::assert_close(&format!("{case} logits"), &logits, &f32s(&reference["logits"]), deepseek_tests::F32_ATOL);
+    deepseek_tests::assert_close(
+        &format!("{case} logits"),
+        &logits,
+        &f32s(&reference["logits"]),
+        deepseek_tests::F32_ATOL,
+    );
 }
 
 #[test]
@@ -86,20 +104,32 @@ fn fp8_checkpoint_with_ragged_blocks_reproduces_the_reference_logits() {
 fn bad_fp8_checkpoints_are_errors_naming_the_tensor() {
     use deepseek_core::DeepSeekError;
     const W: &str = "model.layers.1.self_attn.kv_b_proj.weight";
-    let load = |dir: &std::path::Path| deepseek_core::load_model::<burn::backend::Flex>(dir, &Default::default(), deepseek_core::LoadOptions::default());
+    let load = |dir: &std::path::Path| {
+        deepseek_core::load_model::<burn::backend::Flex>(
+            dir,
+            &Default::default(),
+            deepseek_core::LoadOptions::default(),
+        )
+    };
     // Missing scale.
     let dir = deepseek_tests::edited_copy("v3_fp8_ragged", |t| {
         t.remove(&format!("{W}_scale_inv"));
     });
     let err = load(dir.path()).unwrap_err();
-    assert!(matches!(&err, DeepSeekError::MissingTensor { name, .. } if name == &format!("{W}_scale_inv")), "{err}");
+    assert!(
+        matches!(&err, DeepSeekError::MissingTensor { name, .. } if name == &format!("{W}_scale_inv")),
+        "{err}"
+    );
     // Scale grid of the wrong shape.
     let dir = deepseek_tests::edited_copy("v3_fp8_ragged", |t| {
         let s = t.get_mut(&format!("{W}_scale_inv")).unwrap();
         s.shape = vec![s.shape.iter().product::<usize>()];
     });
     let err = load(dir.path()).unwrap_err();
-    assert!(matches!(&err, DeepSeekError::ShapeMismatch { name, .. } if name.ends_with("_scale_inv")), "{err}");
+    assert!(
+        matches!(&err, DeepSeekError::ShapeMismatch { name, .. } if name.ends_with("_scale_inv")),
+        "{err}"
+    );
     // A NaN code in the weight data.
     let dir = deepseek_tests::edited_copy("v3_fp8_ragged", |t| {
         t.get_mut(W).unwrap().bytes[5] = 0xFF;
@@ -113,7 +143,9 @@ fn converting_to_fp8_writes_the_released_format_bit_for_bit() {
     use deepseek_core::checkpoint::convert::{convert, ConvertTo};
     let out = tempfile::tempdir().unwrap();
     // Small shards: the output is split and indexed.
-    let report = convert(&deepseek_tests::golden_dir("v3_yarn_qlora"), out.path(), ConvertTo::Fp8, 200_000).unwrap();
+    let report =
+        convert(&deepseek_tests::golden_dir("v3_yarn_qlora"), out.path(), ConvertTo::Fp8, 200_000)
+            .unwrap();
     assert!(report.shards > 1, "{report:?}");
     assert_eq!(report.converted, 101);
     // Same codes and scales as the golden FP8 checkpoint the Python script made.
@@ -127,8 +159,12 @@ fn converting_to_fp8_writes_the_released_format_bit_for_bit() {
     }
     // And it loads (sharded, FP8); its tensors are those of the golden case, whose logits are
     // checked above.
-    let model: deepseek_core::DeepSeekModel<burn::backend::Flex> =
-        deepseek_core::load_model(out.path(), &Default::default(), deepseek_core::LoadOptions::default()).unwrap();
+    let model: deepseek_core::DeepSeekModel<burn::backend::Flex> = deepseek_core::load_model(
+        out.path(),
+        &Default::default(),
+        deepseek_core::LoadOptions::default(),
+    )
+    .unwrap();
     assert!(model.config.quantization.is_some());
 }
 
@@ -136,25 +172,38 @@ fn converting_to_fp8_writes_the_released_format_bit_for_bit() {
 fn converting_fp8_to_bf16_dequantizes_and_drops_the_scales() {
     use deepseek_core::checkpoint::convert::{convert, ConvertTo};
     let out = tempfile::tempdir().unwrap();
-    let report = convert(&deepseek_tests::golden_dir("v3_fp8_ragged"), out.path(), ConvertTo::Bf16, 1 << 30).unwrap();
+    let report =
+        convert(&deepseek_tests::golden_dir("v3_fp8_ragged"), out.path(), ConvertTo::Bf16, 1 << 30)
+            .unwrap();
     assert_eq!((report.converted, report.shards), (101, 1));
     let ckpt = deepseek_core::checkpoint::Checkpoint::open(out.path()).unwrap();
     assert!(ckpt.names().all(|n| !n.ends_with("_scale_inv")));
     let w = "model.layers.1.self_attn.kv_b_proj.weight";
     assert_eq!(ckpt.stored(w).unwrap().dtype, safetensors::Dtype::BF16);
-    let model: deepseek_core::DeepSeekModel<burn::backend::Flex> =
-        deepseek_core::load_model(out.path(), &Default::default(), deepseek_core::LoadOptions::default()).unwrap();
+    let model: deepseek_core::DeepSeekModel<burn::backend::Flex> = deepseek_core::load_model(
+        out.path(),
+        &Default::default(),
+        deepseek_core::LoadOptions::default(),
+    )
+    .unwrap();
     assert!(model.config.quantization.is_none());
     // Every converted weight is the BF16 rounding of the dequantized FP8 weight; the rest is as stored.
     // (Logits are not compared: BF16 rounding moves router scores by more than the golden
     // case's top-k margins, so expert choices may change.)
-    let source = deepseek_core::checkpoint::Checkpoint::open(deepseek_tests::golden_dir("v3_fp8_ragged")).unwrap().with_fp8_block(Some([32, 48]));
+    let source =
+        deepseek_core::checkpoint::Checkpoint::open(deepseek_tests::golden_dir("v3_fp8_ragged"))
+            .unwrap()
+            .with_fp8_block(Some([32, 48]));
     for name in ckpt.names() {
         let shape = ckpt.stored(name).unwrap().shape;
         let before: Vec<f32> = source.read_f32(name, &shape).unwrap().into_vec().unwrap();
         let after: Vec<f32> = ckpt.read_f32(name, &shape).unwrap().into_vec().unwrap();
         let rounded: Vec<f32> = before.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect();
-        let expected = if source.stored(name).unwrap().dtype == safetensors::Dtype::F8_E4M3 { rounded } else { before };
+        let expected = if source.stored(name).unwrap().dtype == safetensors::Dtype::F8_E4M3 {
+            rounded
+        } else {
+            before
+        };
         assert!(after == expected, "`{name}`");
     }
 }

@@ -11,7 +11,9 @@ mod common;
 
 use common::Rng;
 use deepseek_core::fp8::kernels::{self, DeviceFp8};
-use deepseek_core::fp8::{self, dequantize_blocks, quantize_blocks, reference_gemm, unpack_words, ScaleFormat};
+use deepseek_core::fp8::{
+    self, dequantize_blocks, quantize_blocks, reference_gemm, unpack_words, ScaleFormat,
+};
 
 #[cfg(feature = "wgpu")]
 type Runtime = burn::backend::wgpu::WgpuRuntime;
@@ -24,10 +26,17 @@ fn device() -> <Runtime as cubecl::Runtime>::Device {
 
 /// Shapes `[rows, cols]`: whole blocks, partial blocks on each edge, widths that are not a
 /// multiple of 4, single rows and columns.
-const SHAPES: [[usize; 2]; 7] = [[128, 128], [3, 300], [130, 200], [257, 129], [1, 7], [5, 1], [64, 384]];
+const SHAPES: [[usize; 2]; 7] =
+    [[128, 128], [3, 300], [130, 200], [257, 129], [1, 7], [5, 1], [64, 384]];
 
-fn quantize_on_device(x: &[f32], shape: [usize; 2], block: [usize; 2], format: ScaleFormat) -> DeviceFp8<Runtime> {
-    kernels::quantize(kernels::upload::<Runtime>(&device(), x, shape), block, format).expect("valid input")
+fn quantize_on_device(
+    x: &[f32],
+    shape: [usize; 2],
+    block: [usize; 2],
+    format: ScaleFormat,
+) -> DeviceFp8<Runtime> {
+    kernels::quantize(kernels::upload::<Runtime>(&device(), x, shape), block, format)
+        .expect("valid input")
 }
 
 #[test]
@@ -42,18 +51,29 @@ fn quantization_is_bit_identical_to_the_reference() {
                 let expected = quantize_blocks(&x, shape[0], shape[1], block, format);
                 let q = quantize_on_device(&x, shape, block, format);
                 let scales: Vec<f32> = kernels::download(&q.scales);
-                let codes = unpack_words(&kernels::download::<Runtime, u32>(&q.codes), shape[0], shape[1]);
+                let codes =
+                    unpack_words(&kernels::download::<Runtime, u32>(&q.codes), shape[0], shape[1]);
                 let scale_bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                assert_eq!(scale_bits(&scales), scale_bits(&expected.scales), "scales of {shape:?} in {block:?} blocks ({format:?})");
+                assert_eq!(
+                    scale_bits(&scales),
+                    scale_bits(&expected.scales),
+                    "scales of {shape:?} in {block:?} blocks ({format:?})"
+                );
                 let wrong = codes.iter().zip(&expected.codes).filter(|(a, b)| a != b).count();
-                assert_eq!(wrong, 0, "{wrong} codes differ for {shape:?} in {block:?} blocks ({format:?})");
+                assert_eq!(
+                    wrong, 0,
+                    "{wrong} codes differ for {shape:?} in {block:?} blocks ({format:?})"
+                );
                 // Padding bytes of each row's last word are zero.
                 let words: Vec<u32> = kernels::download(&q.codes);
                 assert_eq!(words, fp8::pack_words(&expected.codes, shape[0], shape[1]));
 
                 let y: Vec<f32> = kernels::download(&kernels::dequantize(&q).unwrap());
                 let want = dequantize_blocks(&expected);
-                assert!(y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "dequantization of {shape:?} in {block:?}");
+                assert!(
+                    y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "dequantization of {shape:?} in {block:?}"
+                );
             }
         }
     }
@@ -101,7 +121,10 @@ fn a_block_with_nan_gets_a_nan_scale_and_nan_codes() {
     x[300] = f32::NAN;
     let q = quantize_on_device(&x, [2, 256], fp8::ACTIVATION_BLOCK, ScaleFormat::F32);
     let scales: Vec<f32> = kernels::download(&q.scales);
-    assert!(scales[2].is_nan() && scales.iter().enumerate().all(|(i, s)| i == 2 || *s == 1.0 / 448.0), "{scales:?}");
+    assert!(
+        scales[2].is_nan() && scales.iter().enumerate().all(|(i, s)| i == 2 || *s == 1.0 / 448.0),
+        "{scales:?}"
+    );
     let codes = unpack_words(&kernels::download::<Runtime, u32>(&q.codes), 2, 256);
     assert!(codes[256..384].iter().all(|c| c & 0x7F == 0x7F), "the NaN tile is all NaN codes");
     assert!(codes[..256].iter().chain(&codes[384..]).all(|&c| c == 0x7E), "other tiles hold 448");
@@ -111,7 +134,9 @@ fn a_block_with_nan_gets_a_nan_scale_and_nan_codes() {
 fn gemm_matches_the_reference_on_ragged_shapes() {
     let mut rng = Rng(7);
     // [m, n, k]: one tile, ragged on every side, K not a multiple of 128 nor of 4, single row.
-    for [m, n, k] in [[64, 64, 128], [70, 130, 300], [1, 5, 7], [129, 257, 384], [33, 200, 1000], [3, 128, 129]] {
+    for [m, n, k] in
+        [[64, 64, 128], [70, 130, 300], [1, 5, 7], [129, 257, 384], [33, 200, 1000], [3, 128, 129]]
+    {
         let a = rng.activations(m * k);
         let b: Vec<f32> = rng.activations(n * k).iter().map(|v| v * 0.05).collect();
         let (qa, qb) = (
@@ -129,7 +154,10 @@ fn gemm_matches_the_reference_on_ragged_shapes() {
             for j in 0..n {
                 let magnitude: f32 = (0..k).map(|t| (dqa[i * k + t] * dqb[j * k + t]).abs()).sum();
                 let (got, want) = (c[i * n + j], expected[i * n + j]);
-                assert!((got - want).abs() <= 2e-6 * magnitude + 1e-30, "[{m}, {n}, {k}] at ({i}, {j}): {got} vs {want}");
+                assert!(
+                    (got - want).abs() <= 2e-6 * magnitude + 1e-30,
+                    "[{m}, {n}, {k}] at ({i}, {j}): {got} vs {want}"
+                );
             }
         }
     }
@@ -183,7 +211,10 @@ mod burn_tensors {
             let mut want = x.clone();
             fp8::fake_quantize_blocks(&mut want, shape[0], shape[1], block);
             for got in [fake_on::<Wgpu>(&x, shape, block), fake_on::<Plain>(&x, shape, block)] {
-                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{block:?}");
+                assert!(
+                    got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{block:?}"
+                );
             }
         }
     }
@@ -195,17 +226,29 @@ mod burn_tensors {
         let x = rng.activations(m * k);
         let w: Vec<f32> = rng.activations(n * k).iter().map(|v| v * 0.05).collect();
         let qw = quantize_blocks(&w, n, k, fp8::WEIGHT_BLOCK, ScaleFormat::F32);
-        fn forward<B: Backend>(x: &[f32], qw: &fp8::BlockQuant, [m, k, n]: [usize; 3]) -> (Vec<f32>, Vec<f32>) {
+        fn forward<B: Backend>(
+            x: &[f32],
+            qw: &fp8::BlockQuant,
+            [m, k, n]: [usize; 3],
+        ) -> (Vec<f32>, Vec<f32>) {
             let device = Default::default();
-            let layer = fp8::Fp8Linear::<B>::from_codes(&qw.codes, qw.scales.clone(), [n, k], &device).unwrap();
+            let layer =
+                fp8::Fp8Linear::<B>::from_codes(&qw.codes, qw.scales.clone(), [n, k], &device)
+                    .unwrap();
             assert_eq!(layer.codes.dtype(), burn::tensor::DType::U32, "one byte per parameter");
             let x = Tensor::<B, 2>::from_data(TensorData::new(x.to_vec(), [m, k]), &device);
             let host = |t: Tensor<B, 2>| t.into_data().into_vec::<f32>().unwrap();
             (host(layer.forward(x.clone())), host(layer.forward_reference(x)))
         }
-        let want = reference_gemm(&quantize_blocks(&x, m, k, fp8::ACTIVATION_BLOCK, ScaleFormat::F32), &qw);
+        let want = reference_gemm(
+            &quantize_blocks(&x, m, k, fp8::ACTIVATION_BLOCK, ScaleFormat::F32),
+            &qw,
+        );
         let size = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-        for (name, (kernel, reference)) in [("fusion", forward::<Wgpu>(&x, &qw, [m, k, n])), ("plain", forward::<Plain>(&x, &qw, [m, k, n]))] {
+        for (name, (kernel, reference)) in [
+            ("fusion", forward::<Wgpu>(&x, &qw, [m, k, n])),
+            ("plain", forward::<Plain>(&x, &qw, [m, k, n])),
+        ] {
             // The kernel sums in another order than the f32 matmul of the reference: bitwise
             // equal outputs would mean the kernel path was not taken.
             assert_ne!(kernel, reference, "{name}: the FP8 GEMM kernel ran");
@@ -217,10 +260,17 @@ mod burn_tensors {
     }
 
     /// Loss `Σ (x·W) ⊙ u` through the FP8 GEMM; returns (y, dx, dW).
-    fn fp8_step<B: Backend>(x: &[f32], w: &[f32], u: &[f32], [m, k, n]: [usize; 3]) -> [Vec<f32>; 3] {
+    fn fp8_step<B: Backend>(
+        x: &[f32],
+        w: &[f32],
+        u: &[f32],
+        [m, k, n]: [usize; 3],
+    ) -> [Vec<f32>; 3] {
         let device = Default::default();
-        let x = Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(x.to_vec(), [m, k]), &device).require_grad();
-        let w = Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(w.to_vec(), [k, n]), &device).require_grad();
+        let x = Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(x.to_vec(), [m, k]), &device)
+            .require_grad();
+        let w = Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(w.to_vec(), [k, n]), &device)
+            .require_grad();
         let u = Tensor::<Autodiff<B>, 2>::from_data(TensorData::new(u.to_vec(), [m, n]), &device);
         let y = training::matmul(x.clone(), w.clone());
         let grads = (y.clone() * u).sum().backward();
@@ -253,7 +303,10 @@ mod burn_tensors {
         let step = || Step { x: x.clone(), w: w.clone(), u: u.clone(), dims };
         // Through the backend switch, with no registration call of our own.
         let gpu = run_on(DeviceKind::Wgpu, &[], step()).unwrap();
-        assert!(training::has_autodiff_node::<Autodiff<Wgpu>>(), "the switch installed the FP8 backward for wgpu");
+        assert!(
+            training::has_autodiff_node::<Autodiff<Wgpu>>(),
+            "the switch installed the FP8 backward for wgpu"
+        );
         let cpu = run_on(DeviceKind::Flex, &[], step()).unwrap();
         for (name, (a, b)) in ["y", "dx", "dW"].iter().zip(gpu.iter().zip(&cpu)) {
             let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));

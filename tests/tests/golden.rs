@@ -18,27 +18,59 @@ fn check_case<B: Backend>(case: &str, device: &B::Device, atol: f32) {
     let reference = Reference::load(case);
     let model = load_model::<B>(golden_dir(case), device, LoadOptions::default()).unwrap();
     let ids = reference.get("input_ids");
-    let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.i64.clone(), ids.shape.clone()), device);
+    let input =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(ids.i64.clone(), ids.shape.clone()), device);
     let out = model.forward_with(input, ForwardOptions { hidden_states: true, mtp: true });
 
-    assert_close(&format!("{case} logits"), &to_vec(out.logits), &reference.get("logits").f32, atol);
-    assert_close(&format!("{case} final hidden"), &to_vec(out.final_hidden), &reference.get("final_hidden").f32, atol);
+    assert_close(
+        &format!("{case} logits"),
+        &to_vec(out.logits),
+        &reference.get("logits").f32,
+        atol,
+    );
+    assert_close(
+        &format!("{case} final hidden"),
+        &to_vec(out.final_hidden),
+        &reference.get("final_hidden").f32,
+        atol,
+    );
     for (l, h) in out.hidden_states.into_iter().enumerate() {
-        assert_close(&format!("{case} hidden.{l}"), &to_vec(h), &reference.get(&format!("hidden.{l}")).f32, atol);
+        assert_close(
+            &format!("{case} hidden.{l}"),
+            &to_vec(h),
+            &reference.get(&format!("hidden.{l}")).f32,
+            atol,
+        );
     }
 
     let cfg = &model.config;
     let k = cfg.num_experts_per_tok;
     // Router outputs pass through few ops: tighter on the CPU, the GPU tolerance elsewhere.
     let router_atol = if atol <= F32_ATOL { ROUTER_ATOL } else { atol };
-    let moe_layers: Vec<usize> = (0..cfg.num_hidden_layers + cfg.num_nextn_predict_layers).filter(|&l| cfg.is_moe_layer(l)).collect();
+    let moe_layers: Vec<usize> = (0..cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
+        .filter(|&l| cfg.is_moe_layer(l))
+        .collect();
     assert_eq!(out.routing.len(), moe_layers.len(), "{case}: one routing per MoE block");
     for (routing, l) in out.routing.into_iter().zip(moe_layers) {
         let idx: Vec<i64> = routing.indices.into_data().convert::<i64>().into_vec().unwrap();
         let (idx, w) = sort_rows(&idx, &to_vec(routing.weights), k);
-        assert_eq!(idx, reference.get(&format!("router.{l}.topk_idx")).i64, "{case}: experts chosen in block {l}");
-        assert_close(&format!("{case} gate weights {l}"), &w, &reference.get(&format!("router.{l}.topk_weight")).f32, router_atol);
-        assert_close(&format!("{case} scores {l}"), &to_vec(routing.scores), &reference.get(&format!("router.{l}.scores")).f32, router_atol);
+        assert_eq!(
+            idx,
+            reference.get(&format!("router.{l}.topk_idx")).i64,
+            "{case}: experts chosen in block {l}"
+        );
+        assert_close(
+            &format!("{case} gate weights {l}"),
+            &w,
+            &reference.get(&format!("router.{l}.topk_weight")).f32,
+            router_atol,
+        );
+        assert_close(
+            &format!("{case} scores {l}"),
+            &to_vec(routing.scores),
+            &reference.get(&format!("router.{l}.scores")).f32,
+            router_atol,
+        );
         let counts: Vec<i64> = routing.counts.into_data().convert::<i64>().into_vec().unwrap();
         let mut expected = vec![0i64; cfg.n_routed_experts];
         for &e in &idx {
@@ -47,9 +79,18 @@ fn check_case<B: Backend>(case: &str, device: &B::Device, atol: f32) {
         assert_eq!(counts, expected, "{case}: per-expert token counts in block {l}");
     }
 
-    assert_eq!(out.mtp_logits.len(), cfg.num_nextn_predict_layers, "{case}: one MTP output per module");
+    assert_eq!(
+        out.mtp_logits.len(),
+        cfg.num_nextn_predict_layers,
+        "{case}: one MTP output per module"
+    );
     for (i, logits) in out.mtp_logits.into_iter().enumerate() {
-        assert_close(&format!("{case} mtp_logits.{}", i + 1), &to_vec(logits), &reference.get(&format!("mtp_logits.{}", i + 1)).f32, atol);
+        assert_close(
+            &format!("{case} mtp_logits.{}", i + 1),
+            &to_vec(logits),
+            &reference.get(&format!("mtp_logits.{}", i + 1)).f32,
+            atol,
+        );
     }
 }
 
@@ -96,7 +137,11 @@ fn rope_tables_and_softmax_scale_match_transformers() {
         let reference = Reference::load(case);
         let cfg = DeepSeekConfig::from_hf_file(golden_dir(case)).unwrap();
         let scale = reference.get("attn.scaling").f32[0];
-        assert!((cfg.softmax_scale() as f32 - scale).abs() < 1e-6, "{case}: scale {} vs {scale}", cfg.softmax_scale());
+        assert!(
+            (cfg.softmax_scale() as f32 - scale).abs() < 1e-6,
+            "{case}: scale {} vs {scale}",
+            cfg.softmax_scale()
+        );
 
         // transformers lays cos/sin out as [seq, r] with column j and j + r/2 both belonging to
         // pair j; ours are [seq, r/2].
@@ -105,7 +150,8 @@ fn rope_tables_and_softmax_scale_match_transformers() {
         let half = cfg.qk_rope_head_dim / 2;
         for (name, ours) in [("rope.cos", cos), ("rope.sin", sin)] {
             let r = reference.get(name);
-            let theirs: Vec<f32> = r.f32.chunks(2 * half).flat_map(|row| row[..half].to_vec()).collect();
+            let theirs: Vec<f32> =
+                r.f32.chunks(2 * half).flat_map(|row| row[..half].to_vec()).collect();
             assert_close(&format!("{case} {name}"), &to_vec(ours), &theirs, 1e-6);
         }
     }

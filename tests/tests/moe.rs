@@ -5,8 +5,8 @@
 use burn::backend::Flex;
 use burn::module::Param;
 use burn::tensor::{Distribution, Tensor, TensorData};
-use deepseek_core::moe::{ExpertPath, MoeConfig, RouterConfig};
 use deepseek_core::fp8::GemmPrecision;
+use deepseek_core::moe::{ExpertPath, MoeConfig, RouterConfig};
 use deepseek_core::{DeepSeekConfig, ExecutionPolicy, ScoringFunc, TopkMethod};
 
 type B = Flex;
@@ -36,7 +36,11 @@ impl Rng {
 /// Scalar reference router for one token: returns (experts sorted ascending, their weights,
 /// the decision margin: gap between the last chosen and the best unchosen candidate, and
 /// between the last kept and the best dropped group).
-fn reference_route(logits: &[f32], bias: Option<&[f32]>, c: &RouterConfig) -> (Vec<usize>, Vec<f32>, f64) {
+fn reference_route(
+    logits: &[f32],
+    bias: Option<&[f32]>,
+    c: &RouterConfig,
+) -> (Vec<usize>, Vec<f32>, f64) {
     let e = logits.len();
     let scores: Vec<f64> = match c.scoring_func {
         ScoringFunc::Sigmoid => logits.iter().map(|&l| 1.0 / (1.0 + (-(l as f64)).exp())).collect(),
@@ -47,7 +51,8 @@ fn reference_route(logits: &[f32], bias: Option<&[f32]>, c: &RouterConfig) -> (V
             ex.iter().map(|x| x / s).collect()
         }
     };
-    let mut choice: Vec<f64> = (0..e).map(|i| scores[i] + bias.map_or(0.0, |b| b[i] as f64)).collect();
+    let mut choice: Vec<f64> =
+        (0..e).map(|i| scores[i] + bias.map_or(0.0, |b| b[i] as f64)).collect();
     let mut margin = f64::INFINITY;
     if c.n_group > 1 && c.topk_method != TopkMethod::Greedy {
         let per = e / c.n_group;
@@ -92,18 +97,25 @@ fn check_router(c: RouterConfig, bias_shift: f64, seed: u64) {
     let mut router = c.init::<B>(&device);
     let x = rng.vec(t * d, 1.0, 0.0);
     let w = rng.vec(e * d, 0.5, 0.0);
-    router.weight = Param::from_tensor(Tensor::from_data(TensorData::new(w.clone(), [e, d]), &device));
+    router.weight =
+        Param::from_tensor(Tensor::from_data(TensorData::new(w.clone(), [e, d]), &device));
     let bias = router.e_score_correction_bias.as_ref().map(|_| rng.vec(e, 0.3, bias_shift));
     if let Some(b) = &bias {
-        router.e_score_correction_bias = Some(Param::from_tensor(Tensor::from_data(TensorData::new(b.clone(), [e]), &device)));
+        router.e_score_correction_bias =
+            Some(Param::from_tensor(Tensor::from_data(TensorData::new(b.clone(), [e]), &device)));
     }
-    let routing = router.forward(Tensor::from_data(TensorData::new(x.clone(), [t, d]), &device), &ExecutionPolicy::default());
+    let routing = router.forward(
+        Tensor::from_data(TensorData::new(x.clone(), [t, d]), &device),
+        &ExecutionPolicy::default(),
+    );
     let idx: Vec<i64> = routing.indices.into_data().convert::<i64>().into_vec().unwrap();
     let weights = vec2(routing.weights);
     let mut checked = 0;
     for tok in 0..t {
         let logits: Vec<f32> = (0..e)
-            .map(|j| (0..d).map(|k| x[tok * d + k] as f64 * w[j * d + k] as f64).sum::<f64>() as f32)
+            .map(|j| {
+                (0..d).map(|k| x[tok * d + k] as f64 * w[j * d + k] as f64).sum::<f64>() as f32
+            })
             .collect();
         let (chosen, expected_w, margin) = reference_route(&logits, bias.as_deref(), &c);
         if margin < 1e-4 {
@@ -111,7 +123,8 @@ fn check_router(c: RouterConfig, bias_shift: f64, seed: u64) {
         }
         checked += 1;
         let k = c.top_k;
-        let mut pairs: Vec<(usize, f32)> = (0..k).map(|j| (idx[tok * k + j] as usize, weights[tok * k + j])).collect();
+        let mut pairs: Vec<(usize, f32)> =
+            (0..k).map(|j| (idx[tok * k + j] as usize, weights[tok * k + j])).collect();
         pairs.sort_by_key(|p| p.0);
         assert_eq!(pairs.iter().map(|p| p.0).collect::<Vec<_>>(), chosen, "token {tok}: {c:?}");
         for (got, want) in pairs.iter().map(|p| p.1).zip(expected_w) {
@@ -121,7 +134,13 @@ fn check_router(c: RouterConfig, bias_shift: f64, seed: u64) {
     assert!(checked > t * 3 / 4, "only {checked} of {t} tokens had a clear decision");
 }
 
-fn router_config(method: TopkMethod, scoring: ScoringFunc, groups: usize, keep: usize, norm: bool) -> RouterConfig {
+fn router_config(
+    method: TopkMethod,
+    scoring: ScoringFunc,
+    groups: usize,
+    keep: usize,
+    norm: bool,
+) -> RouterConfig {
     RouterConfig::new(16, 16, 4, groups, keep, scoring, method, norm, 2.5)
 }
 
@@ -140,7 +159,11 @@ fn dropped_groups_are_masked_with_negative_infinity_not_zero() {
 #[test]
 fn v2_softmax_routers_match_scalar_reference() {
     check_router(router_config(TopkMethod::Greedy, ScoringFunc::Softmax, 1, 1, false), 0.0, 4);
-    check_router(router_config(TopkMethod::GroupLimited, ScoringFunc::Softmax, 4, 2, false), 0.0, 5);
+    check_router(
+        router_config(TopkMethod::GroupLimited, ScoringFunc::Softmax, 4, 2, false),
+        0.0,
+        5,
+    );
     check_router(router_config(TopkMethod::Greedy, ScoringFunc::Softmax, 1, 1, true), 0.0, 6);
 }
 
@@ -153,7 +176,8 @@ fn router_bias_changes_selection_not_gate_weights() {
     let x = Tensor::<B, 2>::from_data(TensorData::new(rng.vec(8 * 16, 1.0, 0.0), [8, 16]), &device);
     let mut bias = vec![0.0f32; 16];
     bias[5] = 10.0; // expert 5 must be chosen for every token...
-    router.e_score_correction_bias = Some(Param::from_tensor(Tensor::from_data(TensorData::new(bias, [16]), &device)));
+    router.e_score_correction_bias =
+        Some(Param::from_tensor(Tensor::from_data(TensorData::new(bias, [16]), &device)));
     let r = router.forward(x, &ExecutionPolicy::default());
     let idx: Vec<i64> = r.indices.into_data().convert::<i64>().into_vec().unwrap();
     let w = vec2(r.weights);
@@ -175,23 +199,43 @@ fn sorted_dispatch_moe_equals_every_expert_on_every_token() {
     for (tokens, k) in [(3, 1), (40, 2)] {
         cfg.num_experts_per_tok = k;
         let moe = MoeConfig::from_model(&cfg).init::<B>(&device);
-        let x = Tensor::<B, 3>::random([1, tokens, cfg.hidden_size], Distribution::Normal(0.0, 1.0), &device);
+        let x = Tensor::<B, 3>::random(
+            [1, tokens, cfg.hidden_size],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
         let (y, routing) = moe.forward(x.clone(), &ExecutionPolicy::default());
         let flat = x.reshape([tokens, cfg.hidden_size]);
         // Dense reference: gate matrix [T, E] with the chosen weights, zeros elsewhere.
         let idx: Vec<i64> = routing.indices.into_data().convert::<i64>().into_vec().unwrap();
         let w = vec2(routing.weights);
-        let mut expected = moe.shared_experts.as_ref().unwrap().forward(flat.clone(), GemmPrecision::Full);
+        let mut expected =
+            moe.shared_experts.as_ref().unwrap().forward(flat.clone(), GemmPrecision::Full);
         let (d, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
         for e in 0..cfg.n_routed_experts {
             let gate: Vec<f32> = (0..tokens)
                 .map(|t| (0..k).filter(|&j| idx[t * k + j] == e as i64).map(|j| w[t * k + j]).sum())
                 .collect();
             let gate = Tensor::<B, 2>::from_data(TensorData::new(gate, [tokens, 1]), &device);
-            let gate_proj = moe.experts.gate_up.weight.val().narrow(0, e, 1).reshape([d, 2 * i]).narrow(1, 0, i);
-            let up_proj = moe.experts.gate_up.weight.val().narrow(0, e, 1).reshape([d, 2 * i]).narrow(1, i, i);
+            let gate_proj = moe
+                .experts
+                .gate_up
+                .weight
+                .val()
+                .narrow(0, e, 1)
+                .reshape([d, 2 * i])
+                .narrow(1, 0, i);
+            let up_proj = moe
+                .experts
+                .gate_up
+                .weight
+                .val()
+                .narrow(0, e, 1)
+                .reshape([d, 2 * i])
+                .narrow(1, i, i);
             let down_proj = moe.experts.down.weight.val().narrow(0, e, 1).reshape([i, d]);
-            let swiglu = burn::tensor::activation::silu(flat.clone().matmul(gate_proj)) * flat.clone().matmul(up_proj);
+            let swiglu = burn::tensor::activation::silu(flat.clone().matmul(gate_proj))
+                * flat.clone().matmul(up_proj);
             expected = expected + swiglu.matmul(down_proj) * gate;
         }
         let got = vec2(y.reshape([tokens, cfg.hidden_size]));
@@ -201,7 +245,10 @@ fn sorted_dispatch_moe_equals_every_expert_on_every_token() {
         let counts: Vec<i64> = routing.counts.into_data().convert::<i64>().into_vec().unwrap();
         assert_eq!(counts.iter().sum::<i64>(), (tokens * k) as i64);
         if tokens == 3 {
-            assert!(counts.iter().filter(|&&c| c == 0).count() >= 5, "idle experts exercised: {counts:?}");
+            assert!(
+                counts.iter().filter(|&&c| c == 0).count() >= 5,
+                "idle experts exercised: {counts:?}"
+            );
         }
     }
 }
@@ -212,11 +259,20 @@ fn grouped_and_per_expert_paths_agree() {
     let cfg = DeepSeekConfig::tiny();
     let moe = MoeConfig::from_model(&cfg).init::<B>(&device);
     for tokens in [1, 5, 64] {
-        let x = Tensor::<B, 2>::random([tokens, cfg.hidden_size], Distribution::Normal(0.0, 1.0), &device);
+        let x = Tensor::<B, 2>::random(
+            [tokens, cfg.hidden_size],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
         let routing = moe.gate.forward(x.clone(), &ExecutionPolicy::default());
         let run = |path| {
             let policy = ExecutionPolicy::default().with_expert_path(path);
-            vec2(moe.experts.forward(x.clone(), routing.indices.clone(), routing.weights.clone(), &policy))
+            vec2(moe.experts.forward(
+                x.clone(),
+                routing.indices.clone(),
+                routing.weights.clone(),
+                &policy,
+            ))
         };
         let (grouped, per_expert) = (run(ExpertPath::Grouped), run(ExpertPath::PerExpert));
         let diff = grouped.iter().zip(&per_expert).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);

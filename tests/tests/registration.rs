@@ -23,7 +23,10 @@ fn routed_experts_step<B: Backend>() -> Vec<f32> {
     let device = Default::default();
     let experts = RoutedExpertsConfig::new(8, 4, 4).init::<Autodiff<B>>(&device);
     let x = Tensor::<Autodiff<B>, 2>::ones([3, 8], &device).require_grad();
-    let ids = Tensor::<Autodiff<B>, 2, Int>::from_data(TensorData::new(vec![0i64, 1, 2, 3, 1, 0], [3, 2]), &device);
+    let ids = Tensor::<Autodiff<B>, 2, Int>::from_data(
+        TensorData::new(vec![0i64, 1, 2, 3, 1, 0], [3, 2]),
+        &device,
+    );
     let w = Tensor::<Autodiff<B>, 2>::ones([3, 2], &device);
     let grads = experts.forward(x.clone(), ids, w, &ExecutionPolicy::default()).sum().backward();
     x.grad(&grads).expect("dx").into_data().convert::<f32>().into_vec().unwrap()
@@ -39,8 +42,13 @@ fn fp8_step<B: Backend>() -> Vec<f32> {
 }
 
 fn panic_message(run: impl FnOnce() -> Vec<f32>) -> String {
-    let panic = catch_unwind(AssertUnwindSafe(run)).expect_err("an autodiff backend without its operations must not train");
-    panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+    let panic = catch_unwind(AssertUnwindSafe(run))
+        .expect_err("an autodiff backend without its operations must not train");
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
 }
 
 struct Steps;
@@ -55,9 +63,15 @@ impl BackendTask for Steps {
 #[test]
 fn missing_custom_operations_fail_loudly_and_the_backend_switch_installs_them() {
     assert!(!deepseek_core::autodiff_ops_installed::<AB>());
-    for (what, message) in [("the routed experts", panic_message(routed_experts_step::<Flex>)), ("the FP8 GEMM", panic_message(fp8_step::<Flex>))] {
+    for (what, message) in [
+        ("the routed experts", panic_message(routed_experts_step::<Flex>)),
+        ("the FP8 GEMM", panic_message(fp8_step::<Flex>)),
+    ] {
         assert!(message.contains(what), "names what failed: {message}");
-        assert!(message.contains("deepseek_core::register_autodiff::<Inner>()"), "names the missing call: {message}");
+        assert!(
+            message.contains("deepseek_core::register_autodiff::<Inner>()"),
+            "names the missing call: {message}"
+        );
     }
 
     // The same steps through the backend switch: installed, and they train.

@@ -73,47 +73,80 @@ struct Out {
 pub fn convert(src: &Path, dst: &Path, to: ConvertTo, shard_bytes: u64) -> Result<ConvertReport> {
     let config = DeepSeekConfig::from_hf_file(src)?;
     let config_path = src.join("config.json");
-    let mut raw: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).map_err(|source| DeepSeekError::Io { path: config_path.clone(), source })?)
-        .map_err(|e| DeepSeekError::Json { path: config_path.clone(), reason: e.to_string() })?;
+    let mut raw: Value = serde_json::from_str(
+        &std::fs::read_to_string(&config_path)
+            .map_err(|source| DeepSeekError::Io { path: config_path.clone(), source })?,
+    )
+    .map_err(|e| DeepSeekError::Json { path: config_path.clone(), reason: e.to_string() })?;
     let block = config.quantization.map(|q| q.weight_block_size);
     let ckpt = Checkpoint::open(src)?.with_fp8_block(block);
     if to == ConvertTo::Fp8 && block.is_some_and(|b| b != FP8_BLOCK) {
-        return Err(DeepSeekError::config("quantization_config.weight_block_size", format!("the checkpoint is FP8 with blocks {block:?}; convert it to bf16 first")));
+        return Err(DeepSeekError::config(
+            "quantization_config.weight_block_size",
+            format!("the checkpoint is FP8 with blocks {block:?}; convert it to bf16 first"),
+        ));
     }
-    std::fs::create_dir_all(dst).map_err(|source| DeepSeekError::Io { path: dst.to_path_buf(), source })?;
+    std::fs::create_dir_all(dst)
+        .map_err(|source| DeepSeekError::Io { path: dst.to_path_buf(), source })?;
 
     let names: Vec<String> = ckpt.names().map(str::to_string).collect();
     let mut converted = 0;
     let mut outputs: Vec<(String, Out)> = Vec::new();
     for name in &names {
         let stored = ckpt.stored(name).expect("listed by the checkpoint");
-        if name.ends_with("_scale_inv") && ckpt.stored(name.trim_end_matches("_scale_inv")).is_some_and(|t| t.dtype == Dtype::F8_E4M3) {
+        if name.ends_with("_scale_inv")
+            && ckpt
+                .stored(name.trim_end_matches("_scale_inv"))
+                .is_some_and(|t| t.dtype == Dtype::F8_E4M3)
+        {
             // Handled with its weight.
             if to == ConvertTo::Fp8 {
-                outputs.push((name.clone(), Out { dtype: stored.dtype, shape: stored.shape.clone(), bytes: ckpt.raw_bytes(name).to_vec() }));
+                outputs.push((
+                    name.clone(),
+                    Out {
+                        dtype: stored.dtype,
+                        shape: stored.shape.clone(),
+                        bytes: ckpt.raw_bytes(name).to_vec(),
+                    },
+                ));
             }
             continue;
         }
         let out = match (to, stored.dtype) {
             (ConvertTo::Bf16, Dtype::F8_E4M3) => {
                 converted += 1;
-                let values: Vec<f32> = ckpt.read_f32(name, &stored.shape)?.into_vec().expect("f32 data");
-                let bytes = values.iter().flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()).collect();
+                let values: Vec<f32> =
+                    ckpt.read_f32(name, &stored.shape)?.into_vec().expect("f32 data");
+                let bytes = values
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+                    .collect();
                 Out { dtype: Dtype::BF16, shape: stored.shape.clone(), bytes }
             }
-            (ConvertTo::Fp8, Dtype::F32 | Dtype::BF16 | Dtype::F16) if name.ends_with("_proj.weight") && stored.shape.len() == 2 => {
+            (ConvertTo::Fp8, Dtype::F32 | Dtype::BF16 | Dtype::F16)
+                if name.ends_with("_proj.weight") && stored.shape.len() == 2 =>
+            {
                 converted += 1;
-                let values: Vec<f32> = ckpt.read_f32(name, &stored.shape)?.into_vec().expect("f32 data");
+                let values: Vec<f32> =
+                    ckpt.read_f32(name, &stored.shape)?.into_vec().expect("f32 data");
                 let (rows, cols) = (stored.shape[0], stored.shape[1]);
                 let q = quantize_blocks(&values, rows, cols, FP8_BLOCK, ScaleFormat::F32);
                 let grid = crate::fp8::scale_grid(rows, cols, FP8_BLOCK);
                 outputs.push((
                     format!("{name}_scale_inv"),
-                    Out { dtype: Dtype::F32, shape: grid.to_vec(), bytes: q.scales.iter().flat_map(|s| s.to_le_bytes()).collect() },
+                    Out {
+                        dtype: Dtype::F32,
+                        shape: grid.to_vec(),
+                        bytes: q.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+                    },
                 ));
                 Out { dtype: Dtype::F8_E4M3, shape: stored.shape.clone(), bytes: q.codes }
             }
-            _ => Out { dtype: stored.dtype, shape: stored.shape.clone(), bytes: ckpt.raw_bytes(name).to_vec() },
+            _ => Out {
+                dtype: stored.dtype,
+                shape: stored.shape.clone(),
+                bytes: ckpt.raw_bytes(name).to_vec(),
+            },
         };
         outputs.push((name.clone(), out));
     }
@@ -141,17 +174,25 @@ pub fn convert(src: &Path, dst: &Path, to: ConvertTo, shard_bytes: u64) -> Resul
         for (name, out) in &shard {
             total += out.bytes.len() as u64;
             weight_map.insert(name.clone(), Value::from(file.clone()));
-            let view = TensorView::new(out.dtype, out.shape.clone(), &out.bytes).map_err(|e| DeepSeekError::Input(format!("tensor `{name}`: {e}")))?;
+            let view = TensorView::new(out.dtype, out.shape.clone(), &out.bytes)
+                .map_err(|e| DeepSeekError::Input(format!("tensor `{name}`: {e}")))?;
             views.push((name.clone(), view));
         }
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| DeepSeekError::Input(format!("cannot serialize {file}: {e}")))?;
+        let bytes = safetensors::serialize(views, Some(metadata))
+            .map_err(|e| DeepSeekError::Input(format!("cannot serialize {file}: {e}")))?;
         write_atomic(&dst.join(&file), &bytes)?;
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    write_atomic(&dst.join(INDEX_FILE), serde_json::to_string_pretty(&index).expect("JSON").as_bytes())?;
+    write_atomic(
+        &dst.join(INDEX_FILE),
+        serde_json::to_string_pretty(&index).expect("JSON").as_bytes(),
+    )?;
 
-    let obj = raw.as_object_mut().ok_or_else(|| DeepSeekError::Json { path: config_path.clone(), reason: "not an object".into() })?;
+    let obj = raw.as_object_mut().ok_or_else(|| DeepSeekError::Json {
+        path: config_path.clone(),
+        reason: "not an object".into(),
+    })?;
     match to {
         ConvertTo::Bf16 => {
             obj.remove("quantization_config");
@@ -164,11 +205,15 @@ pub fn convert(src: &Path, dst: &Path, to: ConvertTo, shard_bytes: u64) -> Resul
             );
         }
     }
-    write_atomic(&dst.join("config.json"), serde_json::to_string_pretty(&raw).expect("JSON").as_bytes())?;
+    write_atomic(
+        &dst.join("config.json"),
+        serde_json::to_string_pretty(&raw).expect("JSON").as_bytes(),
+    )?;
     for extra in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
         let from = src.join(extra);
         if from.is_file() {
-            let bytes = std::fs::read(&from).map_err(|source| DeepSeekError::Io { path: from.clone(), source })?;
+            let bytes = std::fs::read(&from)
+                .map_err(|source| DeepSeekError::Io { path: from.clone(), source })?;
             write_atomic(&dst.join(extra), &bytes)?;
         }
     }

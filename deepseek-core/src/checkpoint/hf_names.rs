@@ -7,8 +7,8 @@
 //! `shared_head.norm`) and copies of the embedding and head, which the model shares with the
 //! main model and so does not load twice.
 
-use burn::module::Param;
 use crate::projection::Projection;
+use burn::module::Param;
 use burn::tensor::backend::Backend;
 
 use crate::block::{DecoderLayer, FeedForward};
@@ -90,7 +90,10 @@ fn shared<B: Backend>(m: &mut DeepSeekModel<B>, l: usize) -> &mut Mlp<B> {
 pub const EXPERT_STRIDE: usize = 1_000_000;
 
 /// The routed experts of the block with global index `l`.
-pub fn routed_experts<B: Backend>(m: &mut DeepSeekModel<B>, l: usize) -> &mut crate::moe::RoutedExperts<B> {
+pub fn routed_experts<B: Backend>(
+    m: &mut DeepSeekModel<B>,
+    l: usize,
+) -> &mut crate::moe::RoutedExperts<B> {
     &mut moe(m, l).experts
 }
 
@@ -111,15 +114,30 @@ pub fn table<B: Backend>(cfg: &DeepSeekConfig) -> Vec<Entry<B>> {
     let mut add = |name: String, shape: Vec<usize>, target: Target<B>, index: usize| {
         rows.push(Entry { name, shape, target, index });
     };
-    add("model.embed_tokens.weight".into(), vec![v, d], Matrix(|m, _| &mut m.embed_tokens.weight), 0);
+    add(
+        "model.embed_tokens.weight".into(),
+        vec![v, d],
+        Matrix(|m, _| &mut m.embed_tokens.weight),
+        0,
+    );
     add("model.norm.weight".into(), vec![d], Norm(|m, _| &mut m.norm), 0);
     add("lm_head.weight".into(), vec![v, d], Linear(|m, _| &mut m.lm_head), 0);
 
     let blocks = cfg.num_hidden_layers + cfg.num_nextn_predict_layers;
     for l in 0..blocks {
         let p = format!("model.layers.{l}");
-        add(format!("{p}.input_layernorm.weight"), vec![d], Norm(|m, l| &mut block(m, l).input_layernorm), l);
-        add(format!("{p}.post_attention_layernorm.weight"), vec![d], Norm(|m, l| &mut block(m, l).post_attention_layernorm), l);
+        add(
+            format!("{p}.input_layernorm.weight"),
+            vec![d],
+            Norm(|m, l| &mut block(m, l).input_layernorm),
+            l,
+        );
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![d],
+            Norm(|m, l| &mut block(m, l).post_attention_layernorm),
+            l,
+        );
 
         // Attention (MLA).
         let a = format!("{p}.self_attn");
@@ -130,38 +148,101 @@ pub fn table<B: Backend>(cfg: &DeepSeekConfig) -> Vec<Entry<B>> {
                 vec![q_out, d],
                 Linear(|m, l| match &mut block(m, l).self_attn.q {
                     QueryProj::Direct(q) => q,
-                    QueryProj::LowRank(_) => unreachable!("table built from the same config as the model"),
+                    QueryProj::LowRank(_) => {
+                        unreachable!("table built from the same config as the model")
+                    }
                 }),
                 l,
             ),
             Some(r) => {
-                add(format!("{a}.q_a_proj.weight"), vec![r, d], Linear(|m, l| &mut low_rank(m, l).q_a_proj), l);
-                add(format!("{a}.q_a_layernorm.weight"), vec![r], Norm(|m, l| &mut low_rank(m, l).q_a_layernorm), l);
-                add(format!("{a}.q_b_proj.weight"), vec![q_out, r], Linear(|m, l| &mut low_rank(m, l).q_b_proj), l);
+                add(
+                    format!("{a}.q_a_proj.weight"),
+                    vec![r, d],
+                    Linear(|m, l| &mut low_rank(m, l).q_a_proj),
+                    l,
+                );
+                add(
+                    format!("{a}.q_a_layernorm.weight"),
+                    vec![r],
+                    Norm(|m, l| &mut low_rank(m, l).q_a_layernorm),
+                    l,
+                );
+                add(
+                    format!("{a}.q_b_proj.weight"),
+                    vec![q_out, r],
+                    Linear(|m, l| &mut low_rank(m, l).q_b_proj),
+                    l,
+                );
             }
         }
         let kvl = cfg.kv_lora_rank;
-        add(format!("{a}.kv_a_proj_with_mqa.weight"), vec![kvl + cfg.qk_rope_head_dim, d], Linear(|m, l| &mut block(m, l).self_attn.kv_a_proj_with_mqa), l);
-        add(format!("{a}.kv_a_layernorm.weight"), vec![kvl], Norm(|m, l| &mut block(m, l).self_attn.kv_a_layernorm), l);
-        add(format!("{a}.kv_b_proj.weight"), vec![h * (cfg.qk_nope_head_dim + cfg.v_head_dim), kvl], Linear(|m, l| &mut block(m, l).self_attn.kv_b_proj), l);
-        add(format!("{a}.o_proj.weight"), vec![d, h * cfg.v_head_dim], Linear(|m, l| &mut block(m, l).self_attn.o_proj), l);
+        add(
+            format!("{a}.kv_a_proj_with_mqa.weight"),
+            vec![kvl + cfg.qk_rope_head_dim, d],
+            Linear(|m, l| &mut block(m, l).self_attn.kv_a_proj_with_mqa),
+            l,
+        );
+        add(
+            format!("{a}.kv_a_layernorm.weight"),
+            vec![kvl],
+            Norm(|m, l| &mut block(m, l).self_attn.kv_a_layernorm),
+            l,
+        );
+        add(
+            format!("{a}.kv_b_proj.weight"),
+            vec![h * (cfg.qk_nope_head_dim + cfg.v_head_dim), kvl],
+            Linear(|m, l| &mut block(m, l).self_attn.kv_b_proj),
+            l,
+        );
+        add(
+            format!("{a}.o_proj.weight"),
+            vec![d, h * cfg.v_head_dim],
+            Linear(|m, l| &mut block(m, l).self_attn.o_proj),
+            l,
+        );
 
         // Feed-forward.
         let f = format!("{p}.mlp");
         if !cfg.is_moe_layer(l) {
             let i = cfg.intermediate_size;
-            add(format!("{f}.gate_proj.weight"), vec![i, d], Linear(|m, l| &mut dense(m, l).gate_proj), l);
-            add(format!("{f}.up_proj.weight"), vec![i, d], Linear(|m, l| &mut dense(m, l).up_proj), l);
-            add(format!("{f}.down_proj.weight"), vec![d, i], Linear(|m, l| &mut dense(m, l).down_proj), l);
+            add(
+                format!("{f}.gate_proj.weight"),
+                vec![i, d],
+                Linear(|m, l| &mut dense(m, l).gate_proj),
+                l,
+            );
+            add(
+                format!("{f}.up_proj.weight"),
+                vec![i, d],
+                Linear(|m, l| &mut dense(m, l).up_proj),
+                l,
+            );
+            add(
+                format!("{f}.down_proj.weight"),
+                vec![d, i],
+                Linear(|m, l| &mut dense(m, l).down_proj),
+                l,
+            );
         } else {
             let e = cfg.n_routed_experts;
             let i = cfg.moe_intermediate_size;
-            add(format!("{f}.gate.weight"), vec![e, d], Matrix(|m, l| &mut moe(m, l).gate.weight), l);
+            add(
+                format!("{f}.gate.weight"),
+                vec![e, d],
+                Matrix(|m, l| &mut moe(m, l).gate.weight),
+                l,
+            );
             if cfg.topk_method.has_bias() {
                 add(
                     format!("{f}.gate.e_score_correction_bias"),
                     vec![e],
-                    Vector(|m, l| moe(m, l).gate.e_score_correction_bias.as_mut().expect("noaux_tc router has a bias")),
+                    Vector(|m, l| {
+                        moe(m, l)
+                            .gate
+                            .e_score_correction_bias
+                            .as_mut()
+                            .expect("noaux_tc router has a bias")
+                    }),
                     l,
                 );
             }
@@ -174,9 +255,24 @@ pub fn table<B: Backend>(cfg: &DeepSeekConfig) -> Vec<Entry<B>> {
             }
             if cfg.n_shared_experts > 0 {
                 let s = cfg.n_shared_experts * i;
-                add(format!("{f}.shared_experts.gate_proj.weight"), vec![s, d], Linear(|m, l| &mut shared(m, l).gate_proj), l);
-                add(format!("{f}.shared_experts.up_proj.weight"), vec![s, d], Linear(|m, l| &mut shared(m, l).up_proj), l);
-                add(format!("{f}.shared_experts.down_proj.weight"), vec![d, s], Linear(|m, l| &mut shared(m, l).down_proj), l);
+                add(
+                    format!("{f}.shared_experts.gate_proj.weight"),
+                    vec![s, d],
+                    Linear(|m, l| &mut shared(m, l).gate_proj),
+                    l,
+                );
+                add(
+                    format!("{f}.shared_experts.up_proj.weight"),
+                    vec![s, d],
+                    Linear(|m, l| &mut shared(m, l).up_proj),
+                    l,
+                );
+                add(
+                    format!("{f}.shared_experts.down_proj.weight"),
+                    vec![d, s],
+                    Linear(|m, l| &mut shared(m, l).down_proj),
+                    l,
+                );
             }
         }
 
@@ -185,8 +281,18 @@ pub fn table<B: Backend>(cfg: &DeepSeekConfig) -> Vec<Entry<B>> {
             let k = l - cfg.num_hidden_layers;
             add(format!("{p}.enorm.weight"), vec![d], Norm(|m, k| &mut m.mtp[k].enorm), k);
             add(format!("{p}.hnorm.weight"), vec![d], Norm(|m, k| &mut m.mtp[k].hnorm), k);
-            add(format!("{p}.eh_proj.weight"), vec![d, 2 * d], Linear(|m, k| &mut m.mtp[k].eh_proj), k);
-            add(format!("{p}.shared_head.norm.weight"), vec![d], Norm(|m, k| &mut m.mtp[k].head_norm), k);
+            add(
+                format!("{p}.eh_proj.weight"),
+                vec![d, 2 * d],
+                Linear(|m, k| &mut m.mtp[k].eh_proj),
+                k,
+            );
+            add(
+                format!("{p}.shared_head.norm.weight"),
+                vec![d],
+                Norm(|m, k| &mut m.mtp[k].head_norm),
+                k,
+            );
             add(format!("{p}.shared_head.head.weight"), vec![v, d], Shared, k);
             add(format!("{p}.embed_tokens.weight"), vec![v, d], Shared, k);
         }

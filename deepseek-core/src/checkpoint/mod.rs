@@ -31,15 +31,25 @@ pub struct LoadOptions {
 }
 
 /// Reads `dir/config.json` and the weights into a model on `device`.
-pub fn load_model<B: Backend>(dir: impl AsRef<Path>, device: &B::Device, options: LoadOptions) -> Result<DeepSeekModel<B>> {
+pub fn load_model<B: Backend>(
+    dir: impl AsRef<Path>,
+    device: &B::Device,
+    options: LoadOptions,
+) -> Result<DeepSeekModel<B>> {
     let dir = dir.as_ref();
     let config = DeepSeekConfig::from_hf_file(dir)?;
-    let ckpt = Checkpoint::open(dir)?.with_fp8_block(config.quantization.map(|q| q.weight_block_size));
+    let ckpt =
+        Checkpoint::open(dir)?.with_fp8_block(config.quantization.map(|q| q.weight_block_size));
     load_weights(&config, &ckpt, device, options)
 }
 
 /// Builds a model of `config` from the tensors of `ckpt`.
-pub fn load_weights<B: Backend>(config: &DeepSeekConfig, ckpt: &Checkpoint, device: &B::Device, options: LoadOptions) -> Result<DeepSeekModel<B>> {
+pub fn load_weights<B: Backend>(
+    config: &DeepSeekConfig,
+    ckpt: &Checkpoint,
+    device: &B::Device,
+    options: LoadOptions,
+) -> Result<DeepSeekModel<B>> {
     let rows = table::<B>(config);
     // Validate everything before reading any data.
     let mut used: HashSet<String> = HashSet::new();
@@ -55,7 +65,8 @@ pub fn load_weights<B: Backend>(config: &DeepSeekConfig, ckpt: &Checkpoint, devi
         used.insert(row.name.clone());
     }
     if !options.allow_unused {
-        let unused: Vec<String> = ckpt.names().filter(|n| !used.contains(*n)).map(str::to_string).collect();
+        let unused: Vec<String> =
+            ckpt.names().filter(|n| !used.contains(*n)).map(str::to_string).collect();
         if !unused.is_empty() {
             return Err(DeepSeekError::UnexpectedTensors { names: unused });
         }
@@ -71,13 +82,22 @@ pub fn load_weights<B: Backend>(config: &DeepSeekConfig, ckpt: &Checkpoint, devi
             Target::Linear(get) => {
                 // Stored [out, in]; Burn's Linear computes x·W with W [in, out]. Transposing on
                 // the host keeps the weight contiguous, so no matmul pays for a strided layout.
-                get(&mut model, row.index).weight = Param::from_tensor(Tensor::<B, 2>::from_data(transpose(data, row.shape[0], row.shape[1]), device));
+                get(&mut model, row.index).weight = Param::from_tensor(Tensor::<B, 2>::from_data(
+                    transpose(data, row.shape[0], row.shape[1]),
+                    device,
+                ));
             }
-            Target::Norm(get) => get(&mut model, row.index).weight = Param::from_tensor(Tensor::from_data(data, device)),
-            Target::Matrix(get) => *get(&mut model, row.index) = Param::from_tensor(Tensor::from_data(data, device)),
+            Target::Norm(get) => {
+                get(&mut model, row.index).weight =
+                    Param::from_tensor(Tensor::from_data(data, device))
+            }
+            Target::Matrix(get) => {
+                *get(&mut model, row.index) = Param::from_tensor(Tensor::from_data(data, device))
+            }
             Target::Vector(get) => {
                 // The balancing bias is state, not a trainable parameter.
-                *get(&mut model, row.index) = Param::from_tensor(Tensor::from_data(data, device)).set_require_grad(false)
+                *get(&mut model, row.index) =
+                    Param::from_tensor(Tensor::from_data(data, device)).set_require_grad(false)
             }
             Target::Expert(part) => experts.write(row.index, part, data),
             Target::Shared => unreachable!("skipped above"),
@@ -99,14 +119,22 @@ struct StackedExperts {
 
 impl StackedExperts {
     fn new(cfg: &DeepSeekConfig) -> Self {
-        Self { d: cfg.hidden_size, i: cfg.moe_intermediate_size, e: cfg.n_routed_experts, blocks: Default::default() }
+        Self {
+            d: cfg.hidden_size,
+            i: cfg.moe_intermediate_size,
+            e: cfg.n_routed_experts,
+            blocks: Default::default(),
+        }
     }
 
     /// Writes one expert's `[out, in]` checkpoint tensor, transposed, into its slice.
     fn write(&mut self, packed: usize, part: ExpertPart, data: TensorData) {
         let (d, i, e) = (self.d, self.i, self.e);
         let (layer, expert) = (packed / EXPERT_STRIDE, packed % EXPERT_STRIDE);
-        let (gate_up, down) = self.blocks.entry(layer).or_insert_with(|| (vec![0.0; e * d * 2 * i], vec![0.0; e * i * d]));
+        let (gate_up, down) = self
+            .blocks
+            .entry(layer)
+            .or_insert_with(|| (vec![0.0; e * d * 2 * i], vec![0.0; e * i * d]));
         let values: Vec<f32> = data.into_vec().expect("read_f32 returns f32 data");
         match part {
             // gate/up: stored [I, D]; slice [D, 2I] of expert `expert`, columns offset by 0 or I.
@@ -135,8 +163,12 @@ impl StackedExperts {
         let (d, i, e) = (self.d, self.i, self.e);
         for (layer, (gate_up, down)) in self.blocks {
             let experts = hf_names::routed_experts(model, layer);
-            experts.gate_up.weight = Param::from_tensor(Tensor::from_data(TensorData::new(gate_up, [e, d, 2 * i]), device));
-            experts.down.weight = Param::from_tensor(Tensor::from_data(TensorData::new(down, [e, i, d]), device));
+            experts.gate_up.weight = Param::from_tensor(Tensor::from_data(
+                TensorData::new(gate_up, [e, d, 2 * i]),
+                device,
+            ));
+            experts.down.weight =
+                Param::from_tensor(Tensor::from_data(TensorData::new(down, [e, i, d]), device));
         }
     }
 }

@@ -38,7 +38,10 @@ pub struct Checkpoint {
 
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Checkpoint").field("dir", &self.dir).field("tensors", &self.location.len()).finish()
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .field("tensors", &self.location.len())
+            .finish()
     }
 }
 
@@ -59,11 +62,14 @@ impl Checkpoint {
         let files: Vec<String> = if index_path.exists() {
             let text = std::fs::read_to_string(&index_path)
                 .map_err(|source| DeepSeekError::Io { path: index_path.clone(), source })?;
-            let index: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| DeepSeekError::Json { path: index_path.clone(), reason: e.to_string() })?;
-            let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| DeepSeekError::Json {
-                path: index_path.clone(),
-                reason: "missing object `weight_map`".into(),
+            let index: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                DeepSeekError::Json { path: index_path.clone(), reason: e.to_string() }
+            })?;
+            let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+                DeepSeekError::Json {
+                    path: index_path.clone(),
+                    reason: "missing object `weight_map`".into(),
+                }
             })?;
             let mut files: Vec<String> = Vec::new();
             for (name, file) in map {
@@ -126,7 +132,8 @@ impl Checkpoint {
 
     /// Shape and dtype of a stored tensor, if present.
     pub fn stored(&self, name: &str) -> Option<StoredTensor> {
-        self.info(name).map(|(_, info)| StoredTensor { dtype: info.dtype, shape: info.shape.clone() })
+        self.info(name)
+            .map(|(_, info)| StoredTensor { dtype: info.dtype, shape: info.shape.clone() })
     }
 
     /// The stored bytes of a tensor (little-endian, in its stored dtype).
@@ -135,7 +142,8 @@ impl Checkpoint {
     /// If `name` is not in the checkpoint (see [`Checkpoint::stored`]).
     pub fn raw_bytes(&self, name: &str) -> &[u8] {
         let (shard, info) = self.info(name).expect("tensor listed by the checkpoint");
-        &shard.mmap[8 + shard.header_len + info.data_offsets.0..8 + shard.header_len + info.data_offsets.1]
+        &shard.mmap
+            [8 + shard.header_len + info.data_offsets.0..8 + shard.header_len + info.data_offsets.1]
     }
 
     /// Checks presence, dtype and shape of a tensor without reading its data.
@@ -158,25 +166,49 @@ impl Checkpoint {
                     });
                 };
                 if expected.len() != 2 {
-                    return Err(DeepSeekError::Fp8Unsupported { name: name.to_string(), actual: "F8_E4M3".into(), problem: "only 2-D weights are stored in FP8".into() });
+                    return Err(DeepSeekError::Fp8Unsupported {
+                        name: name.to_string(),
+                        actual: "F8_E4M3".into(),
+                        problem: "only 2-D weights are stored in FP8".into(),
+                    });
                 }
                 // The scale grid: one f32 per (possibly partial) block.
                 let scale = Self::scale_name(name);
                 let grid = crate::fp8::scale_grid(expected[0], expected[1], block);
                 let Some((_, scale_info)) = self.info(&scale) else {
-                    return Err(DeepSeekError::MissingTensor { name: scale, expected: grid.to_vec(), searched: self.searched() });
+                    return Err(DeepSeekError::MissingTensor {
+                        name: scale,
+                        expected: grid.to_vec(),
+                        searched: self.searched(),
+                    });
                 };
                 if scale_info.dtype != Dtype::F32 {
-                    return Err(DeepSeekError::WrongDtype { name: scale, actual: format!("{:?} (block scales must be F32)", scale_info.dtype) });
+                    return Err(DeepSeekError::WrongDtype {
+                        name: scale,
+                        actual: format!("{:?} (block scales must be F32)", scale_info.dtype),
+                    });
                 }
                 if scale_info.shape != grid {
-                    return Err(DeepSeekError::ShapeMismatch { name: scale, expected: grid.to_vec(), actual: scale_info.shape.clone() });
+                    return Err(DeepSeekError::ShapeMismatch {
+                        name: scale,
+                        expected: grid.to_vec(),
+                        actual: scale_info.shape.clone(),
+                    });
                 }
             }
             Dtype::F8_E5M2 => {
-                return Err(DeepSeekError::Fp8Unsupported { name: name.to_string(), actual: "F8_E5M2".into(), problem: "DeepSeek checkpoints use E4M3 only".into() })
+                return Err(DeepSeekError::Fp8Unsupported {
+                    name: name.to_string(),
+                    actual: "F8_E5M2".into(),
+                    problem: "DeepSeek checkpoints use E4M3 only".into(),
+                })
             }
-            other => return Err(DeepSeekError::WrongDtype { name: name.to_string(), actual: format!("{other:?}") }),
+            other => {
+                return Err(DeepSeekError::WrongDtype {
+                    name: name.to_string(),
+                    actual: format!("{other:?}"),
+                })
+            }
         }
         if info.shape != expected {
             return Err(DeepSeekError::ShapeMismatch {
@@ -196,7 +228,10 @@ impl Checkpoint {
         let end = 8 + shard.header_len + info.data_offsets.1;
         let bytes = &shard.mmap[start..end];
         let values: Vec<f32> = match info.dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
             Dtype::BF16 => bytes
                 .chunks_exact(2)
                 .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
@@ -220,7 +255,13 @@ impl Checkpoint {
         let scale = Self::scale_name(name);
         let grid = crate::fp8::scale_grid(shape[0], shape[1], block);
         let scales: Vec<f32> = self.read_f32(&scale, &grid)?.into_vec().expect("f32 data");
-        let q = crate::fp8::BlockQuant { rows: shape[0], cols: shape[1], block, codes: codes.to_vec(), scales };
+        let q = crate::fp8::BlockQuant {
+            rows: shape[0],
+            cols: shape[1],
+            block,
+            codes: codes.to_vec(),
+            scales,
+        };
         Ok(TensorData::new(crate::fp8::dequantize_blocks(&q), shape.to_vec()))
     }
 
@@ -232,14 +273,17 @@ impl Checkpoint {
 
 impl Shard {
     fn open(path: PathBuf) -> Result<Self> {
-        let file = File::open(&path).map_err(|source| DeepSeekError::Io { path: path.clone(), source })?;
+        let file =
+            File::open(&path).map_err(|source| DeepSeekError::Io { path: path.clone(), source })?;
         // SAFETY: the map is read-only; a checkpoint modified while loaded is outside our
         // contract, as for every memory-mapped loader.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| DeepSeekError::Io { path: path.clone(), source })?;
+        let mmap = unsafe { Mmap::map(&file) }
+            .map_err(|source| DeepSeekError::Io { path: path.clone(), source })?;
         // Validates the header and that the data section matches the file length, which
         // catches truncated downloads.
-        let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
-            .map_err(|e| DeepSeekError::MalformedSafetensors { path: path.clone(), reason: e.to_string() })?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+            DeepSeekError::MalformedSafetensors { path: path.clone(), reason: e.to_string() }
+        })?;
         Ok(Self { path, mmap, header_len, metadata })
     }
 }

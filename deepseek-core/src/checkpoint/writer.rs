@@ -37,7 +37,9 @@ pub fn model_tensors<B: Backend>(model: &DeepSeekModel<B>) -> Vec<NamedTensor> {
     // tensors and costs nothing.
     model.materialize();
     let mut m = model.clone();
-    let host = |t: burn::tensor::TensorData| -> Vec<f32> { t.convert::<f32>().into_vec().expect("float tensor data") };
+    let host = |t: burn::tensor::TensorData| -> Vec<f32> {
+        t.convert::<f32>().into_vec().expect("float tensor data")
+    };
     // Stacked expert weights are read once per block.
     let mut stacks: BTreeMap<usize, (Vec<f32>, Vec<f32>)> = BTreeMap::new();
     let (d, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
@@ -65,7 +67,10 @@ pub fn model_tensors<B: Backend>(model: &DeepSeekModel<B>) -> Vec<NamedTensor> {
                 let (layer, expert) = (row.index / EXPERT_STRIDE, row.index % EXPERT_STRIDE);
                 let (gate_up, down) = stacks.entry(layer).or_insert_with(|| {
                     let experts = super::hf_names::routed_experts(&mut m, layer);
-                    (host(experts.gate_up.weight.val().into_data()), host(experts.down.weight.val().into_data()))
+                    (
+                        host(experts.gate_up.weight.val().into_data()),
+                        host(experts.down.weight.val().into_data()),
+                    )
                 });
                 match part {
                     // gate/up: columns `0..I` / `I..2I` of the expert's [D, 2I] slice → [I, D].
@@ -81,7 +86,9 @@ pub fn model_tensors<B: Backend>(model: &DeepSeekModel<B>) -> Vec<NamedTensor> {
                         v
                     }
                     // down: the expert's [I, D] slice → [D, I].
-                    ExpertPart::Down => transpose(&down[expert * i * d..(expert + 1) * i * d], i, d),
+                    ExpertPart::Down => {
+                        transpose(&down[expert * i * d..(expert + 1) * i * d], i, d)
+                    }
                 }
             }
         };
@@ -94,8 +101,10 @@ pub fn model_tensors<B: Backend>(model: &DeepSeekModel<B>) -> Vec<NamedTensor> {
 /// Writes `dir/config.json` and `dir/model.safetensors` (F32), each atomically. Creates `dir`.
 pub fn save_model<B: Backend>(model: &DeepSeekModel<B>, dir: impl AsRef<Path>) -> Result<()> {
     let dir = dir.as_ref();
-    std::fs::create_dir_all(dir).map_err(|source| DeepSeekError::Io { path: dir.to_path_buf(), source })?;
-    let config = serde_json::to_string_pretty(&model.config.to_hf_json()).expect("JSON values serialize");
+    std::fs::create_dir_all(dir)
+        .map_err(|source| DeepSeekError::Io { path: dir.to_path_buf(), source })?;
+    let config =
+        serde_json::to_string_pretty(&model.config.to_hf_json()).expect("JSON values serialize");
     write_atomic(&dir.join("config.json"), config.as_bytes())?;
     let tensors = model_tensors(model);
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -103,7 +112,11 @@ pub fn save_model<B: Backend>(model: &DeepSeekModel<B>, dir: impl AsRef<Path>) -
 }
 
 /// Serializes f32 tensors into one safetensors file, atomically.
-pub fn write_safetensors(path: &Path, tensors: &[NamedTensor], metadata: Option<HashMap<String, String>>) -> Result<()> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[NamedTensor],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let mut views = Vec::with_capacity(tensors.len());
     for t in tensors {
         let view = TensorView::new(Dtype::F32, t.shape.clone(), bytemuck::cast_slice(&t.values))
@@ -151,7 +164,8 @@ mod tests {
         let model = cfg.init::<Flex>(&device);
         let dir = tempfile::tempdir().unwrap();
         save_model(&model, dir.path()).unwrap();
-        let loaded: DeepSeekModel<Flex> = crate::load_model(dir.path(), &device, crate::LoadOptions::default()).unwrap();
+        let loaded: DeepSeekModel<Flex> =
+            crate::load_model(dir.path(), &device, crate::LoadOptions::default()).unwrap();
         assert_eq!(loaded.config, cfg);
         // Every tensor round-trips bit for bit (the MTP copies included).
         let (a, b) = (model_tensors(&loaded), model_tensors(&model));
@@ -159,7 +173,10 @@ mod tests {
         for (x, y) in a.iter().zip(&b) {
             assert!(x == y, "tensor `{}` differs after the round trip", x.name);
         }
-        let ids = Tensor::<Flex, 2, Int>::from_data(TensorData::new((0..12i64).collect::<Vec<_>>(), [2, 6]), &device);
+        let ids = Tensor::<Flex, 2, Int>::from_data(
+            TensorData::new((0..12i64).collect::<Vec<_>>(), [2, 6]),
+            &device,
+        );
         let a: Vec<f32> = model.forward(ids.clone()).into_data().into_vec().unwrap();
         let b: Vec<f32> = loaded.forward(ids).into_data().into_vec().unwrap();
         assert_eq!(a, b);

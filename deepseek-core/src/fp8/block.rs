@@ -37,7 +37,13 @@ pub fn scale_grid(rows: usize, cols: usize, block: [usize; 2]) -> [usize; 2] {
 }
 
 /// Quantizes row-major `x` (`[rows, cols]`) block by block.
-pub fn quantize_blocks(x: &[f32], rows: usize, cols: usize, block: [usize; 2], format: ScaleFormat) -> BlockQuant {
+pub fn quantize_blocks(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    block: [usize; 2],
+    format: ScaleFormat,
+) -> BlockQuant {
     assert_eq!(x.len(), rows * cols, "x must hold rows × cols values");
     assert!(block[0] > 0 && block[1] > 0, "blocks are at least 1 × 1");
     let [gr, gc] = scale_grid(rows, cols, block);
@@ -152,7 +158,9 @@ pub fn pack_words(codes: &[u8], rows: usize, cols: usize) -> Vec<u32> {
 pub fn unpack_words(words: &[u32], rows: usize, cols: usize) -> Vec<u8> {
     let per_row = cols.div_ceil(4);
     assert_eq!(words.len(), rows * per_row, "words must hold rows × ceil(cols / 4) values");
-    (0..rows * cols).map(|i| (words[(i / cols) * per_row + (i % cols) / 4] >> (8 * (i % cols % 4))) as u8).collect()
+    (0..rows * cols)
+        .map(|i| (words[(i / cols) * per_row + (i % cols) / 4] >> (8 * (i % cols % 4))) as u8)
+        .collect()
 }
 
 /// The block-scaled FP8 GEMM `a · bᵀ` as DeepSeek-V3 computes it (§3.3), on the host: for each
@@ -176,7 +184,9 @@ pub fn reference_gemm(a: &BlockQuant, b: &BlockQuant) -> Vec<f32> {
             for kb in 0..k_blocks {
                 let (k0, k1) = (kb * 128, ((kb + 1) * 128).min(k));
                 let partial: f32 = (k0..k1).map(|t| a_vals[i * k + t] * b_vals[j * k + t]).sum();
-                acc += a.scales[i * k_blocks + kb] * b.scales[(j / b.block[0]) * k_blocks + kb] * partial;
+                acc += a.scales[i * k_blocks + kb]
+                    * b.scales[(j / b.block[0]) * k_blocks + kb]
+                    * partial;
             }
             out[i * n + j] = acc;
         }
@@ -192,7 +202,11 @@ mod tests {
     fn fake_quantization_equals_quantize_then_dequantize() {
         // Large enough for the threaded path, ragged in both directions.
         let (rows, cols) = (301, 517);
-        let x: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 13.0 * if i % 97 == 0 { 50.0 } else { 1.0 }).collect();
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                ((i * 7919 % 2003) as f32 - 1001.0) / 13.0 * if i % 97 == 0 { 50.0 } else { 1.0 }
+            })
+            .collect();
         for block in [[1, 128], [128, 128], [32, 48]] {
             let want = dequantize_blocks(&quantize_blocks(&x, rows, cols, block, ScaleFormat::F32));
             let mut got = x.clone();
@@ -216,7 +230,8 @@ mod tests {
         // Block-scaled FP8 GEMM = the f64 product of the dequantized operands, up to f32 rounding.
         let (m, n, k) = (5, 3, 300);
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0).collect();
-        let b: Vec<f32> = (0..n * k).map(|i| ((i * 104_729 % 977) as f32 - 488.0) / 311.0).collect();
+        let b: Vec<f32> =
+            (0..n * k).map(|i| ((i * 104_729 % 977) as f32 - 488.0) / 311.0).collect();
         let qa = quantize_blocks(&a, m, k, [1, 128], ScaleFormat::F32);
         let qb = quantize_blocks(&b, n, k, [128, 128], ScaleFormat::F32);
         let (da, db) = (dequantize_blocks(&qa), dequantize_blocks(&qb));
@@ -224,7 +239,11 @@ mod tests {
         for i in 0..m {
             for j in 0..n {
                 let exact: f64 = (0..k).map(|t| da[i * k + t] as f64 * db[j * k + t] as f64).sum();
-                assert!((c[i * n + j] as f64 - exact).abs() <= 1e-5 * (1.0 + exact.abs()), "{} vs {exact}", c[i * n + j]);
+                assert!(
+                    (c[i * n + j] as f64 - exact).abs() <= 1e-5 * (1.0 + exact.abs()),
+                    "{} vs {exact}",
+                    c[i * n + j]
+                );
             }
         }
     }
@@ -233,7 +252,8 @@ mod tests {
     fn ragged_blocks_keep_each_value_within_half_a_step() {
         // 130 × 200 with 128 × 128 blocks: a 2 × 2 grid whose last row and column are partial.
         let (rows, cols) = (130, 200);
-        let x: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0).collect();
+        let x: Vec<f32> =
+            (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0).collect();
         for format in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
             let q = quantize_blocks(&x, rows, cols, [128, 128], format);
             assert_eq!(q.scales.len(), 4);

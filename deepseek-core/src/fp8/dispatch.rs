@@ -22,7 +22,10 @@ fn cast<T: 'static, U: 'static>(value: T) -> U {
 
 /// Runs `op` on the device buffer of `x` if `B` is `CubeBackend<R, f32, i32, BT>` or its fusion
 /// wrapper; gives `x` back untouched otherwise.
-fn on_runtime<B, R, BT>(x: FloatTensor<B>, op: &dyn Fn(CubeTensor<R>) -> CubeTensor<R>) -> Result<FloatTensor<B>, FloatTensor<B>>
+fn on_runtime<B, R, BT>(
+    x: FloatTensor<B>,
+    op: &dyn Fn(CubeTensor<R>) -> CubeTensor<R>,
+) -> Result<FloatTensor<B>, FloatTensor<B>>
 where
     B: Backend,
     R: CubeRuntime,
@@ -41,7 +44,9 @@ where
 }
 
 /// A fusion tensor backed by an existing device buffer (as `Fusion::float_from_data` does).
-pub(crate) fn register_fused<C: FusionBackend>(t: FloatTensor<C>) -> FusionTensor<C::FusionRuntime> {
+pub(crate) fn register_fused<C: FusionBackend>(
+    t: FloatTensor<C>,
+) -> FusionTensor<C::FusionRuntime> {
     let device = C::float_device(&t);
     let client = burn_fusion::get_client::<C>(&device);
     let (shape, dtype) = (t.shape(), t.dtype());
@@ -77,15 +82,20 @@ macro_rules! each_runtime {
 
 /// [`super::kernels::fake_quantize`] if `B` runs the kernels. `x` must be a 2-D f32 tensor whose
 /// blocks are a multiple of 4 wide (checked by the caller).
-pub(crate) fn fake_quantize<B: Backend>(x: &FloatTensor<B>, block: [usize; 2]) -> Option<FloatTensor<B>> {
-    each_runtime!(x.clone(), |t: R| super::kernels::fake_quantize(t, block).expect("checked by the caller"))
+pub(crate) fn fake_quantize<B: Backend>(
+    x: &FloatTensor<B>,
+    block: [usize; 2],
+) -> Option<FloatTensor<B>> {
+    each_runtime!(x.clone(), |t: R| super::kernels::fake_quantize(t, block)
+        .expect("checked by the caller"))
 }
 
 /// Whether `B` is one of the backends [`fake_quantize`] runs the kernels on.
 pub(crate) fn runs_kernels<B: Backend>() -> bool {
     fn is<B: 'static, R: CubeRuntime, BT: BoolElement>() -> bool {
         let id = TypeId::of::<B>();
-        id == TypeId::of::<CubeBackend<R, f32, i32, BT>>() || id == TypeId::of::<Fusion<CubeBackend<R, f32, i32, BT>>>()
+        id == TypeId::of::<CubeBackend<R, f32, i32, BT>>()
+            || id == TypeId::of::<Fusion<CubeBackend<R, f32, i32, BT>>>()
     }
     #[cfg(feature = "wgpu")]
     if is::<B, burn_wgpu::WgpuRuntime, u32>() {
@@ -117,7 +127,12 @@ pub(crate) fn fp8_linear<B: Backend>(
     None
 }
 
-fn linear_on<B, R, BT>(x: &FloatTensor<B>, codes: &burn::tensor::ops::IntTensor<B>, scales: &FloatTensor<B>, weight: [usize; 2]) -> Option<FloatTensor<B>>
+fn linear_on<B, R, BT>(
+    x: &FloatTensor<B>,
+    codes: &burn::tensor::ops::IntTensor<B>,
+    scales: &FloatTensor<B>,
+    weight: [usize; 2],
+) -> Option<FloatTensor<B>>
 where
     B: Backend,
     R: CubeRuntime,
@@ -125,8 +140,15 @@ where
 {
     type Cube<R, BT> = CubeBackend<R, f32, i32, BT>;
     let run = |x: CubeTensor<R>, codes: CubeTensor<R>, scales: CubeTensor<R>| {
-        let a = super::kernels::quantize(x, super::ACTIVATION_BLOCK, super::ScaleFormat::F32).expect("checked by the caller");
-        let b = super::kernels::DeviceFp8 { codes, scales, rows: weight[0], cols: weight[1], block: super::WEIGHT_BLOCK };
+        let a = super::kernels::quantize(x, super::ACTIVATION_BLOCK, super::ScaleFormat::F32)
+            .expect("checked by the caller");
+        let b = super::kernels::DeviceFp8 {
+            codes,
+            scales,
+            rows: weight[0],
+            cols: weight[1],
+            block: super::WEIGHT_BLOCK,
+        };
         super::kernels::gemm(&a, &b).expect("checked by the caller")
     };
     if TypeId::of::<B>() == TypeId::of::<Cube<R, BT>>() {
@@ -137,8 +159,10 @@ where
         let x: Fused<R, BT> = cast(x.clone());
         let client = x.client.clone();
         let x = client.resolve_tensor_float::<Cube<R, BT>>(x);
-        let codes = client.resolve_tensor_int::<Cube<R, BT>>(cast::<_, Fused<R, BT>>(codes.clone()));
-        let scales = client.resolve_tensor_float::<Cube<R, BT>>(cast::<_, Fused<R, BT>>(scales.clone()));
+        let codes =
+            client.resolve_tensor_int::<Cube<R, BT>>(cast::<_, Fused<R, BT>>(codes.clone()));
+        let scales =
+            client.resolve_tensor_float::<Cube<R, BT>>(cast::<_, Fused<R, BT>>(scales.clone()));
         return Some(cast(register_fused::<Cube<R, BT>>(run(x, codes, scales))));
     }
     None

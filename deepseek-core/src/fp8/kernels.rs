@@ -20,8 +20,8 @@ use burn_cubecl::{kernel::into_contiguous, tensor::CubeTensor, CubeRuntime};
 use cubecl::prelude::*;
 
 use super::block::ScaleFormat;
-use crate::cube::{array, empty, grid};
 use super::Fp8Error;
+use crate::cube::{array, empty, grid};
 
 /// Units per cube of the quantization kernel (one cube per block).
 const QUANT_UNITS: u32 = 128;
@@ -328,7 +328,10 @@ fn gemm_kernel(
 fn check_f32_matrix<R: CubeRuntime>(x: &CubeTensor<R>, what: &str) -> Result<[usize; 2], Fp8Error> {
     let shape = x.meta.shape();
     if shape.num_dims() != 2 {
-        return Err(Fp8Error::Shape(format!("{what} must be a matrix, got shape {:?}", shape.to_vec())));
+        return Err(Fp8Error::Shape(format!(
+            "{what} must be a matrix, got shape {:?}",
+            shape.to_vec()
+        )));
     }
     if x.dtype != DType::F32 {
         return Err(Fp8Error::Shape(format!("{what} must be f32, got {:?}", x.dtype)));
@@ -338,13 +341,20 @@ fn check_f32_matrix<R: CubeRuntime>(x: &CubeTensor<R>, what: &str) -> Result<[us
         return Err(Fp8Error::Shape(format!("{what} is empty ({dims:?})")));
     }
     if dims[0] * dims[1] >= u32::MAX as usize {
-        return Err(Fp8Error::Shape(format!("{what} has {} values, more than 32-bit indexing allows", dims[0] * dims[1])));
+        return Err(Fp8Error::Shape(format!(
+            "{what} has {} values, more than 32-bit indexing allows",
+            dims[0] * dims[1]
+        )));
     }
     Ok(dims)
 }
 
 /// Uploads a row-major f32 `[rows, cols]` matrix to `device`.
-pub fn upload<R: CubeRuntime>(device: &R::Device, values: &[f32], shape: [usize; 2]) -> CubeTensor<R> {
+pub fn upload<R: CubeRuntime>(
+    device: &R::Device,
+    values: &[f32],
+    shape: [usize; 2],
+) -> CubeTensor<R> {
     crate::cube::upload(device, values, &shape, DType::F32)
 }
 
@@ -352,10 +362,16 @@ pub use crate::cube::download;
 
 /// Quantizes an f32 matrix block by block (`[1, 128]` for activations, `[128, 128]` for weights;
 /// any block whose width is a multiple of 4).
-pub fn quantize<R: CubeRuntime>(x: CubeTensor<R>, block: [usize; 2], format: ScaleFormat) -> Result<DeviceFp8<R>, Fp8Error> {
+pub fn quantize<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    block: [usize; 2],
+    format: ScaleFormat,
+) -> Result<DeviceFp8<R>, Fp8Error> {
     let [rows, cols] = check_f32_matrix(&x, "the matrix to quantize")?;
     if block[0] == 0 || block[1] == 0 || block[1] % 4 != 0 {
-        return Err(Fp8Error::Shape(format!("block {block:?}: both sides must be positive and the width a multiple of 4")));
+        return Err(Fp8Error::Shape(format!(
+            "block {block:?}: both sides must be positive and the width a multiple of 4"
+        )));
     }
     let x = into_contiguous(x);
     let [grid_rows, grid_cols] = super::scale_grid(rows, cols, block);
@@ -407,10 +423,16 @@ impl<R: CubeRuntime> DeviceFp8<R> {
     pub fn check(&self) -> Result<(), Fp8Error> {
         let words = [self.rows, self.cols.div_ceil(4)];
         let grid = super::scale_grid(self.rows, self.cols, self.block);
-        if self.codes.meta.shape().to_vec() != words.to_vec() || !matches!(self.codes.dtype, DType::U32 | DType::I32) || !self.codes.is_contiguous() {
+        if self.codes.meta.shape().to_vec() != words.to_vec()
+            || !matches!(self.codes.dtype, DType::U32 | DType::I32)
+            || !self.codes.is_contiguous()
+        {
             return Err(Fp8Error::Shape(format!("codes must be contiguous 32-bit words {words:?} for a [{}, {}] matrix, got {:?} {:?}", self.rows, self.cols, self.codes.meta.shape().to_vec(), self.codes.dtype)));
         }
-        if self.scales.meta.shape().to_vec() != grid.to_vec() || self.scales.dtype != DType::F32 || !self.scales.is_contiguous() {
+        if self.scales.meta.shape().to_vec() != grid.to_vec()
+            || self.scales.dtype != DType::F32
+            || !self.scales.is_contiguous()
+        {
             return Err(Fp8Error::Shape(format!("scales must be contiguous f32 {grid:?} for a [{}, {}] matrix in {:?} blocks, got {:?} {:?}", self.rows, self.cols, self.block, self.scales.meta.shape().to_vec(), self.scales.dtype)));
         }
         Ok(())
@@ -418,7 +440,10 @@ impl<R: CubeRuntime> DeviceFp8<R> {
 }
 
 /// Quantizes and dequantizes in one go: the values an FP8 GEMM sees (used by FP8 training).
-pub fn fake_quantize<R: CubeRuntime>(x: CubeTensor<R>, block: [usize; 2]) -> Result<CubeTensor<R>, Fp8Error> {
+pub fn fake_quantize<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    block: [usize; 2],
+) -> Result<CubeTensor<R>, Fp8Error> {
     dequantize(&quantize(x, block, ScaleFormat::F32)?)
 }
 
@@ -426,18 +451,30 @@ pub fn fake_quantize<R: CubeRuntime>(x: CubeTensor<R>, block: [usize; 2]) -> Res
 /// quantized in `[bn, 128]` blocks (`[128, 128]` for weights); f32 output `[m, n]`.
 pub fn gemm<R: CubeRuntime>(a: &DeviceFp8<R>, b: &DeviceFp8<R>) -> Result<CubeTensor<R>, Fp8Error> {
     if a.block != [1, 128] {
-        return Err(Fp8Error::Shape(format!("the left operand must be quantized in [1, 128] tiles, got {:?}", a.block)));
+        return Err(Fp8Error::Shape(format!(
+            "the left operand must be quantized in [1, 128] tiles, got {:?}",
+            a.block
+        )));
     }
     if b.block[1] != 128 {
-        return Err(Fp8Error::Shape(format!("the right operand must be quantized in blocks 128 wide along K, got {:?}", b.block)));
+        return Err(Fp8Error::Shape(format!(
+            "the right operand must be quantized in blocks 128 wide along K, got {:?}",
+            b.block
+        )));
     }
     a.check()?;
     b.check()?;
     if a.cols != b.cols {
-        return Err(Fp8Error::Shape(format!("inner dimensions differ: a is [{}, {}], b is [{}, {}]", a.rows, a.cols, b.rows, b.cols)));
+        return Err(Fp8Error::Shape(format!(
+            "inner dimensions differ: a is [{}, {}], b is [{}, {}]",
+            a.rows, a.cols, b.rows, b.cols
+        )));
     }
     if a.rows * b.rows >= u32::MAX as usize {
-        return Err(Fp8Error::Shape(format!("the output [{}, {}] is too large for 32-bit indexing", a.rows, b.rows)));
+        return Err(Fp8Error::Shape(format!(
+            "the output [{}, {}] is too large for 32-bit indexing",
+            a.rows, b.rows
+        )));
     }
     let (m, n, k) = (a.rows, b.rows, a.cols);
     let out = empty(&a.scales, &[m, n], DType::F32);

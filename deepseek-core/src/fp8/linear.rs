@@ -9,7 +9,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use super::training::fake_quantize;
-use super::{decode, pack_words, quantize_blocks, scale_grid, unpack_words, Fp8Error, ScaleFormat, ACTIVATION_BLOCK, WEIGHT_BLOCK};
+use super::{
+    decode, pack_words, quantize_blocks, scale_grid, unpack_words, Fp8Error, ScaleFormat,
+    ACTIVATION_BLOCK, WEIGHT_BLOCK,
+};
 
 /// `y = x · Wᵀ` with `W` (`[d_out, d_in]`, checkpoint layout) stored as FP8 blocks.
 #[derive(Module, Debug)]
@@ -29,20 +32,37 @@ pub struct Fp8Linear<B: Backend> {
 
 impl<B: Backend> Fp8Linear<B> {
     /// From a checkpoint's row-major `[d_out, d_in]` E4M3 bytes and their block scales.
-    pub fn from_codes(codes: &[u8], scales: Vec<f32>, [d_out, d_in]: [usize; 2], device: &B::Device) -> Result<Self, Fp8Error> {
+    pub fn from_codes(
+        codes: &[u8],
+        scales: Vec<f32>,
+        [d_out, d_in]: [usize; 2],
+        device: &B::Device,
+    ) -> Result<Self, Fp8Error> {
         if codes.len() != d_out * d_in {
-            return Err(Fp8Error::Shape(format!("{} codes for a [{d_out}, {d_in}] weight", codes.len())));
+            return Err(Fp8Error::Shape(format!(
+                "{} codes for a [{d_out}, {d_in}] weight",
+                codes.len()
+            )));
         }
         let grid = scale_grid(d_out, d_in, WEIGHT_BLOCK);
         if scales.len() != grid[0] * grid[1] {
-            return Err(Fp8Error::Shape(format!("{} scales for a [{d_out}, {d_in}] weight in 128 × 128 blocks (grid {grid:?})", scales.len())));
+            return Err(Fp8Error::Shape(format!(
+                "{} scales for a [{d_out}, {d_in}] weight in 128 × 128 blocks (grid {grid:?})",
+                scales.len()
+            )));
         }
         if let Some(i) = codes.iter().position(|c| c & 0x7F == 0x7F) {
-            return Err(Fp8Error::Shape(format!("code {:#04x} at flat index {i} is NaN", codes[i])));
+            return Err(Fp8Error::Shape(format!(
+                "code {:#04x} at flat index {i} is NaN",
+                codes[i]
+            )));
         }
         let words = pack_words(codes, d_out, d_in);
         Ok(Self {
-            codes: Tensor::from_data(TensorData::new(words, [d_out, d_in.div_ceil(4)]), (device, DType::U32)),
+            codes: Tensor::from_data(
+                TensorData::new(words, [d_out, d_in.div_ceil(4)]),
+                (device, DType::U32),
+            ),
             scales: Tensor::from_data(TensorData::new(scales, grid), device),
             d_in,
             d_out,
@@ -53,24 +73,38 @@ impl<B: Backend> Fp8Linear<B> {
     pub fn quantize(weight: Tensor<B, 2>) -> Self {
         let [d_in, d_out] = weight.dims();
         let device = weight.device();
-        let w: Vec<f32> = weight.transpose().into_data().convert::<f32>().into_vec().expect("float tensor data");
+        let w: Vec<f32> =
+            weight.transpose().into_data().convert::<f32>().into_vec().expect("float tensor data");
         let q = quantize_blocks(&w, d_out, d_in, WEIGHT_BLOCK, ScaleFormat::F32);
-        Self::from_codes(&q.codes, q.scales, [d_out, d_in], &device).expect("a fresh quantization is well-formed")
+        Self::from_codes(&q.codes, q.scales, [d_out, d_in], &device)
+            .expect("a fresh quantization is well-formed")
     }
 
     /// The row-major `[d_out, d_in]` E4M3 bytes.
     pub fn codes_host(&self) -> Vec<u8> {
-        let words: Vec<u32> = self.codes.clone().into_data().convert::<u32>().into_vec().expect("int tensor data");
+        let words: Vec<u32> =
+            self.codes.clone().into_data().convert::<u32>().into_vec().expect("int tensor data");
         unpack_words(&words, self.d_out, self.d_in)
     }
 
     /// The weight in f32, Burn layout `[d_in, d_out]`: `decode(q) · scale`.
     pub fn dequantize(&self) -> Tensor<B, 2> {
         let codes = self.codes_host();
-        let scales: Vec<f32> = self.scales.clone().into_data().convert::<f32>().into_vec().expect("float tensor data");
+        let scales: Vec<f32> =
+            self.scales.clone().into_data().convert::<f32>().into_vec().expect("float tensor data");
         let grid_cols = self.d_in.div_ceil(128);
-        let values: Vec<f32> = codes.iter().enumerate().map(|(i, &c)| decode(c) * scales[(i / self.d_in / 128) * grid_cols + (i % self.d_in) / 128]).collect();
-        Tensor::<B, 2>::from_data(TensorData::new(values, [self.d_out, self.d_in]), &self.scales.device()).transpose()
+        let values: Vec<f32> = codes
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                decode(c) * scales[(i / self.d_in / 128) * grid_cols + (i % self.d_in) / 128]
+            })
+            .collect();
+        Tensor::<B, 2>::from_data(
+            TensorData::new(values, [self.d_out, self.d_in]),
+            &self.scales.device(),
+        )
+        .transpose()
     }
 
     /// Bytes of the stored weight: codes (one per parameter, plus row padding) and scales.
@@ -96,7 +130,12 @@ impl<B: Backend> Fp8Linear<B> {
             let codes = self.codes.clone().into_primitive();
             let scales = self.scales.clone().into_primitive().tensor();
             let primitive = x.clone().into_primitive().tensor();
-            if let Some(y) = super::dispatch::fp8_linear::<B>(&primitive, &codes, &scales, [self.d_out, self.d_in]) {
+            if let Some(y) = super::dispatch::fp8_linear::<B>(
+                &primitive,
+                &codes,
+                &scales,
+                [self.d_out, self.d_in],
+            ) {
                 return Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(y));
             }
         }
@@ -124,13 +163,20 @@ mod tests {
         let device = Default::default();
         let (m, k, n) = (9, 300, 130);
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| ((i * 104_729 % 977) as f32 - 488.0) / 3111.0).collect();
+        let w: Vec<f32> =
+            (0..n * k).map(|i| ((i * 104_729 % 977) as f32 - 488.0) / 3111.0).collect();
         let qw = quantize_blocks(&w, n, k, WEIGHT_BLOCK, ScaleFormat::F32);
-        let layer = Fp8Linear::<Flex>::from_codes(&qw.codes, qw.scales.clone(), [n, k], &device).unwrap();
+        let layer =
+            Fp8Linear::<Flex>::from_codes(&qw.codes, qw.scales.clone(), [n, k], &device).unwrap();
         assert_eq!(layer.codes_host(), qw.codes);
         assert_eq!(layer.weight_bytes(), n * k + 2 * 3 * 4);
-        let y: Vec<f32> = layer.forward(Tensor::<Flex, 2>::from_data(TensorData::new(x.clone(), [m, k]), &device)).into_data().into_vec().unwrap();
-        let want = reference_gemm(&quantize_blocks(&x, m, k, ACTIVATION_BLOCK, ScaleFormat::F32), &qw);
+        let y: Vec<f32> = layer
+            .forward(Tensor::<Flex, 2>::from_data(TensorData::new(x.clone(), [m, k]), &device))
+            .into_data()
+            .into_vec()
+            .unwrap();
+        let want =
+            reference_gemm(&quantize_blocks(&x, m, k, ACTIVATION_BLOCK, ScaleFormat::F32), &qw);
         let size = want.iter().fold(0f32, |a, v| a.max(v.abs()));
         assert!(y.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-5 * size), "forward");
         // Dequantization is the twin's, in Burn's [in, out] layout.
@@ -141,11 +187,13 @@ mod tests {
     #[test]
     fn bad_parts_are_rejected() {
         let device = Default::default();
-        let err = Fp8Linear::<Flex>::from_codes(&[0; 12], vec![1.0; 2], [3, 4], &device).unwrap_err();
+        let err =
+            Fp8Linear::<Flex>::from_codes(&[0; 12], vec![1.0; 2], [3, 4], &device).unwrap_err();
         assert!(err.to_string().contains("2 scales"), "{err}");
         let err = Fp8Linear::<Flex>::from_codes(&[0; 11], vec![1.0], [3, 4], &device).unwrap_err();
         assert!(err.to_string().contains("11 codes"), "{err}");
-        let err = Fp8Linear::<Flex>::from_codes(&[0, 0x7F, 0, 0], vec![1.0], [1, 4], &device).unwrap_err();
+        let err = Fp8Linear::<Flex>::from_codes(&[0, 0x7F, 0, 0], vec![1.0], [1, 4], &device)
+            .unwrap_err();
         assert!(err.to_string().contains("NaN"), "{err}");
     }
 }

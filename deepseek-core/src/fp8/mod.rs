@@ -4,9 +4,9 @@
 //! are tested against), and, with a GPU backend, the CubeCL kernels.
 
 pub mod block;
-pub mod e4m3;
 #[cfg(feature = "kernels")]
 pub(crate) mod dispatch;
+pub mod e4m3;
 /// The CubeCL kernels and their launch wrappers: reached through [`fake_quantize`],
 /// [`training::matmul`] and [`Fp8Linear`]; public for the kernel tests and benchmarks only.
 #[cfg(feature = "kernels")]
@@ -15,7 +15,10 @@ pub mod kernels;
 pub mod linear;
 pub mod training;
 
-pub use block::{dequantize_blocks, fake_quantize_blocks, pack_words, quantize_blocks, reference_gemm, scale_grid, unpack_words, BlockQuant, ScaleFormat};
+pub use block::{
+    dequantize_blocks, fake_quantize_blocks, pack_words, quantize_blocks, reference_gemm,
+    scale_grid, unpack_words, BlockQuant, ScaleFormat,
+};
 pub use e4m3::{decode, encode, E4M3_MAX};
 pub use linear::Fp8Linear;
 pub(crate) use training::register_autodiff;

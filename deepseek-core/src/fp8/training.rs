@@ -21,7 +21,6 @@
 //! autodiff backend with gradient checkpointing (no node of ours) passes gradients straight
 //! through the quantizers.
 
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
@@ -57,7 +56,12 @@ pub fn fake_quantize<B: Backend>(x: Tensor<B, 2>, block: [usize; 2]) -> Tensor<B
         let primitive = x.into_primitive().tensor();
         match super::dispatch::fake_quantize::<B>(&primitive, block) {
             Some(out) => return Tensor::from_primitive(TensorPrimitive::Float(out)),
-            None => return fake_quantize_host(Tensor::from_primitive(TensorPrimitive::Float(primitive)), block),
+            None => {
+                return fake_quantize_host(
+                    Tensor::from_primitive(TensorPrimitive::Float(primitive)),
+                    block,
+                )
+            }
         }
     }
     fake_quantize_host(x, block)
@@ -75,7 +79,8 @@ pub fn runs_kernels<B: Backend>() -> bool {
 fn fake_quantize_host<B: Backend>(x: Tensor<B, 2>, block: [usize; 2]) -> Tensor<B, 2> {
     let [rows, cols] = x.dims();
     let device = x.device();
-    let mut values: Vec<f32> = x.into_data().convert::<f32>().into_vec().expect("float tensor data");
+    let mut values: Vec<f32> =
+        x.into_data().convert::<f32>().into_vec().expect("float tensor data");
     fake_quantize_blocks(&mut values, rows, cols, block);
     Tensor::from_data(TensorData::new(values, [rows, cols]), &device)
 }
@@ -127,14 +132,20 @@ impl<B: Backend> Backward<B, 2> for Fp8MatmulBackward {
     /// and the master copies are needed by the optimizer anyway).
     type State = (FloatTensor<B>, FloatTensor<B>);
 
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
         let [node_x, node_w] = ops.parents;
         let grad = float::<B>(grads.consume::<B>(&ops.node)); // [m, n]
         let (x, w) = ops.state;
         let (x, w) = (float::<B>(x), float::<B>(w)); // [m, k], [k, n]
         if let Some(node) = node_x {
             // Dgrad contracts n: dy in 1 × 128 tiles along n, W in 128 × 128 blocks.
-            let dx = fake_quantize(grad.clone(), ACTIVATION_BLOCK).matmul(fake_quantize(w, WEIGHT_BLOCK).transpose());
+            let dx = fake_quantize(grad.clone(), ACTIVATION_BLOCK)
+                .matmul(fake_quantize(w, WEIGHT_BLOCK).transpose());
             grads.register::<B>(node.id, dx.into_primitive().tensor());
         }
         if let Some(node) = node_w {
@@ -150,14 +161,26 @@ fn float<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 2> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
-fn autodiff_matmul<B: Backend>(x: Tensor<Autodiff<B>, 2>, w: Tensor<Autodiff<B>, 2>) -> Tensor<Autodiff<B>, 2> {
+fn autodiff_matmul<B: Backend>(
+    x: Tensor<Autodiff<B>, 2>,
+    w: Tensor<Autodiff<B>, 2>,
+) -> Tensor<Autodiff<B>, 2> {
     let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
-    let out = match Fp8MatmulBackward.prepare::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
+    let out = match Fp8MatmulBackward
+        .prepare::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>([
+            x.node.clone(),
+            w.node.clone(),
+        ])
+        .compute_bound()
+        .stateful()
+    {
         OpsKind::Tracked(prep) => {
             let y = forward(float::<B>(x.primitive.clone()), float::<B>(w.primitive.clone()));
             prep.finish((x.primitive, w.primitive), y.into_primitive().tensor())
         }
-        OpsKind::UnTracked(prep) => prep.finish(forward(float::<B>(x.primitive), float::<B>(w.primitive)).into_primitive().tensor()),
+        OpsKind::UnTracked(prep) => prep.finish(
+            forward(float::<B>(x.primitive), float::<B>(w.primitive)).into_primitive().tensor(),
+        ),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
@@ -171,7 +194,12 @@ mod tests {
     type Ad = Autodiff<Flex>;
 
     fn data(n: usize, seed: u64) -> Vec<f32> {
-        (0..n as u64).map(|i| (((i + seed) * 2_654_435_761 % 10_007) as f32 / 10_007.0 - 0.5) * if i % 53 == 0 { 40.0 } else { 1.0 }).collect()
+        (0..n as u64)
+            .map(|i| {
+                (((i + seed) * 2_654_435_761 % 10_007) as f32 / 10_007.0 - 0.5)
+                    * if i % 53 == 0 { 40.0 } else { 1.0 }
+            })
+            .collect()
     }
 
     /// Host twin: `Q_block(a)` of a row-major `[rows, cols]` matrix.
@@ -208,18 +236,28 @@ mod tests {
         let (m, k, n) = (37, 300, 130);
         let device = Default::default();
         let (xv, wv, gv) = (data(m * k, 1), data(k * n, 2), data(m * n, 3));
-        let x = Tensor::<Ad, 2>::from_data(TensorData::new(xv.clone(), [m, k]), &device).require_grad();
-        let w = Tensor::<Ad, 2>::from_data(TensorData::new(wv.clone(), [k, n]), &device).require_grad();
+        let x =
+            Tensor::<Ad, 2>::from_data(TensorData::new(xv.clone(), [m, k]), &device).require_grad();
+        let w =
+            Tensor::<Ad, 2>::from_data(TensorData::new(wv.clone(), [k, n]), &device).require_grad();
         let upstream = Tensor::<Ad, 2>::from_data(TensorData::new(gv.clone(), [m, n]), &device);
         let y = matmul(x.clone(), w.clone());
         let grads = (y.clone() * upstream).sum().backward();
         let got = |t: Tensor<Flex, 2>| t.into_data().into_vec::<f32>().unwrap();
 
         // Fprop: Q1x128(x) · Q128x128(W).
-        assert_close(&got(y.inner()), &mm(&q(&xv, m, k, [1, 128]), &q(&wv, k, n, [128, 128]), m, k, n), "forward");
+        assert_close(
+            &got(y.inner()),
+            &mm(&q(&xv, m, k, [1, 128]), &q(&wv, k, n, [128, 128]), m, k, n),
+            "forward",
+        );
         // Dgrad: Q1x128(dy) · Q128x128(W)ᵀ.
         let wq_t = transpose(&q(&wv, k, n, [128, 128]), k, n);
-        assert_close(&got(x.grad(&grads).unwrap()), &mm(&q(&gv, m, n, [1, 128]), &wq_t, m, n, k), "dx");
+        assert_close(
+            &got(x.grad(&grads).unwrap()),
+            &mm(&q(&gv, m, n, [1, 128]), &wq_t, m, n, k),
+            "dx",
+        );
         // Wgrad: Q128x1(x)ᵀ · Q128x1(dy), i.e. the transposes tiled 1 × 128 along the tokens.
         let xt = q(&transpose(&xv, m, k), k, m, [1, 128]);
         let g = transpose(&q(&transpose(&gv, m, n), n, m, [1, 128]), n, m);
@@ -228,7 +266,8 @@ mod tests {
         // And the quantized backward differs from a straight-through one by more than the
         // tolerance: the test tells them apart.
         let straight = mm(&transpose(&q(&xv, m, k, [1, 128]), m, k), &gv, k, m, n);
-        let diff = dw.iter().zip(&straight).map(|(a, b)| (*a as f64 - b).abs()).fold(0f64, f64::max);
+        let diff =
+            dw.iter().zip(&straight).map(|(a, b)| (*a as f64 - b).abs()).fold(0f64, f64::max);
         assert!(diff > 1e-3, "{diff}");
     }
 
@@ -236,7 +275,10 @@ mod tests {
     fn fp8_projection_keeps_leading_dimensions() {
         let device = Default::default();
         let layer = crate::projection::Projection::<Flex>::new(130, 7, &device);
-        let x = Tensor::<Flex, 3>::from_data(TensorData::new(data(2 * 3 * 130, 4), [2, 3, 130]), &device);
+        let x = Tensor::<Flex, 3>::from_data(
+            TensorData::new(data(2 * 3 * 130, 4), [2, 3, 130]),
+            &device,
+        );
         let y = layer.forward(x.clone(), GemmPrecision::Fp8);
         assert_eq!(y.dims(), [2, 3, 7]);
         let full = layer.forward(x, GemmPrecision::Full);

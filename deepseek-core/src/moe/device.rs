@@ -55,7 +55,11 @@ fn to_cube<P: Clone + 'static, R: CubeRuntime>(p: &P, int: bool) -> Option<(Cube
     if TypeId::of::<P>() == TypeId::of::<Fused<R>>() {
         let fused: Fused<R> = cast(p.clone());
         let client = fused.client.clone();
-        let t = if int { client.resolve_tensor_int::<Cube<R>>(fused) } else { client.resolve_tensor_float::<Cube<R>>(fused) };
+        let t = if int {
+            client.resolve_tensor_int::<Cube<R>>(fused)
+        } else {
+            client.resolve_tensor_float::<Cube<R>>(fused)
+        };
         return Some((t, true));
     }
     None
@@ -101,7 +105,10 @@ pub(crate) fn plan<B: Backend>(indices: &IntTensor<B>, n_experts: usize) -> Opti
         let (t, _) = to_cube::<IntTensor<B>, R>(indices, true)?;
         let plan = kernels::plan(t, n_experts);
         let counts: Vec<u32> = crate::fp8::kernels::download(&plan.counts);
-        Some(Plan { device: Arc::new(plan), counts: counts.into_iter().map(|c| c as usize).collect() })
+        Some(Plan {
+            device: Arc::new(plan),
+            counts: counts.into_iter().map(|c| c as usize).collect(),
+        })
     }
     on_runtime!(|R| on::<B, R>(indices, n_experts))
 }
@@ -116,8 +123,18 @@ enum Direction {
 }
 
 /// `kernels::dispatch` or `kernels::combine` on primitives of a non-autodiff backend.
-fn move_prim<B: Backend>(direction: Direction, x: &FloatTensor<B>, plan: &Plan, weights: Option<&FloatTensor<B>>) -> Option<FloatTensor<B>> {
-    fn on<B: Backend, R: CubeRuntime>(direction: Direction, x: &FloatTensor<B>, plan: &Plan, weights: Option<&FloatTensor<B>>) -> Option<FloatTensor<B>> {
+fn move_prim<B: Backend>(
+    direction: Direction,
+    x: &FloatTensor<B>,
+    plan: &Plan,
+    weights: Option<&FloatTensor<B>>,
+) -> Option<FloatTensor<B>> {
+    fn on<B: Backend, R: CubeRuntime>(
+        direction: Direction,
+        x: &FloatTensor<B>,
+        plan: &Plan,
+        weights: Option<&FloatTensor<B>>,
+    ) -> Option<FloatTensor<B>> {
         let device = plan.device.downcast_ref::<DeviceDispatch<R>>()?;
         let (t, fused) = to_cube::<FloatTensor<B>, R>(x, false)?;
         let w = weights.map(|w| to_cube::<FloatTensor<B>, R>(w, false).expect("same runtime").0);
@@ -131,8 +148,16 @@ fn move_prim<B: Backend>(direction: Direction, x: &FloatTensor<B>, plan: &Plan, 
 }
 
 /// `kernels::gate_grad` on primitives of a non-autodiff backend.
-fn gate_grad_prim<B: Backend>(dy: &FloatTensor<B>, rows: &FloatTensor<B>, plan: &Plan) -> Option<FloatTensor<B>> {
-    fn on<B: Backend, R: CubeRuntime>(dy: &FloatTensor<B>, rows: &FloatTensor<B>, plan: &Plan) -> Option<FloatTensor<B>> {
+fn gate_grad_prim<B: Backend>(
+    dy: &FloatTensor<B>,
+    rows: &FloatTensor<B>,
+    plan: &Plan,
+) -> Option<FloatTensor<B>> {
+    fn on<B: Backend, R: CubeRuntime>(
+        dy: &FloatTensor<B>,
+        rows: &FloatTensor<B>,
+        plan: &Plan,
+    ) -> Option<FloatTensor<B>> {
         let device = plan.device.downcast_ref::<DeviceDispatch<R>>()?;
         let (dy, fused) = to_cube::<FloatTensor<B>, R>(dy, false)?;
         let (rows, _) = to_cube::<FloatTensor<B>, R>(rows, false)?;
@@ -148,7 +173,8 @@ static REGISTRY: crate::registry::OpRegistry = crate::registry::OpRegistry::new(
 
 /// Installs the dispatch and combine autodiff nodes for `Autodiff<B>`. Idempotent.
 pub fn register_autodiff<B: Backend>() {
-    let ops: (DispatchFn<Autodiff<B>>, CombineFn<Autodiff<B>>) = (autodiff_dispatch::<B>, autodiff_combine::<B>);
+    let ops: (DispatchFn<Autodiff<B>>, CombineFn<Autodiff<B>>) =
+        (autodiff_dispatch::<B>, autodiff_combine::<B>);
     REGISTRY.insert::<Autodiff<B>, _>(ops);
 }
 
@@ -172,7 +198,9 @@ pub fn device_dispatches() -> usize {
 pub(crate) fn dispatch<B: Backend>(x: Tensor<B, 2>, plan: &Plan) -> Option<Tensor<B, 2>> {
     let out = match registered::<B>() {
         Some((op, _)) => op(x, plan),
-        None => move_prim::<B>(Direction::Dispatch, &x.into_primitive().tensor(), plan, None).map(float),
+        None => {
+            move_prim::<B>(Direction::Dispatch, &x.into_primitive().tensor(), plan, None).map(float)
+        }
     };
     if out.is_some() {
         DEVICE_DISPATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -181,11 +209,21 @@ pub(crate) fn dispatch<B: Backend>(x: Tensor<B, 2>, plan: &Plan) -> Option<Tenso
 }
 
 /// Combine `rows` `[T·K, D]` with gate `weights` `[T, K]` → `[T, D]`, on the device.
-pub(crate) fn combine<B: Backend>(rows: Tensor<B, 2>, weights: Tensor<B, 2>, plan: &Plan) -> Option<Tensor<B, 2>> {
+pub(crate) fn combine<B: Backend>(
+    rows: Tensor<B, 2>,
+    weights: Tensor<B, 2>,
+    plan: &Plan,
+) -> Option<Tensor<B, 2>> {
     if let Some((_, op)) = registered::<B>() {
         return op(rows, weights, plan);
     }
-    move_prim::<B>(Direction::Combine, &rows.into_primitive().tensor(), plan, Some(&weights.into_primitive().tensor())).map(float)
+    move_prim::<B>(
+        Direction::Combine,
+        &rows.into_primitive().tensor(),
+        plan,
+        Some(&weights.into_primitive().tensor()),
+    )
+    .map(float)
 }
 
 #[derive(Debug)]
@@ -198,16 +236,24 @@ impl<B: Backend> Backward<B, 1> for DispatchBackward {
         let [node] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         if let Some(node) = node {
-            let dx = move_prim::<B>(Direction::Combine, &grad, &ops.state, None).expect("the forward ran on this runtime");
+            let dx = move_prim::<B>(Direction::Combine, &grad, &ops.state, None)
+                .expect("the forward ran on this runtime");
             grads.register::<B>(node.id, dx);
         }
     }
 }
 
-fn autodiff_dispatch<B: Backend>(x: Tensor<Autodiff<B>, 2>, plan: &Plan) -> Option<Tensor<Autodiff<B>, 2>> {
+fn autodiff_dispatch<B: Backend>(
+    x: Tensor<Autodiff<B>, 2>,
+    plan: &Plan,
+) -> Option<Tensor<Autodiff<B>, 2>> {
     let x = x.into_primitive().tensor();
     let out = move_prim::<B>(Direction::Dispatch, &x.primitive, plan, None)?;
-    let out = match DispatchBackward.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
+    let out = match DispatchBackward
+        .prepare::<NoCheckpointing>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
         OpsKind::Tracked(prep) => prep.finish(plan.clone(), out),
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
@@ -226,21 +272,33 @@ impl<B: Backend> Backward<B, 2> for CombineBackward {
         let grad = grads.consume::<B>(&ops.node);
         let (rows, weights, plan) = ops.state;
         if let Some(node) = node_rows {
-            let d_rows = move_prim::<B>(Direction::Dispatch, &grad, &plan, Some(&weights)).expect("the forward ran on this runtime");
+            let d_rows = move_prim::<B>(Direction::Dispatch, &grad, &plan, Some(&weights))
+                .expect("the forward ran on this runtime");
             grads.register::<B>(node.id, d_rows);
         }
         if let Some(node) = node_weights {
-            let d_weights = gate_grad_prim::<B>(&grad, &rows, &plan).expect("the forward ran on this runtime");
+            let d_weights =
+                gate_grad_prim::<B>(&grad, &rows, &plan).expect("the forward ran on this runtime");
             grads.register::<B>(node.id, d_weights);
         }
     }
 }
 
-fn autodiff_combine<B: Backend>(rows: Tensor<Autodiff<B>, 2>, weights: Tensor<Autodiff<B>, 2>, plan: &Plan) -> Option<Tensor<Autodiff<B>, 2>> {
+fn autodiff_combine<B: Backend>(
+    rows: Tensor<Autodiff<B>, 2>,
+    weights: Tensor<Autodiff<B>, 2>,
+    plan: &Plan,
+) -> Option<Tensor<Autodiff<B>, 2>> {
     let (rows, weights) = (rows.into_primitive().tensor(), weights.into_primitive().tensor());
     let out = move_prim::<B>(Direction::Combine, &rows.primitive, plan, Some(&weights.primitive))?;
-    let out = match CombineBackward.prepare::<NoCheckpointing>([rows.node.clone(), weights.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((rows.primitive, weights.primitive, plan.clone()), out),
+    let out = match CombineBackward
+        .prepare::<NoCheckpointing>([rows.node.clone(), weights.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            prep.finish((rows.primitive, weights.primitive, plan.clone()), out)
+        }
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
     Some(float(out))

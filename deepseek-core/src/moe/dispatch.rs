@@ -58,7 +58,12 @@ impl DispatchPlan {
 
 /// `out[row] = x[token_of_row[row]]`, optionally times the gate weight of the row: `[T·K, D]`
 /// from `x` `[T, D]`.
-pub fn dispatch_reference(x: &[f32], d: usize, plan: &DispatchPlan, weights: Option<&[f32]>) -> Vec<f32> {
+pub fn dispatch_reference(
+    x: &[f32],
+    d: usize,
+    plan: &DispatchPlan,
+    weights: Option<&[f32]>,
+) -> Vec<f32> {
     let mut out = Vec::with_capacity(plan.token_of_row.len() * d);
     for (row, &t) in plan.token_of_row.iter().enumerate() {
         let w = weights.map_or(1.0, |w| w[plan.slot_of_row[row] as usize]);
@@ -69,7 +74,13 @@ pub fn dispatch_reference(x: &[f32], d: usize, plan: &DispatchPlan, weights: Opt
 
 /// `y[t] = Σ_k w[t, k] · rows[row_of(t, k)]` (unit weights when `None`): `[T, D]` from `rows`
 /// `[T·K, D]`, summed in `k` order.
-pub fn combine_reference(rows: &[f32], d: usize, plan: &DispatchPlan, weights: Option<&[f32]>, top_k: usize) -> Vec<f32> {
+pub fn combine_reference(
+    rows: &[f32],
+    d: usize,
+    plan: &DispatchPlan,
+    weights: Option<&[f32]>,
+    top_k: usize,
+) -> Vec<f32> {
     let slots = plan.slot_of_row.len();
     let mut row_of_slot = vec![0usize; slots];
     for (row, &slot) in plan.slot_of_row.iter().enumerate() {
@@ -87,7 +98,13 @@ pub fn combine_reference(rows: &[f32], d: usize, plan: &DispatchPlan, weights: O
 }
 
 /// Gradient of combine with respect to the gate weights: `dw[t, k] = <dy[t], rows[row_of(t, k)]>`.
-pub fn gate_grad_reference(dy: &[f32], rows: &[f32], d: usize, plan: &DispatchPlan, top_k: usize) -> Vec<f32> {
+pub fn gate_grad_reference(
+    dy: &[f32],
+    rows: &[f32],
+    d: usize,
+    plan: &DispatchPlan,
+    top_k: usize,
+) -> Vec<f32> {
     let mut dw = vec![0f32; plan.slot_of_row.len()];
     for (row, &slot) in plan.slot_of_row.iter().enumerate() {
         let t = slot as usize / top_k;
@@ -116,9 +133,16 @@ mod tests {
         let plan = DispatchPlan::new(&[2, 0, 0, 1, 2, 1], 2, 4);
         let x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         let rows = dispatch_reference(&x, 2, &plan, None);
-        assert_eq!(&rows[..4], &[1.0, 2.0, 3.0, 4.0], "expert 0 holds tokens 0 and 1, in token order");
+        assert_eq!(
+            &rows[..4],
+            &[1.0, 2.0, 3.0, 4.0],
+            "expert 0 holds tokens 0 and 1, in token order"
+        );
         // Unit weights: each token comes back K times.
-        assert_eq!(combine_reference(&rows, 2, &plan, None, 2), x.iter().map(|v| 2.0 * v).collect::<Vec<_>>());
+        assert_eq!(
+            combine_reference(&rows, 2, &plan, None, 2),
+            x.iter().map(|v| 2.0 * v).collect::<Vec<_>>()
+        );
         let w = [0.5, 0.25, 1.0, 2.0, 0.0, 3.0];
         let y = combine_reference(&rows, 2, &plan, Some(&w), 2);
         assert_eq!(y, vec![0.75, 1.5, 9.0, 12.0, 15.0, 18.0]);

@@ -91,7 +91,13 @@ impl<B: Backend> RoutedExperts<B> {
     /// # Panics
     /// On an autodiff backend whose custom operations were never installed
     /// ([`crate::register_autodiff`]; the backend switch does it).
-    pub fn forward(&self, x: Tensor<B, 2>, indices: Tensor<B, 2, Int>, weights: Tensor<B, 2>, policy: &ExecutionPolicy) -> Tensor<B, 2> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        indices: Tensor<B, 2, Int>,
+        weights: Tensor<B, 2>,
+        policy: &ExecutionPolicy,
+    ) -> Tensor<B, 2> {
         let [tokens, d_model] = x.dims();
         let [_, top_k] = indices.dims();
         let [n_experts, _, _] = self.gate_up.dims();
@@ -101,14 +107,18 @@ impl<B: Backend> RoutedExperts<B> {
             return self.forward_parallel(x, indices, weights, parallel, gemm);
         }
         #[cfg(feature = "kernels")]
-        if matches!(path, ExpertPath::Auto | ExpertPath::PerExpert) && x.dtype() == burn::tensor::DType::F32 && weights.dtype() == burn::tensor::DType::F32 {
+        if matches!(path, ExpertPath::Auto | ExpertPath::PerExpert)
+            && x.dtype() == burn::tensor::DType::F32
+            && weights.dtype() == burn::tensor::DType::F32
+        {
             if let Some(y) = self.on_device(x.clone(), &indices, weights.clone(), n_experts, gemm) {
                 return y;
             }
         }
         let device = x.device();
         let dtype = x.dtype();
-        let ids: Vec<i64> = indices.into_data().convert::<i64>().into_vec().expect("int tensor data");
+        let ids: Vec<i64> =
+            indices.into_data().convert::<i64>().into_vec().expect("int tensor data");
         let plan = DispatchPlan::new(&ids, top_k, n_experts);
         let rows = tokens * top_k;
         // The FP8 GEMMs are 2-D: FP8 runs per expert.
@@ -124,9 +134,17 @@ impl<B: Backend> RoutedExperts<B> {
         } else {
             self.per_expert_rows(x.select(0, token_of_row.clone()), &plan.rows_per_expert, 0, gemm)
         }; // [T·K, D] rows grouped by expert
-        let gate = weights.reshape([rows]).select(0, int_tensor::<B>(plan.slot_of_row.clone(), &device)).unsqueeze_dim::<2>(1); // [T·K, 1]
+        let gate = weights
+            .reshape([rows])
+            .select(0, int_tensor::<B>(plan.slot_of_row.clone(), &device))
+            .unsqueeze_dim::<2>(1); // [T·K, 1]
         let weighted = expert_out * gate.cast(dtype);
-        Tensor::zeros([tokens, d_model], &device).select_assign(0, token_of_row, weighted, IndexingUpdateOp::Add)
+        Tensor::zeros([tokens, d_model], &device).select_assign(
+            0,
+            token_of_row,
+            weighted,
+            IndexingUpdateOp::Add,
+        )
     }
 
     /// Grouped GEMM: gather rows into `[E, cap, D]` (padding rows repeat token 0 and are never
@@ -145,7 +163,8 @@ impl<B: Backend> RoutedExperts<B> {
                 row += 1;
             }
         }
-        let xs = x.select(0, int_tensor::<B>(padded_token, device)).reshape([n_experts, cap, d_model]); // [E, cap, D]
+        let xs =
+            x.select(0, int_tensor::<B>(padded_token, device)).reshape([n_experts, cap, d_model]); // [E, cap, D]
         let h = self.gate_up.forward_grouped(xs); // [E, cap, 2I]
         let act = silu(h.clone().narrow(2, 0, two_i / 2)) * h.narrow(2, two_i / 2, two_i / 2); // [E, cap, I]
         let y = self.down.forward_grouped(act).reshape([n_experts * cap, d_model]); // [E·cap, D]
@@ -155,7 +174,14 @@ impl<B: Backend> RoutedExperts<B> {
     /// Sort, dispatch and combine with the device kernels (wgpu, CUDA); `None` where `B` does not
     /// run them. Experts run per expert on their slices of the dispatched rows.
     #[cfg(feature = "kernels")]
-    fn on_device(&self, x: Tensor<B, 2>, indices: &Tensor<B, 2, Int>, weights: Tensor<B, 2>, n_experts: usize, gemm: GemmPrecision) -> Option<Tensor<B, 2>> {
+    fn on_device(
+        &self,
+        x: Tensor<B, 2>,
+        indices: &Tensor<B, 2, Int>,
+        weights: Tensor<B, 2>,
+        n_experts: usize,
+        gemm: GemmPrecision,
+    ) -> Option<Tensor<B, 2>> {
         let plan = super::device::plan::<B>(&indices.clone().into_primitive(), n_experts)?;
         let rows = super::device::dispatch(x, &plan)?; // [T·K, D] grouped by expert
         let expert_out = self.per_expert_rows(rows, &plan.counts, 0, gemm); // [T·K, D]
@@ -171,23 +197,40 @@ impl<B: Backend> RoutedExperts<B> {
     /// # Panics
     /// If a peer fails or times out (the message names the rank); the model's forward has no
     /// error channel, and the training driver reports the panic of a rank as its error.
-    fn forward_parallel(&self, x: Tensor<B, 2>, indices: Tensor<B, 2, Int>, weights: Tensor<B, 2>, parallel: &ExpertParallel, gemm: GemmPrecision) -> Tensor<B, 2> {
+    fn forward_parallel(
+        &self,
+        x: Tensor<B, 2>,
+        indices: Tensor<B, 2, Int>,
+        weights: Tensor<B, 2>,
+        parallel: &ExpertParallel,
+        gemm: GemmPrecision,
+    ) -> Tensor<B, 2> {
         let [tokens, d_model] = x.dims();
         let [_, top_k] = indices.dims();
         let device = x.device();
         let exchange = parallel.exchange();
         let ranks = exchange.size();
-        let ids: Vec<i64> = indices.into_data().convert::<i64>().into_vec().expect("int tensor data");
+        let ids: Vec<i64> =
+            indices.into_data().convert::<i64>().into_vec().expect("int tensor data");
         let plan = DispatchPlan::new(&ids, top_k, parallel.n_experts());
         let token_of_row = int_tensor::<B>(plan.token_of_row.clone(), &device);
         // Rows grouped by expert are grouped by owner: experts are placed in contiguous blocks.
         let dispatched = x.select(0, token_of_row.clone()); // [T·K, D]
-        let counts: Vec<Vec<u64>> = (0..ranks).map(|r| plan.rows_per_expert[parallel.experts_of(r)].iter().map(|&n| n as u64).collect()).collect();
+        let counts: Vec<Vec<u64>> = (0..ranks)
+            .map(|r| {
+                plan.rows_per_expert[parallel.experts_of(r)].iter().map(|&n| n as u64).collect()
+            })
+            .collect();
         let send: Vec<usize> = counts.iter().map(|c| c.iter().sum::<u64>() as usize).collect();
-        let received_counts = exchange.all_to_all_counts(counts).unwrap_or_else(|e| panic!("expert-parallel dispatch: {e}"));
-        let recv: Vec<usize> = received_counts.iter().map(|c| c.iter().sum::<u64>() as usize).collect();
+        let received_counts = exchange
+            .all_to_all_counts(counts)
+            .unwrap_or_else(|e| panic!("expert-parallel dispatch: {e}"));
+        let recv: Vec<usize> =
+            received_counts.iter().map(|c| c.iter().sum::<u64>() as usize).collect();
         let route = Route { send, recv, exchange: exchange.clone() };
-        let received = all_to_all(dispatched, &route).unwrap_or_else(|e| panic!("expert-parallel dispatch: {e}")); // [R, D] by source rank, then expert
+        let received = all_to_all(dispatched, &route)
+            .unwrap_or_else(|e| panic!("expert-parallel dispatch: {e}")); // [R, D] by source rank, then expert
+
         // Regroup by local expert: row order (expert, source) instead of (source, expert).
         let local = parallel.local_experts();
         let mut source_start = vec![0usize; ranks];
@@ -217,11 +260,20 @@ impl<B: Backend> RoutedExperts<B> {
             let out = self.per_expert_rows(grouped, &rows_per_expert, local.start, gemm); // [R, D]
             out.select(0, int_tensor::<B>(back, &device)) // [R, D] by source rank again
         };
-        let returned = all_to_all(computed, &route.reversed()).unwrap_or_else(|e| panic!("expert-parallel combine: {e}")); // [T·K, D]
+        let returned = all_to_all(computed, &route.reversed())
+            .unwrap_or_else(|e| panic!("expert-parallel combine: {e}")); // [T·K, D]
         let rows = tokens * top_k;
-        let gate = weights.reshape([rows]).select(0, int_tensor::<B>(plan.slot_of_row.clone(), &device)).unsqueeze_dim::<2>(1); // [T·K, 1]
+        let gate = weights
+            .reshape([rows])
+            .select(0, int_tensor::<B>(plan.slot_of_row.clone(), &device))
+            .unsqueeze_dim::<2>(1); // [T·K, 1]
         let weighted = returned.clone() * gate.cast(returned.dtype());
-        Tensor::zeros([tokens, d_model], &device).select_assign(0, token_of_row, weighted, IndexingUpdateOp::Add)
+        Tensor::zeros([tokens, d_model], &device).select_assign(
+            0,
+            token_of_row,
+            weighted,
+            IndexingUpdateOp::Add,
+        )
     }
 
     /// Each expert with tokens runs on its contiguous slice of the dispatched rows: the rows of
@@ -229,7 +281,13 @@ impl<B: Backend> RoutedExperts<B> {
     ///
     /// # Shapes
     /// `dispatched`: `[rows, D]` grouped by expert → `[rows, D]`.
-    fn per_expert_rows(&self, dispatched: Tensor<B, 2>, rows_per_expert: &[usize], first_expert: usize, gemm: GemmPrecision) -> Tensor<B, 2> {
+    fn per_expert_rows(
+        &self,
+        dispatched: Tensor<B, 2>,
+        rows_per_expert: &[usize],
+        first_expert: usize,
+        gemm: GemmPrecision,
+    ) -> Tensor<B, 2> {
         let [_, i, _] = self.down.dims();
         let mut outputs = Vec::new();
         let mut start = 0;

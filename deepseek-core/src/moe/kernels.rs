@@ -89,7 +89,14 @@ fn offsets_kernel(counts: &Array<u32>, offsets: &mut Array<u32>, n_experts: u32)
 /// the expert's offset and the matches of the chunks before it: rows follow token order within
 /// an expert.
 #[cube(launch)]
-fn place_kernel(ids: &Array<u32>, offsets: &Array<u32>, chunk_prefix: &Array<u32>, row_of_slot: &mut Array<u32>, slot_of_row: &mut Array<u32>, n: u32) {
+fn place_kernel(
+    ids: &Array<u32>,
+    offsets: &Array<u32>,
+    chunk_prefix: &Array<u32>,
+    row_of_slot: &mut Array<u32>,
+    slot_of_row: &mut Array<u32>,
+    n: u32,
+) {
     let expert = CUBE_POS_X;
     let unit = UNIT_POS_X;
     let (start, end) = chunk(unit, CUBE_DIM_X, n);
@@ -106,7 +113,16 @@ fn place_kernel(ids: &Array<u32>, offsets: &Array<u32>, chunk_prefix: &Array<u32
 /// `out[row, :] = x[slot_of_row[row] / K, :]`, times `weights[slot_of_row[row]]` if `weighted`:
 /// one unit per output value.
 #[cube(launch)]
-fn dispatch_kernel(x: &Array<f32>, weights: &Array<f32>, slot_of_row: &Array<u32>, out: &mut Array<f32>, rows: u32, d: u32, top_k: u32, #[comptime] weighted: bool) {
+fn dispatch_kernel(
+    x: &Array<f32>,
+    weights: &Array<f32>,
+    slot_of_row: &Array<u32>,
+    out: &mut Array<f32>,
+    rows: u32,
+    d: u32,
+    top_k: u32,
+    #[comptime] weighted: bool,
+) {
     let i = ABSOLUTE_POS_Y * (CUBE_COUNT_X * CUBE_DIM_X) + ABSOLUTE_POS_X;
     if i >= rows * d {
         terminate!();
@@ -123,7 +139,16 @@ fn dispatch_kernel(x: &Array<f32>, weights: &Array<f32>, slot_of_row: &Array<u32
 /// `y[t, :] = Σ_k w[t, k] · rows[row_of_slot[t·K + k], :]` (unit weights unless `weighted`), in
 /// `k` order: one unit per output value.
 #[cube(launch)]
-fn combine_kernel(rows: &Array<f32>, weights: &Array<f32>, row_of_slot: &Array<u32>, y: &mut Array<f32>, tokens: u32, d: u32, top_k: u32, #[comptime] weighted: bool) {
+fn combine_kernel(
+    rows: &Array<f32>,
+    weights: &Array<f32>,
+    row_of_slot: &Array<u32>,
+    y: &mut Array<f32>,
+    tokens: u32,
+    d: u32,
+    top_k: u32,
+    #[comptime] weighted: bool,
+) {
     let i = ABSOLUTE_POS_Y * (CUBE_COUNT_X * CUBE_DIM_X) + ABSOLUTE_POS_X;
     if i >= tokens * d {
         terminate!();
@@ -144,7 +169,15 @@ fn combine_kernel(rows: &Array<f32>, weights: &Array<f32>, row_of_slot: &Array<u
 
 /// `dw[slot] = <dy[slot / K, :], rows[row_of_slot[slot], :]>`: one unit per choice.
 #[cube(launch)]
-fn gate_grad_kernel(dy: &Array<f32>, rows: &Array<f32>, row_of_slot: &Array<u32>, dw: &mut Array<f32>, slots: u32, d: u32, top_k: u32) {
+fn gate_grad_kernel(
+    dy: &Array<f32>,
+    rows: &Array<f32>,
+    row_of_slot: &Array<u32>,
+    dw: &mut Array<f32>,
+    slots: u32,
+    d: u32,
+    top_k: u32,
+) {
     let slot = ABSOLUTE_POS_Y * (CUBE_COUNT_X * CUBE_DIM_X) + ABSOLUTE_POS_X;
     if slot >= slots {
         terminate!();
@@ -164,7 +197,11 @@ fn units(n: usize) -> CubeCount {
 }
 
 /// Uploads `[T, K]` expert choices as a `u32` tensor.
-pub fn upload_ids<R: CubeRuntime>(device: &R::Device, ids: &[u32], shape: [usize; 2]) -> CubeTensor<R> {
+pub fn upload_ids<R: CubeRuntime>(
+    device: &R::Device,
+    ids: &[u32],
+    shape: [usize; 2],
+) -> CubeTensor<R> {
     crate::cube::upload(device, ids, &shape, DType::U32)
 }
 
@@ -174,7 +211,11 @@ pub fn upload_ids<R: CubeRuntime>(device: &R::Device, ids: &[u32], shape: [usize
 /// If `indices` is not a 2-D 32-bit integer tensor or `E` is 0 (the router guarantees both).
 pub fn plan<R: CubeRuntime>(indices: CubeTensor<R>, n_experts: usize) -> DeviceDispatch<R> {
     let dims = indices.meta.shape().to_vec();
-    assert!(dims.len() == 2 && matches!(indices.dtype, DType::I32 | DType::U32), "indices must be [T, K] 32-bit integers, got {dims:?} {:?}", indices.dtype);
+    assert!(
+        dims.len() == 2 && matches!(indices.dtype, DType::I32 | DType::U32),
+        "indices must be [T, K] 32-bit integers, got {dims:?} {:?}",
+        indices.dtype
+    );
     assert!(n_experts > 0, "at least one expert");
     let (tokens, top_k) = (dims[0], dims[1]);
     let n = tokens * top_k;
@@ -186,15 +227,44 @@ pub fn plan<R: CubeRuntime>(indices: CubeTensor<R>, n_experts: usize) -> DeviceD
     let slot_of_row = empty(&indices, &[n], DType::U32);
     let client = &indices.client;
     let per_expert = CubeCount::Static(n_experts as u32, 1, 1);
-    count_kernel::launch(client, per_expert.clone(), CubeDim::new_1d(SORT_UNITS), array(&indices), array(&counts), array(&chunk_prefix), n as u32);
-    offsets_kernel::launch(client, CubeCount::Static(1, 1, 1), CubeDim::new_1d(1), array(&counts), array(&offsets), n_experts as u32);
-    place_kernel::launch(client, per_expert, CubeDim::new_1d(SORT_UNITS), array(&indices), array(&offsets), array(&chunk_prefix), array(&row_of_slot), array(&slot_of_row), n as u32);
+    count_kernel::launch(
+        client,
+        per_expert.clone(),
+        CubeDim::new_1d(SORT_UNITS),
+        array(&indices),
+        array(&counts),
+        array(&chunk_prefix),
+        n as u32,
+    );
+    offsets_kernel::launch(
+        client,
+        CubeCount::Static(1, 1, 1),
+        CubeDim::new_1d(1),
+        array(&counts),
+        array(&offsets),
+        n_experts as u32,
+    );
+    place_kernel::launch(
+        client,
+        per_expert,
+        CubeDim::new_1d(SORT_UNITS),
+        array(&indices),
+        array(&offsets),
+        array(&chunk_prefix),
+        array(&row_of_slot),
+        array(&slot_of_row),
+        n as u32,
+    );
     DeviceDispatch { counts, offsets, row_of_slot, slot_of_row, tokens, top_k, n_experts }
 }
 
 /// Dispatch: `x` `[T, D]` → `[T·K, D]` rows grouped by expert, each token once per choice; with
 /// `weights` (`[T, K]` f32) each row is scaled by its gate weight (the backward of combine).
-pub fn dispatch<R: CubeRuntime>(x: CubeTensor<R>, plan: &DeviceDispatch<R>, weights: Option<CubeTensor<R>>) -> CubeTensor<R> {
+pub fn dispatch<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    plan: &DeviceDispatch<R>,
+    weights: Option<CubeTensor<R>>,
+) -> CubeTensor<R> {
     let d = x.meta.shape()[1];
     let x = into_contiguous(x);
     let rows = plan.tokens * plan.top_k;
@@ -202,30 +272,73 @@ pub fn dispatch<R: CubeRuntime>(x: CubeTensor<R>, plan: &DeviceDispatch<R>, weig
     let weights = weights.map(into_contiguous);
     let weighted = weights.is_some();
     let w = weights.as_ref().unwrap_or(&x);
-    dispatch_kernel::launch(&x.client, units(rows * d), CubeDim::new_1d(UNITS), array(&x), array(w), array(&plan.slot_of_row), array(&out), rows as u32, d as u32, plan.top_k as u32, weighted);
+    dispatch_kernel::launch(
+        &x.client,
+        units(rows * d),
+        CubeDim::new_1d(UNITS),
+        array(&x),
+        array(w),
+        array(&plan.slot_of_row),
+        array(&out),
+        rows as u32,
+        d as u32,
+        plan.top_k as u32,
+        weighted,
+    );
     out
 }
 
 /// Combine: `rows` `[T·K, D]` → `[T, D]`, `y[t] = Σ_k w[t, k] · rows[row_of(t, k)]`; without
 /// `weights` the plain sum (the backward of dispatch).
-pub fn combine<R: CubeRuntime>(rows: CubeTensor<R>, plan: &DeviceDispatch<R>, weights: Option<CubeTensor<R>>) -> CubeTensor<R> {
+pub fn combine<R: CubeRuntime>(
+    rows: CubeTensor<R>,
+    plan: &DeviceDispatch<R>,
+    weights: Option<CubeTensor<R>>,
+) -> CubeTensor<R> {
     let d = rows.meta.shape()[1];
     let rows = into_contiguous(rows);
     let y = empty(&rows, &[plan.tokens, d], DType::F32);
     let weights = weights.map(into_contiguous);
     let weighted = weights.is_some();
     let w = weights.as_ref().unwrap_or(&rows);
-    combine_kernel::launch(&rows.client, units(plan.tokens * d), CubeDim::new_1d(UNITS), array(&rows), array(w), array(&plan.row_of_slot), array(&y), plan.tokens as u32, d as u32, plan.top_k as u32, weighted);
+    combine_kernel::launch(
+        &rows.client,
+        units(plan.tokens * d),
+        CubeDim::new_1d(UNITS),
+        array(&rows),
+        array(w),
+        array(&plan.row_of_slot),
+        array(&y),
+        plan.tokens as u32,
+        d as u32,
+        plan.top_k as u32,
+        weighted,
+    );
     y
 }
 
 /// The gradient of combine with respect to the gate weights: `[T, K]`,
 /// `dw[t, k] = <dy[t], rows[row_of(t, k)]>`.
-pub fn gate_grad<R: CubeRuntime>(dy: CubeTensor<R>, rows: CubeTensor<R>, plan: &DeviceDispatch<R>) -> CubeTensor<R> {
+pub fn gate_grad<R: CubeRuntime>(
+    dy: CubeTensor<R>,
+    rows: CubeTensor<R>,
+    plan: &DeviceDispatch<R>,
+) -> CubeTensor<R> {
     let d = rows.meta.shape()[1];
     let (dy, rows) = (into_contiguous(dy), into_contiguous(rows));
     let slots = plan.tokens * plan.top_k;
     let dw = empty(&rows, &[plan.tokens, plan.top_k], DType::F32);
-    gate_grad_kernel::launch(&rows.client, units(slots), CubeDim::new_1d(UNITS), array(&dy), array(&rows), array(&plan.row_of_slot), array(&dw), slots as u32, d as u32, plan.top_k as u32);
+    gate_grad_kernel::launch(
+        &rows.client,
+        units(slots),
+        CubeDim::new_1d(UNITS),
+        array(&dy),
+        array(&rows),
+        array(&plan.row_of_slot),
+        array(&dw),
+        slots as u32,
+        d as u32,
+        plan.top_k as u32,
+    );
     dw
 }

@@ -78,7 +78,8 @@ impl MoeConfig {
         Moe {
             gate: self.router.init(device),
             experts: self.experts.init(device),
-            shared_experts: (self.d_shared > 0).then(|| MlpConfig::new(self.router.d_model, self.d_shared).init(device)),
+            shared_experts: (self.d_shared > 0)
+                .then(|| MlpConfig::new(self.router.d_model, self.d_shared).init(device)),
         }
     }
 }
@@ -104,7 +105,12 @@ impl<B: Backend> Moe<B> {
         let [batch, seq, d_model] = x.dims();
         let tokens = x.reshape([batch * seq, d_model]); // [T, D]
         let routing = self.gate.forward(tokens.clone(), policy);
-        let mut y = self.experts.forward(tokens.clone(), routing.indices.clone(), routing.weights.clone(), policy); // [T, D]
+        let mut y = self.experts.forward(
+            tokens.clone(),
+            routing.indices.clone(),
+            routing.weights.clone(),
+            policy,
+        ); // [T, D]
         if let Some(shared) = &self.shared_experts {
             y = y + shared.forward(tokens, policy.gemm);
         }

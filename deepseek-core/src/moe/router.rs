@@ -46,12 +46,12 @@ impl RouterConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Router<B> {
         // Lazy like Burn's own layers: loading a checkpoint replaces it before it is ever drawn.
         let bound = (1.0 / self.d_model as f64).sqrt();
-        let weight = Initializer::Uniform { min: -bound, max: bound }.init([self.n_experts, self.d_model], device);
+        let weight = Initializer::Uniform { min: -bound, max: bound }
+            .init([self.n_experts, self.d_model], device);
         // The bias is state of the balancing algorithm, not a learned parameter: no gradient.
-        let bias = self
-            .topk_method
-            .has_bias()
-            .then(|| Param::from_tensor(Tensor::zeros([self.n_experts], device)).set_require_grad(false));
+        let bias = self.topk_method.has_bias().then(|| {
+            Param::from_tensor(Tensor::zeros([self.n_experts], device)).set_require_grad(false)
+        });
         Router {
             weight,
             e_score_correction_bias: bias,
@@ -81,14 +81,18 @@ pub struct NodeLimit {
 impl NodeLimit {
     /// Checks the limit against a layer of `n_experts` experts choosing `top_k`.
     pub fn check(&self, n_experts: usize, top_k: usize) -> Result<(), String> {
-        if self.nodes == 0 || n_experts % self.nodes != 0 {
+        if self.nodes == 0 || !n_experts.is_multiple_of(self.nodes) {
             return Err(format!("{n_experts} experts cannot be split into {} nodes", self.nodes));
         }
         if self.max_nodes == 0 || self.max_nodes > self.nodes {
             return Err(format!("max_nodes must be in 1..={}, got {}", self.nodes, self.max_nodes));
         }
         if self.max_nodes * (n_experts / self.nodes) < top_k {
-            return Err(format!("{} nodes of {} experts hold fewer than the {top_k} experts a token needs", self.max_nodes, n_experts / self.nodes));
+            return Err(format!(
+                "{} nodes of {} experts hold fewer than the {top_k} experts a token needs",
+                self.max_nodes,
+                n_experts / self.nodes
+            ));
         }
         Ok(())
     }
@@ -150,7 +154,8 @@ impl<B: Backend> Router<B> {
     pub fn forward(&self, x: Tensor<B, 2>, policy: &ExecutionPolicy) -> Routing<B> {
         let [tokens, _] = x.dims();
         let n_experts = self.weight.dims()[0];
-        let logits = x.cast(FloatDType::F32).matmul(self.weight.val().cast(FloatDType::F32).transpose()); // [T, E]
+        let logits =
+            x.cast(FloatDType::F32).matmul(self.weight.val().cast(FloatDType::F32).transpose()); // [T, E]
         let scores = match self.scoring_func {
             ScoringFunc::Sigmoid => sigmoid(logits),
             ScoringFunc::Softmax => softmax(logits, 1),
@@ -168,7 +173,12 @@ impl<B: Backend> Router<B> {
         }
         if let Some(limit) = policy.node_limit {
             let per_node = n_experts / limit.nodes;
-            choice = mask_blocks(choice, limit.nodes, limit.max_nodes, BlockScore::TopSum(limit.per_node(self.top_k, per_node)));
+            choice = mask_blocks(
+                choice,
+                limit.nodes,
+                limit.max_nodes,
+                BlockScore::TopSum(limit.per_node(self.top_k, per_node)),
+            );
         }
         let (_, indices) = top_k(choice, self.top_k); // [T, K]
         let mut weights = scores.clone().gather(1, indices.clone()); // [T, K]
@@ -203,7 +213,12 @@ enum BlockScore {
 ///
 /// # Shapes
 /// `choice`: `[T, E]` → `[T, E]`.
-fn mask_blocks<B: Backend>(choice: Tensor<B, 2>, blocks: usize, keep: usize, score: BlockScore) -> Tensor<B, 2> {
+fn mask_blocks<B: Backend>(
+    choice: Tensor<B, 2>,
+    blocks: usize,
+    keep: usize,
+    score: BlockScore,
+) -> Tensor<B, 2> {
     let [tokens, n_experts] = choice.dims();
     if keep >= blocks {
         return choice;
@@ -211,15 +226,22 @@ fn mask_blocks<B: Backend>(choice: Tensor<B, 2>, blocks: usize, keep: usize, sco
     let per_block = n_experts / blocks;
     let grouped = choice.clone().reshape([tokens, blocks, per_block]); // [T, G, E/G]
     let block_score = match score {
-        BlockScore::TopSum(m) => grouped.sort_descending(2).narrow(2, 0, m.min(per_block)).sum_dim(2), // [T, G, 1]
-        BlockScore::Max => grouped.max_dim(2),                                                       // [T, G, 1]
+        BlockScore::TopSum(m) => {
+            grouped.sort_descending(2).narrow(2, 0, m.min(per_block)).sum_dim(2)
+        } // [T, G, 1]
+        BlockScore::Max => grouped.max_dim(2), // [T, G, 1]
     }
     .reshape([tokens, blocks]); // [T, G]
     let (_, kept) = top_k(block_score, keep); // [T, keep]
     let device = choice.device();
     let dropped = Tensor::<B, 2, Int>::zeros([tokens, blocks], &device)
         // Indices are distinct, so adding ones marks each kept block once.
-        .scatter(1, kept, Tensor::ones([tokens, keep], &device), burn::tensor::IndexingUpdateOp::Add)
+        .scatter(
+            1,
+            kept,
+            Tensor::ones([tokens, keep], &device),
+            burn::tensor::IndexingUpdateOp::Add,
+        )
         .equal_elem(0) // [T, G] true where dropped
         .reshape([tokens, blocks, 1])
         .expand([tokens, blocks, per_block])

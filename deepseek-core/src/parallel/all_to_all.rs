@@ -72,10 +72,17 @@ fn move_rows<B: Backend>(x: FloatTensor<B>, route: &Route) -> Result<FloatTensor
     let rank = route.exchange.rank();
     let total: usize = route.send.iter().sum();
     if total != rows {
-        return Err(ParallelError::Mismatch { rank, problem: format!("all-to-all of {rows} rows routed as {total}") });
+        return Err(ParallelError::Mismatch {
+            rank,
+            problem: format!("all-to-all of {rows} rows routed as {total}"),
+        });
     }
     let (device, dtype) = (x.device(), x.dtype());
-    let values: Vec<f32> = x.into_data().convert::<f32>().into_vec().map_err(|e| ParallelError::Mismatch { rank, problem: format!("{e:?}") })?;
+    let values: Vec<f32> = x
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .map_err(|e| ParallelError::Mismatch { rank, problem: format!("{e:?}") })?;
     let mut send = Vec::with_capacity(route.send.len());
     let mut start = 0;
     for &n in &route.send {
@@ -119,17 +126,25 @@ impl<B: Backend> Backward<B, 1> for AllToAllBackward {
         let [node] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         // Always exchange, even without a parent to receive the result: the peers wait for it.
-        let dx = move_rows::<B>(grad, &ops.state.reversed()).unwrap_or_else(|e| panic!("expert-parallel backward: {e}"));
+        let dx = move_rows::<B>(grad, &ops.state.reversed())
+            .unwrap_or_else(|e| panic!("expert-parallel backward: {e}"));
         if let Some(node) = node {
             grads.register::<B>(node.id, dx);
         }
     }
 }
 
-fn autodiff_all_to_all<B: Backend>(x: Tensor<Autodiff<B>, 2>, route: &Route) -> Result<Tensor<Autodiff<B>, 2>> {
+fn autodiff_all_to_all<B: Backend>(
+    x: Tensor<Autodiff<B>, 2>,
+    route: &Route,
+) -> Result<Tensor<Autodiff<B>, 2>> {
     let x = x.into_primitive().tensor();
     let out = move_rows::<B>(x.primitive.clone(), route)?;
-    let out = match AllToAllBackward.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
+    let out = match AllToAllBackward
+        .prepare::<NoCheckpointing>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
         OpsKind::Tracked(prep) => prep.finish(route.clone(), out),
         OpsKind::UnTracked(prep) => prep.finish(out),
     };

@@ -52,22 +52,45 @@ impl Traffic {
 }
 
 /// Checks the shape of an all-to-all request against the group.
-pub(crate) fn check_send<T>(rank: usize, size: usize, send: &[Vec<T>], recv_lens: Option<&[usize]>) -> Result<()> {
+pub(crate) fn check_send<T>(
+    rank: usize,
+    size: usize,
+    send: &[Vec<T>],
+    recv_lens: Option<&[usize]>,
+) -> Result<()> {
     if send.len() != size {
-        return Err(super::ParallelError::Mismatch { rank, problem: format!("all-to-all with {} buffers in a group of {size}", send.len()) });
+        return Err(super::ParallelError::Mismatch {
+            rank,
+            problem: format!("all-to-all with {} buffers in a group of {size}", send.len()),
+        });
     }
     if let Some(lens) = recv_lens {
         if lens.len() != size {
-            return Err(super::ParallelError::Mismatch { rank, problem: format!("all-to-all expecting {} buffers in a group of {size}", lens.len()) });
+            return Err(super::ParallelError::Mismatch {
+                rank,
+                problem: format!(
+                    "all-to-all expecting {} buffers in a group of {size}",
+                    lens.len()
+                ),
+            });
         }
     }
     Ok(())
 }
 
 /// Checks that the buffer from `peer` has the announced length.
-pub(crate) fn check_len(rank: usize, peer: usize, got: usize, expected: usize, what: &str) -> Result<()> {
+pub(crate) fn check_len(
+    rank: usize,
+    peer: usize,
+    got: usize,
+    expected: usize,
+    what: &str,
+) -> Result<()> {
     if got != expected {
-        return Err(super::ParallelError::Mismatch { rank, problem: format!("{what} from rank {peer} holds {got} values, {expected} announced") });
+        return Err(super::ParallelError::Mismatch {
+            rank,
+            problem: format!("{what} from rank {peer} holds {got} values, {expected} announced"),
+        });
     }
     Ok(())
 }

@@ -26,7 +26,11 @@ impl GroupView {
         if !members.contains(&inner.rank()) || members.end > inner.size() {
             return Err(ParallelError::Config {
                 field: "group",
-                problem: format!("rank {} of {} is not in the group {members:?}", inner.rank(), inner.size()),
+                problem: format!(
+                    "rank {} of {} is not in the group {members:?}",
+                    inner.rank(),
+                    inner.size()
+                ),
             });
         }
         Ok(Self { inner, members })
@@ -35,7 +39,15 @@ impl GroupView {
     /// Whole-exchange buffers: `own[i]` for member `i`, `fill` for the others.
     fn widen<T: Clone>(&self, own: Vec<Vec<T>>, fill: Vec<T>) -> Vec<Vec<T>> {
         let mut own = own.into_iter();
-        (0..self.inner.size()).map(|j| if self.members.contains(&j) { own.next().expect("one per member") } else { fill.clone() }).collect()
+        (0..self.inner.size())
+            .map(|j| {
+                if self.members.contains(&j) {
+                    own.next().expect("one per member")
+                } else {
+                    fill.clone()
+                }
+            })
+            .collect()
     }
 }
 
@@ -57,7 +69,9 @@ impl Exchange for GroupView {
 
     fn all_to_all(&self, send: Vec<Vec<f32>>, recv_lens: &[usize]) -> Result<Vec<Vec<f32>>> {
         super::exchange::check_send(self.rank(), self.size(), &send, Some(recv_lens))?;
-        let lens: Vec<usize> = (0..self.inner.size()).map(|j| if self.members.contains(&j) { recv_lens[j - self.members.start] } else { 0 }).collect();
+        let lens: Vec<usize> = (0..self.inner.size())
+            .map(|j| if self.members.contains(&j) { recv_lens[j - self.members.start] } else { 0 })
+            .collect();
         let got = self.inner.all_to_all(self.widen(send, Vec::new()), &lens)?;
         Ok(got[self.members.clone()].to_vec())
     }
@@ -65,11 +79,13 @@ impl Exchange for GroupView {
     fn all_reduce_sum(&self, values: &mut [f64]) -> Result<()> {
         // An all-to-all of the values (as pairs of f32 bit patterns) within the group, summed
         // here in member order.
-        let bits: Vec<f32> = values.iter().flat_map(|v| {
-            let b = v.to_bits();
-            [f32::from_bits(b as u32), f32::from_bits((b >> 32) as u32)]
-        })
-        .collect();
+        let bits: Vec<f32> = values
+            .iter()
+            .flat_map(|v| {
+                let b = v.to_bits();
+                [f32::from_bits(b as u32), f32::from_bits((b >> 32) as u32)]
+            })
+            .collect();
         let send = vec![bits; self.size()];
         let got = self.all_to_all(send, &vec![values.len() * 2; self.size()])?;
         values.fill(0.0);

@@ -86,7 +86,10 @@ pub struct LocalExchange {
 
 impl std::fmt::Debug for LocalExchange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalExchange").field("rank", &self.rank).field("size", &self.to.len()).finish()
+        f.debug_struct("LocalExchange")
+            .field("rank", &self.rank)
+            .field("size", &self.to.len())
+            .finish()
     }
 }
 
@@ -94,8 +97,10 @@ impl LocalExchange {
     /// The `size` ranks of one group; hand element `r` to the thread of rank `r`. A peer that
     /// does not answer within `timeout` is an error.
     pub fn group(size: usize, timeout: Duration) -> Vec<LocalExchange> {
-        let mut senders: Vec<Vec<Option<Sender<Message>>>> = (0..size).map(|_| (0..size).map(|_| None).collect()).collect();
-        let mut receivers: Vec<Vec<Option<Receiver<Message>>>> = (0..size).map(|_| (0..size).map(|_| None).collect()).collect();
+        let mut senders: Vec<Vec<Option<Sender<Message>>>> =
+            (0..size).map(|_| (0..size).map(|_| None).collect()).collect();
+        let mut receivers: Vec<Vec<Option<Receiver<Message>>>> =
+            (0..size).map(|_| (0..size).map(|_| None).collect()).collect();
         for src in 0..size {
             for dst in 0..size {
                 let (tx, rx) = channel();
@@ -129,13 +134,28 @@ impl LocalExchange {
     fn recv(&self, peer: usize, during: &'static str) -> Result<Message> {
         let rx = self.from[peer].lock().unwrap_or_else(|p| p.into_inner());
         rx.recv_timeout(self.timeout).map_err(|e| match e {
-            RecvTimeoutError::Timeout => ParallelError::Timeout { rank: self.rank, peer, seconds: self.timeout.as_secs_f64(), during },
-            RecvTimeoutError::Disconnected => ParallelError::PeerLost { rank: self.rank, peer, during, reason: "its thread has ended".into() },
+            RecvTimeoutError::Timeout => ParallelError::Timeout {
+                rank: self.rank,
+                peer,
+                seconds: self.timeout.as_secs_f64(),
+                during,
+            },
+            RecvTimeoutError::Disconnected => ParallelError::PeerLost {
+                rank: self.rank,
+                peer,
+                during,
+                reason: "its thread has ended".into(),
+            },
         })
     }
 
     /// Sends `send[j]` to every rank `j`, then receives one buffer of `expect[j]` values from each.
-    fn round<T>(&self, round: &Round<T>, send: Vec<Vec<T>>, expect: &[usize]) -> Result<Vec<Vec<T>>> {
+    fn round<T>(
+        &self,
+        round: &Round<T>,
+        send: Vec<Vec<T>>,
+        expect: &[usize],
+    ) -> Result<Vec<Vec<T>>> {
         for (peer, buffer) in send.into_iter().enumerate() {
             if peer != self.rank {
                 self.traffic.add(buffer.len() * std::mem::size_of::<T>());
@@ -144,7 +164,8 @@ impl LocalExchange {
         }
         (0..self.size())
             .map(|peer| {
-                let got = (round.unwrap)(self.recv(peer, round.during)?).map_err(|other| self.unexpected(peer, &other, round.want))?;
+                let got = (round.unwrap)(self.recv(peer, round.during)?)
+                    .map_err(|other| self.unexpected(peer, &other, round.want))?;
                 check_len(self.rank, peer, got.len(), expect[peer], round.buffer)?;
                 Ok(got)
             })
@@ -152,7 +173,13 @@ impl LocalExchange {
     }
 
     fn unexpected(&self, peer: usize, got: &Message, want: &str) -> ParallelError {
-        ParallelError::Mismatch { rank: self.rank, problem: format!("rank {peer} sent {} where {want} were due: the ranks called different collectives", got.kind()) }
+        ParallelError::Mismatch {
+            rank: self.rank,
+            problem: format!(
+                "rank {peer} sent {} where {want} were due: the ranks called different collectives",
+                got.kind()
+            ),
+        }
     }
 }
 
@@ -177,7 +204,11 @@ impl Exchange for LocalExchange {
     }
 
     fn all_reduce_sum(&self, values: &mut [f64]) -> Result<()> {
-        let got = self.round(&SUMS, vec![values.to_vec(); self.size()], &vec![values.len(); self.size()])?;
+        let got = self.round(
+            &SUMS,
+            vec![values.to_vec(); self.size()],
+            &vec![values.len(); self.size()],
+        )?;
         values.fill(0.0);
         for v in got {
             values.iter_mut().zip(v).for_each(|(t, v)| *t += v);

@@ -19,7 +19,10 @@ use super::rendezvous::RendezvousConfig;
 
 /// CUDA devices on this machine (0 when the driver cannot be loaded).
 pub fn cuda_device_count() -> usize {
-    cudarc::driver::result::init().ok().and_then(|_| cudarc::driver::result::device::get_count().ok()).map_or(0, |n| n as usize)
+    cudarc::driver::result::init()
+        .ok()
+        .and_then(|_| cudarc::driver::result::device::get_count().ok())
+        .map_or(0, |n| n as usize)
 }
 
 /// One GPU rank of an NCCL communicator.
@@ -50,26 +53,43 @@ impl NcclExchange {
     /// Meets the other ranks at the rendezvous and joins the communicator on GPU `ordinal`.
     pub fn connect(config: &RendezvousConfig, ordinal: usize) -> Result<Self> {
         let blob: Vec<u8> = if config.rank == 0 {
-            Id::new().map_err(|e| nccl("ncclGetUniqueId (is libnccl.so on LD_LIBRARY_PATH?)", e))?.internal().iter().map(|c| *c as u8).collect()
+            Id::new()
+                .map_err(|e| nccl("ncclGetUniqueId (is libnccl.so on LD_LIBRARY_PATH?)", e))?
+                .internal()
+                .iter()
+                .map(|c| *c as u8)
+                .collect()
         } else {
             Vec::new()
         };
         let rv = config.join(&blob)?;
-        let internal: [std::ffi::c_char; 128] = rv
-            .blob
-            .iter()
-            .map(|b| *b as std::ffi::c_char)
-            .collect::<Vec<_>>()
-            .try_into()
-            .map_err(|_| ParallelError::Rendezvous(format!("the NCCL id from rank 0 has {} bytes, 128 expected", rv.blob.len())))?;
-        let ctx = CudaContext::new(ordinal).map_err(|e| nccl(&format!("CUDA device {ordinal}"), e))?;
+        let internal: [std::ffi::c_char; 128] =
+            rv.blob.iter().map(|b| *b as std::ffi::c_char).collect::<Vec<_>>().try_into().map_err(
+                |_| {
+                    ParallelError::Rendezvous(format!(
+                        "the NCCL id from rank 0 has {} bytes, 128 expected",
+                        rv.blob.len()
+                    ))
+                },
+            )?;
+        let ctx =
+            CudaContext::new(ordinal).map_err(|e| nccl(&format!("CUDA device {ordinal}"), e))?;
         let stream = ctx.default_stream();
-        let comm = Comm::from_rank(stream.clone(), rv.rank, rv.world, Id::uninit(internal)).map_err(|e| nccl("ncclCommInitRank", e))?;
-        Ok(Self { comm: Mutex::new(comm), stream, rank: rv.rank, size: rv.world, traffic: Traffic::default() })
+        let comm = Comm::from_rank(stream.clone(), rv.rank, rv.world, Id::uninit(internal))
+            .map_err(|e| nccl("ncclCommInitRank", e))?;
+        Ok(Self {
+            comm: Mutex::new(comm),
+            stream,
+            rank: rv.rank,
+            size: rv.world,
+            traffic: Traffic::default(),
+        })
     }
 
     /// One grouped send/receive round of host buffers of `T`.
-    fn round<T: NcclType + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Default>(
+    fn round<
+        T: NcclType + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Default,
+    >(
         &self,
         send: Vec<Vec<T>>,
         recv_lens: &[usize],
@@ -82,13 +102,19 @@ impl NcclExchange {
                 own = values;
             } else if !values.is_empty() {
                 self.traffic.add(values.len() * std::mem::size_of::<T>());
-                device_send.push((peer, self.stream.clone_htod(&values).map_err(|e| nccl("copy to the GPU", e))?));
+                device_send.push((
+                    peer,
+                    self.stream.clone_htod(&values).map_err(|e| nccl("copy to the GPU", e))?,
+                ));
             }
         }
         let mut device_recv = Vec::new();
         for (peer, &len) in recv_lens.iter().enumerate() {
             if peer != self.rank && len > 0 {
-                device_recv.push((peer, self.stream.alloc_zeros::<T>(len).map_err(|e| nccl("allocation", e))?));
+                device_recv.push((
+                    peer,
+                    self.stream.alloc_zeros::<T>(len).map_err(|e| nccl("allocation", e))?,
+                ));
             }
         }
         group_start().map_err(|e| nccl("ncclGroupStart", e))?;
@@ -139,8 +165,10 @@ impl Exchange for NcclExchange {
             return Ok(());
         }
         let comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
-        let send = self.stream.clone_htod(&values.to_vec()).map_err(|e| nccl("copy to the GPU", e))?;
-        let mut recv = self.stream.alloc_zeros::<f64>(values.len()).map_err(|e| nccl("allocation", e))?;
+        let send =
+            self.stream.clone_htod(&values.to_vec()).map_err(|e| nccl("copy to the GPU", e))?;
+        let mut recv =
+            self.stream.alloc_zeros::<f64>(values.len()).map_err(|e| nccl("allocation", e))?;
         comm.all_reduce(&send, &mut recv, &ReduceOp::Sum).map_err(|e| nccl("ncclAllReduce", e))?;
         self.traffic.add(values.len() * 8 * 2 * (self.size - 1) / self.size.max(1));
         let out = self.stream.clone_dtoh(&recv).map_err(|e| nccl("copy from the GPU", e))?;

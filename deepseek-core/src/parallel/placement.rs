@@ -20,7 +20,7 @@ impl ExpertParallel {
     /// Experts `0..n_experts` spread over the ranks of `exchange`.
     pub fn new(exchange: Arc<dyn Exchange>, n_experts: usize) -> Result<Self> {
         let ranks = exchange.size();
-        if ranks == 0 || n_experts % ranks != 0 {
+        if ranks == 0 || !n_experts.is_multiple_of(ranks) {
             return Err(ParallelError::ExpertsNotDivisible { experts: n_experts, ranks });
         }
         Ok(Self { exchange, n_experts })
@@ -63,7 +63,10 @@ mod tests {
     fn expert_e_lives_on_rank_e_times_n_over_e() {
         let group = LocalExchange::group(4, Duration::from_secs(1));
         let ep = ExpertParallel::new(Arc::new(group.into_iter().nth(2).unwrap()), 16).unwrap();
-        assert_eq!((0..16).map(|e| ep.owner(e)).collect::<Vec<_>>(), [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]);
+        assert_eq!(
+            (0..16).map(|e| ep.owner(e)).collect::<Vec<_>>(),
+            [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
+        );
         assert_eq!(ep.local_experts(), 8..12);
         for r in 0..4 {
             assert!(ep.experts_of(r).all(|e| ep.owner(e) == r));
@@ -74,7 +77,10 @@ mod tests {
     fn experts_that_do_not_divide_over_the_ranks_are_an_error() {
         let group = LocalExchange::group(3, Duration::from_secs(1));
         let err = ExpertParallel::new(Arc::new(group.into_iter().next().unwrap()), 8).unwrap_err();
-        assert!(matches!(err, ParallelError::ExpertsNotDivisible { experts: 8, ranks: 3 }), "{err}");
+        assert!(
+            matches!(err, ParallelError::ExpertsNotDivisible { experts: 8, ranks: 3 }),
+            "{err}"
+        );
         assert!(err.to_string().contains("divides 8"), "{err}");
     }
 }

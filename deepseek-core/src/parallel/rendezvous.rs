@@ -53,7 +53,10 @@ fn err(what: impl std::fmt::Display) -> ParallelError {
 impl RendezvousConfig {
     fn check(&self) -> Result<()> {
         if self.world == 0 || self.rank >= self.world {
-            return Err(ParallelError::Config { field: "rank", problem: format!("rank {} is outside a world of {} ranks", self.rank, self.world) });
+            return Err(ParallelError::Config {
+                field: "rank",
+                problem: format!("rank {} is outside a world of {} ranks", self.rank, self.world),
+            });
         }
         Ok(())
     }
@@ -72,9 +75,18 @@ impl RendezvousConfig {
         let master = self.master_addr()?;
         let deadline = Instant::now() + self.timeout;
         if self.rank == 0 {
-            let bind = SocketAddr::new(if master.is_ipv4() { IpAddr::from([0, 0, 0, 0]) } else { IpAddr::from(Ipv6Addr::UNSPECIFIED) }, master.port());
-            let server = TcpListener::bind(bind).map_err(|e| err(format!("rank 0 cannot listen on {bind}: {e}")))?;
-            let listener = TcpListener::bind(SocketAddr::new(bind.ip(), 0)).map_err(|e| err(format!("cannot open the peer port: {e}")))?;
+            let bind = SocketAddr::new(
+                if master.is_ipv4() {
+                    IpAddr::from([0, 0, 0, 0])
+                } else {
+                    IpAddr::from(Ipv6Addr::UNSPECIFIED)
+                },
+                master.port(),
+            );
+            let server = TcpListener::bind(bind)
+                .map_err(|e| err(format!("rank 0 cannot listen on {bind}: {e}")))?;
+            let listener = TcpListener::bind(SocketAddr::new(bind.ip(), 0))
+                .map_err(|e| err(format!("cannot open the peer port: {e}")))?;
             let own_port = listener.local_addr().map_err(err)?.port();
             let mut peers: Vec<Option<SocketAddr>> = vec![None; self.world];
             let mut streams = Vec::new();
@@ -85,7 +97,9 @@ impl RendezvousConfig {
                         stream.set_nonblocking(false).map_err(err)?;
                         stream.set_read_timeout(Some(remaining(deadline)?)).map_err(err)?;
                         let mut hello = [0u8; 10];
-                        stream.read_exact(&mut hello).map_err(|e| err(format!("a rank connected but did not announce itself: {e}")))?;
+                        stream.read_exact(&mut hello).map_err(|e| {
+                            err(format!("a rank connected but did not announce itself: {e}"))
+                        })?;
                         let rank = u32::from_le_bytes(hello[0..4].try_into().unwrap()) as usize;
                         let world = u32::from_le_bytes(hello[4..8].try_into().unwrap()) as usize;
                         let port = u16::from_le_bytes(hello[8..10].try_into().unwrap());
@@ -93,7 +107,10 @@ impl RendezvousConfig {
                             return Err(err(format!("rank {rank} was started with a world of {world} ranks, rank 0 with {}", self.world)));
                         }
                         if rank == 0 || rank >= self.world || peers[rank].is_some() {
-                            return Err(err(format!("rank {rank} announced twice or out of range (world {})", self.world)));
+                            return Err(err(format!(
+                                "rank {rank} announced twice or out of range (world {})",
+                                self.world
+                            )));
                         }
                         let ip = stream.peer_addr().map_err(err)?.ip();
                         peers[rank] = Some(SocketAddr::new(ip, port));
@@ -101,8 +118,14 @@ impl RendezvousConfig {
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         if Instant::now() >= deadline {
-                            let missing: Vec<usize> = (1..self.world).filter(|r| peers[*r].is_none()).collect();
-                            return Err(ParallelError::Timeout { rank: 0, peer: missing[0], seconds: self.timeout.as_secs_f64(), during: "the rendezvous" });
+                            let missing: Vec<usize> =
+                                (1..self.world).filter(|r| peers[*r].is_none()).collect();
+                            return Err(ParallelError::Timeout {
+                                rank: 0,
+                                peer: missing[0],
+                                seconds: self.timeout.as_secs_f64(),
+                                during: "the rendezvous",
+                            });
                         }
                         std::thread::sleep(Duration::from_millis(10));
                     }
@@ -111,7 +134,8 @@ impl RendezvousConfig {
             }
             // Rank 0 is reached at the address the others used for the master.
             peers[0] = Some(SocketAddr::new(master.ip(), own_port));
-            let peers: Vec<SocketAddr> = peers.into_iter().map(|p| p.expect("all arrived")).collect();
+            let peers: Vec<SocketAddr> =
+                peers.into_iter().map(|p| p.expect("all arrived")).collect();
             let mut answer = Vec::new();
             for p in &peers {
                 let ip = match p.ip() {
@@ -126,7 +150,14 @@ impl RendezvousConfig {
             for mut s in streams {
                 s.write_all(&answer).map_err(|e| err(format!("cannot answer a rank: {e}")))?;
             }
-            Ok(Rendezvous { rank: 0, world: self.world, peers, blob: blob.to_vec(), listener, timeout: self.timeout })
+            Ok(Rendezvous {
+                rank: 0,
+                world: self.world,
+                peers,
+                blob: blob.to_vec(),
+                listener,
+                timeout: self.timeout,
+            })
         } else {
             let mut stream = loop {
                 match TcpStream::connect_timeout(&master, Duration::from_millis(500)) {
@@ -144,7 +175,8 @@ impl RendezvousConfig {
                 }
             };
             let local_ip = stream.local_addr().map_err(err)?.ip();
-            let listener = TcpListener::bind(SocketAddr::new(local_ip, 0)).map_err(|e| err(format!("cannot open the peer port: {e}")))?;
+            let listener = TcpListener::bind(SocketAddr::new(local_ip, 0))
+                .map_err(|e| err(format!("cannot open the peer port: {e}")))?;
             let port = listener.local_addr().map_err(err)?.port();
             let mut hello = Vec::with_capacity(10);
             hello.extend_from_slice(&(self.rank as u32).to_le_bytes());
@@ -155,7 +187,12 @@ impl RendezvousConfig {
             let mut table = vec![0u8; self.world * 18 + 4];
             stream.read_exact(&mut table).map_err(|e| match e.kind() {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                    ParallelError::Timeout { rank: self.rank, peer: 0, seconds: self.timeout.as_secs_f64(), during: "the rendezvous (waiting for all ranks)" }
+                    ParallelError::Timeout {
+                        rank: self.rank,
+                        peer: 0,
+                        seconds: self.timeout.as_secs_f64(),
+                        during: "the rendezvous (waiting for all ranks)",
+                    }
                 }
                 _ => err(format!("the master closed the rendezvous: {e}")),
             })?;
@@ -170,7 +207,14 @@ impl RendezvousConfig {
             let len = u32::from_le_bytes(table[self.world * 18..].try_into().unwrap()) as usize;
             let mut blob = vec![0u8; len];
             stream.read_exact(&mut blob).map_err(err)?;
-            Ok(Rendezvous { rank: self.rank, world: self.world, peers, blob, listener, timeout: self.timeout })
+            Ok(Rendezvous {
+                rank: self.rank,
+                world: self.world,
+                peers,
+                blob,
+                listener,
+                timeout: self.timeout,
+            })
         }
     }
 }

@@ -60,41 +60,70 @@ impl TcpExchange {
             s.set_read_timeout(Some(timeout))?;
             s.set_write_timeout(Some(timeout))
         };
-        for j in 0..rv.rank {
+        for (j, address) in rv.peers.iter().enumerate().take(rv.rank) {
             let mut stream = loop {
-                match TcpStream::connect_timeout(&rv.peers[j], Duration::from_millis(500)) {
+                match TcpStream::connect_timeout(address, Duration::from_millis(500)) {
                     Ok(s) => break s,
                     Err(e) if Instant::now() < deadline => {
                         let _ = e;
                         std::thread::sleep(Duration::from_millis(20));
                     }
-                    Err(e) => return Err(ParallelError::PeerLost { rank: rv.rank, peer: j, during: "the mesh setup", reason: e.to_string() }),
+                    Err(e) => {
+                        return Err(ParallelError::PeerLost {
+                            rank: rv.rank,
+                            peer: j,
+                            during: "the mesh setup",
+                            reason: e.to_string(),
+                        })
+                    }
                 }
             };
             setup(&stream).map_err(|e| io(rv.rank, j, "the mesh setup", e, timeout))?;
-            stream.write_all(&(rv.rank as u32).to_le_bytes()).map_err(|e| io(rv.rank, j, "the mesh setup", e, timeout))?;
-            peers[j] = Some(Link::new(stream).map_err(|e| io(rv.rank, j, "the mesh setup", e, timeout))?);
+            stream
+                .write_all(&(rv.rank as u32).to_le_bytes())
+                .map_err(|e| io(rv.rank, j, "the mesh setup", e, timeout))?;
+            peers[j] =
+                Some(Link::new(stream).map_err(|e| io(rv.rank, j, "the mesh setup", e, timeout))?);
         }
         rv.listener.set_nonblocking(true).map_err(|e| ParallelError::Rendezvous(e.to_string()))?;
         let mut waiting = rv.world - rv.rank - 1;
         while waiting > 0 {
             match rv.listener.accept() {
                 Ok((mut stream, _)) => {
-                    stream.set_nonblocking(false).map_err(|e| ParallelError::Rendezvous(e.to_string()))?;
+                    stream
+                        .set_nonblocking(false)
+                        .map_err(|e| ParallelError::Rendezvous(e.to_string()))?;
                     setup(&stream).map_err(|e| ParallelError::Rendezvous(e.to_string()))?;
                     let mut id = [0u8; 4];
-                    stream.read_exact(&mut id).map_err(|e| ParallelError::Rendezvous(format!("a peer connected but did not name itself: {e}")))?;
+                    stream.read_exact(&mut id).map_err(|e| {
+                        ParallelError::Rendezvous(format!(
+                            "a peer connected but did not name itself: {e}"
+                        ))
+                    })?;
                     let j = u32::from_le_bytes(id) as usize;
                     if j <= rv.rank || j >= rv.world || peers[j].is_some() {
-                        return Err(ParallelError::Rendezvous(format!("rank {} got an unexpected connection from rank {j}", rv.rank)));
+                        return Err(ParallelError::Rendezvous(format!(
+                            "rank {} got an unexpected connection from rank {j}",
+                            rv.rank
+                        )));
                     }
-                    peers[j] = Some(Link::new(stream).map_err(|e| io(rv.rank, j, "the mesh setup", e, timeout))?);
+                    peers[j] = Some(
+                        Link::new(stream)
+                            .map_err(|e| io(rv.rank, j, "the mesh setup", e, timeout))?,
+                    );
                     waiting -= 1;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
-                        let peer = (rv.rank + 1..rv.world).find(|j| peers[*j].is_none()).unwrap_or(rv.rank);
-                        return Err(ParallelError::Timeout { rank: rv.rank, peer, seconds: timeout.as_secs_f64(), during: "the mesh setup" });
+                        let peer = (rv.rank + 1..rv.world)
+                            .find(|j| peers[*j].is_none())
+                            .unwrap_or(rv.rank);
+                        return Err(ParallelError::Timeout {
+                            rank: rv.rank,
+                            peer,
+                            seconds: timeout.as_secs_f64(),
+                            during: "the mesh setup",
+                        });
                     }
                     std::thread::sleep(Duration::from_millis(10));
                 }
@@ -106,7 +135,14 @@ impl TcpExchange {
 
     /// Sends `frames[j]` to each peer `j` (from scoped threads) and reads one frame of tag `tag`
     /// from each, with `expect[j]` values of `width` bytes. Returns the raw payloads.
-    fn exchange(&self, tag: u8, width: usize, frames: Vec<Vec<u8>>, expect: &[usize], during: &'static str) -> Result<Vec<Vec<u8>>> {
+    fn exchange(
+        &self,
+        tag: u8,
+        width: usize,
+        frames: Vec<Vec<u8>>,
+        expect: &[usize],
+        during: &'static str,
+    ) -> Result<Vec<Vec<u8>>> {
         let mut own = None;
         let results = std::thread::scope(|scope| {
             let mut writers = Vec::new();
@@ -116,14 +152,17 @@ impl TcpExchange {
                     continue;
                 };
                 self.traffic.add(frame.len());
-                writers.push((j, scope.spawn(move || -> std::io::Result<()> {
-                    let stream = peer.write.lock().unwrap_or_else(|p| p.into_inner());
-                    let mut w = BufWriter::new(&*stream);
-                    w.write_all(&[tag])?;
-                    w.write_all(&((frame.len() / width) as u64).to_le_bytes())?;
-                    w.write_all(&frame)?;
-                    w.flush()
-                })));
+                writers.push((
+                    j,
+                    scope.spawn(move || -> std::io::Result<()> {
+                        let stream = peer.write.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut w = BufWriter::new(&*stream);
+                        w.write_all(&[tag])?;
+                        w.write_all(&((frame.len() / width) as u64).to_le_bytes())?;
+                        w.write_all(&frame)?;
+                        w.flush()
+                    }),
+                ));
             }
             let mut received: Vec<Option<Vec<u8>>> = (0..self.size).map(|_| None).collect();
             for (j, peer) in self.peers.iter().enumerate() {
@@ -139,22 +178,41 @@ impl TcpExchange {
                 let n = u64::from_le_bytes(head[1..].try_into().unwrap()) as usize;
                 check_len(self.rank, j, n, expect[j], during)?;
                 let mut payload = vec![0u8; n * width];
-                r.read_exact(&mut payload).map_err(|e| io(self.rank, j, during, e, self.timeout))?;
+                r.read_exact(&mut payload)
+                    .map_err(|e| io(self.rank, j, during, e, self.timeout))?;
                 received[j] = Some(payload);
             }
             for (j, w) in writers {
-                w.join().expect("writer thread").map_err(|e| io(self.rank, j, during, e, self.timeout))?;
+                w.join()
+                    .expect("writer thread")
+                    .map_err(|e| io(self.rank, j, during, e, self.timeout))?;
             }
             Ok(received)
         })?;
-        Ok(results.into_iter().map(|r| r.unwrap_or_else(|| own.take().unwrap_or_default())).collect())
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| own.take().unwrap_or_default()))
+            .collect())
     }
 }
 
-fn io(rank: usize, peer: usize, during: &'static str, e: std::io::Error, timeout: Duration) -> ParallelError {
+fn io(
+    rank: usize,
+    peer: usize,
+    during: &'static str,
+    e: std::io::Error,
+    timeout: Duration,
+) -> ParallelError {
     match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ParallelError::Timeout { rank, peer, seconds: timeout.as_secs_f64(), during },
-        std::io::ErrorKind::UnexpectedEof => ParallelError::PeerLost { rank, peer, during, reason: "the connection closed (did the process end?)".into() },
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            ParallelError::Timeout { rank, peer, seconds: timeout.as_secs_f64(), during }
+        }
+        std::io::ErrorKind::UnexpectedEof => ParallelError::PeerLost {
+            rank,
+            peer,
+            during,
+            reason: "the connection closed (did the process end?)".into(),
+        },
         _ => ParallelError::PeerLost { rank, peer, during, reason: e.to_string() },
     }
 }
@@ -176,20 +234,33 @@ impl Exchange for TcpExchange {
         check_send(self.rank, self.size, &send, None)?;
         let width = send.first().map_or(0, Vec::len);
         let frames = send.iter().map(|c| bytes(c, u64::to_le_bytes)).collect();
-        let got = self.exchange(COUNTS, 8, frames, &vec![width; self.size], "the count exchange")?;
-        Ok(got.into_iter().map(|b| b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect()).collect())
+        let got =
+            self.exchange(COUNTS, 8, frames, &vec![width; self.size], "the count exchange")?;
+        Ok(got
+            .into_iter()
+            .map(|b| b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
+            .collect())
     }
 
     fn all_to_all(&self, send: Vec<Vec<f32>>, recv_lens: &[usize]) -> Result<Vec<Vec<f32>>> {
         check_send(self.rank, self.size, &send, Some(recv_lens))?;
         let frames = send.iter().map(|v| bytes(v, f32::to_le_bytes)).collect();
         let got = self.exchange(VALUES, 4, frames, recv_lens, "the all-to-all")?;
-        Ok(got.into_iter().map(|b| b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()).collect())
+        Ok(got
+            .into_iter()
+            .map(|b| b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+            .collect())
     }
 
     fn all_reduce_sum(&self, values: &mut [f64]) -> Result<()> {
         let frame = bytes(values, f64::to_le_bytes);
-        let got = self.exchange(SUMS, 8, vec![frame; self.size], &vec![values.len(); self.size], "an all-reduce")?;
+        let got = self.exchange(
+            SUMS,
+            8,
+            vec![frame; self.size],
+            &vec![values.len(); self.size],
+            "an all-reduce",
+        )?;
         values.fill(0.0);
         for b in got {
             for (v, c) in values.iter_mut().zip(b.chunks_exact(8)) {
