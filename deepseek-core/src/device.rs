@@ -94,7 +94,7 @@ pub fn run_on<T: BackendTask>(
         DeviceKind::Cuda => {
             use burn::backend::cuda::CudaDevice;
             let ids = if ids.is_empty() { vec![0] } else { ids.to_vec() };
-            let available = crate::parallel::nccl::cuda_device_count();
+            let available = crate::parallel::cuda_device_count();
             if let Some(bad) = ids.iter().find(|&&i| i >= available) {
                 return Err(DeepSeekError::config(
                     "device",

@@ -165,8 +165,8 @@ fn quantize_kernel(
         scales[block as usize] = scale;
     }
 
-    let words_per_row = (cols + 3) / 4;
-    let block_words = (width + 3) / 4;
+    let words_per_row = cols.div_ceil(4);
+    let block_words = width.div_ceil(4);
     let mut w = unit;
     while w < height * block_words {
         let r = r0 + w / block_words;
@@ -201,7 +201,7 @@ fn dequantize_kernel(
     }
     let r = i / cols;
     let c = i % cols;
-    let word = codes[(r * ((cols + 3) / 4) + c / 4) as usize];
+    let word = codes[(r * cols.div_ceil(4) + c / 4) as usize];
     let code = (word >> (8 * (c % 4))) & 0xFF;
     let scale = scales[((r / block_rows) * grid_cols + c / block_cols) as usize];
     out[i as usize] = decode_e4m3(code) * scale;
@@ -219,7 +219,7 @@ fn stage_tile(
     k: u32,
     unit: u32,
 ) {
-    let words_per_row = (k + 3) / 4;
+    let words_per_row = k.div_ceil(4);
     // TILE rows × 8 words = 512 words, two per unit of the 256.
     for half in 0..2u32 {
         let idx = unit + half * 256;
@@ -263,7 +263,7 @@ fn gemm_kernel(
     let unit = ty * 16 + tx;
     let row0 = CUBE_POS_Y * TILE;
     let col0 = CUBE_POS_X * TILE;
-    let k_blocks = (k + 127) / 128;
+    let k_blocks = k.div_ceil(128);
 
     let mut a_tile = SharedMemory::<f32>::new((TILE * TILE_K) as usize);
     let mut b_tile = SharedMemory::<f32>::new((TILE * TILE_K) as usize);
@@ -368,7 +368,7 @@ pub fn quantize<R: CubeRuntime>(
     format: ScaleFormat,
 ) -> Result<DeviceFp8<R>, Fp8Error> {
     let [rows, cols] = check_f32_matrix(&x, "the matrix to quantize")?;
-    if block[0] == 0 || block[1] == 0 || block[1] % 4 != 0 {
+    if block[0] == 0 || block[1] == 0 || !block[1].is_multiple_of(4) {
         return Err(Fp8Error::Shape(format!(
             "block {block:?}: both sides must be positive and the width a multiple of 4"
         )));

@@ -52,7 +52,7 @@ pub fn fake_quantize<B: Backend>(x: Tensor<B, 2>, block: [usize; 2]) -> Tensor<B
         return x;
     }
     #[cfg(feature = "kernels")]
-    if block[1] % 4 == 0 && x.dtype() == burn::tensor::DType::F32 {
+    if block[1].is_multiple_of(4) && x.dtype() == burn::tensor::DType::F32 {
         let primitive = x.into_primitive().tensor();
         match super::dispatch::fake_quantize::<B>(&primitive, block) {
             Some(out) => return Tensor::from_primitive(TensorPrimitive::Float(out)),

@@ -34,7 +34,7 @@ pub struct DeviceDispatch<R: CubeRuntime> {
 /// The half-open range of choices that `unit` of `units` scans.
 #[cube]
 fn chunk(unit: u32, units: u32, n: u32) -> (u32, u32) {
-    let size = (n + units - 1) / units;
+    let size = n.div_ceil(units);
     let start = u32::min(unit * size, n);
     (start, u32::min(start + size, n))
 }

@@ -28,7 +28,7 @@ pub use exchange::Exchange;
 pub use group::GroupView;
 pub use local::LocalExchange;
 #[cfg(feature = "cuda")]
-pub use nccl::NcclExchange;
+pub use nccl::{cuda_device_count, NcclExchange};
 pub use placement::ExpertParallel;
 pub use rendezvous::{Rendezvous, RendezvousConfig};
 pub use tcp::TcpExchange;
