@@ -1,5 +1,6 @@
 //! The typed model configuration: every option resolved, strings turned into enums, with named
-//! presets. Hugging Face `config.json` files are read by [`crate::hf_config`] into this struct.
+//! presets. Hugging Face `config.json` files are read by [`DeepSeekConfig::from_hf_file`] (in
+//! `hf_config.rs`) into this struct.
 
 use serde::{Deserialize, Serialize};
 

@@ -10,7 +10,7 @@ pub(crate) mod cube;
 pub mod device;
 pub mod error;
 pub mod fp8;
-pub mod hf_config;
+mod hf_config;
 pub mod mla;
 pub mod mlp;
 pub mod model;

@@ -88,3 +88,57 @@ impl<B: Backend> Projection<B, 3> {
         x.matmul(self.weight.val())
     }
 }
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::nn::LinearConfig;
+    use burn::tensor::Distribution;
+
+    fn normal<const D: usize>(shape: [usize; D]) -> Tensor<Flex, D> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+    }
+
+    #[test]
+    fn full_precision_is_burns_linear_bit_for_bit() {
+        let linear = LinearConfig::new(130, 7).with_bias(false).init::<Flex>(&Default::default());
+        // Draw the lazy weight before sharing it: a clone of a lazy parameter draws its own.
+        let _ = linear.weight.val();
+        let projection = Projection { weight: linear.weight.clone() };
+        let x = normal([2, 3, 130]);
+        let ours = projection.forward(x.clone(), GemmPrecision::Full).into_data();
+        assert_eq!(ours, linear.forward(x).into_data());
+    }
+
+    #[test]
+    fn fp8_keeps_leading_dimensions_and_stays_close_to_full_precision() {
+        let projection = Projection::<Flex>::new(130, 7, &Default::default());
+        let x = normal([2, 3, 130]);
+        let y = projection.forward(x.clone(), GemmPrecision::Fp8);
+        assert_eq!(y.dims(), [2, 3, 7]);
+        let full = projection.forward(x, GemmPrecision::Full);
+        // FP8 is close to full precision (3 mantissa bits on each operand), and not equal to it.
+        let diff = (y - full.clone()).abs().max().into_scalar();
+        let size = full.abs().max().into_scalar();
+        assert!(diff > 0.0 && diff < 0.15 * size, "{diff} vs {size}");
+    }
+
+    #[test]
+    fn a_stacked_expert_is_its_slice_of_the_weight() {
+        let (e, d_in, d_out) = (3, 5, 4);
+        let stacked = Projection::stacked(Param::from_tensor(normal([e, d_in, d_out])));
+        let slice = |k: usize| stacked.weight.val().narrow(0, k, 1).reshape([d_in, d_out]);
+        let x = normal([6, d_in]);
+        let one = stacked.forward_expert(1, x.clone(), GemmPrecision::Full);
+        assert_eq!(one.into_data(), x.matmul(slice(1)).into_data());
+        let rows = normal([e, 2, d_in]);
+        let grouped = stacked.forward_grouped(rows.clone());
+        for k in 0..e {
+            let x_k = rows.clone().narrow(0, k, 1).reshape([2, d_in]);
+            let got = grouped.clone().narrow(0, k, 1).reshape([2, d_out]);
+            let diff = (got - x_k.matmul(slice(k))).abs().max().into_scalar();
+            assert!(diff < 1e-5, "expert {k}: {diff}");
+        }
+    }
+}

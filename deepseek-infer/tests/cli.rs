@@ -147,10 +147,18 @@ fn generate_print_ids_reproduces_transformers_greedy_continuations() {
 #[test]
 fn generate_rejects_bad_prompts() {
     let model = golden("v3_no_qlora");
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--prompt-ids", "3,999"], "outside the vocabulary"),
         (&["--prompt-ids", "3", "--max-new-tokens", "1000"], "exceeds the model's context"),
         (&["--prompt", "hello"], "--prompt-ids"),
+        // Sampling settings are checked whether or not they are used (greedy ignores top-p).
+        (&["--prompt-ids", "3", "--top-p", "2"], "top_p must be in (0, 1]"),
+        (
+            &["--prompt-ids", "3", "--temperature", "0.7", "--top-k", "0"],
+            "top_k must be at least 1",
+        ),
+        (&["--prompt-ids", "3", "--temperature=-1", "--speculative"], "temperature must be"),
+        (&["--prompt-ids", "3", "--temperature", "NaN"], "temperature must be"),
     ];
     for (args, message) in cases {
         let mut all = vec!["generate", "--model", model.to_str().unwrap()];

@@ -7,7 +7,7 @@ use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
 use deepseek_core::{load_model, AttentionPath, LatentCache, LoadOptions};
 use deepseek_infer::generate::{generate, Decoding, GenerateConfig};
-use deepseek_infer::speculative::speculative_greedy;
+use deepseek_infer::speculative::{speculative, speculative_greedy};
 use safetensors::SafeTensors;
 
 type B = Flex;
@@ -115,4 +115,29 @@ fn speculative_sampling_is_seeded_and_respects_the_token_budget() {
     assert_eq!(a.tokens, b.tokens);
     assert_eq!(a.tokens.len(), 15);
     assert!(a.tokens.iter().all(|&t| (0..256).contains(&t)));
+}
+
+#[test]
+fn speculative_decoding_checks_the_sampling_settings_as_generate_does() {
+    let device = Default::default();
+    let model = load_model::<B>(golden("v3_yarn_qlora"), &device, LoadOptions::default()).unwrap();
+    let prompt = &prompts("v3_yarn_qlora")[0];
+    let bad = [
+        (Decoding::Sample { temperature: -0.5, top_k: None, top_p: None, seed: 0 }, "temperature"),
+        (Decoding::Sample { temperature: 0.8, top_k: None, top_p: Some(2.0), seed: 0 }, "top_p"),
+        (Decoding::Sample { temperature: 0.8, top_k: Some(0), top_p: None, seed: 0 }, "top_k"),
+    ];
+    for (decoding, field) in bad {
+        let cfg = GenerateConfig {
+            max_new_tokens: 3,
+            decoding,
+            eos_token_id: None,
+            stop_sequences: vec![],
+        };
+        let plain =
+            generate(&model, std::slice::from_ref(prompt), &cfg, &device).unwrap_err().to_string();
+        let spec = speculative(&model, prompt, 3, None, decoding, &device).unwrap_err().to_string();
+        assert!(plain.contains(field), "{plain}");
+        assert_eq!(spec, plain, "one validation for both decoders");
+    }
 }

@@ -35,7 +35,7 @@ pub fn update_model_biases<B: Backend>(
     counts: &[Vec<u64>],
     gamma: f32,
 ) {
-    let blocks = model.layers.iter_mut().chain(model.mtp.iter_mut().map(|m| &mut m.block));
+    let blocks = model.blocks_mut();
     let mut counts = counts.iter();
     for block in blocks {
         let FeedForward::Moe(moe) = &mut block.mlp else { continue };

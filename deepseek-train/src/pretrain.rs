@@ -454,7 +454,7 @@ fn with_config<B: Backend>(
     cfg: &DeepSeekConfig,
 ) -> deepseek_core::DeepSeekModel<B> {
     let scale = cfg.softmax_scale();
-    for layer in model.layers.iter_mut().chain(model.mtp.iter_mut().map(|m| &mut m.block)) {
+    for layer in model.blocks_mut() {
         layer.self_attn.softmax_scale = scale;
     }
     model.config = cfg.clone();

@@ -21,7 +21,7 @@
 use super::dispatch::DispatchPlan;
 use crate::fp8::GemmPrecision;
 use crate::parallel::{all_to_all, ExpertParallel, Route};
-use crate::policy::ExecutionPolicy;
+use crate::policy::{ExecutionPolicy, ExpertPath};
 use crate::projection::Projection;
 use burn::config::Config;
 use burn::module::{Initializer, Module};
@@ -62,23 +62,6 @@ pub struct RoutedExperts<B: Backend> {
     pub gate_up: Projection<B, 3>,
     /// `[E, I, D]`: `down_proj`.
     pub down: Projection<B, 3>,
-}
-
-/// Which way [`RoutedExperts`] runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ExpertPath {
-    /// Per expert on the device kernels where the backend runs them (wgpu, CUDA); elsewhere
-    /// grouped when padding at most doubles the rows, else per expert.
-    Auto,
-    /// Two batched matmuls over all experts, rows padded to the busiest expert (host plan).
-    Grouped,
-    /// One pair of matmuls per expert that received tokens; sorted, dispatched and combined by
-    /// the device kernels where the backend runs them, else by the host plan.
-    #[default]
-    PerExpert,
-    /// [`ExpertPath::PerExpert`] with the host plan on every backend (the indices read back, the
-    /// data moved by gather and scatter-add): the baseline of the device kernels.
-    HostPerExpert,
 }
 
 impl<B: Backend> RoutedExperts<B> {

@@ -22,9 +22,10 @@ use burn::tensor::{backend::Backend, Tensor};
 use crate::config::DeepSeekConfig;
 use crate::mlp::{Mlp, MlpConfig};
 use crate::policy::ExecutionPolicy;
+pub use crate::policy::{ExpertPath, NodeLimit};
 pub use dispatch::DispatchPlan;
-pub use experts::{ExpertPath, RoutedExperts, RoutedExpertsConfig};
-pub use router::{NodeLimit, Router, RouterConfig, Routing};
+pub use experts::{RoutedExperts, RoutedExpertsConfig};
+pub use router::{Router, RouterConfig, Routing};
 
 /// How many MoE dispatches of this process ran on the device kernels (0 without GPU backends).
 pub fn device_dispatches() -> usize {

@@ -66,43 +66,6 @@ impl RouterConfig {
     }
 }
 
-/// Node-limited routing (DeepSeek-V3 §2.1.2): the experts are split into `nodes` contiguous
-/// blocks (the placement of expert parallelism, expert `e` on node `⌊e·nodes/E⌋`), and each token
-/// may use experts on at most `max_nodes` of them, the nodes with the highest sums of their
-/// `⌈K/max_nodes⌉` best biased scores. This bounds the all-to-all fan-out of every token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct NodeLimit {
-    /// Blocks the experts are split into (devices or nodes).
-    pub nodes: usize,
-    /// Most nodes one token's experts may span.
-    pub max_nodes: usize,
-}
-
-impl NodeLimit {
-    /// Checks the limit against a layer of `n_experts` experts choosing `top_k`.
-    pub fn check(&self, n_experts: usize, top_k: usize) -> Result<(), String> {
-        if self.nodes == 0 || !n_experts.is_multiple_of(self.nodes) {
-            return Err(format!("{n_experts} experts cannot be split into {} nodes", self.nodes));
-        }
-        if self.max_nodes == 0 || self.max_nodes > self.nodes {
-            return Err(format!("max_nodes must be in 1..={}, got {}", self.nodes, self.max_nodes));
-        }
-        if self.max_nodes * (n_experts / self.nodes) < top_k {
-            return Err(format!(
-                "{} nodes of {} experts hold fewer than the {top_k} experts a token needs",
-                self.max_nodes,
-                n_experts / self.nodes
-            ));
-        }
-        Ok(())
-    }
-
-    /// Scores summed per node: the best `⌈K/M⌉` of each.
-    fn per_node(&self, top_k: usize, per_node: usize) -> usize {
-        top_k.div_ceil(self.max_nodes).clamp(1, per_node)
-    }
-}
-
 /// Gate of one MoE layer. Its weight is stored `[E, D]` as in the checkpoints.
 #[derive(Module, Debug)]
 pub struct Router<B: Backend> {
