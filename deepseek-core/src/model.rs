@@ -267,12 +267,7 @@ impl<B: Backend> DeepSeekModel<B> {
         &self.policy
     }
 
-    /// The decoder blocks of the model: the main blocks, then each MTP module's block.
-    pub fn blocks(&self) -> impl Iterator<Item = &DecoderLayer<B>> {
-        self.layers.iter().chain(self.mtp.iter().map(|m| &m.block))
-    }
-
-    /// [`DeepSeekModel::blocks`], mutably.
+    /// The decoder blocks of the model, mutably: the main blocks, then each MTP module's block.
     pub fn blocks_mut(&mut self) -> impl Iterator<Item = &mut DecoderLayer<B>> {
         self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block))
     }

@@ -64,7 +64,8 @@ pub(crate) fn require_autodiff_ops<B: burn::tensor::backend::Backend>(
         panic!(
             "{what} ran on the autodiff backend `{}` whose custom operations are not installed: call \
              `deepseek_core::register_autodiff::<Inner>()` once for its inner backend before training \
-             (deepseek_core::device::run_on does it)",
+             (deepseek_core::device::run_on does it; an autodiff backend with gradient checkpointing \
+             has no such operations)",
             std::any::type_name::<B>()
         );
     }

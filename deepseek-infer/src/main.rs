@@ -201,16 +201,21 @@ enum OnDevice {
         cfg: GenerateConfig,
     },
     Generate(GenerateJob),
-    Bench {
-        model: Option<PathBuf>,
-        preset: Option<String>,
-        context: Option<usize>,
-        prompt_tokens: usize,
-        new_tokens: usize,
-        path: AttentionPath,
-        repeats: usize,
-        device: DeviceKind,
-    },
+    Bench(BenchJob),
+}
+
+/// What `deepseek bench` runs.
+struct BenchJob {
+    /// A model directory, or else a preset with random weights.
+    model: Option<PathBuf>,
+    preset: Option<String>,
+    /// Raise the preset's context to this many tokens.
+    context: Option<usize>,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    path: AttentionPath,
+    repeats: usize,
+    device: DeviceKind,
 }
 
 /// What `deepseek generate` runs.
@@ -239,48 +244,7 @@ impl BackendTask for OnDevice {
                 chat_cmd::<B>(&model, &tok, &template, system, cfg, dev)
             }
             OnDevice::Generate(job) => generate_cmd::<B>(job, dev),
-            OnDevice::Bench {
-                model,
-                preset,
-                context,
-                prompt_tokens,
-                new_tokens,
-                path,
-                repeats,
-                device,
-            } => {
-                let model = match (&model, &preset) {
-                    (Some(dir), _) => load_model::<B>(dir, dev, LoadOptions::default())
-                        .with_context(|| format!("loading {}", dir.display()))?,
-                    (None, Some(name)) => {
-                        let mut cfg = DeepSeekConfig::preset(name)?;
-                        if let Some(c) = context {
-                            cfg.max_position_embeddings = cfg.max_position_embeddings.max(c);
-                        }
-                        cfg.init::<B>(dev)
-                    }
-                    (None, None) => unreachable!("clap requires one"),
-                };
-                let r = deepseek_infer::bench::run(
-                    &model,
-                    prompt_tokens,
-                    new_tokens,
-                    path,
-                    repeats,
-                    dev,
-                )?;
-                println!("device: {device}");
-                println!("decode_path: {path:?}");
-                println!("prompt_tokens: {}", r.prompt_tokens);
-                println!("new_tokens: {}", r.new_tokens);
-                println!("prefill_tokens_per_s: {:.1}", r.prefill_tokens_per_s);
-                println!("decode_tokens_per_s: {:.1}", r.decode_tokens_per_s);
-                println!(
-                    "kv_bytes_per_token: {} (measured from the cache buffers)",
-                    r.kv_bytes_per_token
-                );
-                Ok(())
-            }
+            OnDevice::Bench(job) => bench_cmd::<B>(job, dev),
         }
     }
 }
@@ -402,7 +366,7 @@ fn main() -> Result<()> {
             }
             on_device(
                 device,
-                OnDevice::Bench {
+                OnDevice::Bench(BenchJob {
                     model,
                     preset,
                     context,
@@ -411,7 +375,7 @@ fn main() -> Result<()> {
                     path,
                     repeats,
                     device,
-                },
+                }),
             )
         }
         Command::Info { model, preset } => {
@@ -425,6 +389,31 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn bench_cmd<B: Backend>(job: BenchJob, dev: &B::Device) -> Result<()> {
+    let BenchJob { model, preset, context, prompt_tokens, new_tokens, path, repeats, device } = job;
+    let model = match (&model, &preset) {
+        (Some(dir), _) => load_model::<B>(dir, dev, LoadOptions::default())
+            .with_context(|| format!("loading {}", dir.display()))?,
+        (None, Some(name)) => {
+            let mut cfg = DeepSeekConfig::preset(name)?;
+            if let Some(c) = context {
+                cfg.max_position_embeddings = cfg.max_position_embeddings.max(c);
+            }
+            cfg.init::<B>(dev)
+        }
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let r = deepseek_infer::bench::run(&model, prompt_tokens, new_tokens, path, repeats, dev)?;
+    println!("device: {device}");
+    println!("decode_path: {path:?}");
+    println!("prompt_tokens: {}", r.prompt_tokens);
+    println!("new_tokens: {}", r.new_tokens);
+    println!("prefill_tokens_per_s: {:.1}", r.prefill_tokens_per_s);
+    println!("decode_tokens_per_s: {:.1}", r.decode_tokens_per_s);
+    println!("kv_bytes_per_token: {} (measured from the cache buffers)", r.kv_bytes_per_token);
+    Ok(())
 }
 
 fn logits<B: Backend>(

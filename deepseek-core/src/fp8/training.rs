@@ -16,10 +16,9 @@
 //! The quantized backward needs its own autodiff node. Model code is generic over `B: Backend`,
 //! so the node is reached through a registry keyed by the backend type: the backend switch
 //! ([`crate::device::run_on`]) or the trainer calls [`crate::register_autodiff`] for the inner
-//! backend once, and [`matmul`] looks it up. An autodiff backend nobody registered panics with
-//! the call to make rather than training with other gradients than it was asked for; an
-//! autodiff backend with gradient checkpointing (no node of ours) passes gradients straight
-//! through the quantizers.
+//! backend once, and [`matmul`] looks it up. An autodiff backend without the node (nobody
+//! registered it, or one with gradient checkpointing, for which there is none) panics naming the
+//! call, rather than training with other gradients than it was asked for.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
@@ -90,8 +89,11 @@ fn forward<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
     fake_quantize(x, ACTIVATION_BLOCK).matmul(fake_quantize(w, WEIGHT_BLOCK))
 }
 
-/// FP8 GEMM `x · w` for training: FP8 forward and, where [`register_autodiff`] installed the node
-/// for `B`, FP8 input- and weight-gradient GEMMs.
+/// FP8 GEMM `x · w` for training: FP8 forward and, on an autodiff backend, FP8 input- and
+/// weight-gradient GEMMs through the node [`register_autodiff`] installed.
+///
+/// # Panics
+/// On an autodiff backend without that node (see the module docs).
 ///
 /// # Shapes
 /// `x`: `[m, k]`, `w`: `[k, n]` → `[m, n]`.
@@ -99,13 +101,9 @@ pub fn matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
     if let Some(op) = REGISTRY.get::<B, MatmulFn<B>>() {
         return op(x, w);
     }
-    if B::ad_enabled(&x.device()) {
-        crate::registry::require_autodiff_ops::<B>(&x.device(), "the FP8 GEMM");
-        // Straight-through: the forward value of the quantized operands, gradients as if f32.
-        let xq = x.clone() + (fake_quantize(x.clone().detach(), ACTIVATION_BLOCK) - x.detach());
-        let wq = w.clone() + (fake_quantize(w.clone().detach(), WEIGHT_BLOCK) - w.detach());
-        return xq.matmul(wq);
-    }
+    // Installing the operations installs this node, so an autodiff backend reaches this point
+    // only without them.
+    crate::registry::require_autodiff_ops::<B>(&x.device(), "the FP8 GEMM");
     forward(x, w)
 }
 
