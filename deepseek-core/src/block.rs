@@ -9,6 +9,7 @@ use crate::mla::{Mla, MlaConfig};
 use crate::mlp::{Mlp, MlpConfig};
 use crate::moe::{Moe, MoeConfig, Routing};
 use crate::norm::{RmsNorm, RmsNormConfig};
+use crate::packing::Packing;
 use crate::policy::ExecutionPolicy;
 use crate::rope::RotaryEmbedding;
 
@@ -73,6 +74,8 @@ impl DeepSeekConfig {
 }
 
 impl<B: Backend> DecoderLayer<B> {
+    /// The block over `x` from position 0 (or over the packed documents of `packing`).
+    ///
     /// # Shapes
     /// `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`, plus the routing if this is a
     /// MoE block.
@@ -80,11 +83,11 @@ impl<B: Backend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RotaryEmbedding,
-        start: usize,
+        packing: Option<&Packing>,
         policy: &ExecutionPolicy,
     ) -> (Tensor<B, 3>, Option<Routing<B>>) {
         self.forward_with_attention(x, policy, |attn, normed| {
-            attn.forward(normed, rope, start, policy.gemm)
+            attn.forward(normed, rope, packing, policy.gemm)
         })
     }
 

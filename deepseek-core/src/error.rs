@@ -110,6 +110,15 @@ pub enum DeepSeekError {
         names: Vec<String>,
     },
 
+    /// A LoRA adapter cannot be read, or does not fit the model.
+    #[error("adapter `{path}`: {problem}")]
+    Adapter {
+        /// The adapter directory or file.
+        path: PathBuf,
+        /// What is wrong, and how to fix it.
+        problem: String,
+    },
+
     /// Input to a model call is out of range (token ids, sequence length).
     #[error("invalid input: {0}")]
     Input(String),

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod adapter;
 pub mod block;
 pub mod cache;
 pub mod checkpoint;
@@ -11,12 +12,14 @@ pub mod device;
 pub mod error;
 pub mod fp8;
 mod hf_config;
+pub mod lora;
 pub mod mla;
 pub mod mlp;
 pub mod model;
 pub mod moe;
 pub mod mtp;
 pub mod norm;
+pub mod packing;
 pub mod parallel;
 pub mod params;
 pub mod policy;
@@ -28,7 +31,9 @@ pub use cache::LatentCache;
 pub use checkpoint::{load_model, save_model, LoadOptions};
 pub use config::{DeepSeekConfig, ScoringFunc, TopkMethod};
 pub use error::{DeepSeekError, Result};
+pub use lora::{LoraSettings, LoraTargets};
 pub use model::{AttentionPath, CachedOutput, DeepSeekModel, ForwardOptions, ModelOutput};
+pub use packing::Packing;
 pub use params::ParamCount;
 pub use policy::ExecutionPolicy;
 pub use projection::Projection;

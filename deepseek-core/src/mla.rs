@@ -22,8 +22,9 @@ use burn::tensor::{backend::Backend, Bool, FloatDType, Tensor, TensorData};
 use crate::cache::{LatentKv, LatentSlot};
 use crate::fp8::GemmPrecision;
 use crate::norm::{RmsNorm, RmsNormConfig};
+use crate::packing::Packing;
 use crate::projection::Projection;
-use crate::rope::RotaryEmbedding;
+use crate::rope::{Positions, RotaryEmbedding};
 
 /// Builds an [`Mla`].
 #[derive(Config, Debug)]
@@ -166,7 +167,8 @@ pub struct Queries<B: Backend> {
 }
 
 impl<B: Backend> Mla<B> {
-    /// Causal self-attention over `x`, whose first token sits at position `start`, with the
+    /// Causal self-attention over `x` from position 0, or, with `packing`, over each packed
+    /// document on its own (positions restarting at 0, no attention across documents); the
     /// projections' GEMMs at `gemm` precision.
     ///
     /// # Shapes
@@ -175,12 +177,16 @@ impl<B: Backend> Mla<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RotaryEmbedding,
-        start: usize,
+        packing: Option<&Packing>,
         gemm: GemmPrecision,
     ) -> Tensor<B, 3> {
-        let q = self.queries(x.clone(), rope, start, gemm);
-        let kv = self.latent(x, rope, start, gemm);
-        self.attend_naive(q, kv, start, gemm)
+        let (at, visible) = match packing {
+            None => (Positions::From(0), Visible::Causal { start: 0 }),
+            Some(p) => (Positions::PerToken(p.positions()), Visible::Packed(p)),
+        };
+        let q = self.queries_at(x.clone(), rope, at, gemm);
+        let kv = self.latent_at(x, rope, at, gemm);
+        self.attend_expanded(q, kv, visible, gemm)
     }
 
     /// Attention of new positions `slot.len()..` over everything cached in this block's `slot`,
@@ -216,6 +222,16 @@ impl<B: Backend> Mla<B> {
         start: usize,
         gemm: GemmPrecision,
     ) -> Queries<B> {
+        self.queries_at(x, rope, Positions::From(start), gemm)
+    }
+
+    fn queries_at(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding,
+        at: Positions,
+        gemm: GemmPrecision,
+    ) -> Queries<B> {
         let [batch, seq, _] = x.dims();
         let q = self.q.forward(x, gemm).reshape([
             batch,
@@ -225,7 +241,7 @@ impl<B: Backend> Mla<B> {
         ]); // [b, s, h, d_qk]
         let nope = q.clone().narrow(3, 0, self.qk_nope_head_dim); // [b, s, h, nope]
         let q_rope = q.narrow(3, self.qk_nope_head_dim, self.qk_rope_head_dim); // [b, s, h, rope]
-        Queries { nope, rope: rope.apply(q_rope, start) }
+        Queries { nope, rope: rope.apply_at(q_rope, at) }
     }
 
     /// Compresses `x` into the cached latent and the rotated shared key.
@@ -239,6 +255,16 @@ impl<B: Backend> Mla<B> {
         start: usize,
         gemm: GemmPrecision,
     ) -> LatentKv<B> {
+        self.latent_at(x, rope, Positions::From(start), gemm)
+    }
+
+    fn latent_at(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding,
+        at: Positions,
+        gemm: GemmPrecision,
+    ) -> LatentKv<B> {
         let [batch, seq, _] = x.dims();
         let kv = self.kv_a_proj_with_mqa.forward(x, gemm); // [b, s, kv_lora + rope]
         let c_kv = self.kv_a_layernorm.forward(kv.clone().narrow(2, 0, self.kv_lora_rank)); // [b, s, kv_lora]
@@ -248,7 +274,7 @@ impl<B: Backend> Mla<B> {
             1,
             self.qk_rope_head_dim,
         ]); // [b, s, 1, rope]
-        let k_rope = rope.apply(k_rope, start).reshape([batch, seq, self.qk_rope_head_dim]); // [b, s, rope]
+        let k_rope = rope.apply_at(k_rope, at).reshape([batch, seq, self.qk_rope_head_dim]); // [b, s, rope]
         LatentKv { c_kv, k_rope }
     }
 
@@ -264,6 +290,16 @@ impl<B: Backend> Mla<B> {
         q: Queries<B>,
         kv: LatentKv<B>,
         start: usize,
+        gemm: GemmPrecision,
+    ) -> Tensor<B, 3> {
+        self.attend_expanded(q, kv, Visible::Causal { start }, gemm)
+    }
+
+    fn attend_expanded(
+        &self,
+        q: Queries<B>,
+        kv: LatentKv<B>,
+        visible: Visible,
         gemm: GemmPrecision,
     ) -> Tensor<B, 3> {
         let [batch, q_len, heads, _] = q.nope.dims();
@@ -284,7 +320,10 @@ impl<B: Backend> Mla<B> {
         ]); // [b, t, h, rope]
         let k = Tensor::cat(vec![k_nope, k_rope], 3).swap_dims(1, 2); // [b, h, t, d_qk]
         let q = Tensor::cat(vec![q.nope, q.rope], 3).swap_dims(1, 2); // [b, h, s, d_qk]
-        let o = causal_attention(q, k, v, start, self.softmax_scale); // [b, h, s, v]
+        let o = match visible {
+            Visible::Causal { start } => causal_attention(q, k, v, start, self.softmax_scale),
+            Visible::Packed(packing) => packed_attention(q, k, v, packing, self.softmax_scale),
+        }; // [b, h, s, v]
         let o = o.swap_dims(1, 2).reshape([batch, q_len, heads * self.v_head_dim]); // [b, s, h·v]
         self.o_proj.forward(o, gemm)
     }
@@ -310,8 +349,8 @@ impl<B: Backend> Mla<B> {
         let [batch, q_len, heads, _] = q.nope.dims();
         let [_, _, kv_lora] = kv.c_kv.dims();
         let (nope, v_dim) = (self.qk_nope_head_dim, self.v_head_dim);
-        // kv_b_proj weight in Burn layout [kv_lora, heads·(nope + v)].
-        let w = self.kv_b_proj.weight.val().reshape([kv_lora, heads, nope + v_dim]); // [c, h, nope + v]
+        // kv_b_proj weight in Burn layout [kv_lora, heads·(nope + v)], its adapter folded in.
+        let w = self.kv_b_proj.effective_weight().reshape([kv_lora, heads, nope + v_dim]); // [c, h, nope + v]
         let w_uk = w.clone().narrow(2, 0, nope).permute([1, 2, 0]); // [h, nope, c]
         let w_uv = w.narrow(2, nope, v_dim).swap_dims(0, 1); // [h, c, v]
         let q_latent = q.nope.swap_dims(1, 2).matmul(w_uk.unsqueeze::<4>()); // [b, h, s, c]
@@ -324,6 +363,35 @@ impl<B: Backend> Mla<B> {
         let o = o.swap_dims(1, 2).reshape([batch, q_len, heads * v_dim]); // [b, s, h·v]
         self.o_proj.forward(o, gemm)
     }
+}
+
+/// Which keys each query sees.
+#[derive(Clone, Copy)]
+enum Visible<'a> {
+    /// Query `i` at absolute position `start + i` sees keys `0..=start + i`.
+    Causal { start: usize },
+    /// Causal within each packed document, nothing across documents.
+    Packed(&'a Packing),
+}
+
+/// [`causal_attention`] over packed rows: the block-diagonal causal mask of `packing`.
+///
+/// # Shapes
+/// `q`: `[batch, heads, seq, d_qk]`, `k`: `[batch, heads, seq, d_qk]`,
+/// `v`: `[batch, heads, seq, d_v]` → `[batch, heads, seq, d_v]`.
+pub fn packed_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    packing: &Packing,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let [batch, heads, seq, _] = q.dims();
+    let dtype = q.dtype();
+    let f32 = |t: Tensor<B, 4>| t.cast(FloatDType::F32);
+    let mask = packing.mask::<B>(&q.device()).expand([batch, heads, seq, seq]);
+    let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: false };
+    attention(f32(q), f32(k), f32(v), Some(mask), None, options).cast(dtype)
 }
 
 /// [`causal_attention`] for keys and values shared by all heads (multi-query form, as in

@@ -13,6 +13,7 @@ use crate::fp8::GemmPrecision;
 use crate::moe::Routing;
 use crate::mtp::MtpModule;
 use crate::norm::{RmsNorm, RmsNormConfig};
+use crate::packing::Packing;
 use crate::policy::ExecutionPolicy;
 use crate::projection::Projection;
 use crate::rope::RotaryEmbedding;
@@ -113,12 +114,32 @@ impl<B: Backend> DeepSeekModel<B> {
         input_ids: Tensor<B, 2, Int>,
         options: ForwardOptions,
     ) -> ModelOutput<B> {
+        self.forward_packed(input_ids, None, options)
+    }
+
+    /// [`DeepSeekModel::forward_with`] over rows that may pack several documents each
+    /// (`packing`, see [`crate::packing`]): every token computes what it computes in its
+    /// document alone. MTP module k at a document's last k positions combines that document's
+    /// state with the next document's tokens: such outputs predict across a boundary, and a
+    /// loss must not use them.
+    ///
+    /// # Shapes
+    /// `input_ids`: `[batch, seq]`; `packing` of the same `[batch, seq]`.
+    pub fn forward_packed(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        packing: Option<&Packing>,
+        options: ForwardOptions,
+    ) -> ModelOutput<B> {
+        if let Some(p) = packing {
+            assert_eq!(p.dims(), input_ids.dims(), "packing of the input's shape");
+        }
         let embeddings = self.embed_tokens.forward(input_ids); // [b, s, d]
         let mut x = embeddings.clone();
         let mut hidden_states = Vec::new();
         let mut routing = Vec::new();
         for layer in &self.layers {
-            let (out, r) = layer.forward(x, &self.rope, 0, &self.policy);
+            let (out, r) = layer.forward(x, &self.rope, packing, &self.policy);
             x = out;
             routing.extend(r);
             if options.hidden_states {
@@ -138,7 +159,9 @@ impl<B: Backend> DeepSeekModel<B> {
                 }
                 let prev = hidden.narrow(1, 0, seq - k); // [b, s - k, d]
                 let next = embeddings.clone().narrow(1, k, seq - k); // [b, s - k, d]
-                let (h, r) = module.forward(prev, next, &self.rope, &self.policy);
+                let narrowed = packing.map(|p| p.narrow(seq - k));
+                let (h, r) =
+                    module.forward(prev, next, &self.rope, narrowed.as_ref(), &self.policy);
                 routing.extend(r);
                 mtp_logits.push(self.head(module.head_norm.forward(h.clone())));
                 hidden = h;

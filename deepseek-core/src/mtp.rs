@@ -14,6 +14,7 @@ use crate::block::DecoderLayer;
 use crate::config::DeepSeekConfig;
 use crate::moe::Routing;
 use crate::norm::{RmsNorm, RmsNormConfig};
+use crate::packing::Packing;
 use crate::policy::ExecutionPolicy;
 use crate::projection::Projection;
 use crate::rope::RotaryEmbedding;
@@ -59,9 +60,10 @@ impl<B: Backend> MtpModule<B> {
         hidden: Tensor<B, 3>,
         next_embeddings: Tensor<B, 3>,
         rope: &RotaryEmbedding,
+        packing: Option<&Packing>,
         policy: &ExecutionPolicy,
     ) -> (Tensor<B, 3>, Option<Routing<B>>) {
-        self.block.forward(self.combine(hidden, next_embeddings, policy), rope, 0, policy)
+        self.block.forward(self.combine(hidden, next_embeddings, policy), rope, packing, policy)
     }
 
     /// The block's input: `eh_proj([enorm(embeddings); hnorm(hidden)])`.

@@ -4,9 +4,10 @@
 //! A projection owns how its weight is stored and runs its GEMM under the policy's precision;
 //! the modules that use it only call [`Projection::forward`] (or the per-expert forms). Today the
 //! weight is a dense tensor in Burn's `[in, out]` layout (the transpose of the checkpoints'
-//! `[out, in]`), `[E, in, out]` for the experts stacked along a leading axis. Other storages
-//! (FP8-resident codes and scales, other dtypes, a LoRA adapter beside the weight) grow here
-//! without touching MLA, the MLP, the experts or MTP.
+//! `[out, in]`), `[E, in, out]` for the experts stacked along a leading axis, optionally with a
+//! LoRA adapter beside it ([`crate::lora`]) whose update is added to the output. Other storages
+//! (FP8-resident codes and scales, other dtypes) grow here without touching MLA, the MLP, the
+//! experts or MTP.
 
 use burn::module::{Module, Param};
 use burn::nn::LinearConfig;
@@ -14,6 +15,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::fp8::training::matmul as fp8_matmul;
 use crate::fp8::GemmPrecision;
+use crate::lora::Lora;
 
 /// A bias-free linear map `y = x · W`. `R` is the rank of the stored weight: 2 for one matrix,
 /// 3 for experts stacked `[E, in, out]`.
@@ -21,12 +23,18 @@ use crate::fp8::GemmPrecision;
 pub struct Projection<B: Backend, const R: usize = 2> {
     /// `[in, out]`, or `[E, in, out]` for stacked experts.
     pub weight: Param<Tensor<B, R>>,
+    /// A low-rank adapter whose update `s·x·A·B` is added to the output (2-D maps only; the
+    /// stacked experts never carry one). Its GEMMs stay at the tensors' precision.
+    pub lora: Option<Lora<B>>,
 }
 
 impl<B: Backend> Projection<B, 2> {
     /// A fresh `[d_in] → [d_out]` map, initialized (lazily) as Burn's `Linear` is.
     pub fn new(d_in: usize, d_out: usize, device: &B::Device) -> Self {
-        Self { weight: LinearConfig::new(d_in, d_out).with_bias(false).init(device).weight }
+        Self {
+            weight: LinearConfig::new(d_in, d_out).with_bias(false).init(device).weight,
+            lora: None,
+        }
     }
 
     /// `[d_in, d_out]`.
@@ -39,6 +47,28 @@ impl<B: Backend> Projection<B, 2> {
     /// # Shapes
     /// `x`: `[..., d_in]` → `[..., d_out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>, gemm: GemmPrecision) -> Tensor<B, D> {
+        let update = self.lora.as_ref().map(|lora| lora.forward(x.clone()));
+        let y = self.forward_base(x, gemm);
+        match update {
+            Some(update) => y + update,
+            None => y,
+        }
+    }
+
+    /// The weight the map applies, `W + s·A·B` with an adapter (absorbed attention folds it
+    /// into the query, merging writes it back).
+    ///
+    /// # Shapes
+    /// `[d_in, d_out]`.
+    pub fn effective_weight(&self) -> Tensor<B, 2> {
+        match &self.lora {
+            Some(lora) => self.weight.val() + lora.delta(),
+            None => self.weight.val(),
+        }
+    }
+
+    /// `x · W` without the adapter.
+    fn forward_base<const D: usize>(&self, x: Tensor<B, D>, gemm: GemmPrecision) -> Tensor<B, D> {
         match gemm {
             GemmPrecision::Full => burn::tensor::module::linear(x, self.weight.val(), None),
             GemmPrecision::Fp8 => {
@@ -58,7 +88,7 @@ impl<B: Backend> Projection<B, 2> {
 impl<B: Backend> Projection<B, 3> {
     /// Stacked per-expert maps from an existing `[E, in, out]` parameter.
     pub fn stacked(weight: Param<Tensor<B, 3>>) -> Self {
-        Self { weight }
+        Self { weight, lora: None }
     }
 
     /// `[E, d_in, d_out]`.
@@ -105,7 +135,7 @@ mod tests {
         let linear = LinearConfig::new(130, 7).with_bias(false).init::<Flex>(&Default::default());
         // Draw the lazy weight before sharing it: a clone of a lazy parameter draws its own.
         let _ = linear.weight.val();
-        let projection = Projection { weight: linear.weight.clone() };
+        let projection = Projection { weight: linear.weight.clone(), lora: None };
         let x = normal([2, 3, 130]);
         let ours = projection.forward(x.clone(), GemmPrecision::Full).into_data();
         assert_eq!(ours, linear.forward(x).into_data());

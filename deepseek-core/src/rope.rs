@@ -115,9 +115,17 @@ impl RotaryEmbedding {
     /// # Shapes
     /// `x`: `[batch, seq, heads, r]` → `[batch, seq, heads, r]` (heads may be 1 for the shared key).
     pub fn apply<B: Backend>(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
+        self.apply_at(x, Positions::From(start))
+    }
+
+    /// Rotates `x` at `positions` (consecutive from a start, or one per token for packed rows).
+    ///
+    /// # Shapes
+    /// `x`: `[batch, seq, heads, r]` → `[batch, seq, heads, r]`.
+    pub fn apply_at<B: Backend>(&self, x: Tensor<B, 4>, positions: Positions) -> Tensor<B, 4> {
         let [batch, seq, heads, dim] = x.dims();
         let device = x.device();
-        let (cos, sin) = self.full_tables(start, batch, seq, heads);
+        let (cos, sin) = self.full_tables(positions, batch, seq, heads);
         let cos =
             Tensor::<B, 4>::from_data(TensorData::new(cos, [batch, seq, heads, dim]), &device);
         let sin =
@@ -155,17 +163,25 @@ impl RotaryEmbedding {
     /// at both of its positions.
     fn full_tables(
         &self,
-        start: usize,
+        positions: Positions,
         batch: usize,
         seq: usize,
         heads: usize,
     ) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
         let dim = 2 * half;
-        let (cos, sin) = self.pair_values(start, seq);
-        let mut cos_row = vec![0f32; seq * dim];
-        let mut sin_row = vec![0f32; seq * dim];
-        for p in 0..seq {
+        // One table row per distinct position: `start..start + seq`, or `0..=max` when packed.
+        let (start, rows) = match positions {
+            Positions::From(start) => (start, seq),
+            Positions::PerToken(p) => {
+                assert_eq!(p.len(), batch * seq, "one position per token");
+                (0, p.iter().max().map_or(0, |m| m + 1))
+            }
+        };
+        let (cos, sin) = self.pair_values(start, rows);
+        let mut cos_row = vec![0f32; rows * dim];
+        let mut sin_row = vec![0f32; rows * dim];
+        for p in 0..rows {
             for i in 0..half {
                 let (a, b) = self.pair(i, dim);
                 let (c, s) = (cos[p * half + i], sin[p * half + i]);
@@ -177,8 +193,12 @@ impl RotaryEmbedding {
         }
         let tile = |row: &[f32]| {
             let mut out = Vec::with_capacity(batch * seq * heads * dim);
-            for _ in 0..batch {
-                for p in 0..seq {
+            for b in 0..batch {
+                for i in 0..seq {
+                    let p = match positions {
+                        Positions::From(_) => i,
+                        Positions::PerToken(p) => p[b * seq + i],
+                    };
                     for _ in 0..heads {
                         out.extend_from_slice(&row[p * dim..(p + 1) * dim]);
                     }
@@ -188,6 +208,15 @@ impl RotaryEmbedding {
         };
         (tile(&cos_row), tile(&sin_row))
     }
+}
+
+/// The positions of the tokens a rotation applies to.
+#[derive(Debug, Clone, Copy)]
+pub enum Positions<'a> {
+    /// `start..start + seq` in every row.
+    From(usize),
+    /// One per token, `[batch·seq]` row-major (packed rows, see [`crate::packing`]).
+    PerToken(&'a [usize]),
 }
 
 #[cfg(test)]

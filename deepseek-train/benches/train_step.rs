@@ -18,8 +18,9 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use deepseek_core::device::{run_on, BackendTask};
 use deepseek_core::moe::ExpertPath;
 use deepseek_core::DeepSeekConfig;
-use deepseek_train::data::{prepare, DataConfig, Windows};
+use deepseek_train::data::{prepare, DataConfig};
 use deepseek_train::pretrain::DeviceKind;
+use deepseek_train::source::TrainingData;
 use deepseek_train::trainer::init_model;
 use deepseek_train::{TrainConfig, Trainer};
 
@@ -113,11 +114,11 @@ fn bench<AB: AutodiffBackend>(a: &Args, device: &AB::Device) -> Result<()> {
         model = model.with_policy(policy)?;
     }
     let mut trainer = Trainer::new(model, train, data_cfg, dir.path(), device)?;
-    let mut windows = Windows::new(&data.train, a.seq)?;
+    let mut reader = data.reader(a.seq)?;
     let mut times = Vec::new();
     for i in 0..a.warmup + a.steps {
         let t = Instant::now();
-        let record = trainer.train_step(&mut windows)?;
+        let record = trainer.train_step(reader.as_mut())?;
         let secs = t.elapsed().as_secs_f64();
         eprintln!("step {i}: {:.1} ms, loss {:.3}", secs * 1e3, record.loss);
         if i >= a.warmup {

@@ -4,7 +4,9 @@
 //! `model.safetensors` in f32, balancing biases included), `optimizer.safetensors` (AdamW
 //! moments) and `state.json` (step, optimizer step, data position, seed, settings). The data
 //! order is a function of the seed and the position, and the model has no other randomness, so
-//! this is the whole RNG state.
+//! this is the whole RNG state. A LoRA fine-tune's checkpoint holds its adapters in PEFT's
+//! layout (`adapter_config.json`, `adapter_model.safetensors`) and the routers' biases instead
+//! of the model: the frozen base is read again from `base_model`.
 //!
 //! A checkpoint is written into `.step-00000100.partial/` and renamed into place when complete:
 //! a crash during a save leaves the previous checkpoints untouched and a partial directory that
@@ -13,6 +15,9 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::AutodiffBackend;
+use deepseek_core::adapter::{
+    load_adapter, save_adapter, save_router_biases, AdapterConfig, ROUTER_BIAS_FILE,
+};
 use deepseek_core::checkpoint::{write_atomic, write_safetensors, NamedTensor};
 use deepseek_core::{DeepSeekConfig, DeepSeekModel, LoadOptions};
 use serde::{Deserialize, Serialize};
@@ -90,7 +95,23 @@ pub fn save_interruptible<AB: AutodiffBackend>(
             _ => Ok(()),
         }
     };
-    deepseek_core::save_model(model, &partial)?; // config.json + model.safetensors
+    match state.train.finetune.as_ref().and_then(|f| f.lora.as_ref().map(|l| (f, l))) {
+        // LoRA: the adapters (PEFT layout) and the routers' biases; the frozen base stays where
+        // `base_model` points.
+        Some((finetune, lora)) => {
+            let config = serde_json::to_string_pretty(&model.config.to_hf_json())
+                .expect("JSON values serialize");
+            write_atomic(&partial.join("config.json"), config.as_bytes())?;
+            let adapter = AdapterConfig::new(
+                &lora.settings(),
+                &lora.targets(),
+                Some(finetune.base_model.display().to_string()),
+            );
+            save_adapter(model, &partial, &adapter)?;
+            save_router_biases(model, &partial.join(ROUTER_BIAS_FILE))?;
+        }
+        None => deepseek_core::save_model(model, &partial)?, // config.json + model.safetensors
+    }
     crash(2)?;
     write_safetensors(&partial.join(OPTIMIZER_FILE), &optim.state_tensors(), None)?;
     crash(3)?;
@@ -160,8 +181,18 @@ pub fn load<AB: AutodiffBackend>(
                 expected.num_hidden_layers, expected.hidden_size, expected.vocab_size, expected.n_routed_experts, expected.num_nextn_predict_layers),
         ));
     }
-    let model: DeepSeekModel<AB> =
-        deepseek_core::checkpoint::load_model(dir, device, LoadOptions::default())?;
+    let lora = state.train.finetune.as_ref().filter(|f| f.lora.is_some());
+    let model: DeepSeekModel<AB> = match lora {
+        Some(finetune) => {
+            let base: DeepSeekModel<AB> = deepseek_core::checkpoint::load_model(
+                &finetune.base_model,
+                device,
+                LoadOptions::default(),
+            )?;
+            load_adapter(base, dir)?.freeze()
+        }
+        None => deepseek_core::checkpoint::load_model(dir, device, LoadOptions::default())?,
+    };
     let opt_path = dir.join(OPTIMIZER_FILE);
     let ckpt_tensors = read_all(&opt_path)?;
     let mut optim = AdamW::new(state.train.optim);

@@ -87,6 +87,72 @@ pub struct TrainConfig {
     /// of `nodes` contiguous blocks of experts (the expert-parallel placement). TOML:
     /// `node_limit = { nodes = 4, max_nodes = 2 }`.
     pub node_limit: Option<deepseek_core::moe::NodeLimit>,
+    /// Fine-tuning (`deepseek-train sft`): the base model, LoRA or full, the router.
+    pub finetune: Option<Finetune>,
+}
+
+/// What the router does while fine-tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouterMode {
+    /// Gate weight and correction bias unchanged (transformers, DeepSeek's ESFT).
+    #[default]
+    Frozen,
+    /// The auxiliary-loss-free bias updates stay on (Megatron); the gate weight trains with
+    /// `--full`.
+    BiasUpdate,
+}
+
+impl std::str::FromStr for RouterMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "frozen" => Ok(Self::Frozen),
+            "bias-update" => Ok(Self::BiasUpdate),
+            other => Err(format!("unknown router mode `{other}`: choose frozen or bias-update")),
+        }
+    }
+}
+
+/// The LoRA recipe of a fine-tuning run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraRecipe {
+    pub rank: usize,
+    pub alpha: f64,
+    pub rslora: bool,
+    pub dropout: f64,
+    /// Adapted module names (`q_a_proj`, ...).
+    pub targets: Vec<String>,
+}
+
+impl LoraRecipe {
+    /// The adapter settings.
+    pub fn settings(&self) -> deepseek_core::LoraSettings {
+        deepseek_core::LoraSettings {
+            rank: self.rank,
+            alpha: self.alpha,
+            rslora: self.rslora,
+            dropout: self.dropout,
+        }
+    }
+
+    /// The adapted module names.
+    pub fn targets(&self) -> deepseek_core::LoraTargets {
+        deepseek_core::LoraTargets(self.targets.clone())
+    }
+}
+
+/// A fine-tuning run's recipe beyond the optimizer and schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Finetune {
+    /// The Hugging Face-layout model directory the run starts from (and, with LoRA, the base
+    /// the adapters apply to: checkpoints hold only the adapters).
+    pub base_model: std::path::PathBuf,
+    /// LoRA adapters on a frozen base; `None`: every weight trains.
+    pub lora: Option<LoraRecipe>,
+    pub router: RouterMode,
 }
 
 impl Default for TrainConfig {
@@ -120,6 +186,7 @@ impl Default for TrainConfig {
             on_nonfinite: NonFinitePolicy::Stop,
             fp8: false,
             node_limit: None,
+            finetune: None,
         }
     }
 }

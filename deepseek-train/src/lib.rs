@@ -14,6 +14,9 @@ pub mod metrics;
 pub mod optim;
 pub mod pretrain;
 pub mod schedule;
+pub mod sft;
+pub mod sft_data;
+pub mod source;
 pub mod trainer;
 
 pub use config::{NonFinitePolicy, RunSettings, TrainConfig};

@@ -4,11 +4,12 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Int, Tensor, TensorData};
 use deepseek_core::{DeepSeekModel, ForwardOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::balance::grouped_balance_loss;
+use crate::source::{Batch, Segments};
 
 /// How expert load is balanced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -71,6 +72,34 @@ pub fn cross_entropy<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int
     logp.gather(1, targets.reshape([b * s, 1])).mean().neg()
 }
 
+/// Cross-entropy of `logits` against `targets` averaged with per-target `weights` (0 skips a
+/// target: prompt tokens in fine-tuning, padding, document boundaries), in f32.
+///
+/// # Shapes
+/// `logits`: `[b, s, V]`, `targets`, `weights`: `[b, s]` → `[1]`.
+pub fn weighted_cross_entropy<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    let [b, s, v] = logits.dims();
+    let logp = log_softmax(logits.reshape([b * s, v]).cast(burn::tensor::FloatDType::F32), 1); // [b·s, V]
+    let nll = logp.gather(1, targets.reshape([b * s, 1])).neg(); // [b·s, 1]
+    let weights = weights.reshape([b * s, 1]);
+    // At least one target's worth in the denominator: a batch of only skipped targets gives 0.
+    (nll * weights.clone()).sum().div(weights.sum().clamp_min(1.0))
+}
+
+/// Per-target negative log-likelihoods of `logits` against `targets`, in f32.
+///
+/// # Shapes
+/// `logits`: `[b, s, V]`, `targets`: `[b, s]` → `[b, s]`.
+pub fn token_losses<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+    let [b, s, v] = logits.dims();
+    let logp = log_softmax(logits.reshape([b * s, v]).cast(burn::tensor::FloatDType::F32), 1); // [b·s, V]
+    logp.gather(1, targets.reshape([b * s, 1])).neg().reshape([b, s])
+}
+
 /// Runs the model on `windows` (`[b, s + 1]`: inputs are the first `s` tokens, targets the last
 /// `s`) and builds the objective.
 ///
@@ -81,12 +110,54 @@ pub fn batch_loss<B: Backend>(
     windows: Tensor<B, 2, Int>,
     weights: LossWeights,
 ) -> BatchLoss<B> {
+    batch_objective(model, Batch { ids: windows, weights: None, segments: None }, weights)
+}
+
+/// Where MTP module `k`'s targets (`ids[:, i + k + 1]`) stay inside the document of input `i`.
+///
+/// # Shapes
+/// → `[rows, seq - k]`.
+fn same_document<B: Backend>(
+    segments: &Segments,
+    rows: usize,
+    len: usize,
+    k: usize,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let seq = len - 1;
+    let same: Vec<f32> = segments
+        .tokens
+        .chunks(len)
+        .flat_map(|row| (0..seq - k).map(move |i| (row[i] == row[i + k + 1]) as u8 as f32))
+        .collect();
+    Tensor::from_data(TensorData::new(same, [rows, seq - k]), device)
+}
+
+/// The objective of `batch`: [`batch_loss`] with per-target weights and packed documents. A
+/// weighted batch averages each term over its weighted targets; MTP module k trains on target
+/// `i + k + 1` with the weight of that token and only inside the document of input `i`.
+///
+/// # Shapes
+/// `batch.ids`: `[batch, seq + 1]`.
+pub fn batch_objective<B: Backend>(
+    model: &DeepSeekModel<B>,
+    batch_data: Batch<B>,
+    weights: LossWeights,
+) -> BatchLoss<B> {
+    let Batch { ids: windows, weights: target_weights, segments } = batch_data;
     let [batch, len] = windows.dims();
     let seq = len - 1;
     let inputs = windows.clone().narrow(1, 0, seq); // [b, s]
     let depth = model.mtp.len();
-    let out = model.forward_with(inputs, ForwardOptions { hidden_states: false, mtp: depth > 0 });
-    let main = cross_entropy(out.logits, windows.clone().narrow(1, 1, seq));
+    let options = ForwardOptions { hidden_states: false, mtp: depth > 0 };
+    let packing = segments.as_ref().map(|s| &s.inputs);
+    let out = model.forward_packed(inputs, packing, options);
+    let device = windows.device();
+    let ce = |logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>, w: Option<Tensor<B, 2>>| match w {
+        Some(w) => weighted_cross_entropy(logits, targets, w),
+        None => cross_entropy(logits, targets),
+    };
+    let main = ce(out.logits, windows.clone().narrow(1, 1, seq), target_weights.clone());
     let mut total = main.clone();
     // MTP module k at position i predicts token i + k + 1 (DeepSeek-V3 eq. 24–25).
     let mtp = (!out.mtp_logits.is_empty()).then(|| {
@@ -97,7 +168,15 @@ pub fn batch_loss<B: Backend>(
             .enumerate()
             .map(|(i, logits)| {
                 let k = i + 1;
-                cross_entropy(logits.clone(), windows.clone().narrow(1, k + 1, seq - k))
+                let w = target_weights.clone().map(|w| w.narrow(1, k, seq - k));
+                let w = match (&segments, w) {
+                    (Some(s), w) => {
+                        let same = same_document::<B>(s, batch, len, k, &device);
+                        Some(w.map_or(same.clone(), |w| w * same))
+                    }
+                    (None, w) => w,
+                };
+                ce(logits.clone(), windows.clone().narrow(1, k + 1, seq - k), w)
             })
             .reduce(|a, b| a + b)
             .expect("at least one module");

@@ -32,6 +32,9 @@ struct Cli {
 enum Command {
     /// Train a model from scratch (or from --init-from) and export it in Hugging Face layout.
     Pretrain(Box<PretrainCli>),
+    /// Fine-tune an HF-layout model on chat data (JSONL: messages, alpaca or ShareGPT) with LoRA
+    /// adapters that PEFT reads, or every weight with --full.
+    Sft(Box<SftCli>),
     /// Draw the loss and MaxVio curves of a metrics.jsonl (also while a run is going).
     Plot {
         /// A run directory or its metrics.jsonl.
@@ -115,6 +118,86 @@ struct PretrainCli {
     /// Fraction of user text held out for validation.
     #[arg(long)]
     val_fraction: Option<f64>,
+    #[command(flatten)]
+    hyper: Hyper,
+}
+
+#[derive(Args)]
+struct SftCli {
+    /// The model to fine-tune: an HF-layout directory (config.json, safetensors, tokenizer.json,
+    /// optionally tokenizer_config.json with the chat template).
+    #[arg(long)]
+    model: PathBuf,
+    /// Training conversations, JSONL.
+    #[arg(long, num_args = 1.., required = true)]
+    data: Vec<PathBuf>,
+    /// Validation conversations (default: the last 5% of --data, at least one).
+    #[arg(long, num_args = 1..)]
+    val_data: Vec<PathBuf>,
+    /// Run directory: metrics.jsonl, plot, checkpoints, adapter/ (LoRA) or hf/ (--full).
+    #[arg(long)]
+    out: PathBuf,
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 16)]
+    lora_rank: usize,
+    /// LoRA alpha (scale alpha/r, or alpha/√r with --rslora).
+    #[arg(long, default_value_t = 32.0)]
+    lora_alpha: f64,
+    /// attn (the five MLA projections), attn+mlp (plus the dense MLP and shared experts), or a
+    /// comma-separated list of module names.
+    #[arg(long, default_value = "attn")]
+    lora_targets: String,
+    /// Rank-stabilized LoRA: scale alpha/√r.
+    #[arg(long)]
+    rslora: bool,
+    /// Dropout on the adapter input.
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f64,
+    /// Train every weight instead of adapters.
+    #[arg(long)]
+    full: bool,
+    /// Longest conversation in tokens (longer ones are skipped and counted).
+    #[arg(long, default_value_t = 1024)]
+    max_len: usize,
+    /// A conversation longer than --max-len is an error instead of being skipped.
+    #[arg(long)]
+    strict_length: bool,
+    /// Pack several conversations per row of --max-len tokens (attention and positions stay
+    /// inside each conversation).
+    #[arg(long)]
+    pack: bool,
+    /// Passes over the data (default 1 unless --steps is given).
+    #[arg(long, conflicts_with = "steps")]
+    epochs: Option<f64>,
+    /// Total optimizer steps (with --resume: the new total).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Train on the prompt tokens too (default: assistant turns only).
+    #[arg(long)]
+    train_on_prompt: bool,
+    /// frozen (gate and bias unchanged) or bias-update (aux-free bias updates on).
+    #[arg(long, default_value = "frozen")]
+    router: deepseek_train::config::RouterMode,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
+    /// flex (CPU), wgpu or cuda; a list of devices for several ranks.
+    #[arg(long, default_value = "flex", value_parser = parse_devices)]
+    device: (DeviceKind, Vec<usize>),
+    /// Ranks in this process, one thread each.
+    #[arg(long, default_value_t = 1)]
+    ranks: usize,
+    /// Expert-parallel group size.
+    #[arg(long, default_value_t = 1)]
+    expert_parallel: usize,
+    /// Seconds a rank waits for a peer before the run stops with an error.
+    #[arg(long, default_value_t = 600)]
+    rank_timeout: u64,
+    /// TOML file with any of the hyperparameters (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[command(flatten)]
     hyper: Hyper,
 }
@@ -204,6 +287,7 @@ fn main() -> Result<()> {
     }));
     let cli = match Cli::parse().command {
         Command::Pretrain(cli) => *cli,
+        Command::Sft(cli) => return run_sft(*cli),
         Command::Plot { metrics, out, floor } => {
             let file = if metrics.is_dir() {
                 metrics.join(deepseek_train::metrics::METRICS_FILE)
@@ -216,60 +300,9 @@ fn main() -> Result<()> {
             return Ok(());
         }
     };
-    let mut train: deepseek_train::TrainConfig = match &cli.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            toml::from_str(&text)
-                .with_context(|| format!("{} is not a valid training config", path.display()))?
-        }
-        None => Default::default(),
-    };
-    let h = &cli.hyper;
-    macro_rules! set {
-        ($($field:ident).+ = $value:expr) => {
-            if let Some(v) = $value {
-                train.$($field).+ = v;
-            }
-        };
-    }
-    set!(steps = cli.steps);
-    set!(seed = cli.seed);
-    set!(batch_size = h.batch_size);
-    set!(seq_len = h.seq_len);
-    set!(grad_accum = h.grad_accum);
-    set!(lr = h.lr);
-    set!(warmup_steps = h.warmup_steps);
-    set!(decay_start = h.decay_start);
-    set!(decay_end = h.decay_end);
-    set!(min_lr = h.min_lr);
-    set!(final_lr = h.final_lr.map(Some));
-    set!(optim.weight_decay = h.weight_decay);
-    set!(optim.beta1 = h.beta1);
-    set!(optim.beta2 = h.beta2);
-    set!(optim.max_grad_norm = h.clip_norm.map(|c| (c > 0.0).then_some(c)));
-    set!(bias_gamma = h.bias_gamma);
-    set!(bias_update_until = h.bias_update_until.map(Some));
-    set!(seq_aux_alpha = h.seq_aux_alpha);
-    set!(aux_loss_alpha = h.aux_loss_alpha);
-    set!(mtp_lambda = h.mtp_lambda);
-    set!(mtp_lambda_late = h.mtp_lambda_late);
-    set!(mtp_lambda_switch = h.mtp_lambda_switch);
-    set!(eval_every = h.eval_every);
-    set!(eval_batches = h.eval_batches);
-    set!(checkpoint_every = h.checkpoint_every);
-    set!(keep_checkpoints = h.keep_checkpoints);
-    set!(balance = cli.balance.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?);
-    if h.fp8 {
-        train.fp8 = true;
-    }
-    if let Some(limit) = h.node_limit {
-        train.node_limit = Some(limit);
-    }
-    set!(
-        on_nonfinite =
-            h.on_nonfinite.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?
-    );
+    let mut train = read_config(cli.config.as_deref(), Default::default())?;
+    apply_hyper(&mut train, &cli.hyper, cli.steps, cli.seed)?;
+    set_balance(&mut train, cli.balance.as_deref())?;
     if cli.steps.is_none() && cli.config.is_none() {
         bail!("--steps is required (or a --config file that sets `steps`)");
     }
@@ -304,6 +337,142 @@ fn main() -> Result<()> {
         progress: true,
     };
     let summary = pretrain(&args)?;
+    println!("{summary}");
+    Ok(())
+}
+
+/// The TOML file's hyperparameters over `defaults`, or the defaults.
+fn read_config(
+    path: Option<&std::path::Path>,
+    defaults: deepseek_train::TrainConfig,
+) -> Result<deepseek_train::TrainConfig> {
+    let Some(path) = path else { return Ok(defaults) };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // Keys the file leaves out keep `defaults`: merge the file over them as TOML tables.
+    let mut base = toml::Table::try_from(&defaults).expect("the config serializes");
+    let file: toml::Table = toml::from_str(&text)
+        .with_context(|| format!("{} is not a valid training config", path.display()))?;
+    for (k, v) in file {
+        base.insert(k, v);
+    }
+    toml::Value::Table(base)
+        .try_into()
+        .with_context(|| format!("{} is not a valid training config", path.display()))
+}
+
+fn set_balance(train: &mut deepseek_train::TrainConfig, balance: Option<&str>) -> Result<()> {
+    if let Some(b) = balance {
+        train.balance = b.parse().map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
+/// The flags of `hyper` over `train`.
+fn apply_hyper(
+    train: &mut deepseek_train::TrainConfig,
+    hyper: &Hyper,
+    steps: Option<usize>,
+    seed: Option<u64>,
+) -> Result<()> {
+    let h = hyper;
+    macro_rules! set {
+        ($($field:ident).+ = $value:expr) => {
+            if let Some(v) = $value {
+                train.$($field).+ = v;
+            }
+        };
+    }
+    set!(steps = steps);
+    set!(seed = seed);
+    set!(batch_size = h.batch_size);
+    set!(seq_len = h.seq_len);
+    set!(grad_accum = h.grad_accum);
+    set!(lr = h.lr);
+    set!(warmup_steps = h.warmup_steps);
+    set!(decay_start = h.decay_start);
+    set!(decay_end = h.decay_end);
+    set!(min_lr = h.min_lr);
+    set!(final_lr = h.final_lr.map(Some));
+    set!(optim.weight_decay = h.weight_decay);
+    set!(optim.beta1 = h.beta1);
+    set!(optim.beta2 = h.beta2);
+    set!(optim.max_grad_norm = h.clip_norm.map(|c| (c > 0.0).then_some(c)));
+    set!(bias_gamma = h.bias_gamma);
+    set!(bias_update_until = h.bias_update_until.map(Some));
+    set!(seq_aux_alpha = h.seq_aux_alpha);
+    set!(aux_loss_alpha = h.aux_loss_alpha);
+    set!(mtp_lambda = h.mtp_lambda);
+    set!(mtp_lambda_late = h.mtp_lambda_late);
+    set!(mtp_lambda_switch = h.mtp_lambda_switch);
+    set!(eval_every = h.eval_every);
+    set!(eval_batches = h.eval_batches);
+    set!(checkpoint_every = h.checkpoint_every);
+    set!(keep_checkpoints = h.keep_checkpoints);
+    if h.fp8 {
+        train.fp8 = true;
+    }
+    if let Some(limit) = h.node_limit {
+        train.node_limit = Some(limit);
+    }
+    set!(
+        on_nonfinite =
+            h.on_nonfinite.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?
+    );
+    Ok(())
+}
+
+fn run_sft(cli: SftCli) -> Result<()> {
+    use deepseek_train::config::{Finetune, LoraRecipe};
+    use deepseek_train::sft::{sft, sft_defaults, warmup_for, SftArgs};
+    let lora = if cli.full {
+        None
+    } else {
+        let targets = deepseek_core::LoraTargets::parse(&cli.lora_targets)?;
+        let recipe = LoraRecipe {
+            rank: cli.lora_rank,
+            alpha: cli.lora_alpha,
+            rslora: cli.rslora,
+            dropout: cli.lora_dropout,
+            targets: targets.0,
+        };
+        recipe.settings().validate()?;
+        Some(recipe)
+    };
+    let mut train = read_config(cli.config.as_deref(), sft_defaults(lora.is_some(), cli.router))?;
+    apply_hyper(&mut train, &cli.hyper, cli.steps, cli.seed)?;
+    train.finetune = Some(Finetune { base_model: cli.model.clone(), lora, router: cli.router });
+    if cli.hyper.warmup_steps.is_none() {
+        train.warmup_steps = warmup_for(train.steps);
+    }
+    let epochs = match (cli.epochs, cli.steps, &cli.config) {
+        (Some(e), _, _) => Some(e),
+        (None, None, None) => Some(1.0),
+        _ => None,
+    };
+    let (device, device_ids) = cli.device;
+    let args = SftArgs {
+        data: cli.data,
+        val_data: cli.val_data,
+        out: cli.out,
+        max_len: cli.max_len,
+        strict_length: cli.strict_length,
+        pack: cli.pack,
+        train_on_prompt: cli.train_on_prompt,
+        epochs,
+        resume: cli.resume,
+        device,
+        device_ids,
+        layout: Layout {
+            ranks: cli.ranks,
+            expert_parallel: cli.expert_parallel,
+            timeout: std::time::Duration::from_secs(cli.rank_timeout),
+            nodes: None,
+        },
+        progress: true,
+        train,
+    };
+    let summary = sft(&args)?;
     println!("{summary}");
     Ok(())
 }

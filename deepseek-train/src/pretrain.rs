@@ -18,6 +18,7 @@ use crate::distributed::{self, Layout, RankContext, Reducer};
 use crate::error::{Result, TrainError};
 use crate::export::export_hf;
 use crate::metrics::{plot, EvalRecord, StepRecord, METRICS_FILE};
+use crate::source::TrainingData;
 use crate::trainer::{Event, Trainer};
 
 pub use deepseek_core::device::DeviceKind;
@@ -331,18 +332,19 @@ fn run<AB: AutodiffBackend>(args: &PretrainArgs, devices: &[AB::Device]) -> Resu
 }
 
 /// What one rank's thread returns: its trainer and last records, or its error.
-type RankOutcome<AB> = Result<(Trainer<AB>, Option<StepRecord>, Option<EvalRecord>)>;
+pub(crate) type RankOutcome<AB> = Result<(Trainer<AB>, Option<StepRecord>, Option<EvalRecord>)>;
 
-type Observer<'a> = dyn Fn(&mut Option<StepRecord>, &mut Option<EvalRecord>, Event) + Sync + 'a;
+pub(crate) type Observer<'a> =
+    dyn Fn(&mut Option<StepRecord>, &mut Option<EvalRecord>, Event) + Sync + 'a;
 
 /// Runs this process's ranks of a parallel run, one thread each, and returns rank 0's trainer
 /// and last records. Any rank's error (or panic) is the run's error.
-fn run_ranks<AB: AutodiffBackend>(
+pub(crate) fn run_ranks<AB: AutodiffBackend>(
     primary: Trainer<AB>,
     layout: &Layout,
     devices: &[AB::Device],
     device_ordinal: usize,
-    data: &Dataset,
+    data: &dyn TrainingData,
     observe: &Observer,
 ) -> RankOutcome<AB> {
     let _turn = distributed::collective_lock();

@@ -17,19 +17,20 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor};
 use deepseek_core::fp8::{self, GemmPrecision};
 use deepseek_core::{DeepSeekConfig, DeepSeekModel};
 
 use crate::balance::{max_vio, update_model_biases};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{NonFinitePolicy, TrainConfig};
-use crate::data::{DataConfig, Dataset, Windows};
+use crate::data::DataConfig;
 use crate::distributed::{self, RankContext};
 use crate::error::{Result, TrainError};
-use crate::loss::{batch_loss, BalanceMode, LossWeights};
+use crate::loss::{batch_objective, BalanceMode, LossWeights};
 use crate::metrics::{EvalRecord, MetricsWriter, StepRecord};
 use crate::optim::AdamW;
+use crate::source::{BatchReader, HostBatch, TrainingData};
 
 /// A fresh model whose weights are a function of `seed` alone. Burn draws initial weights from
 /// one process-wide generator per backend; a lock keeps other initializations in this crate
@@ -82,8 +83,8 @@ struct Position {
 /// What [`Trainer::accumulate`] leaves for the rest of the step.
 struct Accumulated<AB: AutodiffBackend> {
     grads: GradientsParams,
-    /// `[3 + Σ E]` on the device: the sums over micro-batches of the main, MTP and balance
-    /// losses, then every MoE block's expert token counts.
+    /// `[4 + Σ E]` on the device: the sums over micro-batches of the main, MTP and balance
+    /// losses, the input tokens (padding excluded), then every MoE block's expert token counts.
     stats: Tensor<AB::InnerBackend, 1>,
     has_mtp: bool,
     has_balance: bool,
@@ -94,6 +95,8 @@ struct StepStats {
     loss: f64,
     mtp_loss: Option<f64>,
     balance_loss: Option<f64>,
+    /// Input tokens of the global batch, padding excluded.
+    tokens: u64,
     /// Tokens per expert of every MoE block, over the global batch.
     counts: Vec<Vec<u64>>,
 }
@@ -265,32 +268,26 @@ impl<AB: AutodiffBackend> Trainer<AB> {
     /// `position + rank·b/R ..` of `b/R`.
     fn batch(
         &self,
-        windows: &mut Windows,
+        reader: &mut dyn BatchReader,
         seed: u64,
         position: u64,
         batch: usize,
-    ) -> Tensor<AB, 2, Int> {
-        let seq = self.config.seq_len;
+    ) -> HostBatch {
         let per_rank = batch / self.world();
         let first = position + (self.rank.as_ref().map_or(0, |r| r.rank) * per_rank) as u64;
-        let ids: Vec<i64> = (0..per_rank as u64)
-            .flat_map(|i| windows.shuffled(seed, first + i))
-            .map(i64::from)
-            .collect();
-        Tensor::from_data(TensorData::new(ids, [per_rank, seq + 1]), &self.device)
+        reader.rows(seed, first, per_rank)
     }
 
     /// One optimizer step over `grad_accum` micro-batches.
-    pub fn train_step(&mut self, windows: &mut Windows) -> Result<StepRecord> {
+    pub fn train_step(&mut self, reader: &mut dyn BatchReader) -> Result<StepRecord> {
         let start = Instant::now();
-        let accumulated = self.accumulate(windows);
+        let accumulated = self.accumulate(reader);
         let (grads, stats) = self.reduce(accumulated)?;
         let lr = self.config.schedule().lr(self.step);
         let grad_norm = AdamW::<AB::InnerBackend>::global_norm::<AB, _>(&self.model, &grads);
         let skipped = !self.apply(lr, grads, grad_norm, &stats)?;
         self.step += 1;
-        let step_tokens =
-            (self.config.grad_accum * self.config.batch_size * self.config.seq_len) as u64;
+        let step_tokens = stats.tokens;
         self.tokens += step_tokens;
         let record = StepRecord {
             step: self.step,
@@ -312,16 +309,16 @@ impl<AB: AutodiffBackend> Trainer<AB> {
 
     /// Forward and backward over this rank's share of `grad_accum` micro-batches: the summed
     /// gradients, and the loss sums and expert counts as one device tensor (no host read).
-    fn accumulate(&mut self, windows: &mut Windows) -> Accumulated<AB> {
+    fn accumulate(&mut self, reader: &mut dyn BatchReader) -> Accumulated<AB> {
         let cfg = &self.config;
         let weights = cfg.loss_weights(self.step);
         let mut accumulator = GradientsAccumulator::<DeepSeekModel<AB>>::new();
         let mut stats: Option<Tensor<AB::InnerBackend, 1>> = None;
         let (mut has_mtp, mut has_balance) = (false, false);
         for _ in 0..cfg.grad_accum {
-            let ids = self.batch(windows, cfg.seed, self.position, cfg.batch_size);
+            let host = self.batch(reader, cfg.seed, self.position, cfg.batch_size);
             self.position += cfg.batch_size as u64;
-            let loss = batch_loss(&self.model, ids, weights);
+            let loss = batch_objective(&self.model, host.to_device(&self.device), weights);
             // Each rank's loss is a mean over its share: the global mean is their average.
             let scaled = loss.total.div_scalar((cfg.grad_accum * self.world()) as f64);
             let grads = GradientsParams::from_grads(scaled.backward(), &self.model);
@@ -332,9 +329,10 @@ impl<AB: AutodiffBackend> Trainer<AB> {
                 loss.main.clone(),
                 loss.mtp.clone().unwrap_or_else(zero),
                 loss.balance.clone().unwrap_or_else(zero),
+                zero().add_scalar(host.tokens as f64),
             ];
             parts.extend(loss.counts.iter().map(|c| c.clone().float()));
-            let micro = Tensor::cat(parts, 0).inner(); // [3 + Σ E]
+            let micro = Tensor::cat(parts, 0).inner(); // [4 + Σ E]
             stats = Some(match stats {
                 Some(sum) => sum + micro,
                 None => micro,
@@ -359,7 +357,7 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             stats.into_data().convert::<f32>().into_vec().expect("f32 statistics");
         let n = self.config.grad_accum as f64 * world;
         let experts = self.model.config.n_routed_experts.max(1);
-        let counts = values[3..]
+        let counts = values[4..]
             .chunks(experts)
             .map(|c| c.iter().map(|&v| v.round() as u64).collect())
             .collect();
@@ -367,6 +365,7 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             loss: values[0] as f64 / n,
             mtp_loss: acc.has_mtp.then(|| values[1] as f64 / n),
             balance_loss: acc.has_balance.then(|| values[2] as f64 / n),
+            tokens: values[3].round() as u64,
             counts,
         };
         Ok((grads, stats))
@@ -408,12 +407,12 @@ impl<AB: AutodiffBackend> Trainer<AB> {
 
     /// Loss and global MaxVio over the validation split (its first `eval_batches` batches, in
     /// file order), with the inference model (no autodiff graph).
-    pub fn evaluate(&mut self, data: &Dataset) -> Result<EvalRecord> {
+    pub fn evaluate(&mut self, data: &dyn TrainingData) -> Result<EvalRecord> {
         // Every expert is on every rank: evaluation runs here alone, without the exchange.
         let model = self.model.valid();
         let policy = model.policy().clone().with_expert_parallel(None);
         let model = model.with_policy(policy)?;
-        let record = evaluate(&model, &data.val, &self.config, self.step)?;
+        let record = evaluate(&model, data, &self.config, self.step)?;
         if let Some(metrics) = &mut self.metrics {
             metrics.write(&record)?;
         }
@@ -441,10 +440,10 @@ impl<AB: AutodiffBackend> Trainer<AB> {
 
     /// Trains up to `config.steps`, evaluating and checkpointing on schedule, and always
     /// checkpointing (and evaluating) at the last step.
-    pub fn run(&mut self, data: &Dataset, mut observer: impl FnMut(Event)) -> Result<()> {
+    pub fn run(&mut self, data: &dyn TrainingData, mut observer: impl FnMut(Event)) -> Result<()> {
         let start = Instant::now();
-        let mut windows = Windows::new(&data.train, self.config.seq_len)?;
-        Windows::new(&data.val, self.config.seq_len)?; // fail now, not at the first evaluation
+        let mut reader = data.reader(self.config.seq_len)?;
+        data.validation(self.config.seq_len, 1, 1)?; // fail now, not at the first evaluation
         let bar = if self.progress {
             let bar = indicatif::ProgressBar::new(self.config.steps as u64);
             bar.set_style(
@@ -460,7 +459,7 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         };
         let mut last_eval: Option<EvalRecord> = None;
         while self.step < self.config.steps {
-            let record = self.train_step(&mut windows)?;
+            let record = self.train_step(reader.as_mut())?;
             observer(Event::Step(&record));
             let last = self.step == self.config.steps;
             if !self.is_primary() {
@@ -517,45 +516,34 @@ fn add_counts<B: burn::tensor::backend::Backend>(
     }
 }
 
-/// Mean losses and global MaxVio of `model` over the validation windows.
+/// Mean losses and global MaxVio of `model` over the validation split (weighted by targets,
+/// so a short last batch counts for what it holds).
 pub fn evaluate<B: burn::tensor::backend::Backend>(
     model: &DeepSeekModel<B>,
-    val: &crate::data::TokenFile,
+    data: &dyn TrainingData,
     config: &TrainConfig,
     step: usize,
 ) -> Result<EvalRecord> {
-    let windows = Windows::new(val, config.seq_len)?;
     let device = model.embed_tokens.weight.device();
-    let per_batch = config.batch_size;
-    let available = windows.count().div_ceil(per_batch);
-    let batches =
-        if config.eval_batches == 0 { available } else { config.eval_batches.min(available) };
+    let batches = data.validation(config.seq_len, config.batch_size, config.eval_batches)?;
     let weights = LossWeights { mtp_lambda: 0.0, balance: BalanceMode::None, alpha: 0.0 };
-    let (mut main, mut mtp, mut tokens, mut n_seq) = (0f64, None::<f64>, 0u64, 0usize);
+    let (mut main, mut mtp, mut tokens, mut total_weight) = (0f64, None::<f64>, 0u64, 0f64);
     let mut counts: Vec<Vec<u64>> = Vec::new();
-    for b in 0..batches {
-        let first = b * per_batch;
-        let size = per_batch.min(windows.count() - first);
-        let ids: Vec<i64> =
-            (first..first + size).flat_map(|i| windows.window(i)).map(i64::from).collect();
-        let ids = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(ids, [size, config.seq_len + 1]),
-            &device,
-        );
-        let loss = batch_loss(model, ids, weights);
-        // Weighted by sequences so a short last batch counts for what it holds.
-        main += loss.main.into_scalar().elem::<f64>() * size as f64;
+    for host in batches {
+        let weight = host.target_weight();
+        let loss = batch_objective(model, host.to_device(&device), weights);
+        main += loss.main.into_scalar().elem::<f64>() * weight;
         if let Some(m) = loss.mtp {
-            *mtp.get_or_insert(0.0) += m.into_scalar().elem::<f64>() * size as f64;
+            *mtp.get_or_insert(0.0) += m.into_scalar().elem::<f64>() * weight;
         }
         add_counts(&mut counts, loss.counts);
-        n_seq += size;
-        tokens += (size * config.seq_len) as u64;
+        total_weight += weight;
+        tokens += host.tokens as u64;
     }
     Ok(EvalRecord {
         step,
-        val_loss: main / n_seq as f64,
-        val_mtp_loss: mtp.map(|m| m / n_seq as f64),
+        val_loss: main / total_weight.max(1.0),
+        val_mtp_loss: mtp.map(|m| m / total_weight.max(1.0)),
         max_vio_global: counts.iter().map(|c| max_vio(c)).fold(0.0, f64::max),
         val_tokens: tokens,
     })

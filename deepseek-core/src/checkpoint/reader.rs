@@ -103,6 +103,15 @@ impl Checkpoint {
         Ok(Self { dir, fp8_block: None, shards, location })
     }
 
+    /// Opens one safetensors file (an adapter's `adapter_model.safetensors`, say).
+    pub fn open_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let shard = Shard::open(path.clone())?;
+        let location = shard.metadata.tensors().into_keys().map(|name| (name, 0)).collect();
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(Self { dir, fp8_block: None, shards: vec![shard], location })
+    }
+
     /// Accepts F8_E4M3 weights with `<name>_scale_inv` block scales of this block size (the
     /// config's `quantization_config.weight_block_size`); they are dequantized to f32 on read.
     pub fn with_fp8_block(mut self, block: Option<[usize; 2]>) -> Self {

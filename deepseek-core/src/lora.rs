@@ -1,0 +1,272 @@
+//! Low-rank adapters (LoRA, Hu et al. 2021) as a property of a [`Projection`]: the frozen
+//! weight `W` plus a trainable update of rank `r`,
+//!
+//! `y = x·W + s · (dropout(x)·A)·B`, with `s = alpha / r` (or `alpha / √r` with rsLoRA,
+//! Kalajdzievski 2023),
+//!
+//! in PEFT's conventions: `A` is drawn like a fresh linear layer (Kaiming-uniform with `a = √5`,
+//! i.e. `U(−1/√in, 1/√in)`), `B` starts at zero so the adapted model equals the base at step 0,
+//! and dropout applies to the adapter's input only. Burn keeps `A` as `[in, r]` and `B` as
+//! `[r, out]` (PEFT stores `lora_A.weight [r, in]` and `lora_B.weight [out, r]`; the adapter
+//! files in [`crate::adapter`] transpose).
+//!
+//! Which projections carry adapters is a list of module names ([`LoraTargets`]) matched against
+//! the last component of each projection's checkpoint path (`q_a_proj` matches
+//! `model.layers.3.self_attn.q_a_proj`), as PEFT matches `target_modules`.
+
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig};
+use burn::tensor::{backend::Backend, Distribution, Tensor};
+
+use crate::checkpoint::{table, Target};
+use crate::error::{DeepSeekError, Result};
+use crate::model::DeepSeekModel;
+use crate::projection::Projection;
+
+/// The five MLA projections, NeMo's DeepSeek-V3 LoRA targets (`q_proj` for models without
+/// q-LoRA).
+pub const ATTENTION_TARGETS: [&str; 6] =
+    ["q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"];
+/// The dense MLP and the shared experts' projections.
+pub const MLP_TARGETS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
+/// The hyperparameters of one adapter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraSettings {
+    /// Rank `r`.
+    pub rank: usize,
+    /// `alpha` of the scale.
+    pub alpha: f64,
+    /// rsLoRA: scale `alpha / √r` instead of `alpha / r`.
+    pub rslora: bool,
+    /// Dropout probability on the adapter input (training only).
+    pub dropout: f64,
+}
+
+impl Default for LoraSettings {
+    /// Rank 16, alpha 32, no dropout: the common fine-tuning choice (PEFT's default is 8/8).
+    fn default() -> Self {
+        Self { rank: 16, alpha: 32.0, rslora: false, dropout: 0.0 }
+    }
+}
+
+impl LoraSettings {
+    /// The scale `s` of the update.
+    pub fn scale(&self) -> f64 {
+        scale(self.alpha, self.rank, self.rslora)
+    }
+
+    /// Checks the values (rank at least 1, finite positive alpha, dropout in `[0, 1)`).
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            return Err(DeepSeekError::config("lora rank", "must be at least 1"));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(DeepSeekError::config(
+                "lora alpha",
+                format!("must be positive, got {}", self.alpha),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(DeepSeekError::config(
+                "lora dropout",
+                format!("must be in [0, 1), got {}", self.dropout),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `alpha / r`, or `alpha / √r` for rsLoRA.
+pub fn scale(alpha: f64, rank: usize, rslora: bool) -> f64 {
+    if rslora {
+        alpha / (rank as f64).sqrt()
+    } else {
+        alpha / rank as f64
+    }
+}
+
+/// The module names that carry adapters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoraTargets(pub Vec<String>);
+
+impl LoraTargets {
+    /// `attn` (the MLA projections), `attn+mlp` (plus the dense MLP and shared experts), or a
+    /// comma-separated list of module names.
+    pub fn parse(s: &str) -> Result<Self> {
+        let names: Vec<String> = match s {
+            "attn" => ATTENTION_TARGETS.iter().map(|s| s.to_string()).collect(),
+            "attn+mlp" => {
+                ATTENTION_TARGETS.iter().chain(&MLP_TARGETS).map(|s| s.to_string()).collect()
+            }
+            "all" => {
+                return Err(DeepSeekError::config(
+                    "lora targets",
+                    "`all` (adapters on every routed expert) is not implemented yet: use `attn` or `attn+mlp`",
+                ))
+            }
+            list => list.split(',').map(|s| s.trim().to_string()).collect(),
+        };
+        let known: Vec<&str> = ATTENTION_TARGETS.iter().chain(&MLP_TARGETS).copied().collect();
+        if let Some(bad) = names.iter().find(|n| !known.contains(&n.as_str())) {
+            return Err(DeepSeekError::config(
+                "lora targets",
+                format!(
+                    "unknown target module `{bad}`: choose attn, attn+mlp or names among {}",
+                    known.join(", ")
+                ),
+            ));
+        }
+        Ok(Self(names))
+    }
+
+    /// Whether the projection at checkpoint path `path` is a target.
+    pub fn matches(&self, path: &str) -> bool {
+        let last = path.rsplit('.').next().unwrap_or(path);
+        self.0.iter().any(|t| t == last)
+    }
+}
+
+/// One adapter: `s · (dropout(x)·A)·B`.
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    /// `[in, r]` (PEFT's `lora_A.weight` transposed).
+    pub a: Param<Tensor<B, 2>>,
+    /// `[r, out]` (PEFT's `lora_B.weight` transposed).
+    pub b: Param<Tensor<B, 2>>,
+    /// Dropout on the adapter input.
+    pub dropout: Dropout,
+    /// The scale `s`.
+    #[module(skip)]
+    pub scale: f64,
+}
+
+impl<B: Backend> Lora<B> {
+    /// A fresh adapter for a `[d_in] → [d_out]` map: `A ~ U(−1/√in, 1/√in)`, `B = 0`.
+    pub fn new(d_in: usize, d_out: usize, settings: &LoraSettings, device: &B::Device) -> Self {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let a = Tensor::random([d_in, settings.rank], Distribution::Uniform(-bound, bound), device);
+        let b = Tensor::zeros([settings.rank, d_out], device);
+        Self::from_tensors(a, b, settings.scale(), settings.dropout)
+    }
+
+    /// An adapter from its matrices (`a: [in, r]`, `b: [r, out]`).
+    pub fn from_tensors(a: Tensor<B, 2>, b: Tensor<B, 2>, scale: f64, dropout: f64) -> Self {
+        Self {
+            a: Param::from_tensor(a),
+            b: Param::from_tensor(b),
+            dropout: DropoutConfig::new(dropout).init(),
+            scale,
+        }
+    }
+
+    /// Rank `r`.
+    pub fn rank(&self) -> usize {
+        self.a.dims()[1]
+    }
+
+    /// The update `s · dropout(x)·A·B`.
+    ///
+    /// # Shapes
+    /// `x`: `[..., d_in]` → `[..., d_out]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = self.dropout.forward(x);
+        let down = burn::tensor::module::linear(x, self.a.val(), None); // [..., r]
+        burn::tensor::module::linear(down, self.b.val(), None).mul_scalar(self.scale)
+    }
+
+    /// `s · A·B`, the update as a `[d_in, d_out]` weight (merging, absorbed attention).
+    pub fn delta(&self) -> Tensor<B, 2> {
+        self.a.val().matmul(self.b.val()).mul_scalar(self.scale)
+    }
+}
+
+/// Calls `f` with the checkpoint path (`model.layers.3.self_attn.kv_b_proj`) and the projection
+/// of every adaptable map of the main model, in checkpoint-table order: attention, dense MLPs
+/// and shared experts. Not the head, the routed experts (stacked) or the MTP modules, which
+/// transformers' model (and so PEFT) does not have.
+pub fn for_each_adaptable<B: Backend>(
+    model: &mut DeepSeekModel<B>,
+    mut f: impl FnMut(&str, &mut Projection<B>) -> Result<()>,
+) -> Result<()> {
+    let main_layers = model.config.num_hidden_layers;
+    for row in table::<B>(&model.config) {
+        let Target::Linear(get) = row.target else { continue };
+        let Some(path) = row.name.strip_suffix(".weight") else { continue };
+        let in_main_layer = path
+            .strip_prefix("model.layers.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .is_some_and(|n| n < main_layers);
+        if in_main_layer && !path.ends_with("eh_proj") {
+            f(path, get(model, row.index))?;
+        }
+    }
+    Ok(())
+}
+
+impl<B: Backend> DeepSeekModel<B> {
+    /// This model with fresh adapters on every projection `targets` names, the rest of the
+    /// weights frozen (no gradients, so no optimizer state). Fails if no projection matches.
+    pub fn with_lora(mut self, targets: &LoraTargets, settings: &LoraSettings) -> Result<Self> {
+        settings.validate()?;
+        let mut model = self.freeze();
+        let device = model.embed_tokens.weight.device();
+        let mut attached = 0;
+        for_each_adaptable(&mut model, |path, projection| {
+            if targets.matches(path) {
+                let [d_in, d_out] = projection.dims();
+                projection.lora = Some(Lora::new(d_in, d_out, settings, &device));
+                attached += 1;
+            }
+            Ok(())
+        })?;
+        if attached == 0 {
+            return Err(DeepSeekError::config(
+                "lora targets",
+                format!("no projection of this model is named any of {:?}", targets.0),
+            ));
+        }
+        self = model;
+        Ok(self)
+    }
+
+    /// Every parameter frozen (no gradients), adapters excepted.
+    pub fn freeze(self) -> Self {
+        let mut model = self.no_grad();
+        let _ = for_each_adaptable(&mut model, |_, projection| {
+            if let Some(lora) = projection.lora.take() {
+                projection.lora = Some(Lora {
+                    a: lora.a.set_require_grad(true),
+                    b: lora.b.set_require_grad(true),
+                    ..lora
+                });
+            }
+            Ok(())
+        });
+        model
+    }
+
+    /// Whether any projection carries an adapter.
+    pub fn has_adapters(&mut self) -> bool {
+        let mut any = false;
+        let _ = for_each_adaptable(self, |_, p| {
+            any |= p.lora.is_some();
+            Ok(())
+        });
+        any
+    }
+
+    /// This model with every adapter folded into its weight, `W ← W + s·A·B` (PEFT's
+    /// `merge_and_unload`), and removed.
+    pub fn merge_adapters(mut self) -> Self {
+        let _ = for_each_adaptable(&mut self, |_, projection| {
+            if let Some(lora) = projection.lora.take() {
+                let merged = projection.weight.val() + lora.delta();
+                projection.weight = Param::from_tensor(merged);
+            }
+            Ok(())
+        });
+        self
+    }
+}
