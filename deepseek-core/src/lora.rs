@@ -247,6 +247,17 @@ impl<B: Backend> DeepSeekModel<B> {
         model
     }
 
+    /// Every router's gate weight frozen (fine-tuning with a frozen router; the correction
+    /// bias never has a gradient).
+    pub fn freeze_routers(mut self) -> Self {
+        for block in self.blocks_mut() {
+            if let crate::block::FeedForward::Moe(moe) = &mut block.mlp {
+                moe.gate.weight = moe.gate.weight.clone().set_require_grad(false);
+            }
+        }
+        self
+    }
+
     /// Whether any projection carries an adapter.
     pub fn has_adapters(&mut self) -> bool {
         let mut any = false;

@@ -62,6 +62,9 @@ enum Command {
         /// Ignore checkpoint tensors the model does not use.
         #[arg(long)]
         allow_unused: bool,
+        /// A LoRA adapter directory (PEFT layout) applied to the model, unmerged.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
     },
     /// Continues a prompt, greedily or by sampling, over the latent KV cache.
     Generate {
@@ -77,6 +80,9 @@ enum Command {
         /// tokenizer.json (default: the one in the model directory).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        /// A LoRA adapter directory (PEFT layout) applied to the model, unmerged.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         #[arg(long, default_value_t = 32)]
         max_new_tokens: usize,
         #[command(flatten)]
@@ -117,6 +123,9 @@ enum Command {
         repeats: usize,
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
+        /// A LoRA adapter directory (PEFT layout) applied to the model, unmerged.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
     },
     /// Interactive multi-turn chat: one user message per line on stdin, replies streamed.
     Chat {
@@ -132,12 +141,31 @@ enum Command {
         /// A system prompt opening the conversation.
         #[arg(long)]
         system: Option<String>,
+        /// A LoRA adapter directory (PEFT layout) applied to the model, unmerged; its
+        /// tokenizer_config.json (the template it was trained with) is used when present.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         #[arg(long, default_value_t = 256)]
         max_new_tokens: usize,
         #[command(flatten)]
         sampling: SamplingArgs,
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
+    },
+    /// Folds a LoRA adapter into its base (`W += s·B·A`) and writes a plain Hugging Face model.
+    Merge {
+        /// The base model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// The adapter directory (PEFT layout).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// f32, or bf16 (written through `convert`).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
     },
     /// Prints the token ids of a text, space-separated.
     Tokenize {
@@ -192,9 +220,11 @@ enum OnDevice {
         input: PathBuf,
         output: PathBuf,
         allow_unused: bool,
+        adapter: Option<PathBuf>,
     },
     Chat {
         model: PathBuf,
+        adapter: Option<PathBuf>,
         tok: TextTokenizer,
         template: ChatTemplate,
         system: Option<String>,
@@ -216,11 +246,13 @@ struct BenchJob {
     path: AttentionPath,
     repeats: usize,
     device: DeviceKind,
+    adapter: Option<PathBuf>,
 }
 
 /// What `deepseek generate` runs.
 struct GenerateJob {
     model: PathBuf,
+    adapter: Option<PathBuf>,
     prompt: Vec<i64>,
     cfg: GenerateConfig,
     print_ids: bool,
@@ -237,11 +269,11 @@ impl BackendTask for OnDevice {
     fn run<B: Backend>(self, devices: Vec<B::Device>) -> Result<()> {
         let dev = &devices[0];
         match self {
-            OnDevice::Logits { model, input, output, allow_unused } => {
-                logits::<B>(&model, &input, &output, dev, allow_unused)
+            OnDevice::Logits { model, input, output, allow_unused, adapter } => {
+                logits::<B>(&model, adapter.as_deref(), &input, &output, dev, allow_unused)
             }
-            OnDevice::Chat { model, tok, template, system, cfg } => {
-                chat_cmd::<B>(&model, &tok, &template, system, cfg, dev)
+            OnDevice::Chat { model, adapter, tok, template, system, cfg } => {
+                chat_cmd::<B>(&model, adapter.as_deref(), &tok, &template, system, cfg, dev)
             }
             OnDevice::Generate(job) => generate_cmd::<B>(job, dev),
             OnDevice::Bench(job) => bench_cmd::<B>(job, dev),
@@ -265,18 +297,24 @@ fn main() -> Result<()> {
             println!("bytes: {}", report.bytes);
             Ok(())
         }
-        Command::Logits { model, input, output, device, allow_unused } => {
-            on_device(device, OnDevice::Logits { model, input, output, allow_unused })
+        Command::Logits { model, input, output, device, allow_unused, adapter } => {
+            on_device(device, OnDevice::Logits { model, input, output, allow_unused, adapter })
         }
+        Command::Merge { model, adapter, out, dtype } => merge_cmd(&model, &adapter, &out, &dtype),
         Command::Chat {
             model,
             tokenizer,
             tokenizer_config,
             system,
+            adapter,
             max_new_tokens,
             sampling,
             device,
         } => {
+            // An adapter's own template is the one it was trained with.
+            let tokenizer_config = tokenizer_config.or_else(|| {
+                adapter.as_ref().map(|a| a.join("tokenizer_config.json")).filter(|p| p.is_file())
+            });
             let tok = TextTokenizer::from_file(
                 &tokenizer.unwrap_or_else(|| model.join("tokenizer.json")),
             )?;
@@ -289,7 +327,7 @@ fn main() -> Result<()> {
                 eos_token_id: None,
                 stop_sequences: vec![],
             };
-            on_device(device, OnDevice::Chat { model, tok, template, system, cfg })
+            on_device(device, OnDevice::Chat { model, adapter, tok, template, system, cfg })
         }
         Command::Tokenize { tokenizer, text } => {
             let tok = TextTokenizer::from_file(&tokenizer)?;
@@ -302,6 +340,7 @@ fn main() -> Result<()> {
             prompt_ids,
             prompt,
             tokenizer,
+            adapter,
             max_new_tokens,
             sampling,
             device,
@@ -337,6 +376,7 @@ fn main() -> Result<()> {
                 device,
                 OnDevice::Generate(GenerateJob {
                     model,
+                    adapter,
                     prompt: prompt_ids,
                     cfg,
                     print_ids,
@@ -355,6 +395,7 @@ fn main() -> Result<()> {
             context,
             repeats,
             device,
+            adapter,
         } => {
             let path = match path.as_str() {
                 "absorbed" => AttentionPath::Absorbed,
@@ -375,6 +416,7 @@ fn main() -> Result<()> {
                     path,
                     repeats,
                     device,
+                    adapter,
                 }),
             )
         }
@@ -391,11 +433,77 @@ fn main() -> Result<()> {
     }
 }
 
+/// The model of `dir`, with the LoRA adapter in `adapter` applied unmerged.
+fn load<B: Backend>(
+    dir: &Path,
+    adapter: Option<&Path>,
+    device: &B::Device,
+    options: LoadOptions,
+) -> Result<deepseek_core::DeepSeekModel<B>> {
+    let model = load_model::<B>(dir, device, options)
+        .with_context(|| format!("loading model from {}", dir.display()))?;
+    match adapter {
+        Some(a) => deepseek_core::adapter::load_adapter(model, a)
+            .with_context(|| format!("applying the adapter in {}", a.display())),
+        None => Ok(model),
+    }
+}
+
+/// `deepseek merge`: the base with its adapter folded in, as a plain HF model directory, with
+/// the tokenizer files (the adapter's template when it has one).
+fn merge_cmd(base: &Path, adapter: &Path, out: &Path, dtype: &str) -> Result<()> {
+    let to_bf16 = match dtype {
+        "f32" => false,
+        "bf16" => true,
+        other => bail!("--dtype {other}: choose f32 or bf16"),
+    };
+    if out.exists() && std::fs::read_dir(out)?.next().is_some() {
+        bail!("{} exists and is not empty: choose another --out", out.display());
+    }
+    let device = Default::default();
+    // FP8 bases are dequantized on load: the deltas are merged in f32, never rounded to E4M3.
+    let model = load::<burn::backend::Flex>(base, Some(adapter), &device, LoadOptions::default())?
+        .merge_adapters();
+    let staging = if to_bf16 { out.with_extension("f32.partial") } else { out.to_path_buf() };
+    deepseek_core::save_model(&model, &staging)?;
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        let from = [adapter.join(file), base.join(file)].into_iter().find(|p| p.is_file());
+        if let Some(from) = from {
+            std::fs::copy(&from, staging.join(file))
+                .with_context(|| format!("copying {}", from.display()))?;
+        }
+    }
+    if to_bf16 {
+        use deepseek_core::checkpoint::convert::{convert, ConvertTo};
+        convert(&staging, out, ConvertTo::Bf16, 4096 << 20)?;
+        for file in ["tokenizer.json", "tokenizer_config.json"] {
+            if staging.join(file).is_file() {
+                std::fs::copy(staging.join(file), out.join(file))?;
+            }
+        }
+        std::fs::remove_dir_all(&staging)?;
+    }
+    println!("{}", out.display());
+    Ok(())
+}
+
 fn bench_cmd<B: Backend>(job: BenchJob, dev: &B::Device) -> Result<()> {
-    let BenchJob { model, preset, context, prompt_tokens, new_tokens, path, repeats, device } = job;
+    let BenchJob {
+        model,
+        preset,
+        context,
+        prompt_tokens,
+        new_tokens,
+        path,
+        repeats,
+        device,
+        adapter,
+    } = job;
+    if adapter.is_some() && model.is_none() {
+        bail!("--adapter applies to a --model directory, not a preset");
+    }
     let model = match (&model, &preset) {
-        (Some(dir), _) => load_model::<B>(dir, dev, LoadOptions::default())
-            .with_context(|| format!("loading {}", dir.display()))?,
+        (Some(dir), _) => load::<B>(dir, adapter.as_deref(), dev, LoadOptions::default())?,
         (None, Some(name)) => {
             let mut cfg = DeepSeekConfig::preset(name)?;
             if let Some(c) = context {
@@ -418,13 +526,13 @@ fn bench_cmd<B: Backend>(job: BenchJob, dev: &B::Device) -> Result<()> {
 
 fn logits<B: Backend>(
     model_dir: &Path,
+    adapter: Option<&Path>,
     input: &Path,
     output: &Path,
     device: &B::Device,
     allow_unused: bool,
 ) -> Result<()> {
-    let model = load_model::<B>(model_dir, device, LoadOptions { allow_unused })
-        .with_context(|| format!("loading model from {}", model_dir.display()))?;
+    let model = load::<B>(model_dir, adapter, device, LoadOptions { allow_unused })?;
     let (ids, [batch, seq]) = io::read_ids(input, "input_ids")?;
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), device);
     let logits = model.try_forward(ids, ForwardOptions::default())?.logits;
@@ -435,10 +543,18 @@ fn logits<B: Backend>(
 }
 
 fn generate_cmd<B: Backend>(job: GenerateJob, device: &B::Device) -> Result<()> {
-    let GenerateJob { model: model_dir, prompt, mut cfg, print_ids, speculative, tok, stop } = job;
+    let GenerateJob {
+        model: model_dir,
+        adapter,
+        prompt,
+        mut cfg,
+        print_ids,
+        speculative,
+        tok,
+        stop,
+    } = job;
     let tokenizer = tok.as_ref();
-    let model = load_model::<B>(&model_dir, device, LoadOptions::default())
-        .with_context(|| format!("loading model from {}", model_dir.display()))?;
+    let model = load::<B>(&model_dir, adapter.as_deref(), device, LoadOptions::default())?;
     if let Some(tok) = tokenizer {
         tok.check_vocab(model.config.vocab_size)?;
     }
@@ -495,14 +611,14 @@ fn generate_cmd<B: Backend>(job: GenerateJob, device: &B::Device) -> Result<()> 
 
 fn chat_cmd<B: Backend>(
     model_dir: &Path,
+    adapter: Option<&Path>,
     tok: &TextTokenizer,
     template: &ChatTemplate,
     system: Option<String>,
     mut cfg: GenerateConfig,
     device: &B::Device,
 ) -> Result<()> {
-    let model = load_model::<B>(model_dir, device, LoadOptions::default())
-        .with_context(|| format!("loading model from {}", model_dir.display()))?;
+    let model = load::<B>(model_dir, adapter, device, LoadOptions::default())?;
     tok.check_vocab(model.config.vocab_size)?;
     // The turn ends at the template's EOS token, else at the model's.
     let eos = template.eos_token.as_deref().and_then(|t| tok.token_id(t)).map(i64::from);

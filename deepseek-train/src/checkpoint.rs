@@ -22,7 +22,7 @@ use deepseek_core::checkpoint::{write_atomic, write_safetensors, NamedTensor};
 use deepseek_core::{DeepSeekConfig, DeepSeekModel, LoadOptions};
 use serde::{Deserialize, Serialize};
 
-use crate::config::TrainConfig;
+use crate::config::{RouterMode, TrainConfig};
 use crate::data::DataConfig;
 use crate::error::{Result, TrainError};
 use crate::optim::{param_sizes, AdamW};
@@ -191,7 +191,18 @@ pub fn load<AB: AutodiffBackend>(
             )?;
             load_adapter(base, dir)?.freeze()
         }
-        None => deepseek_core::checkpoint::load_model(dir, device, LoadOptions::default())?,
+        None => {
+            let model: DeepSeekModel<AB> =
+                deepseek_core::checkpoint::load_model(dir, device, LoadOptions::default())?;
+            // A full fine-tune with a frozen router keeps it frozen after a resume.
+            let frozen =
+                state.train.finetune.as_ref().is_some_and(|f| f.router == RouterMode::Frozen);
+            if frozen {
+                model.freeze_routers()
+            } else {
+                model
+            }
+        }
     };
     let opt_path = dir.join(OPTIMIZER_FILE);
     let ckpt_tensors = read_all(&opt_path)?;

@@ -11,7 +11,6 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use deepseek_core::adapter::{save_adapter, save_router_biases, AdapterConfig, ROUTER_BIAS_FILE};
 use deepseek_core::device::{BackendTask, DeviceKind};
-use deepseek_core::moe::Moe;
 use deepseek_core::{DeepSeekConfig, DeepSeekModel, LoadOptions};
 use tokenizers::Tokenizer;
 
@@ -177,29 +176,25 @@ pub fn sft(args: &SftArgs) -> Result<SftSummary> {
     deepseek_core::device::run_on(args.device, &args.device_ids, Run(args))?
 }
 
-/// The base model prepared for training: adapters on a frozen base, or every weight but a
-/// frozen router.
+/// The base model prepared for training: adapters on a frozen base (their initial `A` a
+/// function of `seed` alone), or every weight but a frozen router.
 pub fn prepare_model<AB: AutodiffBackend>(
     finetune: &Finetune,
+    seed: u64,
     device: &AB::Device,
 ) -> Result<DeepSeekModel<AB>> {
     let model =
         deepseek_core::load_model::<AB>(&finetune.base_model, device, LoadOptions::default())?;
     Ok(match &finetune.lora {
-        Some(lora) => model.with_lora(&lora.targets(), &lora.settings())?,
-        None if finetune.router == RouterMode::Frozen => freeze_routers(model),
+        Some(lora) => {
+            let _guard = crate::trainer::seeded::<AB>(device, seed);
+            let model = model.with_lora(&lora.targets(), &lora.settings())?;
+            model.materialize();
+            model
+        }
+        None if finetune.router == RouterMode::Frozen => model.freeze_routers(),
         None => model,
     })
-}
-
-/// Freezes every router's gate weight (the correction bias never has a gradient).
-fn freeze_routers<B: Backend>(mut model: DeepSeekModel<B>) -> DeepSeekModel<B> {
-    for block in model.blocks_mut() {
-        if let deepseek_core::block::FeedForward::Moe(Moe { gate: router, .. }) = &mut block.mlp {
-            router.weight = router.weight.clone().set_require_grad(false);
-        }
-    }
-    model
 }
 
 /// Trainable and total parameter counts.
@@ -250,7 +245,7 @@ fn run<AB: AutodiffBackend>(args: &SftArgs, devices: &[AB::Device]) -> Result<Sf
         if let Some((step, dir)) = checkpoint::latest(out) {
             return Err(TrainError::checkpoint(&dir, format!("{} already holds a run (checkpoint at step {step}): pass --resume to continue it, or choose another --out", out.display())));
         }
-        let model = prepare_model::<AB>(&finetune, device)?;
+        let model = prepare_model::<AB>(&finetune, config.seed, device)?;
         Trainer::new(model, config.clone(), DataConfig::default(), out, device)?
     };
     trainer.progress = args.progress;

@@ -40,12 +40,22 @@ pub fn init_model<B: burn::tensor::backend::Backend>(
     seed: u64,
     device: &B::Device,
 ) -> DeepSeekModel<B> {
-    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    B::seed(device, seed);
+    let _guard = seeded::<B>(device, seed);
     let model = config.init::<B>(device);
     model.materialize();
     model
+}
+
+/// Seeds `B`'s process-wide generator and holds it (a lock) until the guard drops, so that what
+/// is drawn meanwhile is a function of `seed` alone.
+pub fn seeded<B: burn::tensor::backend::Backend>(
+    device: &B::Device,
+    seed: u64,
+) -> std::sync::MutexGuard<'static, ()> {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let guard = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    B::seed(device, seed);
+    guard
 }
 
 /// The model under the recipe's execution policy (GEMM precision, node limit), after installing
