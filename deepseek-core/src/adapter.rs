@@ -22,9 +22,8 @@ use serde_json::Value;
 
 use crate::checkpoint::{table, write_atomic, write_safetensors, Checkpoint, NamedTensor, Target};
 use crate::error::{DeepSeekError, Result};
-use crate::lora::{
-    for_each_adaptable, scale, Lora, LoraSettings, LoraTargets, ATTENTION_TARGETS, MLP_TARGETS,
-};
+use crate::finetune::for_each_adaptable;
+use crate::lora::{scale, Lora, LoraSettings, LoraTargets, ATTENTION_TARGETS, MLP_TARGETS};
 use crate::model::DeepSeekModel;
 
 /// The adapter's configuration file.

@@ -10,6 +10,7 @@ pub mod config;
 pub(crate) mod cube;
 pub mod device;
 pub mod error;
+pub mod finetune;
 pub mod fp8;
 mod hf_config;
 pub mod lora;

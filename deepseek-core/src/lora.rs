@@ -12,16 +12,14 @@
 //!
 //! Which projections carry adapters is a list of module names ([`LoraTargets`]) matched against
 //! the last component of each projection's checkpoint path (`q_a_proj` matches
-//! `model.layers.3.self_attn.q_a_proj`), as PEFT matches `target_modules`.
+//! `model.layers.3.self_attn.q_a_proj`), as PEFT matches `target_modules`; attaching, freezing
+//! and merging on a whole model live in [`crate::finetune`].
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 
-use crate::checkpoint::{table, Target};
 use crate::error::{DeepSeekError, Result};
-use crate::model::DeepSeekModel;
-use crate::projection::Projection;
 
 /// The five MLA projections, NeMo's DeepSeek-V3 LoRA targets (`q_proj` for models without
 /// q-LoRA).
@@ -178,106 +176,5 @@ impl<B: Backend> Lora<B> {
     /// `s · A·B`, the update as a `[d_in, d_out]` weight (merging, absorbed attention).
     pub fn delta(&self) -> Tensor<B, 2> {
         self.a.val().matmul(self.b.val()).mul_scalar(self.scale)
-    }
-}
-
-/// Calls `f` with the checkpoint path (`model.layers.3.self_attn.kv_b_proj`) and the projection
-/// of every adaptable map of the main model, in checkpoint-table order: attention, dense MLPs
-/// and shared experts. Not the head, the routed experts (stacked) or the MTP modules, which
-/// transformers' model (and so PEFT) does not have.
-pub fn for_each_adaptable<B: Backend>(
-    model: &mut DeepSeekModel<B>,
-    mut f: impl FnMut(&str, &mut Projection<B>) -> Result<()>,
-) -> Result<()> {
-    let main_layers = model.config.num_hidden_layers;
-    for row in table::<B>(&model.config) {
-        let Target::Linear(get) = row.target else { continue };
-        let Some(path) = row.name.strip_suffix(".weight") else { continue };
-        let in_main_layer = path
-            .strip_prefix("model.layers.")
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|n| n.parse::<usize>().ok())
-            .is_some_and(|n| n < main_layers);
-        if in_main_layer && !path.ends_with("eh_proj") {
-            f(path, get(model, row.index))?;
-        }
-    }
-    Ok(())
-}
-
-impl<B: Backend> DeepSeekModel<B> {
-    /// This model with fresh adapters on every projection `targets` names, the rest of the
-    /// weights frozen (no gradients, so no optimizer state). Fails if no projection matches.
-    pub fn with_lora(mut self, targets: &LoraTargets, settings: &LoraSettings) -> Result<Self> {
-        settings.validate()?;
-        let mut model = self.freeze();
-        let device = model.embed_tokens.weight.device();
-        let mut attached = 0;
-        for_each_adaptable(&mut model, |path, projection| {
-            if targets.matches(path) {
-                let [d_in, d_out] = projection.dims();
-                projection.lora = Some(Lora::new(d_in, d_out, settings, &device));
-                attached += 1;
-            }
-            Ok(())
-        })?;
-        if attached == 0 {
-            return Err(DeepSeekError::config(
-                "lora targets",
-                format!("no projection of this model is named any of {:?}", targets.0),
-            ));
-        }
-        self = model;
-        Ok(self)
-    }
-
-    /// Every parameter frozen (no gradients), adapters excepted.
-    pub fn freeze(self) -> Self {
-        let mut model = self.no_grad();
-        let _ = for_each_adaptable(&mut model, |_, projection| {
-            if let Some(lora) = projection.lora.take() {
-                projection.lora = Some(Lora {
-                    a: lora.a.set_require_grad(true),
-                    b: lora.b.set_require_grad(true),
-                    ..lora
-                });
-            }
-            Ok(())
-        });
-        model
-    }
-
-    /// Every router's gate weight frozen (fine-tuning with a frozen router; the correction
-    /// bias never has a gradient).
-    pub fn freeze_routers(mut self) -> Self {
-        for block in self.blocks_mut() {
-            if let crate::block::FeedForward::Moe(moe) = &mut block.mlp {
-                moe.gate.weight = moe.gate.weight.clone().set_require_grad(false);
-            }
-        }
-        self
-    }
-
-    /// Whether any projection carries an adapter.
-    pub fn has_adapters(&mut self) -> bool {
-        let mut any = false;
-        let _ = for_each_adaptable(self, |_, p| {
-            any |= p.lora.is_some();
-            Ok(())
-        });
-        any
-    }
-
-    /// This model with every adapter folded into its weight, `W ← W + s·A·B` (PEFT's
-    /// `merge_and_unload`), and removed.
-    pub fn merge_adapters(mut self) -> Self {
-        let _ = for_each_adaptable(&mut self, |_, projection| {
-            if let Some(lora) = projection.lora.take() {
-                let merged = projection.weight.val() + lora.delta();
-                projection.weight = Param::from_tensor(merged);
-            }
-            Ok(())
-        });
-        self
     }
 }

@@ -248,7 +248,7 @@ fn lora_trains_adapters_only_and_leaves_the_base_bit_identical() {
     // And the adapters did move.
     let mut adapted = burn::module::AutodiffModule::valid(&trainer.model);
     let mut moved = 0.0f32;
-    deepseek_core::lora::for_each_adaptable(&mut adapted, |_, p| {
+    deepseek_core::finetune::for_each_adaptable(&mut adapted, |_, p| {
         if let Some(l) = &p.lora {
             moved = moved.max(values(l.b.val().abs()).into_iter().fold(0.0, f32::max));
         }

@@ -91,7 +91,7 @@ fn saved_adapters_load_back_and_name_peft_keys() {
     let settings = LoraSettings { rank: 3, alpha: 5.0, rslora: true, dropout: 0.0 };
     let mut model = base("v3_yarn_qlora").with_lora(&targets, &settings).unwrap();
     // Non-zero B so the adapter is not a no-op.
-    deepseek_core::lora::for_each_adaptable(&mut model, |_, p| {
+    deepseek_core::finetune::for_each_adaptable(&mut model, |_, p| {
         if let Some(lora) = p.lora.as_mut() {
             let b = Tensor::random(
                 lora.b.dims(),
