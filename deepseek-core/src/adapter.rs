@@ -16,13 +16,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use burn::module::Param;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::checkpoint::{table, write_atomic, write_safetensors, Checkpoint, NamedTensor, Target};
 use crate::error::{DeepSeekError, Result};
-use crate::finetune::for_each_adaptable;
+use crate::finetune::{for_each_adaptable, for_each_routed_experts, DOWN_PARTS, GATE_UP_PARTS};
 use crate::lora::{scale, Lora, LoraSettings, LoraTargets, ATTENTION_TARGETS, MLP_TARGETS};
 use crate::model::DeepSeekModel;
 
@@ -204,8 +204,25 @@ pub fn save_adapter<B: Backend>(
 ) -> Result<()> {
     let mut model = model.clone();
     let mut tensors = Vec::new();
+    // What the file holds, not what was asked for: the module names adapted, and the modules
+    // whose rank or scale differ from the defaults as patterns.
+    let mut config = config.clone();
+    let mut names: Vec<String> = Vec::new();
     for_each_adaptable(&mut model, |path, projection| {
         if let Some(lora) = &projection.lora {
+            let name = path.rsplit('.').next().unwrap_or(path).to_string();
+            if !names.contains(&name) {
+                names.push(name);
+            }
+            let rank = lora.rank();
+            if rank != config.r {
+                config.rank_pattern.insert(path.to_string(), rank);
+            }
+            let default = scale(config.lora_alpha, rank, config.use_rslora);
+            if (lora.scale - default).abs() > 1e-12 * default.abs().max(1.0) {
+                let per_alpha = scale(1.0, rank, config.use_rslora);
+                config.alpha_pattern.insert(path.to_string(), lora.scale / per_alpha);
+            }
             // Burn `[in, r]` / `[r, out]` → PEFT `[r, in]` / `[out, r]`.
             for (name, t) in [("lora_A", lora.a.val()), ("lora_B", lora.b.val())] {
                 let t = t.transpose();
@@ -220,6 +237,60 @@ pub fn save_adapter<B: Backend>(
         }
         Ok(())
     })?;
+    for_each_routed_experts(&mut model, |prefix, routed| {
+        for (projection, parts) in
+            [(&routed.gate_up, &GATE_UP_PARTS[..]), (&routed.down, &DOWN_PARTS[..])]
+        {
+            let Some(lora) = &projection.lora else { continue };
+            let (r, n_parts) = (lora.rank(), parts.len());
+            let [experts, d_in, pr] = lora.a.dims();
+            let [_, _, d_part] = lora.b.dims();
+            let host = |t: Tensor<B, 3>| -> Vec<f32> {
+                t.into_data().convert::<f32>().into_vec().expect("f32 weights")
+            };
+            let (a, b) = (host(lora.a.val()), host(lora.b.val()));
+            let per_alpha = scale(1.0, r, config.use_rslora);
+            let default = scale(config.lora_alpha, r, config.use_rslora);
+            for e in 0..experts {
+                for (p, part) in parts.iter().enumerate() {
+                    let path = format!("{prefix}.{e}.{part}");
+                    if !names.contains(&part.to_string()) {
+                        names.push(part.to_string());
+                    }
+                    if r != config.r {
+                        config.rank_pattern.insert(path.clone(), r);
+                    }
+                    if (lora.scale - default).abs() > 1e-12 * default.abs().max(1.0) {
+                        config.alpha_pattern.insert(path.clone(), lora.scale / per_alpha);
+                    }
+                    // PEFT lora_A [r, in]: (j, i) = a[e, i, p·r + j]; lora_B [out_p, r]:
+                    // (o, j) = b[e, p·r + j, o].
+                    let a_t: Vec<f32> = (0..r)
+                        .flat_map(|j| (0..d_in).map(move |i| (i, j)))
+                        .map(|(i, j)| a[(e * d_in + i) * pr + p * r + j])
+                        .collect();
+                    let b_t: Vec<f32> = (0..d_part)
+                        .flat_map(|o| (0..r).map(move |j| (o, j)))
+                        .map(|(o, j)| b[(e * pr + p * r + j) * d_part + o])
+                        .collect();
+                    debug_assert_eq!(pr, n_parts * r);
+                    tensors.push(NamedTensor {
+                        name: format!("{PREFIX}{path}.lora_A.weight"),
+                        shape: vec![r, d_in],
+                        values: a_t,
+                    });
+                    tensors.push(NamedTensor {
+                        name: format!("{PREFIX}{path}.lora_B.weight"),
+                        shape: vec![d_part, r],
+                        values: b_t,
+                    });
+                }
+            }
+        }
+        Ok(())
+    })?;
+    config.target_modules = Value::from(names);
+    let config = &config;
     if tensors.is_empty() {
         return Err(DeepSeekError::Adapter {
             path: dir.into(),
@@ -271,6 +342,74 @@ pub fn load_adapter<B: Backend>(model: DeepSeekModel<B>, dir: &Path) -> Result<D
         projection.lora = Some(Lora::from_tensors(a_t, b_t, s, config.lora_dropout));
         used.insert(a_name);
         used.insert(b_name);
+        Ok(())
+    })?;
+    for_each_routed_experts(&mut model, |prefix, routed| {
+        for (projection, parts) in
+            [(&mut routed.gate_up, &GATE_UP_PARTS[..]), (&mut routed.down, &DOWN_PARTS[..])]
+        {
+            let [experts, d_in, d_out] = projection.dims();
+            let d_part = d_out / parts.len();
+            let name =
+                |e: usize, part: &str, m: &str| format!("{PREFIX}{prefix}.{e}.{part}.{m}.weight");
+            let present = (0..experts)
+                .flat_map(|e| parts.iter().map(move |p| (e, *p)))
+                .filter(|(e, p)| weights.stored(&name(*e, p, "lora_A")).is_some())
+                .count();
+            if present == 0 {
+                continue;
+            }
+            if present != experts * parts.len() {
+                return Err(bad(format!(
+                    "{prefix}: adapters on {present} of the {} routed-expert maps ({}); this crate needs all or none",
+                    experts * parts.len(),
+                    parts.join(", ")
+                )));
+            }
+            let r = weights.stored(&name(0, parts[0], "lora_A")).expect("present").shape[0];
+            let s = config.rank_and_scale(&format!("{prefix}.0.{}", parts[0]), r);
+            let pr = parts.len() * r;
+            let (mut a, mut b) =
+                (vec![0f32; experts * d_in * pr], vec![0f32; experts * pr * d_part]);
+            for e in 0..experts {
+                for (p, part) in parts.iter().enumerate() {
+                    let path = format!("{prefix}.{e}.{part}");
+                    if (config.rank_and_scale(&path, r) - s).abs() > 1e-12 * s.abs().max(1.0) {
+                        return Err(bad(format!(
+                            "`{path}`: routed experts with different scales are not supported"
+                        )));
+                    }
+                    let (an, bn) = (name(e, part, "lora_A"), name(e, part, "lora_B"));
+                    let shapes = (
+                        weights.stored(&an).map(|t| t.shape),
+                        weights.stored(&bn).map(|t| t.shape),
+                    );
+                    if shapes != (Some(vec![r, d_in]), Some(vec![d_part, r])) {
+                        return Err(bad(format!(
+                            "`{path}`: lora_A/lora_B are {:?}/{:?}, expected [{r}, {d_in}]/[{d_part}, {r}] (one rank for all experts, shapes of this model)",
+                            shapes.0, shapes.1
+                        )));
+                    }
+                    let host = |n: &str, shape: [usize; 2]| -> Result<Vec<f32>> {
+                        Ok(weights.read_f32(n, &shape)?.into_vec().expect("read_f32 gives f32"))
+                    };
+                    let (a_t, b_t) = (host(&an, [r, d_in])?, host(&bn, [d_part, r])?);
+                    for j in 0..r {
+                        for i in 0..d_in {
+                            a[(e * d_in + i) * pr + p * r + j] = a_t[j * d_in + i];
+                        }
+                        for o in 0..d_part {
+                            b[(e * pr + p * r + j) * d_part + o] = b_t[o * r + j];
+                        }
+                    }
+                    used.insert(an);
+                    used.insert(bn);
+                }
+            }
+            let a = Tensor::from_data(TensorData::new(a, [experts, d_in, pr]), &device);
+            let b = Tensor::from_data(TensorData::new(b, [experts, pr, d_part]), &device);
+            projection.lora = Some(Lora::from_stacked(a, b, parts.len(), s, config.lora_dropout));
+        }
         Ok(())
     })?;
     let unused: Vec<&str> = weights.names().filter(|n| !used.contains(*n)).collect();

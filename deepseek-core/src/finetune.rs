@@ -5,11 +5,19 @@
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 
+use crate::block::FeedForward;
 use crate::checkpoint::{table, Target};
 use crate::error::{DeepSeekError, Result};
 use crate::lora::{Lora, LoraSettings, LoraTargets};
 use crate::model::DeepSeekModel;
+use crate::moe::RoutedExperts;
 use crate::projection::Projection;
+
+/// The checkpoint names of the maps each stacked expert projection fuses, in column order:
+/// `gate_up` holds gate then up, `down` holds down.
+pub const GATE_UP_PARTS: [&str; 2] = ["gate_proj", "up_proj"];
+/// See [`GATE_UP_PARTS`].
+pub const DOWN_PARTS: [&str; 1] = ["down_proj"];
 
 /// Calls `f` with the checkpoint path (`model.layers.3.self_attn.kv_b_proj`) and the projection
 /// of every adaptable map of the main model, in checkpoint-table order: attention, dense MLPs
@@ -35,8 +43,24 @@ pub fn for_each_adaptable<B: Backend>(
     Ok(())
 }
 
+/// Calls `f` with the checkpoint prefix of the routed experts (`model.layers.3.mlp.experts`;
+/// expert `e`'s maps are `<prefix>.e.gate_proj` and so on) and the stacked experts of every MoE
+/// block of the main model.
+pub fn for_each_routed_experts<B: Backend>(
+    model: &mut DeepSeekModel<B>,
+    mut f: impl FnMut(&str, &mut RoutedExperts<B>) -> Result<()>,
+) -> Result<()> {
+    for (l, layer) in model.layers.iter_mut().enumerate() {
+        if let FeedForward::Moe(moe) = &mut layer.mlp {
+            f(&format!("model.layers.{l}.mlp.experts"), &mut moe.experts)?;
+        }
+    }
+    Ok(())
+}
+
 impl<B: Backend> DeepSeekModel<B> {
-    /// This model with fresh adapters on every projection `targets` names, the rest of the
+    /// This model with fresh adapters on every projection `targets` names (and, with the
+    /// `experts` target, one per routed expert of rank `settings.expert_rank`), the rest of the
     /// weights frozen (no gradients, so no optimizer state). Fails if no projection matches.
     pub fn with_lora(mut self, targets: &LoraTargets, settings: &LoraSettings) -> Result<Self> {
         settings.validate()?;
@@ -51,6 +75,19 @@ impl<B: Backend> DeepSeekModel<B> {
             }
             Ok(())
         })?;
+        if targets.experts() {
+            let experts = LoraSettings { rank: settings.expert_rank, ..*settings };
+            for_each_routed_experts(&mut model, |_, routed| {
+                for (projection, parts) in
+                    [(&mut routed.gate_up, GATE_UP_PARTS.len()), (&mut routed.down, 1)]
+                {
+                    let [e, d_in, d_out] = projection.dims();
+                    projection.lora = Some(Lora::stacked(e, d_in, d_out, parts, &experts, &device));
+                    attached += 1;
+                }
+                Ok(())
+            })?;
+        }
         if attached == 0 {
             return Err(DeepSeekError::config(
                 "lora targets",
@@ -74,6 +111,18 @@ impl<B: Backend> DeepSeekModel<B> {
             }
             Ok(())
         });
+        let _ = for_each_routed_experts(&mut model, |_, routed| {
+            for projection in [&mut routed.gate_up, &mut routed.down] {
+                if let Some(lora) = projection.lora.take() {
+                    projection.lora = Some(Lora {
+                        a: lora.a.set_require_grad(true),
+                        b: lora.b.set_require_grad(true),
+                        ..lora
+                    });
+                }
+            }
+            Ok(())
+        });
         model
     }
 
@@ -88,16 +137,6 @@ impl<B: Backend> DeepSeekModel<B> {
         self
     }
 
-    /// Whether any projection carries an adapter.
-    pub fn has_adapters(&mut self) -> bool {
-        let mut any = false;
-        let _ = for_each_adaptable(self, |_, p| {
-            any |= p.lora.is_some();
-            Ok(())
-        });
-        any
-    }
-
     /// This model with every adapter folded into its weight, `W ← W + s·A·B` (PEFT's
     /// `merge_and_unload`), and removed.
     pub fn merge_adapters(mut self) -> Self {
@@ -105,6 +144,15 @@ impl<B: Backend> DeepSeekModel<B> {
             if let Some(lora) = projection.lora.take() {
                 let merged = projection.weight.val() + lora.delta();
                 projection.weight = Param::from_tensor(merged);
+            }
+            Ok(())
+        });
+        let _ = for_each_routed_experts(&mut self, |_, routed| {
+            for projection in [&mut routed.gate_up, &mut routed.down] {
+                if let Some(lora) = projection.lora.take() {
+                    let merged = projection.weight.val() + lora.delta();
+                    projection.weight = Param::from_tensor(merged);
+                }
             }
             Ok(())
         });

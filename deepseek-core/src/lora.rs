@@ -27,6 +27,8 @@ pub const ATTENTION_TARGETS: [&str; 6] =
     ["q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"];
 /// The dense MLP and the shared experts' projections.
 pub const MLP_TARGETS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+/// The target name that puts one adapter on every routed expert's gate, up and down maps.
+pub const EXPERTS_TARGET: &str = "experts";
 
 /// The hyperparameters of one adapter.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -39,12 +41,15 @@ pub struct LoraSettings {
     pub rslora: bool,
     /// Dropout probability on the adapter input (training only).
     pub dropout: f64,
+    /// Rank of the adapters on the routed experts (target `experts`): E of them per layer, so
+    /// a smaller rank than the others.
+    pub expert_rank: usize,
 }
 
 impl Default for LoraSettings {
     /// Rank 16, alpha 32, no dropout: the common fine-tuning choice (PEFT's default is 8/8).
     fn default() -> Self {
-        Self { rank: 16, alpha: 32.0, rslora: false, dropout: 0.0 }
+        Self { rank: 16, alpha: 32.0, rslora: false, dropout: 0.0, expert_rank: 4 }
     }
 }
 
@@ -54,10 +59,13 @@ impl LoraSettings {
         scale(self.alpha, self.rank, self.rslora)
     }
 
-    /// Checks the values (rank at least 1, finite positive alpha, dropout in `[0, 1)`).
+    /// Checks the values (ranks at least 1, finite positive alpha, dropout in `[0, 1)`).
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 {
             return Err(DeepSeekError::config("lora rank", "must be at least 1"));
+        }
+        if self.expert_rank == 0 {
+            return Err(DeepSeekError::config("expert lora rank", "must be at least 1"));
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             return Err(DeepSeekError::config(
@@ -89,23 +97,29 @@ pub fn scale(alpha: f64, rank: usize, rslora: bool) -> f64 {
 pub struct LoraTargets(pub Vec<String>);
 
 impl LoraTargets {
-    /// `attn` (the MLA projections), `attn+mlp` (plus the dense MLP and shared experts), or a
-    /// comma-separated list of module names.
+    /// `attn` (the MLA projections), `attn+mlp` (plus the dense MLP and shared experts), `all`
+    /// (plus every routed expert), or a comma-separated list of module names (`experts` for
+    /// the routed experts).
     pub fn parse(s: &str) -> Result<Self> {
         let names: Vec<String> = match s {
             "attn" => ATTENTION_TARGETS.iter().map(|s| s.to_string()).collect(),
             "attn+mlp" => {
                 ATTENTION_TARGETS.iter().chain(&MLP_TARGETS).map(|s| s.to_string()).collect()
             }
-            "all" => {
-                return Err(DeepSeekError::config(
-                    "lora targets",
-                    "`all` (adapters on every routed expert) is not implemented yet: use `attn` or `attn+mlp`",
-                ))
-            }
+            "all" => ATTENTION_TARGETS
+                .iter()
+                .chain(&MLP_TARGETS)
+                .chain(&[EXPERTS_TARGET])
+                .map(|s| s.to_string())
+                .collect(),
             list => list.split(',').map(|s| s.trim().to_string()).collect(),
         };
-        let known: Vec<&str> = ATTENTION_TARGETS.iter().chain(&MLP_TARGETS).copied().collect();
+        let known: Vec<&str> = ATTENTION_TARGETS
+            .iter()
+            .chain(&MLP_TARGETS)
+            .chain(&[EXPERTS_TARGET])
+            .copied()
+            .collect();
         if let Some(bad) = names.iter().find(|n| !known.contains(&n.as_str())) {
             return Err(DeepSeekError::config(
                 "lora targets",
@@ -118,6 +132,11 @@ impl LoraTargets {
         Ok(Self(names))
     }
 
+    /// Whether the routed experts carry adapters.
+    pub fn experts(&self) -> bool {
+        self.0.iter().any(|t| t == EXPERTS_TARGET)
+    }
+
     /// Whether the projection at checkpoint path `path` is a target.
     pub fn matches(&self, path: &str) -> bool {
         let last = path.rsplit('.').next().unwrap_or(path);
@@ -125,21 +144,30 @@ impl LoraTargets {
     }
 }
 
-/// One adapter: `s · (dropout(x)·A)·B`.
+/// One adapter, `s · (dropout(x)·A)·B`, for a projection whose weight has rank `R`: one map
+/// (`R = 2`), or one adapter per stacked expert (`R = 3`, a leading expert axis on `A` and `B`).
+///
+/// A stacked projection may fuse `parts` maps along its output (the experts' `gate_up` holds
+/// gate and up): each part has its own adapter of rank `r`, laid side by side, part `p`'s `A` in
+/// columns `p·r..(p+1)·r` and its `B` in rows `p·r..(p+1)·r`, so that the update of part `p`
+/// only reaches its own output columns.
 #[derive(Module, Debug)]
-pub struct Lora<B: Backend> {
-    /// `[in, r]` (PEFT's `lora_A.weight` transposed).
-    pub a: Param<Tensor<B, 2>>,
-    /// `[r, out]` (PEFT's `lora_B.weight` transposed).
-    pub b: Param<Tensor<B, 2>>,
+pub struct Lora<B: Backend, const R: usize = 2> {
+    /// `[in, parts·r]`, or `[E, in, parts·r]` (PEFT's `lora_A.weight` transposed).
+    pub a: Param<Tensor<B, R>>,
+    /// `[parts·r, out / parts]`, or `[E, parts·r, out / parts]` (`lora_B.weight` transposed).
+    pub b: Param<Tensor<B, R>>,
     /// Dropout on the adapter input.
     pub dropout: Dropout,
     /// The scale `s`.
     #[module(skip)]
     pub scale: f64,
+    /// Maps fused along the output.
+    #[module(skip)]
+    pub parts: usize,
 }
 
-impl<B: Backend> Lora<B> {
+impl<B: Backend> Lora<B, 2> {
     /// A fresh adapter for a `[d_in] → [d_out]` map: `A ~ U(−1/√in, 1/√in)`, `B = 0`.
     pub fn new(d_in: usize, d_out: usize, settings: &LoraSettings, device: &B::Device) -> Self {
         let bound = 1.0 / (d_in as f64).sqrt();
@@ -155,6 +183,7 @@ impl<B: Backend> Lora<B> {
             b: Param::from_tensor(b),
             dropout: DropoutConfig::new(dropout).init(),
             scale,
+            parts: 1,
         }
     }
 
@@ -176,5 +205,84 @@ impl<B: Backend> Lora<B> {
     /// `s · A·B`, the update as a `[d_in, d_out]` weight (merging, absorbed attention).
     pub fn delta(&self) -> Tensor<B, 2> {
         self.a.val().matmul(self.b.val()).mul_scalar(self.scale)
+    }
+}
+
+impl<B: Backend> Lora<B, 3> {
+    /// Fresh adapters for `experts` stacked `[d_in] → [d_out]` maps fusing `parts` maps along
+    /// the output, each part of rank `settings.rank`: `A` drawn as in [`Lora::new`], `B = 0`.
+    pub fn stacked(
+        experts: usize,
+        d_in: usize,
+        d_out: usize,
+        parts: usize,
+        settings: &LoraSettings,
+        device: &B::Device,
+    ) -> Self {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let r = settings.rank * parts;
+        let a = Tensor::random([experts, d_in, r], Distribution::Uniform(-bound, bound), device);
+        let b = Tensor::zeros([experts, r, d_out / parts], device);
+        Self::from_stacked(a, b, parts, settings.scale(), settings.dropout)
+    }
+
+    /// Adapters from their stacked matrices (`a: [E, in, parts·r]`, `b: [E, parts·r, out/parts]`).
+    pub fn from_stacked(
+        a: Tensor<B, 3>,
+        b: Tensor<B, 3>,
+        parts: usize,
+        scale: f64,
+        dropout: f64,
+    ) -> Self {
+        Self {
+            a: Param::from_tensor(a),
+            b: Param::from_tensor(b),
+            dropout: DropoutConfig::new(dropout).init(),
+            scale,
+            parts,
+        }
+    }
+
+    /// Rank `r` of each part.
+    pub fn rank(&self) -> usize {
+        self.a.dims()[2] / self.parts
+    }
+
+    /// Part by part, `z_p · B_p` concatenated along the output: `z` `[..., parts·r]` and `b`
+    /// `[..., parts·r, out/parts]` (leading dimensions matching).
+    fn up_parts<const D: usize>(&self, z: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
+        let r = self.rank();
+        let parts = (0..self.parts)
+            .map(|p| z.clone().narrow(D - 1, p * r, r).matmul(b.clone().narrow(D - 2, p * r, r)))
+            .collect();
+        Tensor::cat(parts, D - 1).mul_scalar(self.scale)
+    }
+
+    /// Expert `e`'s update of its rows.
+    ///
+    /// # Shapes
+    /// `x`: `[n, d_in]` → `[n, d_out]`.
+    pub fn forward_expert(&self, e: usize, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [_, d_in, pr] = self.a.dims();
+        let [_, _, d_part] = self.b.dims();
+        let a = self.a.val().narrow(0, e, 1).reshape([d_in, pr]); // [in, parts·r]
+        let b = self.b.val().narrow(0, e, 1).reshape([pr, d_part]); // [parts·r, out/parts]
+        self.up_parts(self.dropout.forward(x).matmul(a), b)
+    }
+
+    /// Every expert's update of its own padded block of rows.
+    ///
+    /// # Shapes
+    /// `x`: `[E, cap, d_in]` → `[E, cap, d_out]`.
+    pub fn forward_grouped(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.up_parts(self.dropout.forward(x).matmul(self.a.val()), self.b.val())
+    }
+
+    /// The updates as stacked weights.
+    ///
+    /// # Shapes
+    /// → `[E, d_in, d_out]`.
+    pub fn delta(&self) -> Tensor<B, 3> {
+        self.up_parts(self.a.val(), self.b.val())
     }
 }

@@ -23,9 +23,9 @@ use crate::lora::Lora;
 pub struct Projection<B: Backend, const R: usize = 2> {
     /// `[in, out]`, or `[E, in, out]` for stacked experts.
     pub weight: Param<Tensor<B, R>>,
-    /// A low-rank adapter whose update `s·x·A·B` is added to the output (2-D maps only; the
-    /// stacked experts never carry one). Its GEMMs stay at the tensors' precision.
-    pub lora: Option<Lora<B>>,
+    /// A low-rank adapter whose update `s·x·A·B` is added to the output (one per expert for
+    /// stacked experts). Its GEMMs stay at the tensors' precision.
+    pub lora: Option<Lora<B, R>>,
 }
 
 impl<B: Backend> Projection<B, 2> {
@@ -102,10 +102,15 @@ impl<B: Backend> Projection<B, 3> {
     /// `x`: `[n, d_in]` → `[n, d_out]`.
     pub fn forward_expert(&self, e: usize, x: Tensor<B, 2>, gemm: GemmPrecision) -> Tensor<B, 2> {
         let [_, d_in, d_out] = self.dims();
+        let update = self.lora.as_ref().map(|lora| lora.forward_expert(e, x.clone()));
         let w = self.weight.val().narrow(0, e, 1).reshape([d_in, d_out]); // [d_in, d_out]
-        match gemm {
+        let y = match gemm {
             GemmPrecision::Full => x.matmul(w),
             GemmPrecision::Fp8 => fp8_matmul(x, w),
+        };
+        match update {
+            Some(update) => y + update,
+            None => y,
         }
     }
 
@@ -115,7 +120,10 @@ impl<B: Backend> Projection<B, 3> {
     /// # Shapes
     /// `x`: `[E, cap, d_in]` → `[E, cap, d_out]`.
     pub fn forward_grouped(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        x.matmul(self.weight.val())
+        match &self.lora {
+            Some(lora) => lora.forward_grouped(x.clone()) + x.matmul(self.weight.val()),
+            None => x.matmul(self.weight.val()),
+        }
     }
 }
 

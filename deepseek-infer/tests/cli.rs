@@ -169,3 +169,89 @@ fn generate_rejects_bad_prompts() {
         assert!(err.contains(message), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn adapter_flag_and_merge_reproduce_peft_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = golden("peft/plain");
+    let peft = adapter.join("peft_logits.safetensors");
+    let (want, _) = read_f32(&peft, "logits");
+    let close = |path: &Path, what: &str| {
+        let (got, _) = read_f32(path, "logits");
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(diff < 1e-4, "{what}: max |diff| {diff:e}");
+    };
+    let base = golden("v3_yarn_qlora");
+    let unmerged = dir.path().join("unmerged.safetensors");
+    let o = deepseek(&[
+        "logits",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--input",
+        peft.to_str().unwrap(),
+        "--output",
+        unmerged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    close(&unmerged, "--adapter");
+    for dtype in ["f32", "bf16"] {
+        let merged_dir = dir.path().join(format!("merged-{dtype}"));
+        let o = deepseek(&[
+            "merge",
+            "--model",
+            base.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            merged_dir.to_str().unwrap(),
+            "--dtype",
+            dtype,
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let merged = dir.path().join(format!("merged-{dtype}.safetensors"));
+        let o = deepseek(&[
+            "logits",
+            "--model",
+            merged_dir.to_str().unwrap(),
+            "--input",
+            peft.to_str().unwrap(),
+            "--output",
+            merged.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        if dtype == "f32" {
+            close(&merged, "merge");
+        } else {
+            // bf16 weights: 8 mantissa bits, so only close.
+            let (got, _) = read_f32(&merged, "logits");
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(diff < 0.5, "bf16 merge: {diff}");
+        }
+    }
+    // A merge into an existing, non-empty directory and an adapter for another model fail.
+    let o = deepseek(&[
+        "merge",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("not empty"));
+    let o = deepseek(&[
+        "logits",
+        "--model",
+        golden("v3_no_qlora").to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--input",
+        peft.to_str().unwrap(),
+        "--output",
+        dir.path().join("x.safetensors").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("another model"), "{err}");
+}

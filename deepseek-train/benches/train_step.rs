@@ -2,7 +2,11 @@
 //! tokens per second, median over timed steps.
 //!
 //! `cargo bench -p deepseek-train --bench train_step -- [--preset small] [--batch 8] [--seq 128]
-//! [--steps 20] [--warmup 3] [--device flex|wgpu|cuda] [--mtp-depth D] [--fp8]`
+//! [--steps 20] [--warmup 3] [--device flex|wgpu|cuda] [--mtp-depth D] [--fp8] [--lora R]`
+//!
+//! `--lora R` times the fine-tuning step: LoRA adapters of rank R (alpha 2R) on the five MLA
+//! projections of a frozen model, no weight decay (`python tests/golden/bench_train_hf.py
+//! --lora R` is the same step with PEFT).
 //!
 //! Compare with `python tests/golden/bench_train_hf.py` (PyTorch eager, same model, no MTP):
 //! pass `--mtp-depth 0` for the like-for-like figure.
@@ -34,6 +38,7 @@ struct Args {
     mtp_depth: Option<usize>,
     expert_path: Option<ExpertPath>,
     fp8: bool,
+    lora: Option<usize>,
 }
 
 fn main() -> Result<()> {
@@ -48,6 +53,7 @@ fn main() -> Result<()> {
         mtp_depth: None,
         expert_path: None,
         fp8: false,
+        lora: None,
     };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(flag) = it.next() {
@@ -61,6 +67,7 @@ fn main() -> Result<()> {
             "--device" => a.device = value()?.parse().map_err(anyhow::Error::msg)?,
             "--mtp-depth" => a.mtp_depth = Some(value()?.parse()?),
             "--fp8" => a.fp8 = true,
+            "--lora" => a.lora = Some(value()?.parse()?),
             "--expert-path" => {
                 a.expert_path = Some(match value()?.as_str() {
                     "per-expert" => ExpertPath::PerExpert,
@@ -109,6 +116,14 @@ fn bench<AB: AutodiffBackend>(a: &Args, device: &AB::Device) -> Result<()> {
         ..Default::default()
     };
     let mut model = init_model::<AB>(&model_cfg, 0, device);
+    let mut train = train;
+    if let Some(rank) = a.lora {
+        let settings =
+            deepseek_core::LoraSettings { rank, alpha: 2.0 * rank as f64, ..Default::default() };
+        model = model.with_lora(&deepseek_core::LoraTargets::parse("attn")?, &settings)?;
+        model.materialize();
+        train.optim.weight_decay = 0.0;
+    }
     if let Some(path) = a.expert_path {
         let policy = model.policy().clone().with_expert_path(path);
         model = model.with_policy(policy)?;
@@ -133,6 +148,10 @@ fn bench<AB: AutodiffBackend>(a: &Args, device: &AB::Device) -> Result<()> {
     println!("batch: {} x {}", a.batch, a.seq);
     println!("expert_path: {:?}", a.expert_path.unwrap_or(ExpertPath::PerExpert));
     println!("gemms: {}", if a.fp8 { "fp8" } else { "f32" });
+    println!(
+        "lora: {}",
+        a.lora.map_or("none (every weight trains)".into(), |r| format!("rank {r}"))
+    );
     println!("median_step_ms: {:.1}", median * 1e3);
     println!("train_tokens_per_s: {:.0}", tokens / median);
     Ok(())

@@ -122,8 +122,15 @@ pub struct LoraRecipe {
     pub alpha: f64,
     pub rslora: bool,
     pub dropout: f64,
-    /// Adapted module names (`q_a_proj`, ...).
+    /// Rank of the routed experts' adapters (target `experts`).
+    #[serde(default = "default_expert_rank")]
+    pub expert_rank: usize,
+    /// Adapted module names (`q_a_proj`, ..., `experts`).
     pub targets: Vec<String>,
+}
+
+fn default_expert_rank() -> usize {
+    4
 }
 
 impl LoraRecipe {
@@ -134,6 +141,7 @@ impl LoraRecipe {
             alpha: self.alpha,
             rslora: self.rslora,
             dropout: self.dropout,
+            expert_rank: self.expert_rank,
         }
     }
 

@@ -143,8 +143,8 @@ struct SftCli {
     /// LoRA alpha (scale alpha/r, or alpha/√r with --rslora).
     #[arg(long, default_value_t = 32.0)]
     lora_alpha: f64,
-    /// attn (the five MLA projections), attn+mlp (plus the dense MLP and shared experts), or a
-    /// comma-separated list of module names.
+    /// attn (the five MLA projections), attn+mlp (plus the dense MLP and shared experts), all
+    /// (plus every routed expert), or a comma-separated list of module names.
     #[arg(long, default_value = "attn")]
     lora_targets: String,
     /// Rank-stabilized LoRA: scale alpha/√r.
@@ -153,6 +153,10 @@ struct SftCli {
     /// Dropout on the adapter input.
     #[arg(long, default_value_t = 0.0)]
     lora_dropout: f64,
+    /// Rank of the routed experts' adapters (with --lora-targets all): one adapter per expert,
+    /// so E times the memory of one.
+    #[arg(long, default_value_t = 4)]
+    expert_lora_rank: usize,
     /// Train every weight instead of adapters.
     #[arg(long)]
     full: bool,
@@ -349,15 +353,23 @@ fn read_config(
     let Some(path) = path else { return Ok(defaults) };
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    // Keys the file leaves out keep `defaults`: merge the file over them as TOML tables.
-    let mut base = toml::Table::try_from(&defaults).expect("the config serializes");
     let file: toml::Table = toml::from_str(&text)
         .with_context(|| format!("{} is not a valid training config", path.display()))?;
-    for (k, v) in file {
-        base.insert(k, v);
+    // The file over `defaults`, table by table (`[optim]` keeps the keys it leaves out). JSON
+    // keeps the defaults' `None`s, which TOML cannot spell.
+    fn merge(base: &mut serde_json::Value, over: serde_json::Value) {
+        match (base, over) {
+            (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
+                for (k, v) in o {
+                    merge(b.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (b, o) => *b = o,
+        }
     }
-    toml::Value::Table(base)
-        .try_into()
+    let mut merged = serde_json::to_value(&defaults).expect("the config serializes");
+    merge(&mut merged, serde_json::to_value(file).expect("TOML values are JSON values"));
+    serde_json::from_value(merged)
         .with_context(|| format!("{} is not a valid training config", path.display()))
 }
 
@@ -434,14 +446,21 @@ fn run_sft(cli: SftCli) -> Result<()> {
             alpha: cli.lora_alpha,
             rslora: cli.rslora,
             dropout: cli.lora_dropout,
+            expert_rank: cli.expert_lora_rank,
             targets: targets.0,
         };
         recipe.settings().validate()?;
         Some(recipe)
     };
+    if cli.hyper.seq_len.is_some() {
+        bail!("--seq-len is set by --max-len in fine-tuning");
+    }
     let mut train = read_config(cli.config.as_deref(), sft_defaults(lora.is_some(), cli.router))?;
     apply_hyper(&mut train, &cli.hyper, cli.steps, cli.seed)?;
-    train.finetune = Some(Finetune { base_model: cli.model.clone(), lora, router: cli.router });
+    // Checkpoints name the base: absolute, so a resume from another directory finds it.
+    let base_model = std::fs::canonicalize(&cli.model)
+        .with_context(|| format!("--model {}", cli.model.display()))?;
+    train.finetune = Some(Finetune { base_model, lora, router: cli.router });
     if cli.hyper.warmup_steps.is_none() {
         train.warmup_steps = warmup_for(train.steps);
     }

@@ -190,6 +190,12 @@ pub fn read_examples(
             };
             let messages = parse_line(line).map_err(at)?;
             let example = tokenize_conversation(&messages, template, tokenizer).map_err(at)?;
+            if example.ids.len() < 2 {
+                return Err(at(format!(
+                    "the conversation renders to {} token(s): nothing to predict",
+                    example.ids.len()
+                )));
+            }
             stats.conversations += 1;
             if example.ids.len() > config.max_len {
                 if config.strict_length {
@@ -270,10 +276,10 @@ impl SftData {
         self.rows.iter().map(Vec::len).sum()
     }
 
-    /// The batch of `rows`, padded to the longest (or to `max_len` when packed).
-    fn batch(&self, rows: &[&[Example]]) -> HostBatch {
+    /// The batch of `rows`, padded to the longest (or to `max_len` when `packed`).
+    fn batch(&self, rows: &[&[Example]], packed: bool) -> HostBatch {
         let lens: Vec<usize> = rows.iter().map(|r| r.iter().map(|e| e.ids.len()).sum()).collect();
-        let len = if self.config.pack {
+        let len = if packed {
             self.config.max_len
         } else {
             lens.iter().copied().max().unwrap_or(2).max(2)
@@ -305,7 +311,7 @@ impl SftData {
             len,
             ids,
             weights: Some(weights),
-            segments: self.config.pack.then_some(segments),
+            segments: packed.then_some(segments),
             tokens,
         }
     }
@@ -334,7 +340,7 @@ impl BatchReader for SftReader<'_> {
                 self.data.rows[perm[(position % count) as usize] as usize].as_slice()
             })
             .collect();
-        self.data.batch(&picked)
+        self.data.batch(&picked, self.data.config.pack)
     }
 }
 
@@ -343,19 +349,15 @@ impl TrainingData for SftData {
         Ok(Box::new(SftReader { data: self, perm: None }))
     }
 
+    /// One conversation per row, padded (validation is never packed).
     fn validation(&self, _seq: usize, batch: usize, limit: usize) -> Result<Vec<HostBatch>> {
-        let unpacked = SftData {
-            rows: Vec::new(),
-            val: Vec::new(),
-            config: SftDataConfig { pack: false, ..self.config.clone() },
-        };
         let chunks: Vec<Vec<&[Example]>> = self
             .val
             .chunks(batch.max(1))
             .map(|c| c.iter().map(std::slice::from_ref).collect())
             .collect();
         let take = if limit == 0 { chunks.len() } else { limit.min(chunks.len()) };
-        Ok(chunks[..take].iter().map(|rows| unpacked.batch(rows)).collect())
+        Ok(chunks[..take].iter().map(|rows| self.batch(rows, false)).collect())
     }
 }
 

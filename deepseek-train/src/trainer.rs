@@ -327,6 +327,16 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         let (mut has_mtp, mut has_balance) = (false, false);
         for _ in 0..cfg.grad_accum {
             let host = self.batch(reader, cfg.seed, self.position, cfg.batch_size);
+            if cfg.finetune.as_ref().and_then(|f| f.lora.as_ref()).is_some_and(|l| l.dropout > 0.0)
+            {
+                // LoRA dropout draws from the backend's generator: seeding it from the data
+                // position makes the masks, and so a resumed run, a function of the seed (one
+                // rank; ranks share the generator).
+                AB::seed(
+                    &self.device,
+                    cfg.seed ^ self.position.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                );
+            }
             self.position += cfg.batch_size as u64;
             let loss = batch_objective(&self.model, host.to_device(&self.device), weights);
             // Each rank's loss is a mean over its share: the global mean is their average.

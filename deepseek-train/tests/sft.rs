@@ -177,6 +177,7 @@ fn args(base: &Path, data: &Path, out: &Path, steps: usize, lora: bool, pack: bo
         rank: 4,
         alpha: 8.0,
         rslora: false,
+        expert_rank: 2,
         dropout: 0.0,
         targets: deepseek_core::LoraTargets::parse("attn+mlp").unwrap().0,
     });
@@ -278,6 +279,10 @@ fn an_sft_run_resumed_repeats_the_straight_run_bit_for_bit() {
             a.train.decay_start = 1.0;
             a.train.decay_end = 1.0;
             a.train.mtp_lambda_late = a.train.mtp_lambda;
+            // Adapters on the routed experts too.
+            if let Some(l) = a.train.finetune.as_mut().and_then(|f| f.lora.as_mut()) {
+                l.targets = deepseek_core::LoraTargets::parse("all").unwrap().0;
+            }
             a
         };
         let summary = sft(&run(&straight, 4)).unwrap();

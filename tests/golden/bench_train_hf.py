@@ -21,6 +21,9 @@
 # Rerun: pip install -r tests/golden/requirements.txt && python tests/golden/bench_train_hf.py
 #   --impl default  (HF's defaults: sdpa attention, grouped_mm experts when available; the default)
 #   --impl eager    (eager attention and the per-expert Python loop)
+#   --lora R        (PEFT LoRA of rank R, alpha 2R, on the five MLA projections, base frozen, no weight decay:
+#                    the fine-tuning step `cargo bench -p deepseek-train --bench train_step -- --lora R` times;
+#                    needs peft==0.21.2)
 import argparse
 import os
 import statistics
@@ -81,6 +84,7 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--impl", choices=["default", "eager"], default="default")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank on the MLA projections (0: train every weight)")
     args = ap.parse_args()
     if args.steps < 1 or args.seq < 2:
         ap.error("need --steps >= 1 and --seq >= 2")
@@ -95,8 +99,16 @@ def main():
         config._experts_implementation = "eager"
     model = DeepseekV3ForCausalLM(config).train()
     n_params = sum(p.numel() for p in model.parameters())
+    decay = 0.1
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+        targets = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+        model = get_peft_model(model, LoraConfig(r=args.lora, lora_alpha=2 * args.lora, target_modules=targets,
+                                                 lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")).train()
+        decay = 0.0
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2.2e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    print(f"trainable params {sum(p.numel() for p in params)} of {n_params}", file=sys.stderr)
+    opt = torch.optim.AdamW(params, lr=2.2e-4, betas=(0.9, 0.95), weight_decay=decay)
     gen = torch.Generator().manual_seed(args.seed + 1)
     tokens = args.batch * args.seq
 
@@ -121,7 +133,7 @@ def main():
     med = statistics.median(times)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
           f"attn {model.config._attn_implementation}, experts {model.config._experts_implementation}, "
-          f"params {n_params}, batch {args.batch} x {args.seq}, {args.warmup} warmup + {args.steps} measured steps")
+          f"params {n_params}, lora rank {args.lora or 'none'}, batch {args.batch} x {args.seq}, {args.warmup} warmup + {args.steps} measured steps")
     print("note: main model only; transformers' DeepseekV3 has no MTP training path, so the small preset's "
           "MTP module (num_nextn_predict_layers = 1) is not trained here")
     print(f"step median {med * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")

@@ -88,7 +88,7 @@ fn an_adapter_trained_here_gives_in_peft_the_logits_it_gives_here() {
 #[test]
 fn saved_adapters_load_back_and_name_peft_keys() {
     let targets = LoraTargets::parse("attn+mlp").unwrap();
-    let settings = LoraSettings { rank: 3, alpha: 5.0, rslora: true, dropout: 0.0 };
+    let settings = LoraSettings { rank: 3, alpha: 5.0, rslora: true, dropout: 0.0, expert_rank: 2 };
     let mut model = base("v3_yarn_qlora").with_lora(&targets, &settings).unwrap();
     // Non-zero B so the adapter is not a no-op.
     deepseek_core::finetune::for_each_adaptable(&mut model, |_, p| {
@@ -197,4 +197,152 @@ fn adapters_that_do_not_fit_are_errors_naming_the_problem() {
     let e =
         base("v3_yarn_qlora").with_lora(&LoraTargets::parse("attn").unwrap(), &zero).err().unwrap();
     assert!(e.to_string().contains("at least 1"), "{e}");
+}
+
+fn f32s(t: &deepseek_tests::RawTensor) -> Vec<f32> {
+    t.bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+/// Adapters on every routed expert (`--lora-targets all`): the adapted model equals a plain
+/// checkpoint whose expert weights were edited by PEFT's merge rule `W += s·B·A` (host
+/// arithmetic on the saved per-expert tensors), on the per-expert and grouped paths, reloaded
+/// and merged.
+#[test]
+fn routed_expert_adapters_equal_their_merged_checkpoint() {
+    use deepseek_core::moe::ExpertPath;
+    let targets = LoraTargets::parse("all").unwrap();
+    assert!(targets.experts());
+    let settings =
+        LoraSettings { rank: 2, alpha: 3.0, rslora: false, dropout: 0.0, expert_rank: 3 };
+    let mut model = base("v3_yarn_qlora").with_lora(&targets, &settings).unwrap();
+    let device = Default::default();
+    let random = |dims: [usize; 3]| {
+        burn::module::Param::from_tensor(Tensor::<B, 3>::random(
+            dims,
+            burn::tensor::Distribution::Normal(0.0, 0.5),
+            &device,
+        ))
+    };
+    deepseek_core::finetune::for_each_routed_experts(&mut model, |_, routed| {
+        for p in [&mut routed.gate_up, &mut routed.down] {
+            let lora = p.lora.as_mut().unwrap();
+            lora.b = random(lora.b.dims());
+        }
+        Ok(())
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    save_adapter(&model, dir.path(), &AdapterConfig::new(&settings, &targets, None)).unwrap();
+    let (ids, shape, _, _) = peft_logits("plain");
+    let adapted = logits(&model, &ids, shape);
+
+    // The reference: the saved per-expert adapters merged into the checkpoint on the host.
+    let saved = deepseek_tests::read_raw(&dir.path().join("adapter_model.safetensors"));
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let mut edited = 0;
+    let merged_dir = deepseek_tests::edited_copy("v3_yarn_qlora", |tensors| {
+        for (name, t) in tensors.iter_mut() {
+            let Some(path) = name.strip_suffix(".weight") else { continue };
+            let key = |m: &str| format!("base_model.model.{path}.{m}.weight");
+            let (Some(a), Some(b)) = (saved.get(&key("lora_A")), saved.get(&key("lora_B"))) else {
+                continue;
+            };
+            let r = a.shape[0];
+            let alpha = cfg["alpha_pattern"]
+                .get(path)
+                .and_then(|v| v.as_f64())
+                .unwrap_or(cfg["lora_alpha"].as_f64().unwrap());
+            let s = (alpha / r as f64) as f32;
+            let (a, b, mut w) = (f32s(a), f32s(b), f32s(t));
+            let (out, inp) = (t.shape[0], t.shape[1]);
+            for o in 0..out {
+                for i in 0..inp {
+                    w[o * inp + i] +=
+                        s * (0..r).map(|j| b[o * r + j] * a[j * inp + i]).sum::<f32>();
+                }
+            }
+            t.bytes = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+            edited += 1;
+        }
+    });
+    // Every adapted map of the checkpoint was edited: 2 MoE layers × 8 experts × 3 maps, plus
+    // attention (3 × 5), the dense MLP (3) and the shared experts (2 × 3).
+    assert_eq!(edited, 2 * 8 * 3 + 15 + 3 + 6);
+    let reference = logits(
+        &load_model::<B>(merged_dir.path(), &device, LoadOptions::default()).unwrap(),
+        &ids,
+        shape,
+    );
+    assert!(max_abs_diff(&reference, &logits(&base("v3_yarn_qlora"), &ids, shape)) > 0.1);
+    assert_close("expert adapters vs the host-merged checkpoint", &adapted, &reference, F32_ATOL);
+    let grouped = model
+        .clone()
+        .with_policy(model.policy().clone().with_expert_path(ExpertPath::Grouped))
+        .unwrap();
+    assert_close("grouped expert path", &logits(&grouped, &ids, shape), &reference, F32_ATOL);
+    let reloaded = load_adapter(base("v3_yarn_qlora"), dir.path()).unwrap();
+    assert_close("reloaded", &logits(&reloaded, &ids, shape), &reference, F32_ATOL);
+    assert_close("merged", &logits(&reloaded.merge_adapters(), &ids, shape), &reference, F32_ATOL);
+    // The expert ranks differ from r: recorded per module for PEFT.
+    assert_eq!(cfg["rank_pattern"]["model.layers.1.mlp.experts.7.up_proj"], 3);
+}
+
+/// The expert adapters' gradients agree between the per-expert and the grouped paths.
+#[test]
+fn routed_expert_adapter_gradients_agree_across_expert_paths() {
+    use burn::backend::Autodiff;
+    use deepseek_core::moe::ExpertPath;
+    type AB = Autodiff<B>;
+    deepseek_core::register_autodiff::<B>();
+    let device = Default::default();
+    let targets = LoraTargets::parse("all").unwrap();
+    let settings =
+        LoraSettings { rank: 2, alpha: 4.0, rslora: false, dropout: 0.0, expert_rank: 2 };
+    let model: DeepSeekModel<AB> =
+        load_model::<AB>(golden_dir("v3_yarn_qlora"), &device, LoadOptions::default())
+            .unwrap()
+            .with_lora(&targets, &settings)
+            .unwrap();
+    model.materialize();
+    let (ids, shape, _, _) = peft_logits("plain");
+    let grads = |path: ExpertPath| -> Vec<f32> {
+        let m = model.clone().with_policy(model.policy().clone().with_expert_path(path)).unwrap();
+        let ids = Tensor::<AB, 2, Int>::from_data(TensorData::new(ids.clone(), shape), &device);
+        let loss = m.forward(ids).powi_scalar(2).mean();
+        let g = loss.backward();
+        let mut out = Vec::new();
+        let mut m = m;
+        deepseek_core::finetune::for_each_routed_experts(&mut m, |_, routed| {
+            for p in [&routed.gate_up, &routed.down] {
+                let lora = p.lora.as_ref().unwrap();
+                for param in [&lora.a, &lora.b] {
+                    out.extend(
+                        param
+                            .val()
+                            .grad(&g)
+                            .unwrap()
+                            .into_data()
+                            .convert::<f32>()
+                            .into_vec::<f32>()
+                            .unwrap(),
+                    );
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+        out
+    };
+    let (per_expert, grouped) = (grads(ExpertPath::PerExpert), grads(ExpertPath::Grouped));
+    assert!(per_expert.iter().any(|g| g.abs() > 1e-6), "the adapters must get gradients");
+    let scale = per_expert.iter().fold(0f32, |m, g| m.max(g.abs()));
+    assert_close(
+        "expert adapter gradients, per-expert vs grouped",
+        &grouped,
+        &per_expert,
+        1e-4 * scale.max(1.0),
+    );
 }
