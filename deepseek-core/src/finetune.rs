@@ -100,27 +100,20 @@ impl<B: Backend> DeepSeekModel<B> {
 
     /// Every parameter frozen (no gradients), adapters excepted.
     pub fn freeze(self) -> Self {
+        fn thaw<B: Backend, const R: usize>(projection: &mut Projection<B, R>) {
+            if let Some(lora) = projection.lora.take() {
+                let (a, b) = (lora.a.set_require_grad(true), lora.b.set_require_grad(true));
+                projection.lora = Some(Lora { a, b, ..lora });
+            }
+        }
         let mut model = self.no_grad();
         let _ = for_each_adaptable(&mut model, |_, projection| {
-            if let Some(lora) = projection.lora.take() {
-                projection.lora = Some(Lora {
-                    a: lora.a.set_require_grad(true),
-                    b: lora.b.set_require_grad(true),
-                    ..lora
-                });
-            }
+            thaw(projection);
             Ok(())
         });
         let _ = for_each_routed_experts(&mut model, |_, routed| {
-            for projection in [&mut routed.gate_up, &mut routed.down] {
-                if let Some(lora) = projection.lora.take() {
-                    projection.lora = Some(Lora {
-                        a: lora.a.set_require_grad(true),
-                        b: lora.b.set_require_grad(true),
-                        ..lora
-                    });
-                }
-            }
+            thaw(&mut routed.gate_up);
+            thaw(&mut routed.down);
             Ok(())
         });
         model
