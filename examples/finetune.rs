@@ -114,8 +114,12 @@ fn main() -> Result<()> {
         train_cfg.warmup_steps = deepseek_train::sft::warmup_for(steps);
         train_cfg.eval_every = 50;
         train_cfg.checkpoint_every = 0;
-        train_cfg.finetune =
-            Some(Finetune { base_model: base.clone(), lora: recipe, router: RouterMode::Frozen });
+        train_cfg.finetune = Some(Finetune {
+            base_model: base.clone(),
+            lora: recipe,
+            router: RouterMode::Frozen,
+            data: None,
+        });
         let args = SftArgs {
             data: vec![out.join("train.jsonl")],
             val_data: vec![out.join("test.jsonl")],
@@ -125,6 +129,7 @@ fn main() -> Result<()> {
             pack: true,
             train_on_prompt: false,
             epochs: None,
+            warmup_steps: None,
             resume: false,
             device: deepseek_core::device::DeviceKind::Flex,
             device_ids: vec![],

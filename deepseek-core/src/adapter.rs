@@ -366,7 +366,13 @@ pub fn load_adapter<B: Backend>(model: DeepSeekModel<B>, dir: &Path) -> Result<D
                     parts.join(", ")
                 )));
             }
-            let r = weights.stored(&name(0, parts[0], "lora_A")).expect("present").shape[0];
+            let first = name(0, parts[0], "lora_A");
+            let r = weights.stored(&first).and_then(|t| t.shape.first().copied()).unwrap_or(0);
+            if r == 0 {
+                return Err(bad(format!(
+                    "`{first}`: rank 0 (or not a matrix): a LoRA rank must be at least 1"
+                )));
+            }
             let s = config.rank_and_scale(&format!("{prefix}.0.{}", parts[0]), r);
             let pr = parts.len() * r;
             let (mut a, mut b) =

@@ -21,8 +21,8 @@ use burn::tensor::{backend::Backend, Distribution, Tensor};
 
 use crate::error::{DeepSeekError, Result};
 
-/// The five MLA projections, NeMo's DeepSeek-V3 LoRA targets (`q_proj` for models without
-/// q-LoRA).
+/// The MLA projections, NeMo's DeepSeek-V3 LoRA targets: five per block, `q_a_proj` and
+/// `q_b_proj` or, in models without q-LoRA, `q_proj`.
 pub const ATTENTION_TARGETS: [&str; 6] =
     ["q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"];
 /// The dense MLP and the shared experts' projections.

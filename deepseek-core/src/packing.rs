@@ -29,6 +29,18 @@ impl Packing {
                 segments.len()
             )));
         }
+        for (r, row) in segments.chunks(seq).enumerate() {
+            // The mask compares ids and positions restart where the id changes: a document must
+            // be one run, or it would see its earlier part with restarted positions.
+            let mut seen = std::collections::HashSet::new();
+            for (i, s) in row.iter().enumerate() {
+                if (i == 0 || row[i - 1] != *s) && !seen.insert(*s) {
+                    return Err(DeepSeekError::Input(format!(
+                        "packing: document {s} of row {r} is not contiguous (it resumes at position {i})"
+                    )));
+                }
+            }
+        }
         let mut positions = Vec::with_capacity(segments.len());
         for row in segments.chunks(seq) {
             let mut pos = 0;
@@ -94,5 +106,6 @@ mod tests {
         assert_eq!(short.positions(), &[0, 1, 0, 0, 1, 2]);
         assert_eq!(short.segments(), &[0, 0, 1, 3, 3, 3]);
         assert!(Packing::new(2, 5, vec![0; 9]).is_err());
+        assert!(Packing::new(1, 4, vec![0, 1, 0, 0]).is_err(), "a document in two pieces");
     }
 }

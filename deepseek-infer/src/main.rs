@@ -457,7 +457,9 @@ fn merge_cmd(base: &Path, adapter: &Path, out: &Path, dtype: &str) -> Result<()>
         "bf16" => true,
         other => bail!("--dtype {other}: choose f32 or bf16"),
     };
-    if out.exists() && std::fs::read_dir(out)?.next().is_some() {
+    let listed = out.exists().then(|| std::fs::read_dir(out)).transpose();
+    let listed = listed.with_context(|| format!("cannot read {}", out.display()))?;
+    if listed.is_some_and(|mut entries| entries.next().is_some()) {
         bail!("{} exists and is not empty: choose another --out", out.display());
     }
     let device = Default::default();

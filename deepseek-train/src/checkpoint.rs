@@ -162,16 +162,21 @@ fn prune(root: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
+/// The `state.json` of the checkpoint in `dir`.
+pub fn read_state(dir: &Path) -> Result<TrainState> {
+    let text = std::fs::read_to_string(dir.join(STATE_FILE))
+        .map_err(|e| TrainError::io(&dir.join(STATE_FILE), e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| TrainError::checkpoint(dir, format!("malformed {STATE_FILE}: {e}")))
+}
+
 /// Reads the checkpoint in `dir`; fails if its model configuration differs from `expected`.
 pub fn load<AB: AutodiffBackend>(
     dir: &Path,
     expected: &DeepSeekConfig,
     device: &AB::Device,
 ) -> Result<Loaded<AB>> {
-    let text = std::fs::read_to_string(dir.join(STATE_FILE))
-        .map_err(|e| TrainError::io(&dir.join(STATE_FILE), e))?;
-    let state: TrainState = serde_json::from_str(&text)
-        .map_err(|e| TrainError::checkpoint(dir, format!("malformed {STATE_FILE}: {e}")))?;
+    let state = read_state(dir)?;
     let saved = DeepSeekConfig::from_hf_file(dir)?;
     if &saved != expected {
         return Err(TrainError::checkpoint(

@@ -161,6 +161,29 @@ pub struct Finetune {
     /// LoRA adapters on a frozen base; `None`: every weight trains.
     pub lora: Option<LoraRecipe>,
     pub router: RouterMode,
+    /// The data and how it becomes rows (set by the run; a resume checks it is unchanged).
+    #[serde(default)]
+    pub data: Option<SftDataSettings>,
+}
+
+/// Which conversations a fine-tuning run reads and how they become rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftDataSettings {
+    /// Training JSONL files.
+    pub data: Vec<std::path::PathBuf>,
+    /// Validation JSONL files (empty: the last 5% of the training conversations).
+    pub val_data: Vec<std::path::PathBuf>,
+    /// Longest conversation in tokens.
+    pub max_len: usize,
+    /// Several conversations per row.
+    pub pack: bool,
+    /// Prompt tokens train too.
+    pub train_on_prompt: bool,
+    /// Longer conversations are an error instead of skipped.
+    pub strict_length: bool,
+    /// FNV-1a over the files' bytes, in order: a resumed run checks its data is unchanged.
+    pub fingerprint: u64,
 }
 
 impl Default for TrainConfig {

@@ -460,8 +460,16 @@ fn run_sft(cli: SftCli) -> Result<()> {
     // Checkpoints name the base: absolute, so a resume from another directory finds it.
     let base_model = std::fs::canonicalize(&cli.model)
         .with_context(|| format!("--model {}", cli.model.display()))?;
-    train.finetune = Some(Finetune { base_model, lora, router: cli.router });
-    if cli.hyper.warmup_steps.is_none() {
+    train.finetune = Some(Finetune { base_model, lora, router: cli.router, data: None });
+    // A warmup the flags or the file set is kept; otherwise 3% of the steps.
+    let warmup_given = cli.hyper.warmup_steps.is_some()
+        || cli.config.as_deref().is_some_and(|p| {
+            std::fs::read_to_string(p)
+                .ok()
+                .and_then(|t| t.parse::<toml::Table>().ok())
+                .is_some_and(|t| t.contains_key("warmup_steps"))
+        });
+    if !warmup_given {
         train.warmup_steps = warmup_for(train.steps);
     }
     let epochs = match (cli.epochs, cli.steps, &cli.config) {
@@ -479,6 +487,7 @@ fn run_sft(cli: SftCli) -> Result<()> {
         pack: cli.pack,
         train_on_prompt: cli.train_on_prompt,
         epochs,
+        warmup_steps: warmup_given.then_some(train.warmup_steps),
         resume: cli.resume,
         device,
         device_ids,

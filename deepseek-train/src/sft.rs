@@ -15,7 +15,7 @@ use deepseek_core::{DeepSeekConfig, DeepSeekModel, LoadOptions};
 use tokenizers::Tokenizer;
 
 use crate::checkpoint;
-use crate::config::{Finetune, RouterMode, TrainConfig};
+use crate::config::{Finetune, RouterMode, SftDataSettings, TrainConfig};
 use crate::data::DataConfig;
 use crate::distributed::Layout;
 use crate::error::{Result, TrainError};
@@ -39,6 +39,8 @@ pub struct SftArgs {
     pub train_on_prompt: bool,
     /// Passes over the training rows; sets `train.steps` when given.
     pub epochs: Option<f64>,
+    /// Warmup steps when `epochs` sets the steps (default: 3% of them).
+    pub warmup_steps: Option<usize>,
     pub resume: bool,
     pub device: DeviceKind,
     pub device_ids: Vec<usize>,
@@ -93,7 +95,10 @@ impl std::fmt::Display for SftSummary {
 
 /// The fine-tuning defaults on top of the pretraining ones: learning rate 1e-4 for LoRA and
 /// 1e-5 for full fine-tuning, 3% linear warmup, then cosine to a tenth over the rest, no weight
-/// decay on adapters (PEFT/TRL practice), balancing by the router mode.
+/// decay on adapters (PEFT/TRL practice), balancing by the router mode. The MTP loss stays on
+/// for full fine-tuning (the MTP modules train and stay useful as speculative drafters) and is
+/// off under LoRA, where the MTP modules are frozen and their loss would only steer the
+/// main model's adapters.
 pub fn sft_defaults(lora: bool, router: RouterMode) -> TrainConfig {
     let mut c = TrainConfig {
         lr: if lora { 1e-4 } else { 1e-5 },
@@ -107,6 +112,8 @@ pub fn sft_defaults(lora: bool, router: RouterMode) -> TrainConfig {
     c.min_lr = c.lr * 0.1;
     if lora {
         c.optim.weight_decay = 0.0;
+        c.mtp_lambda = 0.0;
+        c.mtp_lambda_late = 0.0;
     }
     if router == RouterMode::Frozen {
         c.balance = BalanceMode::None;
@@ -125,23 +132,55 @@ fn finetune(args: &SftArgs) -> Result<&Finetune> {
     })
 }
 
-/// The data of a run: every file read and checked before anything is written.
-pub fn load_data(args: &SftArgs) -> Result<(SftData, ReadStats)> {
-    let base = &finetune(args)?.base_model;
-    let tokenizer = base_tokenizer(base)?;
-    let (template, _) = model_template(base)?;
-    let config = SftDataConfig {
-        max_len: args.max_len,
-        strict_length: args.strict_length,
-        train_on_prompt: args.train_on_prompt,
-        pack: args.pack,
-        seed: args.train.seed,
-    };
+/// The data settings of `args`, with the fingerprint of its files.
+pub fn data_settings(args: &SftArgs) -> Result<SftDataSettings> {
     if args.data.is_empty() {
         return Err(TrainError::Data("no training data: pass --data FILE.jsonl".into()));
     }
-    let (mut train, mut stats) = read_examples(&args.data, &template, &tokenizer, &config)?;
-    let val = if args.val_data.is_empty() {
+    if args.max_len < 2 {
+        return Err(TrainError::config("max_len", "must be at least 2"));
+    }
+    Ok(SftDataSettings {
+        data: args.data.clone(),
+        val_data: args.val_data.clone(),
+        max_len: args.max_len,
+        pack: args.pack,
+        train_on_prompt: args.train_on_prompt,
+        strict_length: args.strict_length,
+        fingerprint: fingerprint(args.data.iter().chain(&args.val_data))?,
+    })
+}
+
+/// FNV-1a (64 bit) over the bytes of `files`, in order, each followed by its length.
+fn fingerprint<'a>(files: impl Iterator<Item = &'a PathBuf>) -> Result<u64> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for file in files {
+        let bytes = std::fs::read(file).map_err(|e| TrainError::io(file, e))?;
+        for b in bytes.iter().copied().chain((bytes.len() as u64).to_le_bytes()) {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    Ok(h)
+}
+
+/// The data of a run from the model directory `base`: every file read and checked before
+/// anything is written; packed (when the settings say so) in an order drawn from `seed`.
+pub fn load_data(
+    base: &Path,
+    settings: &SftDataSettings,
+    seed: u64,
+) -> Result<(SftData, ReadStats)> {
+    let tokenizer = base_tokenizer(base)?;
+    let (template, _) = model_template(base)?;
+    let config = SftDataConfig {
+        max_len: settings.max_len,
+        strict_length: settings.strict_length,
+        train_on_prompt: settings.train_on_prompt,
+        pack: settings.pack,
+        seed,
+    };
+    let (mut train, mut stats) = read_examples(&settings.data, &template, &tokenizer, &config)?;
+    let val = if settings.val_data.is_empty() {
         if train.len() < 2 {
             return Err(TrainError::Data(
                 "one conversation cannot be split into training and validation: add conversations or pass --val-data".into(),
@@ -150,12 +189,76 @@ pub fn load_data(args: &SftArgs) -> Result<(SftData, ReadStats)> {
         let held = (train.len() / 20).max(1);
         train.split_off(train.len() - held)
     } else {
-        let (val, val_stats) = read_examples(&args.val_data, &template, &tokenizer, &config)?;
+        let (val, val_stats) = read_examples(&settings.val_data, &template, &tokenizer, &config)?;
         stats.conversations += val_stats.conversations;
         stats.too_long += val_stats.too_long;
         val
     };
     Ok((SftData::new(train, val, config)?, stats))
+}
+
+/// The recipe a run trains with: the command line's for a new run; for `--resume`, the
+/// checkpoint's (with the command line's run settings), after checking that the base model,
+/// the adapters, the router and the data (files, content and settings) are the ones the run
+/// started with.
+fn recipe(args: &SftArgs, config: TrainConfig) -> Result<TrainConfig> {
+    let given = config.finetune.clone().expect("set by the caller");
+    if !args.resume {
+        return Ok(config);
+    }
+    let Some((_, dir)) = checkpoint::latest(&args.out) else {
+        return Err(TrainError::checkpoint(
+            &args.out,
+            "no checkpoint to resume from (run without --resume to start)",
+        ));
+    };
+    let state = checkpoint::read_state(&dir)?;
+    let Some(saved) = state.train.finetune.clone() else {
+        return Err(TrainError::checkpoint(&dir, "it holds a pretraining run, not a fine-tune"));
+    };
+    let differs = |what: &str, saved: String, given: String| {
+        TrainError::checkpoint(
+            &dir,
+            format!("--resume continues the run as it started, but {what} differs (the run: {saved}; given: {given}): repeat the run's flags, or start a new --out"),
+        )
+    };
+    if saved.base_model != given.base_model {
+        return Err(differs(
+            "--model",
+            saved.base_model.display().to_string(),
+            given.base_model.display().to_string(),
+        ));
+    }
+    if saved.lora != given.lora {
+        return Err(differs(
+            "the adapters (--full, --lora-*)",
+            format!("{:?}", saved.lora),
+            format!("{:?}", given.lora),
+        ));
+    }
+    if saved.router != given.router {
+        return Err(differs(
+            "--router",
+            format!("{:?}", saved.router),
+            format!("{:?}", given.router),
+        ));
+    }
+    match (&saved.data, &given.data) {
+        (Some(s), Some(g))
+            if s.fingerprint != g.fingerprint && s.data == g.data && s.val_data == g.val_data =>
+        {
+            return Err(differs(
+                "the data files' content",
+                "as at the start".into(),
+                "changed since".into(),
+            ));
+        }
+        (Some(s), Some(g)) if s != g => {
+            return Err(differs("the data or its settings (--data, --val-data, --max-len, --pack, --train-on-prompt, --strict-length)", format!("{s:?}"), format!("{g:?}")));
+        }
+        _ => {}
+    }
+    Ok(state.train.with_run_settings(config.run_settings()))
 }
 
 fn base_tokenizer(base: &Path) -> Result<Tokenizer> {
@@ -219,14 +322,22 @@ pub fn count_params<B: Backend>(model: &DeepSeekModel<B>) -> (usize, usize) {
 
 fn run<AB: AutodiffBackend>(args: &SftArgs, devices: &[AB::Device]) -> Result<SftSummary> {
     let start_time = Instant::now();
-    let finetune = finetune(args)?.clone();
-    let model_cfg = DeepSeekConfig::from_hf_file(&finetune.base_model)?;
-    if args.max_len < 2 {
-        return Err(TrainError::config("max_len", "must be at least 2"));
-    }
-    let (data, read) = load_data(args)?;
     let mut config = args.train.clone();
     config.seq_len = args.max_len;
+    let mut given = finetune(args)?.clone();
+    given.data = Some(data_settings(args)?);
+    config.finetune = Some(given);
+    let mut config = recipe(args, config)?;
+    let finetune = config.finetune.clone().expect("a fine-tuning recipe");
+    let settings = finetune.data.clone().expect("the recipe names its data");
+    if finetune.router == RouterMode::Frozen && config.balance == BalanceMode::AuxFree {
+        return Err(TrainError::config(
+            "balance",
+            "aux-free balancing moves the routers' biases: use --router bias-update (or balance none)",
+        ));
+    }
+    let model_cfg = DeepSeekConfig::from_hf_file(&finetune.base_model)?;
+    let (data, read) = load_data(&finetune.base_model, &settings, config.seed)?;
     if let Some(epochs) = args.epochs {
         if !(epochs.is_finite() && epochs > 0.0) {
             return Err(TrainError::config("epochs", format!("must be positive, got {epochs}")));
@@ -234,7 +345,10 @@ fn run<AB: AutodiffBackend>(args: &SftArgs, devices: &[AB::Device]) -> Result<Sf
         let per_step = config.batch_size * config.grad_accum;
         config.steps =
             ((epochs * data.train_rows() as f64) / per_step as f64).ceil().max(1.0) as usize;
-        config.warmup_steps = warmup_for(config.steps);
+        // The warmup is part of the recipe: a resumed run keeps its own.
+        if !args.resume {
+            config.warmup_steps = args.warmup_steps.unwrap_or_else(|| warmup_for(config.steps));
+        }
     }
     args.layout.validate(&model_cfg, config.batch_size)?;
     let out = &args.out;
@@ -335,15 +449,16 @@ fn export<B: Backend>(
     std::fs::copy(&tokenizer, &copy).map_err(|e| TrainError::io(&copy, e))?;
     let (_, template) = model_template(base)?;
     let config_path = base.join("tokenizer_config.json");
-    let mut config: serde_json::Value = std::fs::read_to_string(&config_path)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_else(|| serde_json::json!({}));
-    if config.get("chat_template").is_none() {
-        // The default template (DeepSeek-V3's format) with its special tokens.
-        config["bos_token"] = "<｜begin▁of▁sentence｜>".into();
-        config["eos_token"] = "<｜end▁of▁sentence｜>".into();
-    }
+    // `model_template` read this file (or found none) the same way.
+    let mut config: serde_json::Value = match std::fs::read_to_string(&config_path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map_err(|e| TrainError::Data(format!("{}: {e}", config_path.display())))?,
+        // No file: training used the default template with DeepSeek-V3's special tokens.
+        Err(_) => serde_json::json!({
+            "bos_token": "<｜begin▁of▁sentence｜>",
+            "eos_token": "<｜end▁of▁sentence｜>",
+        }),
+    };
     config["chat_template"] = serde_json::Value::String(template);
     let text = serde_json::to_string_pretty(&config).expect("JSON serializes");
     deepseek_core::checkpoint::write_atomic(&dir.join("tokenizer_config.json"), text.as_bytes())?;

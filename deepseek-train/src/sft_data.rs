@@ -370,7 +370,10 @@ pub fn model_template(dir: &Path) -> Result<(ChatTemplate, String)> {
             Ok(text) => Some(serde_json::from_str(&text).map_err(|e| {
                 TrainError::Data(format!("{} is not valid JSON: {e}", file.display()))
             })?),
-            Err(_) => None,
+            // Only a missing file means "no template": anything else is an error, not a silent
+            // switch to the default format.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(TrainError::io(&file, e)),
         };
     let source = config
         .as_ref()

@@ -188,8 +188,12 @@ fn args(base: &Path, data: &Path, out: &Path, steps: usize, lora: bool, pack: bo
     train.warmup_steps = 1;
     train.checkpoint_every = 2;
     train.eval_every = 2;
-    train.finetune =
-        Some(Finetune { base_model: base.to_path_buf(), lora, router: RouterMode::Frozen });
+    train.finetune = Some(Finetune {
+        base_model: base.to_path_buf(),
+        lora,
+        router: RouterMode::Frozen,
+        data: None,
+    });
     SftArgs {
         data: vec![data.to_path_buf()],
         val_data: vec![],
@@ -199,6 +203,7 @@ fn args(base: &Path, data: &Path, out: &Path, steps: usize, lora: bool, pack: bo
         pack,
         train_on_prompt: false,
         epochs: None,
+        warmup_steps: None,
         resume: false,
         device: deepseek_core::device::DeviceKind::Flex,
         device_ids: vec![],
@@ -221,7 +226,8 @@ fn lora_trains_adapters_only_and_leaves_the_base_bit_identical() {
             .unwrap();
     let (trainable, total) = deepseek_train::sft::count_params(&model);
     assert!(trainable > 0 && trainable * 10 < total, "{trainable} of {total}");
-    let (data_set, _) = deepseek_train::sft::load_data(&a).unwrap();
+    let settings = deepseek_train::sft::data_settings(&a).unwrap();
+    let (data_set, _) = deepseek_train::sft::load_data(&base, &settings, a.train.seed).unwrap();
     let mut cfg = a.train.clone();
     cfg.seq_len = a.max_len;
     let mut trainer = deepseek_train::trainer::Trainer::new(
@@ -292,6 +298,17 @@ fn an_sft_run_resumed_repeats_the_straight_run_bit_for_bit() {
         let mut again = run(&resumed, 4);
         again.resume = true;
         sft(&again).unwrap();
+        // A resume that would change the data or the recipe is refused, naming what differs.
+        let mut other = run(&resumed, 6);
+        other.resume = true;
+        other.max_len = 200;
+        let e = sft(&other).err().unwrap().to_string();
+        assert!(e.contains("differs") && e.contains("--max-len"), "{e}");
+        let mut other = run(&resumed, 6);
+        other.resume = true;
+        other.train.finetune.as_mut().unwrap().router = RouterMode::BiasUpdate;
+        let e = sft(&other).err().unwrap().to_string();
+        assert!(e.contains("--router"), "{e}");
         let file = if lora { "adapter/adapter_model.safetensors" } else { "hf/model.safetensors" };
         assert_eq!(read(&straight.join(file)), read(&resumed.join(file)), "lora {lora}");
         let losses = |run: &Path| -> Vec<String> {
