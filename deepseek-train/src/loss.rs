@@ -110,7 +110,34 @@ pub fn batch_loss<B: Backend>(
     windows: Tensor<B, 2, Int>,
     weights: LossWeights,
 ) -> BatchLoss<B> {
-    batch_objective(model, Batch { ids: windows, weights: None, segments: None }, weights)
+    batch_objective(
+        model,
+        Batch { ids: windows, weights: None, segments: None, real: None },
+        weights,
+    )
+}
+
+/// The expert loads of `routing` over the real (non-padding) tokens: each token's K experts
+/// counted with the token's 0/1 weight. MTP blocks route the first `seq - k` positions of every
+/// row.
+///
+/// # Shapes
+/// `routing.indices`: `[batch·len, K]`, `real`: `[batch, seq]` with `len ≤ seq` → `[E]`.
+fn real_counts<B: Backend>(
+    routing: &deepseek_core::moe::Routing<B>,
+    real: &Tensor<B, 2, Int>,
+    batch: usize,
+) -> Tensor<B, 1, Int> {
+    let [tokens, k] = routing.indices.dims();
+    let [experts] = routing.counts.dims();
+    let len = tokens / batch;
+    let weight = real.clone().narrow(1, 0, len).reshape([tokens, 1]).expand([tokens, k]); // [T, K]
+    Tensor::zeros([experts], &routing.counts.device()).scatter(
+        0,
+        routing.indices.clone().reshape([tokens * k]),
+        weight.reshape([tokens * k]),
+        burn::tensor::IndexingUpdateOp::Add,
+    )
 }
 
 /// Where MTP module `k`'s targets (`ids[:, i + k + 1]`) stay inside the document of input `i`.
@@ -144,7 +171,7 @@ pub fn batch_objective<B: Backend>(
     batch_data: Batch<B>,
     weights: LossWeights,
 ) -> BatchLoss<B> {
-    let Batch { ids: windows, weights: target_weights, segments } = batch_data;
+    let Batch { ids: windows, weights: target_weights, segments, real } = batch_data;
     let [batch, len] = windows.dims();
     let seq = len - 1;
     let inputs = windows.clone().narrow(1, 0, seq); // [b, s]
@@ -205,7 +232,14 @@ pub fn batch_objective<B: Backend>(
     if let Some(b) = &balance {
         total = total + b.clone();
     }
-    let counts = out.routing.into_iter().map(|r| r.counts).collect();
+    let counts = out
+        .routing
+        .into_iter()
+        .map(|r| match &real {
+            Some(real) => real_counts(&r, real, batch),
+            None => r.counts,
+        })
+        .collect();
     BatchLoss { total, main, mtp, balance, counts }
 }
 
@@ -259,5 +293,22 @@ mod tests {
         assert!(plain.balance.is_none());
         let (t, m): (f32, f32) = (plain.total.into_scalar(), plain.main.into_scalar());
         assert_eq!(t, m);
+    }
+
+    #[test]
+    fn padding_is_left_out_of_the_expert_loads() {
+        let device = Default::default();
+        let model = deepseek_core::DeepSeekConfig::tiny().init::<Flex>(&device);
+        let ids: Vec<i64> = (0..2 * 9).map(|i| (i * 37 % 256) as i64).collect();
+        let mut host = crate::source::HostBatch::plain(2, 9, ids);
+        // Row 0 holds 8 inputs, row 1 only 5 (the rest padding).
+        host.real = Some((0..2 * 8).map(|i| (i < 8 || i % 8 < 5) as i64).collect());
+        let w = LossWeights { mtp_lambda: 0.3, balance: BalanceMode::None, alpha: 0.0 };
+        let l = batch_objective(&model, host.to_device(&device), w);
+        let sums: Vec<i64> =
+            l.counts.iter().map(|c| c.clone().sum().into_scalar().elem::<i64>()).collect();
+        // K = 2 per token: 13 real tokens in the main blocks; the MTP block routes the first 7
+        // positions of each row, 7 + 5 of them real.
+        assert_eq!(sums, vec![26, 26, 24]);
     }
 }

@@ -286,6 +286,7 @@ impl SftData {
         };
         let seq = len - 1;
         let (mut ids, mut weights, mut segments) = (Vec::new(), Vec::new(), Vec::new());
+        let mut real = Vec::with_capacity(rows.len() * seq);
         let mut tokens = 0;
         for row in rows {
             let start = ids.len();
@@ -298,7 +299,9 @@ impl SftData {
                 trained.extend(e.assistant[1..].iter().map(|&a| a || self.config.train_on_prompt));
                 tokens += e.ids.len() - 1;
             }
-            let pad = len - (ids.len() - start);
+            let used = ids.len() - start;
+            let pad = len - used;
+            real.extend((0..seq).map(|i| (i < used) as i64));
             ids.extend(std::iter::repeat_n(0, pad));
             segments.extend(std::iter::repeat_n(row.len() as u32, pad));
             trained.extend(std::iter::repeat_n(false, pad));
@@ -313,6 +316,7 @@ impl SftData {
             weights: Some(weights),
             segments: packed.then_some(segments),
             tokens,
+            real: real.contains(&0).then_some(real),
         }
     }
 }

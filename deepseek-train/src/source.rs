@@ -25,13 +25,16 @@ pub struct HostBatch {
     pub segments: Option<Vec<u32>>,
     /// Input tokens that are not padding (for throughput and the token count).
     pub tokens: usize,
+    /// `[rows, len - 1]` 1 for an input token, 0 for padding; `None`: no padding. Padding is
+    /// left out of the expert loads (balancing, MaxVio).
+    pub real: Option<Vec<i64>>,
 }
 
 impl HostBatch {
     /// Unweighted rows of one document each (pretraining windows).
     pub fn plain(rows: usize, len: usize, ids: Vec<i64>) -> Self {
         let tokens = rows * (len - 1);
-        Self { rows, len, ids, weights: None, segments: None, tokens }
+        Self { rows, len, ids, weights: None, segments: None, tokens, real: None }
     }
 
     /// Weighted targets in this batch.
@@ -60,7 +63,11 @@ impl HostBatch {
             )
             .expect("one segment per input token"),
         });
-        Batch { ids, weights, segments }
+        let real = self
+            .real
+            .as_ref()
+            .map(|r| Tensor::from_data(TensorData::new(r.clone(), [self.rows, seq]), device));
+        Batch { ids, weights, segments, real }
     }
 }
 
@@ -82,6 +89,8 @@ pub struct Batch<B: Backend> {
     pub weights: Option<Tensor<B, 2>>,
     /// Packed documents, if rows pack several.
     pub segments: Option<Segments>,
+    /// `[rows, seq]` 1 for an input token, 0 for padding; `None`: no padding.
+    pub real: Option<Tensor<B, 2, Int>>,
 }
 
 /// A source of training and validation batches.
