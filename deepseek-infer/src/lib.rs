@@ -2,6 +2,8 @@
 
 pub mod bench;
 pub mod chat;
+pub mod checker;
+pub mod eval;
 pub mod generate;
 pub mod io;
 pub mod speculative;

@@ -152,6 +152,49 @@ enum Command {
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
     },
+    /// Evaluates a model on a JSONL task: multiple choice (lm-evaluation-harness scoring),
+    /// perplexity over a text file, or generated answers checked exactly (pass@k); prints a
+    /// JSON summary.
+    Eval {
+        /// Hugging Face-layout model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// A LoRA adapter directory applied unmerged (its tokenizer_config.json is used when
+        /// present).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The task: JSONL items for choice/generate, a text file for perplexity.
+        #[arg(long)]
+        task: PathBuf,
+        /// choice, generate or perplexity.
+        #[arg(long)]
+        kind: String,
+        /// Per-item results, JSONL.
+        #[arg(long)]
+        samples_out: Option<PathBuf>,
+        /// Evaluate only the first N items.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Sequences per forward pass (choice, perplexity).
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// generate: pass@k for this k.
+        #[arg(long, default_value_t = 1)]
+        k: usize,
+        /// generate: samples per item (default: k); more than k gives the unbiased estimate.
+        #[arg(long)]
+        samples: Option<usize>,
+        /// generate: longest answer.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// perplexity: tokens per window (default: the model's context).
+        #[arg(long)]
+        max_len: Option<usize>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        #[arg(long, default_value = "flex")]
+        device: DeviceKind,
+    },
     /// Folds a LoRA adapter into its base (`W += s·B·A`) and writes a plain Hugging Face model.
     Merge {
         /// The base model directory.
@@ -232,6 +275,7 @@ enum OnDevice {
     },
     Generate(GenerateJob),
     Bench(BenchJob),
+    Eval(EvalJob),
 }
 
 /// What `deepseek bench` runs.
@@ -277,6 +321,7 @@ impl BackendTask for OnDevice {
             }
             OnDevice::Generate(job) => generate_cmd::<B>(job, dev),
             OnDevice::Bench(job) => bench_cmd::<B>(job, dev),
+            OnDevice::Eval(job) => eval_cmd::<B>(job, dev),
         }
     }
 }
@@ -301,6 +346,56 @@ fn main() -> Result<()> {
             on_device(device, OnDevice::Logits { model, input, output, allow_unused, adapter })
         }
         Command::Merge { model, adapter, out, dtype } => merge_cmd(&model, &adapter, &out, &dtype),
+        Command::Eval {
+            model,
+            adapter,
+            task,
+            kind,
+            samples_out,
+            limit,
+            batch,
+            k,
+            samples,
+            max_new_tokens,
+            max_len,
+            sampling,
+            device,
+        } => {
+            let kind = match kind.as_str() {
+                "choice" => EvalKind::Choice,
+                "generate" => EvalKind::Generate,
+                "perplexity" => EvalKind::Perplexity,
+                other => bail!("unknown --kind `{other}`: choice, generate or perplexity"),
+            };
+            let samples = samples.unwrap_or(k);
+            if k == 0 || samples < k {
+                bail!("--k must be at least 1 and --samples at least --k (got k {k}, samples {samples})");
+            }
+            if batch == 0 || limit == Some(0) || max_len.is_some_and(|m| m < 2) {
+                bail!("--batch and --limit must be at least 1, --max-len at least 2");
+            }
+            let decoding = sampling.decoding()?;
+            if samples > 1 && decoding == Decoding::Greedy {
+                bail!("--samples {samples} with greedy decoding gives {samples} copies of one answer: set --temperature");
+            }
+            on_device(
+                device,
+                OnDevice::Eval(EvalJob {
+                    model,
+                    adapter,
+                    task,
+                    kind,
+                    samples_out,
+                    limit,
+                    batch,
+                    k,
+                    samples,
+                    max_new_tokens,
+                    max_len,
+                    decoding,
+                }),
+            )
+        }
         Command::Chat {
             model,
             tokenizer,
@@ -431,6 +526,181 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum EvalKind {
+    Choice,
+    Generate,
+    Perplexity,
+}
+
+/// What `deepseek eval` runs.
+struct EvalJob {
+    model: PathBuf,
+    adapter: Option<PathBuf>,
+    task: PathBuf,
+    kind: EvalKind,
+    samples_out: Option<PathBuf>,
+    limit: Option<usize>,
+    batch: usize,
+    k: usize,
+    samples: usize,
+    max_new_tokens: usize,
+    max_len: Option<usize>,
+    decoding: Decoding,
+}
+
+/// The chat template and the BOS text of plain prompts, from the adapter's or the model's
+/// `tokenizer_config.json` (none: no template, no BOS).
+fn eval_prompting(model: &Path, adapter: Option<&Path>) -> Result<(Option<ChatTemplate>, String)> {
+    let file = adapter
+        .map(|a| a.join("tokenizer_config.json"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| model.join("tokenizer_config.json"));
+    if !file.is_file() {
+        return Ok((None, String::new()));
+    }
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file)?)
+        .with_context(|| format!("{} is not valid JSON", file.display()))?;
+    let template = match config.get("chat_template") {
+        Some(_) => Some(ChatTemplate::from_tokenizer_config(&file)?),
+        None => None,
+    };
+    let add_bos = config.get("add_bos_token").and_then(serde_json::Value::as_bool).unwrap_or(false);
+    let bos = match config.get("bos_token") {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Object(o)) => {
+            o.get("content").and_then(serde_json::Value::as_str).unwrap_or("").to_string()
+        }
+        _ => String::new(),
+    };
+    Ok((template, if add_bos { bos } else { String::new() }))
+}
+
+fn eval_cmd<B: Backend>(job: EvalJob, device: &B::Device) -> Result<()> {
+    use deepseek_infer::{checker, eval};
+    let started = std::time::Instant::now();
+    let model = load::<B>(&job.model, job.adapter.as_deref(), device, LoadOptions::default())?;
+    let tok = TextTokenizer::from_file(&job.model.join("tokenizer.json"))?;
+    tok.check_vocab(model.config.vocab_size)?;
+    let (template, bos) = eval_prompting(&job.model, job.adapter.as_deref())?;
+    let bar = |n: usize, what: &str| {
+        let bar = indicatif::ProgressBar::new(n as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(&format!(
+                "{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed_precise}}<{{eta_precise}}]"
+            ))
+            .expect("valid template"),
+        );
+        bar
+    };
+    let mut samples_out: Vec<serde_json::Value> = Vec::new();
+    let limit = |n: usize| job.limit.map_or(n, |l| l.min(n));
+    let summary = match job.kind {
+        EvalKind::Choice => {
+            let mut items =
+                eval::read_items(&job.task, |o| eval::parse_choice(o, template.as_ref(), &bos))?;
+            items.truncate(limit(items.len()));
+            let requests: usize = items.iter().map(|i| i.choices.len()).sum();
+            let pb = bar(requests, "requests");
+            let scores =
+                eval::score_choices(&model, &tok, &items, job.batch, device, |n| pb.inc(n as u64))?;
+            pb.finish_and_clear();
+            let right = scores.iter().filter(|s| s.pred == s.gold).count();
+            let right_norm = scores.iter().filter(|s| s.pred_norm == s.gold).count();
+            for s in &scores {
+                samples_out.push(serde_json::json!({"loglikelihoods": s.loglikelihoods, "pred": s.pred, "pred_norm": s.pred_norm, "gold": s.gold}));
+            }
+            let n = scores.len();
+            serde_json::json!({
+                "kind": "choice", "items": n,
+                "acc": right as f64 / n as f64, "acc_ci95": checker::wilson_interval(right, n),
+                "acc_norm": right_norm as f64 / n as f64, "acc_norm_ci95": checker::wilson_interval(right_norm, n),
+                "items_per_s": n as f64 / started.elapsed().as_secs_f64(),
+            })
+        }
+        EvalKind::Perplexity => {
+            let text = std::fs::read_to_string(&job.task)
+                .with_context(|| format!("cannot read {}", job.task.display()))?;
+            let mut ids = tok.encode(&format!("{bos}{text}"))?;
+            if let Some(l) = job.limit {
+                ids.truncate(l + 1);
+            }
+            let window = job.max_len.unwrap_or(model.config.max_position_embeddings);
+            let pb = bar(ids.len().div_ceil(window.max(2)), "windows");
+            let p = eval::perplexity(&model, &ids, text.len(), window, job.batch, device, |n| {
+                pb.inc(n as u64)
+            })?;
+            pb.finish_and_clear();
+            serde_json::json!({
+                "kind": "perplexity", "tokens": p.tokens, "bytes": p.bytes, "nll": p.nll,
+                "token_perplexity": p.token_perplexity(), "bits_per_byte": p.bits_per_byte(),
+                "tokens_per_s": p.tokens as f64 / started.elapsed().as_secs_f64(),
+            })
+        }
+        EvalKind::Generate => {
+            let mut items =
+                eval::read_items(&job.task, |o| eval::parse_generate(o, template.as_ref(), &bos))?;
+            items.truncate(limit(items.len()));
+            let eos = template
+                .as_ref()
+                .and_then(|t| t.eos_token.as_deref())
+                .and_then(|t| tok.token_id(t))
+                .map(i64::from);
+            let pb = bar(items.len() * job.samples, "samples");
+            let (mut solved, mut pass_k, mut pass_1) = (0, 0.0, 0.0);
+            for item in &items {
+                let prompt: Vec<i64> =
+                    tok.encode(&item.prompt)?.into_iter().map(i64::from).collect();
+                let (mut texts, mut correct) = (Vec::new(), Vec::new());
+                for s in 0..job.samples {
+                    let decoding = match job.decoding {
+                        Decoding::Sample { temperature, top_k, top_p, seed } => Decoding::Sample {
+                            temperature,
+                            top_k,
+                            top_p,
+                            seed: seed.wrapping_add(s as u64),
+                        },
+                        greedy => greedy,
+                    };
+                    let cfg = GenerateConfig {
+                        max_new_tokens: job.max_new_tokens,
+                        decoding,
+                        eos_token_id: eos.or(model.config.eos_token_id.map(i64::from)),
+                        stop_sequences: vec![],
+                    };
+                    let out =
+                        generate(&model, std::slice::from_ref(&prompt), &cfg, device)?.remove(0);
+                    let text = tok.decode(&out.iter().map(|&t| t as u32).collect::<Vec<_>>())?;
+                    correct.push(checker::is_correct(&text, &item.answer));
+                    texts.push(text);
+                    pb.inc(1);
+                }
+                let c = correct.iter().filter(|&&x| x).count();
+                pass_k += checker::pass_at_k(job.samples, c, job.k);
+                pass_1 += checker::pass_at_k(job.samples, c, 1);
+                solved += (correct.first() == Some(&true)) as usize;
+                samples_out.push(serde_json::json!({"prompt": item.prompt, "answer": item.answer, "completions": texts, "correct": correct}));
+            }
+            pb.finish_and_clear();
+            let n = items.len();
+            serde_json::json!({
+                "kind": "generate", "items": n, "samples_per_item": job.samples, "k": job.k,
+                "pass@1": pass_1 / n as f64, format!("pass@{}", job.k): pass_k / n as f64,
+                "first_sample_accuracy": solved as f64 / n as f64,
+                "first_sample_ci95": checker::wilson_interval(solved, n),
+                "items_per_s": n as f64 / started.elapsed().as_secs_f64(),
+            })
+        }
+    };
+    if let Some(path) = &job.samples_out {
+        let lines: Vec<String> = samples_out.iter().map(|v| v.to_string()).collect();
+        let text = if lines.is_empty() { String::new() } else { lines.join("\n") + "\n" };
+        deepseek_core::checkpoint::write_atomic(path, text.as_bytes())?;
+    }
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
 }
 
 /// The model of `dir`, with the LoRA adapter in `adapter` applied unmerged.
