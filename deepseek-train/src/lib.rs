@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod corpus;
 pub mod data;
+pub mod distill;
 pub mod distributed;
 pub mod error;
 pub mod export;

@@ -35,6 +35,9 @@ enum Command {
     /// Fine-tune an HF-layout model on chat data (JSONL: messages, alpaca or ShareGPT) with LoRA
     /// adapters that PEFT reads, or every weight with --full.
     Sft(Box<SftCli>),
+    /// Distillation by rejection sampling: a teacher answers each prompt K times, the answers
+    /// the checker verifies become `messages` JSONL for `sft`.
+    Distill(Box<DistillCli>),
     /// Draw the loss and MaxVio curves of a metrics.jsonl (also while a run is going).
     Plot {
         /// A run directory or its metrics.jsonl.
@@ -120,6 +123,41 @@ struct PretrainCli {
     val_fraction: Option<f64>,
     #[command(flatten)]
     hyper: Hyper,
+}
+
+#[derive(Args)]
+struct DistillCli {
+    /// The teacher: an HF-layout model directory (tokenizer.json, chat template).
+    #[arg(long)]
+    teacher: PathBuf,
+    /// `{prompt | question | messages, answer}` JSONL.
+    #[arg(long)]
+    prompts: PathBuf,
+    /// Answers per prompt.
+    #[arg(long, default_value_t = 4)]
+    samples: usize,
+    /// The traces file to write.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Sampling temperature (0: greedy, then --samples must be 1).
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// best (the shortest correct answer of each prompt) or all-correct.
+    #[arg(long, default_value = "all-correct")]
+    keep: deepseek_train::distill::Keep,
+    /// Keep only answers of at most this many tokens.
+    #[arg(long)]
+    max_len: Option<usize>,
+    #[arg(long, default_value = "flex")]
+    device: DeviceKind,
 }
 
 #[derive(Args)]
@@ -292,6 +330,35 @@ fn main() -> Result<()> {
     let cli = match Cli::parse().command {
         Command::Pretrain(cli) => *cli,
         Command::Sft(cli) => return run_sft(*cli),
+        Command::Distill(cli) => {
+            let decoding = deepseek_infer::generate::Decoding::new(
+                cli.temperature,
+                cli.top_k,
+                cli.top_p,
+                cli.seed,
+            )?;
+            if cli.samples == 0 {
+                bail!("--samples must be at least 1");
+            }
+            if cli.samples > 1 && decoding == deepseek_infer::generate::Decoding::Greedy {
+                bail!("--samples {} with --temperature 0 gives copies of one answer", cli.samples);
+            }
+            let args = deepseek_train::distill::DistillArgs {
+                teacher: cli.teacher,
+                prompts: cli.prompts,
+                out: cli.out,
+                config: deepseek_train::distill::DistillConfig {
+                    samples: cli.samples,
+                    max_new_tokens: cli.max_new_tokens,
+                    decoding,
+                    keep: cli.keep,
+                    max_len: cli.max_len,
+                },
+                device: cli.device,
+            };
+            println!("{}", deepseek_train::distill::run_distill(&args)?);
+            return Ok(());
+        }
         Command::Plot { metrics, out, floor } => {
             let file = if metrics.is_dir() {
                 metrics.join(deepseek_train::metrics::METRICS_FILE)
