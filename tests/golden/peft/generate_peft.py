@@ -83,6 +83,9 @@ def make(name, case, r, alpha, rslora, targets, seed):
     out = os.path.join(HERE, name)
     shutil.rmtree(out, ignore_errors=True)
     model.save_pretrained(out)
+    # PEFT also writes a model-card template: not part of the golden files.
+    if os.path.exists(os.path.join(out, "README.md")):
+        os.remove(os.path.join(out, "README.md"))
     # PEFT records the absolute path it loaded from: keep the file independent of this machine.
     cfg_path = os.path.join(out, "adapter_config.json")
     cfg = json.load(open(cfg_path))
