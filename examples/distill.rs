@@ -101,24 +101,14 @@ fn main() -> Result<()> {
         std::fs::write(&path, lines.join("\n") + "\n")?;
         Ok(path)
     };
-    // The teacher learns the reasoning format on half of the training questions.
-    let half = &train[..train.len() / 2];
-    let teacher_data = write("teacher-sft.jsonl", half, &reasoning)?;
+    // The teacher learns the reasoning format on the training questions, twice the steps.
+    let teacher_data = write("teacher-sft.jsonl", &train, &reasoning)?;
     let test_file = write("test.jsonl", &test, &|a, b| format!("{}", a + b))?;
-    let teacher = finetune(
-        &teacher_base,
-        &teacher_data,
-        &test_file,
-        &out.join("teacher"),
-        steps,
-        seed,
-        1e-3,
-    )?;
-    println!(
-        "   teacher accuracy on held-out questions: {}/{}",
-        accuracy(&teacher, &test)?,
-        test.len()
-    );
+    let teacher_dir = out.join("teacher");
+    let teacher =
+        finetune(&teacher_base, &teacher_data, &test_file, &teacher_dir, 2 * steps, seed, 1e-3)?;
+    let teacher_right = accuracy(&teacher, &test)?;
+    println!("   teacher accuracy on held-out questions: {teacher_right}/{}", test.len());
 
     println!(
         "\n== Rejection sampling: {samples} answers per training question, verified by the checker"
