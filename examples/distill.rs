@@ -249,8 +249,11 @@ fn chat_dir(pretrained: &Path, dir: &Path) -> Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
+/// Addition questions `(a, b)`.
+type Pairs = Vec<(u32, u32)>;
+
 /// `(a, b)` pairs, shuffled; the last 40 held out.
-fn questions(seed: u64) -> (Vec<(u32, u32)>, Vec<(u32, u32)>) {
+fn questions(seed: u64) -> (Pairs, Pairs) {
     let mut all: Vec<(u32, u32)> = (0..20).flat_map(|a| (0..20).map(move |b| (a, b))).collect();
     let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
     for i in (1..all.len()).rev() {
