@@ -87,19 +87,7 @@ fn prompt_of(
     bos: &str,
 ) -> Result<String> {
     if let Some(messages) = obj.get("messages") {
-        let Value::Array(list) = messages else { bail!("`messages` must be a list") };
-        let messages = list
-            .iter()
-            .map(|m| {
-                let field = |k: &str| {
-                    m.get(k)
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                        .ok_or_else(|| anyhow!("a message needs a string `{k}`"))
-                };
-                Ok(Message { role: field("role")?, content: field("content")? })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let messages = parse_messages(messages)?;
         let template = template.ok_or_else(|| {
             anyhow!("a `messages` item needs the model's chat template (tokenizer_config.json)")
         })?;
@@ -111,6 +99,22 @@ fn prompt_of(
         }
     }
     bail!("expected `messages`, `prompt`, `question` or `context`")
+}
+
+/// An OpenAI-style `messages` list: objects with string `role` and `content`.
+pub fn parse_messages(value: &Value) -> Result<Vec<Message>> {
+    let Value::Array(list) = value else { bail!("`messages` must be a list") };
+    list.iter()
+        .map(|m| {
+            let field = |k: &str| {
+                m.get(k)
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .ok_or_else(|| anyhow!("a message needs a string `{k}`"))
+            };
+            Ok(Message { role: field("role")?, content: field("content")? })
+        })
+        .collect()
 }
 
 /// Parses a multiple-choice item: `{question | context | messages, choices, answer}`.

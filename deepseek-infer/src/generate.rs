@@ -41,6 +41,17 @@ impl Decoding {
         Ok(Decoding::Sample { temperature, top_k, top_p, seed })
     }
 
+    /// The decoding of sample `s` of several drawn for one prompt: the seed advanced by `s`
+    /// (greedy stays greedy).
+    pub fn for_sample(self, s: usize) -> Self {
+        match self {
+            Decoding::Sample { temperature, top_k, top_p, seed } => {
+                Decoding::Sample { temperature, top_k, top_p, seed: seed.wrapping_add(s as u64) }
+            }
+            greedy => greedy,
+        }
+    }
+
     /// Checks the settings (a [`Decoding::Sample`] built by hand may hold any values); every
     /// decoder calls it before the first token.
     pub fn validate(&self) -> Result<()> {

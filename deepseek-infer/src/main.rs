@@ -655,18 +655,9 @@ fn eval_cmd<B: Backend>(job: EvalJob, device: &B::Device) -> Result<()> {
                     tok.encode(&item.prompt)?.into_iter().map(i64::from).collect();
                 let (mut texts, mut correct) = (Vec::new(), Vec::new());
                 for s in 0..job.samples {
-                    let decoding = match job.decoding {
-                        Decoding::Sample { temperature, top_k, top_p, seed } => Decoding::Sample {
-                            temperature,
-                            top_k,
-                            top_p,
-                            seed: seed.wrapping_add(s as u64),
-                        },
-                        greedy => greedy,
-                    };
                     let cfg = GenerateConfig {
                         max_new_tokens: job.max_new_tokens,
-                        decoding,
+                        decoding: job.decoding.for_sample(s),
                         eos_token_id: eos.or(model.config.eos_token_id.map(i64::from)),
                         stop_sequences: vec![],
                     };

@@ -73,18 +73,7 @@ pub fn read_prompts(path: &Path) -> Result<Vec<DistillPrompt>> {
             _ => anyhow::bail!("missing `answer` (a string or a number)"),
         };
         let messages = match (obj.get("messages"), obj.get("prompt").or(obj.get("question"))) {
-            (Some(Value::Array(list)), _) => list
-                .iter()
-                .map(|m| {
-                    let field = |k: &str| {
-                        m.get(k)
-                            .and_then(Value::as_str)
-                            .map(str::to_string)
-                            .ok_or_else(|| anyhow::anyhow!("a message needs a string `{k}`"))
-                    };
-                    Ok(Message { role: field("role")?, content: field("content")? })
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?,
+            (Some(list), _) => deepseek_infer::eval::parse_messages(list)?,
             (None, Some(Value::String(p))) => vec![Message::new("user", p)],
             _ => anyhow::bail!("expected `messages` (a list) or a string `prompt`/`question`"),
         };
@@ -128,18 +117,9 @@ pub fn distill<B: Backend>(
             tok.encode(&text).map_err(data)?.into_iter().map(i64::from).collect();
         let mut samples = Vec::with_capacity(config.samples);
         for s in 0..config.samples {
-            let decoding = match config.decoding {
-                Decoding::Sample { temperature, top_k, top_p, seed } => Decoding::Sample {
-                    temperature,
-                    top_k,
-                    top_p,
-                    seed: seed.wrapping_add(s as u64),
-                },
-                greedy => greedy,
-            };
             let cfg = GenerateConfig {
                 max_new_tokens: config.max_new_tokens,
-                decoding,
+                decoding: config.decoding.for_sample(s),
                 eos_token_id: eos,
                 stop_sequences: vec![],
             };
