@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use burn::backend::Flex;
 use deepseek_core::{load_model, DeepSeekConfig, LoadOptions};
+use deepseek_examples::{addition_questions, qa_chat_dir, QA_TEMPLATE};
 use deepseek_infer::chat::{ChatTemplate, Message};
 use deepseek_infer::checker::is_correct;
 use deepseek_infer::generate::{generate, Decoding, GenerateConfig};
@@ -30,9 +31,6 @@ use deepseek_train::config::{Finetune, RouterMode};
 use deepseek_train::distill::{run_distill, DistillArgs, DistillConfig, Keep};
 use deepseek_train::pretrain::{pretrain, PretrainArgs};
 use deepseek_train::sft::{sft, sft_defaults, SftArgs};
-
-/// One turn per line, the newline (the byte models' EOS) ends each; `A:` opens the answer.
-const QA_TEMPLATE: &str = "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'Q: ' + message['content'] + '\\n' }}{% elif message['role'] == 'assistant' %}{{ 'A: ' + message['content'] + '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'A:' }}{% endif %}";
 
 fn main() -> Result<()> {
     deepseek_train::alloc::keep_freed_memory();
@@ -59,7 +57,7 @@ fn main() -> Result<()> {
     let started = std::time::Instant::now();
 
     // The questions: a + b for a, b < 20; 40 held out.
-    let (train, test) = questions(seed);
+    let (train, test) = addition_questions(seed);
     let reasoning = |a: u32, b: u32| {
         let (ones, carry) = ((a % 10 + b % 10) % 10, (a % 10 + b % 10) / 10);
         format!(
@@ -88,7 +86,7 @@ fn main() -> Result<()> {
             pretrain(&run)?.hf_dir
         }
     };
-    let teacher_base = chat_dir(&pretrained, &out.join("teacher-base"))?;
+    let teacher_base = qa_chat_dir(&pretrained, &out.join("teacher-base"))?;
     let write = |name: &str,
                  rows: &[(u32, u32)],
                  answer: &dyn Fn(u32, u32) -> String|
@@ -151,7 +149,7 @@ fn main() -> Result<()> {
         deepseek_examples::quickstart_train(student_steps, seed),
     );
     run.model = Some(student_cfg);
-    let student_base = chat_dir(&pretrain(&run)?.hf_dir, &out.join("student-base"))?;
+    let student_base = qa_chat_dir(&pretrain(&run)?.hf_dir, &out.join("student-base"))?;
     // The comparison: the same questions the traces cover, with bare answers.
     let kept: Vec<(u32, u32)> = std::fs::read_to_string(&traces)?
         .lines()
@@ -235,35 +233,6 @@ fn finetune(
         train,
     })?;
     Ok(summary.output)
-}
-
-/// A copy of a pretrained byte model with the Q/A chat template.
-fn chat_dir(pretrained: &Path, dir: &Path) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
-    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(pretrained.join(file), dir.join(file))
-            .with_context(|| format!("copying {file}"))?;
-    }
-    let config = serde_json::json!({"bos_token": null, "eos_token": "\n", "add_bos_token": false, "chat_template": QA_TEMPLATE});
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?)?;
-    Ok(dir.to_path_buf())
-}
-
-/// Addition questions `(a, b)`.
-type Pairs = Vec<(u32, u32)>;
-
-/// `(a, b)` pairs, shuffled; the last 40 held out.
-fn questions(seed: u64) -> (Pairs, Pairs) {
-    let mut all: Vec<(u32, u32)> = (0..20).flat_map(|a| (0..20).map(move |b| (a, b))).collect();
-    let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    for i in (1..all.len()).rev() {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        all.swap(i, (state % (i as u64 + 1)) as usize);
-    }
-    let test = all.split_off(all.len() - 40);
-    (all, test)
 }
 
 /// Held-out questions answered right by the checker (`####` or the last number), greedy.

@@ -23,16 +23,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use burn::backend::Flex;
 use deepseek_core::{load_model, LoadOptions};
+use deepseek_examples::{addition_questions, qa_chat_dir, QA_TEMPLATE};
 use deepseek_infer::chat::{ChatTemplate, Message};
 use deepseek_infer::generate::{generate, Decoding, GenerateConfig};
 use deepseek_infer::tokenizer::TextTokenizer;
 use deepseek_train::config::{Finetune, LoraRecipe, RouterMode};
 use deepseek_train::pretrain::{pretrain, PretrainArgs};
 use deepseek_train::sft::{sft, sft_defaults, SftArgs};
-
-/// A chat format for byte-level models: one turn per line, the newline (the model's EOS) ends
-/// each. The generation prompt `A:` leaves the answer on the same line.
-const QA_TEMPLATE: &str = "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'Q: ' + message['content'] + '\\n' }}{% elif message['role'] == 'assistant' %}{{ 'A: ' + message['content'] + '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'A:' }}{% endif %}";
 
 fn main() -> Result<()> {
     deepseek_train::alloc::keep_freed_memory();
@@ -76,9 +73,12 @@ fn main() -> Result<()> {
         }
     };
     println!("== Base model: {}", pretrained.display());
-    let base = chat_base(&pretrained, &out.join("base"))?;
+    let base = qa_chat_dir(&pretrained, &out.join("base"))?;
 
-    let (train, test) = questions(seed);
+    let pair = |&(a, b): &(u32, u32)| (format!("{a} plus {b}"), format!("{}", a + b));
+    let (train, test) = addition_questions(seed);
+    let (train, test): (Pairs, Pairs) =
+        (train.iter().map(pair).collect(), test.iter().map(pair).collect());
     write_jsonl(&out.join("train.jsonl"), &train)?;
     write_jsonl(&out.join("test.jsonl"), &test)?;
     println!(
@@ -178,41 +178,8 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// A copy of the pretrained model with the Q/A chat template.
-fn chat_base(pretrained: &Path, dir: &Path) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
-    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(pretrained.join(file), dir.join(file))
-            .with_context(|| format!("copying {}", pretrained.join(file).display()))?;
-    }
-    let config = serde_json::json!({
-        "bos_token": null,
-        "eos_token": "\n",
-        "add_bos_token": false,
-        "chat_template": QA_TEMPLATE,
-    });
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?)?;
-    Ok(dir.to_path_buf())
-}
-
 /// `(question, answer)`.
 type Pairs = Vec<(String, String)>;
-
-/// `(question, answer)` pairs `a plus b` for a, b < 20, shuffled; the last 40 held out.
-fn questions(seed: u64) -> (Pairs, Pairs) {
-    let mut all: Pairs = (0..20)
-        .flat_map(|a| (0..20).map(move |b| (format!("{a} plus {b}"), format!("{}", a + b))))
-        .collect();
-    let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    for i in (1..all.len()).rev() {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        all.swap(i, (state % (i as u64 + 1)) as usize);
-    }
-    let test = all.split_off(all.len() - 40);
-    (all, test)
-}
 
 fn write_jsonl(path: &Path, pairs: &[(String, String)]) -> Result<()> {
     let lines: Vec<String> = pairs

@@ -1,6 +1,9 @@
 //! Runnable examples; see `cargo run -p deepseek-examples --example NAME`. What several
 //! examples share lives here.
 
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
 use deepseek_core::DeepSeekConfig;
 use deepseek_train::{BalanceMode, TrainConfig};
 
@@ -44,4 +47,44 @@ pub fn short_run(steps: usize, seed: u64, balance: BalanceMode) -> TrainConfig {
         balance,
         ..Default::default()
     }
+}
+
+/// The fine-tuning examples' chat format for byte-level models: one turn per line, the newline
+/// (the model's EOS) ends each, and the generation prompt `A:` leaves the answer on its line.
+pub const QA_TEMPLATE: &str = "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'Q: ' + message['content'] + '\\n' }}{% elif message['role'] == 'assistant' %}{{ 'A: ' + message['content'] + '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'A:' }}{% endif %}";
+
+/// A copy of the pretrained byte model in `pretrained` with [`QA_TEMPLATE`] as its chat
+/// template, in `dir`.
+pub fn qa_chat_dir(pretrained: &Path, dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(pretrained.join(file), dir.join(file))
+            .with_context(|| format!("copying {}", pretrained.join(file).display()))?;
+    }
+    let config = serde_json::json!({
+        "bos_token": null,
+        "eos_token": "\n",
+        "add_bos_token": false,
+        "chat_template": QA_TEMPLATE,
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?)?;
+    Ok(dir.to_path_buf())
+}
+
+/// Addition questions `(a, b)`.
+pub type Questions = Vec<(u32, u32)>;
+
+/// The addition questions `(a, b)` of the fine-tuning examples, a, b < 20, in a seeded shuffle:
+/// 360 for training, the last 40 held out.
+pub fn addition_questions(seed: u64) -> (Questions, Questions) {
+    let mut all: Vec<(u32, u32)> = (0..20).flat_map(|a| (0..20).map(move |b| (a, b))).collect();
+    let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    for i in (1..all.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        all.swap(i, (state % (i as u64 + 1)) as usize);
+    }
+    let test = all.split_off(all.len() - 40);
+    (all, test)
 }

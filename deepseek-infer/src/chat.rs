@@ -32,7 +32,7 @@ pub struct ChatTemplate {
 }
 
 /// A special token in `tokenizer_config.json`: a string or `{"content": ...}`.
-fn token_text(value: Option<&Value>) -> Option<String> {
+pub fn token_text(value: Option<&Value>) -> Option<String> {
     match value? {
         Value::String(s) => Some(s.clone()),
         Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),

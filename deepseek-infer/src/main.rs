@@ -568,13 +568,7 @@ fn eval_prompting(model: &Path, adapter: Option<&Path>) -> Result<(Option<ChatTe
         None => None,
     };
     let add_bos = config.get("add_bos_token").and_then(serde_json::Value::as_bool).unwrap_or(false);
-    let bos = match config.get("bos_token") {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(serde_json::Value::Object(o)) => {
-            o.get("content").and_then(serde_json::Value::as_str).unwrap_or("").to_string()
-        }
-        _ => String::new(),
-    };
+    let bos = deepseek_infer::chat::token_text(config.get("bos_token")).unwrap_or_default();
     Ok((template, if add_bos { bos } else { String::new() }))
 }
 

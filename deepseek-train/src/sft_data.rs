@@ -23,7 +23,7 @@
 
 use std::path::{Path, PathBuf};
 
-use deepseek_infer::chat::{ChatTemplate, Message};
+use deepseek_infer::chat::{token_text, ChatTemplate, Message};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
@@ -385,13 +385,7 @@ pub fn model_template(dir: &Path) -> Result<(ChatTemplate, String)> {
         .and_then(Value::as_str)
         .unwrap_or(DEFAULT_CHAT_TEMPLATE)
         .to_string();
-    let text_of = |key: &str| -> Option<String> {
-        match config.as_ref()?.get(key)? {
-            Value::String(s) => Some(s.clone()),
-            Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
-            _ => None,
-        }
-    };
+    let text_of = |key: &str| token_text(config.as_ref()?.get(key));
     let bos = text_of("bos_token").unwrap_or_else(|| {
         if config.is_none() {
             "<｜begin▁of▁sentence｜>".into()
