@@ -27,6 +27,7 @@ pub mod policy;
 pub mod projection;
 mod registry;
 pub mod rope;
+pub mod slot_cache;
 
 pub use cache::LatentCache;
 pub use checkpoint::{load_model, save_model, LoadOptions};
@@ -38,6 +39,7 @@ pub use packing::Packing;
 pub use params::ParamCount;
 pub use policy::ExecutionPolicy;
 pub use projection::Projection;
+pub use slot_cache::SlotCache;
 
 /// Installs this crate's custom autodiff operations for `Autodiff<B>`: the FP8 training GEMM
 /// (quantized Dgrad and Wgrad) and, on GPU backends, the device MoE dispatch/combine. Model code is

@@ -25,6 +25,7 @@ use crate::norm::{RmsNorm, RmsNormConfig};
 use crate::packing::Packing;
 use crate::projection::Projection;
 use crate::rope::{Positions, RotaryEmbedding};
+use crate::slot_cache::SlotBuffers;
 
 /// Builds an [`Mla`].
 #[derive(Config, Debug)]
@@ -211,6 +212,49 @@ impl<B: Backend> Mla<B> {
         }
     }
 
+    /// Prefill of one sequence (`batch` 1, from position 0) whose latents go to row `row` of a
+    /// shared slot cache; the naive path, as [`Mla::forward_cached`] prefills.
+    ///
+    /// # Shapes
+    /// `x`: `[1, seq, d_model]` → `[1, seq, d_model]`.
+    pub fn forward_prefill_slot(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding,
+        buffers: &mut SlotBuffers<B>,
+        row: usize,
+        gemm: GemmPrecision,
+    ) -> Tensor<B, 3> {
+        let q = self.queries(x.clone(), rope, 0, gemm);
+        let kv = self.latent(x, rope, 0, gemm);
+        buffers.write(row, 0, kv.clone());
+        self.attend_naive(q, kv, 0, gemm)
+    }
+
+    /// One decoding step of rows `0..rows` of a shared slot cache at once: row `i`'s new token
+    /// sits at position `positions[i]` and attends over that row's cached positions
+    /// `0..=positions[i]` (absorbed path; the rows' lengths differ, the mask keeps each to its
+    /// own). Each row computes what [`Mla::forward_cached`] computes for it alone.
+    ///
+    /// # Shapes
+    /// `x`: `[rows, 1, d_model]` → `[rows, 1, d_model]`.
+    pub fn forward_decode_slots(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding,
+        buffers: &mut SlotBuffers<B>,
+        positions: &[usize],
+        gemm: GemmPrecision,
+    ) -> Tensor<B, 3> {
+        let [rows, seq, _] = x.dims();
+        assert_eq!((rows, seq), (positions.len(), 1), "one new token per row");
+        let at = Positions::PerToken(positions);
+        let q = self.queries_at(x.clone(), rope, at, gemm);
+        buffers.write_step(positions, self.latent_at(x, rope, at, gemm));
+        let len = positions.iter().max().map_or(0, |p| p + 1);
+        self.attend_absorbed_rows(q, buffers.read(rows, len), positions, gemm)
+    }
+
     /// Projects and rotates the queries.
     ///
     /// # Shapes
@@ -346,6 +390,24 @@ impl<B: Backend> Mla<B> {
         start: usize,
         gemm: GemmPrecision,
     ) -> Tensor<B, 3> {
+        let batch = q.nope.dims()[0];
+        self.attend_absorbed_rows(q, kv, &vec![start; batch], gemm)
+    }
+
+    /// [`Mla::attend_absorbed`] with a start per row: row `b`'s queries sit at positions
+    /// `starts[b]..` and see keys `0..=starts[b] + i` (keys past that are masked, whatever they
+    /// hold).
+    ///
+    /// # Shapes
+    /// `q.nope`: `[batch, q_len, heads, nope]`, `kv.c_kv`: `[batch, kv_len, kv_lora]`,
+    /// `starts`: `[batch]` → `[batch, q_len, d_model]`.
+    pub fn attend_absorbed_rows(
+        &self,
+        q: Queries<B>,
+        kv: LatentKv<B>,
+        starts: &[usize],
+        gemm: GemmPrecision,
+    ) -> Tensor<B, 3> {
         let [batch, q_len, heads, _] = q.nope.dims();
         let [_, _, kv_lora] = kv.c_kv.dims();
         let (nope, v_dim) = (self.qk_nope_head_dim, self.v_head_dim);
@@ -358,7 +420,7 @@ impl<B: Backend> Mla<B> {
 
         // One key/value "head" shared by all query heads, as in multi-query attention.
         let k = Tensor::cat(vec![kv.c_kv.clone(), kv.k_rope], 2); // [b, t, c + rope]
-        let o_latent = shared_kv_causal_attention(q, k, kv.c_kv, start, self.softmax_scale); // [b, h, s, c]
+        let o_latent = shared_kv_attention(q, k, kv.c_kv, starts, self.softmax_scale); // [b, h, s, c]
         let o = o_latent.matmul(w_uv.unsqueeze::<4>()); // [b, h, s, v]
         let o = o.swap_dims(1, 2).reshape([batch, q_len, heads * v_dim]); // [b, s, h·v]
         self.o_proj.forward(o, gemm)
@@ -408,8 +470,27 @@ pub fn shared_kv_causal_attention<B: Backend>(
     start: usize,
     scale: f64,
 ) -> Tensor<B, 4> {
+    let batch = q.dims()[0];
+    shared_kv_attention(q, k, v, &vec![start; batch], scale)
+}
+
+/// [`shared_kv_causal_attention`] with a start per batch row (sequences of different lengths
+/// decoding together): query `i` of row `b` sits at position `starts[b] + i` and sees keys
+/// `0..=starts[b] + i`.
+///
+/// # Shapes
+/// `q`: `[batch, heads, q_len, d]`, `k`: `[batch, kv_len, d]`, `v`: `[batch, kv_len, d_v]`,
+/// `starts`: `[batch]` → `[batch, heads, q_len, d_v]`.
+pub fn shared_kv_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    starts: &[usize],
+    scale: f64,
+) -> Tensor<B, 4> {
     let [batch, heads, q_len, d] = q.dims();
     let [_, kv_len, d_v] = v.dims();
+    assert_eq!(starts.len(), batch, "one start per batch row");
     let dtype = q.dtype();
     let rows = heads * q_len;
     let q = q.reshape([batch, 1, rows, d]).cast(FloatDType::F32); // [b, 1, h·s, d]
@@ -417,11 +498,18 @@ pub fn shared_kv_causal_attention<B: Backend>(
     let v = v.unsqueeze_dim::<4>(1).cast(FloatDType::F32); // [b, 1, t, d_v]
 
     // Row r is query position r % q_len of head r / q_len.
-    let mask: Vec<bool> =
-        (0..rows).flat_map(|r| (0..kv_len).map(move |j| j > start + r % q_len)).collect();
-    let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(mask, [rows, kv_len]), &q.device())
-        .reshape([1, 1, rows, kv_len])
-        .expand([batch, 1, rows, kv_len]);
+    let row_mask =
+        |start: usize| (0..rows).flat_map(move |r| (0..kv_len).map(move |j| j > start + r % q_len));
+    let device = q.device();
+    let mask = if starts.iter().all(|&s| s == starts[0]) {
+        let mask: Vec<bool> = row_mask(starts[0]).collect();
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(mask, [rows, kv_len]), &device)
+            .reshape([1, 1, rows, kv_len])
+            .expand([batch, 1, rows, kv_len])
+    } else {
+        let mask: Vec<bool> = starts.iter().flat_map(|&s| row_mask(s)).collect();
+        Tensor::<B, 4, Bool>::from_data(TensorData::new(mask, [batch, 1, rows, kv_len]), &device)
+    };
     let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: false };
     attention(q, k, v, Some(mask), None, options).reshape([batch, heads, q_len, d_v]).cast(dtype)
 }

@@ -17,6 +17,7 @@ use crate::packing::Packing;
 use crate::policy::ExecutionPolicy;
 use crate::projection::Projection;
 use crate::rope::RotaryEmbedding;
+use crate::slot_cache::SlotCache;
 
 /// A DeepSeek-V2/V3 model: weights, the rotary tables, the config and the [`ExecutionPolicy`]
 /// its forward passes run under. Single-device: a latent KV cache is passed into
@@ -200,6 +201,85 @@ impl<B: Backend> DeepSeekModel<B> {
         }
         let final_hidden = self.norm.forward(x);
         Ok(CachedOutput { logits: self.head(final_hidden.clone()), final_hidden })
+    }
+
+    /// Prefills a new sequence into the next free row of a shared [`SlotCache`] (continuous
+    /// batching: a sequence joins the decoding batch); returns the row it took and the output,
+    /// which equals [`DeepSeekModel::forward_cached`]'s prefill of the same prompt alone. Fails,
+    /// before computing anything, when no row is free or the prompt does not fit.
+    ///
+    /// # Shapes
+    /// `input_ids`: `[1, seq]` → logits `[1, seq, vocab]`.
+    pub fn prefill_slot(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        cache: &mut SlotCache<B>,
+    ) -> Result<(usize, CachedOutput<B>)> {
+        let [batch, seq] = input_ids.dims();
+        if batch != 1 {
+            return Err(DeepSeekError::Input(format!(
+                "a slot prefill takes one sequence, got a batch of {batch}"
+            )));
+        }
+        self.check_slot_cache(cache)?;
+        let row = cache.open(seq)?;
+        let mut x = self.embed_tokens.forward(input_ids); // [1, s, d]
+        let gemm = self.policy.gemm;
+        for (layer, buffers) in self.layers.iter().zip(cache.blocks_mut().iter_mut()) {
+            let (out, _) = layer.forward_with_attention(x, &self.policy, |attn, normed| {
+                attn.forward_prefill_slot(normed, &self.rope, buffers, row, gemm)
+            });
+            x = out;
+        }
+        let final_hidden = self.norm.forward(x);
+        Ok((row, CachedOutput { logits: self.head(final_hidden.clone()), final_hidden }))
+    }
+
+    /// One decoding step of every sequence in `cache` together: row `i` of `input_ids` is the
+    /// next token of the sequence in row `i`, at its own position. The projections and experts
+    /// see one batch of `active` tokens; each row's output equals its own
+    /// [`DeepSeekModel::forward_cached`] step (absorbed path) up to the rounding of the batched
+    /// GEMMs. Fails, before computing anything, when the rows do not match or a row is full.
+    ///
+    /// # Shapes
+    /// `input_ids`: `[active, 1]` → logits `[active, 1, vocab]`.
+    pub fn decode_slots(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        cache: &mut SlotCache<B>,
+    ) -> Result<CachedOutput<B>> {
+        let [rows, seq] = input_ids.dims();
+        if rows != cache.active() || seq != 1 {
+            return Err(DeepSeekError::Input(format!(
+                "a decoding step takes one token for each of the {} active sequences, got [{rows}, {seq}]",
+                cache.active()
+            )));
+        }
+        self.check_slot_cache(cache)?;
+        cache.check_step()?;
+        let positions = cache.lens().to_vec();
+        let mut x = self.embed_tokens.forward(input_ids); // [rows, 1, d]
+        let gemm = self.policy.gemm;
+        for (layer, buffers) in self.layers.iter().zip(cache.blocks_mut().iter_mut()) {
+            let (out, _) = layer.forward_with_attention(x, &self.policy, |attn, normed| {
+                attn.forward_decode_slots(normed, &self.rope, buffers, &positions, gemm)
+            });
+            x = out;
+        }
+        cache.advance();
+        let final_hidden = self.norm.forward(x);
+        Ok(CachedOutput { logits: self.head(final_hidden.clone()), final_hidden })
+    }
+
+    fn check_slot_cache(&self, cache: &SlotCache<B>) -> Result<()> {
+        if cache.blocks() != self.layers.len() {
+            return Err(DeepSeekError::Input(format!(
+                "a slot cache of {} blocks for a model of {} (SlotCache::new)",
+                cache.blocks(),
+                self.layers.len()
+            )));
+        }
+        Ok(())
     }
 
     /// MTP module `k` (1-based) over new positions, with its own one-block `cache` (see

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod chat;
 pub mod checker;
+pub mod engine;
 pub mod eval;
 pub mod generate;
 pub mod io;

@@ -1,0 +1,302 @@
+//! Continuous batching: sequences of different lengths decode together over one shared latent
+//! cache ([`SlotCache`]), joining and leaving the batch at any step.
+//!
+//! [`Engine::add`] prefills a request on its own (naive MLA path) into a free slot and chooses its
+//! first token; [`Engine::step`] then runs one decoding step for every running sequence at once
+//! (absorbed path), so the projections and routed experts see a batch of `active` tokens rather
+//! than one. A sequence leaves when it stops (EOS, a stop sequence, its token budget) or is
+//! cancelled, and its slot is free for the next request at once. Greedy output does not depend on
+//! what else is in the batch (the tests check it).
+
+use anyhow::{anyhow, bail, Result};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use deepseek_core::{DeepSeekModel, SlotCache};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::generate::{argmax, sample, Decoding};
+
+/// What to generate for one prompt.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The prompt's token ids (at least one).
+    pub prompt: Vec<i64>,
+    /// Most tokens to generate.
+    pub max_new_tokens: usize,
+    /// Greedy or sampled; a sampled request draws from its own generator seeded with its seed.
+    pub decoding: Decoding,
+    /// Tokens that end the sequence when generated (EOS; kept in the output).
+    pub stop_tokens: Vec<i64>,
+    /// Stop once the output ends with any of these id sequences (kept in the output).
+    pub stop_sequences: Vec<Vec<i64>>,
+}
+
+/// Identifies a sequence in the engine, unique over the engine's life.
+pub type SequenceId = u64;
+
+/// Why a sequence left the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// It generated a stop token or stop sequence.
+    Stop,
+    /// It reached `max_new_tokens`.
+    Length,
+}
+
+/// One chosen token of one sequence, and whether the sequence ended with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenEvent {
+    pub id: SequenceId,
+    pub token: i64,
+    /// Set on the sequence's last token; its slot is already free.
+    pub finish: Option<Finish>,
+}
+
+/// A sequence in the batch; `Engine::running[r]` occupies cache row `r`.
+struct Running {
+    id: SequenceId,
+    request: Request,
+    generated: Vec<i64>,
+    rng: Option<StdRng>,
+}
+
+/// The batch of running sequences over one slot cache.
+pub struct Engine<'m, B: Backend> {
+    model: &'m DeepSeekModel<B>,
+    cache: SlotCache<B>,
+    running: Vec<Running>,
+    device: B::Device,
+    next_id: SequenceId,
+}
+
+impl<'m, B: Backend> Engine<'m, B> {
+    /// An engine for up to `max_batch` sequences of up to `context` tokens each (prompt plus
+    /// output; at most the model's `max_position_embeddings`).
+    pub fn new(
+        model: &'m DeepSeekModel<B>,
+        max_batch: usize,
+        context: usize,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let cache = SlotCache::new(&model.config, max_batch, context, device)?;
+        Ok(Self { model, cache, running: Vec::new(), device: device.clone(), next_id: 0 })
+    }
+
+    /// Sequences decoding now.
+    pub fn active(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Whether [`Engine::add`] can take another sequence.
+    pub fn has_room(&self) -> bool {
+        !self.cache.is_full()
+    }
+
+    /// Tokens one sequence may hold (prompt plus output).
+    pub fn context(&self) -> usize {
+        self.cache.capacity()
+    }
+
+    /// The model the engine runs.
+    pub fn model(&self) -> &'m DeepSeekModel<B> {
+        self.model
+    }
+
+    /// Checks a request without running it: a non-empty prompt of in-vocabulary ids that fits
+    /// the context with its `max_new_tokens`, and valid sampling settings.
+    pub fn check(&self, request: &Request) -> Result<()> {
+        request.decoding.validate()?;
+        let (len, vocab) = (request.prompt.len(), self.model.config.vocab_size as i64);
+        if len == 0 {
+            bail!("empty prompt: give at least one token");
+        }
+        if let Some(bad) = request.prompt.iter().find(|&&t| t < 0 || t >= vocab) {
+            bail!("token id {bad} is outside the vocabulary 0..{vocab}");
+        }
+        if len + request.max_new_tokens > self.context() {
+            bail!(
+                "the prompt's {len} tokens plus max_tokens {} exceed the context of {} tokens",
+                request.max_new_tokens,
+                self.context()
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts a sequence: prefills its prompt into a free slot and chooses its first token. The
+    /// event ends the sequence already when that token stops it (or `max_new_tokens` is 1); with
+    /// `max_new_tokens` 0 nothing runs and no token is returned.
+    pub fn add(&mut self, request: Request) -> Result<(SequenceId, Option<TokenEvent>)> {
+        self.check(&request)?;
+        if !self.has_room() {
+            bail!("all {} slots are taken", self.cache.slots());
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        if request.max_new_tokens == 0 {
+            return Ok((id, None));
+        }
+        let len = request.prompt.len();
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(request.prompt.clone(), [1, len]),
+            &self.device,
+        );
+        let (row, out) = self.model.prefill_slot(ids, &mut self.cache)?;
+        debug_assert_eq!(row, self.running.len());
+        let rng = match request.decoding {
+            Decoding::Sample { seed, .. } => Some(StdRng::seed_from_u64(seed)),
+            Decoding::Greedy => None,
+        };
+        self.running.push(Running { id, request, generated: Vec::new(), rng });
+        let last = out.logits.narrow(1, len - 1, 1); // [1, 1, vocab]
+        let mut events = self.choose(last)?;
+        Ok((id, events.pop()))
+    }
+
+    /// One decoding step of every running sequence; returns each one's new token (in no
+    /// particular order). Sequences that finish leave the batch.
+    pub fn step(&mut self) -> Result<Vec<TokenEvent>> {
+        if self.running.is_empty() {
+            return Ok(Vec::new());
+        }
+        let last: Vec<i64> = self
+            .running
+            .iter()
+            .map(|r| *r.generated.last().expect("a running sequence has a token"))
+            .collect();
+        let rows = last.len();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(last, [rows, 1]), &self.device);
+        let logits = self.model.decode_slots(ids, &mut self.cache)?.logits; // [rows, 1, vocab]
+        self.choose(logits)
+    }
+
+    /// Ends a running sequence now and frees its slot; `false` if it is not running.
+    pub fn cancel(&mut self, id: SequenceId) -> bool {
+        match self.running.iter().position(|r| r.id == id) {
+            Some(row) => {
+                self.remove(row);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ends every running sequence.
+    pub fn cancel_all(&mut self) {
+        self.running.clear();
+        self.cache.clear();
+    }
+
+    fn remove(&mut self, row: usize) {
+        self.running.swap_remove(row);
+        self.cache.remove(row);
+    }
+
+    /// Chooses the next token of each running sequence from its logits (row `r` of `logits` for
+    /// the sequence in row `r`), records it, and removes the sequences that finish.
+    ///
+    /// # Shapes
+    /// `logits`: `[rows, 1, vocab]` for the last `rows` running sequences.
+    fn choose(&mut self, logits: Tensor<B, 3>) -> Result<Vec<TokenEvent>> {
+        let [rows, _, vocab] = logits.dims();
+        let values: Vec<f32> =
+            logits.into_data().convert::<f32>().into_vec().map_err(|e| anyhow!("{e:?}"))?;
+        let first = self.running.len() - rows;
+        let mut events = Vec::with_capacity(rows);
+        let mut finished = Vec::new();
+        for (i, row_logits) in values.chunks(vocab).enumerate() {
+            let seq = &mut self.running[first + i];
+            let token = match (seq.request.decoding, seq.rng.as_mut()) {
+                (Decoding::Sample { temperature, top_k, top_p, .. }, Some(rng)) => {
+                    sample(row_logits, temperature, top_k, top_p, rng)
+                }
+                _ => argmax(row_logits),
+            };
+            seq.generated.push(token);
+            let r = &seq.request;
+            let stopped = r.stop_tokens.contains(&token)
+                || r.stop_sequences.iter().any(|s| !s.is_empty() && seq.generated.ends_with(s));
+            let finish = if stopped {
+                Some(Finish::Stop)
+            } else if seq.generated.len() >= r.max_new_tokens {
+                Some(Finish::Length)
+            } else {
+                None
+            };
+            if finish.is_some() {
+                finished.push(first + i);
+            }
+            events.push(TokenEvent { id: seq.id, token, finish });
+        }
+        // Highest row first: a swap-remove moves only rows above the one it frees.
+        for row in finished.into_iter().rev() {
+            self.remove(row);
+        }
+        Ok(events)
+    }
+}
+
+/// The output of one request run by [`generate_all`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generated {
+    /// The new tokens (a stop token or sequence included).
+    pub tokens: Vec<i64>,
+    /// Why it ended; `None` when the callback ended it.
+    pub finish: Option<Finish>,
+}
+
+/// Runs `requests` to completion with continuous batching, at most `max_batch` at a time: a
+/// request joins as soon as another leaves. Calls `on_token(request_index, token)` for every
+/// token as it is chosen; returning `false` ends that request there (e.g. on a stop string in its
+/// text). Outputs come back in request order; every request is checked before any runs.
+pub fn generate_all<B: Backend>(
+    model: &DeepSeekModel<B>,
+    requests: Vec<Request>,
+    max_batch: usize,
+    device: &B::Device,
+    on_token: &mut dyn FnMut(usize, i64) -> Result<bool>,
+) -> Result<Vec<Generated>> {
+    let mut out: Vec<Generated> =
+        requests.iter().map(|_| Generated { tokens: Vec::new(), finish: None }).collect();
+    let Some(context) = requests.iter().map(|r| r.prompt.len() + r.max_new_tokens).max() else {
+        return Ok(out);
+    };
+    let context = context.min(model.config.max_position_embeddings).max(1);
+    let mut engine = Engine::new(model, max_batch.clamp(1, requests.len()), context, device)?;
+    for (i, r) in requests.iter().enumerate() {
+        engine.check(r).map_err(|e| e.context(format!("request {i}")))?;
+    }
+    let mut index_of = std::collections::HashMap::new();
+    let mut pending = requests.into_iter().enumerate();
+    let mut deliver = |engine: &mut Engine<B>,
+                       index_of: &mut std::collections::HashMap<SequenceId, usize>,
+                       event: TokenEvent|
+     -> Result<()> {
+        let i = index_of[&event.id];
+        out[i].tokens.push(event.token);
+        out[i].finish = event.finish;
+        let go_on = on_token(i, event.token)?;
+        if !go_on && event.finish.is_none() {
+            engine.cancel(event.id);
+        }
+        Ok(())
+    };
+    loop {
+        while engine.has_room() {
+            let Some((i, request)) = pending.next() else { break };
+            let (id, first) = engine.add(request)?;
+            index_of.insert(id, i);
+            if let Some(event) = first {
+                deliver(&mut engine, &mut index_of, event)?;
+            }
+        }
+        if engine.active() == 0 {
+            break;
+        }
+        for event in engine.step()? {
+            deliver(&mut engine, &mut index_of, event)?;
+        }
+    }
+    Ok(out)
+}

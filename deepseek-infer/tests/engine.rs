@@ -1,0 +1,193 @@
+//! Continuous batching: every sequence's greedy output is exactly what it generates alone
+//! (`generate`, one sequence over its own cache), whatever runs beside it: different prompt
+//! lengths, budgets and stop conditions, sequences joining late and finishing early. The batched
+//! step's logits match the single-sequence step's within f32 rounding.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Flex;
+use burn::tensor::{Int, Tensor, TensorData};
+use deepseek_core::{load_model, AttentionPath, LatentCache, LoadOptions, SlotCache};
+use deepseek_infer::engine::{generate_all, Engine, Finish, Request};
+use deepseek_infer::generate::{generate, Decoding, GenerateConfig};
+use safetensors::SafeTensors;
+
+type B = Flex;
+
+fn golden(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden").join(case)
+}
+
+/// Prompts of lengths 1..=12 cut from the golden inputs.
+fn prompts(case: &str) -> Vec<Vec<i64>> {
+    let bytes = std::fs::read(golden(case).join("reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let ids: Vec<i64> = st
+        .tensor("input_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let rows: Vec<&[i64]> = ids.chunks(12).collect();
+    [12, 3, 7, 1, 10, 5, 9, 2]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| rows[i % rows.len()][..n].to_vec())
+        .collect()
+}
+
+fn alone(model: &deepseek_core::DeepSeekModel<B>, r: &Request) -> Vec<i64> {
+    let cfg = GenerateConfig {
+        max_new_tokens: r.max_new_tokens,
+        decoding: r.decoding,
+        eos_token_id: r.stop_tokens.first().copied(),
+        stop_sequences: r.stop_sequences.clone(),
+    };
+    generate(model, std::slice::from_ref(&r.prompt), &cfg, &Default::default()).unwrap().remove(0)
+}
+
+#[test]
+fn batched_greedy_output_equals_each_sequence_alone() {
+    let device = Default::default();
+    for case in ["v3_yarn_qlora", "v5_style"] {
+        let model = load_model::<B>(golden(case), &device, LoadOptions::default()).unwrap();
+        let budgets = [20, 6, 14, 1, 9, 17, 3, 11];
+        let mut requests: Vec<Request> = prompts(case)
+            .into_iter()
+            .zip(budgets)
+            .map(|(prompt, max_new_tokens)| Request {
+                prompt,
+                max_new_tokens,
+                decoding: Decoding::Greedy,
+                stop_tokens: vec![],
+                stop_sequences: vec![],
+            })
+            .collect();
+        // Two requests stop early: one on a token, one on a two-token sequence, both taken from
+        // what they generate alone.
+        let free = alone(&model, &requests[0]);
+        requests[0].stop_tokens = vec![free[4]];
+        let free = alone(&model, &requests[5]);
+        requests[5].stop_sequences = vec![free[6..8].to_vec()];
+        let expected: Vec<Vec<i64>> = requests.iter().map(|r| alone(&model, r)).collect();
+        assert!(expected[0].len() <= 5 && expected[5].len() <= 8, "{case}: the stops bite");
+
+        for max_batch in [1, 3, 8] {
+            let mut order = Vec::new();
+            let got = generate_all(&model, requests.clone(), max_batch, &device, &mut |i, _| {
+                order.push(i);
+                Ok(true)
+            })
+            .unwrap();
+            for (i, (g, want)) in got.iter().zip(&expected).enumerate() {
+                assert_eq!(&g.tokens, want, "{case}, batch {max_batch}, request {i}");
+                let stopped = requests[i].stop_tokens.iter().any(|t| want.last() == Some(t))
+                    || requests[i].stop_sequences.iter().any(|s| want.ends_with(s));
+                let finish = if stopped { Finish::Stop } else { Finish::Length };
+                assert_eq!(g.finish, Some(finish), "{case}, batch {max_batch}, request {i}");
+            }
+            if max_batch > 1 {
+                // Tokens of different requests interleave: they really ran together.
+                assert!(order.windows(2).any(|w| w[0] > w[1]), "{case}: {order:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_batched_step_computes_each_rows_single_sequence_logits() {
+    let device = Default::default();
+    let model = load_model::<B>(golden("v3_yarn_qlora"), &device, LoadOptions::default()).unwrap();
+    let prompts = prompts("v3_yarn_qlora");
+    let ids = |p: &[i64]| {
+        Tensor::<B, 2, Int>::from_data(TensorData::new(p.to_vec(), [1, p.len()]), &device)
+    };
+    let mut slots = SlotCache::new(&model.config, 4, 16, &device).unwrap();
+    let mut alone = Vec::new();
+    for p in &prompts[..4] {
+        let (_, out) = model.prefill_slot(ids(p), &mut slots).unwrap();
+        let mut cache = LatentCache::new(&model.config, 1, 16, &device).unwrap();
+        let reference = model.forward_cached(ids(p), &mut cache, AttentionPath::Naive).unwrap();
+        let diff = (out.logits - reference.logits).abs().max().into_scalar();
+        assert!(diff < 1e-5, "prefill: {diff}");
+        alone.push(cache);
+    }
+    // Rows at positions 12, 3, 7 and 1 take one step together.
+    let next = [5i64, 17, 2, 30];
+    let step = Tensor::<B, 2, Int>::from_data(TensorData::new(next.to_vec(), [4, 1]), &device);
+    let batched = model.decode_slots(step, &mut slots).unwrap().logits; // [4, 1, vocab]
+    assert_eq!(slots.lens(), &[13, 4, 8, 2]);
+    for (row, cache) in alone.iter_mut().enumerate() {
+        let one = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![next[row]], [1, 1]), &device);
+        let reference = model.forward_cached(one, cache, AttentionPath::Absorbed).unwrap().logits;
+        let diff = (batched.clone().narrow(0, row, 1) - reference).abs().max().into_scalar();
+        assert!(diff < 1e-5, "row {row}: {diff}");
+    }
+}
+
+#[test]
+fn a_cancelled_sequence_frees_its_slot_and_the_others_go_on() {
+    let device = Default::default();
+    let model = load_model::<B>(golden("v5_style"), &device, LoadOptions::default()).unwrap();
+    let request = |prompt: Vec<i64>| Request {
+        prompt,
+        max_new_tokens: 12,
+        decoding: Decoding::Greedy,
+        stop_tokens: vec![],
+        stop_sequences: vec![],
+    };
+    let prompts = prompts("v5_style");
+    let expected = alone(&model, &request(prompts[2].clone()));
+    let mut engine = Engine::new(&model, 2, 32, &device).unwrap();
+    let (a, _) = engine.add(request(prompts[0].clone())).unwrap();
+    let (b, first) = engine.add(request(prompts[2].clone())).unwrap();
+    assert!(!engine.has_room());
+    let mut got = vec![first.unwrap().token];
+    for _ in 0..3 {
+        got.extend(engine.step().unwrap().iter().filter(|e| e.id == b).map(|e| e.token));
+    }
+    // Cancelling the sequence in row 0 moves the other one into its slot.
+    assert!(engine.cancel(a));
+    assert!(!engine.cancel(a));
+    assert_eq!(engine.active(), 1);
+    assert!(engine.has_room());
+    // A newcomer joins in the freed slot; the moved sequence continues exactly.
+    let (_, _) = engine.add(request(prompts[4].clone())).unwrap();
+    while engine.active() > 0 {
+        got.extend(engine.step().unwrap().iter().filter(|e| e.id == b).map(|e| e.token));
+    }
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn bad_requests_are_errors_before_anything_runs() {
+    let device = Default::default();
+    let model = load_model::<B>(golden("v5_style"), &device, LoadOptions::default()).unwrap();
+    let mut engine = Engine::new(&model, 2, 16, &device).unwrap();
+    let vocab = model.config.vocab_size as i64;
+    let request = |prompt: Vec<i64>, max_new_tokens| Request {
+        prompt,
+        max_new_tokens,
+        decoding: Decoding::Greedy,
+        stop_tokens: vec![],
+        stop_sequences: vec![],
+    };
+    for (r, needle) in [
+        (request(vec![], 4), "empty prompt"),
+        (request(vec![1, vocab], 4), "outside the vocabulary"),
+        (request(vec![1; 10], 7), "exceed the context of 16"),
+    ] {
+        let err = engine.add(r).unwrap_err().to_string();
+        assert!(err.contains(needle), "{err}");
+    }
+    let hot = Decoding::Sample { temperature: -1.0, top_k: None, top_p: None, seed: 0 };
+    assert!(engine.add(Request { decoding: hot, ..request(vec![1], 2) }).is_err());
+    assert_eq!(engine.active(), 0);
+    let context = model.config.max_position_embeddings;
+    let too_long = vec![request(vec![1], 1), request(vec![1; context], 1)];
+    assert!(generate_all(&model, too_long, 2, &device, &mut |_, _| Ok(true))
+        .unwrap_err()
+        .to_string()
+        .contains("request 1"));
+}
