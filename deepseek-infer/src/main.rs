@@ -17,6 +17,8 @@ use std::io::Write;
 use deepseek_infer::chat::{ChatTemplate, Message};
 use deepseek_infer::generate::{generate, generate_streaming, Decoding, GenerateConfig};
 use deepseek_infer::io;
+use deepseek_infer::pipeline::{encode_plain, read_tokenizer_config, Pipeline};
+use deepseek_infer::server::{serve, ServeOptions};
 use deepseek_infer::speculative;
 use deepseek_infer::tokenizer::{IncrementalDecoder, TextTokenizer};
 
@@ -217,6 +219,44 @@ enum Command {
         tokenizer: PathBuf,
         #[arg(long)]
         text: String,
+        /// Tokenize as a prompt, as Hugging Face does with `add_special_tokens=True` (BOS first
+        /// when the tokenizer_config.json beside the tokenizer says `add_bos_token`), as
+        /// `generate --prompt` and the server do.
+        #[arg(long)]
+        add_special_tokens: bool,
+    },
+    /// Serves the model over the OpenAI API (`/v1/completions`, `/v1/chat/completions`,
+    /// `/v1/models`, `/health`, `/metrics`) with continuous batching.
+    Serve {
+        /// Hugging Face-layout model directory (with tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// A LoRA adapter directory (PEFT layout) applied to the model, unmerged.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// 0 picks a free port (printed at start).
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Sequences decoding together at most.
+        #[arg(long, default_value_t = 16)]
+        max_batch: usize,
+        /// Sequences waiting for a slot at most; requests beyond answer 429.
+        #[arg(long, default_value_t = 256)]
+        max_queue: usize,
+        /// Largest `n` (choices per request).
+        #[arg(long, default_value_t = 8)]
+        max_n: usize,
+        /// Tokens per sequence, prompt plus output (default: the model's context).
+        #[arg(long)]
+        context: Option<usize>,
+        /// The model name requests use (default: the model directory's name).
+        #[arg(long)]
+        served_model_name: Option<String>,
+        /// Backend: flex (CPU), wgpu or cuda.
+        #[arg(long, default_value = "flex")]
+        device: DeviceKind,
     },
     /// Prints parameter counts and memory needs of a model or preset as `key: value` lines.
     Info {
@@ -275,6 +315,11 @@ enum OnDevice {
     },
     Generate(GenerateJob),
     Bench(BenchJob),
+    Serve {
+        model: PathBuf,
+        adapter: Option<PathBuf>,
+        options: ServeOptions,
+    },
     Eval(EvalJob),
 }
 
@@ -320,6 +365,10 @@ impl BackendTask for OnDevice {
                 chat_cmd::<B>(&model, adapter.as_deref(), &tok, &template, system, cfg, dev)
             }
             OnDevice::Generate(job) => generate_cmd::<B>(job, dev),
+            OnDevice::Serve { model, adapter, options } => {
+                let pipeline = Pipeline::<B>::load_with_adapter(&model, adapter.as_deref(), dev)?;
+                serve(pipeline, options)
+            }
             OnDevice::Bench(job) => bench_cmd::<B>(job, dev),
             OnDevice::Eval(job) => eval_cmd::<B>(job, dev),
         }
@@ -424,11 +473,44 @@ fn main() -> Result<()> {
             };
             on_device(device, OnDevice::Chat { model, adapter, tok, template, system, cfg })
         }
-        Command::Tokenize { tokenizer, text } => {
+        Command::Tokenize { tokenizer, text, add_special_tokens } => {
             let tok = TextTokenizer::from_file(&tokenizer)?;
-            let ids: Vec<String> = tok.encode(&text)?.iter().map(u32::to_string).collect();
+            let ids: Vec<i64> = if add_special_tokens {
+                let dir = if tokenizer.is_dir() {
+                    tokenizer.clone()
+                } else {
+                    tokenizer.with_file_name("")
+                };
+                encode_plain(&tok, prompt_bos(&dir, None, &tok)?, &text)?
+            } else {
+                tok.encode(&text)?.into_iter().map(i64::from).collect()
+            };
+            let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
             println!("{}", ids.join(" "));
             Ok(())
+        }
+        Command::Serve {
+            model,
+            adapter,
+            host,
+            port,
+            max_batch,
+            max_queue,
+            max_n,
+            context,
+            served_model_name,
+            device,
+        } => {
+            let model_name = match served_model_name {
+                Some(name) => name,
+                None => std::fs::canonicalize(&model)
+                    .with_context(|| format!("no model directory {}", model.display()))?
+                    .file_name()
+                    .map_or_else(|| "deepseek".into(), |n| n.to_string_lossy().into_owned()),
+            };
+            let options =
+                ServeOptions { host, port, max_batch, max_queue, max_n, model_name, context };
+            on_device(device, OnDevice::Serve { model, adapter, options })
         }
         Command::Generate {
             model,
@@ -452,7 +534,9 @@ fn main() -> Result<()> {
                 None => None,
             };
             let prompt_ids = match (&text, prompt_ids) {
-                (Some((tok, text)), _) => tok.encode(text)?.into_iter().map(i64::from).collect(),
+                (Some((tok, text)), _) => {
+                    encode_plain(tok, prompt_bos(&model, adapter.as_deref(), tok)?, text)?
+                }
                 (None, Some(ids)) => ids,
                 (None, None) => unreachable!("clap requires one"),
             };
@@ -549,6 +633,19 @@ struct EvalJob {
     max_new_tokens: usize,
     max_len: Option<usize>,
     decoding: Decoding,
+}
+
+/// The BOS id plain prompts start with: from the adapter's or the model's `tokenizer_config.json`
+/// when it says `add_bos_token` (none without a config).
+fn prompt_bos(model: &Path, adapter: Option<&Path>, tok: &TextTokenizer) -> Result<Option<u32>> {
+    let file = adapter
+        .map(|a| a.join("tokenizer_config.json"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| model.join("tokenizer_config.json"));
+    if !file.is_file() {
+        return Ok(None);
+    }
+    Ok(read_tokenizer_config(&file, tok)?.1)
 }
 
 /// The chat template and the BOS text of plain prompts, from the adapter's or the model's

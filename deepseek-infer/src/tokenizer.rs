@@ -36,6 +36,13 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of `text` with the tokenizer's post-processor applied (`add_special_tokens=True`
+    /// in Python; whether that adds BOS depends on `tokenizer.json`).
+    pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, true).map_err(|e| anyhow!("cannot tokenize: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Text of `ids` (special tokens kept as text).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(|e| anyhow!("cannot detokenize: {e}"))
