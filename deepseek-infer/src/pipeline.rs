@@ -255,7 +255,9 @@ pub fn read_tokenizer_config(
         Some(_) => Some(ChatTemplate::from_tokenizer_config(file)?),
         None => None,
     };
-    Ok((template, bos, id_of("eos_token")?))
+    // An EOS the tokenizer lacks (a template's text marker) leaves the model config's EOS.
+    let eos = token_text(config.get("eos_token")).and_then(|t| tokenizer.token_id(&t));
+    Ok((template, bos, eos))
 }
 
 /// Text of one sequence as its tokens arrive: incremental detokenization, EOS dropped, stop

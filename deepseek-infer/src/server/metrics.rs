@@ -20,6 +20,8 @@ pub struct Metrics {
     pub batch_size: AtomicUsize,
     /// Sequences waiting for a slot.
     pub queue_length: AtomicUsize,
+    /// The largest batch a step has run.
+    pub peak_batch_size: AtomicUsize,
     /// Streams whose client went away before the end.
     pub cancelled: AtomicU64,
     ttft: Mutex<Latencies>,
@@ -85,6 +87,7 @@ impl Metrics {
 
     /// Records a decoding step that produced `tokens` tokens.
     pub fn step(&self, tokens: usize) {
+        self.peak_batch_size.fetch_max(tokens, Ordering::Relaxed);
         let now = Instant::now();
         let mut t = self.throughput.lock().unwrap();
         t.push_back((now, tokens));
@@ -150,6 +153,12 @@ impl Metrics {
             "deepseek_batch_size",
             "Sequences decoding together now.",
             self.batch_size.load(Ordering::Relaxed) as f64,
+        );
+        gauge(
+            &mut out,
+            "deepseek_peak_batch_size",
+            "The largest batch a decoding step has run.",
+            self.peak_batch_size.load(Ordering::Relaxed) as f64,
         );
         gauge(
             &mut out,
