@@ -103,10 +103,15 @@ impl<B: Backend> Projection<B, 3> {
     pub fn forward_expert(&self, e: usize, x: Tensor<B, 2>, gemm: GemmPrecision) -> Tensor<B, 2> {
         let [_, d_in, d_out] = self.dims();
         let update = self.lora.as_ref().map(|lora| lora.forward_expert(e, x.clone()));
-        let w = self.weight.val().narrow(0, e, 1).reshape([d_in, d_out]); // [d_in, d_out]
+        let w = self.weight.val().narrow(0, e, 1); // [1, d_in, d_out], a view into the stack
         let y = match gemm {
-            GemmPrecision::Full => x.matmul(w),
-            GemmPrecision::Fp8 => fp8_matmul(x, w),
+            // A batched matmul of one reads the view in place; reshaping the view to 2-D first
+            // would copy the expert's weights on every call (Flex copies offset views).
+            GemmPrecision::Full => {
+                let rows = x.dims()[0];
+                x.unsqueeze::<3>().matmul(w).reshape([rows, d_out])
+            }
+            GemmPrecision::Fp8 => fp8_matmul(x, w.reshape([d_in, d_out])),
         };
         match update {
             Some(update) => y + update,

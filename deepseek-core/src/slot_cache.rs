@@ -1,11 +1,18 @@
 //! One latent KV cache shared by several sequences of different lengths, for batched decoding
 //! with sequences that join and leave at any step (continuous batching).
 //!
-//! Every block holds buffers of `slots` rows: row `r` caches sequence `r`'s latent `c_kv` and
-//! rotated shared key `k_rope` (see [`crate::cache`]), filled to its own length. The sequences
-//! in use always occupy rows `0..active`: a joining sequence takes row `active`, and a leaving
-//! one is replaced by the last row (one row copy per block), so a decoding step runs over one
-//! contiguous `[active, ..]` batch with ragged lengths and never over free rows.
+//! Every block keeps, per sequence, its latent `c_kv` and rotated shared key `k_rope` (see
+//! [`crate::cache`]) in pages of [`PAGE`] positions, allocated as the sequence grows. The sequences
+//! in use always occupy rows `0..active`: a joining sequence takes row `active`, and a leaving one
+//! is replaced by the last row (its pages move, nothing is copied), so a decoding step runs over
+//! one contiguous `[active, ..]` batch with ragged lengths and never over free rows.
+//!
+//! Why pages rather than one preallocated `[slots, capacity, ..]` buffer: writing one token into a
+//! tensor copies the whole tensor on backends without in-place slice assignment (Flex 0.21 copies
+//! on every `slice_assign`), so a write must touch a small tensor. A page write copies `PAGE`
+//! positions of one sequence; reading the batch for attention gathers the pages once per step,
+//! which costs what attention's own pass over the keys costs. Memory grows with the tokens
+//! actually held, not with `slots × capacity`.
 
 use burn::tensor::{backend::Backend, Tensor};
 
@@ -13,28 +20,74 @@ use crate::cache::LatentKv;
 use crate::config::DeepSeekConfig;
 use crate::error::{DeepSeekError, Result};
 
-/// One block's buffers: `[slots, capacity, kv_lora_rank]` and `[slots, capacity, rope]`.
+/// Positions per page.
+pub const PAGE: usize = 64;
+
+/// One block's pages: `c_kv[row][page]` is `[1, PAGE, kv_lora_rank]`, `k_rope[row][page]` is
+/// `[1, PAGE, rope]`.
 #[derive(Debug, Clone)]
 pub struct SlotBuffers<B: Backend> {
-    c_kv: Tensor<B, 3>,
-    k_rope: Tensor<B, 3>,
+    c_kv: Vec<Vec<Tensor<B, 3>>>,
+    k_rope: Vec<Vec<Tensor<B, 3>>>,
+    kv_lora: usize,
+    rope: usize,
+    device: B::Device,
 }
 
-/// Writes `values` `[1, seq, width]` into `buffer` at row `row`, positions `at..at + seq`. The
-/// buffer is moved out while writing, so the backend sees the only reference and may update it
-/// in place rather than copy it whole.
-fn write_row<B: Backend>(buffer: &mut Tensor<B, 3>, row: usize, at: usize, values: Tensor<B, 3>) {
+/// Writes `values` `[1, seq, width]` into one row's `pages` at positions `at..at + seq`,
+/// allocating pages as needed. Each page is moved out while written, so a backend that can update
+/// in place does.
+fn write_pages<B: Backend>(
+    pages: &mut Vec<Tensor<B, 3>>,
+    at: usize,
+    values: Tensor<B, 3>,
+    width: usize,
+    device: &B::Device,
+) {
     let [_, seq, _] = values.dims();
-    let placeholder = Tensor::empty([0, 0, 0], &values.device());
-    let whole = std::mem::replace(buffer, placeholder);
-    *buffer = whole.slice_assign([row..row + 1, at..at + seq], values);
+    let mut done = 0;
+    while done < seq {
+        let pos = at + done;
+        let (page, offset) = (pos / PAGE, pos % PAGE);
+        while pages.len() <= page {
+            pages.push(Tensor::zeros([1, PAGE, width], device));
+        }
+        let n = (PAGE - offset).min(seq - done);
+        let part = if n == seq { values.clone() } else { values.clone().narrow(1, done, n) };
+        let placeholder = Tensor::empty([0, 0, 0], device);
+        let whole = std::mem::replace(&mut pages[page], placeholder);
+        pages[page] = whole.slice_assign([0..1, offset..offset + n], part);
+        done += n;
+    }
+}
+
+/// Rows `0..rows` of `pages`, positions `0..len`, as one `[rows, len, width]` tensor (rows
+/// shorter than `len` are padded with zero pages).
+fn gather<B: Backend>(
+    pages: &mut [Vec<Tensor<B, 3>>],
+    rows: usize,
+    len: usize,
+    width: usize,
+    device: &B::Device,
+) -> Tensor<B, 3> {
+    let n_pages = len.div_ceil(PAGE).max(1);
+    let per_row: Vec<Tensor<B, 3>> = pages[..rows]
+        .iter_mut()
+        .map(|row| {
+            while row.len() < n_pages {
+                row.push(Tensor::zeros([1, PAGE, width], device));
+            }
+            Tensor::cat(row[..n_pages].to_vec(), 1)
+        })
+        .collect();
+    Tensor::cat(per_row, 0).narrow(1, 0, len)
 }
 
 impl<B: Backend> SlotBuffers<B> {
     /// Writes one sequence's latents `new` (`[1, seq, ..]`) into `row` from position `at`.
     pub fn write(&mut self, row: usize, at: usize, new: LatentKv<B>) {
-        write_row(&mut self.c_kv, row, at, new.c_kv);
-        write_row(&mut self.k_rope, row, at, new.k_rope);
+        write_pages(&mut self.c_kv[row], at, new.c_kv, self.kv_lora, &self.device);
+        write_pages(&mut self.k_rope[row], at, new.k_rope, self.rope, &self.device);
     }
 
     /// Writes the latent of one new token per row: row `i` of `new` (`[rows, 1, ..]`) at
@@ -54,25 +107,32 @@ impl<B: Backend> SlotBuffers<B> {
     ///
     /// # Shapes
     /// → `c_kv`: `[rows, len, kv_lora]`, `k_rope`: `[rows, len, rope]`.
-    pub fn read(&self, rows: usize, len: usize) -> LatentKv<B> {
+    pub fn read(&mut self, rows: usize, len: usize) -> LatentKv<B> {
         LatentKv {
-            c_kv: self.c_kv.clone().narrow(0, 0, rows).narrow(1, 0, len),
-            k_rope: self.k_rope.clone().narrow(0, 0, rows).narrow(1, 0, len),
+            c_kv: gather(&mut self.c_kv, rows, len, self.kv_lora, &self.device),
+            k_rope: gather(&mut self.k_rope, rows, len, self.rope, &self.device),
         }
     }
 
-    /// Copies positions `0..len` of row `from` into row `to`.
-    fn copy_row(&mut self, from: usize, to: usize, len: usize) {
-        let moved = LatentKv {
-            c_kv: self.c_kv.clone().narrow(0, from, 1).narrow(1, 0, len),
-            k_rope: self.k_rope.clone().narrow(0, from, 1).narrow(1, 0, len),
-        };
-        self.write(to, 0, moved);
+    /// Adds an empty row at the end.
+    fn push_row(&mut self) {
+        self.c_kv.push(Vec::new());
+        self.k_rope.push(Vec::new());
+    }
+
+    /// Removes `row`; the last row takes its place.
+    fn swap_remove_row(&mut self, row: usize) {
+        self.c_kv.swap_remove(row);
+        self.k_rope.swap_remove(row);
+    }
+
+    fn clear(&mut self) {
+        self.c_kv.clear();
+        self.k_rope.clear();
     }
 
     fn bytes_per_token(&self) -> usize {
-        self.c_kv.dims()[2] * self.c_kv.dtype().size()
-            + self.k_rope.dims()[2] * self.k_rope.dtype().size()
+        (self.kv_lora + self.rope) * Tensor::<B, 1>::empty([0], &self.device).dtype().size()
     }
 }
 
@@ -87,8 +147,8 @@ pub struct SlotCache<B: Backend> {
 }
 
 impl<B: Backend> SlotCache<B> {
-    /// Preallocates `slots` rows of `capacity` tokens for every block; `capacity` may not exceed
-    /// the model's `max_position_embeddings`.
+    /// A cache for up to `slots` sequences of up to `capacity` tokens each (at most the model's
+    /// `max_position_embeddings`); pages are allocated as the sequences grow.
     pub fn new(
         cfg: &DeepSeekConfig,
         slots: usize,
@@ -108,8 +168,11 @@ impl<B: Backend> SlotCache<B> {
         }
         let blocks = (0..cfg.num_hidden_layers)
             .map(|_| SlotBuffers {
-                c_kv: Tensor::zeros([slots, capacity, cfg.kv_lora_rank], device),
-                k_rope: Tensor::zeros([slots, capacity, cfg.qk_rope_head_dim], device),
+                c_kv: Vec::new(),
+                k_rope: Vec::new(),
+                kv_lora: cfg.kv_lora_rank,
+                rope: cfg.qk_rope_head_dim,
+                device: device.clone(),
             })
             .collect();
         Ok(Self { blocks, lens: Vec::new(), slots, capacity })
@@ -168,6 +231,7 @@ impl<B: Backend> SlotCache<B> {
             )));
         }
         self.lens.push(len);
+        self.blocks.iter_mut().for_each(SlotBuffers::push_row);
         Ok(self.lens.len() - 1)
     }
 
@@ -187,26 +251,19 @@ impl<B: Backend> SlotCache<B> {
         self.lens.iter_mut().for_each(|l| *l += 1);
     }
 
-    /// Frees `row`: the last active row moves into it (its latents copied in every block).
+    /// Frees `row`: the last active row moves into it (its pages move; nothing is copied).
     /// Returns the old index of the row that moved, if one did, so callers can follow it.
     pub fn remove(&mut self, row: usize) -> Option<usize> {
         assert!(row < self.lens.len(), "slot {row} is not in use");
         let last = self.lens.len() - 1;
         self.lens.swap_remove(row);
-        if row == last {
-            return None;
-        }
-        let len = self.lens[row];
-        if len > 0 {
-            for block in &mut self.blocks {
-                block.copy_row(last, row, len);
-            }
-        }
-        Some(last)
+        self.blocks.iter_mut().for_each(|b| b.swap_remove_row(row));
+        (row != last).then_some(last)
     }
 
     /// Forgets every sequence.
     pub fn clear(&mut self) {
         self.lens.clear();
+        self.blocks.iter_mut().for_each(SlotBuffers::clear);
     }
 }
