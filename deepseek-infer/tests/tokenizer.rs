@@ -73,6 +73,42 @@ fn real_deepseek_v3_tokenizer_matches_python() {
     assert_eq!(tok.token_id("<｜end▁of▁sentence｜>"), Some(1));
 }
 
+/// Prompts as `generate --prompt` and the server tokenize them (`tokenize --add-special-tokens`,
+/// the same code): Python `tokenizers` with `add_special_tokens=True`, and BOS first because
+/// DeepSeek-V3's tokenizer_config.json says `add_bos_token` (its tokenizer.json's post-processor
+/// adds nothing).
+#[test]
+#[ignore = "needs the DeepSeek-V3 tokenizer.json (scripts/fetch_deepseek_v3_tokenizer.sh)"]
+fn real_deepseek_v3_prompts_get_bos_as_hugging_face_adds_it() {
+    let dir = deepseek_v3_dir();
+    let text =
+        std::fs::read_to_string(golden().join("tokenizer/deepseek_v3_prompt_ids.json")).unwrap();
+    let refs: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(refs["add_bos_token"], true);
+    let bos = refs["bos_token_id"].as_u64().unwrap();
+    for (text, ids) in cases("deepseek_v3_prompt_ids.json") {
+        let out = deepseek(&[
+            "tokenize",
+            "--tokenizer",
+            dir.to_str().unwrap(),
+            "--text",
+            &text,
+            "--add-special-tokens",
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let got: Vec<u64> = String::from_utf8(out.stdout)
+            .unwrap()
+            .split_whitespace()
+            .map(|t| t.parse().unwrap())
+            .collect();
+        let expected: Vec<u64> = match ids.first() {
+            Some(&first) if u64::from(first) == bos => ids.iter().map(|&i| u64::from(i)).collect(),
+            _ => std::iter::once(bos).chain(ids.iter().map(|&i| u64::from(i))).collect(),
+        };
+        assert_eq!(got, expected, "{text:?}");
+    }
+}
+
 fn deepseek(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_deepseek")).args(args).output().unwrap()
 }

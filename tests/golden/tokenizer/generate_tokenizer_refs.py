@@ -5,6 +5,10 @@
 2. `deepseek_v3_ids.json`: ids the real DeepSeek-V3 tokenizer gives a varied text (mixed scripts,
    digits, emoji, whitespace runs), for the test that loads the real tokenizer.json.
 3. `deepseek_v3_chat.json`: DeepSeek-V3's chat template rendered as transformers renders it.
+4. `deepseek_v3_prompt_ids.json`: the same texts with `add_special_tokens=True` (the tokenizer's
+   post-processor), and `add_bos_token` / the BOS id from `tokenizer_config.json`: a prompt's ids
+   are those, with BOS first when `add_bos_token` is set and the post-processor did not add it
+   (what transformers' LlamaTokenizerFast, DeepSeek-V3's declared class, does).
 
 Rerun: python tests/golden/tokenizer/generate_tokenizer_refs.py [DIR_WITH_DEEPSEEK_V3_TOKENIZER_JSON]
 (default: $HOME/.cache/deepseek-burn/tokenizer-deepseek-v3, filled by scripts/fetch_deepseek_v3_tokenizer.sh).
@@ -52,6 +56,16 @@ def deepseek_v3(dir_):
     refs = [{"text": t, "ids": tok.encode(t, add_special_tokens=False).ids} for t in TEXTS]
     with open(os.path.join(HERE, "deepseek_v3_ids.json"), "w") as f:
         json.dump({"tokenizers": tokenizers.__version__, "vocab_size": tok.get_vocab_size(True), "cases": refs}, f, ensure_ascii=False, indent=1)
+    config = json.load(open(os.path.join(dir_, "tokenizer_config.json")))
+    bos = config["bos_token"]["content"] if isinstance(config["bos_token"], dict) else config["bos_token"]
+    special = [{"text": t, "ids": tok.encode(t, add_special_tokens=True).ids} for t in TEXTS]
+    with open(os.path.join(HERE, "deepseek_v3_prompt_ids.json"), "w") as f:
+        json.dump({
+            "tokenizers": tokenizers.__version__,
+            "add_bos_token": bool(config.get("add_bos_token", False)),
+            "bos_token_id": tok.token_to_id(bos),
+            "cases": special,
+        }, f, ensure_ascii=False, indent=1)
 
 
 
