@@ -131,6 +131,7 @@ fn main() -> Result<()> {
             decoding: Decoding::Sample { temperature: 0.7, top_k: None, top_p: None, seed },
             keep: Keep::Best,
             max_len: None,
+            batch: 16,
         },
         device: deepseek_core::device::DeviceKind::Flex,
     })?;

@@ -247,15 +247,15 @@ pub struct Generated {
 }
 
 /// Runs `requests` to completion with continuous batching, at most `max_batch` at a time: a
-/// request joins as soon as another leaves. Calls `on_token(request_index, token)` for every
-/// token as it is chosen; returning `false` ends that request there (e.g. on a stop string in its
-/// text). Outputs come back in request order; every request is checked before any runs.
+/// request joins as soon as another leaves. Calls `on_token(request_index, event)` for every
+/// token as it is chosen (`event.finish` set on a request's last); returning `false` ends that
+/// request there (e.g. on a stop string in its text). Outputs come back in request order; every request is checked before any runs.
 pub fn generate_all<B: Backend>(
     model: &DeepSeekModel<B>,
     requests: Vec<Request>,
     max_batch: usize,
     device: &B::Device,
-    on_token: &mut dyn FnMut(usize, i64) -> Result<bool>,
+    on_token: &mut dyn FnMut(usize, TokenEvent) -> Result<bool>,
 ) -> Result<Vec<Generated>> {
     let mut out: Vec<Generated> =
         requests.iter().map(|_| Generated { tokens: Vec::new(), finish: None }).collect();
@@ -276,7 +276,7 @@ pub fn generate_all<B: Backend>(
         let i = index_of[&event.id];
         out[i].tokens.push(event.token);
         out[i].finish = event.finish;
-        let go_on = on_token(i, event.token)?;
+        let go_on = on_token(i, event)?;
         if !go_on && event.finish.is_none() {
             engine.cancel(event.id);
         }

@@ -15,6 +15,7 @@ use deepseek_core::{load_model, AttentionPath, DeepSeekConfig, ForwardOptions, L
 use std::io::Write;
 
 use deepseek_infer::chat::{ChatTemplate, Message};
+use deepseek_infer::engine::{generate_all, Request};
 use deepseek_infer::generate::{generate, generate_streaming, Decoding, GenerateConfig};
 use deepseek_infer::io;
 use deepseek_infer::pipeline::{encode_plain, read_tokenizer_config, Pipeline};
@@ -177,7 +178,7 @@ enum Command {
         /// Evaluate only the first N items.
         #[arg(long)]
         limit: Option<usize>,
-        /// Sequences per forward pass (choice, perplexity).
+        /// Sequences per forward pass (choice, perplexity), or decoding together (generate).
         #[arg(long, default_value_t = 8)]
         batch: usize,
         /// generate: pass@k for this k.
@@ -740,24 +741,39 @@ fn eval_cmd<B: Backend>(job: EvalJob, device: &B::Device) -> Result<()> {
                 .and_then(|t| tok.token_id(t))
                 .map(i64::from);
             let pb = bar(items.len() * job.samples, "samples");
-            let (mut solved, mut pass_k, mut pass_1) = (0, 0.0, 0.0);
+            // Every (item, sample) pair is one request; `--batch` of them decode together.
+            let mut requests = Vec::with_capacity(items.len() * job.samples);
             for item in &items {
                 let prompt: Vec<i64> =
                     tok.encode(&item.prompt)?.into_iter().map(i64::from).collect();
-                let (mut texts, mut correct) = (Vec::new(), Vec::new());
                 for s in 0..job.samples {
-                    let cfg = GenerateConfig {
+                    requests.push(Request {
+                        prompt: prompt.clone(),
                         max_new_tokens: job.max_new_tokens,
                         decoding: job.decoding.for_sample(s),
-                        eos_token_id: eos.or(model.config.eos_token_id.map(i64::from)),
+                        stop_tokens: eos
+                            .or(model.config.eos_token_id.map(i64::from))
+                            .into_iter()
+                            .collect(),
                         stop_sequences: vec![],
-                    };
-                    let out =
-                        generate(&model, std::slice::from_ref(&prompt), &cfg, device)?.remove(0);
+                    });
+                }
+            }
+            let outputs = generate_all(&model, requests, job.batch, device, &mut |_, event| {
+                if event.finish.is_some() {
+                    pb.inc(1);
+                }
+                Ok(true)
+            })?;
+            let mut outputs = outputs.into_iter();
+            let (mut solved, mut pass_k, mut pass_1) = (0, 0.0, 0.0);
+            for item in &items {
+                let (mut texts, mut correct) = (Vec::new(), Vec::new());
+                for _ in 0..job.samples {
+                    let out = outputs.next().expect("one output per request").tokens;
                     let text = tok.decode(&out.iter().map(|&t| t as u32).collect::<Vec<_>>())?;
                     correct.push(checker::is_correct(&text, &item.answer));
                     texts.push(text);
-                    pb.inc(1);
                 }
                 let c = correct.iter().filter(|&&x| x).count();
                 pass_k += checker::pass_at_k(job.samples, c, job.k);

@@ -213,8 +213,8 @@ impl<B: Backend> Pipeline<B> {
             .map(|p| self.request(self.encode_prompt(p)?, options))
             .collect::<Result<Vec<_>>>()?;
         let mut texts: Vec<Texts> = prompts.iter().map(|_| Texts::new(self, options)).collect();
-        generate_all(&self.model, requests, max_batch, &self.device, &mut |i, token| {
-            texts[i].push(token)
+        generate_all(&self.model, requests, max_batch, &self.device, &mut |i, event| {
+            texts[i].push(event.token)
         })?;
         texts.into_iter().map(|mut t| t.finish()).collect()
     }

@@ -7,7 +7,8 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 use deepseek_core::DeepSeekModel;
 use deepseek_infer::chat::{ChatTemplate, Message};
-use deepseek_infer::generate::{generate, Decoding, GenerateConfig};
+use deepseek_infer::engine::{generate_all, Request};
+use deepseek_infer::generate::Decoding;
 use deepseek_infer::tokenizer::TextTokenizer;
 use serde_json::Value;
 
@@ -53,6 +54,8 @@ pub struct DistillConfig {
     pub keep: Keep,
     /// Keep only answers of at most this many tokens.
     pub max_len: Option<usize>,
+    /// Answers decoded together (continuous batching; the answers do not depend on it).
+    pub batch: usize,
 }
 
 /// One answer of the teacher.
@@ -110,22 +113,33 @@ pub fn distill<B: Backend>(
         .map(i64::from)
         .or(teacher.config.eos_token_id.map(i64::from));
     let data = |e: anyhow::Error| TrainError::Data(format!("{e:#}"));
-    let mut out = Vec::with_capacity(prompts.len());
+    if config.batch == 0 {
+        return Err(TrainError::config("batch", "must be at least 1"));
+    }
+    // Every (prompt, sample) pair is one request; the engine decodes `batch` of them at once.
+    let mut requests = Vec::with_capacity(prompts.len() * config.samples);
     for p in prompts {
         let text = template.render(&p.messages, true).map_err(data)?;
         let prompt: Vec<i64> =
             tok.encode(&text).map_err(data)?.into_iter().map(i64::from).collect();
-        let mut samples = Vec::with_capacity(config.samples);
         for s in 0..config.samples {
-            let cfg = GenerateConfig {
+            requests.push(Request {
+                prompt: prompt.clone(),
                 max_new_tokens: config.max_new_tokens,
                 decoding: config.decoding.for_sample(s),
-                eos_token_id: eos,
+                stop_tokens: eos.into_iter().collect(),
                 stop_sequences: vec![],
-            };
-            let mut ids = generate(teacher, std::slice::from_ref(&prompt), &cfg, device)
-                .map_err(data)?
-                .remove(0);
+            });
+        }
+    }
+    let outputs = generate_all(teacher, requests, config.batch, device, &mut |_, _| Ok(true))
+        .map_err(data)?;
+    let mut outputs = outputs.into_iter();
+    let mut out = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let mut samples = Vec::with_capacity(config.samples);
+        for _ in 0..config.samples {
+            let mut ids = outputs.next().expect("one output per request").tokens;
             // The end-of-turn token belongs to the template, not to the answer's text.
             if eos.is_some() && ids.last() == eos.as_ref() {
                 ids.pop();

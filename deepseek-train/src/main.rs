@@ -156,6 +156,9 @@ struct DistillCli {
     /// Keep only answers of at most this many tokens.
     #[arg(long)]
     max_len: Option<usize>,
+    /// Answers the teacher decodes together (continuous batching; the answers do not change).
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
     #[arg(long, default_value = "flex")]
     device: DeviceKind,
 }
@@ -353,6 +356,7 @@ fn main() -> Result<()> {
                     decoding,
                     keep: cli.keep,
                     max_len: cli.max_len,
+                    batch: cli.batch,
                 },
                 device: cli.device,
             };

@@ -45,9 +45,13 @@ fn distillation_keeps_exactly_the_verified_answers_as_sft_data() {
             decoding: Decoding::Sample { temperature: 1.0, top_k: None, top_p: None, seed: 7 },
             keep,
             max_len: None,
+            batch: 5,
         };
         let teacher = Teacher { model: &teacher, tokenizer: &tok, template: &template };
         let samples = distill(&teacher, &prompts, &config, &device, check, || {}).unwrap();
+        // Decoded one at a time, the answers are the same.
+        let alone = DistillConfig { batch: 1, ..config.clone() };
+        assert_eq!(distill(&teacher, &prompts, &alone, &device, check, || {}).unwrap(), samples);
         let all: Vec<_> = samples.iter().flatten().collect();
         assert_eq!(all.len(), 18);
         assert!(all.iter().all(|s| s.correct == check(&s.text, "")));
