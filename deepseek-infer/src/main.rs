@@ -255,6 +255,10 @@ enum Command {
         /// The model name requests use (default: the model directory's name).
         #[arg(long)]
         served_model_name: Option<String>,
+        /// Decode with MTP speculative decoding (drafts verified by the main model; output
+        /// distributed as without it), one sequence at a time instead of batching.
+        #[arg(long)]
+        speculative: bool,
         /// Backend: flex (CPU), wgpu or cuda.
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
@@ -500,6 +504,7 @@ fn main() -> Result<()> {
             max_n,
             context,
             served_model_name,
+            speculative,
             device,
         } => {
             let model_name = match served_model_name {
@@ -509,8 +514,16 @@ fn main() -> Result<()> {
                     .file_name()
                     .map_or_else(|| "deepseek".into(), |n| n.to_string_lossy().into_owned()),
             };
-            let options =
-                ServeOptions { host, port, max_batch, max_queue, max_n, model_name, context };
+            let options = ServeOptions {
+                host,
+                port,
+                max_batch,
+                max_queue,
+                max_n,
+                model_name,
+                context,
+                speculative,
+            };
             on_device(device, OnDevice::Serve { model, adapter, options })
         }
         Command::Generate {

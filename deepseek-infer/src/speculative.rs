@@ -104,7 +104,34 @@ pub fn speculative<B: Backend>(
     decoding: Decoding,
     device: &B::Device,
 ) -> Result<SpeculativeOutput> {
+    speculative_streaming(model, prompt, max_new_tokens, eos, decoding, device, &mut |_| Ok(true))
+}
+
+/// [`speculative`], calling `on_token` with each token once it is confirmed (one or two per
+/// main-model step); returning `false` ends generation there.
+pub fn speculative_streaming<B: Backend>(
+    model: &DeepSeekModel<B>,
+    prompt: &[i64],
+    max_new_tokens: usize,
+    eos: Option<i64>,
+    decoding: Decoding,
+    device: &B::Device,
+    on_token: &mut dyn FnMut(i64) -> Result<bool>,
+) -> Result<SpeculativeOutput> {
     decoding.validate()?;
+    // Hands the tokens confirmed since the last call to `on_token`, up to the budget and the
+    // first EOS; `false` once generation is over.
+    let mut emitted = 0;
+    let mut emit = |tokens: &[i64]| -> Result<bool> {
+        while emitted < tokens.len().min(max_new_tokens) {
+            let t = tokens[emitted];
+            emitted += 1;
+            if !on_token(t)? || Some(t) == eos {
+                return Ok(false);
+            }
+        }
+        Ok(emitted < max_new_tokens)
+    };
     let seed = match decoding {
         Decoding::Sample { seed, .. } => seed,
         Decoding::Greedy => 0,
@@ -139,6 +166,7 @@ pub fn speculative<B: Backend>(
     out.main_steps += 1;
     let mut next = draw(&last_row(main.logits, n - 1), &mut rng);
     out.tokens.push(next);
+    let mut go_on = emit(&out.tokens)?;
     let mut following: Vec<i64> = prompt[1..].to_vec();
     following.push(next);
     let draft_logits = model
@@ -147,7 +175,7 @@ pub fn speculative<B: Backend>(
     let mut draft_dist = distribution(&last_row(draft_logits, n - 1), decoding);
     let mut draft = sample_from(&draft_dist, &mut rng);
 
-    while out.tokens.len() < max_new_tokens && Some(next) != eos {
+    while go_on && out.tokens.len() < max_new_tokens && Some(next) != eos {
         // Verify: the main model reads [next, draft]; its prediction after `next` must be `draft`.
         let pos = cache.len();
         let verify = model.forward_cached(
@@ -176,7 +204,8 @@ pub fn speculative<B: Backend>(
             next = after_next;
             (verify.final_hidden.narrow(1, 0, 1), vec![after_next])
         };
-        if out.tokens.len() >= max_new_tokens || out.tokens.last() == eos.as_ref() {
+        go_on = emit(&out.tokens)?;
+        if !go_on || out.tokens.len() >= max_new_tokens || out.tokens.last() == eos.as_ref() {
             break;
         }
         let count = confirmed_following.len();
@@ -191,7 +220,11 @@ pub fn speculative<B: Backend>(
         draft_dist = distribution(&last_row(draft_logits, count - 1), decoding);
         draft = sample_from(&draft_dist, &mut rng);
     }
-    out.tokens.truncate(max_new_tokens);
+    if go_on {
+        emit(&out.tokens)?;
+    }
+    // What the callback ended, or the budget or EOS cut, is not part of the output.
+    out.tokens.truncate(emitted.min(max_new_tokens));
     if let Some(e) = eos {
         if let Some(i) = out.tokens.iter().position(|&t| t == e) {
             out.tokens.truncate(i + 1);

@@ -361,3 +361,21 @@ fn the_openai_python_client_talks_to_the_server() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("all checks passed"), "{stdout}");
 }
+
+#[test]
+fn the_speculative_server_gives_the_batching_servers_greedy_text() {
+    let plain = Server::start(&[]);
+    let speculative = Server::start(&["--speculative"]);
+    for (prompt, max_tokens) in [("Once upon a time", 40), ("The quick brown fox", 25), ("x", 1)] {
+        let body = completion(prompt, max_tokens);
+        let (_, want) = plain.post("/v1/completions", &body);
+        let (status, got) = speculative.post("/v1/completions", &body);
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(got["choices"], want["choices"], "{prompt}");
+        assert_eq!(got["usage"], want["usage"], "{prompt}");
+        let mut streaming = body.clone();
+        streaming["stream"] = json!(true);
+        let (text, _) = streamed_text(&speculative.stream("/v1/completions", &streaming, None));
+        assert_eq!(text, want["choices"][0]["text"].as_str().unwrap(), "{prompt}");
+    }
+}

@@ -7,7 +7,7 @@ use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
 use deepseek_core::{load_model, AttentionPath, LatentCache, LoadOptions};
 use deepseek_infer::generate::{generate, Decoding, GenerateConfig};
-use deepseek_infer::speculative::{speculative, speculative_greedy};
+use deepseek_infer::speculative::{speculative, speculative_greedy, speculative_streaming};
 use safetensors::SafeTensors;
 
 type B = Flex;
@@ -140,4 +140,34 @@ fn speculative_decoding_checks_the_sampling_settings_as_generate_does() {
         assert!(plain.contains(field), "{plain}");
         assert_eq!(spec, plain, "one validation for both decoders");
     }
+}
+
+#[test]
+fn streamed_speculative_tokens_are_the_output_and_the_callback_can_stop_it() {
+    let device = Default::default();
+    let model = load_model::<B>(golden("v5_style"), &device, LoadOptions::default()).unwrap();
+    let prompt = prompts("v5_style").remove(0);
+    let full = speculative_greedy(&model, &prompt, 20, None, &device).unwrap();
+    let mut seen = Vec::new();
+    let out =
+        speculative_streaming(&model, &prompt, 20, None, Decoding::Greedy, &device, &mut |t| {
+            seen.push(t);
+            Ok(true)
+        })
+        .unwrap();
+    assert_eq!((&seen, &out.tokens), (&full.tokens, &full.tokens));
+    // Stopping after 7 tokens keeps exactly those 7 (the 7th included), called no further.
+    let mut calls = 0;
+    let cut =
+        speculative_streaming(&model, &prompt, 20, None, Decoding::Greedy, &device, &mut |_| {
+            calls += 1;
+            Ok(calls < 7)
+        })
+        .unwrap();
+    assert_eq!((calls, &cut.tokens[..]), (7, &full.tokens[..7]));
+    // An EOS taken from the output ends it there, EOS included.
+    let eos = full.tokens[5];
+    let first = full.tokens.iter().position(|&t| t == eos).unwrap();
+    let stopped = speculative_greedy(&model, &prompt, 20, Some(eos), &device).unwrap();
+    assert_eq!(stopped.tokens, full.tokens[..=first]);
 }

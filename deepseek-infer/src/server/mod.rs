@@ -57,6 +57,9 @@ pub struct ServeOptions {
     pub model_name: String,
     /// Tokens per sequence (prompt plus output); default the model's context.
     pub context: Option<usize>,
+    /// MTP speculative decoding, one sequence at a time (lower latency at low load; the batch is
+    /// one sequence).
+    pub speculative: bool,
 }
 
 /// What the HTTP handlers share.
@@ -92,7 +95,16 @@ pub fn serve<B: Backend>(pipeline: Pipeline<B>, options: ServeOptions) -> Result
     }
     let tokenizer = Arc::new(tokenizer);
     let metrics = Arc::new(Metrics::default());
-    let settings = SchedulerSettings { max_batch: options.max_batch, context };
+    if options.speculative && model.mtp.is_empty() {
+        anyhow::bail!("--speculative drafts with the MTP module, and this model has none (num_nextn_predict_layers = 0)");
+    }
+    // A speculative verification may run one position past the last kept token.
+    let context = if options.speculative { context.min(model_context - 1) } else { context };
+    let settings = SchedulerSettings {
+        max_batch: options.max_batch,
+        context,
+        speculative: options.speculative,
+    };
     let vocab = model.config.vocab_size;
     let (scheduler, thread) =
         scheduler::spawn(model, tokenizer.clone(), eos_token_id, settings, metrics.clone(), device);

@@ -18,6 +18,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::metrics::Metrics;
 use crate::engine::{Engine, Finish, Request, SequenceId, TokenEvent};
 use crate::pipeline::Texts;
+use crate::speculative::speculative_streaming;
 use crate::tokenizer::TextTokenizer;
 
 /// One sequence to generate: a choice of a request.
@@ -56,6 +57,8 @@ pub struct SchedulerSettings {
     pub max_batch: usize,
     /// Tokens per sequence (prompt plus output).
     pub context: usize,
+    /// Decode one sequence at a time with MTP speculative decoding instead of batching.
+    pub speculative: bool,
 }
 
 /// A sequence in the engine.
@@ -136,6 +139,13 @@ fn run<B: Backend>(
         });
 
         let outcome = catch_unwind(AssertUnwindSafe(|| -> anyhow::Result<()> {
+            if settings.speculative {
+                if let Some(job) = queue.pop_front() {
+                    metrics.queue_length.fetch_sub(1, Ordering::Relaxed);
+                    run_speculative(&model, &device, tokenizer, eos, job, metrics);
+                }
+                return Ok(());
+            }
             while engine.has_room() {
                 let Some(job) = queue.pop_front() else { break };
                 metrics.queue_length.fetch_sub(1, Ordering::Relaxed);
@@ -179,6 +189,69 @@ fn run<B: Backend>(
             }
             engine.cancel_all();
             metrics.batch_size.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One job start to end with MTP speculative decoding (the `--speculative` server): the batch is
+/// this one sequence.
+fn run_speculative<B: Backend>(
+    model: &DeepSeekModel<B>,
+    device: &B::Device,
+    tokenizer: &TextTokenizer,
+    eos: Option<u32>,
+    job: Job,
+    metrics: &Metrics,
+) {
+    let mut texts = Texts::with(tokenizer, eos, &job.stop);
+    let (choice, r) = (job.choice, &job.request);
+    metrics.prompt_tokens.fetch_add(r.prompt.len() as u64, Ordering::Relaxed);
+    metrics.batch_size.store(1, Ordering::Relaxed);
+    let mut last = Instant::now();
+    let mut tokens = 0;
+    let mut gone = false;
+    let result = speculative_streaming(
+        model,
+        &r.prompt,
+        r.max_new_tokens,
+        r.stop_tokens.first().copied(),
+        r.decoding,
+        device,
+        &mut |token| {
+            let now = Instant::now();
+            tokens += 1;
+            metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            if tokens == 1 {
+                metrics.time_to_first_token(now - job.arrived);
+            } else {
+                metrics.inter_token(now - last);
+            }
+            last = now;
+            let text = texts.piece(token)?;
+            if !text.is_empty() && job.events.send(Event::Piece { choice, text }).is_err() {
+                gone = true;
+            }
+            Ok(!gone && !texts.stopped())
+        },
+    );
+    metrics.step(tokens);
+    metrics.batch_size.store(0, Ordering::Relaxed);
+    match result {
+        Err(e) => {
+            let _ = job.events.send(Event::Failed { message: format!("{e:#}") });
+        }
+        Ok(_) if gone => {
+            metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(out) => {
+            let stopped =
+                texts.stopped() || out.tokens.last().is_some_and(|t| r.stop_tokens.contains(t));
+            let finish = if stopped { Finish::Stop } else { Finish::Length };
+            let rest = texts.flush();
+            if !rest.is_empty() {
+                let _ = job.events.send(Event::Piece { choice, text: rest });
+            }
+            let _ = job.events.send(Event::Done { choice, finish, tokens: out.tokens.len() });
         }
     }
 }
