@@ -257,8 +257,14 @@ pub fn generate_all<B: Backend>(
     device: &B::Device,
     on_token: &mut dyn FnMut(usize, TokenEvent) -> Result<bool>,
 ) -> Result<Vec<Generated>> {
-    let mut out: Vec<Generated> =
-        requests.iter().map(|_| Generated { tokens: Vec::new(), finish: None }).collect();
+    // A budget of 0 tokens is finished before it starts.
+    let mut out: Vec<Generated> = requests
+        .iter()
+        .map(|r| Generated {
+            tokens: Vec::new(),
+            finish: (r.max_new_tokens == 0).then_some(Finish::Length),
+        })
+        .collect();
     let Some(context) = requests.iter().map(|r| r.prompt.len() + r.max_new_tokens).max() else {
         return Ok(out);
     };

@@ -220,6 +220,7 @@ pub fn parse_request(body: &[u8], chat: bool, max_n: usize) -> Result<Completion
             ))
         }
     };
+    reject_unsupported(&obj)?;
     Ok(CompletionRequest {
         model,
         prompt,
@@ -232,6 +233,40 @@ pub fn parse_request(body: &[u8], chat: bool, max_n: usize) -> Result<Completion
         stream,
         include_usage,
     })
+}
+
+/// Fields this server does not implement are errors when they ask for something (their neutral
+/// values, which clients often send, pass): silently ignoring them would return other results.
+fn reject_unsupported(obj: &Map<String, Value>) -> Result<(), ApiError> {
+    for key in [
+        "logprobs",
+        "top_logprobs",
+        "echo",
+        "suffix",
+        "best_of",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "tools",
+        "response_format",
+    ] {
+        let asked = match (key, obj.get(key)) {
+            (_, None | Some(Value::Null) | Some(Value::Bool(false))) => false,
+            ("best_of", Some(v)) => v.as_f64() != Some(1.0),
+            (_, Some(Value::Number(n))) => n.as_f64() != Some(0.0),
+            ("logit_bias", Some(Value::Object(m))) => !m.is_empty(),
+            ("tools", Some(Value::Array(a))) => !a.is_empty(),
+            ("response_format", Some(v)) => v.get("type").and_then(Value::as_str) != Some("text"),
+            _ => true,
+        };
+        if asked {
+            return Err(ApiError::invalid(
+                Some(key),
+                format!("`{key}` is not supported by this server"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn optional_u64(obj: &Map<String, Value>, key: &str) -> Result<Option<u64>, ApiError> {
@@ -424,7 +459,12 @@ mod tests {
         assert_eq!(r.prompt, Prompt::Text("hi".into()));
         assert_eq!((r.max_tokens, r.temperature, r.n, r.stream), (Some(5), 1.0, 1, false));
         assert_eq!((r.stop, r.seed), (vec!["\n".to_string()], Some(u64::MAX)));
-        let r = parse_request(br#"{"model":"m","prompt":[[1,2,3]]}"#, false, 4).unwrap();
+        let r = parse_request(
+            br#"{"model":"m","prompt":[[1,2,3]],"logprobs":null,"echo":false,"best_of":1,"presence_penalty":0,"frequency_penalty":0.0,"logit_bias":{}}"#,
+            false,
+            4,
+        )
+        .unwrap();
         assert_eq!(r.prompt, Prompt::Ids(vec![1, 2, 3]));
         let r = parse_request(
             br#"{"model":"m","messages":[{"role":"developer","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}],"max_completion_tokens":3,"stream":true,"stream_options":{"include_usage":true}}"#,

@@ -301,6 +301,9 @@ fn deliver<B: Backend>(
     if finish.is_some() || !sent {
         if event.finish.is_none() {
             engine.cancel(event.id);
+            if finish.is_none() {
+                metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
         }
         live.remove(&event.id);
     }
