@@ -35,8 +35,7 @@ pub struct SlotBuffers<B: Backend> {
 }
 
 /// Writes `values` `[1, seq, width]` into one row's `pages` at positions `at..at + seq`,
-/// allocating pages as needed. Each page is moved out while written, so a backend that can update
-/// in place does.
+/// allocating pages as needed.
 fn write_pages<B: Backend>(
     pages: &mut Vec<Tensor<B, 3>>,
     at: usize,
@@ -54,9 +53,7 @@ fn write_pages<B: Backend>(
         }
         let n = (PAGE - offset).min(seq - done);
         let part = if n == seq { values.clone() } else { values.clone().narrow(1, done, n) };
-        let placeholder = Tensor::empty([0, 0, 0], device);
-        let whole = std::mem::replace(&mut pages[page], placeholder);
-        pages[page] = whole.slice_assign([0..1, offset..offset + n], part);
+        pages[page] = pages[page].clone().slice_assign([0..1, offset..offset + n], part);
         done += n;
     }
 }

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::backend::Flex;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use deepseek_core::{load_model, AttentionPath, LatentCache, LoadOptions, SlotCache};
 use deepseek_infer::engine::{generate_all, Engine, Finish, Request};
 use deepseek_infer::generate::{generate, Decoding, GenerateConfig};
@@ -37,21 +37,36 @@ fn prompts(case: &str) -> Vec<Vec<i64>> {
         .collect()
 }
 
-fn alone(model: &deepseek_core::DeepSeekModel<B>, r: &Request) -> Vec<i64> {
+fn alone<G: burn::tensor::backend::Backend>(
+    model: &deepseek_core::DeepSeekModel<G>,
+    r: &Request,
+) -> Vec<i64> {
     let cfg = GenerateConfig {
         max_new_tokens: r.max_new_tokens,
         decoding: r.decoding,
         eos_token_id: r.stop_tokens.first().copied(),
         stop_sequences: r.stop_sequences.clone(),
     };
-    generate(model, std::slice::from_ref(&r.prompt), &cfg, &Default::default()).unwrap().remove(0)
+    let device = model.embed_tokens.weight.device();
+    generate(model, std::slice::from_ref(&r.prompt), &cfg, &device).unwrap().remove(0)
 }
 
 #[test]
 fn batched_greedy_output_equals_each_sequence_alone() {
-    let device = Default::default();
+    batched_equals_alone::<B>(&Default::default());
+}
+
+/// The same on wgpu (CI: Mesa lavapipe): the paged cache and the ragged masks on a GPU backend.
+#[cfg(feature = "wgpu")]
+#[test]
+#[ignore = "known failure: batched steps on wgpu differ from single-sequence steps (engine::checked_batch)"]
+fn batched_greedy_output_equals_each_sequence_alone_on_wgpu() {
+    batched_equals_alone::<burn::backend::Wgpu>(&Default::default());
+}
+
+fn batched_equals_alone<G: burn::tensor::backend::Backend>(device: &G::Device) {
     for case in ["v3_yarn_qlora", "v5_style"] {
-        let model = load_model::<B>(golden(case), &device, LoadOptions::default()).unwrap();
+        let model = load_model::<G>(golden(case), device, LoadOptions::default()).unwrap();
         let budgets = [20, 6, 14, 1, 9, 17, 3, 11];
         let mut requests: Vec<Request> = prompts(case)
             .into_iter()
@@ -75,7 +90,7 @@ fn batched_greedy_output_equals_each_sequence_alone() {
 
         for max_batch in [1, 3, 8] {
             let mut order = Vec::new();
-            let got = generate_all(&model, requests.clone(), max_batch, &device, &mut |i, _| {
+            let got = generate_all(&model, requests.clone(), max_batch, device, &mut |i, _| {
                 order.push(i);
                 Ok(true)
             })
@@ -97,7 +112,18 @@ fn batched_greedy_output_equals_each_sequence_alone() {
 
 #[test]
 fn a_batched_step_computes_each_rows_single_sequence_logits() {
-    let device = Default::default();
+    step_logits::<B>(&Default::default(), 1e-5);
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+#[ignore = "known failure: batched steps on wgpu differ from single-sequence steps (engine::checked_batch)"]
+fn a_batched_step_computes_each_rows_single_sequence_logits_on_wgpu() {
+    step_logits::<burn::backend::Wgpu>(&Default::default(), 1e-4);
+}
+
+fn step_logits<B: burn::tensor::backend::Backend>(device: &B::Device, tol: f32) {
+    let device = device.clone();
     let model = load_model::<B>(golden("v3_yarn_qlora"), &device, LoadOptions::default()).unwrap();
     let prompts = prompts("v3_yarn_qlora");
     let ids = |p: &[i64]| {
@@ -109,8 +135,8 @@ fn a_batched_step_computes_each_rows_single_sequence_logits() {
         let (_, out) = model.prefill_slot(ids(p), &mut slots).unwrap();
         let mut cache = LatentCache::new(&model.config, 1, 16, &device).unwrap();
         let reference = model.forward_cached(ids(p), &mut cache, AttentionPath::Naive).unwrap();
-        let diff = (out.logits - reference.logits).abs().max().into_scalar();
-        assert!(diff < 1e-5, "prefill: {diff}");
+        let diff: f32 = (out.logits - reference.logits).abs().max().into_scalar().elem();
+        assert!(diff < tol, "prefill: {diff}");
         alone.push(cache);
     }
     // Rows at positions 12, 3, 7 and 1 take one step together.
@@ -121,8 +147,9 @@ fn a_batched_step_computes_each_rows_single_sequence_logits() {
     for (row, cache) in alone.iter_mut().enumerate() {
         let one = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![next[row]], [1, 1]), &device);
         let reference = model.forward_cached(one, cache, AttentionPath::Absorbed).unwrap().logits;
-        let diff = (batched.clone().narrow(0, row, 1) - reference).abs().max().into_scalar();
-        assert!(diff < 1e-5, "row {row}: {diff}");
+        let diff: f32 =
+            (batched.clone().narrow(0, row, 1) - reference).abs().max().into_scalar().elem();
+        assert!(diff < tol, "row {row}: {diff}");
     }
 }
 
