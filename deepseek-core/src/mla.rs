@@ -236,8 +236,12 @@ impl<B: Backend> Mla<B> {
     /// `0..=positions[i]` (absorbed path; the rows' lengths differ, the mask keeps each to its
     /// own). Each row computes what [`Mla::forward_cached`] computes for it alone.
     ///
+    /// The rows' tokens come side by side in one row, `[1, rows, d]`, so every projection is one
+    /// GEMM of `rows` rows rather than `rows` GEMMs of one (a `[rows, 1, d]` batch runs as that on
+    /// Flex, and multiplies wrongly on wgpu).
+    ///
     /// # Shapes
-    /// `x`: `[rows, 1, d_model]` → `[rows, 1, d_model]`.
+    /// `x`: `[1, rows, d_model]` → `[1, rows, d_model]`.
     pub fn forward_decode_slots(
         &self,
         x: Tensor<B, 3>,
@@ -246,13 +250,25 @@ impl<B: Backend> Mla<B> {
         positions: &[usize],
         gemm: GemmPrecision,
     ) -> Tensor<B, 3> {
-        let [rows, seq, _] = x.dims();
-        assert_eq!((rows, seq), (positions.len(), 1), "one new token per row");
+        let [one, rows, d_model] = x.dims();
+        assert_eq!((one, rows), (1, positions.len()), "the rows' tokens side by side");
         let at = Positions::PerToken(positions);
-        let q = self.queries_at(x.clone(), rope, at, gemm);
-        buffers.write_step(positions, self.latent_at(x, rope, at, gemm));
+        let q = self.queries_at(x.clone(), rope, at, gemm); // [1, rows, h, ·]
+        let kv = self.latent_at(x, rope, at, gemm); // [1, rows, ·]
+        let as_rows = |t: Tensor<B, 3>| {
+            let width = t.dims()[2];
+            t.reshape([rows, 1, width])
+        };
+        buffers
+            .write_step(positions, LatentKv { c_kv: as_rows(kv.c_kv), k_rope: as_rows(kv.k_rope) });
+        let as_rows4 = |t: Tensor<B, 4>| {
+            let [_, _, heads, width] = t.dims();
+            t.reshape([rows, 1, heads, width])
+        };
+        let q = Queries { nope: as_rows4(q.nope), rope: as_rows4(q.rope) };
         let len = positions.iter().max().map_or(0, |p| p + 1);
         self.attend_absorbed_rows(q, buffers.read(rows, len), positions, gemm)
+            .reshape([1, rows, d_model])
     }
 
     /// Projects and rotates the queries.
@@ -415,15 +431,20 @@ impl<B: Backend> Mla<B> {
         let w = self.kv_b_proj.effective_weight().reshape([kv_lora, heads, nope + v_dim]); // [c, h, nope + v]
         let w_uk = w.clone().narrow(2, 0, nope).permute([1, 2, 0]); // [h, nope, c]
         let w_uv = w.narrow(2, nope, v_dim).swap_dims(0, 1); // [h, c, v]
-        let q_latent = q.nope.swap_dims(1, 2).matmul(w_uk.unsqueeze::<4>()); // [b, h, s, c]
+                                                             // Per head one GEMM over all batch rows and positions (not one per row).
+        let tokens = batch * q_len;
+        let q_nope = q.nope.reshape([tokens, heads, nope]).swap_dims(0, 1); // [h, b·s, nope]
+        let q_latent = q_nope.matmul(w_uk).reshape([heads, batch, q_len, kv_lora]).swap_dims(0, 1); // [b, h, s, c]
         let q = Tensor::cat(vec![q_latent, q.rope.swap_dims(1, 2)], 3); // [b, h, s, c + rope]
 
         // One key/value "head" shared by all query heads, as in multi-query attention.
         let k = Tensor::cat(vec![kv.c_kv.clone(), kv.k_rope], 2); // [b, t, c + rope]
         let o_latent = shared_kv_attention(q, k, kv.c_kv, starts, self.softmax_scale); // [b, h, s, c]
-        let o = o_latent.matmul(w_uv.unsqueeze::<4>()); // [b, h, s, v]
-        let o = o.swap_dims(1, 2).reshape([batch, q_len, heads * v_dim]); // [b, s, h·v]
-        self.o_proj.forward(o, gemm)
+        let o_latent = o_latent.swap_dims(0, 1).reshape([heads, tokens, kv_lora]); // [h, b·s, c]
+        let o = o_latent.matmul(w_uv).reshape([heads, batch, q_len, v_dim]); // [h, b, s, v]
+        let o = o.permute([1, 2, 0, 3]).reshape([1, tokens, heads * v_dim]); // [1, b·s, h·v]
+        let d_model = self.o_proj.dims()[1];
+        self.o_proj.forward(o, gemm).reshape([batch, q_len, d_model])
     }
 }
 

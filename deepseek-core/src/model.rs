@@ -258,7 +258,8 @@ impl<B: Backend> DeepSeekModel<B> {
         self.check_slot_cache(cache)?;
         cache.check_step()?;
         let positions = cache.lens().to_vec();
-        let mut x = self.embed_tokens.forward(input_ids); // [rows, 1, d]
+        // The rows' tokens side by side, so every GEMM is one of `rows` rows.
+        let mut x = self.embed_tokens.forward(input_ids.reshape([1, rows])); // [1, rows, d]
         let gemm = self.policy.gemm;
         for (layer, buffers) in self.layers.iter().zip(cache.blocks_mut().iter_mut()) {
             let (out, _) = layer.forward_with_attention(x, &self.policy, |attn, normed| {
@@ -267,8 +268,10 @@ impl<B: Backend> DeepSeekModel<B> {
             x = out;
         }
         cache.advance();
-        let final_hidden = self.norm.forward(x);
-        Ok(CachedOutput { logits: self.head(final_hidden.clone()), final_hidden })
+        let (d, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let hidden = self.norm.forward(x); // [1, rows, d]
+        let logits = self.head(hidden.clone()).reshape([rows, 1, vocab]);
+        Ok(CachedOutput { logits, final_hidden: hidden.reshape([rows, 1, d]) })
     }
 
     fn check_slot_cache(&self, cache: &SlotCache<B>) -> Result<()> {

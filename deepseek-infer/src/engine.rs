@@ -17,21 +17,6 @@ use rand::SeedableRng;
 
 use crate::generate::{argmax, sample, Decoding};
 
-/// The batch size to decode with on `device`: `requested` on Flex, 1 elsewhere (with a note on
-/// stderr). On wgpu a decoding step over several sequences gives logits that differ from each
-/// sequence's own step (`tests/engine.rs`, the ignored `_on_wgpu` tests: off by about 2 where
-/// every layer on its own agrees within 1e-6); until that is found, GPU backends decode one
-/// sequence per step, which is exact.
-pub fn checked_batch(device: deepseek_core::device::DeviceKind, requested: usize) -> usize {
-    if device == deepseek_core::device::DeviceKind::Flex || requested <= 1 {
-        return requested;
-    }
-    eprintln!(
-        "note: batched decoding is verified on flex only; {device:?} decodes one sequence per step"
-    );
-    1
-}
-
 /// What to generate for one prompt.
 #[derive(Debug, Clone)]
 pub struct Request {

@@ -442,10 +442,6 @@ fn main() -> Result<()> {
                     samples_out,
                     limit,
                     batch,
-                    decode_batch: match kind {
-                        EvalKind::Generate => deepseek_infer::engine::checked_batch(device, batch),
-                        _ => batch,
-                    },
                     k,
                     samples,
                     max_new_tokens,
@@ -518,7 +514,6 @@ fn main() -> Result<()> {
                     .file_name()
                     .map_or_else(|| "deepseek".into(), |n| n.to_string_lossy().into_owned()),
             };
-            let max_batch = deepseek_infer::engine::checked_batch(device, max_batch);
             let options = ServeOptions {
                 host,
                 port,
@@ -647,8 +642,6 @@ struct EvalJob {
     samples_out: Option<PathBuf>,
     limit: Option<usize>,
     batch: usize,
-    /// Sequences decoding together (generate).
-    decode_batch: usize,
     k: usize,
     samples: usize,
     max_new_tokens: usize,
@@ -779,13 +772,12 @@ fn eval_cmd<B: Backend>(job: EvalJob, device: &B::Device) -> Result<()> {
                     });
                 }
             }
-            let outputs =
-                generate_all(&model, requests, job.decode_batch, device, &mut |_, event| {
-                    if event.finish.is_some() {
-                        pb.inc(1);
-                    }
-                    Ok(true)
-                })?;
+            let outputs = generate_all(&model, requests, job.batch, device, &mut |_, event| {
+                if event.finish.is_some() {
+                    pb.inc(1);
+                }
+                Ok(true)
+            })?;
             let mut outputs = outputs.into_iter();
             let (mut solved, mut pass_k, mut pass_1) = (0, 0.0, 0.0);
             for item in &items {

@@ -59,7 +59,6 @@ fn batched_greedy_output_equals_each_sequence_alone() {
 /// The same on wgpu (CI: Mesa lavapipe): the paged cache and the ragged masks on a GPU backend.
 #[cfg(feature = "wgpu")]
 #[test]
-#[ignore = "known failure: batched steps on wgpu differ from single-sequence steps (engine::checked_batch)"]
 fn batched_greedy_output_equals_each_sequence_alone_on_wgpu() {
     batched_equals_alone::<burn::backend::Wgpu>(&Default::default());
 }
@@ -117,7 +116,6 @@ fn a_batched_step_computes_each_rows_single_sequence_logits() {
 
 #[cfg(feature = "wgpu")]
 #[test]
-#[ignore = "known failure: batched steps on wgpu differ from single-sequence steps (engine::checked_batch)"]
 fn a_batched_step_computes_each_rows_single_sequence_logits_on_wgpu() {
     step_logits::<burn::backend::Wgpu>(&Default::default(), 1e-4);
 }

@@ -241,14 +241,10 @@ pub fn run_distill(args: &DistillArgs) -> Result<DistillSummary> {
             tok.check_vocab(teacher.config.vocab_size).map_err(data)?;
             let bar = indicatif::ProgressBar::new((prompts.len() * a.config.samples) as u64);
             let teacher = Teacher { model: &teacher, tokenizer: &tok, template: &template };
-            let config = DistillConfig {
-                batch: deepseek_infer::engine::checked_batch(a.device, a.config.batch),
-                ..a.config.clone()
-            };
             let samples = distill(
                 &teacher,
                 &prompts,
-                &config,
+                &a.config,
                 device,
                 deepseek_infer::checker::is_correct,
                 || bar.inc(1),
