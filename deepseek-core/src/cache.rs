@@ -9,6 +9,17 @@ use burn::tensor::{backend::Backend, Tensor};
 use crate::config::DeepSeekConfig;
 use crate::error::{DeepSeekError, Result};
 
+/// Fails when a cache of `capacity` tokens per sequence exceeds the model's context.
+pub(crate) fn check_capacity(cfg: &DeepSeekConfig, capacity: usize) -> Result<()> {
+    if capacity > cfg.max_position_embeddings {
+        return Err(DeepSeekError::Input(format!(
+            "a cache of {capacity} tokens exceeds the model's context of {} (max_position_embeddings)",
+            cfg.max_position_embeddings
+        )));
+    }
+    Ok(())
+}
+
 /// What attention over a token stores: the normalized latent and the rotated shared key. This is
 /// all a latent KV cache keeps.
 #[derive(Debug, Clone)]
@@ -115,12 +126,7 @@ impl<B: Backend> LatentCache<B> {
         capacity: usize,
         device: &B::Device,
     ) -> Result<Self> {
-        if capacity > cfg.max_position_embeddings {
-            return Err(DeepSeekError::Input(format!(
-                "a cache of {capacity} tokens exceeds the model's context of {} (max_position_embeddings)",
-                cfg.max_position_embeddings
-            )));
-        }
+        check_capacity(cfg, capacity)?;
         let slots = (0..blocks)
             .map(|_| LatentSlot {
                 c_kv: Tensor::zeros([batch, capacity, cfg.kv_lora_rank], device),

@@ -16,7 +16,7 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::cache::LatentKv;
+use crate::cache::{check_capacity, LatentKv};
 use crate::config::DeepSeekConfig;
 use crate::error::{DeepSeekError, Result};
 
@@ -152,12 +152,7 @@ impl<B: Backend> SlotCache<B> {
         capacity: usize,
         device: &B::Device,
     ) -> Result<Self> {
-        if capacity > cfg.max_position_embeddings {
-            return Err(DeepSeekError::Input(format!(
-                "a cache of {capacity} tokens exceeds the model's context of {} (max_position_embeddings)",
-                cfg.max_position_embeddings
-            )));
-        }
+        check_capacity(cfg, capacity)?;
         if slots == 0 || capacity == 0 {
             return Err(DeepSeekError::Input(format!(
                 "a slot cache needs at least one slot and one position, got {slots} × {capacity}"

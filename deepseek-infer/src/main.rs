@@ -18,7 +18,9 @@ use deepseek_infer::chat::{ChatTemplate, Message};
 use deepseek_infer::engine::{generate_all, Request};
 use deepseek_infer::generate::{generate, generate_streaming, Decoding, GenerateConfig};
 use deepseek_infer::io;
-use deepseek_infer::pipeline::{encode_plain, read_tokenizer_config, Pipeline};
+use deepseek_infer::pipeline::{
+    encode_plain, read_tokenizer_config, tokenizer_config_file, Pipeline,
+};
 use deepseek_infer::server::{serve, ServeOptions};
 use deepseek_infer::speculative;
 use deepseek_infer::tokenizer::{IncrementalDecoder, TextTokenizer};
@@ -652,10 +654,7 @@ struct EvalJob {
 /// The BOS id plain prompts start with: from the adapter's or the model's `tokenizer_config.json`
 /// when it says `add_bos_token` (none without a config).
 fn prompt_bos(model: &Path, adapter: Option<&Path>, tok: &TextTokenizer) -> Result<Option<u32>> {
-    let file = adapter
-        .map(|a| a.join("tokenizer_config.json"))
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| model.join("tokenizer_config.json"));
+    let file = tokenizer_config_file(model, adapter);
     if !file.is_file() {
         return Ok(None);
     }
@@ -665,10 +664,7 @@ fn prompt_bos(model: &Path, adapter: Option<&Path>, tok: &TextTokenizer) -> Resu
 /// The chat template and the BOS text of plain prompts, from the adapter's or the model's
 /// `tokenizer_config.json` (none: no template, no BOS).
 fn eval_prompting(model: &Path, adapter: Option<&Path>) -> Result<(Option<ChatTemplate>, String)> {
-    let file = adapter
-        .map(|a| a.join("tokenizer_config.json"))
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| model.join("tokenizer_config.json"));
+    let file = tokenizer_config_file(model, adapter);
     if !file.is_file() {
         return Ok((None, String::new()));
     }

@@ -111,10 +111,7 @@ impl<B: Backend> Pipeline<B> {
         };
         let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
         tokenizer.check_vocab(model.config.vocab_size)?;
-        let config_file = adapter
-            .map(|a| a.join("tokenizer_config.json"))
-            .filter(|p| p.is_file())
-            .unwrap_or_else(|| dir.join("tokenizer_config.json"));
+        let config_file = tokenizer_config_file(dir, adapter);
         let (template, bos_token_id, eos) = if config_file.is_file() {
             read_tokenizer_config(&config_file, &tokenizer)?
         } else {
@@ -140,8 +137,7 @@ impl<B: Backend> Pipeline<B> {
         let template = self.template.as_ref().ok_or_else(|| {
             anyhow!("this model has no chat template (`chat_template` in tokenizer_config.json)")
         })?;
-        let text = template.render(messages, true)?;
-        Ok(self.tokenizer.encode(&text)?.into_iter().map(i64::from).collect())
+        encode_chat_with(template, &self.tokenizer, messages)
     }
 
     /// The engine request for prompt ids under `options` (EOS as its stop token).
@@ -218,6 +214,26 @@ impl<B: Backend> Pipeline<B> {
         })?;
         texts.into_iter().map(|mut t| t.finish()).collect()
     }
+}
+
+/// The `tokenizer_config.json` that governs a model with an optional adapter: the adapter's when
+/// it has one (the template it was trained with), else the model's (which may not exist).
+pub fn tokenizer_config_file(model: &Path, adapter: Option<&Path>) -> std::path::PathBuf {
+    adapter
+        .map(|a| a.join("tokenizer_config.json"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| model.join("tokenizer_config.json"))
+}
+
+/// Token ids of a chat prompt: `messages` in `template`, ending with the assistant's opener,
+/// tokenized without special tokens (the template writes BOS), as `apply_chat_template` does.
+pub fn encode_chat_with(
+    template: &ChatTemplate,
+    tokenizer: &TextTokenizer,
+    messages: &[Message],
+) -> Result<Vec<i64>> {
+    let text = template.render(messages, true)?;
+    Ok(tokenizer.encode(&text)?.into_iter().map(i64::from).collect())
 }
 
 /// Token ids of a plain prompt as Hugging Face's tokenizer gives them with

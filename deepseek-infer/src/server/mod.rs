@@ -35,7 +35,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use crate::chat::ChatTemplate;
 use crate::engine::{Finish, Request};
 use crate::generate::Decoding;
-use crate::pipeline::{encode_plain, Pipeline};
+use crate::pipeline::{encode_chat_with, encode_plain, Pipeline};
 use crate::tokenizer::TextTokenizer;
 use metrics::Metrics;
 use openai::{parse_request, ApiError, CompletionRequest, Prompt, ResponseHead};
@@ -275,16 +275,8 @@ fn start(state: &AppState, body: &[u8], chat: bool) -> Result<Started, ApiError>
                     "this model has no chat template: use /v1/completions",
                 )
             })?;
-            let text = template
-                .render(messages, true)
-                .map_err(|e| ApiError::invalid(Some("messages"), format!("{e:#}")))?;
-            state
-                .tokenizer
-                .encode(&text)
+            encode_chat_with(template, &state.tokenizer, messages)
                 .map_err(|e| ApiError::invalid(Some("messages"), format!("{e:#}")))?
-                .into_iter()
-                .map(i64::from)
-                .collect()
         }
     };
     let param = if chat { "messages" } else { "prompt" };
