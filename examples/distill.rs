@@ -215,6 +215,7 @@ fn finetune(
         lora: None,
         router: RouterMode::Frozen,
         data: None,
+        adapter: None,
     });
     let summary = sft(&SftArgs {
         data: vec![data.to_path_buf()],

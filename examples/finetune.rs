@@ -119,6 +119,7 @@ fn main() -> Result<()> {
             lora: recipe,
             router: RouterMode::Frozen,
             data: None,
+            adapter: None,
         });
         let args = SftArgs {
             data: vec![out.join("train.jsonl")],

@@ -2,7 +2,7 @@
 //! part is a dense SwiGLU MLP for the first `first_k_dense_replace` blocks and DeepSeekMoE after.
 
 use burn::module::Module;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Int, Tensor};
 
 use crate::config::DeepSeekConfig;
 use crate::mla::{Mla, MlaConfig};
@@ -102,12 +102,39 @@ impl<B: Backend> DecoderLayer<B> {
         policy: &ExecutionPolicy,
         attend: impl FnOnce(&Mla<B>, Tensor<B, 3>) -> Tensor<B, 3>,
     ) -> (Tensor<B, 3>, Option<Routing<B>>) {
+        self.forward_inner(x, policy, None, attend)
+    }
+
+    /// [`DecoderLayer::forward`] from position 0 with a MoE block's tokens sent to the experts
+    /// `replay` names (routing replay, [`crate::moe::Router::route`]); a dense block ignores it.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, seq, d_model]`, `replay`: `[batch·seq, K]` → `[batch, seq, d_model]`.
+    pub fn forward_replayed(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding,
+        replay: Option<Tensor<B, 2, Int>>,
+        policy: &ExecutionPolicy,
+    ) -> (Tensor<B, 3>, Option<Routing<B>>) {
+        self.forward_inner(x, policy, replay, |attn, normed| {
+            attn.forward(normed, rope, None, policy.gemm)
+        })
+    }
+
+    fn forward_inner(
+        &self,
+        x: Tensor<B, 3>,
+        policy: &ExecutionPolicy,
+        replay: Option<Tensor<B, 2, Int>>,
+        attend: impl FnOnce(&Mla<B>, Tensor<B, 3>) -> Tensor<B, 3>,
+    ) -> (Tensor<B, 3>, Option<Routing<B>>) {
         let h = x.clone() + attend(&self.self_attn, self.input_layernorm.forward(x));
         let normed = self.post_attention_layernorm.forward(h.clone());
         match &self.mlp {
             FeedForward::Dense(mlp) => (h + mlp.forward(normed, policy.gemm), None),
             FeedForward::Moe(moe) => {
-                let (y, routing) = moe.forward(normed, policy);
+                let (y, routing) = moe.forward_replayed(normed, policy, replay);
                 (h + y, Some(routing))
             }
         }

@@ -130,6 +130,22 @@ impl<B: Backend> DeepSeekModel<B> {
         self
     }
 
+    /// This model with every adapter removed: the base model the adapters were attached to
+    /// (PEFT's `disable_adapter`). Its weights are the same tensors, not copies, so a frozen
+    /// LoRA base doubles as the reference model of a KL penalty at no memory cost.
+    pub fn without_adapters(mut self) -> Self {
+        let _ = for_each_adaptable(&mut self, |_, projection| {
+            projection.lora = None;
+            Ok(())
+        });
+        let _ = for_each_routed_experts(&mut self, |_, routed| {
+            routed.gate_up.lora = None;
+            routed.down.lora = None;
+            Ok(())
+        });
+        self
+    }
+
     /// This model with every adapter folded into its weight, `W ← W + s·A·B` (PEFT's
     /// `merge_and_unload`), and removed.
     pub fn merge_adapters(mut self) -> Self {

@@ -64,6 +64,9 @@ pub struct CachedOutput<B: Backend> {
     pub logits: Tensor<B, 3>,
     /// `[batch, seq, d]` final-normed hidden states of the new positions (MTP drafting input).
     pub final_hidden: Tensor<B, 3>,
+    /// `[batch·seq, K]` experts chosen for the new positions by each MoE block in order (rows
+    /// in `input_ids` order); what a rollout records for routing replay.
+    pub experts: Vec<Tensor<B, 2, Int>>,
 }
 
 /// Result of [`DeepSeekModel::forward_with`].
@@ -171,6 +174,62 @@ impl<B: Backend> DeepSeekModel<B> {
         ModelOutput { logits, final_hidden, hidden_states, routing, mtp_logits }
     }
 
+    /// The main model's forward from position 0 with routing replay: MoE block `m` (in order)
+    /// sends each token to the experts `replay[m]` names instead of choosing them (the
+    /// experts a rollout recorded, so that a training forward computes what the rollout
+    /// computed). No MTP modules. `routing` in the output holds the replayed experts with this
+    /// model's gate weights.
+    ///
+    /// # Shapes
+    /// `input_ids`: `[batch, seq]`, `replay[m]`: `[batch·seq, K]` → logits `[batch, seq, vocab]`.
+    pub fn forward_replayed(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        replay: &[Tensor<B, 2, Int>],
+    ) -> Result<ModelOutput<B>> {
+        let moe_blocks = self
+            .layers
+            .iter()
+            .filter(|l| matches!(l.mlp, crate::block::FeedForward::Moe(_)))
+            .count();
+        if replay.len() != moe_blocks {
+            return Err(DeepSeekError::Input(format!(
+                "routing replay for {} MoE blocks; the model has {moe_blocks}",
+                replay.len()
+            )));
+        }
+        let [batch, seq] = input_ids.dims();
+        let k = self.config.num_experts_per_tok;
+        if let Some(bad) = replay.iter().find(|r| r.dims() != [batch * seq, k]) {
+            return Err(DeepSeekError::Input(format!(
+                "replayed routing of shape {:?}; a batch of [{batch}, {seq}] needs [{}, {k}]",
+                bad.dims(),
+                batch * seq
+            )));
+        }
+        let mut x = self.embed_tokens.forward(input_ids); // [b, s, d]
+        let mut routing = Vec::new();
+        let mut given = replay.iter();
+        for layer in &self.layers {
+            let replay = match layer.mlp {
+                crate::block::FeedForward::Moe(_) => given.next().cloned(),
+                crate::block::FeedForward::Dense(_) => None,
+            };
+            let (out, r) = layer.forward_replayed(x, &self.rope, replay, &self.policy);
+            x = out;
+            routing.extend(r);
+        }
+        let final_hidden = self.norm.forward(x);
+        let logits = self.head(final_hidden.clone());
+        Ok(ModelOutput {
+            logits,
+            final_hidden,
+            hidden_states: Vec::new(),
+            routing,
+            mtp_logits: Vec::new(),
+        })
+    }
+
     /// Runs the new tokens `input_ids` after the `cache.len()` cached ones, appending their
     /// latents to `cache`. Fails, before computing anything, when they do not fit.
     ///
@@ -193,14 +252,16 @@ impl<B: Backend> DeepSeekModel<B> {
         cache.check_fits(batch, seq)?;
         let mut x = self.embed_tokens.forward(input_ids); // [b, s, d]
         let gemm = self.policy.gemm;
+        let mut experts = Vec::new();
         for (layer, slot) in self.layers.iter().zip(cache.slots_mut().iter_mut()) {
-            let (out, _) = layer.forward_with_attention(x, &self.policy, |attn, normed| {
+            let (out, routing) = layer.forward_with_attention(x, &self.policy, |attn, normed| {
                 attn.forward_cached(normed, &self.rope, slot, path, gemm)
             });
             x = out;
+            experts.extend(routing.map(|r| r.indices));
         }
         let final_hidden = self.norm.forward(x);
-        Ok(CachedOutput { logits: self.head(final_hidden.clone()), final_hidden })
+        Ok(CachedOutput { logits: self.head(final_hidden.clone()), final_hidden, experts })
     }
 
     /// Prefills a new sequence into the next free row of a shared [`SlotCache`] (continuous
@@ -225,14 +286,16 @@ impl<B: Backend> DeepSeekModel<B> {
         let row = cache.open(seq)?;
         let mut x = self.embed_tokens.forward(input_ids); // [1, s, d]
         let gemm = self.policy.gemm;
+        let mut experts = Vec::new();
         for (layer, buffers) in self.layers.iter().zip(cache.blocks_mut().iter_mut()) {
-            let (out, _) = layer.forward_with_attention(x, &self.policy, |attn, normed| {
+            let (out, routing) = layer.forward_with_attention(x, &self.policy, |attn, normed| {
                 attn.forward_prefill_slot(normed, &self.rope, buffers, row, gemm)
             });
             x = out;
+            experts.extend(routing.map(|r| r.indices));
         }
         let final_hidden = self.norm.forward(x);
-        Ok((row, CachedOutput { logits: self.head(final_hidden.clone()), final_hidden }))
+        Ok((row, CachedOutput { logits: self.head(final_hidden.clone()), final_hidden, experts }))
     }
 
     /// One decoding step of every sequence in `cache` together: row `i` of `input_ids` is the
@@ -261,17 +324,19 @@ impl<B: Backend> DeepSeekModel<B> {
         // The rows' tokens side by side, so every GEMM is one of `rows` rows.
         let mut x = self.embed_tokens.forward(input_ids.reshape([1, rows])); // [1, rows, d]
         let gemm = self.policy.gemm;
+        let mut experts = Vec::new();
         for (layer, buffers) in self.layers.iter().zip(cache.blocks_mut().iter_mut()) {
-            let (out, _) = layer.forward_with_attention(x, &self.policy, |attn, normed| {
+            let (out, routing) = layer.forward_with_attention(x, &self.policy, |attn, normed| {
                 attn.forward_decode_slots(normed, &self.rope, buffers, &positions, gemm)
             });
             x = out;
+            experts.extend(routing.map(|r| r.indices));
         }
         cache.advance();
         let (d, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let hidden = self.norm.forward(x); // [1, rows, d]
         let logits = self.head(hidden.clone()).reshape([rows, 1, vocab]);
-        Ok(CachedOutput { logits, final_hidden: hidden.reshape([rows, 1, d]) })
+        Ok(CachedOutput { logits, final_hidden: hidden.reshape([rows, 1, d]), experts })
     }
 
     fn check_slot_cache(&self, cache: &SlotCache<B>) -> Result<()> {
@@ -319,10 +384,14 @@ impl<B: Backend> DeepSeekModel<B> {
             }
         };
         let gemm = self.policy.gemm;
-        let (h, _) = module.block.forward_with_attention(x, &self.policy, |attn, normed| {
+        let (h, routing) = module.block.forward_with_attention(x, &self.policy, |attn, normed| {
             attn.forward_cached(normed, &self.rope, slot, AttentionPath::Naive, gemm)
         });
-        Ok(CachedOutput { logits: self.head(module.head_norm.forward(h.clone())), final_hidden: h })
+        Ok(CachedOutput {
+            logits: self.head(module.head_norm.forward(h.clone())),
+            final_hidden: h,
+            experts: routing.into_iter().map(|r| r.indices).collect(),
+        })
     }
 
     /// The output head, always at the tensors' precision (DeepSeek-V3 §3.3.1 keeps it out of

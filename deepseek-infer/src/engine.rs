@@ -53,12 +53,26 @@ pub struct TokenEvent {
     pub finish: Option<Finish>,
 }
 
+/// What a traced sequence recorded besides its tokens (see [`Engine::trace`]): what a
+/// policy-gradient step needs to compare its own forward with the rollout's.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Trace {
+    /// `log π(token)` of each generated token under the distribution it was drawn from:
+    /// `log_softmax(logits / temperature)` (temperature 1 for greedy), over the whole
+    /// vocabulary (top-k / top-p truncation aside, as TRL computes it).
+    pub logprobs: Vec<f32>,
+    /// For each MoE block in order, the experts chosen at every position the model was fed
+    /// (the prompt's, then each generated token but the last), `K` per position, flattened.
+    pub experts: Vec<Vec<i32>>,
+}
+
 /// A sequence in the batch; `Engine::running[r]` occupies cache row `r`.
 struct Running {
     id: SequenceId,
     request: Request,
     generated: Vec<i64>,
     rng: Option<StdRng>,
+    trace: Option<Trace>,
 }
 
 /// The batch of running sequences over one slot cache.
@@ -68,6 +82,9 @@ pub struct Engine<'m, B: Backend> {
     running: Vec<Running>,
     device: B::Device,
     next_id: SequenceId,
+    tracing: bool,
+    /// Traces of finished sequences, until [`Engine::take_trace`].
+    traces: std::collections::HashMap<SequenceId, Trace>,
 }
 
 impl<'m, B: Backend> Engine<'m, B> {
@@ -80,7 +97,27 @@ impl<'m, B: Backend> Engine<'m, B> {
         device: &B::Device,
     ) -> Result<Self> {
         let cache = SlotCache::new(&model.config, max_batch, context, device)?;
-        Ok(Self { model, cache, running: Vec::new(), device: device.clone(), next_id: 0 })
+        Ok(Self {
+            model,
+            cache,
+            running: Vec::new(),
+            device: device.clone(),
+            next_id: 0,
+            tracing: false,
+            traces: Default::default(),
+        })
+    }
+
+    /// Records a [`Trace`] (log-probs and chosen experts) of every sequence added from now on;
+    /// a finished sequence's trace waits in [`Engine::take_trace`]. Costs one host read of the
+    /// routing per step.
+    pub fn trace(&mut self, on: bool) {
+        self.tracing = on;
+    }
+
+    /// The trace of a finished traced sequence (once).
+    pub fn take_trace(&mut self, id: SequenceId) -> Option<Trace> {
+        self.traces.remove(&id)
     }
 
     /// Sequences decoding now.
@@ -148,7 +185,14 @@ impl<'m, B: Backend> Engine<'m, B> {
             Decoding::Sample { seed, .. } => Some(StdRng::seed_from_u64(seed)),
             Decoding::Greedy => None,
         };
-        self.running.push(Running { id, request, generated: Vec::new(), rng });
+        let trace = match self.tracing {
+            true => Some(Trace {
+                logprobs: Vec::new(),
+                experts: out.experts.iter().map(|e| host_ids(e.clone())).collect::<Result<_>>()?,
+            }),
+            false => None,
+        };
+        self.running.push(Running { id, request, generated: Vec::new(), rng, trace });
         let last = out.logits.narrow(1, len - 1, 1); // [1, 1, vocab]
         let mut events = self.choose(last)?;
         Ok((id, events.pop()))
@@ -167,8 +211,19 @@ impl<'m, B: Backend> Engine<'m, B> {
             .collect();
         let rows = last.len();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(last, [rows, 1]), &self.device);
-        let logits = self.model.decode_slots(ids, &mut self.cache)?.logits; // [rows, 1, vocab]
-        self.choose(logits)
+        let out = self.model.decode_slots(ids, &mut self.cache)?;
+        if self.running.iter().any(|r| r.trace.is_some()) {
+            let k = self.model.config.num_experts_per_tok;
+            for (block, experts) in out.experts.into_iter().enumerate() {
+                let ids = host_ids(experts)?; // [rows·K]: row r's experts at r·K..
+                for (seq, row) in self.running.iter_mut().zip(ids.chunks(k)) {
+                    if let Some(trace) = &mut seq.trace {
+                        trace.experts[block].extend_from_slice(row);
+                    }
+                }
+            }
+        }
+        self.choose(out.logits) // [rows, 1, vocab]
     }
 
     /// Ends a running sequence now and frees its slot; `false` if it is not running.
@@ -214,6 +269,13 @@ impl<'m, B: Backend> Engine<'m, B> {
                 _ => argmax(row_logits),
             };
             seq.generated.push(token);
+            if let Some(trace) = &mut seq.trace {
+                let temperature = match seq.request.decoding {
+                    Decoding::Sample { temperature, .. } => temperature,
+                    Decoding::Greedy => 1.0,
+                };
+                trace.logprobs.push(log_prob(row_logits, token, temperature));
+            }
             let r = &seq.request;
             let stopped = r.stop_tokens.contains(&token)
                 || r.stop_sequences.iter().any(|s| !s.is_empty() && seq.generated.ends_with(s));
@@ -226,6 +288,9 @@ impl<'m, B: Backend> Engine<'m, B> {
             };
             if finish.is_some() {
                 finished.push(first + i);
+                if let Some(trace) = seq.trace.take() {
+                    self.traces.insert(seq.id, trace);
+                }
             }
             events.push(TokenEvent { id: seq.id, token, finish });
         }
@@ -237,13 +302,29 @@ impl<'m, B: Backend> Engine<'m, B> {
     }
 }
 
+/// `log_softmax(logits / temperature)[token]`, in f64 and rounded once.
+fn log_prob(logits: &[f32], token: i64, temperature: f32) -> f32 {
+    let t = temperature as f64;
+    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64 / t));
+    let sum: f64 = logits.iter().map(|&v| (v as f64 / t - max).exp()).sum();
+    (logits[token as usize] as f64 / t - max - sum.ln()) as f32
+}
+
+/// An id tensor's values on the host.
+fn host_ids<B: Backend, const D: usize>(ids: Tensor<B, D, Int>) -> Result<Vec<i32>> {
+    ids.into_data().convert::<i32>().into_vec().map_err(|e| anyhow!("{e:?}"))
+}
+
 /// The output of one request run by [`generate_all`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Generated {
     /// The new tokens (a stop token or sequence included).
     pub tokens: Vec<i64>,
     /// Why it ended; `None` when the callback ended it.
     pub finish: Option<Finish>,
+    /// What [`generate_traced`] recorded (`None` from [`generate_all`], or for a request the
+    /// callback ended).
+    pub trace: Option<Trace>,
 }
 
 /// Runs `requests` to completion with continuous batching, at most `max_batch` at a time: a
@@ -257,12 +338,36 @@ pub fn generate_all<B: Backend>(
     device: &B::Device,
     on_token: &mut dyn FnMut(usize, TokenEvent) -> Result<bool>,
 ) -> Result<Vec<Generated>> {
+    run_all(model, requests, max_batch, device, on_token, false)
+}
+
+/// [`generate_all`] recording each request's [`Trace`] (the log-prob of every chosen token and
+/// the experts of every position), as a reinforcement-learning rollout does.
+pub fn generate_traced<B: Backend>(
+    model: &DeepSeekModel<B>,
+    requests: Vec<Request>,
+    max_batch: usize,
+    device: &B::Device,
+    on_token: &mut dyn FnMut(usize, TokenEvent) -> Result<bool>,
+) -> Result<Vec<Generated>> {
+    run_all(model, requests, max_batch, device, on_token, true)
+}
+
+fn run_all<B: Backend>(
+    model: &DeepSeekModel<B>,
+    requests: Vec<Request>,
+    max_batch: usize,
+    device: &B::Device,
+    on_token: &mut dyn FnMut(usize, TokenEvent) -> Result<bool>,
+    trace: bool,
+) -> Result<Vec<Generated>> {
     // A budget of 0 tokens is finished before it starts.
     let mut out: Vec<Generated> = requests
         .iter()
         .map(|r| Generated {
             tokens: Vec::new(),
             finish: (r.max_new_tokens == 0).then_some(Finish::Length),
+            trace: (trace && r.max_new_tokens == 0).then(Trace::default),
         })
         .collect();
     let Some(context) = requests.iter().map(|r| r.prompt.len() + r.max_new_tokens).max() else {
@@ -270,6 +375,7 @@ pub fn generate_all<B: Backend>(
     };
     let context = context.min(model.config.max_position_embeddings).max(1);
     let mut engine = Engine::new(model, max_batch.clamp(1, requests.len()), context, device)?;
+    engine.trace(trace);
     for (i, r) in requests.iter().enumerate() {
         engine.check(r).map_err(|e| e.context(format!("request {i}")))?;
     }
@@ -282,6 +388,9 @@ pub fn generate_all<B: Backend>(
         let i = index_of[&event.id];
         out[i].tokens.push(event.token);
         out[i].finish = event.finish;
+        if event.finish.is_some() {
+            out[i].trace = engine.take_trace(event.id);
+        }
         let go_on = on_token(i, event)?;
         if !go_on && event.finish.is_none() {
             engine.cancel(event.id);

@@ -48,9 +48,13 @@ impl TextTokenizer {
         self.inner.decode(ids, false).map_err(|e| anyhow!("cannot detokenize: {e}"))
     }
 
-    /// Id of a token string such as `<｜end▁of▁sentence｜>`.
+    /// Id of a token string such as `<｜end▁of▁sentence｜>`, or of a text that is exactly one
+    /// token (`\n` of a byte-level vocabulary, whose token string is `Ċ`, as a template's EOS).
     pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        self.inner.token_to_id(token).or_else(|| match self.encode(token).ok()?.as_slice() {
+            [id] => Some(*id),
+            _ => None,
+        })
     }
 }
 

@@ -87,8 +87,10 @@ pub struct TrainConfig {
     /// of `nodes` contiguous blocks of experts (the expert-parallel placement). TOML:
     /// `node_limit = { nodes = 4, max_nodes = 2 }`.
     pub node_limit: Option<deepseek_core::moe::NodeLimit>,
-    /// Fine-tuning (`deepseek-train sft`): the base model, LoRA or full, the router.
+    /// Fine-tuning (`deepseek-train sft`, `grpo`): the base model, LoRA or full, the router.
     pub finetune: Option<Finetune>,
+    /// Reinforcement learning (`deepseek-train grpo`): the task and the algorithm's settings.
+    pub grpo: Option<crate::grpo::GrpoConfig>,
 }
 
 /// What the router does while fine-tuning.
@@ -149,6 +151,35 @@ impl LoraRecipe {
     pub fn targets(&self) -> deepseek_core::LoraTargets {
         deepseek_core::LoraTargets(self.targets.clone())
     }
+
+    /// The recipe of the adapter in `dir` (its `adapter_config.json`), to continue training it.
+    pub fn from_adapter(dir: &std::path::Path) -> Result<Self> {
+        let config = deepseek_core::adapter::AdapterConfig::read(dir)?;
+        let targets = match &config.target_modules {
+            serde_json::Value::Array(names) => {
+                names.iter().filter_map(|n| n.as_str().map(String::from)).collect()
+            }
+            _ => {
+                return Err(TrainError::config(
+                    "adapter",
+                    format!("{}: target_modules is a pattern; training continues only adapters that list their modules", dir.display()),
+                ))
+            }
+        };
+        let expert_rank = config
+            .rank_pattern
+            .iter()
+            .find(|(k, _)| k.contains("experts"))
+            .map_or(default_expert_rank(), |(_, r)| *r);
+        Ok(Self {
+            rank: config.r,
+            alpha: config.lora_alpha,
+            rslora: config.use_rslora,
+            dropout: config.lora_dropout,
+            expert_rank,
+            targets,
+        })
+    }
 }
 
 /// A fine-tuning run's recipe beyond the optimizer and schedule.
@@ -164,6 +195,10 @@ pub struct Finetune {
     /// The data and how it becomes rows (set by the run; a resume checks it is unchanged).
     #[serde(default)]
     pub data: Option<SftDataSettings>,
+    /// A LoRA adapter (PEFT layout) the run starts from instead of fresh adapters; `lora` is
+    /// then its recipe ([`LoraRecipe::from_adapter`]).
+    #[serde(default)]
+    pub adapter: Option<std::path::PathBuf>,
 }
 
 /// Which conversations a fine-tuning run reads and how they become rows.
@@ -218,6 +253,7 @@ impl Default for TrainConfig {
             fp8: false,
             node_limit: None,
             finetune: None,
+            grpo: None,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod distill;
 pub mod distributed;
 pub mod error;
 pub mod export;
+pub mod grpo;
 pub mod loss;
 pub mod metrics;
 pub mod optim;

@@ -38,6 +38,9 @@ enum Command {
     /// Distillation by rejection sampling: a teacher answers each prompt K times, the answers
     /// the checker verifies become `messages` JSONL for `sft`.
     Distill(Box<DistillCli>),
+    /// Reinforcement learning with verifiable rewards (GRPO): sample a group of answers per
+    /// prompt, score them with the checker, push the policy toward the better ones.
+    Grpo(Box<GrpoCli>),
     /// Draw the loss and MaxVio curves of a metrics.jsonl (also while a run is going).
     Plot {
         /// A run directory or its metrics.jsonl.
@@ -247,6 +250,124 @@ struct SftCli {
     hyper: Hyper,
 }
 
+#[derive(Args)]
+struct GrpoCli {
+    /// The policy's starting point: an HF-layout directory (config.json, safetensors,
+    /// tokenizer.json, tokenizer_config.json with the chat template).
+    #[arg(long)]
+    model: PathBuf,
+    /// Continue training this LoRA adapter (PEFT layout) instead of fresh adapters.
+    #[arg(long, conflicts_with = "full")]
+    adapter: Option<PathBuf>,
+    /// `arithmetic` (generated `a plus b` problems) or a JSONL file of
+    /// `{prompt | question | messages, answer}`.
+    #[arg(long, default_value = "arithmetic")]
+    task: String,
+    /// Held-out prompts of a task file (default: its last 5%).
+    #[arg(long)]
+    heldout: Option<PathBuf>,
+    /// Arithmetic: operands below this.
+    #[arg(long, default_value_t = 20)]
+    difficulty: u32,
+    /// Arithmetic: operations, comma-separated (plus, minus, times).
+    #[arg(long, default_value = "plus")]
+    ops: String,
+    /// Run directory: metrics.jsonl, grpo.png, checkpoints, adapter/ (LoRA) or hf/ (--full).
+    #[arg(long)]
+    out: PathBuf,
+    /// Completions per prompt G (at least 2).
+    #[arg(long, default_value_t = 8)]
+    group: usize,
+    #[arg(long, default_value_t = 8)]
+    prompts_per_step: usize,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// ε of the clip (low side; and high unless --epsilon-high).
+    #[arg(long, default_value_t = 0.2)]
+    epsilon: f64,
+    /// ε of the clip's high side (DAPO's clip-higher, e.g. 0.28).
+    #[arg(long)]
+    epsilon_high: Option<f64>,
+    /// β of the KL (k3) to the reference (the base; with LoRA the adapters off).
+    #[arg(long, default_value_t = 0.0)]
+    beta: f64,
+    /// Optimizer steps per batch of rollouts.
+    #[arg(long, default_value_t = 1)]
+    iterations: usize,
+    /// token (DAPO: over the step's completion tokens) or sequence (per completion, then mean).
+    #[arg(long, default_value = "token")]
+    loss_norm: deepseek_train::grpo::LossNorm,
+    /// Advantages r − mean without dividing by the group's std (Dr. GRPO).
+    #[arg(long)]
+    no_scale_rewards: bool,
+    /// Route the training forward's tokens to the experts the rollout chose.
+    #[arg(long)]
+    routing_replay: bool,
+    /// Weight of the `#### N` format reward (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    format_reward: f64,
+    /// Sequences per training forward (memory only).
+    #[arg(long, default_value_t = 16)]
+    micro_batch: usize,
+    /// Sequences decoded together in the rollout (speed only).
+    #[arg(long, default_value_t = 64)]
+    rollout_batch: usize,
+    /// Held-out prompts per evaluation (0: all).
+    #[arg(long, default_value_t = 0)]
+    eval_prompts: usize,
+    /// LoRA rank r (fresh adapters).
+    #[arg(long, default_value_t = 16)]
+    lora_rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    lora_alpha: f64,
+    /// attn, attn+mlp, all, or a comma-separated list of module names.
+    #[arg(long, default_value = "attn+mlp")]
+    lora_targets: String,
+    /// Train every weight (router frozen) instead of adapters.
+    #[arg(long)]
+    full: bool,
+    /// GRPO steps (with --resume: the new total).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Peak learning rate (default 1e-4 with LoRA, 1e-6 with --full).
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    #[arg(long)]
+    min_lr: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Global gradient-norm clip (0 disables).
+    #[arg(long)]
+    clip_norm: Option<f64>,
+    /// Held-out evaluation every this many steps (and at the start and end).
+    #[arg(long)]
+    eval_every: Option<usize>,
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    #[arg(long)]
+    keep_checkpoints: Option<usize>,
+    /// stop or skip.
+    #[arg(long)]
+    on_nonfinite: Option<String>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
+    /// flex (CPU), wgpu or cuda.
+    #[arg(long, default_value = "flex")]
+    device: DeviceKind,
+    /// TOML file with any of the hyperparameters (`[grpo]` for the algorithm's; flags override).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
 /// Hyperparameters; each overrides the TOML file and the defaults.
 #[derive(Args)]
 struct Hyper {
@@ -333,6 +454,7 @@ fn main() -> Result<()> {
     let cli = match Cli::parse().command {
         Command::Pretrain(cli) => *cli,
         Command::Sft(cli) => return run_sft(*cli),
+        Command::Grpo(cli) => return run_grpo(*cli),
         Command::Distill(cli) => {
             let decoding = deepseek_infer::generate::Decoding::new(
                 cli.temperature,
@@ -369,8 +491,14 @@ fn main() -> Result<()> {
             } else {
                 metrics
             };
-            let png = out.unwrap_or_else(|| file.with_file_name("loss.png"));
-            deepseek_train::metrics::plot(&file, &png, floor)?;
+            let grpo = !deepseek_train::grpo::run::read_grpo_metrics(&file)?.0.is_empty();
+            let name = if grpo { deepseek_train::grpo::run::PLOT_FILE } else { "loss.png" };
+            let png = out.unwrap_or_else(|| file.with_file_name(name));
+            if grpo {
+                deepseek_train::grpo::run::plot_grpo(&file, &png)?;
+            } else {
+                deepseek_train::metrics::plot(&file, &png, floor)?;
+            }
             println!("{}", png.display());
             return Ok(());
         }
@@ -531,7 +659,8 @@ fn run_sft(cli: SftCli) -> Result<()> {
     // Checkpoints name the base: absolute, so a resume from another directory finds it.
     let base_model = std::fs::canonicalize(&cli.model)
         .with_context(|| format!("--model {}", cli.model.display()))?;
-    train.finetune = Some(Finetune { base_model, lora, router: cli.router, data: None });
+    train.finetune =
+        Some(Finetune { base_model, lora, router: cli.router, data: None, adapter: None });
     // A warmup the flags or the file set is kept; otherwise 3% of the steps.
     let warmup_given = cli.hyper.warmup_steps.is_some()
         || cli.config.as_deref().is_some_and(|p| {
@@ -573,6 +702,129 @@ fn run_sft(cli: SftCli) -> Result<()> {
     };
     let summary = sft(&args)?;
     println!("{summary}");
+    Ok(())
+}
+
+fn run_grpo(cli: GrpoCli) -> Result<()> {
+    use deepseek_train::config::{Finetune, LoraRecipe, RouterMode};
+    use deepseek_train::grpo::task::Op;
+    use deepseek_train::grpo::{GrpoConfig, TaskSpec};
+    let lora = match (&cli.adapter, cli.full) {
+        (_, true) => None,
+        (Some(dir), false) => Some(LoraRecipe::from_adapter(dir)?),
+        (None, false) => {
+            let recipe = LoraRecipe {
+                rank: cli.lora_rank,
+                alpha: cli.lora_alpha,
+                rslora: false,
+                dropout: 0.0,
+                expert_rank: 4,
+                targets: deepseek_core::LoraTargets::parse(&cli.lora_targets)?.0,
+            };
+            recipe.settings().validate()?;
+            Some(recipe)
+        }
+    };
+    let task = if cli.task == "arithmetic" {
+        TaskSpec::Arithmetic {
+            max_operand: cli.difficulty,
+            ops: Op::parse_list(&cli.ops).map_err(anyhow::Error::msg)?,
+            heldout_per_mille: 100,
+        }
+    } else {
+        let train = PathBuf::from(&cli.task);
+        if !train.is_file() {
+            bail!("--task {}: neither `arithmetic` nor a readable JSONL file", cli.task);
+        }
+        TaskSpec::File { train, heldout: cli.heldout.clone() }
+    };
+    if cli.heldout.is_some() && cli.task == "arithmetic" {
+        bail!("--heldout goes with a task file; the arithmetic task holds out its own problems");
+    }
+    let defaults = deepseek_train::TrainConfig {
+        lr: if lora.is_some() { 1e-4 } else { 1e-6 },
+        warmup_steps: 0,
+        decay_start: 1.0,
+        decay_end: 1.0,
+        final_lr: None,
+        eval_every: 25,
+        checkpoint_every: 50,
+        balance: deepseek_train::BalanceMode::None,
+        mtp_lambda: 0.0,
+        mtp_lambda_late: 0.0,
+        grpo: Some(GrpoConfig::default()),
+        ..Default::default()
+    };
+    let mut train = read_config(cli.config.as_deref(), defaults.clone())?;
+    if train.grpo != defaults.grpo {
+        bail!(
+            "{}: the GRPO settings are flags (--group, --beta, ...), not a [grpo] table",
+            cli.config.as_deref().map_or_else(String::new, |p| p.display().to_string())
+        );
+    }
+    let grpo = train.grpo.get_or_insert_with(GrpoConfig::default);
+    *grpo = GrpoConfig {
+        task,
+        group: cli.group,
+        prompts_per_step: cli.prompts_per_step,
+        max_new_tokens: cli.max_new_tokens,
+        temperature: cli.temperature,
+        top_p: cli.top_p,
+        epsilon: cli.epsilon,
+        epsilon_high: cli.epsilon_high,
+        beta: cli.beta,
+        iterations: cli.iterations,
+        loss_norm: cli.loss_norm,
+        scale_rewards: !cli.no_scale_rewards,
+        routing_replay: cli.routing_replay,
+        format_reward: cli.format_reward,
+        micro_batch: cli.micro_batch,
+        rollout_batch: cli.rollout_batch,
+        eval_prompts: cli.eval_prompts,
+    };
+    grpo.validate()?;
+    macro_rules! set {
+        ($($field:ident).+ = $value:expr) => {
+            if let Some(v) = $value {
+                train.$($field).+ = v;
+            }
+        };
+    }
+    set!(steps = cli.steps);
+    set!(seed = cli.seed);
+    set!(lr = cli.lr);
+    if cli.min_lr.is_none() {
+        train.min_lr = train.lr;
+    }
+    set!(warmup_steps = cli.warmup_steps);
+    set!(optim.weight_decay = cli.weight_decay);
+    set!(optim.max_grad_norm = cli.clip_norm.map(|c| (c > 0.0).then_some(c)));
+    set!(eval_every = cli.eval_every);
+    set!(checkpoint_every = cli.checkpoint_every);
+    set!(keep_checkpoints = cli.keep_checkpoints);
+    set!(
+        on_nonfinite =
+            cli.on_nonfinite.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?
+    );
+    if cli.steps.is_none() && cli.config.is_none() {
+        bail!("--steps is required (or a --config file that sets `steps`)");
+    }
+    let base_model = std::fs::canonicalize(&cli.model)
+        .with_context(|| format!("--model {}", cli.model.display()))?;
+    let adapter = cli
+        .adapter
+        .map(|a| std::fs::canonicalize(&a).with_context(|| format!("--adapter {}", a.display())))
+        .transpose()?;
+    train.finetune =
+        Some(Finetune { base_model, lora, router: RouterMode::Frozen, data: None, adapter });
+    let args = deepseek_train::grpo::GrpoArgs {
+        out: cli.out,
+        resume: cli.resume,
+        device: cli.device,
+        progress: true,
+        train,
+    };
+    println!("{}", deepseek_train::grpo::grpo(&args)?);
     Ok(())
 }
 

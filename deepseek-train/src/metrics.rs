@@ -455,3 +455,92 @@ mod tests {
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
     }
 }
+
+/// How a [`Series`] is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeriesStyle {
+    Line,
+    BoldLine,
+    Points,
+}
+
+/// One named curve of [`plot_panels`].
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+    pub style: SeriesStyle,
+}
+
+impl Series {
+    pub fn line(name: &str, points: Vec<(f64, f64)>) -> Self {
+        Self { name: name.into(), points, style: SeriesStyle::Line }
+    }
+    pub fn bold(name: &str, points: Vec<(f64, f64)>) -> Self {
+        Self { name: name.into(), points, style: SeriesStyle::BoldLine }
+    }
+    pub fn points(name: &str, points: Vec<(f64, f64)>) -> Self {
+        Self { name: name.into(), points, style: SeriesStyle::Points }
+    }
+}
+
+/// Draws `png` (1200×500) with two panels of curves against the step, each titled, linear
+/// axes fitted to the finite values.
+pub fn plot_panels(png: &Path, left: (&str, &[Series]), right: (&str, &[Series])) -> Result<()> {
+    use plotters::prelude::*;
+    let plot_err = |e: String| TrainError::Data(format!("cannot draw {}: {e}", png.display()));
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| plot_err("bad embedded font".into()))?;
+    let root = BitMapBackend::new(png, (1200, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
+    let (l, r) = root.split_horizontally(600);
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
+    for (area, (title, series)) in [(l, left), (r, right)] {
+        let finite =
+            || series.iter().flat_map(|s| &s.points).filter(|p| p.0.is_finite() && p.1.is_finite());
+        let last = finite().map(|p| p.0).fold(1.0, f64::max);
+        let lo = finite().map(|p| p.1).fold(0.0, f64::min);
+        let hi = finite().map(|p| p.1).fold(lo + 1e-3, f64::max);
+        let pad = 0.05 * (hi - lo);
+        let mut chart = ChartBuilder::on(&area)
+            .caption(title, ("sans-serif", 20))
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0.0..last, lo - pad..hi + pad)
+            .map_err(|e| plot_err(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .draw()
+            .map_err(|e| plot_err(e.to_string()))?;
+        for (i, s) in series.iter().enumerate() {
+            let color = colors[i % colors.len()];
+            let points = s.points.iter().copied().filter(|p| p.0.is_finite() && p.1.is_finite());
+            match s.style {
+                SeriesStyle::Points => chart
+                    .draw_series(points.map(|p| Circle::new(p, 4, color.filled())))
+                    .map_err(|e| plot_err(e.to_string()))?
+                    .label(s.name.clone())
+                    .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled())),
+                style => chart
+                    .draw_series(LineSeries::new(
+                        points,
+                        color.stroke_width(if style == SeriesStyle::BoldLine { 3 } else { 1 }),
+                    ))
+                    .map_err(|e| plot_err(e.to_string()))?
+                    .label(s.name.clone())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color)),
+            };
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| plot_err(e.to_string()))?;
+    }
+    root.present().map_err(|e| plot_err(e.to_string()))?;
+    Ok(())
+}

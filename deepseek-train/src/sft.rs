@@ -279,8 +279,9 @@ pub fn sft(args: &SftArgs) -> Result<SftSummary> {
     deepseek_core::device::run_on(args.device, &args.device_ids, Run(args))?
 }
 
-/// The base model prepared for training: adapters on a frozen base (their initial `A` a
-/// function of `seed` alone), or every weight but a frozen router.
+/// The base model prepared for training: adapters on a frozen base (the given `adapter`, or
+/// fresh ones whose initial `A` is a function of `seed` alone), or every weight but a frozen
+/// router.
 pub fn prepare_model<AB: AutodiffBackend>(
     finetune: &Finetune,
     seed: u64,
@@ -288,6 +289,9 @@ pub fn prepare_model<AB: AutodiffBackend>(
 ) -> Result<DeepSeekModel<AB>> {
     let model =
         deepseek_core::load_model::<AB>(&finetune.base_model, device, LoadOptions::default())?;
+    if let Some(adapter) = &finetune.adapter {
+        return Ok(deepseek_core::adapter::load_adapter(model, adapter)?.freeze());
+    }
     Ok(match &finetune.lora {
         Some(lora) => {
             let _guard = crate::trainer::seeded::<AB>(device, seed);
@@ -418,7 +422,7 @@ fn run<AB: AutodiffBackend>(args: &SftArgs, devices: &[AB::Device]) -> Result<Sf
 /// Writes the result: `out/adapter/` (the adapter in PEFT's layout, the routers' biases when they
 /// moved, and the tokenizer files) or `out/hf/` (the whole model); both with a
 /// `tokenizer_config.json` holding the chat template the run trained with.
-fn export<B: Backend>(
+pub(crate) fn export<B: Backend>(
     model: &DeepSeekModel<B>,
     finetune: &Finetune,
     out: &Path,

@@ -193,6 +193,7 @@ fn args(base: &Path, data: &Path, out: &Path, steps: usize, lora: bool, pack: bo
         lora,
         router: RouterMode::Frozen,
         data: None,
+        adapter: None,
     });
     SftArgs {
         data: vec![data.to_path_buf()],

@@ -17,7 +17,7 @@ pub mod router;
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Int, Tensor};
 
 use crate::config::DeepSeekConfig;
 use crate::mlp::{Mlp, MlpConfig};
@@ -103,9 +103,23 @@ impl<B: Backend> Moe<B> {
     /// # Shapes
     /// `x`: `[batch, seq, D]` → `[batch, seq, D]`, and the routing of the `T = batch·seq` tokens.
     pub fn forward(&self, x: Tensor<B, 3>, policy: &ExecutionPolicy) -> (Tensor<B, 3>, Routing<B>) {
+        self.forward_replayed(x, policy, None)
+    }
+
+    /// [`Moe::forward`] with each token sent to the experts `replay` names (see
+    /// [`Router::route`]) when given.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, seq, D]`, `replay`: `[batch·seq, K]` → `[batch, seq, D]`.
+    pub fn forward_replayed(
+        &self,
+        x: Tensor<B, 3>,
+        policy: &ExecutionPolicy,
+        replay: Option<Tensor<B, 2, Int>>,
+    ) -> (Tensor<B, 3>, Routing<B>) {
         let [batch, seq, d_model] = x.dims();
         let tokens = x.reshape([batch * seq, d_model]); // [T, D]
-        let routing = self.gate.forward(tokens.clone(), policy);
+        let routing = self.gate.route(tokens.clone(), policy, replay);
         let mut y = self.experts.forward(
             tokens.clone(),
             routing.indices.clone(),

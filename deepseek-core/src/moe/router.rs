@@ -115,6 +115,22 @@ impl<B: Backend> Router<B> {
     /// # Shapes
     /// `x`: `[T, D]`.
     pub fn forward(&self, x: Tensor<B, 2>, policy: &ExecutionPolicy) -> Routing<B> {
+        self.route(x, policy, None)
+    }
+
+    /// [`Router::forward`], or with `replay` the experts given there instead of the ones the
+    /// scores choose (routing replay: a training forward routes each token as its rollout
+    /// did). The gate weights are still this router's own affinities of those experts, so the
+    /// gate keeps its gradient.
+    ///
+    /// # Shapes
+    /// `x`: `[T, D]`, `replay`: `[T, K]`.
+    pub fn route(
+        &self,
+        x: Tensor<B, 2>,
+        policy: &ExecutionPolicy,
+        replay: Option<Tensor<B, 2, Int>>,
+    ) -> Routing<B> {
         let [tokens, _] = x.dims();
         let n_experts = self.weight.dims()[0];
         let logits =
@@ -143,7 +159,13 @@ impl<B: Backend> Router<B> {
                 BlockScore::TopSum(limit.per_node(self.top_k, per_node)),
             );
         }
-        let (_, indices) = top_k(choice, self.top_k); // [T, K]
+        let indices = match replay {
+            Some(given) => {
+                assert_eq!(given.dims(), [tokens, self.top_k], "replayed routing of [T, K]");
+                given
+            }
+            None => top_k(choice, self.top_k).1, // [T, K]
+        };
         let mut weights = scores.clone().gather(1, indices.clone()); // [T, K]
         if self.norm_topk_prob && self.top_k > 1 {
             let denom = weights.clone().sum_dim(1).add_scalar(1e-20); // [T, 1]
