@@ -7,6 +7,10 @@
 //! than one. A sequence leaves when it stops (EOS, a stop sequence, its token budget) or is
 //! cancelled, and its slot is free for the next request at once. Greedy output does not depend on
 //! what else is in the batch (the tests check it).
+//!
+//! A traced engine ([`Engine::trace`], [`generate_traced`]) also records what a reinforcement-
+//! learning update compares its own forward with: the log-prob of every chosen token and the
+//! experts every MoE block chose at every position ([`Trace`]).
 
 use anyhow::{anyhow, bail, Result};
 use burn::tensor::backend::Backend;

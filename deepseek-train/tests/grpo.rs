@@ -425,3 +425,81 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
     assert!(err.contains("nan_reward") && err.contains("finite"), "{err}");
     assert!(!a.out.exists(), "nothing is written when the first rollout fails");
 }
+
+fn grpo_cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_deepseek-train"))
+        .arg("grpo")
+        .args(args)
+        .output()
+        .expect("runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_runs_grpo_and_rejects_bad_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_dir(dir.path());
+    let out = dir.path().join("run");
+    let (base_s, out_s) = (base.to_str().unwrap(), out.to_str().unwrap());
+    let short = [
+        "--model",
+        base_s,
+        "--out",
+        out_s,
+        "--steps",
+        "2",
+        "--group",
+        "2",
+        "--prompts-per-step",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--eval-prompts",
+        "2",
+    ];
+    let (ok, stdout, stderr) = grpo_cli(&short);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("heldout_accuracy_after:"), "{stdout}");
+    for f in [
+        "metrics.jsonl",
+        "grpo.png",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    // Continuing the adapter the run wrote.
+    let adapter = out.join("adapter");
+    let out2 = dir.path().join("run2");
+    let mut again: Vec<&str> = short.to_vec();
+    again[3] = out2.to_str().unwrap();
+    again.extend(["--adapter", adapter.to_str().unwrap()]);
+    let (ok, _, stderr) = grpo_cli(&again);
+    assert!(ok, "{stderr}");
+    let toml = dir.path().join("grpo.toml");
+    std::fs::write(&toml, "[grpo]\ngroup = 4\n").unwrap();
+    let bad = dir.path().join("bad");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--group", "1"], "at least 2"),
+        (vec!["--task", "/nonexistent/task.jsonl"], "task.jsonl"),
+        (vec!["--heldout", "/tmp/x.jsonl"], "--heldout goes with a task file"),
+        (vec!["--temperature", "0"], "temperature"),
+        (vec!["--loss-norm", "mean"], "token or sequence"),
+        (vec!["--ops", "divide"], "unknown operation"),
+        (vec!["--config", toml.to_str().unwrap()], "not a [grpo] table"),
+        (vec!["--resume"], "no checkpoint"),
+    ];
+    for (extra, expected) in cases {
+        let mut args = vec!["--model", base_s, "--out", bad.to_str().unwrap(), "--steps", "1"];
+        args.extend(extra.iter());
+        let (ok, _, stderr) = grpo_cli(&args);
+        assert!(!ok, "{extra:?} should fail");
+        assert!(stderr.contains(expected), "{extra:?}: expected `{expected}` in\n{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!bad.exists(), "{extra:?} wrote something");
+    }
+}

@@ -54,7 +54,8 @@ pub fn advantages(rewards: &[f64], group: usize, scale: bool) -> Vec<f64> {
         .collect()
 }
 
-/// The per-token weights of completions with `lens[i]` tokens each (see the module docs).
+/// The weight of each token of a completion of `len` tokens, in a step of `total_tokens`
+/// completion tokens over `completions` completions (see the module docs).
 pub fn token_weight(norm: LossNorm, len: usize, total_tokens: usize, completions: usize) -> f64 {
     match norm {
         LossNorm::Token => 1.0 / total_tokens as f64,

@@ -452,7 +452,7 @@ impl<AB: AutodiffBackend> Setup<'_, AB> {
             train_s,
             rollout_tokens_per_s: tokens_all / rollout_s.max(1e-9),
             train_tokens_per_s: k * trained_tokens as f64 / train_s.max(1e-9),
-            tokens: 0, // set by the caller
+            tokens: completion_tokens as u64, // this step's; the caller keeps the total
             skipped,
         };
         Ok((model, record))
@@ -595,8 +595,7 @@ fn run<AB: AutodiffBackend>(
         let (next, mut record) = setup.step(model, &mut optim, step)?;
         model = next;
         step += 1;
-        tokens +=
-            (record.completion_len * (grpo.group * grpo.prompts_per_step) as f64).round() as u64;
+        tokens += record.tokens;
         record.tokens = tokens;
         if metrics.writer.is_none() {
             std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
