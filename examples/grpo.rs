@@ -85,8 +85,11 @@ fn main() -> Result<()> {
         .iter()
         .enumerate()
         .map(|(i, item)| {
-            let answer =
-                if mix(seed ^ i as u64) % 2 == 0 { item.answer.as_str() } else { "not sure" };
+            let answer = if mix(seed ^ i as u64).is_multiple_of(2) {
+                item.answer.as_str()
+            } else {
+                "not sure"
+            };
             serde_json::json!({"messages": [
                 {"role": "user", "content": item.messages[0].content},
                 {"role": "assistant", "content": answer},

@@ -8,7 +8,7 @@
 # exact-answer reward (the last number of the completion equals a + b), LoRA r 16 / alpha 32 on the attention
 # and MLP projections (q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj, gate_proj, up_proj,
 # down_proj), AdamW lr 3e-4, beta 0 (no reference model), one iteration, loss_type "dapo" (token-level, our
-# default). Generation is transformers' generate() (no vLLM on a CPU).
+# default), no gradient checkpointing. Generation is transformers' generate() (no vLLM on a CPU).
 #
 # Prints one line per measured step and `grpo_step_s MEDIAN` (after --warmup unmeasured steps).
 #
@@ -50,11 +50,13 @@ def main():
     cfg = json.load(open(os.path.join(args.model, "tokenizer_config.json")))
     tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(args.model, "tokenizer.json"))
     tok.chat_template = cfg["chat_template"]
-    eos = cfg.get("eos_token") or "\n"
-    tok.eos_token = eos
+    # The end-of-turn text (a newline in the byte-level example models) as its token string.
+    eos_ids = tok(cfg.get("eos_token") or "\n", add_special_tokens=False).input_ids
+    assert len(eos_ids) == 1, f"the EOS text is {len(eos_ids)} tokens"
+    tok.eos_token = tok.convert_ids_to_tokens(eos_ids[0])
     tok.pad_token = tok.convert_ids_to_tokens(0)
     model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
-    model.generation_config.eos_token_id = tok.convert_tokens_to_ids(tok.tokenize(eos))[0]
+    model.generation_config.eos_token_id = eos_ids[0]
     model.generation_config.pad_token_id = 0
     prompts, answers = [], []
     for a in range(20):
@@ -101,6 +103,7 @@ def main():
         bf16=False,
         seed=0,
         dataloader_num_workers=0,
+        gradient_checkpointing=False,  # ours does not recompute activations either
     )
     lora = LoraConfig(
         r=16,
