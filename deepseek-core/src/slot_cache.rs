@@ -227,6 +227,24 @@ impl<B: Backend> SlotCache<B> {
         Ok(self.lens.len() - 1)
     }
 
+    /// Takes the next free row for a copy of the sequence in `row` (its length and latents):
+    /// sequences with one prompt share its prefill. Pages are immutable tensors, so the copy
+    /// shares them until either row writes (a write replaces the page it touches). Returns the
+    /// new row.
+    pub fn duplicate(&mut self, row: usize) -> Result<usize> {
+        assert!(row < self.lens.len(), "slot {row} is not in use");
+        if self.is_full() {
+            return Err(DeepSeekError::Input(format!("all {} cache slots are taken", self.slots)));
+        }
+        self.lens.push(self.lens[row]);
+        for b in &mut self.blocks {
+            let (c_kv, k_rope) = (b.c_kv[row].clone(), b.k_rope[row].clone());
+            b.c_kv.push(c_kv);
+            b.k_rope.push(k_rope);
+        }
+        Ok(self.lens.len() - 1)
+    }
+
     /// Fails unless every active sequence has room for one more token.
     pub fn check_step(&self) -> Result<()> {
         if let Some((row, _)) = self.lens.iter().enumerate().find(|(_, &l)| l >= self.capacity) {

@@ -202,6 +202,65 @@ impl<'m, B: Backend> Engine<'m, B> {
         Ok((id, events.pop()))
     }
 
+    /// Starts several sequences with one prompt (the samples of a group): the prompt is prefilled
+    /// once, its cache row duplicated for the others (pages shared, copy-on-write), and each
+    /// sequence chooses its first token from the same logits with its own decoding. The result
+    /// equals adding them one by one (the prefill is deterministic). Every request must have
+    /// the same prompt and a budget of at least one token, and all must fit.
+    pub fn add_shared(
+        &mut self,
+        requests: Vec<Request>,
+    ) -> Result<Vec<(SequenceId, Option<TokenEvent>)>> {
+        let Some(first) = requests.first() else { return Ok(Vec::new()) };
+        for r in &requests {
+            self.check(r)?;
+            if r.prompt != first.prompt || r.max_new_tokens == 0 {
+                bail!(
+                    "add_shared takes requests with one prompt and budgets of at least one token"
+                );
+            }
+        }
+        if self.cache.slots() - self.cache.active() < requests.len() {
+            bail!(
+                "{} sequences do not fit the {} free slots",
+                requests.len(),
+                self.cache.slots() - self.cache.active()
+            );
+        }
+        let len = first.prompt.len();
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(first.prompt.clone(), [1, len]),
+            &self.device,
+        );
+        let (row, out) = self.model.prefill_slot(ids, &mut self.cache)?;
+        let experts: Option<Vec<Vec<i32>>> = match self.tracing {
+            true => Some(out.experts.iter().map(|e| host_ids(e.clone())).collect::<Result<_>>()?),
+            false => None,
+        };
+        let n = requests.len();
+        let mut started = Vec::with_capacity(n);
+        for (i, request) in requests.into_iter().enumerate() {
+            if i > 0 {
+                self.cache.duplicate(row)?;
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            let rng = match request.decoding {
+                Decoding::Sample { seed, .. } => Some(StdRng::seed_from_u64(seed)),
+                Decoding::Greedy => None,
+            };
+            let trace = experts.clone().map(|experts| Trace { logprobs: Vec::new(), experts });
+            self.running.push(Running { id, request, generated: Vec::new(), rng, trace });
+            started.push(id);
+        }
+        let last = out.logits.narrow(1, len - 1, 1); // [1, 1, vocab]
+        let events = self.choose(Tensor::cat(vec![last; n], 0))?; // [n, 1, vocab]
+        Ok(started
+            .into_iter()
+            .map(|id| (id, events.iter().find(|e| e.id == id).copied()))
+            .collect())
+    }
+
     /// One decoding step of every running sequence; returns each one's new token (in no
     /// particular order). Sequences that finish leave the batch.
     pub fn step(&mut self) -> Result<Vec<TokenEvent>> {
@@ -384,7 +443,7 @@ fn run_all<B: Backend>(
         engine.check(r).map_err(|e| e.context(format!("request {i}")))?;
     }
     let mut index_of = std::collections::HashMap::new();
-    let mut pending = requests.into_iter().enumerate();
+    let mut pending = requests.into_iter().enumerate().peekable();
     let mut deliver = |engine: &mut Engine<B>,
                        index_of: &mut std::collections::HashMap<SequenceId, usize>,
                        event: TokenEvent|
@@ -404,10 +463,31 @@ fn run_all<B: Backend>(
     loop {
         while engine.has_room() {
             let Some((i, request)) = pending.next() else { break };
-            let (id, first) = engine.add(request)?;
-            index_of.insert(id, i);
-            if let Some(event) = first {
-                deliver(&mut engine, &mut index_of, event)?;
+            // The following requests with this prompt that fit share its prefill.
+            let mut group = vec![(i, request)];
+            let room = engine.cache.slots() - engine.cache.active();
+            while group.len() < room
+                && group[0].1.max_new_tokens > 0
+                && pending
+                    .peek()
+                    .is_some_and(|(_, r)| r.prompt == group[0].1.prompt && r.max_new_tokens > 0)
+            {
+                group.push(pending.next().expect("peeked"));
+            }
+            let started = if group.len() == 1 {
+                let (i, request) = group.pop().expect("one");
+                vec![(i, engine.add(request)?)]
+            } else {
+                let (indices, requests): (Vec<usize>, Vec<Request>) = group.into_iter().unzip();
+                indices.into_iter().zip(engine.add_shared(requests)?).collect()
+            };
+            for (i, (id, _)) in &started {
+                index_of.insert(*id, *i);
+            }
+            for (_, (_, first)) in started {
+                if let Some(event) = first {
+                    deliver(&mut engine, &mut index_of, event)?;
+                }
             }
         }
         if engine.active() == 0 {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use burn::backend::Flex;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use deepseek_core::{load_model, AttentionPath, LatentCache, LoadOptions, SlotCache};
-use deepseek_infer::engine::{generate_all, Engine, Finish, Request};
+use deepseek_infer::engine::{generate_all, generate_traced, Engine, Finish, Request};
 use deepseek_infer::generate::{generate, Decoding, GenerateConfig};
 use safetensors::SafeTensors;
 
@@ -107,6 +107,54 @@ fn batched_equals_alone<G: burn::tensor::backend::Backend>(device: &G::Device) {
             }
         }
     }
+}
+
+/// Requests with one prompt (the samples of a GRPO group, the answers of distillation) share its
+/// prefill: their outputs and traces equal those of the same requests run one at a time.
+#[test]
+fn samples_of_one_prompt_share_the_prefill_and_generate_what_they_generate_alone() {
+    let device = Default::default();
+    let model = load_model::<B>(golden("v3_yarn_qlora"), &device, LoadOptions::default()).unwrap();
+    let ps = prompts("v3_yarn_qlora");
+    let mut requests = Vec::new();
+    for (p, prompt) in [&ps[0], &ps[2], &ps[3]].into_iter().enumerate() {
+        for g in 0..4u64 {
+            let decoding = match g {
+                0 => Decoding::Greedy,
+                _ => Decoding::Sample {
+                    temperature: 1.0,
+                    top_k: None,
+                    top_p: None,
+                    seed: 10 * p as u64 + g,
+                },
+            };
+            requests.push(Request {
+                prompt: prompt.clone(),
+                max_new_tokens: 3 + g as usize,
+                decoding,
+                stop_tokens: vec![],
+                stop_sequences: vec![],
+            });
+        }
+    }
+    let one_at_a_time =
+        generate_traced(&model, requests.clone(), 1, &device, &mut |_, _| Ok(true)).unwrap();
+    let shared =
+        generate_traced(&model, requests.clone(), 6, &device, &mut |_, _| Ok(true)).unwrap();
+    for (i, (a, b)) in one_at_a_time.iter().zip(&shared).enumerate() {
+        assert_eq!(a.tokens, b.tokens, "request {i}");
+        assert_eq!(a.tokens.len(), requests[i].max_new_tokens);
+        let (ta, tb) = (a.trace.as_ref().unwrap(), b.trace.as_ref().unwrap());
+        assert_eq!(ta.experts, tb.experts, "request {i}");
+        let k = model.config.num_experts_per_tok;
+        assert_eq!(ta.experts[0].len(), (requests[i].prompt.len() + a.tokens.len() - 1) * k);
+        for (x, y) in ta.logprobs.iter().zip(&tb.logprobs) {
+            assert!((x - y).abs() < 1e-5, "request {i}: {x} vs {y}");
+        }
+    }
+    // Without traces the same tokens come back.
+    let plain = generate_all(&model, requests, 6, &device, &mut |_, _| Ok(true)).unwrap();
+    assert!(plain.iter().zip(&shared).all(|(a, b)| a.tokens == b.tokens && a.trace.is_none()));
 }
 
 #[test]
