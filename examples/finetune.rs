@@ -28,7 +28,6 @@ use deepseek_infer::chat::{ChatTemplate, Message};
 use deepseek_infer::generate::{generate, Decoding, GenerateConfig};
 use deepseek_infer::tokenizer::TextTokenizer;
 use deepseek_train::config::{Finetune, LoraRecipe, RouterMode};
-use deepseek_train::pretrain::{pretrain, PretrainArgs};
 use deepseek_train::sft::{sft, sft_defaults, SftArgs};
 
 fn main() -> Result<()> {
@@ -50,28 +49,8 @@ fn main() -> Result<()> {
             other => bail!("unknown option `{other}` (use --base DIR, --out DIR, --steps N, --seed S, --pretrain-steps N)"),
         }
     }
-    if out.exists() {
-        println!("== Clearing the previous run in {}", out.display());
-        std::fs::remove_dir_all(&out).with_context(|| format!("cannot clear {}", out.display()))?;
-    }
-    std::fs::create_dir_all(&out)?;
-    let pretrained = match base {
-        Some(dir) => dir,
-        None if Path::new("runs/quickstart/hf/config.json").is_file() => {
-            PathBuf::from("runs/quickstart/hf")
-        }
-        None => {
-            println!("== No quickstart model: pretraining one for {pretrain_steps} steps");
-            let mut run = PretrainArgs::new(
-                "small",
-                out.join("pretrain"),
-                deepseek_examples::quickstart_train(pretrain_steps, seed),
-            );
-            run.model = Some(deepseek_examples::quickstart_model());
-            run.progress = true;
-            pretrain(&run)?.hf_dir
-        }
-    };
+    deepseek_examples::fresh_dir(&out)?;
+    let pretrained = deepseek_examples::pretrained_base(base, &out, pretrain_steps, seed)?;
     println!("== Base model: {}", pretrained.display());
     let base = qa_chat_dir(&pretrained, &out.join("base"))?;
 

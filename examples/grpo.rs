@@ -19,14 +19,13 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use deepseek_examples::qa_chat_dir;
 use deepseek_train::config::{Finetune, LoraRecipe, RouterMode};
 use deepseek_train::grpo::task::{mix, Op, TaskSpec};
 use deepseek_train::grpo::{grpo, GrpoArgs, GrpoConfig};
-use deepseek_train::pretrain::{pretrain, PretrainArgs};
 use deepseek_train::sft::{sft, sft_defaults, SftArgs};
 use deepseek_train::TrainConfig;
 
@@ -50,28 +49,8 @@ fn main() -> Result<()> {
         }
     }
     let start = std::time::Instant::now();
-    if out.exists() {
-        println!("== Clearing the previous run in {}", out.display());
-        std::fs::remove_dir_all(&out).with_context(|| format!("cannot clear {}", out.display()))?;
-    }
-    std::fs::create_dir_all(&out)?;
-    let pretrained = match base {
-        Some(dir) => dir,
-        None if Path::new("runs/quickstart/hf/config.json").is_file() => {
-            PathBuf::from("runs/quickstart/hf")
-        }
-        None => {
-            println!("== No quickstart model: pretraining one for {pretrain_steps} steps");
-            let mut run = PretrainArgs::new(
-                "small",
-                out.join("pretrain"),
-                deepseek_examples::quickstart_train(pretrain_steps, seed),
-            );
-            run.model = Some(deepseek_examples::quickstart_model());
-            run.progress = true;
-            pretrain(&run)?.hf_dir
-        }
-    };
+    deepseek_examples::fresh_dir(&out)?;
+    let pretrained = deepseek_examples::pretrained_base(base, &out, pretrain_steps, seed)?;
     println!("== Base model: {}", pretrained.display());
     let base = std::fs::canonicalize(qa_chat_dir(&pretrained, &out.join("base"))?)?;
 

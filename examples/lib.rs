@@ -49,6 +49,44 @@ pub fn short_run(steps: usize, seed: u64, balance: BalanceMode) -> TrainConfig {
     }
 }
 
+/// Empties `out` (a previous run of the example) and creates it.
+pub fn fresh_dir(out: &Path) -> Result<()> {
+    if out.exists() {
+        println!("== Clearing the previous run in {}", out.display());
+        std::fs::remove_dir_all(out).with_context(|| format!("cannot clear {}", out.display()))?;
+    }
+    std::fs::create_dir_all(out)?;
+    Ok(())
+}
+
+/// The pretrained model an example starts from: `base` when given, else the quickstart's
+/// `runs/quickstart/hf` when it has run, else the quickstart's model pretrained here for `steps`
+/// steps (in `out/pretrain`).
+pub fn pretrained_base(
+    base: Option<PathBuf>,
+    out: &Path,
+    steps: usize,
+    seed: u64,
+) -> Result<PathBuf> {
+    Ok(match base {
+        Some(dir) => dir,
+        None if Path::new("runs/quickstart/hf/config.json").is_file() => {
+            PathBuf::from("runs/quickstart/hf")
+        }
+        None => {
+            println!("== No quickstart model: pretraining one for {steps} steps");
+            let mut run = deepseek_train::pretrain::PretrainArgs::new(
+                "small",
+                out.join("pretrain"),
+                quickstart_train(steps, seed),
+            );
+            run.model = Some(quickstart_model());
+            run.progress = true;
+            deepseek_train::pretrain::pretrain(&run)?.hf_dir
+        }
+    })
+}
+
 /// The fine-tuning examples' chat format for byte-level models: one turn per line, the newline
 /// (the model's EOS) ends each, and the generation prompt `A:` leaves the answer on its line.
 pub const QA_TEMPLATE: &str = "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'Q: ' + message['content'] + '\\n' }}{% elif message['role'] == 'assistant' %}{{ 'A: ' + message['content'] + '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'A:' }}{% endif %}";

@@ -41,6 +41,16 @@ pub fn token_text(value: Option<&Value>) -> Option<String> {
 }
 
 impl ChatTemplate {
+    /// The id of the token that ends a turn: the template's EOS as `tokenizer` spells it, else
+    /// `model_eos` (the model config's `eos_token_id`).
+    pub fn end_of_turn(
+        &self,
+        tokenizer: &crate::tokenizer::TextTokenizer,
+        model_eos: Option<u32>,
+    ) -> Option<i64> {
+        self.eos_token.as_deref().and_then(|t| tokenizer.token_id(t)).or(model_eos).map(i64::from)
+    }
+
     /// Reads `tokenizer_config.json` (a file, or a directory holding one).
     pub fn from_tokenizer_config(path: &Path) -> Result<Self> {
         let file =

@@ -173,33 +173,13 @@ impl<'m, B: Backend> Engine<'m, B> {
         if !self.has_room() {
             bail!("all {} slots are taken", self.cache.slots());
         }
-        let id = self.next_id;
-        self.next_id += 1;
         if request.max_new_tokens == 0 {
+            let id = self.next_id;
+            self.next_id += 1;
             return Ok((id, None));
         }
-        let len = request.prompt.len();
-        let ids = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(request.prompt.clone(), [1, len]),
-            &self.device,
-        );
-        let (row, out) = self.model.prefill_slot(ids, &mut self.cache)?;
-        debug_assert_eq!(row, self.running.len());
-        let rng = match request.decoding {
-            Decoding::Sample { seed, .. } => Some(StdRng::seed_from_u64(seed)),
-            Decoding::Greedy => None,
-        };
-        let trace = match self.tracing {
-            true => Some(Trace {
-                logprobs: Vec::new(),
-                experts: out.experts.iter().map(|e| host_ids(e.clone())).collect::<Result<_>>()?,
-            }),
-            false => None,
-        };
-        self.running.push(Running { id, request, generated: Vec::new(), rng, trace });
-        let last = out.logits.narrow(1, len - 1, 1); // [1, 1, vocab]
-        let mut events = self.choose(last)?;
-        Ok((id, events.pop()))
+        // One sequence is a group of one: the prefill and first token of `add_shared`.
+        Ok(self.add_shared(vec![request])?.pop().expect("one request, one sequence"))
     }
 
     /// Starts several sequences with one prompt (the samples of a group): the prompt is prefilled
@@ -474,7 +454,7 @@ fn run_all<B: Backend>(
             {
                 group.push(pending.next().expect("peeked"));
             }
-            let started = if group.len() == 1 {
+            let started = if group[0].1.max_new_tokens == 0 {
                 let (i, request) = group.pop().expect("one");
                 vec![(i, engine.add(request)?)]
             } else {

@@ -744,11 +744,7 @@ fn eval_cmd<B: Backend>(job: EvalJob, device: &B::Device) -> Result<()> {
             let mut items =
                 eval::read_items(&job.task, |o| eval::parse_generate(o, template.as_ref(), &bos))?;
             items.truncate(limit(items.len()));
-            let eos = template
-                .as_ref()
-                .and_then(|t| t.eos_token.as_deref())
-                .and_then(|t| tok.token_id(t))
-                .map(i64::from);
+            let eos = template.as_ref().and_then(|t| t.end_of_turn(&tok, None));
             let pb = bar(items.len() * job.samples, "samples");
             // Every (item, sample) pair is one request; `--batch` of them decode together.
             let mut requests = Vec::with_capacity(items.len() * job.samples);
@@ -1000,8 +996,7 @@ fn chat_cmd<B: Backend>(
     let model = load::<B>(model_dir, adapter, device, LoadOptions::default())?;
     tok.check_vocab(model.config.vocab_size)?;
     // The turn ends at the template's EOS token, else at the model's.
-    let eos = template.eos_token.as_deref().and_then(|t| tok.token_id(t)).map(i64::from);
-    cfg.eos_token_id = eos.or(model.config.eos_token_id.map(i64::from));
+    cfg.eos_token_id = template.end_of_turn(tok, model.config.eos_token_id);
     let mut messages: Vec<Message> = system.iter().map(|s| Message::new("system", s)).collect();
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();

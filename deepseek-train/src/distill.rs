@@ -106,12 +106,7 @@ pub fn distill<B: Backend>(
         return Err(TrainError::config("samples", "must be at least 1"));
     }
     let Teacher { model: teacher, tokenizer: tok, template } = *teacher;
-    let eos = template
-        .eos_token
-        .as_deref()
-        .and_then(|t| tok.token_id(t))
-        .map(i64::from)
-        .or(teacher.config.eos_token_id.map(i64::from));
+    let eos = template.end_of_turn(tok, teacher.config.eos_token_id);
     let data = |e: anyhow::Error| TrainError::Data(format!("{e:#}"));
     if config.batch == 0 {
         return Err(TrainError::config("batch", "must be at least 1"));

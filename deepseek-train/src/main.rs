@@ -579,6 +579,15 @@ fn set_balance(train: &mut deepseek_train::TrainConfig, balance: Option<&str>) -
     Ok(())
 }
 
+/// `set!(train, a.b = value)`: `train.a.b = v` when `value` is `Some(v)` (a flag that was given).
+macro_rules! set {
+    ($train:ident, $($field:ident).+ = $value:expr) => {
+        if let Some(v) = $value {
+            $train.$($field).+ = v;
+        }
+    };
+}
+
 /// The flags of `hyper` over `train`.
 fn apply_hyper(
     train: &mut deepseek_train::TrainConfig,
@@ -587,39 +596,32 @@ fn apply_hyper(
     seed: Option<u64>,
 ) -> Result<()> {
     let h = hyper;
-    macro_rules! set {
-        ($($field:ident).+ = $value:expr) => {
-            if let Some(v) = $value {
-                train.$($field).+ = v;
-            }
-        };
-    }
-    set!(steps = steps);
-    set!(seed = seed);
-    set!(batch_size = h.batch_size);
-    set!(seq_len = h.seq_len);
-    set!(grad_accum = h.grad_accum);
-    set!(lr = h.lr);
-    set!(warmup_steps = h.warmup_steps);
-    set!(decay_start = h.decay_start);
-    set!(decay_end = h.decay_end);
-    set!(min_lr = h.min_lr);
-    set!(final_lr = h.final_lr.map(Some));
-    set!(optim.weight_decay = h.weight_decay);
-    set!(optim.beta1 = h.beta1);
-    set!(optim.beta2 = h.beta2);
-    set!(optim.max_grad_norm = h.clip_norm.map(|c| (c > 0.0).then_some(c)));
-    set!(bias_gamma = h.bias_gamma);
-    set!(bias_update_until = h.bias_update_until.map(Some));
-    set!(seq_aux_alpha = h.seq_aux_alpha);
-    set!(aux_loss_alpha = h.aux_loss_alpha);
-    set!(mtp_lambda = h.mtp_lambda);
-    set!(mtp_lambda_late = h.mtp_lambda_late);
-    set!(mtp_lambda_switch = h.mtp_lambda_switch);
-    set!(eval_every = h.eval_every);
-    set!(eval_batches = h.eval_batches);
-    set!(checkpoint_every = h.checkpoint_every);
-    set!(keep_checkpoints = h.keep_checkpoints);
+    set!(train, steps = steps);
+    set!(train, seed = seed);
+    set!(train, batch_size = h.batch_size);
+    set!(train, seq_len = h.seq_len);
+    set!(train, grad_accum = h.grad_accum);
+    set!(train, lr = h.lr);
+    set!(train, warmup_steps = h.warmup_steps);
+    set!(train, decay_start = h.decay_start);
+    set!(train, decay_end = h.decay_end);
+    set!(train, min_lr = h.min_lr);
+    set!(train, final_lr = h.final_lr.map(Some));
+    set!(train, optim.weight_decay = h.weight_decay);
+    set!(train, optim.beta1 = h.beta1);
+    set!(train, optim.beta2 = h.beta2);
+    set!(train, optim.max_grad_norm = h.clip_norm.map(|c| (c > 0.0).then_some(c)));
+    set!(train, bias_gamma = h.bias_gamma);
+    set!(train, bias_update_until = h.bias_update_until.map(Some));
+    set!(train, seq_aux_alpha = h.seq_aux_alpha);
+    set!(train, aux_loss_alpha = h.aux_loss_alpha);
+    set!(train, mtp_lambda = h.mtp_lambda);
+    set!(train, mtp_lambda_late = h.mtp_lambda_late);
+    set!(train, mtp_lambda_switch = h.mtp_lambda_switch);
+    set!(train, eval_every = h.eval_every);
+    set!(train, eval_batches = h.eval_batches);
+    set!(train, checkpoint_every = h.checkpoint_every);
+    set!(train, keep_checkpoints = h.keep_checkpoints);
     if h.fp8 {
         train.fp8 = true;
     }
@@ -627,6 +629,7 @@ fn apply_hyper(
         train.node_limit = Some(limit);
     }
     set!(
+        train,
         on_nonfinite =
             h.on_nonfinite.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?
     );
@@ -783,26 +786,20 @@ fn run_grpo(cli: GrpoCli) -> Result<()> {
         eval_prompts: cli.eval_prompts,
     };
     grpo.validate()?;
-    macro_rules! set {
-        ($($field:ident).+ = $value:expr) => {
-            if let Some(v) = $value {
-                train.$($field).+ = v;
-            }
-        };
-    }
-    set!(steps = cli.steps);
-    set!(seed = cli.seed);
-    set!(lr = cli.lr);
+    set!(train, steps = cli.steps);
+    set!(train, seed = cli.seed);
+    set!(train, lr = cli.lr);
     if cli.min_lr.is_none() {
         train.min_lr = train.lr;
     }
-    set!(warmup_steps = cli.warmup_steps);
-    set!(optim.weight_decay = cli.weight_decay);
-    set!(optim.max_grad_norm = cli.clip_norm.map(|c| (c > 0.0).then_some(c)));
-    set!(eval_every = cli.eval_every);
-    set!(checkpoint_every = cli.checkpoint_every);
-    set!(keep_checkpoints = cli.keep_checkpoints);
+    set!(train, warmup_steps = cli.warmup_steps);
+    set!(train, optim.weight_decay = cli.weight_decay);
+    set!(train, optim.max_grad_norm = cli.clip_norm.map(|c| (c > 0.0).then_some(c)));
+    set!(train, eval_every = cli.eval_every);
+    set!(train, checkpoint_every = cli.checkpoint_every);
+    set!(train, keep_checkpoints = cli.keep_checkpoints);
     set!(
+        train,
         on_nonfinite =
             cli.on_nonfinite.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?
     );

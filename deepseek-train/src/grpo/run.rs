@@ -13,7 +13,6 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor};
 use deepseek_core::device::{BackendTask, DeviceKind};
 use deepseek_core::{DeepSeekConfig, DeepSeekModel, ForwardOptions};
-use deepseek_infer::chat::ChatTemplate;
 use deepseek_infer::engine::{generate_all, Request};
 use deepseek_infer::generate::Decoding;
 use deepseek_infer::tokenizer::TextTokenizer;
@@ -205,16 +204,6 @@ fn recipe(args: &GrpoArgs) -> Result<TrainConfig> {
         return Err(differs("a GRPO setting (task, group, sampling, clip, β, iterations, ...)"));
     }
     Ok(saved.with_run_settings(given.run_settings()))
-}
-
-/// The end-of-turn token: the template's EOS, else the model's.
-fn end_of_turn(template: &ChatTemplate, tok: &TextTokenizer, cfg: &DeepSeekConfig) -> Option<i64> {
-    template
-        .eos_token
-        .as_deref()
-        .and_then(|t| tok.token_id(t))
-        .map(i64::from)
-        .or(cfg.eos_token_id.map(i64::from))
 }
 
 /// Greedy exact-answer accuracy on `items` (at most `limit`; 0: all).
@@ -511,7 +500,7 @@ fn run<AB: AutodiffBackend>(
     let prompting = Prompting {
         tokenizer: &tok,
         template: &template,
-        eos: end_of_turn(&template, &tok, &model_cfg),
+        eos: template.end_of_turn(&tok, model_cfg.eos_token_id),
     };
     let task = grpo.task.load(config.seed)?;
     let context = model_cfg.max_position_embeddings;

@@ -82,12 +82,10 @@ pub struct Task {
     pub heldout: Vec<TaskItem>,
 }
 
-/// splitmix64: a well-mixed 64-bit function of its input (seeds and splits derive from it).
-pub fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// A well-mixed 64-bit function of its input (seeds and splits derive from it): the first
+/// output of the corpus's splitmix64 generator seeded with `z`.
+pub fn mix(z: u64) -> u64 {
+    crate::corpus::SplitMix64::new(z).next_u64()
 }
 
 impl TaskSpec {
