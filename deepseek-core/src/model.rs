@@ -154,22 +154,17 @@ impl<B: Backend> DeepSeekModel<B> {
         let logits = self.head(final_hidden.clone());
         let mut mtp_logits = Vec::new();
         if options.mtp {
-            let [_, seq, _] = embeddings.dims();
-            let mut hidden = final_hidden.clone();
-            for (i, module) in self.mtp.iter().enumerate() {
-                let k = i + 1;
-                if seq <= k {
-                    break;
-                }
-                let prev = hidden.narrow(1, 0, seq - k); // [b, s - k, d]
-                let next = embeddings.clone().narrow(1, k, seq - k); // [b, s - k, d]
-                let narrowed = packing.map(|p| p.narrow(seq - k));
-                let (h, r) =
-                    module.forward(prev, next, &self.rope, narrowed.as_ref(), &self.policy);
-                routing.extend(r);
-                mtp_logits.push(self.head(module.head_norm.forward(h.clone())));
-                hidden = h;
-            }
+            let (logits, r) = crate::mtp::forward_modules(
+                &self.mtp,
+                final_hidden.clone(),
+                embeddings,
+                &self.rope,
+                packing,
+                &self.policy,
+                |h| self.head(h),
+            );
+            mtp_logits = logits;
+            routing.extend(r);
         }
         ModelOutput { logits, final_hidden, hidden_states, routing, mtp_logits }
     }

@@ -81,3 +81,38 @@ impl<B: Backend> MtpModule<B> {
         self.eh_proj.forward(x, policy.gemm)
     }
 }
+
+/// The MTP modules after the main model (DeepSeek-V3 eq. 21–23): module k combines depth
+/// k − 1's states at positions `0..s − k` with the embeddings of the tokens k ahead; its logits
+/// are `head(head_norm(h_k))`. Stops at the first module with no position left.
+///
+/// # Shapes
+/// `final_hidden`, `embeddings`: `[batch, seq, d]` → logits `[batch, seq − k, vocab]` for each
+/// module k, and the routing of each module's MoE block.
+pub fn forward_modules<B: Backend>(
+    modules: &[MtpModule<B>],
+    final_hidden: Tensor<B, 3>,
+    embeddings: Tensor<B, 3>,
+    rope: &RotaryEmbedding,
+    packing: Option<&Packing>,
+    policy: &ExecutionPolicy,
+    head: impl Fn(Tensor<B, 3>) -> Tensor<B, 3>,
+) -> (Vec<Tensor<B, 3>>, Vec<Routing<B>>) {
+    let [_, seq, _] = embeddings.dims();
+    let (mut logits, mut routing) = (Vec::new(), Vec::new());
+    let mut hidden = final_hidden;
+    for (i, module) in modules.iter().enumerate() {
+        let k = i + 1;
+        if seq <= k {
+            break;
+        }
+        let prev = hidden.narrow(1, 0, seq - k); // [b, s - k, d]
+        let next = embeddings.clone().narrow(1, k, seq - k); // [b, s - k, d]
+        let narrowed = packing.map(|p| p.narrow(seq - k));
+        let (h, r) = module.forward(prev, next, rope, narrowed.as_ref(), policy);
+        routing.extend(r);
+        logits.push(head(module.head_norm.forward(h.clone())));
+        hidden = h;
+    }
+    (logits, routing)
+}

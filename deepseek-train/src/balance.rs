@@ -35,7 +35,16 @@ pub fn update_model_biases<B: Backend>(
     counts: &[Vec<u64>],
     gamma: f32,
 ) {
-    let blocks = model.blocks_mut();
+    update_block_biases(model.blocks_mut(), counts, gamma);
+}
+
+/// [`update_model_biases`] over some of a model's blocks (a pipeline stage's), `counts[i]`
+/// for the `i`-th MoE block among them.
+pub fn update_block_biases<'a, B: Backend>(
+    blocks: impl Iterator<Item = &'a mut deepseek_core::block::DecoderLayer<B>>,
+    counts: &[Vec<u64>],
+    gamma: f32,
+) {
     let mut counts = counts.iter();
     for block in blocks {
         let FeedForward::Moe(moe) = &mut block.mlp else { continue };

@@ -51,6 +51,8 @@ pub struct Layout {
     pub timeout: Duration,
     /// Several processes: this process's place among them.
     pub nodes: Option<Nodes>,
+    /// Pipeline stages (`None`: every rank runs the whole model).
+    pub pipeline: Option<crate::pipeline::run::PipelineLayout>,
 }
 
 /// Several processes, one rank each.
@@ -87,7 +89,13 @@ impl std::str::FromStr for Transport {
 
 impl Default for Layout {
     fn default() -> Self {
-        Self { ranks: 1, expert_parallel: 1, timeout: Duration::from_secs(600), nodes: None }
+        Self {
+            ranks: 1,
+            expert_parallel: 1,
+            timeout: Duration::from_secs(600),
+            nodes: None,
+            pipeline: None,
+        }
     }
 }
 
@@ -99,7 +107,17 @@ impl Layout {
 
     /// Data-parallel replicas.
     pub fn data_parallel(&self) -> usize {
-        self.world() / self.expert_parallel
+        self.world() / self.expert_parallel / self.pipeline_stages()
+    }
+
+    /// Pipeline stages (1 without pipeline parallelism).
+    pub fn pipeline_stages(&self) -> usize {
+        self.pipeline.as_ref().map_or(1, |p| p.stages)
+    }
+
+    /// Ranks that share each step's global batch (all but the pipeline dimension).
+    pub fn batch_ranks(&self) -> usize {
+        self.world() / self.pipeline_stages()
     }
 
     /// Whether this is more than one rank.
@@ -112,13 +130,21 @@ impl Layout {
         if self.ranks == 0 {
             return Err(TrainError::config("ranks", "must be at least 1"));
         }
-        if self.expert_parallel == 0 || !self.world().is_multiple_of(self.expert_parallel) {
+        let stages = self.pipeline_stages();
+        if stages == 0 || !self.world().is_multiple_of(stages) {
+            return Err(TrainError::config(
+                "pipeline_parallel",
+                format!("{stages} pipeline stages must divide the {} ranks", self.world()),
+            ));
+        }
+        if self.expert_parallel == 0 || !self.batch_ranks().is_multiple_of(self.expert_parallel) {
+            let per = if stages > 1 { " of each pipeline stage" } else { "" };
             return Err(TrainError::config(
                 "expert_parallel",
                 format!(
-                    "an expert-parallel group of {} ranks must divide the {} ranks",
+                    "an expert-parallel group of {} ranks must divide the {} ranks{per}",
                     self.expert_parallel,
-                    self.world()
+                    self.batch_ranks()
                 ),
             ));
         }
@@ -131,12 +157,12 @@ impl Layout {
                 format!("{} routed experts cannot be split over {} expert-parallel ranks: choose a size that divides {}", model.n_routed_experts, self.expert_parallel, model.n_routed_experts),
             ));
         }
-        if !batch_size.is_multiple_of(self.world()) {
+        if !batch_size.is_multiple_of(self.batch_ranks()) {
             return Err(TrainError::config(
                 "batch_size",
                 format!(
                     "the global batch of {batch_size} sequences must split evenly over {} ranks",
-                    self.world()
+                    self.batch_ranks()
                 ),
             ));
         }
@@ -146,6 +172,9 @@ impl Layout {
                     "node_rank",
                     format!("node {} is outside {} nodes", n.node, n.count),
                 ));
+            }
+            if stages > 1 {
+                return Err(TrainError::config("pipeline_parallel", "pipeline stages run as the threads of one process: drop --nodes, or --pipeline-parallel"));
             }
             if self.ranks != 1 {
                 return Err(TrainError::config("ranks", "a multi-process run has one rank per process (--ranks 1): start one process per device"));

@@ -14,6 +14,7 @@ pub mod grpo;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod pipeline;
 pub mod pretrain;
 pub mod schedule;
 pub mod sft;

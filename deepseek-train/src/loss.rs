@@ -173,30 +173,60 @@ pub fn batch_objective<B: Backend>(
 ) -> BatchLoss<B> {
     let Batch { ids: windows, weights: target_weights, segments, real } = batch_data;
     let [batch, len] = windows.dims();
-    let seq = len - 1;
-    let inputs = windows.clone().narrow(1, 0, seq); // [b, s]
-    let depth = model.mtp.len();
-    let options = ForwardOptions { hidden_states: false, mtp: depth > 0 };
+    let inputs = windows.clone().narrow(1, 0, len - 1); // [b, s]
+    let options = ForwardOptions { hidden_states: false, mtp: !model.mtp.is_empty() };
     let packing = segments.as_ref().map(|s| &s.inputs);
     let out = model.forward_packed(inputs, packing, options);
+    let (main, mtp) = prediction_terms(
+        out.logits,
+        &out.mtp_logits,
+        &windows,
+        target_weights.as_ref(),
+        segments.as_ref(),
+    );
+    let mut total = main.clone();
+    if let Some(mtp) = &mtp {
+        if weights.mtp_lambda > 0.0 {
+            total = total + mtp.clone().mul_scalar(weights.mtp_lambda);
+        }
+    }
+    let (balance, counts) = routing_terms(out.routing, batch, real.as_ref(), weights);
+    if let Some(b) = &balance {
+        total = total + b.clone();
+    }
+    BatchLoss { total, main, mtp, balance, counts }
+}
+
+/// The next-token cross-entropy of `logits` and the mean MTP cross-entropy of `mtp_logits`
+/// against `windows`, weighted as [`batch_objective`] describes.
+///
+/// # Shapes
+/// `logits`: `[b, s, V]`, `mtp_logits[k − 1]`: `[b, s − k, V]`, `windows`: `[b, s + 1]`.
+pub(crate) fn prediction_terms<B: Backend>(
+    logits: Tensor<B, 3>,
+    mtp_logits: &[Tensor<B, 3>],
+    windows: &Tensor<B, 2, Int>,
+    target_weights: Option<&Tensor<B, 2>>,
+    segments: Option<&Segments>,
+) -> (Tensor<B, 1>, Option<Tensor<B, 1>>) {
+    let [batch, len] = windows.dims();
+    let seq = len - 1;
     let device = windows.device();
     let ce = |logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>, w: Option<Tensor<B, 2>>| match w {
         Some(w) => weighted_cross_entropy(logits, targets, w),
         None => cross_entropy(logits, targets),
     };
-    let main = ce(out.logits, windows.clone().narrow(1, 1, seq), target_weights.clone());
-    let mut total = main.clone();
+    let main = ce(logits, windows.clone().narrow(1, 1, seq), target_weights.cloned());
     // MTP module k at position i predicts token i + k + 1 (DeepSeek-V3 eq. 24–25).
-    let mtp = (!out.mtp_logits.is_empty()).then(|| {
-        let d = out.mtp_logits.len();
-        let sum = out
-            .mtp_logits
+    let mtp = (!mtp_logits.is_empty()).then(|| {
+        let d = mtp_logits.len();
+        let sum = mtp_logits
             .iter()
             .enumerate()
             .map(|(i, logits)| {
                 let k = i + 1;
-                let w = target_weights.clone().map(|w| w.narrow(1, k, seq - k));
-                let w = match (&segments, w) {
+                let w = target_weights.map(|w| w.clone().narrow(1, k, seq - k));
+                let w = match (segments, w) {
                     (Some(s), w) => {
                         let same = same_document::<B>(s, batch, len, k, &device);
                         Some(w.map_or(same.clone(), |w| w * same))
@@ -209,17 +239,26 @@ pub fn batch_objective<B: Backend>(
             .expect("at least one module");
         sum.div_scalar(d as f64)
     });
-    if let Some(mtp) = &mtp {
-        if weights.mtp_lambda > 0.0 {
-            total = total + mtp.clone().mul_scalar(weights.mtp_lambda);
-        }
-    }
+    (main, mtp)
+}
+
+/// The balance term of the chosen [`BalanceMode`] summed over the MoE blocks of `routing`
+/// (`None` without one), and each block's expert loads over the real tokens.
+///
+/// # Shapes
+/// `routing[m].indices`: `[batch·len, K]`, `real`: `[batch, seq]`.
+pub(crate) fn routing_terms<B: Backend>(
+    routing: Vec<deepseek_core::moe::Routing<B>>,
+    batch: usize,
+    real: Option<&Tensor<B, 2, Int>>,
+    weights: LossWeights,
+) -> (Option<Tensor<B, 1>>, Vec<Tensor<B, 1, Int>>) {
     let balance = match weights.balance {
-        _ if weights.alpha <= 0.0 || out.routing.is_empty() => None,
+        _ if weights.alpha <= 0.0 || routing.is_empty() => None,
         BalanceMode::None => None,
         // Each sequence separately (sequence-wise), or the whole batch as one group.
         mode => Some(
-            out.routing
+            routing
                 .iter()
                 .map(|r| {
                     let groups = if mode == BalanceMode::AuxFree { batch } else { 1 };
@@ -229,18 +268,14 @@ pub fn batch_objective<B: Backend>(
                 .expect("non-empty routing"),
         ),
     };
-    if let Some(b) = &balance {
-        total = total + b.clone();
-    }
-    let counts = out
-        .routing
+    let counts = routing
         .into_iter()
-        .map(|r| match &real {
+        .map(|r| match real {
             Some(real) => real_counts(&r, real, batch),
             None => r.counts,
         })
         .collect();
-    BatchLoss { total, main, mtp, balance, counts }
+    (balance, counts)
 }
 
 #[cfg(test)]

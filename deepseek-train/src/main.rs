@@ -41,6 +41,9 @@ enum Command {
     /// Reinforcement learning with verifiable rewards (GRPO): sample a group of answers per
     /// prompt, score them with the checker, push the policy toward the better ones.
     Grpo(Box<GrpoCli>),
+    /// Simulate a pipeline schedule: the timeline (text and PNG), memory per device and the
+    /// bubble, in the units of the chunk times given.
+    Schedule(ScheduleCli),
     /// Draw the loss and MaxVio curves of a metrics.jsonl (also while a run is going).
     Plot {
         /// A run directory or its metrics.jsonl.
@@ -52,6 +55,62 @@ enum Command {
         #[arg(long)]
         floor: Option<f64>,
     },
+}
+
+#[derive(Args)]
+struct ScheduleCli {
+    /// Pipeline stages (ranks).
+    #[arg(long)]
+    pp: usize,
+    /// Micro-batches per step.
+    #[arg(long)]
+    micro_batches: usize,
+    /// 1f1b, zb1p or dualpipe.
+    #[arg(long, default_value = "dualpipe")]
+    schedule: deepseek_train::pipeline::ScheduleKind,
+    /// Time of a forward chunk.
+    #[arg(long, default_value_t = 1.0)]
+    f: f64,
+    /// Time of a full backward chunk (input and weight gradients).
+    #[arg(long, default_value_t = 2.0)]
+    b: f64,
+    /// Time of the weight-gradient part of a backward.
+    #[arg(long, default_value_t = 1.0)]
+    w: f64,
+    /// Time of an overlapped forward-and-backward pair (default F + B: no overlap).
+    #[arg(long)]
+    fb: Option<f64>,
+    /// Where to draw the timeline (default: schedule-<kind>-pp<P>-m<M>.png).
+    #[arg(long)]
+    png: Option<PathBuf>,
+}
+
+/// `deepseek-train schedule`: simulate, print, draw.
+fn run_schedule(cli: ScheduleCli) -> Result<()> {
+    use deepseek_train::pipeline::{paper_bubble, simulate, Costs, Schedule};
+    let schedule =
+        Schedule::new(cli.schedule, cli.pp, cli.micro_batches).map_err(anyhow::Error::msg)?;
+    let costs = Costs::new(cli.f, cli.b, cli.w, cli.fb).map_err(anyhow::Error::msg)?;
+    let timeline = simulate(&schedule, &costs).map_err(anyhow::Error::msg)?;
+    let png = cli.png.unwrap_or_else(|| {
+        PathBuf::from(format!("schedule-{}-pp{}-m{}.png", cli.schedule, cli.pp, cli.micro_batches))
+    });
+    let title = format!(
+        "{} PP={} M={} (F={} B={} W={} F&B={})",
+        cli.schedule, cli.pp, cli.micro_batches, costs.f, costs.b, costs.w, costs.fb
+    );
+    timeline.plot(schedule.ranks, &title, &png).map_err(anyhow::Error::msg)?;
+    print!("{}", timeline.text(schedule.ranks));
+    println!("makespan: {}", timeline.makespan);
+    println!("paper_bubble: {}", paper_bubble(&schedule, &costs));
+    println!("parameters_per_device: {}x", timeline.parameter_copies);
+    println!(
+        "activations_per_device: {} (micro-batch chunks, the most any rank holds)",
+        timeline.peak_activations.iter().max().copied().unwrap_or(0)
+    );
+    println!("plot: {}", png.display());
+    println!("bubble: {}", timeline.bubble);
+    Ok(())
 }
 
 #[derive(Args)]
@@ -103,6 +162,17 @@ struct PretrainCli {
     /// Seconds a rank waits for a peer before the run stops with an error.
     #[arg(long, default_value_t = 600)]
     rank_timeout: u64,
+    /// Pipeline stages: the decoder blocks split into this many contiguous stages, one rank
+    /// each (must divide --ranks; the other ranks split the batch and the experts per stage).
+    /// Micro-batches are --grad-accum. See docs/pipeline.md.
+    #[arg(long, default_value_t = 1)]
+    pipeline_parallel: usize,
+    /// The pipeline schedule: 1f1b, zb1p or dualpipe (DeepSeek-V3 §3.2.1).
+    #[arg(long, default_value = "1f1b")]
+    schedule: deepseek_train::pipeline::ScheduleKind,
+    /// Blocks per pipeline stage, e.g. 1,2,2,1 (default: balanced by parameter count).
+    #[arg(long, value_delimiter = ',')]
+    stage_layers: Option<Vec<usize>>,
     /// Processes (nodes) in a multi-node run; each runs --ranks ranks.
     #[arg(long, env = "DEEPSEEK_NODES")]
     nodes: Option<usize>,
@@ -447,7 +517,10 @@ fn main() -> Result<()> {
     // run's error naming the rank: keep the default panic report for every other thread.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if !std::thread::current().name().is_some_and(|n| n.starts_with("rank-")) {
+        if !std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("rank-") || n.starts_with("stage-rank-"))
+        {
             default_hook(info);
         }
     }));
@@ -455,6 +528,7 @@ fn main() -> Result<()> {
         Command::Pretrain(cli) => *cli,
         Command::Sft(cli) => return run_sft(*cli),
         Command::Grpo(cli) => return run_grpo(*cli),
+        Command::Schedule(cli) => return run_schedule(cli),
         Command::Distill(cli) => {
             let decoding = deepseek_infer::generate::Decoding::new(
                 cli.temperature,
@@ -519,6 +593,14 @@ fn main() -> Result<()> {
         expert_parallel: cli.expert_parallel,
         timeout: std::time::Duration::from_secs(cli.rank_timeout),
         nodes,
+        pipeline: match (cli.pipeline_parallel, cli.stage_layers) {
+            (0, _) => bail!("--pipeline-parallel must be at least 1"),
+            (1, None) => None,
+            (stages, stage_layers) => Some(deepseek_train::pipeline::run::PipelineLayout {
+                stage_layers,
+                ..deepseek_train::pipeline::run::PipelineLayout::new(stages, cli.schedule)
+            }),
+        },
     };
     let (device, device_ids) = cli.device;
     let args = PretrainArgs {
@@ -699,6 +781,7 @@ fn run_sft(cli: SftCli) -> Result<()> {
             expert_parallel: cli.expert_parallel,
             timeout: std::time::Duration::from_secs(cli.rank_timeout),
             nodes: None,
+            pipeline: None,
         },
         progress: true,
         train,

@@ -125,14 +125,20 @@ pub fn read_metrics(path: &Path) -> Result<(Vec<StepRecord>, Vec<EvalRecord>)> {
 /// free to redistribute; see `assets/LICENSE-DejaVu`).
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
 
+/// Registers the embedded font as plotters' `sans-serif` (the bitmap backend has no system
+/// fonts to fall back on).
+pub(crate) fn register_font() -> std::result::Result<(), String> {
+    plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, FONT)
+        .map_err(|_| "bad embedded font".to_string())
+}
+
 /// Draws `png` (1200×500): training and validation loss (with the entropy floor, when known)
 /// on the left, MaxVio per batch and over the validation set on the right.
 pub fn plot(metrics: &Path, png: &Path, floor: Option<f64>) -> Result<()> {
     use plotters::prelude::*;
     let (steps, evals) = read_metrics(metrics)?;
     let plot_err = |e: String| TrainError::Data(format!("cannot draw {}: {e}", png.display()));
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
-        .map_err(|_| plot_err("bad embedded font".into()))?;
+    register_font().map_err(plot_err)?;
     let root = BitMapBackend::new(png, (1200, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
     let (left, right) = root.split_horizontally(600);
@@ -268,8 +274,7 @@ pub fn plot_comparison(runs: &[(&str, &Path)], png: &Path, window: usize) -> Res
             "plot_comparison needs runs with at least one step each".into(),
         ));
     }
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
-        .map_err(|_| plot_err("bad embedded font".into()))?;
+    register_font().map_err(plot_err)?;
     let root = BitMapBackend::new(png, (1200, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
     let (left, right) = root.split_horizontally(600);
@@ -489,8 +494,7 @@ impl Series {
 pub fn plot_panels(png: &Path, left: (&str, &[Series]), right: (&str, &[Series])) -> Result<()> {
     use plotters::prelude::*;
     let plot_err = |e: String| TrainError::Data(format!("cannot draw {}: {e}", png.display()));
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
-        .map_err(|_| plot_err("bad embedded font".into()))?;
+    register_font().map_err(plot_err)?;
     let root = BitMapBackend::new(png, (1200, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
     let (l, r) = root.split_horizontally(600);

@@ -272,6 +272,7 @@ fn run<AB: AutodiffBackend>(args: &PretrainArgs, devices: &[AB::Device]) -> Resu
     let out = &args.out;
     let model_cfg = model_config(args)?;
     args.layout.validate(&model_cfg, args.train.batch_size)?;
+    crate::pipeline::run::check(&args.layout, &model_cfg, &args.train)?;
     let trainer = start::<AB>(args, &model_cfg, &devices[0])?;
     let data = prepare(&out.join("data"), &trainer.data_config)?;
     check_vocab(&data, &model_cfg)?;
@@ -294,7 +295,9 @@ fn run<AB: AutodiffBackend>(args: &PretrainArgs, devices: &[AB::Device]) -> Resu
         }
         Event::Checkpoint(_) => {}
     };
-    let (trainer, last_step, last_eval) = if args.layout.is_parallel() {
+    let (trainer, last_step, last_eval) = if args.layout.pipeline.is_some() {
+        crate::pipeline::run::run(trainer, &args.layout, devices, &data, &observe)?
+    } else if args.layout.is_parallel() {
         run_ranks(
             trainer,
             &args.layout,

@@ -125,10 +125,10 @@ pub struct Trainer<AB: AutodiffBackend> {
     pub out: PathBuf,
     device: AB::Device,
     /// `None` on the replicas a process makes for its ranks after the first.
-    metrics: Option<MetricsWriter>,
+    pub(crate) metrics: Option<MetricsWriter>,
     /// This trainer's rank in a parallel run.
     pub rank: Option<RankContext>,
-    elapsed_before: f64,
+    pub(crate) elapsed_before: f64,
     consecutive_skips: usize,
     /// Show a progress bar on stderr.
     pub progress: bool,

@@ -1,0 +1,755 @@
+//! Training with pipeline stages as threads: `--pipeline-parallel P` over `--ranks R`.
+//!
+//! Rank `r` is pipeline position `p = r mod P` of column `d = ⌊r/P⌋`; the `R/P` columns split
+//! the global batch (data parallel). (Expert parallelism inside a stage, the ranks of one
+//! position in groups of `E` columns, is wired below but refused by [`check`]: it hung after
+//! its first step.) Every rank runs its position's operation list
+//! from [`Schedule`] (the list `deepseek-train schedule` simulates) over the step's
+//! `grad_accum` micro-batches:
+//! - a forward receives the previous stage's output (or embeds the tokens), runs the stage's
+//!   blocks and sends the output on; the last stage computes the loss (main, MTP) there;
+//! - a backward receives the gradient of the stage's output, differentiates
+//!   `Σ output·grad + balance terms of the stage's blocks` (the last stage: its loss), keeps
+//!   the parameter gradients and sends the input's gradient back;
+//! - a weight-gradient operation does nothing: Burn's autodiff computes input and weight
+//!   gradients in one pass, so the split backward runs whole (the order of the schedule is kept,
+//!   its zero-bubble saving is not; the simulator shows what a split backward would save);
+//! - an overlapped `F&B` pair runs its forward, then its backward: on the CPU nothing overlaps.
+//!
+//! After the last operation, one all-reduce over all ranks sums every parameter's gradient
+//! (laid out as the whole model's, so data-parallel replicas, DualPipe's two copies of a stage
+//! and the embedding shared by the first stage and the MTP modules all add up), the loss sums
+//! and every MoE block's expert loads. Every rank then computes the same global gradient norm
+//! and takes the same AdamW step on its stages, and moves the biases of its blocks from the
+//! global loads. Rank 0 writes the metrics. For evaluation and checkpoints the stages are
+//! merged into the whole model on rank 0, so checkpoints are those of a single rank.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::nn::EmbeddingConfig;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use deepseek_core::parallel::{Exchange, ExpertParallel, LocalExchange};
+use deepseek_core::projection::Projection;
+use deepseek_core::DeepSeekModel;
+
+use super::link::{Failure, Kind, Links, Message, Tag};
+use super::schedule::{Chunk, Op, Schedule, ScheduleKind};
+use super::stage::{self, Stage};
+use crate::balance::{max_vio, update_block_biases};
+use crate::config::{NonFinitePolicy, TrainConfig};
+use crate::distributed::Layout;
+use crate::error::{Result, TrainError};
+use crate::loss::{prediction_terms, routing_terms, BalanceMode, LossWeights};
+use crate::metrics::{EvalRecord, StepRecord};
+use crate::optim::AdamW;
+use crate::pretrain::{Observer, RankOutcome};
+use crate::source::{BatchReader, TrainingData};
+use crate::trainer::{Event, Trainer};
+
+/// How the model is cut into stages and scheduled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineLayout {
+    /// Stages `P` (divides the ranks).
+    pub stages: usize,
+    pub schedule: ScheduleKind,
+    /// Blocks per stage; `None`: balanced by parameter count.
+    pub stage_layers: Option<Vec<usize>>,
+    /// Tests only: rank `.0` fails at the start of step `.1`.
+    #[doc(hidden)]
+    pub fail_at: Option<(usize, usize)>,
+}
+
+impl PipelineLayout {
+    pub fn new(stages: usize, schedule: ScheduleKind) -> Self {
+        Self { stages, schedule, stage_layers: None, fail_at: None }
+    }
+}
+
+/// Checks a pipeline layout against the model and the recipe before anything is written.
+pub fn check(
+    layout: &Layout,
+    model: &deepseek_core::DeepSeekConfig,
+    train: &TrainConfig,
+) -> Result<()> {
+    let Some(pipe) = &layout.pipeline else { return Ok(()) };
+    Schedule::new(pipe.schedule, pipe.stages, train.grad_accum).map_err(|e| {
+        TrainError::config("micro_batches", format!("{e} (micro-batches are --grad-accum)"))
+    })?;
+    stage::partition::<burn::backend::Flex>(
+        model,
+        pipe.stages,
+        pipe.stage_layers.as_deref(),
+        &Default::default(),
+    )?;
+    if layout.expert_parallel > 1 {
+        // Stage ranks under expert parallelism ran the first step and then hung in a backward
+        // all-to-all (a rank ran fewer exchanges than its peer); refused until that is fixed.
+        return Err(TrainError::config(
+            "expert_parallel",
+            "expert parallelism inside pipeline stages is not supported yet: use --pipeline-parallel with data parallelism (--ranks), or --expert-parallel without stages",
+        ));
+    }
+    if train.fp8 {
+        return Err(TrainError::config(
+            "fp8",
+            "FP8 training under pipeline parallelism is not supported yet",
+        ));
+    }
+    Ok(())
+}
+
+/// A parameter's place in the flat gradient vector.
+#[derive(Debug, Clone)]
+struct Slot {
+    offset: usize,
+    shape: Vec<usize>,
+}
+
+/// The trainable parameters of the whole model, flattened in visiting order.
+fn flat_layout<B: Backend>(model: &DeepSeekModel<B>) -> (HashMap<ParamId, Slot>, usize) {
+    struct Visit(HashMap<ParamId, Slot>, usize);
+    impl<B: Backend> ModuleVisitor<B> for Visit {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if !param.is_require_grad() {
+                return;
+            }
+            let shape = param.shape().dims::<D>().to_vec();
+            let n: usize = shape.iter().product();
+            self.0.insert(param.id, Slot { offset: self.1, shape });
+            self.1 += n;
+        }
+    }
+    let mut v = Visit(HashMap::new(), 0);
+    model.visit(&mut v);
+    (v.0, v.1)
+}
+
+/// Adds a stage's gradients into the whole model's flat vector.
+fn add_grads<AB: AutodiffBackend>(
+    stage: &Stage<AB>,
+    mut grads: GradientsParams,
+    layout: &HashMap<ParamId, Slot>,
+    flat: &mut [f64],
+) {
+    struct Add<'a> {
+        grads: &'a mut GradientsParams,
+        layout: &'a HashMap<ParamId, Slot>,
+        flat: &'a mut [f64],
+    }
+    impl<AB: AutodiffBackend> ModuleVisitor<AB> for Add<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+            let (Some(slot), Some(g)) =
+                (self.layout.get(&param.id), self.grads.remove::<AB::InnerBackend, D>(param.id))
+            else {
+                return;
+            };
+            let values: Vec<f32> = g.into_data().convert::<f32>().into_vec().expect("f32 gradient");
+            for (acc, v) in self.flat[slot.offset..].iter_mut().zip(values) {
+                *acc += v as f64;
+            }
+        }
+    }
+    stage.visit(&mut Add::<'_> { grads: &mut grads, layout, flat });
+}
+
+/// A stage's gradients, read back from the whole model's flat vector.
+fn stage_grads<AB: AutodiffBackend>(
+    stage: &Stage<AB>,
+    layout: &HashMap<ParamId, Slot>,
+    flat: &[f64],
+    device: &AB::Device,
+) -> GradientsParams {
+    struct Take<'a, B: Backend> {
+        out: GradientsParams,
+        layout: &'a HashMap<ParamId, Slot>,
+        flat: &'a [f64],
+        device: B::Device,
+    }
+    impl<AB: AutodiffBackend> ModuleVisitor<AB> for Take<'_, AB::InnerBackend> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+            let Some(slot) = self.layout.get(&param.id) else { return };
+            let n: usize = slot.shape.iter().product();
+            let values: Vec<f32> =
+                self.flat[slot.offset..slot.offset + n].iter().map(|&v| v as f32).collect();
+            let t = Tensor::<AB::InnerBackend, D>::from_data(
+                TensorData::new(values, slot.shape.clone()),
+                &self.device,
+            );
+            self.out.register::<AB::InnerBackend, D>(param.id, t);
+        }
+    }
+    let mut take = Take::<AB::InnerBackend> {
+        out: GradientsParams::new(),
+        layout,
+        flat,
+        device: device.clone(),
+    };
+    stage.visit(&mut take);
+    take.out
+}
+
+/// A chunk between its forward and its backward.
+struct InFlight<AB: AutodiffBackend> {
+    /// The received input (a leaf whose gradient goes back), absent on the first stage.
+    input: Option<Tensor<AB, 3>>,
+    /// The output sent on, absent on the last stage.
+    output: Option<Tensor<AB, 3>>,
+    /// This stage's own terms of the objective, already scaled.
+    objective: Option<Tensor<AB, 1>>,
+}
+
+/// One stage held by a rank: its weights, optimizer share and what the step accumulates.
+struct Part<AB: AutodiffBackend> {
+    stage: Stage<AB>,
+    optim: AdamW<AB::InnerBackend>,
+    grads: Option<GradientsAccumulator<Stage<AB>>>,
+    /// `[4 + E·blocks]`: main, MTP and balance loss sums, tokens, then this stage's expert
+    /// counts (summed over the step's chunks).
+    stats: Option<Tensor<AB::InnerBackend, 1>>,
+    /// Positions of this stage's MoE blocks among the model's.
+    positions: Vec<usize>,
+    inflight: HashMap<usize, InFlight<AB>>,
+}
+
+/// What a rank's thread returns: rank 0 its trainer and last records, the others nothing.
+type Finished<AB> = Option<(Trainer<AB>, Option<StepRecord>, Option<EvalRecord>)>;
+
+/// A stage's weights and optimizer share.
+type Held<AB> = (Stage<AB>, AdamW<<AB as AutodiffBackend>::InnerBackend>);
+
+/// What the ranks send rank 0 to put the model together: stage index, weights, optimizer.
+type Piece<AB> = (usize, Stage<AB>, AdamW<<AB as AutodiffBackend>::InnerBackend>);
+
+/// Everything a rank's thread owns.
+struct RankRun<'a, AB: AutodiffBackend> {
+    rank: usize,
+    position: usize,
+    column: usize,
+    columns: usize,
+    schedule: &'a Schedule,
+    parts: Vec<Part<AB>>,
+    links: Links,
+    reduce: LocalExchange,
+    layout: &'a HashMap<ParamId, Slot>,
+    flat_len: usize,
+    experts: usize,
+    moe_blocks: usize,
+    has_mtp: bool,
+    config: TrainConfig,
+    device: AB::Device,
+    /// Rank 0: the trainer (model and optimizer merged in when needed) and the pieces' inbox.
+    primary: Option<(Trainer<AB>, Receiver<Piece<AB>>)>,
+    pieces: Sender<Piece<AB>>,
+    step: usize,
+    data_position: u64,
+    tokens: u64,
+    consecutive_skips: usize,
+    fail_at: Option<usize>,
+}
+
+/// Runs this process's ranks as pipeline stages and returns rank 0's trainer (holding the
+/// merged final model) with its last records. Any rank's failure stops all of them and is the
+/// run's error, naming the rank and its stage.
+pub fn run<AB: AutodiffBackend>(
+    primary: Trainer<AB>,
+    layout: &Layout,
+    devices: &[AB::Device],
+    data: &dyn TrainingData,
+    observe: &Observer,
+) -> RankOutcome<AB> {
+    let pipe = layout.pipeline.as_ref().expect("a pipeline layout");
+    let stages = pipe.stages;
+    let world = layout.ranks;
+    let columns = world / stages;
+    let config = primary.config.clone();
+    let schedule = Schedule::new(pipe.schedule, stages, config.grad_accum)
+        .map_err(|e| TrainError::config("micro_batches", e))?;
+    let model = &primary.model;
+    let ranges =
+        stage::partition::<AB>(&model.config, stages, pipe.stage_layers.as_deref(), &devices[0])?;
+    let whole = stage::split(model, &ranges);
+    let (flat, flat_len) = flat_layout(model);
+    let experts = model.config.n_routed_experts.max(1);
+    let is_moe = |l: &deepseek_core::block::DecoderLayer<AB>| {
+        matches!(l.mlp, deepseek_core::block::FeedForward::Moe(_))
+    };
+    let has_mtp = !model.mtp.is_empty();
+    let main_moe_blocks = model.layers.iter().filter(|l| is_moe(l)).count();
+    let moe_blocks = main_moe_blocks + model.mtp.iter().filter(|m| is_moe(&m.block)).count();
+    // Expert-parallel groups: ranks of one position, `E` consecutive columns each.
+    let ep = layout.expert_parallel;
+    let mut ep_exchanges: HashMap<(usize, usize), Vec<Option<LocalExchange>>> = HashMap::new();
+    let failure = Arc::new(Failure::default());
+    let mut links = Links::group(world, layout.timeout, failure.clone());
+    let mut reduces = LocalExchange::group(world, layout.timeout);
+    let (pieces_tx, pieces_rx) = channel::<Piece<AB>>();
+    let mut pieces_rx = Some(pieces_rx);
+    let (step, data_position, tokens) = (primary.step, primary.position, primary.tokens);
+    let mut primary = Some(primary);
+    let mut runs = Vec::new();
+    for rank in (0..world).rev() {
+        let (position, column) = (rank % stages, rank / stages);
+        let device = devices[rank % devices.len()].clone();
+        let exchange: Option<Arc<dyn Exchange>> = (ep > 1).then(|| {
+            let group = ep_exchanges.entry((position, column / ep)).or_insert_with(|| {
+                LocalExchange::group(ep, layout.timeout).into_iter().map(Some).collect()
+            });
+            Arc::new(group[column % ep].take().expect("one endpoint per rank")) as Arc<dyn Exchange>
+        });
+        let template = primary.as_ref().expect("rank 0 comes last");
+        let mut parts = Vec::new();
+        for dir in 0..schedule.directions() {
+            let s = schedule.stage(position, dir);
+            let mut stage = Module::fork(whole[s].clone(), &device);
+            if let Some(exchange) = &exchange {
+                let parallel = ExpertParallel::new(exchange.clone(), experts)
+                    .map_err(|e| TrainError::config("expert_parallel", e.to_string()))?;
+                stage.policy = stage.policy.clone().with_expert_parallel(Some(parallel));
+            }
+            let optim = stage::split_optimizer(&template.optim, &template.model, &stage, &device)?;
+            let positions = stage.moe_positions(main_moe_blocks);
+            parts.push(Part {
+                stage,
+                optim,
+                grads: None,
+                stats: None,
+                positions,
+                inflight: HashMap::new(),
+            });
+        }
+        let primary = (rank == 0).then(|| {
+            let mut trainer = primary.take().expect("rank 0's trainer");
+            trainer.model = stripped(&trainer.model, &device);
+            trainer.optim = AdamW::new(trainer.optim.config);
+            (trainer, pieces_rx.take().expect("one inbox"))
+        });
+        runs.push(RankRun {
+            rank,
+            position,
+            column,
+            columns,
+            schedule: &schedule,
+            parts,
+            links: links.pop().expect("one per rank"),
+            reduce: reduces.pop().expect("one per rank"),
+            layout: &flat,
+            flat_len,
+            experts,
+            moe_blocks,
+            has_mtp,
+            config: config.clone(),
+            device,
+            primary,
+            pieces: pieces_tx.clone(),
+            step,
+            data_position,
+            tokens,
+            consecutive_skips: 0,
+            fail_at: pipe.fail_at.filter(|(r, _)| *r == rank).map(|(_, s)| s),
+        });
+    }
+    drop(pieces_tx);
+    let results: Vec<(usize, std::thread::Result<Result<Finished<AB>>>)> =
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = runs
+                .into_iter()
+                .map(|mut run| {
+                    let failure = failure.clone();
+                    let rank = run.rank;
+                    let handle = std::thread::Builder::new()
+                        .name(format!("stage-rank-{rank}"))
+                        .spawn_scoped(scope, move || {
+                            let outcome = run.train(data, observe);
+                            if let Err(e) = &outcome {
+                                failure.set(
+                                    rank,
+                                    format!("pipeline stage {} of rank {rank}: {e}", run.position),
+                                );
+                            }
+                            outcome
+                        })
+                        .expect("spawn a stage thread");
+                    (rank, handle)
+                })
+                .collect();
+            handles.into_iter().map(|(r, h)| (r, h.join())).collect()
+        });
+    let mut first = None;
+    let mut panicked = None;
+    for (rank, result) in results {
+        match result {
+            Ok(Ok(Some(done))) => first = Some(done),
+            Ok(Ok(None)) | Ok(Err(_)) => {}
+            Err(panic) => {
+                let problem = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panicked".into());
+                panicked.get_or_insert(TrainError::Rank { rank, problem });
+            }
+        }
+    }
+    if let Some((rank, problem)) = failure.get() {
+        return Err(TrainError::Rank { rank, problem });
+    }
+    if let Some(e) = panicked {
+        return Err(e);
+    }
+    Ok(first.expect("rank 0 finished"))
+}
+
+/// `model` without its blocks and with placeholder tables: the frame the stages are merged into.
+fn stripped<B: Backend>(model: &DeepSeekModel<B>, device: &B::Device) -> DeepSeekModel<B> {
+    let mut frame = model.clone();
+    frame.layers = Vec::new();
+    frame.mtp = Vec::new();
+    let d = model.config.hidden_size;
+    frame.embed_tokens = EmbeddingConfig::new(1, d).init(device);
+    frame.lm_head = Projection::new(d, 1, device);
+    frame
+}
+
+impl<AB: AutodiffBackend> RankRun<'_, AB> {
+    fn error(&self, problem: impl std::fmt::Display) -> TrainError {
+        TrainError::Rank { rank: self.rank, problem: problem.to_string() }
+    }
+
+    /// The part of this rank running direction `dir`.
+    fn part(&mut self, dir: usize) -> &mut Part<AB> {
+        &mut self.parts[dir]
+    }
+
+    /// Trains to `config.steps`; rank 0 returns its trainer and last records.
+    fn train(&mut self, data: &dyn TrainingData, observe: &Observer) -> Result<Finished<AB>> {
+        let start = Instant::now();
+        let mut reader = data.reader(self.config.seq_len)?;
+        data.validation(self.config.seq_len, 1, 1)?;
+        let (mut last_step, mut last_eval) = (None, None);
+        let bar = match &self.primary {
+            Some((t, _)) if t.progress => {
+                let bar = indicatif::ProgressBar::new(self.config.steps as u64);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+                    )
+                    .expect("valid template"),
+                );
+                bar.set_position(self.step as u64);
+                bar
+            }
+            _ => indicatif::ProgressBar::hidden(),
+        };
+        while self.step < self.config.steps {
+            if self.fail_at == Some(self.step + 1) {
+                return Err(self.error("injected failure"));
+            }
+            let record = self.train_step(reader.as_mut())?;
+            let last = self.step == self.config.steps;
+            let eval_now = last
+                || (self.config.eval_every > 0 && self.step.is_multiple_of(self.config.eval_every));
+            let save_now = last
+                || (self.config.checkpoint_every > 0
+                    && self.step.is_multiple_of(self.config.checkpoint_every));
+            if let Some((trainer, _)) = &mut self.primary {
+                if let Some(m) = &mut trainer.metrics {
+                    m.write(&record)?;
+                }
+                observe(&mut last_step, &mut last_eval, Event::Step(&record));
+                bar.set_position(self.step as u64);
+                bar.set_message(format!(
+                    "loss {:.3} {:.0} tok/s ({} stages)",
+                    record.loss, record.tokens_per_s, self.schedule.ranks
+                ));
+            }
+            if eval_now || save_now {
+                self.gather()?;
+                if let Some((trainer, _)) = &mut self.primary {
+                    if eval_now {
+                        let eval = trainer.evaluate(data)?;
+                        observe(&mut last_step, &mut last_eval, Event::Eval(&eval));
+                    }
+                    if save_now {
+                        let dir = trainer.save_checkpoint(
+                            trainer.elapsed_before + start.elapsed().as_secs_f64(),
+                        )?;
+                        observe(&mut last_step, &mut last_eval, Event::Checkpoint(&dir));
+                    }
+                    if !last {
+                        // Only the stages hold the weights between gathers.
+                        trainer.model = stripped(&trainer.model, &self.device);
+                        trainer.optim = AdamW::new(trainer.optim.config);
+                    }
+                }
+            }
+        }
+        bar.finish();
+        Ok(self.primary.take().map(|(t, _)| (t, last_step, last_eval)))
+    }
+
+    /// Sends this rank's direction-0 stage to rank 0 (column 0 only: one copy of each stage);
+    /// rank 0 merges all of them into its trainer.
+    fn gather(&mut self) -> Result<()> {
+        if self.column == 0 {
+            let part = &self.parts[0];
+            let piece = (part.stage.index, part.stage.clone(), part.optim.to_device(&self.device));
+            self.pieces.send(piece).map_err(|_| self.error("rank 0 has ended"))?;
+        }
+        let stages = self.schedule.ranks;
+        let (step, position, tokens) = (self.step, self.data_position, self.tokens);
+        let device = self.device.clone();
+        let Some((trainer, inbox)) = &mut self.primary else { return Ok(()) };
+        let mut got: Vec<Option<Held<AB>>> = (0..stages).map(|_| None).collect();
+        for _ in 0..stages {
+            let (s, stage, optim) =
+                inbox.recv_timeout(Duration::from_secs(600)).map_err(|_| TrainError::Rank {
+                    rank: 0,
+                    problem: "a stage did not send its weights for the checkpoint".into(),
+                })?;
+            got[s] = Some((stage, optim));
+        }
+        let got: Vec<Held<AB>> = got.into_iter().map(|g| g.expect("every stage")).collect();
+        let model = stage::merge(&trainer.model, got.iter().map(|(s, _)| s.clone()).collect());
+        let pairs: Vec<(&Stage<AB>, &AdamW<AB::InnerBackend>)> =
+            got.iter().map(|(s, o)| (s, o)).collect();
+        trainer.optim = stage::merge_optimizer(&model, &pairs, &device)?;
+        trainer.model = model;
+        (trainer.step, trainer.position, trainer.tokens) = (step, position, tokens);
+        Ok(())
+    }
+
+    /// One optimizer step over the schedule's micro-batches.
+    fn train_step(&mut self, reader: &mut dyn BatchReader) -> Result<StepRecord> {
+        let start = Instant::now();
+        let weights = self.config.loss_weights(self.step);
+        let ops = self.schedule.ops[self.position].clone();
+        for op in ops {
+            match op {
+                Op::Forward(c) => self.forward(c, reader, weights)?,
+                Op::Backward { chunk, .. } => self.backward(chunk)?,
+                // Computed with the backward (Burn's autodiff does not split it).
+                Op::Weight(_) => {}
+                Op::ForwardBackward { forward, backward } => {
+                    self.forward(forward, reader, weights)?;
+                    self.backward(backward)?;
+                }
+            }
+        }
+        // One all-reduce: every gradient (whole-model layout), then the statistics.
+        let n_stats = 4 + self.moe_blocks * self.experts;
+        let mut flat = vec![0f64; self.flat_len + n_stats];
+        for part in &mut self.parts {
+            if let Some(mut acc) = part.grads.take() {
+                add_grads(&part.stage, acc.grads(), self.layout, &mut flat[..self.flat_len]);
+            }
+            if let Some(stats) = part.stats.take() {
+                let v: Vec<f32> =
+                    stats.into_data().convert::<f32>().into_vec().expect("f32 statistics");
+                let stats = &mut flat[self.flat_len..];
+                for i in 0..4 {
+                    stats[i] += v[i] as f64;
+                }
+                for (b, &pos) in part.positions.iter().enumerate() {
+                    for e in 0..self.experts {
+                        stats[4 + pos * self.experts + e] += v[4 + b * self.experts + e] as f64;
+                    }
+                }
+            }
+        }
+        self.reduce
+            .all_reduce_sum(&mut flat)
+            .map_err(|e| self.error(format!("gradient all-reduce failed: {e}")))?;
+        let (grads, stats) = flat.split_at(self.flat_len);
+        let n = (self.config.grad_accum * self.columns) as f64;
+        let (loss, mtp, balance, step_tokens) =
+            (stats[0] / n, stats[1] / n, stats[2] / n, stats[3].round() as u64);
+        let counts: Vec<Vec<u64>> = stats[4..]
+            .chunks(self.experts)
+            .map(|c| c.iter().map(|&v| v.round() as u64).collect())
+            .collect();
+        let grad_norm = grads.iter().map(|g| g * g).sum::<f64>().sqrt();
+        let lr = self.config.schedule().lr(self.step);
+        let has_mtp = self.has_mtp;
+        let has_balance =
+            weights.alpha > 0.0 && weights.balance != BalanceMode::None && self.moe_blocks > 0;
+        let total =
+            loss + if has_mtp { mtp } else { 0.0 } + if has_balance { balance } else { 0.0 };
+        let skipped = if let Some((what, value)) = [("loss", total), ("gradient norm", grad_norm)]
+            .into_iter()
+            .find(|(_, v)| !v.is_finite())
+        {
+            self.consecutive_skips += 1;
+            if self.config.on_nonfinite == NonFinitePolicy::Stop || self.consecutive_skips > 10 {
+                return Err(TrainError::NonFinite { step: self.step + 1, what, value });
+            }
+            true
+        } else {
+            self.consecutive_skips = 0;
+            let updating = self.config.balance == BalanceMode::AuxFree
+                && self.config.bias_update_until.is_none_or(|until| self.step < until)
+                && self.config.bias_gamma > 0.0;
+            for part in &mut self.parts {
+                let g = stage_grads(&part.stage, self.layout, grads, &self.device);
+                let stage = part.stage.clone();
+                let (stage, _) = part.optim.step_with_norm::<AB, _>(lr, stage, g, grad_norm);
+                part.stage = stage;
+                if updating {
+                    let mine: Vec<Vec<u64>> =
+                        part.positions.iter().map(|&p| counts[p].clone()).collect();
+                    update_block_biases(
+                        part.stage.blocks_mut(),
+                        &mine,
+                        self.config.bias_gamma as f32,
+                    );
+                }
+            }
+            false
+        };
+        self.step += 1;
+        self.data_position += (self.config.grad_accum * self.config.batch_size) as u64;
+        self.tokens += step_tokens;
+        Ok(StepRecord {
+            step: self.step,
+            loss: loss as f32,
+            mtp_loss: has_mtp.then_some(mtp as f32),
+            balance_loss: has_balance.then_some(balance as f32),
+            lr,
+            grad_norm,
+            tokens_per_s: step_tokens as f64 / start.elapsed().as_secs_f64(),
+            max_vio_batch: counts.iter().map(|c| max_vio(c)).fold(0.0, f64::max),
+            tokens: self.tokens,
+            skipped,
+        })
+    }
+
+    /// The rank holding stage `stage` of direction `dir` in this rank's column.
+    fn peer(&self, stage: usize, dir: usize) -> usize {
+        self.column * self.schedule.ranks + self.schedule.rank_of(stage, dir)
+    }
+
+    fn forward(
+        &mut self,
+        chunk: Chunk,
+        reader: &mut dyn BatchReader,
+        weights: LossWeights,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let per_column = cfg.batch_size / self.columns;
+        let mb = self.schedule.micro_batch(chunk) as u64;
+        let first =
+            self.data_position + mb * cfg.batch_size as u64 + (self.column * per_column) as u64;
+        let host = reader.rows(cfg.seed, first, per_column);
+        let rows = host.rows;
+        let host_tokens = host.tokens;
+        let batch = host.to_device(&self.device);
+        let scale = 1.0 / (cfg.grad_accum * self.columns) as f64;
+        let s = self.schedule.stage(self.position, chunk.dir);
+        let stages = self.schedule.ranks;
+        let input = if s == 0 {
+            None
+        } else {
+            let from = self.peer(s - 1, chunk.dir);
+            let m = self.links.recv(from, Tag { kind: Kind::Activation, chunk })?;
+            Some(
+                Tensor::<AB, 3>::from_data(TensorData::new(m.values, m.dims), &self.device)
+                    .require_grad(),
+            )
+        };
+        let part = &mut self.parts[chunk.dir];
+        let [_, len] = batch.ids.dims();
+        let inputs = batch.ids.clone().narrow(1, 0, len - 1);
+        let packing = batch.segments.as_ref().map(|s| &s.inputs);
+        let out = part.stage.forward(inputs, input.clone(), packing);
+        let (balance, counts) = routing_terms(out.routing, rows, batch.real.as_ref(), weights);
+        let zero = || Tensor::<AB, 1>::zeros([1], &self.device);
+        let mut stats = vec![zero(), zero(), balance.clone().unwrap_or_else(zero), zero()];
+        let mut objective = balance;
+        if let Some(logits) = out.logits {
+            let (main, mtp) = prediction_terms(
+                logits,
+                &out.mtp_logits,
+                &batch.ids,
+                batch.weights.as_ref(),
+                batch.segments.as_ref(),
+            );
+            let mut total = main.clone();
+            if let Some(mtp) = &mtp {
+                if weights.mtp_lambda > 0.0 {
+                    total = total + mtp.clone().mul_scalar(weights.mtp_lambda);
+                }
+            }
+            stats[0] = main;
+            stats[1] = mtp.unwrap_or_else(zero);
+            stats[3] = zero().add_scalar(host_tokens as f64);
+            objective = Some(match objective {
+                Some(b) => total + b,
+                None => total,
+            });
+        }
+        stats.extend(counts.into_iter().map(|c| c.float()));
+        let stats = Tensor::cat(stats, 0).inner(); // [4 + E·blocks]
+        part.stats = Some(match part.stats.take() {
+            Some(sum) => sum + stats,
+            None => stats,
+        });
+        let objective = objective.map(|o| o.mul_scalar(scale));
+        let output = out.hidden;
+        if let Some(hidden) = &output {
+            let dims = hidden.dims();
+            let values: Vec<f32> = hidden
+                .clone()
+                .inner()
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .expect("f32 activations");
+            let to = self.peer(s + 1, chunk.dir);
+            self.links.send(to, Tag { kind: Kind::Activation, chunk }, Message { dims, values })?;
+        }
+        debug_assert!(s + 1 == stages || output.is_some());
+        self.parts[chunk.dir].inflight.insert(chunk.mb, InFlight { input, output, objective });
+        Ok(())
+    }
+
+    fn backward(&mut self, chunk: Chunk) -> Result<()> {
+        let s = self.schedule.stage(self.position, chunk.dir);
+        let flight =
+            self.part(chunk.dir).inflight.remove(&chunk.mb).ok_or_else(|| TrainError::Rank {
+                rank: 0,
+                problem: format!("backward of micro-batch {} before its forward", chunk.mb),
+            })?;
+        let target = match flight.output {
+            Some(output) => {
+                let from = self.peer(s + 1, chunk.dir);
+                let m = self.links.recv(from, Tag { kind: Kind::Gradient, chunk })?;
+                let grad =
+                    Tensor::<AB, 3>::from_data(TensorData::new(m.values, m.dims), &self.device);
+                let sum = (output * grad).sum();
+                match flight.objective {
+                    Some(o) => sum + o,
+                    None => sum,
+                }
+            }
+            None => flight.objective.expect("the last stage has a loss"),
+        };
+        let grads = target.backward();
+        if let Some(input) = &flight.input {
+            let g =
+                input.grad(&grads).ok_or_else(|| self.error("the stage input got no gradient"))?;
+            let dims = g.dims();
+            let values: Vec<f32> = g.into_data().convert::<f32>().into_vec().expect("f32 gradient");
+            let to = self.peer(s - 1, chunk.dir);
+            self.links.send(to, Tag { kind: Kind::Gradient, chunk }, Message { dims, values })?;
+        }
+        let part = self.part(chunk.dir);
+        let params = GradientsParams::from_grads(grads, &part.stage);
+        part.grads.get_or_insert_with(GradientsAccumulator::new).accumulate(&part.stage, params);
+        Ok(())
+    }
+}

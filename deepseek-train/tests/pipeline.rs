@@ -1,0 +1,272 @@
+//! Pipeline-parallel training against one rank: a 4-block `tiny` model (MTP included) trained
+//! a few steps with 2 and 4 stages under 1F1B, ZB1P and DualPipe, and with pipeline × data
+//! parallelism, logs the losses, gradient norms and expert loads of a single
+//! rank given the same global batch and ends with its weights (within float tolerance: only
+//! the order of summation differs). Plus exact resume across layouts, a failing stage, and the
+//! layout errors.
+
+use std::path::Path;
+
+use deepseek_core::checkpoint::model_tensors;
+use deepseek_core::{DeepSeekConfig, LoadOptions};
+use deepseek_train::distributed::Layout;
+use deepseek_train::metrics::StepRecord;
+use deepseek_train::pipeline::run::PipelineLayout;
+use deepseek_train::pipeline::ScheduleKind;
+use deepseek_train::pretrain::{pretrain, PretrainArgs};
+use deepseek_train::TrainConfig;
+
+type B = burn::backend::Flex;
+
+/// The all-to-all counter and the collective are per process: the tests of this file take
+/// turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn config() -> TrainConfig {
+    TrainConfig {
+        steps: 3,
+        batch_size: 4,
+        seq_len: 16,
+        // DualPipe over 4 stages needs at least 8 micro-batches.
+        grad_accum: 8,
+        seed: 5,
+        lr: 3e-3,
+        warmup_steps: 1,
+        eval_every: 0,
+        eval_batches: 1,
+        checkpoint_every: 0,
+        bias_gamma: 0.01,
+        ..Default::default()
+    }
+}
+
+fn args(out: &Path, ranks: usize, ep: usize, pipe: Option<(usize, ScheduleKind)>) -> PretrainArgs {
+    let mut args = PretrainArgs::new("tiny", out, config());
+    args.model = Some(DeepSeekConfig { num_hidden_layers: 4, ..DeepSeekConfig::tiny() });
+    args.builtin_bytes = Some(20_000);
+    args.layout = Layout {
+        ranks,
+        expert_parallel: ep,
+        pipeline: pipe.map(|(p, s)| PipelineLayout::new(p, s)),
+        ..Default::default()
+    };
+    args
+}
+
+fn steps(out: &Path) -> Vec<StepRecord> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<StepRecord>(l).ok())
+        .filter(|r| r.tokens > 0)
+        .collect()
+}
+
+fn weights(out: &Path) -> Vec<(String, Vec<f32>)> {
+    let model = deepseek_core::load_model::<B>(
+        &out.join("hf"),
+        &Default::default(),
+        LoadOptions::default(),
+    )
+    .unwrap();
+    model_tensors(&model).into_iter().map(|t| (t.name, t.values)).collect()
+}
+
+fn assert_same_run(
+    out: &Path,
+    want_steps: &[StepRecord],
+    want_weights: &[(String, Vec<f32>)],
+    what: &str,
+) {
+    let got = steps(out);
+    assert_eq!(got.len(), want_steps.len(), "{what}: rank 0 alone writes one record per step");
+    for (g, w) in got.iter().zip(want_steps) {
+        let what = format!("{what}, step {}", g.step);
+        assert!((g.loss - w.loss).abs() <= 1e-5 * w.loss, "{what}: loss {} vs {}", g.loss, w.loss);
+        let (gm, wm) = (g.mtp_loss.unwrap(), w.mtp_loss.unwrap());
+        assert!((gm - wm).abs() <= 1e-5 * wm, "{what}: MTP loss {gm} vs {wm}");
+        let (gb, wb) = (g.balance_loss.unwrap(), w.balance_loss.unwrap());
+        assert!((gb - wb).abs() <= 1e-5 * wb, "{what}: balance loss {gb} vs {wb}");
+        assert!(
+            (g.grad_norm - w.grad_norm).abs() <= 1e-4 * w.grad_norm,
+            "{what}: grad norm {} vs {}",
+            g.grad_norm,
+            w.grad_norm
+        );
+        assert_eq!(
+            g.max_vio_batch, w.max_vio_batch,
+            "{what}: expert loads over all stages and ranks"
+        );
+        assert_eq!(g.tokens, w.tokens, "{what}: tokens");
+    }
+    // AdamW moves a weight by at most about `lr` per step: allow 1% of `lr · steps`.
+    let bound = 0.01 * config().lr as f32 * config().steps as f32;
+    let mut worst = (0f32, String::new());
+    let got = weights(out);
+    assert_eq!(got.len(), want_weights.len(), "{what}: every tensor exported");
+    for ((name, g), (wname, w)) in got.iter().zip(want_weights) {
+        assert_eq!(name, wname);
+        for (a, b) in g.iter().zip(w) {
+            if (a - b).abs() > worst.0 {
+                worst = ((a - b).abs(), name.clone());
+            }
+        }
+    }
+    eprintln!(
+        "{what}: largest weight difference {:.2e} in {} (bound {bound:.1e})",
+        worst.0, worst.1
+    );
+    assert!(worst.0 <= bound, "{what}: weights differ by {} in {}", worst.0, worst.1);
+}
+
+#[test]
+fn pipeline_training_equals_one_rank() {
+    let _turn = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let single = dir.path().join("single");
+    pretrain(&args(&single, 1, 1, None)).unwrap();
+    let (want_steps, want_weights) = (steps(&single), weights(&single));
+    assert_eq!(want_steps.len(), 3);
+    use ScheduleKind::*;
+    for (ranks, ep, p, schedule) in [
+        (2, 1, 2, OneFOneB),
+        (2, 1, 2, DualPipe),
+        (4, 1, 4, OneFOneB),
+        (4, 1, 4, ZeroBubble),
+        (4, 1, 4, DualPipe),
+        // Pipeline × data: two columns of two stages.
+        (4, 1, 2, OneFOneB),
+        (4, 1, 2, DualPipe),
+    ] {
+        let what = format!("PP {p} ({schedule}) × {} ranks per stage, EP {ep}", ranks / p);
+        let out = dir.path().join(format!("r{ranks}-ep{ep}-pp{p}-{schedule}"));
+        let before = deepseek_core::parallel::all_to_all::calls();
+        let summary = pretrain(&args(&out, ranks, ep, Some((p, schedule)))).unwrap();
+        assert_eq!(
+            deepseek_core::parallel::all_to_all::calls(),
+            before,
+            "{what}: no expert exchange"
+        );
+        assert_eq!(summary.steps, 3);
+        assert_same_run(&out, &want_steps, &want_weights, &what);
+    }
+}
+
+#[test]
+fn pipeline_checkpoints_resume_exactly_and_load_in_another_layout() {
+    let _turn = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = Some((2, ScheduleKind::DualPipe));
+    let straight = dir.path().join("straight");
+    pretrain(&args(&straight, 2, 1, pipe)).unwrap();
+    // Two steps, then one more after --resume: identical metrics and weights.
+    let resumed = dir.path().join("resumed");
+    let mut a = args(&resumed, 2, 1, pipe);
+    a.train.steps = 2;
+    pretrain(&a).unwrap();
+    let mut a = args(&resumed, 2, 1, pipe);
+    a.resume = true;
+    pretrain(&a).unwrap();
+    let strip = |r: StepRecord| StepRecord { tokens_per_s: 0.0, ..r };
+    let (s, r): (Vec<_>, Vec<_>) = (
+        steps(&straight).into_iter().map(strip).collect(),
+        steps(&resumed).into_iter().map(strip).collect(),
+    );
+    assert_eq!(s, r, "2 + 1 steps with a resume equal 3 straight");
+    assert_eq!(weights(&straight), weights(&resumed));
+    // The checkpoint is the whole model's: one rank, and 4 stages under 1F1B, continue it to
+    // the same fourth step.
+    let mut fourth = Vec::new();
+    for (ranks, layout) in [(1, None), (4, Some((4, ScheduleKind::OneFOneB)))] {
+        let other = dir.path().join(format!("other-{ranks}"));
+        copy_dir(&resumed.join("checkpoints"), &other.join("checkpoints"));
+        copy_dir(&resumed.join("data"), &other.join("data"));
+        let mut a = args(&other, ranks, 1, layout);
+        a.train.steps = 4;
+        a.resume = true;
+        pretrain(&a).unwrap();
+        let last = steps(&other).last().cloned().unwrap();
+        assert_eq!(last.step, 4, "{ranks} ranks continue the pipeline's checkpoint");
+        fourth.push(last.loss);
+    }
+    assert!((fourth[0] - fourth[1]).abs() <= 1e-5 * fourth[0], "step 4: {fourth:?}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_failing_stage_stops_the_others_with_its_name() {
+    let _turn = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args(&dir.path().join("fail"), 4, 1, Some((4, ScheduleKind::OneFOneB)));
+    a.layout.timeout = std::time::Duration::from_secs(30);
+    a.layout.pipeline.as_mut().unwrap().fail_at = Some((2, 2));
+    let start = std::time::Instant::now();
+    let err = pretrain(&a).expect_err("a stage failed").to_string();
+    assert!(
+        err.contains("pipeline stage 2 of rank 2") && err.contains("injected failure"),
+        "{err}"
+    );
+    assert!(start.elapsed().as_secs() < 20, "the others stopped without waiting out the timeout");
+}
+
+#[test]
+fn layouts_the_pipeline_cannot_take_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    use ScheduleKind::*;
+    let cases: Vec<(usize, usize, PipelineLayout, usize, &str)> = vec![
+        (3, 1, PipelineLayout::new(2, OneFOneB), 8, "2 pipeline stages must divide the 3 ranks"),
+        (3, 1, PipelineLayout::new(3, DualPipe), 8, "even number of pipeline ranks"),
+        (4, 1, PipelineLayout::new(4, DualPipe), 6, "at least 8 micro-batches"),
+        (4, 1, PipelineLayout::new(4, OneFOneB), 0, "at least"),
+        (
+            2,
+            1,
+            PipelineLayout { stage_layers: Some(vec![1, 2]), ..PipelineLayout::new(2, OneFOneB) },
+            8,
+            "summing to the model's 4 blocks",
+        ),
+        (5, 1, PipelineLayout::new(5, OneFOneB), 8, "each stage needs at least one block"),
+        (
+            4,
+            4,
+            PipelineLayout::new(2, OneFOneB),
+            8,
+            "must divide the 2 ranks of each pipeline stage",
+        ),
+        (
+            4,
+            2,
+            PipelineLayout::new(2, OneFOneB),
+            8,
+            "expert parallelism inside pipeline stages is not supported yet",
+        ),
+    ];
+    for (ranks, ep, pipe, accum, expected) in cases {
+        let out = dir.path().join("bad");
+        let mut a = args(&out, ranks, ep, None);
+        a.layout.pipeline = Some(pipe.clone());
+        a.train.grad_accum = accum;
+        if ranks == 5 {
+            a.train.batch_size = 5;
+        }
+        let err = pretrain(&a).err().unwrap_or_else(|| panic!("{pipe:?} should fail")).to_string();
+        assert!(err.contains(expected), "{pipe:?}: `{err}` lacks `{expected}`");
+        assert!(!out.join("metrics.jsonl").exists(), "{pipe:?}: nothing written");
+    }
+}
