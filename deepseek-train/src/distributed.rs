@@ -52,7 +52,7 @@ pub struct Layout {
     /// Several processes: this process's place among them.
     pub nodes: Option<Nodes>,
     /// Pipeline stages (`None`: every rank runs the whole model).
-    pub pipeline: Option<crate::pipeline::run::PipelineLayout>,
+    pub pipeline: Option<crate::pipeline::schedule::PipelineLayout>,
 }
 
 /// Several processes, one rank each.

@@ -19,7 +19,7 @@ use crate::error::{Result, TrainError};
 use crate::export::export_hf;
 use crate::metrics::{plot, EvalRecord, StepRecord, METRICS_FILE};
 use crate::source::TrainingData;
-use crate::trainer::{Event, Trainer};
+use crate::trainer::{Event, Observer, RankOutcome, Trainer};
 
 pub use deepseek_core::device::DeviceKind;
 
@@ -334,12 +334,6 @@ fn run<AB: AutodiffBackend>(args: &PretrainArgs, devices: &[AB::Device]) -> Resu
     })
 }
 
-/// What one rank's thread returns: its trainer and last records, or its error.
-pub(crate) type RankOutcome<AB> = Result<(Trainer<AB>, Option<StepRecord>, Option<EvalRecord>)>;
-
-pub(crate) type Observer<'a> =
-    dyn Fn(&mut Option<StepRecord>, &mut Option<EvalRecord>, Event) + Sync + 'a;
-
 /// Runs this process's ranks of a parallel run, one thread each, and returns rank 0's trainer
 /// and last records. Any rank's error (or panic) is the run's error.
 pub(crate) fn run_ranks<AB: AutodiffBackend>(
@@ -436,11 +430,7 @@ pub(crate) fn run_ranks<AB: AutodiffBackend>(
                 });
             }
             Err(panic) => {
-                let problem = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "panicked".into());
+                let problem = crate::trainer::panic_message(panic.as_ref());
                 failure.get_or_insert(TrainError::Rank { rank, problem });
             }
         }

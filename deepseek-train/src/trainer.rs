@@ -134,6 +134,13 @@ pub struct Trainer<AB: AutodiffBackend> {
     pub progress: bool,
 }
 
+/// What one rank's thread returns: its trainer and last records, or its error.
+pub(crate) type RankOutcome<AB> = Result<(Trainer<AB>, Option<StepRecord>, Option<EvalRecord>)>;
+
+/// What a parallel run calls on rank 0 with each record (and the last ones seen).
+pub(crate) type Observer<'a> =
+    dyn Fn(&mut Option<StepRecord>, &mut Option<EvalRecord>, Event) + Sync + 'a;
+
 /// What [`Trainer::run`] reports as it goes.
 pub enum Event<'a> {
     Step(&'a StepRecord),
@@ -464,19 +471,7 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         let start = Instant::now();
         let mut reader = data.reader(self.config.seq_len)?;
         data.validation(self.config.seq_len, 1, 1)?; // fail now, not at the first evaluation
-        let bar = if self.progress {
-            let bar = indicatif::ProgressBar::new(self.config.steps as u64);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
-                )
-                .expect("valid template"),
-            );
-            bar.set_position(self.step as u64);
-            bar
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
+        let bar = step_bar(self.progress, self.config.steps, self.step);
         let mut last_eval: Option<EvalRecord> = None;
         while self.step < self.config.steps {
             let record = self.train_step(reader.as_mut())?;
@@ -517,6 +512,31 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         bar.finish();
         Ok(())
     }
+}
+
+/// The steps' progress bar on stderr, at `step` of `steps` (hidden unless `show`).
+pub(crate) fn step_bar(show: bool, steps: usize, step: usize) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_position(step as u64);
+    bar
+}
+
+/// The message of a panic payload (a rank thread's), for the run's error.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panicked".into())
 }
 
 /// Adds each MoE block's `[E]` token counts to the running per-block totals (one host read per

@@ -2,9 +2,10 @@
 
 use std::process::Command;
 
-fn train(args: &[&str]) -> (bool, String, String) {
+/// Runs `deepseek-train <command> <args>`: success, stdout, stderr.
+fn run(command: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_deepseek-train"))
-        .arg("pretrain")
+        .arg(command)
         .args(args)
         .output()
         .expect("runs");
@@ -13,6 +14,10 @@ fn train(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+fn train(args: &[&str]) -> (bool, String, String) {
+    run("pretrain", args)
 }
 
 const SHORT: [&str; 10] = [
@@ -351,5 +356,97 @@ fn a_process_that_dies_mid_run_stops_the_others_with_an_error() {
         assert!(!out.status.success(), "node 0 must stop");
         assert!(stderr.contains("lost rank 1") || stderr.contains("waited"), "EP {ep}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+fn schedule(args: &[&str]) -> (bool, String, String) {
+    run("schedule", args)
+}
+
+#[test]
+fn the_schedule_simulator_prints_the_timeline_and_the_bubble_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("dualpipe.png");
+    let (ok, stdout, stderr) = schedule(&[
+        "--pp",
+        "8",
+        "--micro-batches",
+        "20",
+        "--schedule",
+        "dualpipe",
+        "--fb",
+        "2.5",
+        "--png",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("rank ")).count(), 8, "{stdout}");
+    // (P/2 − 1)(F&B + B − 3W) = 3 · (2.5 + 2 − 3).
+    assert_eq!(stdout.lines().last(), Some("bubble: 4.5"), "{stdout}");
+    assert!(stdout.contains("parameters_per_device: 2x"));
+    assert!(stdout.contains("activations_per_device: 9 "));
+    assert!(std::fs::metadata(&png).unwrap().len() > 1000, "a PNG was drawn");
+    let (ok, stdout, _) = schedule(&[
+        "--pp",
+        "4",
+        "--micro-batches",
+        "8",
+        "--schedule",
+        "1f1b",
+        "--png",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok);
+    assert_eq!(stdout.lines().last(), Some("bubble: 9"), "(P − 1)(F + B)");
+    for (args, expected) in [
+        (vec!["--pp", "3", "--micro-batches", "12"], "even number of pipeline ranks"),
+        (vec!["--pp", "4", "--micro-batches", "6"], "at least 8 micro-batches"),
+        (vec!["--pp", "4", "--micro-batches", "8", "--w", "2"], "W is part of B"),
+        (
+            vec!["--pp", "4", "--micro-batches", "8", "--schedule", "gpipe"],
+            "choose 1f1b, zb1p or dualpipe",
+        ),
+        (vec!["--pp", "0", "--micro-batches", "8", "--schedule", "1f1b"], "at least one stage"),
+    ] {
+        let mut args = args.clone();
+        args.extend(["--png", png.to_str().unwrap()]);
+        let (ok, _, stderr) = schedule(&args);
+        assert!(!ok && stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn pretrain_runs_pipeline_stages_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pp");
+    let mut args = SHORT.to_vec();
+    let out_s = out.to_str().unwrap().to_string();
+    args.extend(["--steps", "2", "--out", &out_s]);
+    args.extend(
+        "--ranks 2 --pipeline-parallel 2 --schedule dualpipe --grad-accum 4 --stage-layers 2,1"
+            .split_whitespace(),
+    );
+    let (ok, stdout, stderr) = train(&args);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("steps: 2"), "{stdout}");
+    assert!(out.join("hf").join("model.safetensors").is_file());
+    for (flags, expected) in [
+        ("--ranks 2 --pipeline-parallel 3", "3 pipeline stages must divide the 2 ranks"),
+        ("--ranks 2 --pipeline-parallel 2 --stage-layers 1,1", "summing to the model's 3 blocks"),
+        (
+            "--ranks 2 --pipeline-parallel 2 --schedule dualpipe --grad-accum 2",
+            "at least 4 micro-batches",
+        ),
+        ("--pipeline-parallel 0", "--pipeline-parallel must be at least 1"),
+    ] {
+        let bad = dir.path().join("bad");
+        let bad_s = bad.to_str().unwrap().to_string();
+        let mut args = SHORT.to_vec();
+        args.extend(["--steps", "1", "--out", &bad_s]);
+        args.extend(flags.split_whitespace());
+        let (ok, _, stderr) = train(&args);
+        assert!(!ok && stderr.contains(expected), "{flags:?}: {stderr}");
+        assert!(!bad.join("metrics.jsonl").exists(), "{flags:?}: nothing written");
     }
 }

@@ -3,23 +3,15 @@
 //! logs the same losses and ends with the same weights as a single rank given the same global
 //! batch (within float tolerance: only the order of summation differs). Plus the layout errors.
 
+mod common;
+
 use std::path::Path;
 
-use deepseek_core::checkpoint::model_tensors;
-use deepseek_core::LoadOptions;
 use deepseek_train::distributed::Layout;
-use deepseek_train::metrics::StepRecord;
 use deepseek_train::pretrain::{pretrain, PretrainArgs};
 use deepseek_train::TrainConfig;
 
-type B = burn::backend::Flex;
-
-/// The all-to-all counter is per process: the tests of this file take turns.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+use common::{assert_same_run, serial, steps, weights};
 
 fn config() -> TrainConfig {
     TrainConfig {
@@ -43,26 +35,6 @@ fn args(out: &Path, ranks: usize, expert_parallel: usize) -> PretrainArgs {
     args.builtin_bytes = Some(20_000);
     args.layout = Layout { ranks, expert_parallel, ..Default::default() };
     args
-}
-
-fn steps(out: &Path) -> Vec<StepRecord> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<StepRecord>(l).ok())
-        .filter(|r| r.tokens > 0)
-        .collect()
-}
-
-/// Every exported tensor, by name.
-fn weights(out: &Path) -> Vec<(String, Vec<f32>)> {
-    let model = deepseek_core::load_model::<B>(
-        &out.join("hf"),
-        &Default::default(),
-        LoadOptions::default(),
-    )
-    .unwrap();
-    model_tensors(&model).into_iter().map(|t| (t.name, t.values)).collect()
 }
 
 #[test]
@@ -90,50 +62,12 @@ fn data_and_expert_parallel_training_equals_one_rank() {
         };
         assert_eq!(calls, expected, "ranks {ranks}, EP {ep}: all-to-alls");
         assert_eq!(summary.steps, 3);
-        let got = steps(&out);
-        assert_eq!(got.len(), want_steps.len(), "rank 0 alone writes one record per step");
-        for (g, w) in got.iter().zip(&want_steps) {
-            let what = format!("ranks {ranks}, EP {ep}, step {}", g.step);
-            assert!(
-                (g.loss - w.loss).abs() <= 1e-5 * w.loss,
-                "{what}: loss {} vs {}",
-                g.loss,
-                w.loss
-            );
-            assert!(
-                (g.grad_norm - w.grad_norm).abs() <= 1e-4 * w.grad_norm,
-                "{what}: grad norm {} vs {}",
-                g.grad_norm,
-                w.grad_norm
-            );
-            assert_eq!(
-                g.max_vio_batch, w.max_vio_batch,
-                "{what}: the expert loads are summed over all ranks"
-            );
-            assert_eq!(g.tokens, w.tokens, "{what}: the global batch does not depend on the ranks");
-        }
         // AdamW moves a weight by at most about `lr` per step whatever its gradient, so rounding
         // in a near-zero gradient can move it by a fraction of that: allow 1% of the largest
         // total movement, `lr · steps`.
         let bound = 0.01 * config().lr as f32 * config().steps as f32;
-        let mut worst = (0f32, String::new());
-        for ((name, g), (_, w)) in weights(&out).iter().zip(&want_weights) {
-            for (a, b) in g.iter().zip(w) {
-                if (a - b).abs() > worst.0 {
-                    worst = ((a - b).abs(), name.clone());
-                }
-            }
-        }
-        eprintln!(
-            "ranks {ranks}, EP {ep}: largest weight difference {:.2e} in {} (bound {bound:.1e})",
-            worst.0, worst.1
-        );
-        assert!(
-            worst.0 <= bound,
-            "ranks {ranks}, EP {ep}: weights differ by {} in {}",
-            worst.0,
-            worst.1
-        );
+        let what = format!("ranks {ranks}, EP {ep}");
+        assert_same_run(&out, &want_steps, &want_weights, bound, &what);
     }
 }
 

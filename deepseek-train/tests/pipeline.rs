@@ -1,14 +1,15 @@
 //! Pipeline-parallel training against one rank: a 4-block `tiny` model (MTP included) trained
-//! a few steps with 2 and 4 stages under 1F1B, ZB1P and DualPipe, and with pipeline × data
-//! parallelism, logs the losses, gradient norms and expert loads of a single
+//! a few steps with 2 and 4 stages under 1F1B, ZB1P and DualPipe, and with pipeline × data and
+//! pipeline × expert parallelism, logs the losses, gradient norms and expert loads of a single
 //! rank given the same global batch and ends with its weights (within float tolerance: only
 //! the order of summation differs). Plus exact resume across layouts, a failing stage, and the
 //! layout errors.
 
+mod common;
+
 use std::path::Path;
 
-use deepseek_core::checkpoint::model_tensors;
-use deepseek_core::{DeepSeekConfig, LoadOptions};
+use deepseek_core::DeepSeekConfig;
 use deepseek_train::distributed::Layout;
 use deepseek_train::metrics::StepRecord;
 use deepseek_train::pipeline::run::PipelineLayout;
@@ -16,15 +17,7 @@ use deepseek_train::pipeline::ScheduleKind;
 use deepseek_train::pretrain::{pretrain, PretrainArgs};
 use deepseek_train::TrainConfig;
 
-type B = burn::backend::Flex;
-
-/// The all-to-all counter and the collective are per process: the tests of this file take
-/// turns.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+use common::{assert_same_run, serial, steps, weights};
 
 fn config() -> TrainConfig {
     TrainConfig {
@@ -44,6 +37,12 @@ fn config() -> TrainConfig {
     }
 }
 
+/// AdamW moves a weight by at most about `lr` per step whatever its gradient, so rounding in a
+/// near-zero gradient can move it by a fraction of that: 1% of the largest total movement.
+fn bound() -> f32 {
+    0.01 * config().lr as f32 * config().steps as f32
+}
+
 fn args(out: &Path, ranks: usize, ep: usize, pipe: Option<(usize, ScheduleKind)>) -> PretrainArgs {
     let mut args = PretrainArgs::new("tiny", out, config());
     args.model = Some(DeepSeekConfig { num_hidden_layers: 4, ..DeepSeekConfig::tiny() });
@@ -55,72 +54,6 @@ fn args(out: &Path, ranks: usize, ep: usize, pipe: Option<(usize, ScheduleKind)>
         ..Default::default()
     };
     args
-}
-
-fn steps(out: &Path) -> Vec<StepRecord> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<StepRecord>(l).ok())
-        .filter(|r| r.tokens > 0)
-        .collect()
-}
-
-fn weights(out: &Path) -> Vec<(String, Vec<f32>)> {
-    let model = deepseek_core::load_model::<B>(
-        &out.join("hf"),
-        &Default::default(),
-        LoadOptions::default(),
-    )
-    .unwrap();
-    model_tensors(&model).into_iter().map(|t| (t.name, t.values)).collect()
-}
-
-fn assert_same_run(
-    out: &Path,
-    want_steps: &[StepRecord],
-    want_weights: &[(String, Vec<f32>)],
-    what: &str,
-) {
-    let got = steps(out);
-    assert_eq!(got.len(), want_steps.len(), "{what}: rank 0 alone writes one record per step");
-    for (g, w) in got.iter().zip(want_steps) {
-        let what = format!("{what}, step {}", g.step);
-        assert!((g.loss - w.loss).abs() <= 1e-5 * w.loss, "{what}: loss {} vs {}", g.loss, w.loss);
-        let (gm, wm) = (g.mtp_loss.unwrap(), w.mtp_loss.unwrap());
-        assert!((gm - wm).abs() <= 1e-5 * wm, "{what}: MTP loss {gm} vs {wm}");
-        let (gb, wb) = (g.balance_loss.unwrap(), w.balance_loss.unwrap());
-        assert!((gb - wb).abs() <= 1e-5 * wb, "{what}: balance loss {gb} vs {wb}");
-        assert!(
-            (g.grad_norm - w.grad_norm).abs() <= 1e-4 * w.grad_norm,
-            "{what}: grad norm {} vs {}",
-            g.grad_norm,
-            w.grad_norm
-        );
-        assert_eq!(
-            g.max_vio_batch, w.max_vio_batch,
-            "{what}: expert loads over all stages and ranks"
-        );
-        assert_eq!(g.tokens, w.tokens, "{what}: tokens");
-    }
-    // AdamW moves a weight by at most about `lr` per step: allow 1% of `lr · steps`.
-    let bound = 0.01 * config().lr as f32 * config().steps as f32;
-    let mut worst = (0f32, String::new());
-    let got = weights(out);
-    assert_eq!(got.len(), want_weights.len(), "{what}: every tensor exported");
-    for ((name, g), (wname, w)) in got.iter().zip(want_weights) {
-        assert_eq!(name, wname);
-        for (a, b) in g.iter().zip(w) {
-            if (a - b).abs() > worst.0 {
-                worst = ((a - b).abs(), name.clone());
-            }
-        }
-    }
-    eprintln!(
-        "{what}: largest weight difference {:.2e} in {} (bound {bound:.1e})",
-        worst.0, worst.1
-    );
-    assert!(worst.0 <= bound, "{what}: weights differ by {} in {}", worst.0, worst.1);
 }
 
 #[test]
@@ -141,18 +74,24 @@ fn pipeline_training_equals_one_rank() {
         // Pipeline × data: two columns of two stages.
         (4, 1, 2, OneFOneB),
         (4, 1, 2, DualPipe),
+        // Pipeline × expert: each stage's experts over its two ranks.
+        (4, 2, 2, OneFOneB),
+        (4, 2, 2, DualPipe),
+        (8, 2, 4, ZeroBubble),
     ] {
         let what = format!("PP {p} ({schedule}) × {} ranks per stage, EP {ep}", ranks / p);
         let out = dir.path().join(format!("r{ranks}-ep{ep}-pp{p}-{schedule}"));
         let before = deepseek_core::parallel::all_to_all::calls();
         let summary = pretrain(&args(&out, ranks, ep, Some((p, schedule)))).unwrap();
-        assert_eq!(
-            deepseek_core::parallel::all_to_all::calls(),
-            before,
-            "{what}: no expert exchange"
-        );
+        let calls = deepseek_core::parallel::all_to_all::calls() - before;
+        // Per column, micro-batch and step, each MoE block (3 main, 1 MTP, wherever its stage
+        // is) on each of its 2 expert-parallel ranks: dispatch and return, forward and backward.
+        let columns = ranks / p;
+        let expected =
+            if ep > 1 { columns * config().steps * config().grad_accum * 4 * 2 * 2 } else { 0 };
+        assert_eq!(calls, expected, "{what}: all-to-alls");
         assert_eq!(summary.steps, 3);
-        assert_same_run(&out, &want_steps, &want_weights, &what);
+        assert_same_run(&out, &want_steps, &want_weights, bound(), &what);
     }
 }
 
@@ -248,13 +187,6 @@ fn layouts_the_pipeline_cannot_take_are_errors() {
             PipelineLayout::new(2, OneFOneB),
             8,
             "must divide the 2 ranks of each pipeline stage",
-        ),
-        (
-            4,
-            2,
-            PipelineLayout::new(2, OneFOneB),
-            8,
-            "expert parallelism inside pipeline stages is not supported yet",
         ),
     ];
     for (ranks, ep, pipe, accum, expected) in cases {

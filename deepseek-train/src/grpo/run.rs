@@ -563,19 +563,7 @@ fn run<AB: AutodiffBackend>(
         heldout_before = Some(e.heldout_accuracy);
         metrics.write(&e)?;
     }
-    let bar = if args.progress {
-        let bar = indicatif::ProgressBar::new(config.steps as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .expect("valid template"),
-        );
-        bar.set_position(step as u64);
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = crate::trainer::step_bar(args.progress, config.steps, step);
     let (mut rollout_s, mut train_s) = (0.0, 0.0);
     let mut last_step = None;
     let mut heldout_after = None;

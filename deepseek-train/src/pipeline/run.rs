@@ -1,9 +1,8 @@
 //! Training with pipeline stages as threads: `--pipeline-parallel P` over `--ranks R`.
 //!
 //! Rank `r` is pipeline position `p = r mod P` of column `d = ⌊r/P⌋`; the `R/P` columns split
-//! the global batch (data parallel). (Expert parallelism inside a stage, the ranks of one
-//! position in groups of `E` columns, is wired below but refused by [`check`]: it hung after
-//! its first step.) Every rank runs its position's operation list
+//! the global batch (data parallel), and the ranks of one position in groups of `E` columns
+//! split its routed experts (expert parallel). Every rank runs its position's operation list
 //! from [`Schedule`] (the list `deepseek-train schedule` simulates) over the step's
 //! `grad_accum` micro-batches:
 //! - a forward receives the previous stage's output (or embeds the tokens), runs the stage's
@@ -16,13 +15,22 @@
 //!   its zero-bubble saving is not; the simulator shows what a split backward would save);
 //! - an overlapped `F&B` pair runs its forward, then its backward: on the CPU nothing overlaps.
 //!
-//! After the last operation, one all-reduce over all ranks sums every parameter's gradient
-//! (laid out as the whole model's, so data-parallel replicas, DualPipe's two copies of a stage
-//! and the embedding shared by the first stage and the MTP modules all add up), the loss sums
-//! and every MoE block's expert loads. Every rank then computes the same global gradient norm
-//! and takes the same AdamW step on its stages, and moves the biases of its blocks from the
-//! global loads. Rank 0 writes the metrics. For evaluation and checkpoints the stages are
-//! merged into the whole model on rank 0, so checkpoints are those of a single rank.
+//! Under expert parallelism the ranks of an expert-parallel group meet at a barrier before each
+//! backward. Burn's autodiff holds a graph's lock for the whole backward (the all-to-alls
+//! included), and a thread that ends a backward locks every graph of the process to clean up;
+//! without the barrier, a rank could wait in a backward all-to-all for a peer that is still
+//! waiting for its output gradient, from a rank stuck in that clean-up: a deadlock across the
+//! pipeline (seen, with a debugger, before the barrier existed).
+//!
+//! After the last operation each gradient goes to the other ranks holding its parameter
+//! (data-parallel replicas, DualPipe's mirror copy of a stage, the embedding of the first and
+//! the last stage) in one all-to-all and is summed there in rank order, so every copy stays
+//! bit-identical; a rank sends nothing for parameters no one else holds. A small all-reduce
+//! then carries the squared gradient norm of the parameters each rank owns (their first holder)
+//! with the loss sums and every MoE block's expert loads. Every rank thus computes the same
+//! global gradient norm, takes the same AdamW step on its stages, and moves the biases of its
+//! blocks from the global loads. Rank 0 writes the metrics. For evaluation and checkpoints the
+//! stages are merged into the whole model on rank 0, so checkpoints are those of a single rank.
 
 use std::collections::HashMap;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -39,7 +47,8 @@ use deepseek_core::projection::Projection;
 use deepseek_core::DeepSeekModel;
 
 use super::link::{Failure, Kind, Links, Message, Tag};
-use super::schedule::{Chunk, Op, Schedule, ScheduleKind};
+pub use super::schedule::PipelineLayout;
+use super::schedule::{Chunk, Op, Schedule};
 use super::stage::{self, Stage};
 use crate::balance::{max_vio, update_block_biases};
 use crate::config::{NonFinitePolicy, TrainConfig};
@@ -48,28 +57,8 @@ use crate::error::{Result, TrainError};
 use crate::loss::{prediction_terms, routing_terms, BalanceMode, LossWeights};
 use crate::metrics::{EvalRecord, StepRecord};
 use crate::optim::AdamW;
-use crate::pretrain::{Observer, RankOutcome};
 use crate::source::{BatchReader, TrainingData};
-use crate::trainer::{Event, Trainer};
-
-/// How the model is cut into stages and scheduled.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PipelineLayout {
-    /// Stages `P` (divides the ranks).
-    pub stages: usize,
-    pub schedule: ScheduleKind,
-    /// Blocks per stage; `None`: balanced by parameter count.
-    pub stage_layers: Option<Vec<usize>>,
-    /// Tests only: rank `.0` fails at the start of step `.1`.
-    #[doc(hidden)]
-    pub fail_at: Option<(usize, usize)>,
-}
-
-impl PipelineLayout {
-    pub fn new(stages: usize, schedule: ScheduleKind) -> Self {
-        Self { stages, schedule, stage_layers: None, fail_at: None }
-    }
-}
+use crate::trainer::{Event, Observer, RankOutcome, Trainer};
 
 /// Checks a pipeline layout against the model and the recipe before anything is written.
 pub fn check(
@@ -87,14 +76,6 @@ pub fn check(
         pipe.stage_layers.as_deref(),
         &Default::default(),
     )?;
-    if layout.expert_parallel > 1 {
-        // Stage ranks under expert parallelism ran the first step and then hung in a backward
-        // all-to-all (a rank ran fewer exchanges than its peer); refused until that is fixed.
-        return Err(TrainError::config(
-            "expert_parallel",
-            "expert parallelism inside pipeline stages is not supported yet: use --pipeline-parallel with data parallelism (--ranks), or --expert-parallel without stages",
-        ));
-    }
     if train.fp8 {
         return Err(TrainError::config(
             "fp8",
@@ -104,92 +85,105 @@ pub fn check(
     Ok(())
 }
 
-/// A parameter's place in the flat gradient vector.
+/// A trainable parameter of the whole model: its place in visiting order and its shape.
 #[derive(Debug, Clone)]
 struct Slot {
-    offset: usize,
+    order: usize,
     shape: Vec<usize>,
 }
 
-/// The trainable parameters of the whole model, flattened in visiting order.
-fn flat_layout<B: Backend>(model: &DeepSeekModel<B>) -> (HashMap<ParamId, Slot>, usize) {
-    struct Visit(HashMap<ParamId, Slot>, usize);
-    impl<B: Backend> ModuleVisitor<B> for Visit {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if !param.is_require_grad() {
-                return;
-            }
-            let shape = param.shape().dims::<D>().to_vec();
-            let n: usize = shape.iter().product();
-            self.0.insert(param.id, Slot { offset: self.1, shape });
-            self.1 += n;
-        }
+impl Slot {
+    fn len(&self) -> usize {
+        self.shape.iter().product()
     }
-    let mut v = Visit(HashMap::new(), 0);
-    model.visit(&mut v);
-    (v.0, v.1)
 }
 
-/// Adds a stage's gradients into the whole model's flat vector.
+/// The trainable parameters of the whole model, in visiting order.
+fn trainable<B: Backend>(model: &DeepSeekModel<B>) -> HashMap<ParamId, Slot> {
+    struct Visit(HashMap<ParamId, Slot>);
+    impl<B: Backend> ModuleVisitor<B> for Visit {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if param.is_require_grad() {
+                let order = self.0.len();
+                self.0.insert(param.id, Slot { order, shape: param.shape().dims::<D>().to_vec() });
+            }
+        }
+    }
+    let mut v = Visit(HashMap::new());
+    model.visit(&mut v);
+    v.0
+}
+
+/// Who holds which parameter, for the step-end exchange of gradients.
+#[derive(Debug)]
+struct Holders {
+    slots: HashMap<ParamId, Slot>,
+    /// `held[r]`: the trainable parameters rank `r` holds, in visiting order.
+    held: Vec<Vec<ParamId>>,
+}
+
+impl Holders {
+    /// The parameters ranks `a` and `b` both hold, in visiting order.
+    fn shared(&self, a: usize, b: usize) -> Vec<ParamId> {
+        let other: std::collections::HashSet<&ParamId> = self.held[b].iter().collect();
+        self.held[a].iter().filter(|id| other.contains(id)).copied().collect()
+    }
+
+    /// Whether `rank` is the first holder of `id` (the one that counts it in the norm).
+    fn owns(&self, rank: usize, id: &ParamId) -> bool {
+        self.held.iter().position(|h| h.contains(id)) == Some(rank)
+    }
+}
+
+/// Adds a stage's gradients into `local`, by parameter.
 fn add_grads<AB: AutodiffBackend>(
     stage: &Stage<AB>,
     mut grads: GradientsParams,
-    layout: &HashMap<ParamId, Slot>,
-    flat: &mut [f64],
+    local: &mut HashMap<ParamId, Vec<f32>>,
 ) {
     struct Add<'a> {
         grads: &'a mut GradientsParams,
-        layout: &'a HashMap<ParamId, Slot>,
-        flat: &'a mut [f64],
+        local: &'a mut HashMap<ParamId, Vec<f32>>,
     }
     impl<AB: AutodiffBackend> ModuleVisitor<AB> for Add<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
-            let (Some(slot), Some(g)) =
-                (self.layout.get(&param.id), self.grads.remove::<AB::InnerBackend, D>(param.id))
-            else {
-                return;
-            };
+            let Some(g) = self.grads.remove::<AB::InnerBackend, D>(param.id) else { return };
             let values: Vec<f32> = g.into_data().convert::<f32>().into_vec().expect("f32 gradient");
-            for (acc, v) in self.flat[slot.offset..].iter_mut().zip(values) {
-                *acc += v as f64;
+            match self.local.get_mut(&param.id) {
+                // The same parameter in both of a DualPipe rank's stages (the embedding).
+                Some(acc) => acc.iter_mut().zip(values).for_each(|(a, v)| *a += v),
+                None => {
+                    self.local.insert(param.id, values);
+                }
             }
         }
     }
-    stage.visit(&mut Add::<'_> { grads: &mut grads, layout, flat });
+    stage.visit(&mut Add::<'_> { grads: &mut grads, local });
 }
 
-/// A stage's gradients, read back from the whole model's flat vector.
+/// A stage's gradients from the summed ones.
 fn stage_grads<AB: AutodiffBackend>(
     stage: &Stage<AB>,
-    layout: &HashMap<ParamId, Slot>,
-    flat: &[f64],
+    summed: &HashMap<ParamId, Vec<f32>>,
     device: &AB::Device,
 ) -> GradientsParams {
     struct Take<'a, B: Backend> {
         out: GradientsParams,
-        layout: &'a HashMap<ParamId, Slot>,
-        flat: &'a [f64],
+        summed: &'a HashMap<ParamId, Vec<f32>>,
         device: B::Device,
     }
     impl<AB: AutodiffBackend> ModuleVisitor<AB> for Take<'_, AB::InnerBackend> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
-            let Some(slot) = self.layout.get(&param.id) else { return };
-            let n: usize = slot.shape.iter().product();
-            let values: Vec<f32> =
-                self.flat[slot.offset..slot.offset + n].iter().map(|&v| v as f32).collect();
+            let Some(values) = self.summed.get(&param.id) else { return };
             let t = Tensor::<AB::InnerBackend, D>::from_data(
-                TensorData::new(values, slot.shape.clone()),
+                TensorData::new(values.clone(), param.shape().dims::<D>().to_vec()),
                 &self.device,
             );
             self.out.register::<AB::InnerBackend, D>(param.id, t);
         }
     }
-    let mut take = Take::<AB::InnerBackend> {
-        out: GradientsParams::new(),
-        layout,
-        flat,
-        device: device.clone(),
-    };
+    let mut take =
+        Take::<AB::InnerBackend> { out: GradientsParams::new(), summed, device: device.clone() };
     stage.visit(&mut take);
     take.out
 }
@@ -236,8 +230,9 @@ struct RankRun<'a, AB: AutodiffBackend> {
     parts: Vec<Part<AB>>,
     links: Links,
     reduce: LocalExchange,
-    layout: &'a HashMap<ParamId, Slot>,
-    flat_len: usize,
+    /// This rank's expert-parallel group, for the barrier before each backward.
+    experts_group: Option<Arc<dyn Exchange>>,
+    holders: &'a Holders,
     experts: usize,
     moe_blocks: usize,
     has_mtp: bool,
@@ -274,7 +269,21 @@ pub fn run<AB: AutodiffBackend>(
     let ranges =
         stage::partition::<AB>(&model.config, stages, pipe.stage_layers.as_deref(), &devices[0])?;
     let whole = stage::split(model, &ranges);
-    let (flat, flat_len) = flat_layout(model);
+    let slots = trainable(model);
+    let held = (0..world)
+        .map(|rank| {
+            let mut ids: Vec<ParamId> = (0..schedule.directions())
+                .flat_map(|dir| {
+                    stage::param_ids::<AB, _>(&whole[schedule.stage(rank % stages, dir)])
+                })
+                .filter(|id| slots.contains_key(id))
+                .collect();
+            ids.sort_by_key(|id| slots[id].order);
+            ids.dedup();
+            ids
+        })
+        .collect();
+    let holders = Holders { slots, held };
     let experts = model.config.n_routed_experts.max(1);
     let is_moe = |l: &deepseek_core::block::DecoderLayer<AB>| {
         matches!(l.mlp, deepseek_core::block::FeedForward::Moe(_))
@@ -338,8 +347,8 @@ pub fn run<AB: AutodiffBackend>(
             parts,
             links: links.pop().expect("one per rank"),
             reduce: reduces.pop().expect("one per rank"),
-            layout: &flat,
-            flat_len,
+            experts_group: exchange.clone(),
+            holders: &holders,
             experts,
             moe_blocks,
             has_mtp,
@@ -387,11 +396,7 @@ pub fn run<AB: AutodiffBackend>(
             Ok(Ok(Some(done))) => first = Some(done),
             Ok(Ok(None)) | Ok(Err(_)) => {}
             Err(panic) => {
-                let problem = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "panicked".into());
+                let problem = crate::trainer::panic_message(panic.as_ref());
                 panicked.get_or_insert(TrainError::Rank { rank, problem });
             }
         }
@@ -432,20 +437,8 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
         let mut reader = data.reader(self.config.seq_len)?;
         data.validation(self.config.seq_len, 1, 1)?;
         let (mut last_step, mut last_eval) = (None, None);
-        let bar = match &self.primary {
-            Some((t, _)) if t.progress => {
-                let bar = indicatif::ProgressBar::new(self.config.steps as u64);
-                bar.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
-                    )
-                    .expect("valid template"),
-                );
-                bar.set_position(self.step as u64);
-                bar
-            }
-            _ => indicatif::ProgressBar::hidden(),
-        };
+        let show = self.primary.as_ref().is_some_and(|(t, _)| t.progress);
+        let bar = crate::trainer::step_bar(show, self.config.steps, self.step);
         while self.step < self.config.steps {
             if self.fail_at == Some(self.step + 1) {
                 return Err(self.error("injected failure"));
@@ -541,17 +534,20 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
                 }
             }
         }
-        // One all-reduce: every gradient (whole-model layout), then the statistics.
+        // Each gradient goes to the other ranks holding its parameter (data-parallel replicas,
+        // DualPipe's mirror stage, the embedding of the first and the last stage) and is summed
+        // there in rank order, so every holder gets the same bits.
+        let mut local: HashMap<ParamId, Vec<f32>> = HashMap::new();
         let n_stats = 4 + self.moe_blocks * self.experts;
-        let mut flat = vec![0f64; self.flat_len + n_stats];
+        let mut small = vec![0f64; 1 + n_stats]; // [Σ g² of the owned parameters, statistics]
         for part in &mut self.parts {
             if let Some(mut acc) = part.grads.take() {
-                add_grads(&part.stage, acc.grads(), self.layout, &mut flat[..self.flat_len]);
+                add_grads(&part.stage, acc.grads(), &mut local);
             }
             if let Some(stats) = part.stats.take() {
                 let v: Vec<f32> =
                     stats.into_data().convert::<f32>().into_vec().expect("f32 statistics");
-                let stats = &mut flat[self.flat_len..];
+                let stats = &mut small[1..];
                 for i in 0..4 {
                     stats[i] += v[i] as f64;
                 }
@@ -562,10 +558,54 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
                 }
             }
         }
+        let world = self.holders.held.len();
+        let shared: Vec<Vec<ParamId>> =
+            (0..world).map(|peer| self.holders.shared(self.rank, peer)).collect();
+        let send: Vec<Vec<f32>> = shared
+            .iter()
+            .map(|ids| {
+                ids.iter()
+                    .flat_map(|id| match local.get(id) {
+                        Some(g) => g.clone(),
+                        None => vec![0.0; self.holders.slots[id].len()],
+                    })
+                    .collect()
+            })
+            .collect();
+        let lens: Vec<usize> = shared
+            .iter()
+            .map(|ids| ids.iter().map(|id| self.holders.slots[id].len()).sum())
+            .collect();
+        drop(local);
+        let received = self
+            .reduce
+            .all_to_all(send, &lens)
+            .map_err(|e| self.error(format!("gradient exchange failed: {e}")))?;
+        let mut summed: HashMap<ParamId, Vec<f32>> = HashMap::new();
+        for (ids, buffer) in shared.iter().zip(received) {
+            let mut at = 0;
+            for id in ids {
+                let n = self.holders.slots[id].len();
+                let part = &buffer[at..at + n];
+                at += n;
+                match summed.get_mut(id) {
+                    Some(acc) => acc.iter_mut().zip(part).for_each(|(a, v)| *a += v),
+                    None => {
+                        summed.insert(*id, part.to_vec());
+                    }
+                }
+            }
+        }
+        // In visiting order: the norm must not depend on a hash map's order.
+        small[0] = self.holders.held[self.rank]
+            .iter()
+            .filter(|id| self.holders.owns(self.rank, id))
+            .map(|id| summed[id].iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+            .sum();
         self.reduce
-            .all_reduce_sum(&mut flat)
-            .map_err(|e| self.error(format!("gradient all-reduce failed: {e}")))?;
-        let (grads, stats) = flat.split_at(self.flat_len);
+            .all_reduce_sum(&mut small)
+            .map_err(|e| self.error(format!("statistics all-reduce failed: {e}")))?;
+        let stats = &small[1..];
         let n = (self.config.grad_accum * self.columns) as f64;
         let (loss, mtp, balance, step_tokens) =
             (stats[0] / n, stats[1] / n, stats[2] / n, stats[3].round() as u64);
@@ -573,7 +613,7 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
             .chunks(self.experts)
             .map(|c| c.iter().map(|&v| v.round() as u64).collect())
             .collect();
-        let grad_norm = grads.iter().map(|g| g * g).sum::<f64>().sqrt();
+        let grad_norm = small[0].sqrt();
         let lr = self.config.schedule().lr(self.step);
         let has_mtp = self.has_mtp;
         let has_balance =
@@ -595,7 +635,7 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
                 && self.config.bias_update_until.is_none_or(|until| self.step < until)
                 && self.config.bias_gamma > 0.0;
             for part in &mut self.parts {
-                let g = stage_grads(&part.stage, self.layout, grads, &self.device);
+                let g = stage_grads(&part.stage, &summed, &self.device);
                 let stage = part.stage.clone();
                 let (stage, _) = part.optim.step_with_norm::<AB, _>(lr, stage, g, grad_norm);
                 part.stage = stage;
@@ -738,6 +778,11 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
             }
             None => flight.objective.expect("the last stage has a loss"),
         };
+        if let Some(group) = &self.experts_group {
+            group.all_reduce_sum(&mut [0.0]).map_err(|e| {
+                self.error(format!("before the backward of micro-batch {}: {e}", chunk.mb))
+            })?;
+        }
         let grads = target.backward();
         if let Some(input) = &flight.input {
             let g =

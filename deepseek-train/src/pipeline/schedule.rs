@@ -48,6 +48,25 @@ impl fmt::Display for ScheduleKind {
     }
 }
 
+/// How the model is cut into stages and scheduled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineLayout {
+    /// Stages `P` (divides the ranks).
+    pub stages: usize,
+    pub schedule: ScheduleKind,
+    /// Blocks per stage; `None`: balanced by parameter count.
+    pub stage_layers: Option<Vec<usize>>,
+    /// Tests only: rank `.0` fails at the start of step `.1`.
+    #[doc(hidden)]
+    pub fail_at: Option<(usize, usize)>,
+}
+
+impl PipelineLayout {
+    pub fn new(stages: usize, schedule: ScheduleKind) -> Self {
+        Self { stages, schedule, stage_layers: None, fail_at: None }
+    }
+}
+
 /// One micro-batch of one direction (`dir` 0 enters at rank 0; 1, DualPipe only, at the last
 /// rank); `mb` counts within the direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

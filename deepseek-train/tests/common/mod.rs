@@ -1,0 +1,86 @@
+//! Helpers the parallel-training tests share: turns, a run's step records and exported weights,
+//! and the comparison of two runs.
+
+use std::path::Path;
+
+use deepseek_core::checkpoint::model_tensors;
+use deepseek_core::LoadOptions;
+use deepseek_train::metrics::StepRecord;
+
+/// The all-to-all counter and the collective are per process: the tests of a file take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The step records of the run in `out`.
+pub fn steps(out: &Path) -> Vec<StepRecord> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<StepRecord>(l).ok())
+        .filter(|r| r.tokens > 0)
+        .collect()
+}
+
+/// Every tensor of the model the run in `out` exported, by name.
+pub fn weights(out: &Path) -> Vec<(String, Vec<f32>)> {
+    let model = deepseek_core::load_model::<burn::backend::Flex>(
+        &out.join("hf"),
+        &Default::default(),
+        LoadOptions::default(),
+    )
+    .unwrap();
+    model_tensors(&model).into_iter().map(|t| (t.name, t.values)).collect()
+}
+
+/// Asserts that the run in `out` logged the steps of `want_steps` (losses within 1e-5 relative,
+/// gradient norms within 1e-4, equal expert loads and tokens) and exported `want_weights`
+/// within `bound`.
+pub fn assert_same_run(
+    out: &Path,
+    want_steps: &[StepRecord],
+    want_weights: &[(String, Vec<f32>)],
+    bound: f32,
+    what: &str,
+) {
+    let got = steps(out);
+    assert_eq!(got.len(), want_steps.len(), "{what}: rank 0 alone writes one record per step");
+    let close = |g: Option<f32>, w: Option<f32>, name: &str, step: usize| match (g, w) {
+        (Some(g), Some(w)) => {
+            assert!((g - w).abs() <= 1e-5 * w.abs(), "{what}, step {step}: {name} {g} vs {w}")
+        }
+        (g, w) => assert_eq!(g.is_some(), w.is_some(), "{what}, step {step}: {name}"),
+    };
+    for (g, w) in got.iter().zip(want_steps) {
+        close(Some(g.loss), Some(w.loss), "loss", g.step);
+        close(g.mtp_loss, w.mtp_loss, "MTP loss", g.step);
+        close(g.balance_loss, w.balance_loss, "balance loss", g.step);
+        let step = g.step;
+        assert!(
+            (g.grad_norm - w.grad_norm).abs() <= 1e-4 * w.grad_norm,
+            "{what}, step {step}: grad norm {} vs {}",
+            g.grad_norm,
+            w.grad_norm
+        );
+        assert_eq!(g.max_vio_batch, w.max_vio_batch, "{what}, step {step}: expert loads");
+        assert_eq!(g.tokens, w.tokens, "{what}, step {step}: the global batch");
+    }
+    let got = weights(out);
+    assert_eq!(got.len(), want_weights.len(), "{what}: every tensor exported");
+    let mut worst = (0f32, String::new());
+    for ((name, g), (wname, w)) in got.iter().zip(want_weights) {
+        assert_eq!(name, wname);
+        for (a, b) in g.iter().zip(w) {
+            if (a - b).abs() > worst.0 {
+                worst = ((a - b).abs(), name.clone());
+            }
+        }
+    }
+    eprintln!(
+        "{what}: largest weight difference {:.2e} in {} (bound {bound:.1e})",
+        worst.0, worst.1
+    );
+    assert!(worst.0 <= bound, "{what}: weights differ by {} in {}", worst.0, worst.1);
+}
