@@ -238,11 +238,19 @@ pub fn with_experts<B: Backend>(
     exchange: Option<Arc<dyn Exchange>>,
 ) -> Result<DeepSeekModel<B>> {
     let Some(exchange) = exchange else { return Ok(model) };
-    let experts = model.config.n_routed_experts;
+    let policy = expert_policy(model.policy().clone(), exchange, model.config.n_routed_experts)?;
+    Ok(model.with_policy(policy)?)
+}
+
+/// `policy` with the routed experts spread over the ranks of `exchange`.
+pub fn expert_policy(
+    policy: deepseek_core::policy::ExecutionPolicy,
+    exchange: Arc<dyn Exchange>,
+    experts: usize,
+) -> Result<deepseek_core::policy::ExecutionPolicy> {
     let parallel = ExpertParallel::new(exchange, experts)
         .map_err(|e| TrainError::config("expert_parallel", e.to_string()))?;
-    let policy = model.policy().clone().with_expert_parallel(Some(parallel));
-    Ok(model.with_policy(policy)?)
+    Ok(policy.with_expert_parallel(Some(parallel)))
 }
 
 /// `burn-collective` keeps one local server per backend type: runs in one process take turns.

@@ -184,17 +184,31 @@ pub fn batch_objective<B: Backend>(
         target_weights.as_ref(),
         segments.as_ref(),
     );
+    let (balance, counts) = routing_terms(out.routing, batch, real.as_ref(), weights);
+    let total = objective_total(&main, mtp.as_ref(), balance.as_ref(), weights);
+    BatchLoss { total, main, mtp, balance, counts }
+}
+
+/// What is differentiated: `main + λ·mtp` (λ > 0) `+ balance`.
+///
+/// # Shapes
+/// every term `[1]` → `[1]`.
+pub(crate) fn objective_total<B: Backend>(
+    main: &Tensor<B, 1>,
+    mtp: Option<&Tensor<B, 1>>,
+    balance: Option<&Tensor<B, 1>>,
+    weights: LossWeights,
+) -> Tensor<B, 1> {
     let mut total = main.clone();
-    if let Some(mtp) = &mtp {
+    if let Some(mtp) = mtp {
         if weights.mtp_lambda > 0.0 {
             total = total + mtp.clone().mul_scalar(weights.mtp_lambda);
         }
     }
-    let (balance, counts) = routing_terms(out.routing, batch, real.as_ref(), weights);
-    if let Some(b) = &balance {
-        total = total + b.clone();
+    match balance {
+        Some(b) => total + b.clone(),
+        None => total,
     }
-    BatchLoss { total, main, mtp, balance, counts }
 }
 
 /// The next-token cross-entropy of `logits` and the mean MTP cross-entropy of `mtp_logits`

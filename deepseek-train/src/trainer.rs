@@ -409,25 +409,15 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         stats: &StepStats,
     ) -> Result<bool> {
         let total = stats.loss + stats.mtp_loss.unwrap_or(0.0) + stats.balance_loss.unwrap_or(0.0);
-        if let Some((what, value)) = [("loss", total), ("gradient norm", grad_norm)]
-            .into_iter()
-            .find(|(_, v)| !v.is_finite())
+        if !finite_or_skip(&self.config, &mut self.consecutive_skips, self.step, total, grad_norm)?
         {
-            self.consecutive_skips += 1;
-            if self.config.on_nonfinite == NonFinitePolicy::Stop || self.consecutive_skips > 10 {
-                return Err(TrainError::NonFinite { step: self.step + 1, what, value });
-            }
             return Ok(false);
         }
-        self.consecutive_skips = 0;
         let (model, _) =
             self.optim.step_with_norm::<AB, _>(lr, self.model.clone(), grads, grad_norm);
         self.model = model;
-        let cfg = &self.config;
-        let updating = cfg.balance == BalanceMode::AuxFree
-            && cfg.bias_update_until.is_none_or(|until| self.step < until);
-        if updating && cfg.bias_gamma > 0.0 {
-            update_model_biases(&mut self.model, &stats.counts, cfg.bias_gamma as f32);
+        if updates_biases(&self.config, self.step) {
+            update_model_biases(&mut self.model, &stats.counts, self.config.bias_gamma as f32);
         }
         Ok(true)
     }
@@ -512,6 +502,36 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         bar.finish();
         Ok(())
     }
+}
+
+/// The non-finite policy for the update of step `step + 1`: `Ok(true)` when the total loss and
+/// the gradient norm are finite (the skip streak resets), `Ok(false)` to skip the update, an
+/// error to stop (policy `stop`, or more than 10 skips in a row).
+pub(crate) fn finite_or_skip(
+    config: &TrainConfig,
+    consecutive_skips: &mut usize,
+    step: usize,
+    total: f64,
+    grad_norm: f64,
+) -> Result<bool> {
+    let Some((what, value)) =
+        [("loss", total), ("gradient norm", grad_norm)].into_iter().find(|(_, v)| !v.is_finite())
+    else {
+        *consecutive_skips = 0;
+        return Ok(true);
+    };
+    *consecutive_skips += 1;
+    if config.on_nonfinite == NonFinitePolicy::Stop || *consecutive_skips > 10 {
+        return Err(TrainError::NonFinite { step: step + 1, what, value });
+    }
+    Ok(false)
+}
+
+/// Whether the aux-free bias update follows the update of step `step + 1`.
+pub(crate) fn updates_biases(config: &TrainConfig, step: usize) -> bool {
+    config.balance == BalanceMode::AuxFree
+        && config.bias_update_until.is_none_or(|until| step < until)
+        && config.bias_gamma > 0.0
 }
 
 /// The steps' progress bar on stderr, at `step` of `steps` (hidden unless `show`).

@@ -32,7 +32,7 @@
 //! blocks from the global loads. Rank 0 writes the metrics. For evaluation and checkpoints the
 //! stages are merged into the whole model on rank 0, so checkpoints are those of a single rank.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,7 +42,7 @@ use burn::nn::EmbeddingConfig;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
-use deepseek_core::parallel::{Exchange, ExpertParallel, LocalExchange};
+use deepseek_core::parallel::{Exchange, LocalExchange};
 use deepseek_core::projection::Projection;
 use deepseek_core::DeepSeekModel;
 
@@ -51,10 +51,10 @@ pub use super::schedule::PipelineLayout;
 use super::schedule::{Chunk, Op, Schedule};
 use super::stage::{self, Stage};
 use crate::balance::{max_vio, update_block_biases};
-use crate::config::{NonFinitePolicy, TrainConfig};
+use crate::config::TrainConfig;
 use crate::distributed::Layout;
 use crate::error::{Result, TrainError};
-use crate::loss::{prediction_terms, routing_terms, BalanceMode, LossWeights};
+use crate::loss::{objective_total, prediction_terms, routing_terms, BalanceMode, LossWeights};
 use crate::metrics::{EvalRecord, StepRecord};
 use crate::optim::AdamW;
 use crate::source::{BatchReader, TrainingData};
@@ -123,15 +123,19 @@ struct Holders {
 }
 
 impl Holders {
-    /// The parameters ranks `a` and `b` both hold, in visiting order.
-    fn shared(&self, a: usize, b: usize) -> Vec<ParamId> {
-        let other: std::collections::HashSet<&ParamId> = self.held[b].iter().collect();
-        self.held[a].iter().filter(|id| other.contains(id)).copied().collect()
-    }
-
-    /// Whether `rank` is the first holder of `id` (the one that counts it in the norm).
-    fn owns(&self, rank: usize, id: &ParamId) -> bool {
-        self.held.iter().position(|h| h.contains(id)) == Some(rank)
+    /// What `rank` exchanges at every step: for each rank, the parameters both hold (in visiting
+    /// order), and the parameters `rank` holds first of all ranks (it counts them in the norm).
+    fn of_rank(&self, rank: usize) -> (Vec<Vec<ParamId>>, Vec<ParamId>) {
+        let sets: Vec<HashSet<&ParamId>> = self.held.iter().map(|h| h.iter().collect()).collect();
+        let mine = &self.held[rank];
+        let shared =
+            sets.iter().map(|other| mine.iter().filter(|id| other.contains(id)).copied().collect());
+        let owned = mine
+            .iter()
+            .filter(|id| !sets[..rank].iter().any(|s| s.contains(id)))
+            .copied()
+            .collect();
+        (shared.collect(), owned)
     }
 }
 
@@ -233,6 +237,10 @@ struct RankRun<'a, AB: AutodiffBackend> {
     /// This rank's expert-parallel group, for the barrier before each backward.
     experts_group: Option<Arc<dyn Exchange>>,
     holders: &'a Holders,
+    /// `shared[j]`: the parameters this rank and rank `j` both hold, in visiting order.
+    shared: Vec<Vec<ParamId>>,
+    /// The parameters whose squared gradient this rank adds to the norm (their first holder).
+    owned: Vec<ParamId>,
     experts: usize,
     moe_blocks: usize,
     has_mtp: bool,
@@ -317,9 +325,11 @@ pub fn run<AB: AutodiffBackend>(
             let s = schedule.stage(position, dir);
             let mut stage = Module::fork(whole[s].clone(), &device);
             if let Some(exchange) = &exchange {
-                let parallel = ExpertParallel::new(exchange.clone(), experts)
-                    .map_err(|e| TrainError::config("expert_parallel", e.to_string()))?;
-                stage.policy = stage.policy.clone().with_expert_parallel(Some(parallel));
+                stage.policy = crate::distributed::expert_policy(
+                    stage.policy.clone(),
+                    exchange.clone(),
+                    experts,
+                )?;
             }
             let optim = stage::split_optimizer(&template.optim, &template.model, &stage, &device)?;
             let positions = stage.moe_positions(main_moe_blocks);
@@ -332,6 +342,7 @@ pub fn run<AB: AutodiffBackend>(
                 inflight: HashMap::new(),
             });
         }
+        let (shared, owned) = holders.of_rank(rank);
         let primary = (rank == 0).then(|| {
             let mut trainer = primary.take().expect("rank 0's trainer");
             trainer.model = stripped(&trainer.model, &device);
@@ -349,6 +360,8 @@ pub fn run<AB: AutodiffBackend>(
             reduce: reduces.pop().expect("one per rank"),
             experts_group: exchange.clone(),
             holders: &holders,
+            shared,
+            owned,
             experts,
             moe_blocks,
             has_mtp,
@@ -424,11 +437,6 @@ fn stripped<B: Backend>(model: &DeepSeekModel<B>, device: &B::Device) -> DeepSee
 impl<AB: AutodiffBackend> RankRun<'_, AB> {
     fn error(&self, problem: impl std::fmt::Display) -> TrainError {
         TrainError::Rank { rank: self.rank, problem: problem.to_string() }
-    }
-
-    /// The part of this rank running direction `dir`.
-    fn part(&mut self, dir: usize) -> &mut Part<AB> {
-        &mut self.parts[dir]
     }
 
     /// Trains to `config.steps`; rank 0 returns its trainer and last records.
@@ -558,10 +566,8 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
                 }
             }
         }
-        let world = self.holders.held.len();
-        let shared: Vec<Vec<ParamId>> =
-            (0..world).map(|peer| self.holders.shared(self.rank, peer)).collect();
-        let send: Vec<Vec<f32>> = shared
+        let send: Vec<Vec<f32>> = self
+            .shared
             .iter()
             .map(|ids| {
                 ids.iter()
@@ -572,7 +578,8 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
                     .collect()
             })
             .collect();
-        let lens: Vec<usize> = shared
+        let lens: Vec<usize> = self
+            .shared
             .iter()
             .map(|ids| ids.iter().map(|id| self.holders.slots[id].len()).sum())
             .collect();
@@ -582,7 +589,7 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
             .all_to_all(send, &lens)
             .map_err(|e| self.error(format!("gradient exchange failed: {e}")))?;
         let mut summed: HashMap<ParamId, Vec<f32>> = HashMap::new();
-        for (ids, buffer) in shared.iter().zip(received) {
+        for (ids, buffer) in self.shared.iter().zip(received) {
             let mut at = 0;
             for id in ids {
                 let n = self.holders.slots[id].len();
@@ -597,9 +604,9 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
             }
         }
         // In visiting order: the norm must not depend on a hash map's order.
-        small[0] = self.holders.held[self.rank]
+        small[0] = self
+            .owned
             .iter()
-            .filter(|id| self.holders.owns(self.rank, id))
             .map(|id| summed[id].iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
             .sum();
         self.reduce
@@ -620,20 +627,15 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
             weights.alpha > 0.0 && weights.balance != BalanceMode::None && self.moe_blocks > 0;
         let total =
             loss + if has_mtp { mtp } else { 0.0 } + if has_balance { balance } else { 0.0 };
-        let skipped = if let Some((what, value)) = [("loss", total), ("gradient norm", grad_norm)]
-            .into_iter()
-            .find(|(_, v)| !v.is_finite())
-        {
-            self.consecutive_skips += 1;
-            if self.config.on_nonfinite == NonFinitePolicy::Stop || self.consecutive_skips > 10 {
-                return Err(TrainError::NonFinite { step: self.step + 1, what, value });
-            }
-            true
-        } else {
-            self.consecutive_skips = 0;
-            let updating = self.config.balance == BalanceMode::AuxFree
-                && self.config.bias_update_until.is_none_or(|until| self.step < until)
-                && self.config.bias_gamma > 0.0;
+        let apply = crate::trainer::finite_or_skip(
+            &self.config,
+            &mut self.consecutive_skips,
+            self.step,
+            total,
+            grad_norm,
+        )?;
+        if apply {
+            let updating = crate::trainer::updates_biases(&self.config, self.step);
             for part in &mut self.parts {
                 let g = stage_grads(&part.stage, &summed, &self.device);
                 let stage = part.stage.clone();
@@ -649,8 +651,7 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
                     );
                 }
             }
-            false
-        };
+        }
         self.step += 1;
         self.data_position += (self.config.grad_accum * self.config.batch_size) as u64;
         self.tokens += step_tokens;
@@ -664,7 +665,7 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
             tokens_per_s: step_tokens as f64 / start.elapsed().as_secs_f64(),
             max_vio_batch: counts.iter().map(|c| max_vio(c)).fold(0.0, f64::max),
             tokens: self.tokens,
-            skipped,
+            skipped: !apply,
         })
     }
 
@@ -718,19 +719,10 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
                 batch.weights.as_ref(),
                 batch.segments.as_ref(),
             );
-            let mut total = main.clone();
-            if let Some(mtp) = &mtp {
-                if weights.mtp_lambda > 0.0 {
-                    total = total + mtp.clone().mul_scalar(weights.mtp_lambda);
-                }
-            }
+            objective = Some(objective_total(&main, mtp.as_ref(), objective.as_ref(), weights));
             stats[0] = main;
             stats[1] = mtp.unwrap_or_else(zero);
             stats[3] = zero().add_scalar(host_tokens as f64);
-            objective = Some(match objective {
-                Some(b) => total + b,
-                None => total,
-            });
         }
         stats.extend(counts.into_iter().map(|c| c.float()));
         let stats = Tensor::cat(stats, 0).inner(); // [4 + E·blocks]
@@ -760,7 +752,7 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
     fn backward(&mut self, chunk: Chunk) -> Result<()> {
         let s = self.schedule.stage(self.position, chunk.dir);
         let flight =
-            self.part(chunk.dir).inflight.remove(&chunk.mb).ok_or_else(|| TrainError::Rank {
+            self.parts[chunk.dir].inflight.remove(&chunk.mb).ok_or_else(|| TrainError::Rank {
                 rank: 0,
                 problem: format!("backward of micro-batch {} before its forward", chunk.mb),
             })?;
@@ -792,7 +784,7 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
             let to = self.peer(s - 1, chunk.dir);
             self.links.send(to, Tag { kind: Kind::Gradient, chunk }, Message { dims, values })?;
         }
-        let part = self.part(chunk.dir);
+        let part = &mut self.parts[chunk.dir];
         let params = GradientsParams::from_grads(grads, &part.stage);
         part.grads.get_or_insert_with(GradientsAccumulator::new).accumulate(&part.stage, params);
         Ok(())
