@@ -69,7 +69,13 @@ impl<B: Backend> LatentSlot<B> {
         // update them in place rather than copy them whole at every decoding step.
         let write = |slot: &mut Tensor<B, 3>, values: Tensor<B, 3>| {
             let placeholder = Tensor::empty([0, 0, 0], &values.device());
-            let buffer = std::mem::replace(slot, placeholder);
+            let mut buffer = std::mem::replace(slot, placeholder);
+            // The buffers hold what the model computes in (bf16 for a bf16 model): a slot takes
+            // the dtype of its first write; a later write in another dtype is rounded to it.
+            if start == 0 && buffer.dtype() != values.dtype() {
+                buffer = Tensor::zeros(buffer.dims(), (&values.device(), values.dtype()));
+            }
+            let values = values.cast(buffer.dtype());
             *slot = buffer.slice_assign([0..batch, start..end], values);
         };
         write(&mut self.c_kv, new.c_kv);
@@ -168,7 +174,8 @@ impl<B: Backend> LatentCache<B> {
     }
 
     /// Bytes one token occupies in the allocated buffers, over all blocks, for one sequence.
-    /// Measured from the buffers themselves (shape and dtype), not from the config.
+    /// Measured from the buffers themselves (shape and dtype), not from the config; the buffers
+    /// take the model's dtype at the first write, so measure after one.
     pub fn bytes_per_token(&self) -> usize {
         self.slots.iter().map(LatentSlot::bytes_per_token).sum()
     }

@@ -167,6 +167,14 @@ pub struct Lora<B: Backend, const R: usize = 2> {
     pub parts: usize,
 }
 
+impl<B: Backend, const R: usize> Lora<B, R> {
+    /// The dtype the adapter computes in (f32 for fresh and PEFT-loaded adapters, whatever the
+    /// base's dtype).
+    pub fn dtype(&self) -> burn::tensor::DType {
+        self.a.val().dtype()
+    }
+}
+
 impl<B: Backend> Lora<B, 2> {
     /// A fresh adapter for a `[d_in] → [d_out]` map: `A ~ U(−1/√in, 1/√in)`, `B = 0`.
     pub fn new(d_in: usize, d_out: usize, settings: &LoraSettings, device: &B::Device) -> Self {

@@ -1,13 +1,14 @@
 //! The causal language model: token embedding, the decoder blocks, the final norm, the untied
 //! output head, and the optional MTP modules (DeepSeek-V3 §2).
 
-use burn::module::Module;
+use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::{Embedding, EmbeddingConfig};
-use burn::tensor::{backend::Backend, Int, Tensor};
+use burn::tensor::{backend::Backend, FloatDType, Int, Tensor};
 
 use crate::block::DecoderLayer;
 use crate::cache::LatentCache;
 use crate::config::DeepSeekConfig;
+use crate::dtype::WeightDtype;
 use crate::error::{DeepSeekError, Result};
 use crate::fp8::GemmPrecision;
 use crate::moe::Routing;
@@ -394,8 +395,16 @@ impl<B: Backend> DeepSeekModel<B> {
     ///
     /// # Shapes
     /// `hidden`: `[batch, seq, d]` → `[batch, seq, vocab]`.
+    /// Logits in f32 whatever the model's dtype: the GEMM runs in the weights' dtype and its
+    /// result is widened, so losses, softmaxes and sampling always see f32 ([`crate::dtype`]).
     fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.lm_head.forward(hidden, GemmPrecision::Full)
+        self.lm_head.forward(hidden, GemmPrecision::Full).cast(FloatDType::F32)
+    }
+
+    /// The dtype of the weights and activations ([`crate::LoadOptions::dtype`]); read from the
+    /// embedding, which every forward starts from.
+    pub fn dtype(&self) -> WeightDtype {
+        WeightDtype::of(self.embed_tokens.weight.val().dtype()).unwrap_or_default()
     }
 
     /// Initializes every lazily-initialized parameter in place. Burn draws a lazy parameter on
@@ -475,5 +484,42 @@ impl<B: Backend> DeepSeekModel<B> {
             )));
         }
         Ok(())
+    }
+}
+
+/// Weight dtype conversion of a model built in memory ([`crate::dtype`]).
+impl<B: Backend> DeepSeekModel<B> {
+    /// This model with its weights held in `dtype`: every weight but the routers' correction
+    /// biases (always f32) and the LoRA adapters (they keep their own dtype). Loading with
+    /// [`crate::LoadOptions::dtype`] stores each weight in its dtype directly; this is for
+    /// models built in memory (presets, fresh initializations).
+    pub fn cast(self, dtype: WeightDtype) -> Self {
+        /// Casts float parameters, except those under a path component it keeps.
+        struct Cast {
+            dtype: FloatDType,
+            path: Vec<String>,
+        }
+        impl<B: Backend> ModuleMapper<B> for Cast {
+            fn enter_module(&mut self, name: &str, _: &str) {
+                self.path.push(name.to_string());
+            }
+            fn exit_module(&mut self, _: &str, _: &str) {
+                self.path.pop();
+            }
+            fn map_float<const D: usize>(
+                &mut self,
+                param: Param<Tensor<B, D>>,
+            ) -> Param<Tensor<B, D>> {
+                let kept = self.path.iter().any(|p| KEPT.contains(&p.as_str()));
+                if kept {
+                    return param;
+                }
+                let dtype = self.dtype;
+                param.map(|t| t.cast(dtype))
+            }
+        }
+        /// Path components whose parameters keep their dtype.
+        const KEPT: [&str; 2] = ["e_score_correction_bias", "lora"];
+        self.map(&mut Cast { dtype: dtype.float(), path: Vec::new() })
     }
 }

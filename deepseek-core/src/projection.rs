@@ -47,7 +47,8 @@ impl<B: Backend> Projection<B, 2> {
     /// # Shapes
     /// `x`: `[..., d_in]` → `[..., d_out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>, gemm: GemmPrecision) -> Tensor<B, D> {
-        let update = self.lora.as_ref().map(|lora| lora.forward(x.clone()));
+        let update =
+            self.lora.as_ref().map(|lora| in_dtype_of(lora, x.clone(), |x| lora.forward(x)));
         let y = self.forward_base(x, gemm);
         match update {
             Some(update) => y + update,
@@ -61,9 +62,13 @@ impl<B: Backend> Projection<B, 2> {
     /// # Shapes
     /// `[d_in, d_out]`.
     pub fn effective_weight(&self) -> Tensor<B, 2> {
+        let weight = self.weight.val();
         match &self.lora {
-            Some(lora) => self.weight.val() + lora.delta(),
-            None => self.weight.val(),
+            Some(lora) => {
+                let dtype = weight.dtype();
+                weight + lora.delta().cast(dtype)
+            }
+            None => weight,
         }
     }
 
@@ -102,7 +107,10 @@ impl<B: Backend> Projection<B, 3> {
     /// `x`: `[n, d_in]` → `[n, d_out]`.
     pub fn forward_expert(&self, e: usize, x: Tensor<B, 2>, gemm: GemmPrecision) -> Tensor<B, 2> {
         let [_, d_in, d_out] = self.dims();
-        let update = self.lora.as_ref().map(|lora| lora.forward_expert(e, x.clone()));
+        let update = self
+            .lora
+            .as_ref()
+            .map(|lora| in_dtype_of(lora, x.clone(), |x| lora.forward_expert(e, x)));
         let w = self.weight.val().narrow(0, e, 1); // [1, d_in, d_out], a view into the stack
         let y = match gemm {
             // A batched matmul of one reads the view in place; reshaping the view to 2-D first
@@ -126,9 +134,27 @@ impl<B: Backend> Projection<B, 3> {
     /// `x`: `[E, cap, d_in]` → `[E, cap, d_out]`.
     pub fn forward_grouped(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lora {
-            Some(lora) => lora.forward_grouped(x.clone()) + x.matmul(self.weight.val()),
+            Some(lora) => {
+                in_dtype_of(lora, x.clone(), |x| lora.forward_grouped(x))
+                    + x.matmul(self.weight.val())
+            }
             None => x.matmul(self.weight.val()),
         }
+    }
+}
+
+/// An adapter's update `f(x)` computed in the adapter's dtype and returned in `x`'s: f32
+/// adapters trained on a frozen bf16 base keep their own precision (as PEFT keeps them).
+fn in_dtype_of<B: Backend, const R: usize, const D: usize>(
+    lora: &Lora<B, R>,
+    x: Tensor<B, D>,
+    f: impl FnOnce(Tensor<B, D>) -> Tensor<B, D>,
+) -> Tensor<B, D> {
+    let (ours, theirs) = (x.dtype(), lora.dtype());
+    if ours == theirs {
+        f(x)
+    } else {
+        f(x.cast(theirs)).cast(ours)
     }
 }
 

@@ -125,12 +125,13 @@ impl RotaryEmbedding {
     pub fn apply_at<B: Backend>(&self, x: Tensor<B, 4>, positions: Positions) -> Tensor<B, 4> {
         let [batch, seq, heads, dim] = x.dims();
         let device = x.device();
+        // The tables are computed in f32 and rounded to the activations' dtype, as transformers
+        // does; the rotation matrix holds only 0 and ±1, exact in any dtype.
+        let at = (&device, x.dtype());
         let (cos, sin) = self.full_tables(positions, batch, seq, heads);
-        let cos =
-            Tensor::<B, 4>::from_data(TensorData::new(cos, [batch, seq, heads, dim]), &device);
-        let sin =
-            Tensor::<B, 4>::from_data(TensorData::new(sin, [batch, seq, heads, dim]), &device);
-        let r = Tensor::<B, 2>::from_data(TensorData::new(self.rotation(dim), [dim, dim]), &device);
+        let cos = Tensor::<B, 4>::from_data(TensorData::new(cos, [batch, seq, heads, dim]), at);
+        let sin = Tensor::<B, 4>::from_data(TensorData::new(sin, [batch, seq, heads, dim]), at);
+        let r = Tensor::<B, 2>::from_data(TensorData::new(self.rotation(dim), [dim, dim]), at);
         let rotated = x
             .clone()
             .reshape([batch * seq * heads, dim])

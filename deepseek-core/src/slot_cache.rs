@@ -14,7 +14,7 @@
 //! which costs what attention's own pass over the keys costs. Memory grows with the tokens
 //! actually held, not with `slots × capacity`.
 
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, DType, Tensor};
 
 use crate::cache::{check_capacity, LatentKv};
 use crate::config::DeepSeekConfig;
@@ -32,6 +32,9 @@ pub struct SlotBuffers<B: Backend> {
     kv_lora: usize,
     rope: usize,
     device: B::Device,
+    /// The dtype of the pages: that of the latents written, which is the model's (f32 until
+    /// the first write).
+    dtype: DType,
 }
 
 /// Writes `values` `[1, seq, width]` into one row's `pages` at positions `at..at + seq`,
@@ -41,7 +44,7 @@ fn write_pages<B: Backend>(
     at: usize,
     values: Tensor<B, 3>,
     width: usize,
-    device: &B::Device,
+    at_device: (&B::Device, DType),
 ) {
     let [_, seq, _] = values.dims();
     let mut done = 0;
@@ -49,7 +52,7 @@ fn write_pages<B: Backend>(
         let pos = at + done;
         let (page, offset) = (pos / PAGE, pos % PAGE);
         while pages.len() <= page {
-            pages.push(Tensor::zeros([1, PAGE, width], device));
+            pages.push(Tensor::zeros([1, PAGE, width], at_device));
         }
         let n = (PAGE - offset).min(seq - done);
         let part = if n == seq { values.clone() } else { values.clone().narrow(1, done, n) };
@@ -65,14 +68,14 @@ fn gather<B: Backend>(
     rows: usize,
     len: usize,
     width: usize,
-    device: &B::Device,
+    at_device: (&B::Device, DType),
 ) -> Tensor<B, 3> {
     let n_pages = len.div_ceil(PAGE).max(1);
     let per_row: Vec<Tensor<B, 3>> = pages[..rows]
         .iter_mut()
         .map(|row| {
             while row.len() < n_pages {
-                row.push(Tensor::zeros([1, PAGE, width], device));
+                row.push(Tensor::zeros([1, PAGE, width], at_device));
             }
             Tensor::cat(row[..n_pages].to_vec(), 1)
         })
@@ -83,8 +86,13 @@ fn gather<B: Backend>(
 impl<B: Backend> SlotBuffers<B> {
     /// Writes one sequence's latents `new` (`[1, seq, ..]`) into `row` from position `at`.
     pub fn write(&mut self, row: usize, at: usize, new: LatentKv<B>) {
-        write_pages(&mut self.c_kv[row], at, new.c_kv, self.kv_lora, &self.device);
-        write_pages(&mut self.k_rope[row], at, new.k_rope, self.rope, &self.device);
+        if self.c_kv.iter().all(Vec::is_empty) {
+            self.dtype = new.c_kv.dtype();
+        }
+        let at_device = (&self.device, self.dtype);
+        let (c_kv, k_rope) = (new.c_kv.cast(self.dtype), new.k_rope.cast(self.dtype));
+        write_pages(&mut self.c_kv[row], at, c_kv, self.kv_lora, at_device);
+        write_pages(&mut self.k_rope[row], at, k_rope, self.rope, at_device);
     }
 
     /// Writes the latent of one new token per row: row `i` of `new` (`[rows, 1, ..]`) at
@@ -105,9 +113,10 @@ impl<B: Backend> SlotBuffers<B> {
     /// # Shapes
     /// → `c_kv`: `[rows, len, kv_lora]`, `k_rope`: `[rows, len, rope]`.
     pub fn read(&mut self, rows: usize, len: usize) -> LatentKv<B> {
+        let at_device = (&self.device, self.dtype);
         LatentKv {
-            c_kv: gather(&mut self.c_kv, rows, len, self.kv_lora, &self.device),
-            k_rope: gather(&mut self.k_rope, rows, len, self.rope, &self.device),
+            c_kv: gather(&mut self.c_kv, rows, len, self.kv_lora, at_device),
+            k_rope: gather(&mut self.k_rope, rows, len, self.rope, at_device),
         }
     }
 
@@ -129,7 +138,7 @@ impl<B: Backend> SlotBuffers<B> {
     }
 
     fn bytes_per_token(&self) -> usize {
-        (self.kv_lora + self.rope) * Tensor::<B, 1>::empty([0], &self.device).dtype().size()
+        (self.kv_lora + self.rope) * self.dtype.size()
     }
 }
 
@@ -165,6 +174,7 @@ impl<B: Backend> SlotCache<B> {
                 kv_lora: cfg.kv_lora_rank,
                 rope: cfg.qk_rope_head_dim,
                 device: device.clone(),
+                dtype: Tensor::<B, 1>::empty([0], device).dtype(),
             })
             .collect();
         Ok(Self { blocks, lens: Vec::new(), slots, capacity })

@@ -11,7 +11,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, Subcommand};
 use deepseek_core::device::{run_on, BackendTask, DeviceKind};
-use deepseek_core::{load_model, AttentionPath, DeepSeekConfig, ForwardOptions, LoadOptions};
+use deepseek_core::memory::{MemoryPlan, PlanRequest, PlanTask};
+use deepseek_core::{
+    load_model, AttentionPath, DeepSeekConfig, ForwardOptions, LoadOptions, WeightDtype,
+};
 use std::io::Write;
 
 use deepseek_infer::chat::{ChatTemplate, Message};
@@ -61,6 +64,10 @@ enum Command {
         /// safetensors file to write `logits`, F32 [batch, seq, vocab], to.
         #[arg(long)]
         output: PathBuf,
+        /// Weights and activations in f32, bf16 or f16 (norms, router, softmax and logits stay
+        /// f32).
+        #[arg(long, default_value = "f32")]
+        dtype: WeightDtype,
         /// Backend: flex (CPU), wgpu or cuda.
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
@@ -92,6 +99,10 @@ enum Command {
         max_new_tokens: usize,
         #[command(flatten)]
         sampling: SamplingArgs,
+        /// Weights and activations in f32, bf16 or f16 (norms, router, softmax and logits stay
+        /// f32).
+        #[arg(long, default_value = "f32")]
+        dtype: WeightDtype,
         /// Backend: flex (CPU), wgpu or cuda.
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
@@ -126,6 +137,10 @@ enum Command {
         context: Option<usize>,
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// Weights and activations in f32, bf16 or f16 (norms, router, softmax and logits stay
+        /// f32).
+        #[arg(long, default_value = "f32")]
+        dtype: WeightDtype,
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
         /// A LoRA adapter directory (PEFT layout) applied to the model, unmerged.
@@ -154,6 +169,10 @@ enum Command {
         max_new_tokens: usize,
         #[command(flatten)]
         sampling: SamplingArgs,
+        /// Weights and activations in f32, bf16 or f16 (norms, router, softmax and logits stay
+        /// f32).
+        #[arg(long, default_value = "f32")]
+        dtype: WeightDtype,
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
     },
@@ -197,6 +216,10 @@ enum Command {
         max_len: Option<usize>,
         #[command(flatten)]
         sampling: SamplingArgs,
+        /// Weights and activations in f32, bf16 or f16 (norms, router, softmax and logits stay
+        /// f32).
+        #[arg(long, default_value = "f32")]
+        dtype: WeightDtype,
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
     },
@@ -261,6 +284,10 @@ enum Command {
         /// distributed as without it), one sequence at a time instead of batching.
         #[arg(long)]
         speculative: bool,
+        /// Weights and activations in f32, bf16 or f16 (norms, router, softmax and logits stay
+        /// f32).
+        #[arg(long, default_value = "f32")]
+        dtype: WeightDtype,
         /// Backend: flex (CPU), wgpu or cuda.
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
@@ -273,7 +300,110 @@ enum Command {
         /// A named preset: v3-671b, v2-lite-16b, tiny, small.
         #[arg(long)]
         preset: Option<String>,
+        /// Plan the memory of a run per rank instead (needs --task, --batch, --seq); the last
+        /// line is `total_bytes: N`.
+        #[command(flatten)]
+        plan: PlanArgs,
     },
+}
+
+/// `deepseek info --plan`: the run whose memory is planned ([`MemoryPlan`]).
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// Print the per-rank memory plan.
+    #[arg(long)]
+    plan: bool,
+    /// infer, train (full, AdamW) or lora (rank --lora-rank on the attention projections).
+    #[arg(long, requires = "plan")]
+    task: Option<String>,
+    /// Weights (and activations) in f32, bf16 or f16.
+    #[arg(long, default_value = "f32", requires = "plan")]
+    dtype: WeightDtype,
+    /// Sequences per rank (a micro-batch in training).
+    #[arg(long, requires = "plan")]
+    batch: Option<usize>,
+    /// Tokens per sequence.
+    #[arg(long, requires = "plan")]
+    seq: Option<usize>,
+    /// Ranks (devices) in all.
+    #[arg(long, default_value_t = 1, requires = "plan")]
+    ranks: usize,
+    /// Ranks sharing one copy of the routed experts (divides --ranks).
+    #[arg(long, default_value_t = 1, requires = "plan")]
+    expert_parallel: usize,
+    /// Recompute each block in the backward pass (keeps only block inputs).
+    #[arg(long, requires = "plan")]
+    checkpoint_activations: bool,
+    /// Shard AdamW state and master weights over the ranks (ZeRO stage 1).
+    #[arg(long, requires = "plan")]
+    zero1: bool,
+    /// LoRA rank (task lora).
+    #[arg(long, default_value_t = 16, requires = "plan")]
+    lora_rank: usize,
+    /// Memory per device in GiB: adds a `fits: yes|no` line.
+    #[arg(long, requires = "plan")]
+    memory: Option<f64>,
+}
+
+impl PlanArgs {
+    fn request(&self) -> Result<PlanRequest> {
+        let task: PlanTask = match &self.task {
+            Some(t) => t.parse()?,
+            None => bail!("--plan needs --task infer, train or lora"),
+        };
+        let (Some(batch), Some(seq)) = (self.batch, self.seq) else {
+            bail!("--plan needs the run's size: --batch (sequences per rank) and --seq (tokens)");
+        };
+        if self.memory.is_some_and(|m| !(m > 0.0 && m.is_finite())) {
+            bail!("--memory is a positive number of GiB");
+        }
+        Ok(PlanRequest {
+            dtype: self.dtype,
+            ranks: self.ranks,
+            expert_parallel: self.expert_parallel,
+            checkpoint_activations: self.checkpoint_activations,
+            zero1: self.zero1,
+            lora_rank: self.lora_rank,
+            ..PlanRequest::new(task, batch, seq)
+        })
+    }
+}
+
+/// The plan as `key: value` lines, `total_bytes: N` last.
+fn plan_lines(cfg: &DeepSeekConfig, args: &PlanArgs) -> Result<String> {
+    let request = args.request()?;
+    let plan = MemoryPlan::new(cfg, &request)?;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let mut out = format!(
+        "task: {} (per rank: batch {} x seq {}; {} ranks, expert-parallel {}, dtype {}{}{})\n",
+        request.task,
+        request.batch,
+        request.seq,
+        request.ranks,
+        request.expert_parallel,
+        request.dtype,
+        if request.checkpoint_activations { ", activation checkpointing" } else { "" },
+        if request.zero1 { ", ZeRO-1" } else { "" },
+    );
+    for (key, bytes) in [
+        ("weights_bytes", plan.weights),
+        ("gradients_bytes", plan.gradients),
+        ("optimizer_bytes", plan.optimizer),
+        ("activations_bytes", plan.activations),
+        ("kv_cache_bytes", plan.kv_cache),
+    ] {
+        out += &format!("{key}: {bytes} ({:.2} GiB)\n", gib(bytes));
+    }
+    if let Some(memory) = args.memory {
+        let fits = plan.total() as f64 <= memory * (1u64 << 30) as f64;
+        out += &format!(
+            "fits: {} ({:.2} of {memory} GiB)\n",
+            if fits { "yes" } else { "no" },
+            gib(plan.total())
+        );
+    }
+    out += &format!("total_bytes: {}\n", plan.total());
+    Ok(out)
 }
 
 /// How tokens are chosen, shared by `generate` and `chat`.
@@ -359,32 +489,40 @@ struct GenerateJob {
     stop: Vec<String>,
 }
 
-impl BackendTask for OnDevice {
+/// A command and the dtype its model is held in, carried to the backend by [`run_on`].
+struct Job {
+    task: OnDevice,
+    dtype: WeightDtype,
+}
+
+impl BackendTask for Job {
     type Output = Result<()>;
 
     fn run<B: Backend>(self, devices: Vec<B::Device>) -> Result<()> {
         let dev = &devices[0];
-        match self {
+        let held = LoadOptions::default().with_dtype(self.dtype);
+        match self.task {
             OnDevice::Logits { model, input, output, allow_unused, adapter } => {
-                logits::<B>(&model, adapter.as_deref(), &input, &output, dev, allow_unused)
+                let options = LoadOptions { allow_unused, ..held };
+                logits::<B>(&model, adapter.as_deref(), &input, &output, dev, options)
             }
             OnDevice::Chat { model, adapter, tok, template, system, cfg } => {
-                chat_cmd::<B>(&model, adapter.as_deref(), &tok, &template, system, cfg, dev)
+                chat_cmd::<B>(&model, adapter.as_deref(), &tok, &template, system, cfg, dev, held)
             }
-            OnDevice::Generate(job) => generate_cmd::<B>(job, dev),
+            OnDevice::Generate(job) => generate_cmd::<B>(job, dev, held),
             OnDevice::Serve { model, adapter, options } => {
-                let pipeline = Pipeline::<B>::load_with_adapter(&model, adapter.as_deref(), dev)?;
+                let pipeline = Pipeline::<B>::load_with(&model, adapter.as_deref(), held, dev)?;
                 serve(pipeline, options)
             }
-            OnDevice::Bench(job) => bench_cmd::<B>(job, dev),
-            OnDevice::Eval(job) => eval_cmd::<B>(job, dev),
+            OnDevice::Bench(job) => bench_cmd::<B>(job, dev, self.dtype),
+            OnDevice::Eval(job) => eval_cmd::<B>(job, dev, held),
         }
     }
 }
 
-/// Runs `task` on `device`'s default device.
-fn on_device(device: DeviceKind, task: OnDevice) -> Result<()> {
-    run_on(device, &[], task)?
+/// Runs `task` on `device`'s default device, its model held in `dtype`.
+fn on_device(device: DeviceKind, dtype: WeightDtype, task: OnDevice) -> Result<()> {
+    run_on(device, &[], Job { task, dtype })?
 }
 
 fn main() -> Result<()> {
@@ -398,8 +536,12 @@ fn main() -> Result<()> {
             println!("bytes: {}", report.bytes);
             Ok(())
         }
-        Command::Logits { model, input, output, device, allow_unused, adapter } => {
-            on_device(device, OnDevice::Logits { model, input, output, allow_unused, adapter })
+        Command::Logits { model, input, output, device, dtype, allow_unused, adapter } => {
+            on_device(
+                device,
+                dtype,
+                OnDevice::Logits { model, input, output, allow_unused, adapter },
+            )
         }
         Command::Merge { model, adapter, out, dtype } => merge_cmd(&model, &adapter, &out, &dtype),
         Command::Eval {
@@ -416,6 +558,7 @@ fn main() -> Result<()> {
             max_len,
             sampling,
             device,
+            dtype,
         } => {
             let kind = match kind.as_str() {
                 "choice" => EvalKind::Choice,
@@ -436,6 +579,7 @@ fn main() -> Result<()> {
             }
             on_device(
                 device,
+                dtype,
                 OnDevice::Eval(EvalJob {
                     model,
                     adapter,
@@ -461,6 +605,7 @@ fn main() -> Result<()> {
             max_new_tokens,
             sampling,
             device,
+            dtype,
         } => {
             // An adapter's own template is the one it was trained with.
             let tokenizer_config = tokenizer_config.or_else(|| {
@@ -478,7 +623,7 @@ fn main() -> Result<()> {
                 eos_token_id: None,
                 stop_sequences: vec![],
             };
-            on_device(device, OnDevice::Chat { model, adapter, tok, template, system, cfg })
+            on_device(device, dtype, OnDevice::Chat { model, adapter, tok, template, system, cfg })
         }
         Command::Tokenize { tokenizer, text, add_special_tokens } => {
             let tok = TextTokenizer::from_file(&tokenizer)?;
@@ -508,6 +653,7 @@ fn main() -> Result<()> {
             served_model_name,
             speculative,
             device,
+            dtype,
         } => {
             let model_name = match served_model_name {
                 Some(name) => name,
@@ -526,7 +672,7 @@ fn main() -> Result<()> {
                 context,
                 speculative,
             };
-            on_device(device, OnDevice::Serve { model, adapter, options })
+            on_device(device, dtype, OnDevice::Serve { model, adapter, options })
         }
         Command::Generate {
             model,
@@ -537,6 +683,7 @@ fn main() -> Result<()> {
             max_new_tokens,
             sampling,
             device,
+            dtype,
             print_ids,
             stop,
             speculative,
@@ -569,6 +716,7 @@ fn main() -> Result<()> {
             }
             on_device(
                 device,
+                dtype,
                 OnDevice::Generate(GenerateJob {
                     model,
                     adapter,
@@ -590,6 +738,7 @@ fn main() -> Result<()> {
             context,
             repeats,
             device,
+            dtype,
             adapter,
         } => {
             let path = match path.as_str() {
@@ -602,6 +751,7 @@ fn main() -> Result<()> {
             }
             on_device(
                 device,
+                dtype,
                 OnDevice::Bench(BenchJob {
                     model,
                     preset,
@@ -615,14 +765,18 @@ fn main() -> Result<()> {
                 }),
             )
         }
-        Command::Info { model, preset } => {
+        Command::Info { model, preset, plan } => {
             let cfg = match (model, preset) {
                 (Some(dir), _) => DeepSeekConfig::from_hf_file(&dir)
                     .with_context(|| format!("loading {}", dir.display()))?,
                 (None, Some(name)) => DeepSeekConfig::preset(&name)?,
                 (None, None) => unreachable!("clap requires one"),
             };
-            print!("{}", info(&cfg));
+            if plan.plan {
+                print!("{}", plan_lines(&cfg, &plan)?);
+            } else {
+                print!("{}", info(&cfg));
+            }
             Ok(())
         }
     }
@@ -679,10 +833,10 @@ fn eval_prompting(model: &Path, adapter: Option<&Path>) -> Result<(Option<ChatTe
     Ok((template, if add_bos { bos } else { String::new() }))
 }
 
-fn eval_cmd<B: Backend>(job: EvalJob, device: &B::Device) -> Result<()> {
+fn eval_cmd<B: Backend>(job: EvalJob, device: &B::Device, held: LoadOptions) -> Result<()> {
     use deepseek_infer::{checker, eval};
     let started = std::time::Instant::now();
-    let model = load::<B>(&job.model, job.adapter.as_deref(), device, LoadOptions::default())?;
+    let model = load::<B>(&job.model, job.adapter.as_deref(), device, held)?;
     let tok = TextTokenizer::from_file(&job.model.join("tokenizer.json"))?;
     tok.check_vocab(model.config.vocab_size)?;
     let (template, bos) = eval_prompting(&job.model, job.adapter.as_deref())?;
@@ -862,7 +1016,7 @@ fn merge_cmd(base: &Path, adapter: &Path, out: &Path, dtype: &str) -> Result<()>
     Ok(())
 }
 
-fn bench_cmd<B: Backend>(job: BenchJob, dev: &B::Device) -> Result<()> {
+fn bench_cmd<B: Backend>(job: BenchJob, dev: &B::Device, dtype: WeightDtype) -> Result<()> {
     let BenchJob {
         model,
         preset,
@@ -878,18 +1032,22 @@ fn bench_cmd<B: Backend>(job: BenchJob, dev: &B::Device) -> Result<()> {
         bail!("--adapter applies to a --model directory, not a preset");
     }
     let model = match (&model, &preset) {
-        (Some(dir), _) => load::<B>(dir, adapter.as_deref(), dev, LoadOptions::default())?,
+        (Some(dir), _) => {
+            load::<B>(dir, adapter.as_deref(), dev, LoadOptions::default().with_dtype(dtype))?
+        }
         (None, Some(name)) => {
             let mut cfg = DeepSeekConfig::preset(name)?;
             if let Some(c) = context {
                 cfg.max_position_embeddings = cfg.max_position_embeddings.max(c);
             }
-            cfg.init::<B>(dev)
+            dtype.check_supported::<B>(dev)?;
+            cfg.init::<B>(dev).cast(dtype)
         }
         (None, None) => unreachable!("clap requires one"),
     };
     let r = deepseek_infer::bench::run(&model, prompt_tokens, new_tokens, path, repeats, dev)?;
     println!("device: {device}");
+    println!("dtype: {dtype}");
     println!("decode_path: {path:?}");
     println!("prompt_tokens: {}", r.prompt_tokens);
     println!("new_tokens: {}", r.new_tokens);
@@ -905,9 +1063,9 @@ fn logits<B: Backend>(
     input: &Path,
     output: &Path,
     device: &B::Device,
-    allow_unused: bool,
+    options: LoadOptions,
 ) -> Result<()> {
-    let model = load::<B>(model_dir, adapter, device, LoadOptions { allow_unused })?;
+    let model = load::<B>(model_dir, adapter, device, options)?;
     let (ids, [batch, seq]) = io::read_ids(input, "input_ids")?;
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), device);
     let logits = model.try_forward(ids, ForwardOptions::default())?.logits;
@@ -917,7 +1075,7 @@ fn logits<B: Backend>(
     io::write_f32(output, &[("logits", &values, shape)])
 }
 
-fn generate_cmd<B: Backend>(job: GenerateJob, device: &B::Device) -> Result<()> {
+fn generate_cmd<B: Backend>(job: GenerateJob, device: &B::Device, held: LoadOptions) -> Result<()> {
     let GenerateJob {
         model: model_dir,
         adapter,
@@ -929,7 +1087,7 @@ fn generate_cmd<B: Backend>(job: GenerateJob, device: &B::Device) -> Result<()> 
         stop,
     } = job;
     let tokenizer = tok.as_ref();
-    let model = load::<B>(&model_dir, adapter.as_deref(), device, LoadOptions::default())?;
+    let model = load::<B>(&model_dir, adapter.as_deref(), device, held)?;
     if let Some(tok) = tokenizer {
         tok.check_vocab(model.config.vocab_size)?;
     }
@@ -992,8 +1150,9 @@ fn chat_cmd<B: Backend>(
     system: Option<String>,
     mut cfg: GenerateConfig,
     device: &B::Device,
+    held: LoadOptions,
 ) -> Result<()> {
-    let model = load::<B>(model_dir, adapter, device, LoadOptions::default())?;
+    let model = load::<B>(model_dir, adapter, device, held)?;
     tok.check_vocab(model.config.vocab_size)?;
     // The turn ends at the template's EOS token, else at the model's.
     cfg.eos_token_id = template.end_of_turn(tok, model.config.eos_token_id);

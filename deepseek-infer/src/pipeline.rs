@@ -101,8 +101,19 @@ impl<B: Backend> Pipeline<B> {
         adapter: Option<&Path>,
         device: &B::Device,
     ) -> Result<Self> {
+        Self::load_with(dir, adapter, LoadOptions::default(), device)
+    }
+
+    /// [`Pipeline::load_with_adapter`] with loader options: the weights' dtype
+    /// (`LoadOptions::default().with_dtype(WeightDtype::Bf16)` halves the memory of f32).
+    pub fn load_with(
+        dir: impl AsRef<Path>,
+        adapter: Option<&Path>,
+        options: LoadOptions,
+        device: &B::Device,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
-        let model = deepseek_core::load_model::<B>(dir, device, LoadOptions::default())
+        let model = deepseek_core::load_model::<B>(dir, device, options)
             .with_context(|| format!("loading model from {}", dir.display()))?;
         let model = match adapter {
             Some(a) => deepseek_core::adapter::load_adapter(model, a)

@@ -49,6 +49,34 @@ fn logits_command_reproduces_transformers_on_every_golden_case() {
 }
 
 #[test]
+fn logits_in_bf16_stay_within_bf16_tolerance_and_bad_dtypes_are_clear_errors() {
+    let case = "v3_yarn_qlora";
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("logits.safetensors");
+    let reference = golden(case).join("reference.safetensors");
+    let run = |dtype: &str| {
+        let (model, input) = (golden(case), reference.to_str().unwrap().to_string());
+        let args = ["logits", "--model", model.to_str().unwrap(), "--input", &input];
+        deepseek(&[&args[..], &["--output", out.to_str().unwrap(), "--dtype", dtype]].concat())
+    };
+    let o = run("bf16");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (got, _) = read_f32(&out, "logits");
+    let (want, _) = read_f32(&reference, "logits");
+    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    // Rounding moves them (tests/tests/half_precision.rs states the tolerance), but not by 0.
+    assert!(diff > 1e-4 && diff < 0.15, "bf16 logits: max |diff| {diff:e}");
+    std::fs::remove_file(&out).unwrap();
+    for (bad, says) in [("f8", "FP8 checkpoint"), ("f64", "f32, bf16 or f16")] {
+        let o = run(bad);
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(says) && !err.contains("panicked"), "--dtype {bad}: {err}");
+        assert!(!out.exists(), "no output on failure");
+    }
+}
+
+#[test]
 fn info_prints_671b_parameters_for_v3() {
     let o = deepseek(&["info", "--preset", "v3-671b"]);
     assert!(o.status.success());

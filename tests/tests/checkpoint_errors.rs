@@ -117,8 +117,12 @@ fn unexpected_tensors_are_reported_unless_allowed() {
         }
         other => panic!("expected UnexpectedTensors, got {other}"),
     }
-    load_model::<Flex>(dir.path(), &Default::default(), LoadOptions { allow_unused: true })
-        .unwrap();
+    load_model::<Flex>(
+        dir.path(),
+        &Default::default(),
+        LoadOptions { allow_unused: true, ..Default::default() },
+    )
+    .unwrap();
 }
 
 #[test]

@@ -17,6 +17,7 @@ use burn::module::Param;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use crate::config::DeepSeekConfig;
+use crate::dtype::WeightDtype;
 use crate::error::{DeepSeekError, Result};
 use crate::model::DeepSeekModel;
 pub(crate) use hf_names::{table, ExpertPart, Target, EXPERT_STRIDE};
@@ -28,6 +29,16 @@ pub use writer::{model_tensors, save_model, write_atomic, write_safetensors, Nam
 pub struct LoadOptions {
     /// Ignore tensors the model does not use instead of failing.
     pub allow_unused: bool,
+    /// The dtype the weights are held in, whatever the checkpoint stores (F32, BF16, F16, or FP8
+    /// dequantized); the routers' correction biases stay f32 ([`crate::dtype`]).
+    pub dtype: WeightDtype,
+}
+
+impl LoadOptions {
+    /// These options with weights held in `dtype`.
+    pub fn with_dtype(self, dtype: WeightDtype) -> Self {
+        Self { dtype, ..self }
+    }
 }
 
 /// Reads `dir/config.json` and the weights into a model on `device`.
@@ -50,6 +61,7 @@ pub fn load_weights<B: Backend>(
     device: &B::Device,
     options: LoadOptions,
 ) -> Result<DeepSeekModel<B>> {
+    options.dtype.check_supported::<B>(device)?;
     let rows = table::<B>(config);
     // Validate everything before reading any data.
     let mut used: HashSet<String> = HashSet::new();
@@ -72,7 +84,10 @@ pub fn load_weights<B: Backend>(
         }
     }
     let mut model = config.init::<B>(device);
-    let mut experts = StackedExperts::new(config);
+    let mut experts = StackedExperts::new(config, options.dtype);
+    // Each tensor is read (widened to f32 on the host, one tensor at a time) and stored in the
+    // chosen dtype, so the whole model never exists in f32.
+    let held = (device, options.dtype.dtype());
     for row in &rows {
         if matches!(row.target, Target::Shared) {
             continue;
@@ -84,92 +99,139 @@ pub fn load_weights<B: Backend>(
                 // the host keeps the weight contiguous, so no matmul pays for a strided layout.
                 get(&mut model, row.index).weight = Param::from_tensor(Tensor::<B, 2>::from_data(
                     transpose(data, row.shape[0], row.shape[1]),
-                    device,
+                    held,
                 ));
             }
             Target::Norm(get) => {
                 get(&mut model, row.index).weight =
-                    Param::from_tensor(Tensor::from_data(data, device))
+                    Param::from_tensor(Tensor::from_data(data, held))
             }
             Target::Matrix(get) => {
-                *get(&mut model, row.index) = Param::from_tensor(Tensor::from_data(data, device))
+                *get(&mut model, row.index) = Param::from_tensor(Tensor::from_data(data, held))
             }
             Target::Vector(get) => {
-                // The balancing bias is state, not a trainable parameter.
+                // The balancing bias is state, not a trainable parameter, and stays f32.
                 *get(&mut model, row.index) =
                     Param::from_tensor(Tensor::from_data(data, device)).set_require_grad(false)
             }
-            Target::Expert(part) => experts.write(row.index, part, data),
+            Target::Expert(part) => {
+                if let Some(done) = experts.write(row.index, part, data) {
+                    // A block's stack goes to the device as soon as it is complete: the host
+                    // holds one block's f32 experts at a time.
+                    experts.install(&mut model, done, held);
+                }
+            }
             Target::Shared => unreachable!("skipped above"),
         }
     }
-    experts.install(&mut model, device);
+    debug_assert!(experts.blocks.is_empty(), "every block's experts were checked present");
     Ok(model)
 }
 
 /// Host buffers in which the per-expert checkpoint tensors are assembled into the stacked
-/// `gate_up [E, D, 2I]` and `down [E, I, D]` weights of each MoE block.
+/// `gate_up [E, D, 2I]` and `down [E, I, D]` weights of each MoE block, in the dtype the weights
+/// are held in (a bf16 model stages bf16: one block's experts, not twice that).
 struct StackedExperts {
     d: usize,
     i: usize,
     e: usize,
-    /// block index → (gate_up, down) values.
-    blocks: std::collections::BTreeMap<usize, (Vec<f32>, Vec<f32>)>,
+    dtype: WeightDtype,
+    /// block index → (gate_up, down) values and the number of expert tensors written.
+    blocks: std::collections::BTreeMap<usize, (Staging, Staging, usize)>,
+}
+
+/// A host buffer of one of the weight dtypes.
+enum Staging {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+    F16(Vec<half::f16>),
+}
+
+impl Staging {
+    fn zeros(dtype: WeightDtype, n: usize) -> Self {
+        match dtype {
+            WeightDtype::F32 => Staging::F32(vec![0.0; n]),
+            WeightDtype::Bf16 => Staging::Bf16(vec![half::bf16::ZERO; n]),
+            WeightDtype::F16 => Staging::F16(vec![half::f16::ZERO; n]),
+        }
+    }
+
+    /// `self[at(k)] = values[k]` for every `k`, rounded to the buffer's dtype.
+    fn scatter(&mut self, values: &[f32], at: impl Fn(usize) -> usize) {
+        fn put<T>(dst: &mut [T], values: &[f32], at: impl Fn(usize) -> usize, f: fn(f32) -> T) {
+            for (k, &v) in values.iter().enumerate() {
+                dst[at(k)] = f(v);
+            }
+        }
+        match self {
+            Staging::F32(dst) => put(dst, values, at, |v| v),
+            Staging::Bf16(dst) => put(dst, values, at, half::bf16::from_f32),
+            Staging::F16(dst) => put(dst, values, at, half::f16::from_f32),
+        }
+    }
+
+    fn into_data(self, shape: [usize; 3]) -> TensorData {
+        match self {
+            Staging::F32(v) => TensorData::new(v, shape),
+            Staging::Bf16(v) => TensorData::new(v, shape),
+            Staging::F16(v) => TensorData::new(v, shape),
+        }
+    }
 }
 
 impl StackedExperts {
-    fn new(cfg: &DeepSeekConfig) -> Self {
+    fn new(cfg: &DeepSeekConfig, dtype: WeightDtype) -> Self {
         Self {
             d: cfg.hidden_size,
             i: cfg.moe_intermediate_size,
             e: cfg.n_routed_experts,
+            dtype,
             blocks: Default::default(),
         }
     }
 
-    /// Writes one expert's `[out, in]` checkpoint tensor, transposed, into its slice.
-    fn write(&mut self, packed: usize, part: ExpertPart, data: TensorData) {
-        let (d, i, e) = (self.d, self.i, self.e);
+    /// Writes one expert's `[out, in]` checkpoint tensor, transposed, into its slice; returns the
+    /// block once all its `3·E` tensors are written.
+    fn write(&mut self, packed: usize, part: ExpertPart, data: TensorData) -> Option<usize> {
+        let (d, i, e, dtype) = (self.d, self.i, self.e, self.dtype);
         let (layer, expert) = (packed / EXPERT_STRIDE, packed % EXPERT_STRIDE);
-        let (gate_up, down) = self
-            .blocks
-            .entry(layer)
-            .or_insert_with(|| (vec![0.0; e * d * 2 * i], vec![0.0; e * i * d]));
+        let (gate_up, down, written) = self.blocks.entry(layer).or_insert_with(|| {
+            (Staging::zeros(dtype, e * d * 2 * i), Staging::zeros(dtype, e * i * d), 0)
+        });
+        *written += 1;
+        let complete = (*written == 3 * e).then_some(layer);
         let values: Vec<f32> = data.into_vec().expect("read_f32 returns f32 data");
         match part {
-            // gate/up: stored [I, D]; slice [D, 2I] of expert `expert`, columns offset by 0 or I.
+            // gate/up: stored [I, D] (value k at row k / D, column k % D); slice [D, 2I] of
+            // expert `expert`, columns offset by 0 or I.
             ExpertPart::Gate | ExpertPart::Up => {
                 let col0 = if part == ExpertPart::Gate { 0 } else { i };
                 let base = expert * d * 2 * i;
-                for r in 0..i {
-                    for c in 0..d {
-                        gate_up[base + c * 2 * i + col0 + r] = values[r * d + c];
-                    }
-                }
+                gate_up.scatter(&values, |k| base + (k % d) * 2 * i + col0 + k / d);
             }
             // down: stored [D, I]; slice [I, D].
             ExpertPart::Down => {
                 let base = expert * i * d;
-                for r in 0..d {
-                    for c in 0..i {
-                        down[base + c * d + r] = values[r * i + c];
-                    }
-                }
+                down.scatter(&values, |k| base + (k % i) * d + k / i);
             }
         }
+        complete
     }
 
-    fn install<B: Backend>(self, model: &mut DeepSeekModel<B>, device: &B::Device) {
+    /// Moves block `layer`'s stacks into the model, stored as `held` says.
+    fn install<B: Backend>(
+        &mut self,
+        model: &mut DeepSeekModel<B>,
+        layer: usize,
+        held: (&B::Device, burn::tensor::DType),
+    ) {
         let (d, i, e) = (self.d, self.i, self.e);
-        for (layer, (gate_up, down)) in self.blocks {
-            let experts = hf_names::routed_experts(model, layer);
-            experts.gate_up.weight = Param::from_tensor(Tensor::from_data(
-                TensorData::new(gate_up, [e, d, 2 * i]),
-                device,
-            ));
-            experts.down.weight =
-                Param::from_tensor(Tensor::from_data(TensorData::new(down, [e, i, d]), device));
-        }
+        let (gate_up, down, _) = self.blocks.remove(&layer).expect("a block being written");
+        let experts = hf_names::routed_experts(model, layer);
+        experts.gate_up.weight =
+            Param::from_tensor(Tensor::from_data(gate_up.into_data([e, d, 2 * i]), held));
+        experts.down.weight =
+            Param::from_tensor(Tensor::from_data(down.into_data([e, i, d]), held));
     }
 }
 

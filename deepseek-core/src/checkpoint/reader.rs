@@ -252,6 +252,7 @@ impl Checkpoint {
             Dtype::F8_E4M3 => return self.read_fp8(name, bytes, &info.shape),
             _ => unreachable!("dtype checked above"),
         };
+        shard.release(start, end - start);
         Ok(TensorData::new(values, info.shape.clone()))
     }
 
@@ -281,6 +282,21 @@ impl Checkpoint {
 }
 
 impl Shard {
+    /// Lets the kernel drop the mapped pages of bytes `offset..offset + len`, once read: a
+    /// loaded tensor then no longer counts twice (as mapped file pages and as the model's
+    /// copy), so loading peaks near the model's own size. Pages are re-read from the file if
+    /// touched again. Best effort: a refusal only costs memory.
+    fn release(&self, offset: usize, len: usize) {
+        #[cfg(unix)]
+        // SAFETY: the map is a read-only shared file mapping: dropping its pages loses nothing
+        // (the next access faults them in from the file again) and no slice into it changes.
+        let _ = unsafe {
+            self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+        };
+        #[cfg(not(unix))]
+        let _ = (offset, len);
+    }
+
     fn open(path: PathBuf) -> Result<Self> {
         let file =
             File::open(&path).map_err(|source| DeepSeekError::Io { path: path.clone(), source })?;

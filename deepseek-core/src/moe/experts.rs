@@ -122,7 +122,7 @@ impl<B: Backend> RoutedExperts<B> {
             .select(0, int_tensor::<B>(plan.slot_of_row.clone(), &device))
             .unsqueeze_dim::<2>(1); // [T·K, 1]
         let weighted = expert_out * gate.cast(dtype);
-        Tensor::zeros([tokens, d_model], &device).select_assign(
+        Tensor::zeros([tokens, d_model], (&device, dtype)).select_assign(
             0,
             token_of_row,
             weighted,
@@ -250,8 +250,9 @@ impl<B: Backend> RoutedExperts<B> {
             .reshape([rows])
             .select(0, int_tensor::<B>(plan.slot_of_row.clone(), &device))
             .unsqueeze_dim::<2>(1); // [T·K, 1]
-        let weighted = returned.clone() * gate.cast(returned.dtype());
-        Tensor::zeros([tokens, d_model], &device).select_assign(
+        let dtype = returned.dtype();
+        let weighted = returned * gate.cast(dtype);
+        Tensor::zeros([tokens, d_model], (&device, dtype)).select_assign(
             0,
             token_of_row,
             weighted,

@@ -1,0 +1,133 @@
+//! The dtype weights are held in, chosen when a checkpoint is loaded ([`crate::LoadOptions`]).
+//!
+//! Numerics, as DeepSeek's inference code and transformers keep them: the weights and the
+//! activations between them are in the chosen dtype (bf16 halves the memory of f32, and a bf16
+//! checkpoint loaded as bf16 is never widened), while the pieces whose precision decides the
+//! result stay in f32: RMSNorm (statistics and scaling, rounded back to the activation dtype after
+//! the gain), the router (logits, sigmoid/softmax scores, the correction bias and top-k, so that a
+//! bf16 model picks the experts an f32 model picks on all but near-ties), the attention softmax
+//! (`q·kᵀ`, the mask and the weighted sum run in f32), and the output logits (and so every loss
+//! and sampling distribution). The balancing bias `e_score_correction_bias` is always f32: it is
+//! state updated in steps of about 1e-3, which bf16 (8 bits of mantissa) would round away.
+//!
+//! bf16 keeps f32's exponent range, so no scaling is ever needed; f16 has 5 exponent bits and
+//! overflows above 65504, which DeepSeek-V3's activations reach in a few channels of deep blocks:
+//! f16 is offered for backends without bf16 (wgpu on most laptops) and small models.
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, FloatDType};
+
+use crate::error::{DeepSeekError, Result};
+
+/// The dtype of a model's weights and activations (see the module docs for what stays in f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDtype {
+    /// 4 bytes per parameter; every operation in f32.
+    #[default]
+    F32,
+    /// bfloat16: 2 bytes, f32's range, 8 bits of mantissa (DeepSeek-V3's training dtype).
+    Bf16,
+    /// IEEE half: 2 bytes, 11 bits of mantissa, range up to 65504.
+    F16,
+}
+
+impl WeightDtype {
+    /// Every choice, in the order the CLI lists them.
+    pub const ALL: [WeightDtype; 3] = [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16];
+
+    /// Burn's float dtype.
+    pub fn float(self) -> FloatDType {
+        match self {
+            WeightDtype::F32 => FloatDType::F32,
+            WeightDtype::Bf16 => FloatDType::BF16,
+            WeightDtype::F16 => FloatDType::F16,
+        }
+    }
+
+    /// Burn's dtype.
+    pub fn dtype(self) -> DType {
+        self.float().into()
+    }
+
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        self.dtype().size()
+    }
+
+    /// The name the CLI and `config.json`'s `torch_dtype` use for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::Bf16 => "bf16",
+            WeightDtype::F16 => "f16",
+        }
+    }
+
+    /// The choice of a tensor's dtype, if it is one.
+    pub fn of(dtype: DType) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.dtype() == dtype)
+    }
+
+    /// Fails unless backend `B` computes in this dtype on `device` (wgpu without the f16 shader
+    /// feature has no f16; no wgpu device has bf16).
+    pub fn check_supported<B: Backend>(self, device: &B::Device) -> Result<()> {
+        if self == WeightDtype::F32 || B::supports_dtype(device, self.dtype()) {
+            return Ok(());
+        }
+        let others: Vec<&str> = Self::ALL
+            .into_iter()
+            .filter(|d| *d == WeightDtype::F32 || B::supports_dtype(device, d.dtype()))
+            .map(WeightDtype::name)
+            .collect();
+        Err(DeepSeekError::Input(format!(
+            "this device ({device:?}) has no {self} arithmetic; choose --dtype {}",
+            others.join(" or ")
+        )))
+    }
+}
+
+impl fmt::Display for WeightDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for WeightDtype {
+    type Err = DeepSeekError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" | "fp32" => Ok(WeightDtype::F32),
+            "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
+            "f16" | "float16" | "fp16" | "half" => Ok(WeightDtype::F16),
+            "f8" | "fp8" | "e4m3" | "float8" => Err(DeepSeekError::Input(format!(
+                "`{s}` is not a dtype weights are computed in: an FP8 checkpoint (F8_E4M3 with \
+                 weight_scale_inv) is read as it is and dequantized into --dtype f32, bf16 or f16"
+            ))),
+            _ => {
+                Err(DeepSeekError::Input(format!("unknown dtype `{s}`: expected f32, bf16 or f16")))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_back_and_fp8_is_explained() {
+        for d in WeightDtype::ALL {
+            assert_eq!(d.name().parse::<WeightDtype>().unwrap(), d);
+        }
+        assert_eq!("bfloat16".parse::<WeightDtype>().unwrap(), WeightDtype::Bf16);
+        let err = "f8".parse::<WeightDtype>().unwrap_err().to_string();
+        assert!(err.contains("FP8 checkpoint") && err.contains("bf16"), "{err}");
+        assert!("f64".parse::<WeightDtype>().unwrap_err().to_string().contains("f32, bf16 or f16"));
+        assert_eq!(WeightDtype::Bf16.size(), 2);
+        assert_eq!(WeightDtype::of(DType::F16), Some(WeightDtype::F16));
+    }
+}
