@@ -16,12 +16,13 @@ for line in sys.stdin:
 }
 forward=$(cargo bench -p deepseek-infer --features cuda --bench forward --no-run --message-format=json | exe bench)
 golden=$(cargo test --release -p deepseek-tests --features cuda --test golden --no-run --message-format=json | exe test)
+half_precision=$(cargo test --release -p deepseek-tests --features cuda --test half_precision --no-run --message-format=json | exe test)
 fp8_kernels=$(cargo test --release -p deepseek-tests --features cuda --test fp8_kernels --no-run --message-format=json | exe test)
 fp8_bench=$(cargo bench -p deepseek-core --features cuda --bench fp8 --no-run --message-format=json | exe bench)
 moe_kernels=$(cargo test --release -p deepseek-tests --features cuda --test moe_kernels --no-run --message-format=json | exe test)
 moe_bench=$(cargo bench -p deepseek-core --features cuda --bench moe --no-run --message-format=json | exe bench)
 cargo build --release -p deepseek-infer --features cuda --bin deepseek
-for pair in "forward:$forward" "golden:$golden" "fp8_kernels:$fp8_kernels" "fp8_bench:$fp8_bench" "moe_kernels:$moe_kernels" "moe_bench:$moe_bench" "deepseek:$CARGO_TARGET_DIR/release/deepseek"; do
+for pair in "forward:$forward" "golden:$golden" "half_precision:$half_precision" "fp8_kernels:$fp8_kernels" "fp8_bench:$fp8_bench" "moe_kernels:$moe_kernels" "moe_bench:$moe_bench" "deepseek:$CARGO_TARGET_DIR/release/deepseek"; do
   name=${pair%%:*}; path=${pair#*:}
   strip -o "gpu-bin/$name" "$path"
   xz -T2 -6 -f "gpu-bin/$name"

@@ -5,7 +5,7 @@
 set -u
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
-for name in forward golden deepseek fp8_kernels fp8_bench moe_kernels moe_bench; do
+for name in forward golden half_precision deepseek fp8_kernels fp8_bench moe_kernels moe_bench; do
   if command -v xz >/dev/null; then xz -d -c "gpu-bin/$name.xz" > "gpu-bin/$name"
   else python3 -c 'import lzma,sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())' "gpu-bin/$name.xz" > "gpu-bin/$name"; fi
   chmod +x "gpu-bin/$name"
@@ -19,6 +19,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 echo "== golden comparisons on CUDA (all three cases)"
 DEEPSEEK_TEST_CUDA=1 timeout 200 gpu-bin/golden --nocapture --test-threads 1 golden_cases_match_transformers_on_cuda > "$OUT/golden_cuda.txt" 2>&1
 echo "exit $?"; grep -E "logits|mtp|test |result|panicked" "$OUT/golden_cuda.txt" | head -20
+
+echo "== bf16 and f16 weights on CUDA against the f32 reference"
+DEEPSEEK_TEST_CUDA=1 timeout 120 gpu-bin/half_precision --nocapture --test-threads 1 half_precision_on_cuda > "$OUT/half_precision_cuda.txt" 2>&1
+echo "exit $?"; grep -E "logits|near-tie|greedy|test |result|panicked" "$OUT/half_precision_cuda.txt" | head -30
 
 if [ -n "${SKIP_LOGITS:-}" ]; then echo "== logits skipped"; else
 echo "== deepseek logits --device cuda"
@@ -47,3 +51,9 @@ bench --device cuda --expert-path grouped --batch 8 --seq 128 --warmup 2
 bench --device cuda --expert-path grouped --batch 32 --seq 512 --warmup 2
 if [ -n "${BENCH_PER_EXPERT:-}" ]; then bench --device cuda --expert-path per-expert --batch 8 --seq 128; fi
 if [ -n "${BENCH_FLEX:-}" ]; then bench --device flex --expert-path per-expert --batch 8 --seq 128; fi
+
+echo "== decoding with f32 and bf16 weights on CUDA"
+for dt in f32 bf16; do
+  timeout 60 gpu-bin/deepseek bench --preset small --device cuda --dtype "$dt" --prompt-tokens 128 --new-tokens 32 --repeats 2 2>&1 \
+    | tee -a "$OUT/decode_dtype.txt" | grep -E "dtype|tokens_per_s|rror|panic"
+done

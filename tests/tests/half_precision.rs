@@ -273,3 +273,19 @@ fn half_precision_on_wgpu_is_f16_or_a_clear_error() {
         check_case::<Wgpu>(case, WeightDtype::F16, &device, F16_ATOL.max(GPU_ATOL));
     }
 }
+
+#[cfg(feature = "cuda")]
+#[test]
+fn half_precision_on_cuda_matches_the_f32_reference() {
+    // Runs only where a GPU is present (scripts/gpu_check.sh sets the variable).
+    if std::env::var_os("DEEPSEEK_TEST_CUDA").is_none() {
+        eprintln!("skipped: set DEEPSEEK_TEST_CUDA=1 on a machine with an NVIDIA GPU");
+        return;
+    }
+    let device = Default::default();
+    for case in CASES {
+        for (dtype, atol) in [(WeightDtype::Bf16, BF16_ATOL), (WeightDtype::F16, F16_ATOL)] {
+            check_case::<burn::backend::Cuda>(case, dtype, &device, atol.max(CUDA_TF32_ATOL));
+        }
+    }
+}

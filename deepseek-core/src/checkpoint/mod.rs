@@ -98,7 +98,7 @@ pub fn load_weights<B: Backend>(
                 // Stored [out, in]; Burn's Linear computes x·W with W [in, out]. Transposing on
                 // the host keeps the weight contiguous, so no matmul pays for a strided layout.
                 get(&mut model, row.index).weight = Param::from_tensor(Tensor::<B, 2>::from_data(
-                    transpose(data, row.shape[0], row.shape[1]),
+                    transpose(data, row.shape[0], row.shape[1], options.dtype),
                     held,
                 ));
             }
@@ -170,7 +170,7 @@ impl Staging {
         }
     }
 
-    fn into_data(self, shape: [usize; 3]) -> TensorData {
+    fn into_data(self, shape: Vec<usize>) -> TensorData {
         match self {
             Staging::F32(v) => TensorData::new(v, shape),
             Staging::Bf16(v) => TensorData::new(v, shape),
@@ -229,20 +229,18 @@ impl StackedExperts {
         let (gate_up, down, _) = self.blocks.remove(&layer).expect("a block being written");
         let experts = hf_names::routed_experts(model, layer);
         experts.gate_up.weight =
-            Param::from_tensor(Tensor::from_data(gate_up.into_data([e, d, 2 * i]), held));
+            Param::from_tensor(Tensor::from_data(gate_up.into_data(vec![e, d, 2 * i]), held));
         experts.down.weight =
-            Param::from_tensor(Tensor::from_data(down.into_data([e, i, d]), held));
+            Param::from_tensor(Tensor::from_data(down.into_data(vec![e, i, d]), held));
     }
 }
 
-/// `[rows, cols]` → `[cols, rows]` of an f32 tensor.
-fn transpose(data: TensorData, rows: usize, cols: usize) -> TensorData {
+/// `[rows, cols]` → `[cols, rows]` of an f32 tensor, rounded to `dtype` as it is written (the
+/// transposed copy never exists in f32 beside the read one).
+fn transpose(data: TensorData, rows: usize, cols: usize, dtype: WeightDtype) -> TensorData {
     let values: Vec<f32> = data.into_vec().expect("read_f32 returns f32 data");
-    let mut out = vec![0f32; values.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = values[r * cols + c];
-        }
-    }
-    TensorData::new(out, [cols, rows])
+    let mut out = Staging::zeros(dtype, values.len());
+    // Value k sits at row k / cols, column k % cols; it goes to row k % cols, column k / cols.
+    out.scatter(&values, |k| (k % cols) * rows + k / cols);
+    out.into_data(vec![cols, rows])
 }
