@@ -74,19 +74,47 @@ impl WeightDtype {
     /// Fails unless backend `B` computes in this dtype on `device` (wgpu without the f16 shader
     /// feature has no f16; no wgpu device has bf16).
     pub fn check_supported<B: Backend>(self, device: &B::Device) -> Result<()> {
-        if self == WeightDtype::F32 || B::supports_dtype(device, self.dtype()) {
+        let runs = |d: WeightDtype| {
+            d == WeightDtype::F32
+                || (B::supports_dtype(device, d.dtype()) && broken::<B>(d).is_none())
+        };
+        if runs(self) {
             return Ok(());
         }
-        let others: Vec<&str> = Self::ALL
-            .into_iter()
-            .filter(|d| *d == WeightDtype::F32 || B::supports_dtype(device, d.dtype()))
-            .map(WeightDtype::name)
-            .collect();
+        let others: Vec<&str> =
+            Self::ALL.into_iter().filter(|d| runs(*d)).map(WeightDtype::name).collect();
+        if let Some(why) = broken::<B>(self) {
+            return Err(DeepSeekError::Input(format!(
+                "{self} on this backend: {why}; choose --dtype {}",
+                others.join(" or ")
+            )));
+        }
         Err(DeepSeekError::Input(format!(
             "this device ({device:?}) has no {self} arithmetic; choose --dtype {}",
             others.join(" or ")
         )))
     }
+}
+
+/// Why a dtype the backend advertises does not run our model on it, where we know it does not.
+#[cfg_attr(not(feature = "wgpu"), allow(clippy::extra_unused_type_parameters))]
+fn broken<B: Backend>(dtype: WeightDtype) -> Option<&'static str> {
+    #[cfg(feature = "wgpu")]
+    {
+        use std::any::TypeId;
+        type Wgpu = burn::backend::Wgpu;
+        let id = TypeId::of::<B>();
+        let wgpu =
+            id == TypeId::of::<Wgpu>() || id == TypeId::of::<burn::backend::Autodiff<Wgpu>>();
+        if wgpu && dtype == WeightDtype::F16 {
+            // Seen on Mesa lavapipe: a fused reduction over f16 inputs indexes past its
+            // arguments (`GlobalArgsLaunch::resolve_arg`, burn-cubecl-fusion 0.21) and the
+            // device thread panics.
+            return Some("Burn 0.21's fused reductions fail on f16 inputs on wgpu");
+        }
+    }
+    let _ = dtype;
+    None
 }
 
 impl fmt::Display for WeightDtype {

@@ -112,13 +112,16 @@ impl PlanRequest {
         if self.batch == 0 || self.seq == 0 {
             return bad("a plan needs --batch and --seq of at least 1".into());
         }
-        if self.ranks == 0 || self.expert_parallel == 0 || self.ranks % self.expert_parallel != 0 {
+        if self.ranks == 0
+            || self.expert_parallel == 0
+            || !self.ranks.is_multiple_of(self.expert_parallel)
+        {
             return bad(format!(
                 "--expert-parallel {} must divide --ranks {} (both at least 1)",
                 self.expert_parallel, self.ranks
             ));
         }
-        if self.expert_parallel > 1 && cfg.n_routed_experts % self.expert_parallel != 0 {
+        if self.expert_parallel > 1 && !cfg.n_routed_experts.is_multiple_of(self.expert_parallel) {
             return bad(format!(
                 "{} routed experts do not split over {} expert-parallel ranks",
                 cfg.n_routed_experts, self.expert_parallel

@@ -507,7 +507,8 @@ impl BackendTask for Job {
                 logits::<B>(&model, adapter.as_deref(), &input, &output, dev, options)
             }
             OnDevice::Chat { model, adapter, tok, template, system, cfg } => {
-                chat_cmd::<B>(&model, adapter.as_deref(), &tok, &template, system, cfg, dev, held)
+                let model = load::<B>(&model, adapter.as_deref(), dev, held)?;
+                chat_cmd::<B>(model, &tok, &template, system, cfg, dev)
             }
             OnDevice::Generate(job) => generate_cmd::<B>(job, dev, held),
             OnDevice::Serve { model, adapter, options } => {
@@ -1143,16 +1144,13 @@ fn generate_cmd<B: Backend>(job: GenerateJob, device: &B::Device, held: LoadOpti
 }
 
 fn chat_cmd<B: Backend>(
-    model_dir: &Path,
-    adapter: Option<&Path>,
+    model: deepseek_core::DeepSeekModel<B>,
     tok: &TextTokenizer,
     template: &ChatTemplate,
     system: Option<String>,
     mut cfg: GenerateConfig,
     device: &B::Device,
-    held: LoadOptions,
 ) -> Result<()> {
-    let model = load::<B>(model_dir, adapter, device, held)?;
     tok.check_vocab(model.config.vocab_size)?;
     // The turn ends at the template's EOS token, else at the model's.
     cfg.eos_token_id = template.end_of_turn(tok, model.config.eos_token_id);

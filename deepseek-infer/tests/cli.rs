@@ -77,6 +77,42 @@ fn logits_in_bf16_stay_within_bf16_tolerance_and_bad_dtypes_are_clear_errors() {
 }
 
 #[test]
+fn info_plan_prints_the_parts_and_the_total_last() {
+    let args = ["info", "--plan", "--preset", "v3-671b", "--task", "infer", "--dtype", "bf16"];
+    let o = deepseek(&[&args[..], &["--batch", "1", "--seq", "4096", "--memory", "80"]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    let value = |key: &str| -> u64 {
+        let line =
+            text.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("{key}: {text}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let parts = ["weights_bytes:", "gradients_bytes:", "optimizer_bytes:", "activations_bytes:"];
+    let sum: u64 = parts.iter().map(|k| value(k)).sum::<u64>() + value("kv_cache_bytes:");
+    assert_eq!(text.lines().last().unwrap(), format!("total_bytes: {sum}"));
+    // 671B parameters in bf16 do not fit one 80 GiB device; the cache is 4096 × 70272 bytes.
+    assert!(text.contains("fits: no"), "{text}");
+    assert_eq!(value("kv_cache_bytes:"), 4096 * 70_272);
+
+    let plan =
+        |extra: &[&str]| deepseek(&[&["info", "--plan", "--preset", "small"][..], extra].concat());
+    for (extra, says) in [
+        (&["--task", "train"][..], "--batch"),
+        (&["--batch", "8", "--seq", "128"][..], "--task"),
+        (&["--task", "train", "--batch", "8", "--seq", "128", "--zero1"][..], "--ranks 2"),
+        (&["--task", "fly", "--batch", "8", "--seq", "128"][..], "infer, train or lora"),
+        (&["--task", "infer", "--batch", "1", "--seq", "8", "--dtype", "f8"][..], "FP8"),
+    ] {
+        let o = plan(extra);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(says) && !err.contains("panicked"),
+            "{extra:?}: {err}"
+        );
+    }
+}
+
+#[test]
 fn info_prints_671b_parameters_for_v3() {
     let o = deepseek(&["info", "--preset", "v3-671b"]);
     assert!(o.status.success());

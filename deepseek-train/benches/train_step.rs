@@ -6,7 +6,8 @@
 //!
 //! `--lora R` times the fine-tuning step: LoRA adapters of rank R (alpha 2R) on the five MLA
 //! projections of a frozen model, no weight decay (`python tests/golden/bench_train_hf.py
-//! --lora R` is the same step with PEFT).
+//! --lora R` is the same step with PEFT). `--base-dtype bf16|f16` holds the frozen base in that
+//! dtype (the adapters stay f32).
 //!
 //! Compare with `python tests/golden/bench_train_hf.py` (PyTorch eager, same model, no MTP):
 //! pass `--mtp-depth 0` for the like-for-like figure.
@@ -39,6 +40,7 @@ struct Args {
     expert_path: Option<ExpertPath>,
     fp8: bool,
     lora: Option<usize>,
+    base_dtype: deepseek_core::WeightDtype,
 }
 
 fn main() -> Result<()> {
@@ -54,6 +56,7 @@ fn main() -> Result<()> {
         expert_path: None,
         fp8: false,
         lora: None,
+        base_dtype: Default::default(),
     };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(flag) = it.next() {
@@ -68,6 +71,7 @@ fn main() -> Result<()> {
             "--mtp-depth" => a.mtp_depth = Some(value()?.parse()?),
             "--fp8" => a.fp8 = true,
             "--lora" => a.lora = Some(value()?.parse()?),
+            "--base-dtype" => a.base_dtype = value()?.parse()?,
             "--expert-path" => {
                 a.expert_path = Some(match value()?.as_str() {
                     "per-expert" => ExpertPath::PerExpert,
@@ -117,7 +121,12 @@ fn bench<AB: AutodiffBackend>(a: &Args, device: &AB::Device) -> Result<()> {
     };
     let mut model = init_model::<AB>(&model_cfg, 0, device);
     let mut train = train;
+    if a.base_dtype != deepseek_core::WeightDtype::F32 && a.lora.is_none() {
+        bail!("--base-dtype holds a frozen base: use it with --lora R");
+    }
     if let Some(rank) = a.lora {
+        model.materialize();
+        model = model.cast(a.base_dtype);
         let settings =
             deepseek_core::LoraSettings { rank, alpha: 2.0 * rank as f64, ..Default::default() };
         model = model.with_lora(&deepseek_core::LoraTargets::parse("attn")?, &settings)?;
@@ -152,6 +161,7 @@ fn bench<AB: AutodiffBackend>(a: &Args, device: &AB::Device) -> Result<()> {
         "lora: {}",
         a.lora.map_or("none (every weight trains)".into(), |r| format!("rank {r}"))
     );
+    println!("base_dtype: {}", a.base_dtype);
     println!("median_step_ms: {:.1}", median * 1e3);
     println!("train_tokens_per_s: {:.0}", tokens / median);
     Ok(())

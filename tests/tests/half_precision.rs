@@ -253,24 +253,20 @@ fn a_bf16_checkpoint_loads_without_rounding_twice() {
 
 #[cfg(feature = "wgpu")]
 #[test]
-fn half_precision_on_wgpu_is_f16_or_a_clear_error() {
+fn half_precision_on_wgpu_is_a_clear_error() {
     use burn::backend::Wgpu;
     let device = Default::default();
-    // No wgpu device computes in bf16: loading says so and names what it can do.
-    let err = load_model::<Wgpu>(
-        golden_dir("v3_no_qlora"),
-        &device,
-        LoadOptions::default().with_dtype(WeightDtype::Bf16),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("no bf16") && err.contains("--dtype f32"), "{err}");
-    if WeightDtype::F16.check_supported::<Wgpu>(&device).is_err() {
-        eprintln!("skipped f16: this Vulkan driver has no shader-f16");
-        return;
-    }
-    for case in CASES {
-        check_case::<Wgpu>(case, WeightDtype::F16, &device, F16_ATOL.max(GPU_ATOL));
+    // No wgpu device computes in bf16, and f16 (advertised by drivers with shader-f16) trips a
+    // fused-reduction bug of Burn 0.21 (docs/memory.md): loading says so, naming what runs.
+    for (dtype, says) in [(WeightDtype::Bf16, "no bf16"), (WeightDtype::F16, "fused reductions")] {
+        let err = load_model::<Wgpu>(
+            golden_dir("v3_no_qlora"),
+            &device,
+            LoadOptions::default().with_dtype(dtype),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(says) && err.contains("--dtype f32"), "{dtype}: {err}");
     }
 }
 
