@@ -514,8 +514,15 @@ impl<B: Backend> DeepSeekModel<B> {
                 if kept {
                     return param;
                 }
+                // Rounded on the host from f32, as the loader rounds (to nearest, ties to even,
+                // as PyTorch does): Flex's cast goes through f64 and `half`'s f64 → bf16 drops
+                // the low mantissa bits first, which rounds some values the wrong way.
                 let dtype = self.dtype;
-                param.map(|t| t.cast(dtype))
+                param.map(|t| {
+                    let (device, grad) = (t.device(), t.is_require_grad());
+                    let values = t.into_data().convert::<f32>();
+                    Tensor::from_data(values, (&device, dtype.into())).set_require_grad(grad)
+                })
             }
         }
         /// Path components whose parameters keep their dtype.

@@ -251,6 +251,24 @@ fn a_bf16_checkpoint_loads_without_rounding_twice() {
     assert_eq!(head(&from_bf16), head(&from_f32));
 }
 
+#[test]
+fn casting_a_model_in_memory_equals_loading_it_in_the_dtype() {
+    let case = "v3_yarn_qlora";
+    let device = Default::default();
+    let f32_model = load_model::<Flex>(golden_dir(case), &device, Default::default()).unwrap();
+    let cast = f32_model.cast(WeightDtype::Bf16);
+    let options = LoadOptions::default().with_dtype(WeightDtype::Bf16);
+    let loaded = load_model::<Flex>(golden_dir(case), &device, options).unwrap();
+    // The same parameters in the same dtypes (the correction biases stay f32)...
+    assert_eq!(params(&cast), params(&loaded));
+    assert!(params(&cast).iter().any(|(d, _)| *d == DType::F32), "the biases stay f32");
+    // ...holding the same values: the same logits, bit for bit.
+    let ids = Reference::load(case).get("input_ids").clone();
+    let input = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids.i64, ids.shape), &device);
+    let (a, b) = (to_vec(cast.forward(input.clone())), to_vec(loaded.forward(input)));
+    assert_eq!(a, b);
+}
+
 #[cfg(feature = "wgpu")]
 #[test]
 fn half_precision_on_wgpu_is_a_clear_error() {
