@@ -216,6 +216,7 @@ fn finetune(
         router: RouterMode::Frozen,
         data: None,
         adapter: None,
+        base_dtype: Default::default(),
     });
     let summary = sft(&SftArgs {
         data: vec![data.to_path_buf()],

@@ -99,6 +99,7 @@ fn main() -> Result<()> {
             router: RouterMode::Frozen,
             data: None,
             adapter: None,
+            base_dtype: Default::default(),
         });
         let args = SftArgs {
             data: vec![out.join("train.jsonl")],

@@ -108,6 +108,7 @@ fn main() -> Result<()> {
         router: RouterMode::Frozen,
         data: None,
         adapter: None,
+        base_dtype: Default::default(),
     });
     let sft_summary = sft(&SftArgs {
         data: vec![sft_data.clone()],
@@ -160,6 +161,7 @@ fn main() -> Result<()> {
         router: RouterMode::Frozen,
         data: None,
         adapter: Some(adapter),
+        base_dtype: Default::default(),
     });
     let summary = grpo(&GrpoArgs {
         out: out.join("grpo"),

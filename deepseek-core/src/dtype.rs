@@ -23,7 +23,8 @@ use burn::tensor::{DType, FloatDType};
 use crate::error::{DeepSeekError, Result};
 
 /// The dtype of a model's weights and activations (see the module docs for what stays in f32).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum WeightDtype {
     /// 4 bytes per parameter; every operation in f32.
     #[default]

@@ -3,7 +3,8 @@
 //! 640 GB whether a run fits.
 //!
 //! Per rank, in five parts:
-//! - **weights**: every parameter in the weight dtype, except that the routed experts are split
+//! - **weights**: every parameter in the weight dtype (LoRA adapters in f32), except that the
+//!   routed experts are split
 //!   over the expert-parallel ranks (`E` of the `R` ranks share one copy of the experts, DeepSeek-V3
 //!   §3.2) and the correction biases stay f32.
 //! - **gradients**: one f32 value per trainable parameter this rank holds (all of them in full
@@ -196,8 +197,13 @@ impl MemoryPlan {
             PlanTask::Lora => {
                 let adapters = cfg.lora_params(r.lora_rank);
                 let share = if r.zero1 { r.ranks as u64 } else { 1 };
-                (adapters * 4, adapters * 4 + 8 * adapters / share)
+                (adapters * 4, 8 * adapters / share)
             }
+        };
+        // LoRA adapters are f32 whatever the base's dtype.
+        let weights = match r.task {
+            PlanTask::Lora => weights + 4 * cfg.lora_params(r.lora_rank),
+            _ => weights,
         };
         let activations = match r.task {
             PlanTask::Infer => cfg.forward_peak_bytes(r.batch, r.seq, r.dtype),

@@ -192,7 +192,7 @@ pub fn load<AB: AutodiffBackend>(
             let base: DeepSeekModel<AB> = deepseek_core::checkpoint::load_model(
                 &finetune.base_model,
                 device,
-                LoadOptions::default(),
+                LoadOptions::default().with_dtype(finetune.base_dtype),
             )?;
             load_adapter(base, dir)?.freeze()
         }

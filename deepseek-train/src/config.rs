@@ -199,6 +199,11 @@ pub struct Finetune {
     /// then its recipe ([`LoraRecipe::from_adapter`]).
     #[serde(default)]
     pub adapter: Option<std::path::PathBuf>,
+    /// The dtype the frozen base is held in under LoRA (`--dtype`): bf16 or f16 halve its memory
+    /// while the adapters, their gradients and AdamW state stay f32. Full fine-tuning trains in
+    /// f32.
+    #[serde(default)]
+    pub base_dtype: deepseek_core::WeightDtype,
 }
 
 /// Which conversations a fine-tuning run reads and how they become rows.

@@ -274,6 +274,10 @@ struct SftCli {
     /// Train every weight instead of adapters.
     #[arg(long)]
     full: bool,
+    /// Hold the frozen base in f32, bf16 or f16 (LoRA; the adapters and their optimizer state
+    /// stay f32).
+    #[arg(long, default_value = "f32")]
+    dtype: deepseek_core::WeightDtype,
     /// Longest conversation in tokens (longer ones are skipped and counted).
     #[arg(long, default_value_t = 1024)]
     max_len: usize,
@@ -744,8 +748,14 @@ fn run_sft(cli: SftCli) -> Result<()> {
     // Checkpoints name the base: absolute, so a resume from another directory finds it.
     let base_model = std::fs::canonicalize(&cli.model)
         .with_context(|| format!("--model {}", cli.model.display()))?;
-    train.finetune =
-        Some(Finetune { base_model, lora, router: cli.router, data: None, adapter: None });
+    train.finetune = Some(Finetune {
+        base_model,
+        lora,
+        router: cli.router,
+        data: None,
+        adapter: None,
+        base_dtype: cli.dtype,
+    });
     // A warmup the flags or the file set is kept; otherwise 3% of the steps.
     let warmup_given = cli.hyper.warmup_steps.is_some()
         || cli.config.as_deref().is_some_and(|p| {
@@ -895,8 +905,14 @@ fn run_grpo(cli: GrpoCli) -> Result<()> {
         .adapter
         .map(|a| std::fs::canonicalize(&a).with_context(|| format!("--adapter {}", a.display())))
         .transpose()?;
-    train.finetune =
-        Some(Finetune { base_model, lora, router: RouterMode::Frozen, data: None, adapter });
+    train.finetune = Some(Finetune {
+        base_model,
+        lora,
+        router: RouterMode::Frozen,
+        data: None,
+        adapter,
+        base_dtype: Default::default(),
+    });
     let args = deepseek_train::grpo::GrpoArgs {
         out: cli.out,
         resume: cli.resume,

@@ -236,6 +236,9 @@ fn recipe(args: &SftArgs, config: TrainConfig) -> Result<TrainConfig> {
             format!("{:?}", given.lora),
         ));
     }
+    if saved.base_dtype != given.base_dtype {
+        return Err(differs("--dtype", saved.base_dtype.to_string(), given.base_dtype.to_string()));
+    }
     if saved.router != given.router {
         return Err(differs(
             "--router",
@@ -287,8 +290,19 @@ pub fn prepare_model<AB: AutodiffBackend>(
     seed: u64,
     device: &AB::Device,
 ) -> Result<DeepSeekModel<AB>> {
-    let model =
-        deepseek_core::load_model::<AB>(&finetune.base_model, device, LoadOptions::default())?;
+    if finetune.lora.is_none() && finetune.base_dtype != deepseek_core::WeightDtype::F32 {
+        return Err(TrainError::config(
+            "base_dtype",
+            format!(
+                "--dtype {} holds a frozen LoRA base; full fine-tuning trains every weight in \
+                 f32 (mixed precision with f32 master weights is not implemented yet): drop \
+                 --full or use --dtype f32",
+                finetune.base_dtype
+            ),
+        ));
+    }
+    let options = LoadOptions::default().with_dtype(finetune.base_dtype);
+    let model = deepseek_core::load_model::<AB>(&finetune.base_model, device, options)?;
     if let Some(adapter) = &finetune.adapter {
         return Ok(deepseek_core::adapter::load_adapter(model, adapter)?.freeze());
     }

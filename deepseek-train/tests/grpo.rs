@@ -263,6 +263,7 @@ fn args(base: &Path, out: &Path, steps: usize, grpo: GrpoConfig, lora: bool) -> 
             router: RouterMode::Frozen,
             data: None,
             adapter: None,
+            base_dtype: Default::default(),
         }),
         grpo: Some(grpo),
         ..TrainConfig::default()
