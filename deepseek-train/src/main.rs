@@ -404,6 +404,10 @@ struct GrpoCli {
     /// Train every weight (router frozen) instead of adapters.
     #[arg(long)]
     full: bool,
+    /// Hold the frozen base in f32, bf16 or f16 (LoRA; the adapters and their optimizer state
+    /// stay f32).
+    #[arg(long, default_value = "f32")]
+    dtype: deepseek_core::WeightDtype,
     /// GRPO steps (with --resume: the new total).
     #[arg(long)]
     steps: Option<usize>,
@@ -911,7 +915,7 @@ fn run_grpo(cli: GrpoCli) -> Result<()> {
         router: RouterMode::Frozen,
         data: None,
         adapter,
-        base_dtype: Default::default(),
+        base_dtype: cli.dtype,
     });
     let args = deepseek_train::grpo::GrpoArgs {
         out: cli.out,

@@ -473,12 +473,12 @@ fn the_cli_runs_grpo_and_rejects_bad_flags() {
     ] {
         assert!(out.join(f).is_file(), "{f}");
     }
-    // Continuing the adapter the run wrote.
+    // Continuing the adapter the run wrote, on a base held in bf16.
     let adapter = out.join("adapter");
     let out2 = dir.path().join("run2");
     let mut again: Vec<&str> = short.to_vec();
     again[3] = out2.to_str().unwrap();
-    again.extend(["--adapter", adapter.to_str().unwrap()]);
+    again.extend(["--adapter", adapter.to_str().unwrap(), "--dtype", "bf16"]);
     let (ok, _, stderr) = grpo_cli(&again);
     assert!(ok, "{stderr}");
     let toml = dir.path().join("grpo.toml");
@@ -493,6 +493,7 @@ fn the_cli_runs_grpo_and_rejects_bad_flags() {
         (vec!["--ops", "divide"], "unknown operation"),
         (vec!["--config", toml.to_str().unwrap()], "not a [grpo] table"),
         (vec!["--resume"], "no checkpoint"),
+        (vec!["--full", "--dtype", "bf16"], "LoRA base"),
     ];
     for (extra, expected) in cases {
         let mut args = vec!["--model", base_s, "--out", bad.to_str().unwrap(), "--steps", "1"];
