@@ -58,7 +58,7 @@ impl WeightDtype {
         self.dtype().size()
     }
 
-    /// The name the CLI and `config.json`'s `torch_dtype` use for it.
+    /// The name the CLI uses for it.
     pub fn name(self) -> &'static str {
         match self {
             WeightDtype::F32 => "f32",
@@ -72,8 +72,8 @@ impl WeightDtype {
         Self::ALL.into_iter().find(|d| d.dtype() == dtype)
     }
 
-    /// Fails unless backend `B` computes in this dtype on `device` (wgpu without the f16 shader
-    /// feature has no f16; no wgpu device has bf16).
+    /// Fails unless backend `B` runs the model in this dtype on `device`: no wgpu device has
+    /// bf16, and f16 on wgpu trips a bug of Burn 0.21's fusion engine (`docs/memory.md`).
     pub fn check_supported<B: Backend>(self, device: &B::Device) -> Result<()> {
         let runs = |d: WeightDtype| {
             d == WeightDtype::F32

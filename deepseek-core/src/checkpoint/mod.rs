@@ -117,7 +117,7 @@ pub fn load_weights<B: Backend>(
             Target::Expert(part) => {
                 if let Some(done) = experts.write(row.index, part, data) {
                     // A block's stack goes to the device as soon as it is complete: the host
-                    // holds one block's f32 experts at a time.
+                    // holds one block's experts at a time, in the held dtype.
                     experts.install(&mut model, done, held);
                 }
             }
