@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Peak memory (max RSS, /usr/bin/time) of loading + decoding a 1.18 GB (f32) V3-shaped model with
+# Peak memory (max RSS, /usr/bin/time) of loading + decoding a 1.19 GB (f32) V3-shaped model with
 # random weights at f32, bf16 and f16, and of training steps of the `small` preset (full and
 # LoRA, two sequence lengths), each next to what `deepseek info --plan` predicts for it; then
 # decode throughput per dtype. Prints a Markdown table. No downloads.
@@ -36,7 +36,7 @@ echo "|---|---|---|---|"
 for dt in f32 bf16 f16; do
   m=$(peak "$bin/deepseek" bench --model "$model" --dtype "$dt" --prompt-tokens 64 --new-tokens 16 --repeats 1)
   p=$(plan --model "$model" --task infer --dtype "$dt" --batch 1 --seq 80)
-  row "load + decode 80 tokens, 294M model, $dt" "$m" "$p"
+  row "load + decode 80 tokens, 296M model, $dt" "$m" "$p"
 done
 for seq in 128 256 512; do
   m=$(peak "$train_step" --preset small --batch 8 --seq "$seq" --steps 2 --warmup 1)
@@ -48,7 +48,7 @@ p=$(plan --preset small --task lora --lora-rank 16 --batch 8 --seq 128)
 row "LoRA r16 step, small, 8 x 128, f32" "$m" "$p"
 
 echo
-echo "| dtype | prefill tokens/s | decode tokens/s (294M model, 64 + 64 tokens) |"
+echo "| dtype | prefill tokens/s | decode tokens/s (296M model, 64 + 64 tokens) |"
 echo "|---|---|---|"
 for dt in f32 bf16 f16; do
   out=$("$bin/deepseek" bench --model "$model" --dtype "$dt" --prompt-tokens 64 --new-tokens 64 --repeats 3)
