@@ -22,6 +22,10 @@
 //!   live at a time.
 //! - **kv_cache**: the latent cache of `B` sequences of `S` tokens (inference).
 //!
+//! With pipeline parallelism the rank is the heaviest stage's; the activations stay those of a
+//! whole micro-batch, since 1F1B keeps `P` micro-batches in flight on the first stage, each
+//! with `1/P` of the blocks.
+//!
 //! What the planner does not see: the process itself (code, allocator, thread stacks: about
 //! 50–100 MB on Flex), fragmentation, and workspace a backend allocates inside one kernel. The
 //! measured check is in `docs/memory.md`.
@@ -82,8 +86,11 @@ pub struct PlanRequest {
     pub seq: usize,
     /// Ranks (devices) in all.
     pub ranks: usize,
-    /// Ranks sharing one copy of the routed experts (divides `ranks`).
+    /// Ranks sharing one copy of the routed experts (divides `ranks / pipeline_parallel`).
     pub expert_parallel: usize,
+    /// Pipeline stages: contiguous blocks per stage, the embedding on the first, the head and
+    /// MTP modules on the last (divides `ranks`).
+    pub pipeline_parallel: usize,
     /// Recompute each block in the backward pass instead of keeping its activations.
     pub checkpoint_activations: bool,
     /// ZeRO stage 1: optimizer state (and master weights) split over the ranks holding copies.
@@ -102,6 +109,7 @@ impl PlanRequest {
             seq,
             ranks: 1,
             expert_parallel: 1,
+            pipeline_parallel: 1,
             checkpoint_activations: false,
             zero1: false,
             lora_rank: 16,
@@ -113,13 +121,23 @@ impl PlanRequest {
         if self.batch == 0 || self.seq == 0 {
             return bad("a plan needs --batch and --seq of at least 1".into());
         }
-        if self.ranks == 0
-            || self.expert_parallel == 0
-            || !self.ranks.is_multiple_of(self.expert_parallel)
-        {
+        let (pp, ep) = (self.pipeline_parallel, self.expert_parallel);
+        if self.ranks == 0 || pp == 0 || !self.ranks.is_multiple_of(pp) {
             return bad(format!(
-                "--expert-parallel {} must divide --ranks {} (both at least 1)",
-                self.expert_parallel, self.ranks
+                "--pipeline-parallel {pp} must divide --ranks {} (both at least 1)",
+                self.ranks
+            ));
+        }
+        if ep == 0 || !(self.ranks / pp).is_multiple_of(ep) {
+            return bad(format!(
+                "--expert-parallel {ep} must divide the {} ranks of each pipeline stage",
+                self.ranks / pp
+            ));
+        }
+        if pp > cfg.num_hidden_layers {
+            return bad(format!(
+                "--pipeline-parallel {pp} exceeds the model's {} blocks",
+                cfg.num_hidden_layers
             ));
         }
         if self.expert_parallel > 1 && !cfg.n_routed_experts.is_multiple_of(self.expert_parallel) {
@@ -172,14 +190,13 @@ impl MemoryPlan {
     pub fn new(cfg: &DeepSeekConfig, request: &PlanRequest) -> Result<Self> {
         request.check(cfg)?;
         let r = request;
-        let p = cfg.param_count();
-        let all = p.total + p.mtp;
-        let experts = cfg.routed_expert_params();
-        let bias = cfg.correction_bias_params();
         let ep = r.expert_parallel as u64;
-        // Parameters on this rank: the dense part, 1/E of the experts, the f32 biases.
-        let dense = all - experts - bias;
+        // Parameters on this rank (the heaviest pipeline stage): the dense part, 1/E of the
+        // experts, the f32 biases.
+        let (dense, experts, bias) = cfg.stage_params(r.pipeline_parallel, ep);
         let local_experts = experts / ep;
+        // Ranks holding copies of a dense parameter, and of an expert.
+        let replicas = (r.ranks / r.pipeline_parallel) as u64;
         let d = r.dtype.size() as u64;
         let weights = (dense + local_experts) * d + bias * 4;
 
@@ -190,13 +207,13 @@ impl MemoryPlan {
                 // AdamW m and v, and an f32 master copy unless the weights are f32 already.
                 let per_param = 8 + if r.dtype == WeightDtype::F32 { 0 } else { 4 };
                 let (dense_share, expert_share) =
-                    if r.zero1 { (r.ranks as u64, r.ranks as u64 / ep) } else { (1, 1) };
+                    if r.zero1 { (replicas, replicas / ep) } else { (1, 1) };
                 let state = per_param * (dense / dense_share + local_experts / expert_share);
                 (grads, state)
             }
             PlanTask::Lora => {
                 let adapters = cfg.lora_params(r.lora_rank);
-                let share = if r.zero1 { r.ranks as u64 } else { 1 };
+                let share = if r.zero1 { replicas } else { 1 };
                 (adapters * 4, 8 * adapters / share)
             }
         };
@@ -264,6 +281,49 @@ impl MemoryPlan {
 }
 
 impl DeepSeekConfig {
+    /// `(dense, routed experts, correction biases)` parameters of the heaviest of `pp` pipeline
+    /// stages (by bytes with the experts split `ep` ways): contiguous runs of `⌈L/pp⌉` blocks,
+    /// the embedding on the first stage, the final norm, head and MTP modules on the last, with
+    /// a copy of the embedding there when there are MTP modules (as `deepseek-train` lays
+    /// stages out). With one stage, every parameter of the model.
+    fn stage_params(&self, pp: usize, ep: u64) -> (u64, u64, u64) {
+        let (d, v) = (self.hidden_size as u64, self.vocab_size as u64);
+        let e = self.n_routed_experts as u64;
+        let expert = 3 * d * self.moe_intermediate_size as u64;
+        // (dense, experts, bias) of block `l` (MTP blocks: with enorm, hnorm, head norm, eh_proj).
+        let block = |l: usize| {
+            let (total, _) = self.layer_params(l);
+            let moe = self.is_moe_layer(l);
+            let experts = if moe { e * expert } else { 0 };
+            let bias = if moe && self.topk_method.has_bias() { e } else { 0 };
+            let mtp = if l >= self.num_hidden_layers { 3 * d + 2 * d * d } else { 0 };
+            (total - experts - bias + mtp, experts, bias)
+        };
+        let add = |a: (u64, u64, u64), b: (u64, u64, u64)| (a.0 + b.0, a.1 + b.1, a.2 + b.2);
+        let per_stage = self.num_hidden_layers.div_ceil(pp);
+        let last = pp - 1;
+        (0..pp)
+            .map(|s| {
+                let layers = s * per_stage..((s + 1) * per_stage).min(self.num_hidden_layers);
+                let mut p = layers.map(block).fold((0, 0, 0), add);
+                if s == 0 {
+                    p.0 += v * d;
+                }
+                if s == last {
+                    p.0 += v * d + d;
+                    let mtp = self.num_hidden_layers
+                        ..self.num_hidden_layers + self.num_nextn_predict_layers;
+                    p = mtp.map(block).fold(p, add);
+                    if pp > 1 && self.num_nextn_predict_layers > 0 {
+                        p.0 += v * d;
+                    }
+                }
+                p
+            })
+            .max_by_key(|(dense, experts, _)| dense + experts / ep)
+            .expect("at least one stage")
+    }
+
     /// Parameters of the routed experts (main blocks and MTP blocks).
     pub fn routed_expert_params(&self) -> u64 {
         let blocks = self.num_hidden_layers + self.num_nextn_predict_layers;
@@ -396,6 +456,28 @@ mod tests {
     }
 
     #[test]
+    fn one_stage_holds_every_parameter_and_stages_split_the_blocks() {
+        for cfg in [DeepSeekConfig::v3_671b(), DeepSeekConfig::small()] {
+            let p = cfg.param_count();
+            let (dense, experts, bias) = cfg.stage_params(1, 1);
+            assert_eq!(dense + experts + bias, p.total + p.mtp);
+            assert_eq!((experts, bias), (cfg.routed_expert_params(), cfg.correction_bias_params()));
+        }
+        let cfg = DeepSeekConfig::v3_671b();
+        let whole = MemoryPlan::new(&cfg, &PlanRequest::new(PlanTask::Train, 1, 4096)).unwrap();
+        let staged = PlanRequest {
+            ranks: 16,
+            pipeline_parallel: 16,
+            ..PlanRequest::new(PlanTask::Train, 1, 4096)
+        };
+        let staged = MemoryPlan::new(&cfg, &staged).unwrap();
+        // 61 blocks in 16 stages of at most 4 (the last also holds the head, the MTP block and
+        // an embedding copy): about 4/61 of the model plus that.
+        let ratio = staged.weights as f64 / whole.weights as f64;
+        assert!((4.0 / 61.0..6.5 / 61.0).contains(&ratio), "{ratio}");
+    }
+
+    #[test]
     fn checkpointing_keeps_less_and_lora_trains_few_parameters() {
         let cfg = DeepSeekConfig::small();
         let full = MemoryPlan::new(&cfg, &PlanRequest::new(PlanTask::Train, 8, 1024)).unwrap();
@@ -417,6 +499,8 @@ mod tests {
         let cases = [
             (PlanRequest { batch: 0, ..base }, "--batch"),
             (PlanRequest { ranks: 3, expert_parallel: 2, ..base }, "must divide"),
+            (PlanRequest { ranks: 4, pipeline_parallel: 3, ..base }, "must divide --ranks"),
+            (PlanRequest { ranks: 8, pipeline_parallel: 8, ..base }, "exceeds the model's 4"),
             (PlanRequest { zero1: true, ..base }, "--ranks 2"),
             (PlanRequest { seq: 1 << 30, ..base }, "context"),
             (

@@ -33,7 +33,7 @@ impl DeepSeekConfig {
     }
 
     /// (total, active) parameters of block `layer`, norms included.
-    fn layer_params(&self, layer: usize) -> (u64, u64) {
+    pub(crate) fn layer_params(&self, layer: usize) -> (u64, u64) {
         let d = self.hidden_size as u64;
         let common = 2 * d + self.attention_params();
         if !self.is_moe_layer(layer) {

@@ -328,9 +328,12 @@ struct PlanArgs {
     /// Ranks (devices) in all.
     #[arg(long, default_value_t = 1, requires = "plan")]
     ranks: usize,
-    /// Ranks sharing one copy of the routed experts (divides --ranks).
+    /// Ranks sharing one copy of the routed experts (divides the ranks of a pipeline stage).
     #[arg(long, default_value_t = 1, requires = "plan")]
     expert_parallel: usize,
+    /// Pipeline stages (divides --ranks): the rank planned is the heaviest stage's.
+    #[arg(long, default_value_t = 1, requires = "plan")]
+    pipeline_parallel: usize,
     /// Recompute each block in the backward pass (keeps only block inputs).
     #[arg(long, requires = "plan")]
     checkpoint_activations: bool,
@@ -361,6 +364,7 @@ impl PlanArgs {
             dtype: self.dtype,
             ranks: self.ranks,
             expert_parallel: self.expert_parallel,
+            pipeline_parallel: self.pipeline_parallel,
             checkpoint_activations: self.checkpoint_activations,
             zero1: self.zero1,
             lora_rank: self.lora_rank,
@@ -375,12 +379,13 @@ fn plan_lines(cfg: &DeepSeekConfig, args: &PlanArgs) -> Result<String> {
     let plan = MemoryPlan::new(cfg, &request)?;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let mut out = format!(
-        "task: {} (per rank: batch {} x seq {}; {} ranks, expert-parallel {}, dtype {}{}{})\n",
+        "task: {} (per rank: batch {} x seq {}; {} ranks, expert-parallel {}, pipeline-parallel {}, dtype {}{}{})\n",
         request.task,
         request.batch,
         request.seq,
         request.ranks,
         request.expert_parallel,
+        request.pipeline_parallel,
         request.dtype,
         if request.checkpoint_activations { ", activation checkpointing" } else { "" },
         if request.zero1 { ", ZeRO-1" } else { "" },
