@@ -85,14 +85,15 @@ pub fn load_weights<B: Backend>(
     }
     let mut model = config.init::<B>(device);
     let mut experts = StackedExperts::new(config, options.dtype);
-    // Each tensor is read (widened to f32 on the host, one tensor at a time) and stored in the
-    // chosen dtype, so the whole model never exists in f32.
+    // Each tensor is read in the dtype it is stored in, one at a time, and stored in the chosen
+    // dtype (rounded element by element where they differ), so the model never exists in f32
+    // unless it is held in f32.
     let held = (device, options.dtype.dtype());
     for row in &rows {
         if matches!(row.target, Target::Shared) {
             continue;
         }
-        let data = ckpt.read_f32(&row.name, &row.shape)?;
+        let data = ckpt.read_float(&row.name, &row.shape)?;
         match row.target {
             Target::Linear(get) => {
                 // Stored [out, in]; Burn's Linear computes x·W with W [in, out]. Transposing on
@@ -156,17 +157,47 @@ impl Staging {
         }
     }
 
-    /// `self[at(k)] = values[k]` for every `k`, rounded to the buffer's dtype.
-    fn scatter(&mut self, values: &[f32], at: impl Fn(usize) -> usize) {
-        fn put<T>(dst: &mut [T], values: &[f32], at: impl Fn(usize) -> usize, f: fn(f32) -> T) {
-            for (k, &v) in values.iter().enumerate() {
+    /// `self[at(k)] = data[k]` for every `k` of a float tensor (f32, bf16 or f16), rounded to
+    /// the buffer's dtype (exact where the dtypes agree: widening to f32 and back is lossless).
+    fn scatter(&mut self, data: &TensorData, at: impl Fn(usize) -> usize) {
+        match data.dtype {
+            burn::tensor::DType::F32 => {
+                self.scatter_from(data.as_slice::<f32>().expect("f32 data"), |v| v, at)
+            }
+            burn::tensor::DType::BF16 => self.scatter_from(
+                data.as_slice::<half::bf16>().expect("bf16 data"),
+                |v| v.to_f32(),
+                at,
+            ),
+            burn::tensor::DType::F16 => self.scatter_from(
+                data.as_slice::<half::f16>().expect("f16 data"),
+                |v| v.to_f32(),
+                at,
+            ),
+            other => unreachable!("read_float returns f32, bf16 or f16, not {other:?}"),
+        }
+    }
+
+    fn scatter_from<S: Copy>(
+        &mut self,
+        src: &[S],
+        widen: fn(S) -> f32,
+        at: impl Fn(usize) -> usize,
+    ) {
+        fn put<S: Copy, T>(
+            dst: &mut [T],
+            src: &[S],
+            at: impl Fn(usize) -> usize,
+            f: impl Fn(S) -> T,
+        ) {
+            for (k, &v) in src.iter().enumerate() {
                 dst[at(k)] = f(v);
             }
         }
         match self {
-            Staging::F32(dst) => put(dst, values, at, |v| v),
-            Staging::Bf16(dst) => put(dst, values, at, half::bf16::from_f32),
-            Staging::F16(dst) => put(dst, values, at, half::f16::from_f32),
+            Staging::F32(dst) => put(dst, src, at, widen),
+            Staging::Bf16(dst) => put(dst, src, at, |v| half::bf16::from_f32(widen(v))),
+            Staging::F16(dst) => put(dst, src, at, |v| half::f16::from_f32(widen(v))),
         }
     }
 
@@ -200,19 +231,18 @@ impl StackedExperts {
         });
         *written += 1;
         let complete = (*written == 3 * e).then_some(layer);
-        let values: Vec<f32> = data.into_vec().expect("read_f32 returns f32 data");
         match part {
             // gate/up: stored [I, D] (value k at row k / D, column k % D); slice [D, 2I] of
             // expert `expert`, columns offset by 0 or I.
             ExpertPart::Gate | ExpertPart::Up => {
                 let col0 = if part == ExpertPart::Gate { 0 } else { i };
                 let base = expert * d * 2 * i;
-                gate_up.scatter(&values, |k| base + (k % d) * 2 * i + col0 + k / d);
+                gate_up.scatter(&data, |k| base + (k % d) * 2 * i + col0 + k / d);
             }
             // down: stored [D, I]; slice [I, D].
             ExpertPart::Down => {
                 let base = expert * i * d;
-                down.scatter(&values, |k| base + (k % i) * d + k / i);
+                down.scatter(&data, |k| base + (k % i) * d + k / i);
             }
         }
         complete
@@ -235,12 +265,10 @@ impl StackedExperts {
     }
 }
 
-/// `[rows, cols]` → `[cols, rows]` of an f32 tensor, rounded to `dtype` as it is written (the
-/// transposed copy never exists in f32 beside the read one).
+/// `[rows, cols]` → `[cols, rows]` of a float tensor, rounded to `dtype` as it is written.
 fn transpose(data: TensorData, rows: usize, cols: usize, dtype: WeightDtype) -> TensorData {
-    let values: Vec<f32> = data.into_vec().expect("read_f32 returns f32 data");
-    let mut out = Staging::zeros(dtype, values.len());
+    let mut out = Staging::zeros(dtype, rows * cols);
     // Value k sits at row k / cols, column k % cols; it goes to row k % cols, column k / cols.
-    out.scatter(&values, |k| (k % cols) * rows + k / cols);
+    out.scatter(&data, |k| (k % cols) * rows + k / cols);
     out.into_data(vec![cols, rows])
 }

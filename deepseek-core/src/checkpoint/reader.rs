@@ -231,29 +231,39 @@ impl Checkpoint {
 
     /// Reads a floating-point tensor as f32, after [`Checkpoint::check`].
     pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<TensorData> {
+        Ok(self.read_float(name, expected)?.convert::<f32>())
+    }
+
+    /// Reads a floating-point tensor in the dtype it is stored in (F32, BF16 or F16; FP8 weights
+    /// dequantized to f32), after [`Checkpoint::check`]: a bf16 checkpoint is never widened as a
+    /// whole.
+    pub fn read_float(&self, name: &str, expected: &[usize]) -> Result<TensorData> {
         self.check(name, expected)?;
         let (shard, info) = self.info(name).expect("checked above");
         let start = 8 + shard.header_len + info.data_offsets.0;
         let end = 8 + shard.header_len + info.data_offsets.1;
         let bytes = &shard.mmap[start..end];
-        let values: Vec<f32> = match info.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-                .collect(),
+        let shape = info.shape.clone();
+        let halves = || bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+        let data = match info.dtype {
+            Dtype::F32 => {
+                let values: Vec<f32> = bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                TensorData::new(values, shape)
+            }
+            Dtype::BF16 => {
+                TensorData::new(halves().map(half::bf16::from_bits).collect::<Vec<_>>(), shape)
+            }
+            Dtype::F16 => {
+                TensorData::new(halves().map(half::f16::from_bits).collect::<Vec<_>>(), shape)
+            }
             Dtype::F8_E4M3 => return self.read_fp8(name, bytes, &info.shape),
             _ => unreachable!("dtype checked above"),
         };
         shard.release(start, end - start);
-        Ok(TensorData::new(values, info.shape.clone()))
+        Ok(data)
     }
 
     /// Dequantizes an FP8 weight with its block scales (checked by [`Checkpoint::check`]).
