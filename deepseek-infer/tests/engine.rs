@@ -53,19 +53,29 @@ fn alone<G: burn::tensor::backend::Backend>(
 
 #[test]
 fn batched_greedy_output_equals_each_sequence_alone() {
-    batched_equals_alone::<B>(&Default::default());
+    batched_equals_alone::<B>(&Default::default(), LoadOptions::default());
+}
+
+/// The same with the weights, the activations and the paged cache in bf16.
+#[test]
+fn batched_greedy_output_equals_each_sequence_alone_in_bf16() {
+    let options = LoadOptions::default().with_dtype(deepseek_core::WeightDtype::Bf16);
+    batched_equals_alone::<B>(&Default::default(), options);
 }
 
 /// The same on wgpu (CI: Mesa lavapipe): the paged cache and the ragged masks on a GPU backend.
 #[cfg(feature = "wgpu")]
 #[test]
 fn batched_greedy_output_equals_each_sequence_alone_on_wgpu() {
-    batched_equals_alone::<burn::backend::Wgpu>(&Default::default());
+    batched_equals_alone::<burn::backend::Wgpu>(&Default::default(), LoadOptions::default());
 }
 
-fn batched_equals_alone<G: burn::tensor::backend::Backend>(device: &G::Device) {
+fn batched_equals_alone<G: burn::tensor::backend::Backend>(
+    device: &G::Device,
+    options: LoadOptions,
+) {
     for case in ["v3_yarn_qlora", "v5_style"] {
-        let model = load_model::<G>(golden(case), device, LoadOptions::default()).unwrap();
+        let model = load_model::<G>(golden(case), device, options).unwrap();
         let budgets = [20, 6, 14, 1, 9, 17, 3, 11];
         let mut requests: Vec<Request> = prompts(case)
             .into_iter()
