@@ -200,6 +200,12 @@ impl MemoryPlan {
         let d = r.dtype.size() as u64;
         let weights = (dense + local_experts) * d + bias * 4;
 
+        // LoRA adapters, f32 whatever the base's dtype.
+        let adapters = match r.task {
+            PlanTask::Lora => cfg.lora_params(r.lora_rank),
+            _ => 0,
+        };
+        let weights = weights + 4 * adapters;
         let (gradients, optimizer) = match r.task {
             PlanTask::Infer => (0, 0),
             PlanTask::Train => {
@@ -212,15 +218,9 @@ impl MemoryPlan {
                 (grads, state)
             }
             PlanTask::Lora => {
-                let adapters = cfg.lora_params(r.lora_rank);
                 let share = if r.zero1 { replicas } else { 1 };
                 (adapters * 4, 8 * adapters / share)
             }
-        };
-        // LoRA adapters are f32 whatever the base's dtype.
-        let weights = match r.task {
-            PlanTask::Lora => weights + 4 * cfg.lora_params(r.lora_rank),
-            _ => weights,
         };
         let activations = match r.task {
             PlanTask::Infer => cfg.forward_peak_bytes(r.batch, r.seq, r.dtype),
@@ -296,7 +296,7 @@ impl DeepSeekConfig {
             let moe = self.is_moe_layer(l);
             let experts = if moe { e * expert } else { 0 };
             let bias = if moe && self.topk_method.has_bias() { e } else { 0 };
-            let mtp = if l >= self.num_hidden_layers { 3 * d + 2 * d * d } else { 0 };
+            let mtp = if l >= self.num_hidden_layers { self.mtp_extra_params() } else { 0 };
             (total - experts - bias + mtp, experts, bias)
         };
         let add = |a: (u64, u64, u64), b: (u64, u64, u64)| (a.0 + b.0, a.1 + b.1, a.2 + b.2);
@@ -324,25 +324,6 @@ impl DeepSeekConfig {
             .expect("at least one stage")
     }
 
-    /// Parameters of the routed experts (main blocks and MTP blocks).
-    pub fn routed_expert_params(&self) -> u64 {
-        let blocks = self.num_hidden_layers + self.num_nextn_predict_layers;
-        let moe = (0..blocks).filter(|&l| self.is_moe_layer(l)).count() as u64;
-        moe * self.n_routed_experts as u64
-            * 3
-            * (self.hidden_size * self.moe_intermediate_size) as u64
-    }
-
-    /// The routers' correction biases (kept f32).
-    pub fn correction_bias_params(&self) -> u64 {
-        if !self.topk_method.has_bias() {
-            return 0;
-        }
-        let blocks = self.num_hidden_layers + self.num_nextn_predict_layers;
-        let moe = (0..blocks).filter(|&l| self.is_moe_layer(l)).count() as u64;
-        moe * self.n_routed_experts as u64
-    }
-
     /// Adapter parameters of LoRA rank `rank` on every attention projection (target `attn`):
     /// `r·(in + out)` per projection.
     pub fn lora_params(&self, rank: usize) -> u64 {
@@ -359,6 +340,19 @@ impl DeepSeekConfig {
         (per_block * (self.num_hidden_layers + self.num_nextn_predict_layers)) as u64
     }
 
+    /// Bytes of the tensors of [`MemoryPlan::saved_per_token`] for `tokens` tokens in block
+    /// `layer`, activations in `dtype`.
+    fn block_activation_bytes(&self, layer: usize, tokens: u64, dtype: WeightDtype) -> u64 {
+        let (act, f32s) = MemoryPlan::saved_per_token(self, layer);
+        tokens * (act * dtype.size() as u64 + f32s * 4)
+    }
+
+    /// The attention probabilities and the scores before the softmax, `[B, H, S, S]` each in
+    /// f32, of one block.
+    fn attention_probs_bytes(&self, batch: usize, seq: usize) -> u64 {
+        2 * 4 * (batch * self.num_attention_heads * seq * seq) as u64
+    }
+
     /// Activations kept for the backward pass of `batch × seq` tokens (see the module docs).
     fn saved_activation_bytes(
         &self,
@@ -370,11 +364,8 @@ impl DeepSeekConfig {
         let tokens = (batch * seq) as u64;
         let dt = dtype.size() as u64;
         let blocks = self.num_hidden_layers + self.num_nextn_predict_layers;
-        // Attention probabilities (and the scores before the softmax), f32, per block.
-        let scores = 2 * 4 * (batch * self.num_attention_heads * seq * seq) as u64;
         let block_bytes = |l: usize| {
-            let (act, f32s) = MemoryPlan::saved_per_token(self, l);
-            tokens * (act * dt + f32s * 4) + scores
+            self.block_activation_bytes(l, tokens, dtype) + self.attention_probs_bytes(batch, seq)
         };
         let per_block: u64 = (0..blocks).map(block_bytes).sum();
         let largest = (0..blocks).map(block_bytes).max().unwrap_or(0);
@@ -403,12 +394,11 @@ impl DeepSeekConfig {
         let tokens = (batch * seq) as u64;
         let dt = dtype.size() as u64;
         let blocks = self.num_hidden_layers + self.num_nextn_predict_layers;
-        let scores = 2 * 4 * (batch * self.num_attention_heads * seq * seq) as u64;
         let widest = (0..blocks)
             .map(|l| {
-                let (act, f32s) = MemoryPlan::saved_per_token(self, l);
                 // Without autodiff only about a third of a block's tensors are alive at once.
-                tokens * (act * dt + f32s * 4) / 3 + scores
+                self.block_activation_bytes(l, tokens, dtype) / 3
+                    + self.attention_probs_bytes(batch, seq)
             })
             .max()
             .unwrap_or(0);

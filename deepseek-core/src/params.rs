@@ -62,13 +62,42 @@ impl DeepSeekConfig {
         }
         let (mut mtp, mut mtp_active) = (0, 0);
         for k in 1..=self.num_nextn_predict_layers {
-            // enorm, hnorm, shared_head.norm, eh_proj, and one block.
-            let extra = 3 * d + 2 * d * d;
+            let extra = self.mtp_extra_params();
             let (t, a) = self.layer_params(self.num_hidden_layers + k - 1);
             mtp += extra + t;
             mtp_active += extra + a;
         }
         ParamCount { total, active, mtp, mtp_active }
+    }
+
+    /// What an MTP module holds besides its block: enorm, hnorm, `shared_head.norm` and
+    /// `eh_proj`.
+    pub(crate) fn mtp_extra_params(&self) -> u64 {
+        let d = self.hidden_size as u64;
+        3 * d + 2 * d * d
+    }
+
+    /// MoE blocks among the main and MTP blocks.
+    fn moe_blocks(&self) -> u64 {
+        let blocks = self.num_hidden_layers + self.num_nextn_predict_layers;
+        (0..blocks).filter(|&l| self.is_moe_layer(l)).count() as u64
+    }
+
+    /// Parameters of the routed experts (main and MTP blocks).
+    pub fn routed_expert_params(&self) -> u64 {
+        self.moe_blocks()
+            * self.n_routed_experts as u64
+            * 3
+            * (self.hidden_size * self.moe_intermediate_size) as u64
+    }
+
+    /// The routers' correction biases (held in f32 whatever the weights' dtype).
+    pub fn correction_bias_params(&self) -> u64 {
+        if self.topk_method.has_bias() {
+            self.moe_blocks() * self.n_routed_experts as u64
+        } else {
+            0
+        }
     }
 
     /// The linear weight matrices `[out, in]` of block `layer` (what FP8 checkpoints quantize).
@@ -118,9 +147,7 @@ impl DeepSeekConfig {
                 scale_bytes += 4 * (rows.div_ceil(128) * cols.div_ceil(128)) as u64;
             }
         }
-        let moe_blocks = (0..blocks).filter(|&l| self.is_moe_layer(l)).count() as u64;
-        let bias =
-            if self.topk_method.has_bias() { self.n_routed_experts as u64 * moe_blocks } else { 0 };
+        let bias = self.correction_bias_params();
         let p = self.param_count();
         let other = p.total + p.mtp - linear_params - bias;
         linear_params + scale_bytes + 2 * other + 4 * bias
