@@ -1,7 +1,8 @@
 //! The latent KV cache of MLA (DeepSeek-V2 §2.1.2): per block, only the normalized latent `c_kv`
 //! and the rotated shared key `k_rope`, `kv_lora_rank + qk_rope_head_dim` values per token per
 //! block (576 for V3, 70 KB per token over 61 blocks in bf16, against about 5 MB for a plain
-//! multi-head cache). Buffers are allocated once for the whole context; running past it is an
+//! multi-head cache). Buffers are allocated once for the whole context, at the first write and
+//! in the dtype the model computes in (bf16 for a bf16 model); running past the context is an
 //! error, not a reallocation.
 
 use burn::tensor::{backend::Backend, Tensor};
@@ -34,11 +35,12 @@ pub struct LatentKv<B: Backend> {
 /// of its own block; the slot advances itself, so the blocks need no shared counter.
 #[derive(Debug, Clone)]
 pub struct LatentSlot<B: Backend> {
-    /// `[batch, capacity, kv_lora_rank]`
+    /// `[batch, capacity, kv_lora_rank]` (`[batch, 0, kv_lora_rank]` until the first write)
     c_kv: Tensor<B, 3>,
-    /// `[batch, capacity, qk_rope_head_dim]`
+    /// `[batch, capacity, qk_rope_head_dim]` (likewise)
     k_rope: Tensor<B, 3>,
     len: usize,
+    capacity: usize,
 }
 
 impl<B: Backend> LatentSlot<B> {
@@ -61,19 +63,18 @@ impl<B: Backend> LatentSlot<B> {
     pub fn append(&mut self, new: LatentKv<B>) -> LatentKv<B> {
         let [batch, seq, _] = new.c_kv.dims();
         let (start, end) = (self.len, self.len + seq);
-        assert!(
-            end <= self.c_kv.dims()[1],
-            "latent cache overflow: check_fits before the forward pass"
-        );
+        let capacity = self.capacity;
+        assert!(end <= capacity, "latent cache overflow: check_fits before the forward pass");
         // Move the buffers out while writing, so the backend sees the only reference and may
         // update them in place rather than copy them whole at every decoding step.
         let write = |slot: &mut Tensor<B, 3>, values: Tensor<B, 3>| {
             let placeholder = Tensor::empty([0, 0, 0], &values.device());
             let mut buffer = std::mem::replace(slot, placeholder);
-            // The buffers hold what the model computes in (bf16 for a bf16 model): a slot takes
-            // the dtype of its first write; a later write in another dtype is rounded to it.
-            if start == 0 && buffer.dtype() != values.dtype() {
-                buffer = Tensor::zeros(buffer.dims(), (&values.device(), values.dtype()));
+            // The first write allocates the buffer in the dtype the model computes in; a later
+            // write in another dtype is rounded to it.
+            let [rows, allocated, width] = buffer.dims();
+            if allocated == 0 {
+                buffer = Tensor::zeros([rows, capacity, width], (&values.device(), values.dtype()));
             }
             let values = values.cast(buffer.dtype());
             *slot = buffer.slice_assign([0..batch, start..end], values);
@@ -104,8 +105,8 @@ pub struct LatentCache<B: Backend> {
 }
 
 impl<B: Backend> LatentCache<B> {
-    /// Preallocates room for `capacity` tokens of `batch` sequences; `capacity` may not exceed
-    /// the model's `max_position_embeddings`.
+    /// Room for `capacity` tokens of `batch` sequences (allocated at the first write); `capacity`
+    /// may not exceed the model's `max_position_embeddings`.
     pub fn new(
         cfg: &DeepSeekConfig,
         batch: usize,
@@ -135,9 +136,10 @@ impl<B: Backend> LatentCache<B> {
         check_capacity(cfg, capacity)?;
         let slots = (0..blocks)
             .map(|_| LatentSlot {
-                c_kv: Tensor::zeros([batch, capacity, cfg.kv_lora_rank], device),
-                k_rope: Tensor::zeros([batch, capacity, cfg.qk_rope_head_dim], device),
+                c_kv: Tensor::empty([batch, 0, cfg.kv_lora_rank], device),
+                k_rope: Tensor::empty([batch, 0, cfg.qk_rope_head_dim], device),
                 len: 0,
+                capacity,
             })
             .collect();
         Ok(Self { slots, capacity, batch })
