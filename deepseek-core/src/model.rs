@@ -143,19 +143,51 @@ impl<B: Backend> DeepSeekModel<B> {
         let mut x = embeddings.clone();
         let mut hidden_states = Vec::new();
         let mut routing = Vec::new();
-        for layer in &self.layers {
-            let (out, r) = layer.forward(x, &self.rope, packing, &self.policy);
+        for index in 0..self.layers.len() {
+            let (out, r) = self.block(index, x, packing);
             x = out;
             routing.extend(r);
             if options.hidden_states {
                 hidden_states.push(x.clone());
             }
         }
+        let mut out = self.finish(x, embeddings, packing, options.mtp);
+        routing.append(&mut out.routing);
+        ModelOutput { hidden_states, routing, ..out }
+    }
+
+    /// Main block `index` under the model's policy: one step of [`DeepSeekModel::forward_packed`]
+    /// (activation checkpointing runs the blocks one at a time).
+    ///
+    /// # Shapes
+    /// `x`: `[batch, seq, d]` → `[batch, seq, d]`, plus the routing of a MoE block.
+    pub fn block(
+        &self,
+        index: usize,
+        x: Tensor<B, 3>,
+        packing: Option<&Packing>,
+    ) -> (Tensor<B, 3>, Option<Routing<B>>) {
+        self.layers[index].forward(x, &self.rope, packing, &self.policy)
+    }
+
+    /// What follows the main blocks: the final norm, the head and, with `mtp`, the MTP modules
+    /// over `embeddings` (the output's `routing` holds only the MTP blocks' routing, and
+    /// `hidden_states` is empty).
+    ///
+    /// # Shapes
+    /// `x`, `embeddings`: `[batch, seq, d]` → logits `[batch, seq, vocab]`.
+    pub fn finish(
+        &self,
+        x: Tensor<B, 3>,
+        embeddings: Tensor<B, 3>,
+        packing: Option<&Packing>,
+        mtp: bool,
+    ) -> ModelOutput<B> {
         let final_hidden = self.norm.forward(x);
         let logits = self.head(final_hidden.clone());
-        let mut mtp_logits = Vec::new();
-        if options.mtp {
-            let (logits, r) = crate::mtp::forward_modules(
+        let (mut mtp_logits, mut routing) = (Vec::new(), Vec::new());
+        if mtp {
+            (mtp_logits, routing) = crate::mtp::forward_modules(
                 &self.mtp,
                 final_hidden.clone(),
                 embeddings,
@@ -164,10 +196,8 @@ impl<B: Backend> DeepSeekModel<B> {
                 &self.policy,
                 |h| self.head(h),
             );
-            mtp_logits = logits;
-            routing.extend(r);
         }
-        ModelOutput { logits, final_hidden, hidden_states, routing, mtp_logits }
+        ModelOutput { logits, final_hidden, hidden_states: Vec::new(), routing, mtp_logits }
     }
 
     /// The main model's forward from position 0 with routing replay: MoE block `m` (in order)

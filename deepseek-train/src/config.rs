@@ -87,6 +87,10 @@ pub struct TrainConfig {
     /// of `nodes` contiguous blocks of experts (the expert-parallel placement). TOML:
     /// `node_limit = { nodes = 4, max_nodes = 2 }`.
     pub node_limit: Option<deepseek_core::moe::NodeLimit>,
+    /// Activation checkpointing: keep only the residual stream between blocks and recompute
+    /// each block in the backward pass ([`crate::recompute`]). Same gradients, less memory,
+    /// about one more forward pass of the blocks per step. A resumed run may change it.
+    pub checkpoint_activations: bool,
     /// Fine-tuning (`deepseek-train sft`, `grpo`): the base model, LoRA or full, the router.
     pub finetune: Option<Finetune>,
     /// Reinforcement learning (`deepseek-train grpo`): the task and the algorithm's settings.
@@ -256,6 +260,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 3,
             on_nonfinite: NonFinitePolicy::Stop,
             fp8: false,
+            checkpoint_activations: false,
             node_limit: None,
             finetune: None,
             grpo: None,
@@ -336,6 +341,14 @@ impl TrainConfig {
                 "need 0 ≤ decay_start ≤ decay_end ≤ 1",
             ));
         }
+        let dropout =
+            self.finetune.as_ref().and_then(|f| f.lora.as_ref()).map_or(0.0, |l| l.dropout);
+        if self.checkpoint_activations && dropout > 0.0 {
+            return Err(TrainError::config(
+                "checkpoint_activations",
+                "LoRA dropout draws new masks when a block is recomputed: use --lora-dropout 0 with --checkpoint-activations",
+            ));
+        }
         if let Some(limit) = self.node_limit {
             limit
                 .check(model.n_routed_experts, model.num_experts_per_tok)
@@ -371,6 +384,8 @@ pub struct RunSettings {
     pub keep_checkpoints: usize,
     /// What to do on a non-finite loss or gradient norm.
     pub on_nonfinite: NonFinitePolicy,
+    /// Recompute the blocks in the backward pass (the same gradients).
+    pub checkpoint_activations: bool,
 }
 
 impl TrainConfig {
@@ -383,6 +398,7 @@ impl TrainConfig {
             checkpoint_every: self.checkpoint_every,
             keep_checkpoints: self.keep_checkpoints,
             on_nonfinite: self.on_nonfinite,
+            checkpoint_activations: self.checkpoint_activations,
         }
     }
 
@@ -395,6 +411,7 @@ impl TrainConfig {
             checkpoint_every,
             keep_checkpoints,
             on_nonfinite,
+            checkpoint_activations,
         } = run;
         Self {
             steps,
@@ -403,6 +420,7 @@ impl TrainConfig {
             checkpoint_every,
             keep_checkpoints,
             on_nonfinite,
+            checkpoint_activations,
             ..self
         }
     }

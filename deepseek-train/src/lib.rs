@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod optim;
 pub mod pipeline;
 pub mod pretrain;
+pub mod recompute;
 pub mod schedule;
 pub mod sft;
 pub mod sft_data;

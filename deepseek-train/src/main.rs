@@ -513,6 +513,10 @@ struct Hyper {
     /// FP8 mixed precision: E4M3 GEMM operands with 1×128 / 128×128 scales, forward and backward.
     #[arg(long)]
     fp8: bool,
+    /// Activation checkpointing: keep only the residual stream between blocks and recompute
+    /// each block in the backward pass (same gradients, less memory, one more forward pass).
+    #[arg(long)]
+    checkpoint_activations: bool,
     /// Node-limited routing NODES:M: the experts split into NODES blocks, each token's experts
     /// on at most M of them (chosen by the sums of their best K/M scores).
     #[arg(long, value_parser = parse_node_limit)]
@@ -714,6 +718,9 @@ fn apply_hyper(
     set!(train, keep_checkpoints = h.keep_checkpoints);
     if h.fp8 {
         train.fp8 = true;
+    }
+    if h.checkpoint_activations {
+        train.checkpoint_activations = true;
     }
     if let Some(limit) = h.node_limit {
         train.node_limit = Some(limit);

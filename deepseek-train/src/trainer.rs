@@ -30,6 +30,7 @@ use crate::error::{Result, TrainError};
 use crate::loss::{batch_objective, BalanceMode, LossWeights};
 use crate::metrics::{EvalRecord, MetricsWriter, StepRecord};
 use crate::optim::AdamW;
+use crate::recompute::checkpointed_gradients;
 use crate::source::{BatchReader, HostBatch, TrainingData};
 
 /// A fresh model whose weights are a function of `seed` alone. Burn draws initial weights from
@@ -298,7 +299,7 @@ impl<AB: AutodiffBackend> Trainer<AB> {
     /// One optimizer step over `grad_accum` micro-batches.
     pub fn train_step(&mut self, reader: &mut dyn BatchReader) -> Result<StepRecord> {
         let start = Instant::now();
-        let accumulated = self.accumulate(reader);
+        let accumulated = self.accumulate(reader)?;
         let (grads, stats) = self.reduce(accumulated)?;
         let lr = self.config.schedule().lr(self.step);
         let grad_norm = AdamW::<AB::InnerBackend>::global_norm::<AB, _>(&self.model, &grads);
@@ -326,7 +327,7 @@ impl<AB: AutodiffBackend> Trainer<AB> {
 
     /// Forward and backward over this rank's share of `grad_accum` micro-batches: the summed
     /// gradients, and the loss sums and expert counts as one device tensor (no host read).
-    fn accumulate(&mut self, reader: &mut dyn BatchReader) -> Accumulated<AB> {
+    fn accumulate(&mut self, reader: &mut dyn BatchReader) -> Result<Accumulated<AB>> {
         let cfg = &self.config;
         let weights = cfg.loss_weights(self.step);
         let mut accumulator = GradientsAccumulator::<DeepSeekModel<AB>>::new();
@@ -345,10 +346,16 @@ impl<AB: AutodiffBackend> Trainer<AB> {
                 );
             }
             self.position += cfg.batch_size as u64;
-            let loss = batch_objective(&self.model, host.to_device(&self.device), weights);
+            let batch = host.to_device(&self.device);
             // Each rank's loss is a mean over its share: the global mean is their average.
-            let scaled = loss.total.div_scalar((cfg.grad_accum * self.world()) as f64);
-            let grads = GradientsParams::from_grads(scaled.backward(), &self.model);
+            let shares = (cfg.grad_accum * self.world()) as f64;
+            let (loss, grads) = if cfg.checkpoint_activations {
+                checkpointed_gradients(&self.model, batch, weights, shares)?
+            } else {
+                let loss = batch_objective(&self.model, batch, weights);
+                let backward = loss.total.clone().div_scalar(shares).backward();
+                (loss, GradientsParams::from_grads(backward, &self.model))
+            };
             accumulator.accumulate(&self.model, grads);
             (has_mtp, has_balance) = (loss.mtp.is_some(), loss.balance.is_some());
             let zero = || loss.main.zeros_like();
@@ -366,7 +373,7 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             });
         }
         let stats = stats.expect("grad_accum ≥ 1 (validated)");
-        Accumulated { grads: accumulator.grads(), stats, has_mtp, has_balance }
+        Ok(Accumulated { grads: accumulator.grads(), stats, has_mtp, has_balance })
     }
 
     /// Sums the gradients and statistics over the ranks (one all-reduce; nothing on a single

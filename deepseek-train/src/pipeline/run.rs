@@ -82,6 +82,12 @@ pub fn check(
             "FP8 training under pipeline parallelism is not supported yet",
         ));
     }
+    if train.checkpoint_activations {
+        return Err(TrainError::config(
+            "checkpoint_activations",
+            "activation checkpointing under pipeline parallelism is not supported yet",
+        ));
+    }
     Ok(())
 }
 
