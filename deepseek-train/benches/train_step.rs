@@ -2,7 +2,11 @@
 //! tokens per second, median over timed steps.
 //!
 //! `cargo bench -p deepseek-train --bench train_step -- [--preset small] [--batch 8] [--seq 128]
-//! [--steps 20] [--warmup 3] [--device flex|wgpu|cuda] [--mtp-depth D] [--fp8] [--lora R]`
+//! [--steps 20] [--warmup 3] [--device flex|wgpu|cuda] [--mtp-depth D] [--fp8] [--lora R]
+//! [--checkpoint-activations] [--config CONFIG.json]`
+//!
+//! `--config` takes the model's shape from a Hugging Face `config.json` instead of a preset
+//! (random weights), e.g. the 296M V3-shaped model `examples/random_model` writes.
 //!
 //! `--lora R` times the fine-tuning step: LoRA adapters of rank R (alpha 2R) on the five MLA
 //! projections of a frozen model, no weight decay (`python tests/golden/bench_train_hf.py
@@ -31,6 +35,7 @@ use deepseek_train::{TrainConfig, Trainer};
 
 struct Args {
     preset: String,
+    config: Option<std::path::PathBuf>,
     batch: usize,
     seq: usize,
     steps: usize,
@@ -39,6 +44,7 @@ struct Args {
     mtp_depth: Option<usize>,
     expert_path: Option<ExpertPath>,
     fp8: bool,
+    checkpoint_activations: bool,
     lora: Option<usize>,
     base_dtype: deepseek_core::WeightDtype,
 }
@@ -47,6 +53,7 @@ fn main() -> Result<()> {
     deepseek_train::alloc::keep_freed_memory();
     let mut a = Args {
         preset: "small".into(),
+        config: None,
         batch: 8,
         seq: 128,
         steps: 20,
@@ -55,6 +62,7 @@ fn main() -> Result<()> {
         mtp_depth: None,
         expert_path: None,
         fp8: false,
+        checkpoint_activations: false,
         lora: None,
         base_dtype: Default::default(),
     };
@@ -63,6 +71,7 @@ fn main() -> Result<()> {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--preset" => a.preset = value()?,
+            "--config" => a.config = Some(value()?.into()),
             "--batch" => a.batch = value()?.parse()?,
             "--seq" => a.seq = value()?.parse()?,
             "--steps" => a.steps = value()?.parse()?,
@@ -70,6 +79,7 @@ fn main() -> Result<()> {
             "--device" => a.device = value()?.parse().map_err(anyhow::Error::msg)?,
             "--mtp-depth" => a.mtp_depth = Some(value()?.parse()?),
             "--fp8" => a.fp8 = true,
+            "--checkpoint-activations" => a.checkpoint_activations = true,
             "--lora" => a.lora = Some(value()?.parse()?),
             "--base-dtype" => a.base_dtype = value()?.parse()?,
             "--expert-path" => {
@@ -99,7 +109,10 @@ impl BackendTask for Bench {
 }
 
 fn bench<AB: AutodiffBackend>(a: &Args, device: &AB::Device) -> Result<()> {
-    let mut model_cfg = DeepSeekConfig::preset(&a.preset)?;
+    let mut model_cfg = match &a.config {
+        Some(path) => DeepSeekConfig::from_hf_file(path)?,
+        None => DeepSeekConfig::preset(&a.preset)?,
+    };
     if let Some(d) = a.mtp_depth {
         model_cfg.num_nextn_predict_layers = d;
     }
@@ -117,6 +130,7 @@ fn bench<AB: AutodiffBackend>(a: &Args, device: &AB::Device) -> Result<()> {
         eval_every: 0,
         checkpoint_every: 0,
         fp8: a.fp8,
+        checkpoint_activations: a.checkpoint_activations,
         ..Default::default()
     };
     let mut model = init_model::<AB>(&model_cfg, 0, device);
@@ -152,7 +166,8 @@ fn bench<AB: AutodiffBackend>(a: &Args, device: &AB::Device) -> Result<()> {
     times.sort_by(|x, y| x.total_cmp(y));
     let median = times[times.len() / 2];
     let tokens = (a.batch * a.seq) as f64;
-    println!("preset: {} (MTP depth {})", a.preset, model_cfg.num_nextn_predict_layers);
+    let name = a.config.as_ref().map_or(a.preset.clone(), |p| p.display().to_string());
+    println!("preset: {name} (MTP depth {})", model_cfg.num_nextn_predict_layers);
     println!("device: {:?}", a.device);
     println!("batch: {} x {}", a.batch, a.seq);
     println!("expert_path: {:?}", a.expert_path.unwrap_or(ExpertPath::PerExpert));
@@ -162,6 +177,7 @@ fn bench<AB: AutodiffBackend>(a: &Args, device: &AB::Device) -> Result<()> {
         a.lora.map_or("none (every weight trains)".into(), |r| format!("rank {r}"))
     );
     println!("base_dtype: {}", a.base_dtype);
+    println!("checkpoint_activations: {}", a.checkpoint_activations);
     println!("median_step_ms: {:.1}", median * 1e3);
     println!("train_tokens_per_s: {:.0}", tokens / median);
     Ok(())

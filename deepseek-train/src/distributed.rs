@@ -13,10 +13,17 @@
 //!   bias update, and so stays identical to the others;
 //! - rank 0 alone writes metrics, evaluates and checkpoints.
 //!
-//! Parameters and optimizer state are replicated on every rank (no ZeRO sharding): expert
-//! parallelism here divides the expert compute, not the weight memory. A rank's gradient of an
-//! expert it does not own is zero, so the all-reduce also sums each expert's gradient over the
-//! data-parallel replicas that own it.
+//! Parameters are replicated on every rank: expert parallelism here divides the expert compute,
+//! not the weight memory. A rank's gradient of an expert it does not own is zero, so the
+//! all-reduce also sums each expert's gradient over the data-parallel replicas that own it.
+//!
+//! The optimizer state is replicated too, unless `--zero1` shards it (ZeRO stage 1, Rajbhandari
+//! et al. 2020): the trainable parameters, in visiting order, are cut into `R` contiguous runs
+//! of about equal size ([`zero1_owned`]); each rank keeps the AdamW moments of its run only and
+//! updates only those parameters, and an all-gather (an all-reduce in which the other ranks
+//! add zeros, so exact) hands every rank the updated weights ([`gather_params`]). Checkpoints
+//! gather the moments onto rank 0 one parameter at a time and hold the whole state, so any rank
+//! count, sharded or not, resumes from them.
 //!
 //! Several processes (nodes, one rank each, as torchrun starts one process per GPU) meet at a
 //! rendezvous and share one exchange (a TCP mesh, or NCCL between CUDA GPUs): the gradient
@@ -33,12 +40,14 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use burn_collective::{CollectiveConfig, PeerId, ReduceOperation};
+use deepseek_core::checkpoint::NamedTensor;
 use deepseek_core::parallel::{
     Exchange, ExpertParallel, GroupView, LocalExchange, RendezvousConfig, TcpExchange,
 };
 use deepseek_core::{DeepSeekConfig, DeepSeekModel};
 
 use crate::error::{Result, TrainError};
+use crate::optim::AdamW;
 
 /// How the ranks of a run are laid out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +62,8 @@ pub struct Layout {
     pub nodes: Option<Nodes>,
     /// Pipeline stages (`None`: every rank runs the whole model).
     pub pipeline: Option<crate::pipeline::schedule::PipelineLayout>,
+    /// Shard the optimizer state over the ranks (ZeRO-1).
+    pub zero1: bool,
 }
 
 /// Several processes, one rank each.
@@ -95,6 +106,7 @@ impl Default for Layout {
             timeout: Duration::from_secs(600),
             nodes: None,
             pipeline: None,
+            zero1: false,
         }
     }
 }
@@ -129,6 +141,18 @@ impl Layout {
     pub fn validate(&self, model: &DeepSeekConfig, batch_size: usize) -> Result<()> {
         if self.ranks == 0 {
             return Err(TrainError::config("ranks", "must be at least 1"));
+        }
+        if self.zero1 && self.world() == 1 {
+            return Err(TrainError::config(
+                "zero1",
+                "--zero1 shards the optimizer state over data-parallel ranks: it needs --ranks 2 or more",
+            ));
+        }
+        if self.zero1 && self.pipeline.is_some() {
+            return Err(TrainError::config(
+                "zero1",
+                "--zero1 under pipeline parallelism is not supported yet",
+            ));
         }
         let stages = self.pipeline_stages();
         if stages == 0 || !self.world().is_multiple_of(stages) {
@@ -192,6 +216,8 @@ pub struct RankContext {
     pub world: usize,
     /// How its gradients meet the others'.
     pub reducer: Reducer,
+    /// The optimizer state is sharded over the ranks (ZeRO-1).
+    pub zero1: bool,
 }
 
 /// The all-reduce of a rank's gradients.
@@ -370,37 +396,7 @@ pub fn all_reduce<AB: AutodiffBackend>(
     let [n_stats] = stats.dims();
     parts.push(stats);
     let flat = Tensor::cat(parts, 0); // [Σ params + stats]
-    let reduced: Tensor<AB::InnerBackend, 1> = match &ctx.reducer {
-        Reducer::Collective { peer, barrier } => {
-            barrier.all_reduce_sum(&mut [0.0]).map_err(|e| TrainError::Rank {
-                rank: ctx.rank,
-                problem: format!("before the gradient all-reduce: {e}"),
-            })?;
-            let reduced = burn_collective::all_reduce::<AB::InnerBackend>(
-                *peer,
-                flat.into_primitive().tensor(),
-                ReduceOperation::Sum,
-            )
-            .map_err(|e| TrainError::Rank {
-                rank: ctx.rank,
-                problem: format!("gradient all-reduce failed: {e:?}"),
-            })?;
-            Tensor::from_primitive(TensorPrimitive::Float(reduced))
-        }
-        Reducer::Exchange(exchange) => {
-            let n = flat.dims()[0];
-            let mut values: Vec<f64> =
-                flat.into_data().convert::<f64>().into_vec().expect("f64 values");
-            exchange.all_reduce_sum(&mut values).map_err(|e| TrainError::Rank {
-                rank: ctx.rank,
-                problem: format!("gradient all-reduce failed: {e}"),
-            })?;
-            Tensor::from_data(
-                TensorData::new(values.into_iter().map(|v| v as f32).collect::<Vec<f32>>(), [n]),
-                &device,
-            )
-        }
-    };
+    let reduced = reduce_sum(flat, ctx, "gradient")?;
     let mut out = GradientsParams::new();
     let mut start = 0;
     for (id, shape) in layout {
@@ -410,6 +406,182 @@ pub fn all_reduce<AB: AutodiffBackend>(
         start += n;
     }
     Ok((out, reduced.narrow(0, start, n_stats)))
+}
+
+/// Sums `flat` over all ranks (every rank gets the sum); `what` names the exchange in errors.
+///
+/// # Shapes
+/// `flat`: `[n]` → `[n]`.
+pub fn reduce_sum<B: Backend>(
+    flat: Tensor<B, 1>,
+    ctx: &RankContext,
+    what: &str,
+) -> Result<Tensor<B, 1>> {
+    match &ctx.reducer {
+        Reducer::Collective { peer, barrier } => {
+            barrier.all_reduce_sum(&mut [0.0]).map_err(|e| TrainError::Rank {
+                rank: ctx.rank,
+                problem: format!("before the {what} all-reduce: {e}"),
+            })?;
+            let reduced = burn_collective::all_reduce::<B>(
+                *peer,
+                flat.into_primitive().tensor(),
+                ReduceOperation::Sum,
+            )
+            .map_err(|e| TrainError::Rank {
+                rank: ctx.rank,
+                problem: format!("{what} all-reduce failed: {e:?}"),
+            })?;
+            Ok(Tensor::from_primitive(TensorPrimitive::Float(reduced)))
+        }
+        Reducer::Exchange(exchange) => {
+            let (n, device) = (flat.dims()[0], flat.device());
+            let mut values: Vec<f64> =
+                flat.into_data().convert::<f64>().into_vec().expect("f64 values");
+            exchange.all_reduce_sum(&mut values).map_err(|e| TrainError::Rank {
+                rank: ctx.rank,
+                problem: format!("{what} all-reduce failed: {e}"),
+            })?;
+            Ok(Tensor::from_data(
+                TensorData::new(values.into_iter().map(|v| v as f32).collect::<Vec<f32>>(), [n]),
+                &device,
+            ))
+        }
+    }
+}
+
+/// ZeRO-1's split: for every float parameter of `model` in visiting order (the optimizer's
+/// order), whether rank `rank` of `world` owns it. The trainable parameters are cut into
+/// `world` contiguous runs of about equal element count: a parameter belongs to the rank whose
+/// share holds its middle element. Frozen parameters belong to no one.
+pub fn zero1_owned<B: Backend, M: Module<B>>(model: &M, rank: usize, world: usize) -> Vec<bool> {
+    struct Sizes(Vec<usize>);
+    impl<B: Backend> ModuleVisitor<B> for Sizes {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let n = if param.is_require_grad() { param.shape().num_elements() } else { 0 };
+            self.0.push(n);
+        }
+    }
+    let mut sizes = Sizes(Vec::new());
+    model.visit(&mut sizes);
+    let total: usize = sizes.0.iter().sum();
+    let mut start = 0;
+    sizes
+        .0
+        .iter()
+        .map(|&n| {
+            let middle = start + n / 2;
+            start += n;
+            n > 0 && (middle * world / total.max(1)).min(world - 1) == rank
+        })
+        .collect()
+}
+
+/// ZeRO-1's all-gather: every rank's copy of `model` gets, for each trainable parameter, the
+/// value of the rank that updated it (`owned`, from [`zero1_owned`]). One all-reduce in which
+/// the other ranks contribute zeros: `x + 0 = x`, so the values arrive exactly.
+pub fn gather_params<AB: AutodiffBackend>(
+    model: DeepSeekModel<AB>,
+    owned: &[bool],
+    ctx: &RankContext,
+) -> Result<DeepSeekModel<AB>> {
+    struct Flatten<'a, B: Backend> {
+        owned: &'a [bool],
+        index: usize,
+        parts: Vec<Tensor<B, 1>>,
+    }
+    impl<AB: AutodiffBackend> ModuleVisitor<AB> for Flatten<'_, AB::InnerBackend> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+            let index = self.index;
+            self.index += 1;
+            if !param.is_require_grad() {
+                return;
+            }
+            let value = param.val().inner();
+            let n = value.shape().num_elements();
+            let flat = value.reshape([n]);
+            self.parts.push(if self.owned[index] { flat } else { flat.zeros_like() });
+        }
+    }
+    struct Scatter<B: Backend> {
+        reduced: Tensor<B, 1>,
+        start: usize,
+    }
+    impl<AB: AutodiffBackend> burn::module::ModuleMapper<AB> for Scatter<AB::InnerBackend> {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: Param<Tensor<AB, D>>,
+        ) -> Param<Tensor<AB, D>> {
+            if !param.is_require_grad() {
+                return param;
+            }
+            let (id, tensor, mapper) = param.consume();
+            let shape = tensor.shape();
+            let n = shape.num_elements();
+            let value = self.reduced.clone().narrow(0, self.start, n).reshape(shape);
+            self.start += n;
+            Param::from_mapped_value(id, Tensor::from_inner(value).require_grad(), mapper)
+        }
+    }
+    let mut flatten = Flatten::<AB::InnerBackend> { owned, index: 0, parts: Vec::new() };
+    model.visit(&mut flatten);
+    if flatten.parts.is_empty() {
+        return Ok(model);
+    }
+    let reduced = reduce_sum(Tensor::cat(flatten.parts, 0), ctx, "ZeRO-1 parameter")?;
+    Ok(model.map(&mut Scatter { reduced, start: 0 }))
+}
+
+/// ZeRO-1 at a checkpoint: the whole optimizer state of the sharded `optim`s, on rank 0 (every
+/// rank calls this; the others get `None`). One all-reduce per trainable parameter, so no rank
+/// ever holds more than one parameter's moments beyond its own share (rank 0 keeps the whole
+/// state it returns).
+pub fn gather_optimizer<AB: AutodiffBackend>(
+    model: &DeepSeekModel<AB>,
+    optim: &AdamW<AB::InnerBackend>,
+    ctx: &RankContext,
+) -> Result<Option<AdamW<AB::InnerBackend>>> {
+    struct Trainable(Vec<(bool, usize)>);
+    impl<B: Backend> ModuleVisitor<B> for Trainable {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0.push((param.is_require_grad(), param.shape().num_elements()));
+        }
+    }
+    let mut params = Trainable(Vec::new());
+    model.visit(&mut params);
+    let device = model.embed_tokens.weight.val().inner().device();
+    let mut tensors = Vec::new();
+    for (index, &(trainable, n)) in params.0.iter().enumerate() {
+        if !trainable {
+            continue;
+        }
+        // [present, m (n), v (n)]: only the owner adds anything.
+        let part = match optim.moments(index) {
+            Some((m, v)) => Tensor::cat(vec![Tensor::ones([1], &device), m, v], 0),
+            None => Tensor::zeros([1 + 2 * n], &device),
+        };
+        let reduced = reduce_sum(part, ctx, "ZeRO-1 optimizer-state")?;
+        if !ctx.is_primary() {
+            continue;
+        }
+        let values: Vec<f32> = reduced.into_data().convert::<f32>().into_vec().expect("f32");
+        if values[0] > 0.5 {
+            for (kind, range) in [("m", 1..1 + n), ("v", 1 + n..1 + 2 * n)] {
+                tensors.push(NamedTensor {
+                    name: format!("{kind}.{index}"),
+                    shape: vec![n],
+                    values: values[range].to_vec(),
+                });
+            }
+        }
+    }
+    if !ctx.is_primary() {
+        return Ok(None);
+    }
+    let sizes: Vec<usize> = params.0.iter().map(|&(_, n)| n).collect();
+    let mut full = AdamW::new(optim.config);
+    full.load_state(optim.step, tensors, &sizes, &device)?;
+    Ok(Some(full))
 }
 
 /// Registers a flat gradient under `id` with its parameter's rank.
@@ -436,4 +608,56 @@ pub fn replica<AB: AutodiffBackend>(
     device: &AB::Device,
 ) -> DeepSeekModel<AB> {
     burn::module::Module::fork(model.clone(), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+
+    #[test]
+    fn zero1_splits_the_trainable_parameters_into_balanced_disjoint_runs() {
+        let model = DeepSeekConfig::tiny().init::<Autodiff<Flex>>(&Default::default());
+        struct Trainable(Vec<bool>);
+        impl ModuleVisitor<Autodiff<Flex>> for Trainable {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Autodiff<Flex>, D>>) {
+                self.0.push(p.is_require_grad());
+            }
+        }
+        let mut trainable = Trainable(Vec::new());
+        model.visit(&mut trainable);
+        let trainable = trainable.0;
+        // The balancing biases are not trained.
+        assert!(trainable.iter().any(|&t| !t));
+        let sizes: Vec<usize> = crate::optim::param_sizes(&model)
+            .iter()
+            .zip(&trainable)
+            .map(|(&n, &t)| if t { n } else { 0 })
+            .collect();
+        let total: usize = sizes.iter().sum();
+        let largest = *sizes.iter().max().unwrap();
+        for world in [2, 3, 4] {
+            let owned: Vec<Vec<bool>> = (0..world).map(|r| zero1_owned(&model, r, world)).collect();
+            for i in 0..sizes.len() {
+                let owners = owned.iter().filter(|o| o[i]).count();
+                let want = trainable[i] as usize;
+                assert_eq!(owners, want, "parameter {i} has {owners} owners ({world} ranks)");
+            }
+            for (rank, o) in owned.iter().enumerate() {
+                // Contiguous, and within one parameter of an equal share.
+                let first = o.iter().position(|&x| x).unwrap();
+                let last = o.iter().rposition(|&x| x).unwrap();
+                let run = (first..=last).filter(|&i| trainable[i]);
+                assert!(run.clone().all(|i| o[i]), "rank {rank} of {world}: one run");
+                let share: usize = sizes.iter().zip(o).filter(|(_, &x)| x).map(|(n, _)| n).sum();
+                assert!(
+                    share.abs_diff(total / world) <= largest,
+                    "rank {rank}: {share} of {total}"
+                );
+            }
+        }
+        // Frozen parameters belong to no one.
+        let frozen = model.no_grad();
+        assert!(zero1_owned(&frozen, 0, 2).iter().all(|&x| !x));
+    }
 }

@@ -162,6 +162,11 @@ struct PretrainCli {
     /// Seconds a rank waits for a peer before the run stops with an error.
     #[arg(long, default_value_t = 600)]
     rank_timeout: u64,
+    /// Shard the AdamW state over the ranks (ZeRO-1): each keeps its moments for 1/R of the
+    /// parameters and the updated weights are gathered after each step. Checkpoints hold the
+    /// whole state (any rank count resumes them).
+    #[arg(long)]
+    zero1: bool,
     /// Pipeline stages: the decoder blocks split into this many contiguous stages, one rank
     /// each (must divide --ranks; the other ranks split the batch and the experts per stage).
     /// Micro-batches are --grad-accum. See docs/pipeline.md.
@@ -314,6 +319,9 @@ struct SftCli {
     /// Expert-parallel group size.
     #[arg(long, default_value_t = 1)]
     expert_parallel: usize,
+    /// Shard the AdamW state over the ranks (ZeRO-1): each keeps 1/R of it.
+    #[arg(long)]
+    zero1: bool,
     /// Seconds a rank waits for a peer before the run stops with an error.
     #[arg(long, default_value_t = 600)]
     rank_timeout: u64,
@@ -605,6 +613,7 @@ fn main() -> Result<()> {
         expert_parallel: cli.expert_parallel,
         timeout: std::time::Duration::from_secs(cli.rank_timeout),
         nodes,
+        zero1: cli.zero1,
         pipeline: match (cli.pipeline_parallel, cli.stage_layers) {
             (0, _) => bail!("--pipeline-parallel must be at least 1"),
             (1, None) => None,
@@ -803,6 +812,7 @@ fn run_sft(cli: SftCli) -> Result<()> {
             timeout: std::time::Duration::from_secs(cli.rank_timeout),
             nodes: None,
             pipeline: None,
+            zero1: cli.zero1,
         },
         progress: true,
         train,

@@ -54,6 +54,9 @@ pub struct AdamW<B: Backend> {
     /// Optimizer steps taken.
     pub step: u64,
     moments: Vec<Option<Moments<B>>>,
+    /// ZeRO-1: the parameters (visiting order) this rank updates and keeps moments for;
+    /// `None`: all of them.
+    owned: Option<Vec<bool>>,
 }
 
 impl<B: Backend> AdamW<B> {
@@ -69,7 +72,34 @@ impl<B: Backend> AdamW<B> {
                 })
             })
             .collect();
-        Self { config: self.config, step: self.step, moments }
+        Self { config: self.config, step: self.step, moments, owned: self.owned.clone() }
+    }
+
+    /// The share of this state that a ZeRO-1 rank keeps: the moments of the `owned` parameters,
+    /// on `device`. Its steps update those parameters only.
+    pub fn shard(&self, owned: Vec<bool>, device: &B::Device) -> Self {
+        let moments = self
+            .moments
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                m.as_ref().filter(|_| owned.get(i).copied().unwrap_or(false)).map(|m| Moments {
+                    m: m.m.clone().to_device(device),
+                    v: m.v.clone().to_device(device),
+                })
+            })
+            .collect();
+        Self { config: self.config, step: self.step, moments, owned: Some(owned) }
+    }
+
+    /// The parameters this state updates (`None`: all).
+    pub fn owned(&self) -> Option<&[bool]> {
+        self.owned.as_deref()
+    }
+
+    /// The moments `(m, v)` of parameter `index` (visiting order), if this state holds them.
+    pub fn moments(&self, index: usize) -> Option<(Tensor<B, 1>, Tensor<B, 1>)> {
+        self.moments.get(index)?.as_ref().map(|m| (m.m.clone(), m.v.clone()))
     }
 }
 
@@ -84,7 +114,7 @@ pub struct StepStats {
 
 impl<B: Backend> AdamW<B> {
     pub fn new(config: AdamWConfig) -> Self {
-        Self { config, step: 0, moments: Vec::new() }
+        Self { config, step: 0, moments: Vec::new(), owned: None }
     }
 
     /// The global L2 norm of `grads` over the parameters of `module`.
@@ -146,6 +176,7 @@ impl<B: Backend> AdamW<B> {
         let mut mapper = Update::<B> {
             grads: &mut grads,
             moments: &mut self.moments,
+            owned: self.owned.as_deref(),
             index: 0,
             lr,
             clip_scale,
@@ -248,6 +279,7 @@ pub fn param_sizes<B: Backend, M: burn::module::Module<B>>(module: &M) -> Vec<us
 struct Update<'a, B: Backend> {
     grads: &'a mut GradientsParams,
     moments: &'a mut Vec<Option<Moments<B>>>,
+    owned: Option<&'a [bool]>,
     index: usize,
     lr: f64,
     clip_scale: f64,
@@ -261,7 +293,9 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB::InnerBackend> {
         let index = self.index;
         self.index += 1;
         let (id, tensor, mapper) = param.consume();
-        let Some(grad) = self.grads.remove::<AB::InnerBackend, D>(id) else {
+        let owned = self.owned.is_none_or(|o| o.get(index).copied().unwrap_or(false));
+        let grad = self.grads.remove::<AB::InnerBackend, D>(id);
+        let Some(grad) = grad.filter(|_| owned) else {
             return Param::from_mapped_value(id, tensor, mapper);
         };
         let require_grad = tensor.is_require_grad();

@@ -365,7 +365,12 @@ pub(crate) fn run_ranks<AB: AutodiffBackend>(
                 Some(world) => Reducer::Exchange(world.clone()),
                 None => Reducer::Collective { peer: (r as u32).into(), barrier },
             };
-            RankContext { rank: node * layout.ranks + r, world: layout.world(), reducer }
+            RankContext {
+                rank: node * layout.ranks + r,
+                world: layout.world(),
+                reducer,
+                zero1: layout.zero1,
+            }
         })
         .collect();
     let config = distributed::collective_config(layout);
@@ -378,6 +383,7 @@ pub(crate) fn run_ranks<AB: AutodiffBackend>(
         .collect();
     let mut primary = primary;
     primary.rank = contexts.pop();
+    primary.shard_optimizer();
     trainers.insert(0, primary);
     for (t, exchange) in trainers.iter_mut().zip(exchanges) {
         t.model = distributed::with_experts(t.model.clone(), exchange)?;

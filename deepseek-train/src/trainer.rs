@@ -259,9 +259,15 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             elapsed_s: self.elapsed_before,
         };
         let model = distributed::replica(&self.model, device);
+        let optim = match rank.zero1 {
+            true => {
+                self.optim.shard(distributed::zero1_owned(&model, rank.rank, rank.world), device)
+            }
+            false => self.optim.to_device(device),
+        };
         Self::assemble(
             model,
-            self.optim.to_device(device),
+            optim,
             self.config.clone(),
             self.data_config.clone(),
             at,
@@ -272,9 +278,22 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         )
     }
 
+    /// Under ZeRO-1, keeps only this rank's share of the optimizer state.
+    pub(crate) fn shard_optimizer(&mut self) {
+        if let Some(rank) = self.rank.as_ref().filter(|r| r.zero1) {
+            let owned = distributed::zero1_owned(&self.model, rank.rank, rank.world);
+            self.optim = self.optim.shard(owned, &self.device);
+        }
+    }
+
     /// Whether this trainer evaluates and checkpoints (rank 0, or a single run).
     pub fn is_primary(&self) -> bool {
         self.rank.as_ref().is_none_or(RankContext::is_primary)
+    }
+
+    /// This rank's place (a parallel run's trainers all have one).
+    fn rank(&self) -> &RankContext {
+        self.rank.as_ref().expect("a rank of a parallel run")
     }
 
     /// Ranks sharing each step's global batch.
@@ -420,8 +439,12 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         {
             return Ok(false);
         }
-        let (model, _) =
+        let (mut model, _) =
             self.optim.step_with_norm::<AB, _>(lr, self.model.clone(), grads, grad_norm);
+        if let (Some(owned), Some(rank)) = (self.optim.owned(), &self.rank) {
+            // ZeRO-1: each rank updated its share; every rank takes the others'.
+            model = distributed::gather_params(model, owned, rank)?;
+        }
         self.model = model;
         if updates_biases(&self.config, self.step) {
             update_model_biases(&mut self.model, &stats.counts, self.config.bias_gamma as f32);
@@ -446,7 +469,14 @@ impl<AB: AutodiffBackend> Trainer<AB> {
     /// Writes a checkpoint of the current state.
     pub fn save_checkpoint(&self, elapsed_s: f64) -> Result<PathBuf> {
         let state = self.state(elapsed_s);
-        checkpoint::save(&self.out, &self.model, &self.optim, &state, self.config.keep_checkpoints)
+        let gathered = match &self.rank {
+            Some(rank) if self.optim.owned().is_some() => {
+                distributed::gather_optimizer(&self.model, &self.optim, rank)?
+            }
+            _ => None,
+        };
+        let optim = gathered.as_ref().unwrap_or(&self.optim);
+        checkpoint::save(&self.out, &self.model, optim, &state, self.config.keep_checkpoints)
     }
 
     fn state(&self, elapsed_s: f64) -> TrainState {
@@ -474,7 +504,14 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             let record = self.train_step(reader.as_mut())?;
             observer(Event::Step(&record));
             let last = self.step == self.config.steps;
+            let checkpoint = last
+                || (self.config.checkpoint_every > 0
+                    && self.step.is_multiple_of(self.config.checkpoint_every));
             if !self.is_primary() {
+                if checkpoint && self.optim.owned().is_some() {
+                    // ZeRO-1: the checkpoint gathers every rank's share of the optimizer state.
+                    distributed::gather_optimizer(&self.model, &self.optim, self.rank())?;
+                }
                 continue;
             }
             if last
@@ -497,10 +534,7 @@ impl<AB: AutodiffBackend> Trainer<AB> {
                 record.max_vio_batch,
                 record.tokens_per_s,
             ));
-            if last
-                || (self.config.checkpoint_every > 0
-                    && self.step.is_multiple_of(self.config.checkpoint_every))
-            {
+            if checkpoint {
                 let dir =
                     self.save_checkpoint(self.elapsed_before + start.elapsed().as_secs_f64())?;
                 observer(Event::Checkpoint(&dir));

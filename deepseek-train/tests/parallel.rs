@@ -85,6 +85,7 @@ fn layouts_the_model_or_batch_cannot_take_are_errors() {
             "must split evenly over 8 ranks",
         ),
         (Layout { ranks: 0, expert_parallel: 1, ..Default::default() }, "at least 1"),
+        (Layout { zero1: true, ..Default::default() }, "--zero1 shards the optimizer state"),
     ];
     for (layout, expected) in cases {
         let mut a = args(&dir.path().join("bad"), 1, 1);
@@ -185,4 +186,68 @@ fn a_rank_that_fails_stops_the_others_instead_of_leaving_them_waiting() {
         rx.recv_timeout(std::time::Duration::from_secs(300)).expect("the run must end, not hang");
     let err = outcome.expect_err("rank 0 cannot checkpoint");
     assert!(err.starts_with("rank 0:") && err.contains("checkpoints"), "{err}");
+}
+
+/// Every file of a run's newest checkpoint but its `state.json` (which holds the wall time).
+fn checkpoint_files(out: &Path) -> Vec<(String, Vec<u8>)> {
+    let (_, dir) = deepseek_train::checkpoint::latest(out).expect("a checkpoint");
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap() != "state.json")
+        .map(|p| {
+            (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn zero1_equals_the_replicated_run_and_its_checkpoints_resume_on_any_rank_count() {
+    let _turn = serial();
+    let dir = tempfile::tempdir().unwrap();
+    for ep in [1, 2] {
+        let (replicated, sharded) = (
+            dir.path().join(format!("replicated-ep{ep}")),
+            dir.path().join(format!("zero1-ep{ep}")),
+        );
+        pretrain(&args(&replicated, 2, ep)).unwrap();
+        let mut zero1 = args(&sharded, 2, ep);
+        zero1.layout.zero1 = true;
+        pretrain(&zero1).unwrap();
+        // Each rank updates its half and the others receive it exactly: the same losses, and
+        // the same weights and (gathered) optimizer state in the checkpoint, bit for bit.
+        let bits = |out: &Path| -> Vec<(u32, u64)> {
+            steps(out).iter().map(|r| (r.loss.to_bits(), r.grad_norm.to_bits())).collect()
+        };
+        assert_eq!(bits(&sharded), bits(&replicated), "EP {ep}: losses");
+        let files = checkpoint_files(&sharded);
+        assert!(
+            files.iter().any(|(name, _)| name.contains("optimizer")),
+            "{:?}",
+            files.iter().map(|f| &f.0).collect::<Vec<_>>()
+        );
+        assert!(files == checkpoint_files(&replicated), "EP {ep}: checkpoint files differ");
+    }
+    // The sharded run's checkpoint resumes on one rank (unsharded) as the replicated one does,
+    // and a replicated checkpoint resumes sharded.
+    let resume = |from: &str, ranks: usize, zero1: bool| {
+        let out = dir.path().join(format!("{from}-then-{ranks}-{zero1}"));
+        assert!(std::process::Command::new("cp")
+            .arg("-r")
+            .arg(dir.path().join(from))
+            .arg(&out)
+            .status()
+            .unwrap()
+            .success());
+        let mut a = args(&out, ranks, 1);
+        a.train.steps = 5;
+        a.layout.zero1 = zero1;
+        a.resume = true;
+        pretrain(&a).unwrap();
+        steps(&out)[3..].iter().map(|r| r.loss.to_bits()).collect::<Vec<_>>()
+    };
+    assert_eq!(resume("zero1-ep1", 1, false), resume("replicated-ep1", 1, false));
+    assert_eq!(resume("replicated-ep1", 2, true), resume("replicated-ep1", 2, false));
 }
