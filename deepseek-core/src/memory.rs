@@ -170,7 +170,8 @@ impl PlanRequest {
 pub struct MemoryPlan {
     /// Weights in their dtype.
     pub weights: u64,
-    /// f32 gradients of the trainable parameters.
+    /// f32 gradients of the trainable parameters (twice that with data-parallel ranks: the
+    /// all-reduce's flat buffers).
     pub gradients: u64,
     /// AdamW moments and master weights.
     pub optimizer: u64,
@@ -234,6 +235,10 @@ impl MemoryPlan {
             }
             _ => 0,
         };
+        // Data-parallel ranks: the gradient all-reduce concatenates every gradient into one
+        // flat buffer and receives the reduced copy (`deepseek-train`'s
+        // `distributed::all_reduce`), twice the gradients at its peak.
+        let gradients = if replicas > 1 { 2 * gradients } else { gradients };
         Ok(MemoryPlan { weights, gradients, optimizer, activations, kv_cache })
     }
 

@@ -478,58 +478,55 @@ pub fn zero1_owned<B: Backend, M: Module<B>>(model: &M, rank: usize, world: usiz
 }
 
 /// ZeRO-1's all-gather: every rank's copy of `model` gets, for each trainable parameter, the
-/// value of the rank that updated it (`owned`, from [`zero1_owned`]). One all-reduce in which
-/// the other ranks contribute zeros: `x + 0 = x`, so the values arrive exactly.
+/// value of the rank that updated it (`owned`, from [`zero1_owned`]). An all-reduce per
+/// parameter in which the other ranks contribute zeros (`x + 0 = x`, so the values arrive
+/// exactly); one parameter at a time, so the old and new copies never coexist beyond it.
 pub fn gather_params<AB: AutodiffBackend>(
     model: DeepSeekModel<AB>,
     owned: &[bool],
     ctx: &RankContext,
 ) -> Result<DeepSeekModel<AB>> {
-    struct Flatten<'a, B: Backend> {
+    struct Gather<'a> {
         owned: &'a [bool],
+        ctx: &'a RankContext,
         index: usize,
-        parts: Vec<Tensor<B, 1>>,
+        failed: Option<TrainError>,
     }
-    impl<AB: AutodiffBackend> ModuleVisitor<AB> for Flatten<'_, AB::InnerBackend> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
-            let index = self.index;
-            self.index += 1;
-            if !param.is_require_grad() {
-                return;
-            }
-            let value = param.val().inner();
-            let n = value.shape().num_elements();
-            let flat = value.reshape([n]);
-            self.parts.push(if self.owned[index] { flat } else { flat.zeros_like() });
-        }
-    }
-    struct Scatter<B: Backend> {
-        reduced: Tensor<B, 1>,
-        start: usize,
-    }
-    impl<AB: AutodiffBackend> burn::module::ModuleMapper<AB> for Scatter<AB::InnerBackend> {
+    impl<AB: AutodiffBackend> burn::module::ModuleMapper<AB> for Gather<'_> {
         fn map_float<const D: usize>(
             &mut self,
             param: Param<Tensor<AB, D>>,
         ) -> Param<Tensor<AB, D>> {
-            if !param.is_require_grad() {
+            let index = self.index;
+            self.index += 1;
+            if !param.is_require_grad() || self.failed.is_some() {
                 return param;
             }
             let (id, tensor, mapper) = param.consume();
             let shape = tensor.shape();
             let n = shape.num_elements();
-            let value = self.reduced.clone().narrow(0, self.start, n).reshape(shape);
-            self.start += n;
-            Param::from_mapped_value(id, Tensor::from_inner(value).require_grad(), mapper)
+            let value = tensor.inner().reshape([n]);
+            let mine = if self.owned[index] { value.clone() } else { value.zeros_like() };
+            let value = match reduce_sum(mine, self.ctx, "ZeRO-1 parameter") {
+                Ok(reduced) => reduced,
+                Err(e) => {
+                    self.failed = Some(e);
+                    value
+                }
+            };
+            Param::from_mapped_value(
+                id,
+                Tensor::from_inner(value.reshape(shape)).require_grad(),
+                mapper,
+            )
         }
     }
-    let mut flatten = Flatten::<AB::InnerBackend> { owned, index: 0, parts: Vec::new() };
-    model.visit(&mut flatten);
-    if flatten.parts.is_empty() {
-        return Ok(model);
+    let mut gather = Gather { owned, ctx, index: 0, failed: None };
+    let model = model.map(&mut gather);
+    match gather.failed {
+        Some(e) => Err(e),
+        None => Ok(model),
     }
-    let reduced = reduce_sum(Tensor::cat(flatten.parts, 0), ctx, "ZeRO-1 parameter")?;
-    Ok(model.map(&mut Scatter { reduced, start: 0 }))
 }
 
 /// ZeRO-1 at a checkpoint: the whole optimizer state of the sharded `optim`s, on rank 0 (every
