@@ -165,13 +165,17 @@ impl PlanRequest {
     }
 }
 
+/// Values per bucket of the data-parallel gradient all-reduce (16 Mi, 64 MiB of f32): a
+/// rank holds one bucket's flat copy and its reduced copy beyond the gradients.
+pub const GRADIENT_BUCKET: usize = 1 << 24;
+
 /// Bytes per rank, by kind (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MemoryPlan {
     /// Weights in their dtype.
     pub weights: u64,
-    /// f32 gradients of the trainable parameters (twice that with data-parallel ranks: the
-    /// all-reduce's flat buffers).
+    /// f32 gradients of the trainable parameters (with data-parallel ranks, plus two of the
+    /// all-reduce's buckets).
     pub gradients: u64,
     /// AdamW moments and master weights.
     pub optimizer: u64,
@@ -235,10 +239,11 @@ impl MemoryPlan {
             }
             _ => 0,
         };
-        // Data-parallel ranks: the gradient all-reduce concatenates every gradient into one
-        // flat buffer and receives the reduced copy (`deepseek-train`'s
-        // `distributed::all_reduce`), twice the gradients at its peak.
-        let gradients = if replicas > 1 { 2 * gradients } else { gradients };
+        // Data-parallel ranks: the gradient all-reduce sums buckets of `GRADIENT_BUCKET` values,
+        // each concatenated into a flat buffer and received as a reduced copy
+        // (`deepseek-train`'s `distributed::all_reduce`).
+        let bucket = 4 * (GRADIENT_BUCKET as u64).min(gradients / 4);
+        let gradients = if replicas > 1 { gradients + 2 * bucket } else { gradients };
         Ok(MemoryPlan { weights, gradients, optimizer, activations, kv_cache })
     }
 

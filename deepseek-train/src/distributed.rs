@@ -64,6 +64,8 @@ pub struct Layout {
     pub pipeline: Option<crate::pipeline::schedule::PipelineLayout>,
     /// Shard the optimizer state over the ranks (ZeRO-1).
     pub zero1: bool,
+    /// Values per bucket of the gradient all-reduce ([`GRADIENT_BUCKET`] by default).
+    pub gradient_bucket: usize,
 }
 
 /// Several processes, one rank each.
@@ -107,6 +109,7 @@ impl Default for Layout {
             nodes: None,
             pipeline: None,
             zero1: false,
+            gradient_bucket: GRADIENT_BUCKET,
         }
     }
 }
@@ -218,6 +221,8 @@ pub struct RankContext {
     pub reducer: Reducer,
     /// The optimizer state is sharded over the ranks (ZeRO-1).
     pub zero1: bool,
+    /// Values per bucket of the gradient all-reduce.
+    pub gradient_bucket: usize,
 }
 
 /// The all-reduce of a rank's gradients.
@@ -351,6 +356,10 @@ pub fn finish<B: Backend>(peer: PeerId) {
     let _ = burn_collective::finish_collective::<B>(peer);
 }
 
+/// Values per gradient all-reduce ([`all_reduce`] sums the gradients in buckets of about this
+/// many; the memory planner counts them).
+pub const GRADIENT_BUCKET: usize = deepseek_core::memory::GRADIENT_BUCKET;
+
 /// Sums `grads` (every trainable parameter of `model`, zeros where this rank has none) and
 /// `stats` over all ranks in one all-reduce, and returns both. Every rank gets the same result.
 ///
@@ -392,20 +401,35 @@ pub fn all_reduce<AB: AutodiffBackend>(
         device: device.clone(),
     };
     model.visit(&mut flatten);
-    let (mut parts, layout) = (flatten.parts, flatten.layout);
     let [n_stats] = stats.dims();
-    parts.push(stats);
-    let flat = Tensor::cat(parts, 0); // [Σ params + stats]
-    let reduced = reduce_sum(flat, ctx, "gradient")?;
+    // Buckets of about `ctx.gradient_bucket` values, as PyTorch's DDP all-reduces (the statistics
+    // ride in the last): beyond the gradients themselves a rank holds one bucket's flat copy and
+    // its reduced copy, not two copies of every gradient.
     let mut out = GradientsParams::new();
-    let mut start = 0;
-    for (id, shape) in layout {
-        let n: usize = shape.iter().product();
-        let part = reduced.clone().narrow(0, start, n);
-        register_grad::<AB::InnerBackend>(&mut out, id, part, &shape);
-        start += n;
+    let mut members = flatten.parts.into_iter().zip(flatten.layout).peekable();
+    loop {
+        let (mut bucket, mut shapes, mut size) = (Vec::new(), Vec::new(), 0);
+        while let Some((part, (id, shape))) = members.next_if(|_| size < ctx.gradient_bucket) {
+            size += part.dims()[0];
+            bucket.push(part);
+            shapes.push((id, shape));
+        }
+        let last = members.peek().is_none();
+        if last {
+            bucket.push(stats.clone());
+        }
+        let reduced = reduce_sum(Tensor::cat(bucket, 0), ctx, "gradient")?; // [size (+ stats)]
+        let mut start = 0;
+        for (id, shape) in shapes {
+            let n: usize = shape.iter().product();
+            let part = reduced.clone().narrow(0, start, n);
+            register_grad::<AB::InnerBackend>(&mut out, id, part, &shape);
+            start += n;
+        }
+        if last {
+            return Ok((out, reduced.narrow(0, start, n_stats)));
+        }
     }
-    Ok((out, reduced.narrow(0, start, n_stats)))
 }
 
 /// Sums `flat` over all ranks (every rank gets the sum); `what` names the exchange in errors.

@@ -614,6 +614,7 @@ fn main() -> Result<()> {
         timeout: std::time::Duration::from_secs(cli.rank_timeout),
         nodes,
         zero1: cli.zero1,
+        gradient_bucket: deepseek_train::distributed::GRADIENT_BUCKET,
         pipeline: match (cli.pipeline_parallel, cli.stage_layers) {
             (0, _) => bail!("--pipeline-parallel must be at least 1"),
             (1, None) => None,
@@ -813,6 +814,7 @@ fn run_sft(cli: SftCli) -> Result<()> {
             nodes: None,
             pipeline: None,
             zero1: cli.zero1,
+            ..Default::default()
         },
         progress: true,
         train,

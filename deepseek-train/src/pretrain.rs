@@ -370,6 +370,7 @@ pub(crate) fn run_ranks<AB: AutodiffBackend>(
                 world: layout.world(),
                 reducer,
                 zero1: layout.zero1,
+                gradient_bucket: layout.gradient_bucket.max(1),
             }
         })
         .collect();
