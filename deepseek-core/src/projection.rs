@@ -127,6 +127,38 @@ impl<B: Backend> Projection<B, 3> {
         }
     }
 
+    /// The experts applied to rows grouped by expert: `rows[j]` consecutive rows for expert
+    /// `first + j`, at `gemm` precision. Without an adapter and at full precision this is one
+    /// autodiff node ([`crate::moe::segmented`]); otherwise [`Projection::forward_expert`] per
+    /// expert.
+    ///
+    /// # Shapes
+    /// `x`: `[Σ rows, d_in]` → `[Σ rows, d_out]`.
+    pub fn forward_segments(
+        &self,
+        x: Tensor<B, 2>,
+        rows: &[usize],
+        first: usize,
+        gemm: GemmPrecision,
+    ) -> Tensor<B, 2> {
+        if self.lora.is_none() && gemm == GemmPrecision::Full {
+            return crate::moe::segmented::forward_segments(x, self.weight.val(), rows, first);
+        }
+        let [_, _, d_out] = self.dims();
+        let mut outputs = Vec::new();
+        let mut start = 0;
+        for (j, &n) in rows.iter().enumerate() {
+            if n > 0 {
+                outputs.push(self.forward_expert(first + j, x.clone().narrow(0, start, n), gemm));
+                start += n;
+            }
+        }
+        if outputs.is_empty() {
+            return Tensor::zeros([0, d_out], (&x.device(), x.dtype()));
+        }
+        Tensor::cat(outputs, 0)
+    }
+
     /// Every expert on its own padded block of rows, as one batched matmul ("grouped GEMM"),
     /// at the tensors' precision (the FP8 GEMMs are 2-D: FP8 runs per expert).
     ///

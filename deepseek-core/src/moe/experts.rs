@@ -273,19 +273,10 @@ impl<B: Backend> RoutedExperts<B> {
         gemm: GemmPrecision,
     ) -> Tensor<B, 2> {
         let [_, i, _] = self.down.dims();
-        let mut outputs = Vec::new();
-        let mut start = 0;
-        for (e, &n) in rows_per_expert.iter().enumerate() {
-            let e = first_expert + e;
-            if n == 0 {
-                continue;
-            }
-            let h = self.gate_up.forward_expert(e, dispatched.clone().narrow(0, start, n), gemm); // [n, 2I]
-            let act = silu(h.clone().narrow(1, 0, i)) * h.narrow(1, i, i); // [n, I]
-            outputs.push(self.down.forward_expert(e, act, gemm)); // [n, D]
-            start += n;
-        }
-        Tensor::cat(outputs, 0)
+        let (rows, first) = (rows_per_expert, first_expert);
+        let h = self.gate_up.forward_segments(dispatched, rows, first, gemm); // [rows, 2I]
+        let act = silu(h.clone().narrow(1, 0, i)) * h.narrow(1, i, i); // [rows, I]
+        self.down.forward_segments(act, rows, first, gemm) // [rows, D]
     }
 }
 

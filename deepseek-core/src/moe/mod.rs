@@ -14,6 +14,7 @@ pub mod experts;
 #[doc(hidden)]
 pub mod kernels;
 pub mod router;
+pub mod segmented;
 
 use burn::config::Config;
 use burn::module::Module;
@@ -35,9 +36,11 @@ pub fn device_dispatches() -> usize {
     0
 }
 
-/// Installs the autodiff nodes of the device dispatch/combine for `Autodiff<B>` (a no-op without
-/// GPU backends): routed experts then train on the device kernels. Idempotent.
+/// Installs the autodiff nodes of the routed experts for `Autodiff<B>`: the per-expert GEMM over
+/// grouped rows ([`segmented`]) and, with GPU backends, the device dispatch/combine (routed
+/// experts then train on the device kernels). Idempotent.
 pub(crate) fn register_autodiff<B: burn::tensor::backend::Backend>() {
+    segmented::register_autodiff::<B>();
     #[cfg(feature = "kernels")]
     device::register_autodiff::<B>();
 }
