@@ -5,7 +5,7 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use deepseek_core::{DeepSeekModel, ForwardOptions};
+use deepseek_core::{DeepSeekModel, ForwardOptions, ModelOutput};
 use serde::{Deserialize, Serialize};
 
 use crate::balance::grouped_balance_loss;
@@ -171,20 +171,34 @@ pub fn batch_objective<B: Backend>(
     batch_data: Batch<B>,
     weights: LossWeights,
 ) -> BatchLoss<B> {
-    let Batch { ids: windows, weights: target_weights, segments, real } = batch_data;
-    let [batch, len] = windows.dims();
-    let inputs = windows.clone().narrow(1, 0, len - 1); // [b, s]
+    let [_, len] = batch_data.ids.dims();
+    let inputs = batch_data.ids.clone().narrow(1, 0, len - 1); // [b, s]
     let options = ForwardOptions { hidden_states: false, mtp: !model.mtp.is_empty() };
-    let packing = segments.as_ref().map(|s| &s.inputs);
+    let packing = batch_data.segments.as_ref().map(|s| &s.inputs);
     let out = model.forward_packed(inputs, packing, options);
+    output_objective(out, &batch_data, weights)
+}
+
+/// The objective's terms from the forward output `out` of `batch`'s inputs: the prediction
+/// terms of its logits and the balance terms and loads of the routing it holds (all blocks for
+/// [`batch_objective`]; the MTP blocks only for the head of a recomputed step).
+///
+/// # Shapes
+/// `out.logits`: `[batch, seq, V]`, `batch.ids`: `[batch, seq + 1]`.
+pub(crate) fn output_objective<B: Backend>(
+    out: ModelOutput<B>,
+    batch: &Batch<B>,
+    weights: LossWeights,
+) -> BatchLoss<B> {
+    let [rows, _] = batch.ids.dims();
     let (main, mtp) = prediction_terms(
         out.logits,
         &out.mtp_logits,
-        &windows,
-        target_weights.as_ref(),
-        segments.as_ref(),
+        &batch.ids,
+        batch.weights.as_ref(),
+        batch.segments.as_ref(),
     );
-    let (balance, counts) = routing_terms(out.routing, batch, real.as_ref(), weights);
+    let (balance, counts) = routing_terms(out.routing, rows, batch.real.as_ref(), weights);
     let total = objective_total(&main, mtp.as_ref(), balance.as_ref(), weights);
     BatchLoss { total, main, mtp, balance, counts }
 }

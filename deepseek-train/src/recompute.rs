@@ -29,7 +29,7 @@ use burn::tensor::Tensor;
 use deepseek_core::DeepSeekModel;
 
 use crate::error::{Result, TrainError};
-use crate::loss::{objective_total, prediction_terms, routing_terms, BatchLoss, LossWeights};
+use crate::loss::{objective_total, output_objective, routing_terms, BatchLoss, LossWeights};
 use crate::source::Batch;
 
 /// The objective of `batch` ([`crate::loss::batch_objective`]) and the gradients of
@@ -44,10 +44,9 @@ pub fn checkpointed_gradients<AB: AutodiffBackend>(
     weights: LossWeights,
     shares: f64,
 ) -> Result<(BatchLoss<AB>, GradientsParams)> {
-    let Batch { ids: windows, weights: target_weights, segments, real } = batch;
-    let [rows, len] = windows.dims();
-    let inputs = windows.clone().narrow(1, 0, len - 1); // [b, s]
-    let packing = segments.as_ref().map(|s| &s.inputs);
+    let [rows, len] = batch.ids.dims();
+    let inputs = batch.ids.clone().narrow(1, 0, len - 1); // [b, s]
+    let (real, packing) = (batch.real.as_ref(), batch.segments.as_ref().map(|s| &s.inputs));
     let mut grads = GradientsAccumulator::<DeepSeekModel<AB>>::new();
 
     // 1. The residual stream without a graph; the main blocks' loads and balance values.
@@ -57,7 +56,7 @@ pub fn checkpointed_gradients<AB: AutodiffBackend>(
     for index in 0..model.layers.len() {
         let x = stream.last().expect("x₀").clone();
         let (out, routing) = untracked.block(index, x, packing);
-        let (b, c) = routing_terms(routing.into_iter().collect(), rows, real.as_ref(), weights);
+        let (b, c) = routing_terms(routing.into_iter().collect(), rows, real, weights);
         balance = sum(balance, b);
         counts.extend(c);
         stream.push(out);
@@ -68,27 +67,19 @@ pub fn checkpointed_gradients<AB: AutodiffBackend>(
     let x = leaf(stream.pop().expect("x_L"));
     let embeddings = model.embed_tokens.forward(inputs.clone());
     let out = model.finish(x.clone(), embeddings, packing, !model.mtp.is_empty());
-    let (main, mtp) = prediction_terms(
-        out.logits,
-        &out.mtp_logits,
-        &windows,
-        target_weights.as_ref(),
-        segments.as_ref(),
-    );
-    let (mtp_balance, mtp_counts) = routing_terms(out.routing, rows, real.as_ref(), weights);
-    let head = objective_total(&main, mtp.as_ref(), mtp_balance.as_ref(), weights);
+    let head = output_objective(out, &batch, weights); // the MTP blocks' balance and loads
     barrier(model)?;
-    let backward = head.div_scalar(shares).backward();
+    let backward = head.total.div_scalar(shares).backward();
     let mut g = x.grad(&backward).expect("the head depends on its input");
     grads.accumulate(model, GradientsParams::from_grads(backward, model));
-    balance = sum(balance, mtp_balance.map(Tensor::detach));
-    counts.extend(mtp_counts);
+    balance = sum(balance, head.balance.map(Tensor::detach));
+    counts.extend(head.counts);
 
     // 3. Each block again, last to first.
     for index in (0..model.layers.len()).rev() {
         let x = leaf(stream.pop().expect("x_l"));
         let (out, routing) = model.block(index, x.clone(), packing);
-        let (b, _) = routing_terms(routing.into_iter().collect(), rows, real.as_ref(), weights);
+        let (b, _) = routing_terms(routing.into_iter().collect(), rows, real, weights);
         let mut objective = (out * Tensor::from_inner(g)).sum();
         if let Some(b) = b {
             objective = objective + b.div_scalar(shares);
@@ -106,7 +97,7 @@ pub fn checkpointed_gradients<AB: AutodiffBackend>(
         grads.accumulate(model, GradientsParams::from_grads(backward, &model.embed_tokens));
     }
 
-    let (main, mtp) = (main.detach(), mtp.map(Tensor::detach));
+    let (main, mtp) = (head.main.detach(), head.mtp.map(Tensor::detach));
     let total = objective_total(&main, mtp.as_ref(), balance.as_ref(), weights);
     Ok((BatchLoss { total, main, mtp, balance, counts }, grads.grads()))
 }
