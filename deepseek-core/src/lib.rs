@@ -11,6 +11,7 @@ pub(crate) mod cube;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod few_rows;
 pub mod finetune;
 pub mod fp8;
 mod hf_config;

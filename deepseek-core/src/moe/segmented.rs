@@ -62,7 +62,11 @@ pub fn segments<B: Backend>(
         // would copy it: Flex copies offset views).
         let w_e = w.clone().narrow(0, first + j, 1); // [1, in, out]
         let x_e = x.clone().narrow(0, start, n).unsqueeze::<3>(); // [1, n, in]
-        outputs.push(x_e.matmul(w_e).reshape([n, d_out]));
+        let y = match crate::few_rows::matmul(&x_e, &w_e) {
+            Some(y) => y, // a few rows (decoding) on Flex: split over threads
+            None => x_e.matmul(w_e),
+        };
+        outputs.push(y.reshape([n, d_out]));
         start += n;
     }
     if outputs.is_empty() {

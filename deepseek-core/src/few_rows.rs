@@ -1,0 +1,354 @@
+//! Few-row products on Flex: the GEMV of decoding, read at memory bandwidth.
+//!
+//! Decoding multiplies one token (or a handful: a speculative verification, a small serving
+//! batch) by every weight it reads, so each product's time is the time to stream the weight
+//! from memory. Flex hands these to the `gemm` crate, which (measured on the 2-core machine of
+//! `docs/benchmarks.md`, where one core reads about 25 GB/s and two about 29.5):
+//! - runs a one-row product on its single-threaded GEMV whatever parallelism it is given, at
+//!   17–22 GB/s: the other core waits, even for the 1024 × 32000 output head;
+//! - runs two to eight rows through its blocked GEMM, which packs the weight first: 8 GB/s, so
+//!   two rows cost three times one;
+//! - and Flex widens bf16 weights to f32 on every call.
+//!
+//! Here each weight row is read once for all the input rows (`y_r += x_{r,k} · W_k`, in f32 with
+//! fused multiply-adds), half-precision rows are widened a block at a time, and a weight of at
+//! least [`MIN_SPLIT`] elements is cut along `k` into one contiguous part per thread whose partial
+//! sums are added at the end: 27–30 GB/s for a 1024 × 1024 product with one or two rows.
+//!
+//! The sums run in another order than `gemm`'s, so results agree with the plain product to f32
+//! rounding (the plain-tensor twin test checks it); for a given thread count they are
+//! deterministic. [`matmul`] answers `None` where this does not apply (another backend, other
+//! dtypes, more than [`MAX_ROWS`] rows, an input that is not contiguous, a weight whose rows are
+//! not), and the caller runs its usual product.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+/// Most rows of `x` taken here; beyond this `gemm`'s blocked kernel wins.
+pub const MAX_ROWS: usize = 8;
+/// Fewest weight elements split over threads (1 MiB at f32, about 40 µs of reading on one
+/// core); smaller weights run on the calling thread, where a fork-join would cost more than it
+/// saves.
+pub const MIN_SPLIT: usize = 1 << 18;
+
+/// `x · w` over the last two dimensions of `w`, whose leading dimensions must all be 1 (a matrix,
+/// or one expert's view of a stack); `None` where this path does not apply.
+///
+/// # Shapes
+/// `x`: `[..., k]`, `w`: `[1, ..., 1, k, n]` → `[..., n]`.
+#[cfg(feature = "flex")]
+pub fn matmul<B: Backend, const D: usize, const R: usize>(
+    x: &Tensor<B, D>,
+    w: &Tensor<B, R>,
+) -> Option<Tensor<B, D>> {
+    flex::matmul(x, w)
+}
+
+/// Without Flex compiled in there is nothing to take.
+#[cfg(not(feature = "flex"))]
+pub fn matmul<B: Backend, const D: usize, const R: usize>(
+    _x: &Tensor<B, D>,
+    _w: &Tensor<B, R>,
+) -> Option<Tensor<B, D>> {
+    None
+}
+
+#[cfg(feature = "flex")]
+mod flex {
+    use std::any::{Any, TypeId};
+
+    use burn::backend::Flex;
+    use burn::tensor::backend::Backend;
+    use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+    use burn_flex::FlexTensor;
+    use half::slice::HalfFloatSliceExt;
+    use half::{bf16, f16};
+    use rayon::prelude::*;
+
+    use super::{MAX_ROWS, MIN_SPLIT};
+
+    /// Output columns widened and accumulated per pass: the `rows` accumulators of a block stay
+    /// in the L2 cache (8 rows × 8 KiB).
+    const BLOCK: usize = 2048;
+
+    /// Moves a value whose concrete type the caller has checked with `TypeId`.
+    fn cast<T: 'static, U: 'static>(value: T) -> U {
+        let boxed: Box<dyn Any> = Box::new(value);
+        *boxed.downcast::<U>().expect("the caller compared TypeIds")
+    }
+
+    pub(super) fn matmul<B: Backend, const D: usize, const R: usize>(
+        x: &Tensor<B, D>,
+        w: &Tensor<B, R>,
+    ) -> Option<Tensor<B, D>> {
+        if TypeId::of::<B>() != TypeId::of::<Flex>() {
+            return None;
+        }
+        let (x_dims, w_dims) = (x.dims(), w.dims());
+        let (k, n) = (w_dims[R - 2], w_dims[R - 1]);
+        let rows: usize = x_dims[..D - 1].iter().product();
+        if rows == 0
+            || rows > MAX_ROWS
+            || k == 0
+            || x_dims[D - 1] != k
+            || w_dims[..R - 2].iter().any(|&d| d != 1)
+        {
+            return None;
+        }
+        let xf: FlexTensor = cast(x.clone().into_primitive().tensor());
+        let wf: FlexTensor = cast(w.clone().into_primitive().tensor());
+        if xf.dtype() != wf.dtype() {
+            return None;
+        }
+        let out = match xf.dtype() {
+            DType::F32 => product::<f32>(&xf, &wf, rows, k, n)?,
+            DType::F16 => product::<f16>(&xf, &wf, rows, k, n)?,
+            DType::BF16 => product::<bf16>(&xf, &wf, rows, k, n)?,
+            _ => return None,
+        };
+        let mut shape = x_dims;
+        shape[D - 1] = n;
+        let y: Tensor<B, 2> = Tensor::from_primitive(TensorPrimitive::Float(cast(out)));
+        Some(y.reshape(shape))
+    }
+
+    /// A float type stored in Flex tensors, computed in f32.
+    trait Float: burn::tensor::Element + bytemuck::Pod {
+        /// `dst = src` in f32.
+        fn widen(src: &[Self], dst: &mut [f32]);
+        fn from_f32(v: f32) -> Self;
+        /// The slice itself where it already is f32.
+        fn as_f32(_src: &[Self]) -> Option<&[f32]> {
+            None
+        }
+    }
+
+    impl Float for f32 {
+        fn widen(src: &[Self], dst: &mut [f32]) {
+            dst.copy_from_slice(src);
+        }
+        fn from_f32(v: f32) -> Self {
+            v
+        }
+        fn as_f32(src: &[Self]) -> Option<&[f32]> {
+            Some(src)
+        }
+    }
+
+    impl Float for f16 {
+        fn widen(src: &[Self], dst: &mut [f32]) {
+            src.convert_to_f32_slice(dst);
+        }
+        fn from_f32(v: f32) -> Self {
+            f16::from_f32(v)
+        }
+    }
+
+    impl Float for bf16 {
+        fn widen(src: &[Self], dst: &mut [f32]) {
+            src.convert_to_f32_slice(dst);
+        }
+        fn from_f32(v: f32) -> Self {
+            bf16::from_f32(v)
+        }
+    }
+
+    /// `y = x · w` for `rows` rows; `None` unless `x` is contiguous and `w`'s rows are.
+    fn product<T: Float>(
+        x: &FlexTensor,
+        w: &FlexTensor,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Option<FlexTensor> {
+        let (x_start, _) = x.layout().contiguous_offsets()?;
+        let strides = w.layout().strides();
+        let (w_rs, w_cs) = (strides[strides.len() - 2], strides[strides.len() - 1]);
+        if w_cs != 1 || (k > 1 && w_rs < n as isize) {
+            return None;
+        }
+        let w_rs = w_rs.max(n as isize) as usize;
+        let w_start = w.layout().start_offset();
+        let w_data: &[T] = w.storage();
+        let w_data = w_data.get(w_start..w_start + (k - 1) * w_rs + n)?;
+        let x_data: &[T] = x.storage();
+        let mut xs = vec![0f32; rows * k];
+        T::widen(&x_data[x_start..x_start + rows * k], &mut xs);
+
+        let weight = Weight { data: w_data, row_stride: w_rs, k, n };
+        let parts = rayon::current_num_threads().min((k * n) / MIN_SPLIT).clamp(1, k);
+        let y = if parts == 1 {
+            let mut acc = vec![0f32; rows * n];
+            weight.accumulate(&xs, 0..k, &mut acc);
+            acc
+        } else {
+            // One contiguous range of weight rows per thread, partial sums added in part order.
+            let chunk = k.div_ceil(parts);
+            let partial: Vec<Vec<f32>> = (0..parts)
+                .into_par_iter()
+                .map(|p| {
+                    let mut acc = vec![0f32; rows * n];
+                    weight.accumulate(&xs, p * chunk..((p + 1) * chunk).min(k), &mut acc);
+                    acc
+                })
+                .collect();
+            let mut parts = partial.into_iter();
+            let mut y = parts.next().expect("at least one part");
+            for part in parts {
+                y.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
+            }
+            y
+        };
+        let y: Vec<T> = y.into_iter().map(T::from_f32).collect();
+        Some(FlexTensor::from_data(TensorData::new(y, [rows, n])))
+    }
+
+    /// A weight `[k, n]` whose rows are contiguous, `row_stride` elements apart.
+    struct Weight<'a, T> {
+        data: &'a [T],
+        row_stride: usize,
+        k: usize,
+        n: usize,
+    }
+
+    impl<T: Float> Weight<'_, T> {
+        /// `acc[r] += Σ_{i ∈ range} xs[r, i] · W[i]` for every row `r` of `xs` (`[rows, k]`).
+        fn accumulate(&self, xs: &[f32], range: std::ops::Range<usize>, acc: &mut [f32]) {
+            let (k, n) = (self.k, self.n);
+            let rows = xs.len() / k;
+            let mut widened = vec![0f32; BLOCK.min(n)];
+            for col in (0..n).step_by(BLOCK) {
+                let width = BLOCK.min(n - col);
+                for i in range.clone() {
+                    let src = &self.data[i * self.row_stride + col..][..width];
+                    let w_row = match T::as_f32(src) {
+                        Some(row) => row,
+                        None => {
+                            T::widen(src, &mut widened[..width]);
+                            &widened[..width]
+                        }
+                    };
+                    for r in 0..rows {
+                        axpy(&mut acc[r * n + col..][..width], xs[r * k + i], w_row);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `y += a · x`, with FMA instructions where the CPU has them.
+    fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has the features `axpy_fma` is compiled for (checked above).
+            return unsafe { axpy_fma(y, a, x) };
+        }
+        axpy_plain(y, a, x);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn axpy_fma(y: &mut [f32], a: f32, x: &[f32]) {
+        axpy_plain(y, a, x);
+    }
+
+    #[inline(always)]
+    fn axpy_plain(y: &mut [f32], a: f32, x: &[f32]) {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y = a.mul_add(*x, *y);
+        }
+    }
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use burn::backend::Flex;
+    use burn::tensor::{DType, Distribution, FloatDType, Tensor};
+
+    fn values<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().into_vec().unwrap()
+    }
+
+    /// The largest difference from the plain f64 product, relative to the largest output.
+    fn error_against_f64(x: &[f32], w: &[f32], y: &[f32], k: usize, n: usize) -> f64 {
+        let rows = x.len() / k;
+        let mut worst: f64 = 0.0;
+        let mut scale: f64 = 0.0;
+        for r in 0..rows {
+            for j in 0..n {
+                let want: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[i * n + j] as f64).sum();
+                worst = worst.max((y[r * n + j] as f64 - want).abs());
+                scale = scale.max(want.abs());
+            }
+        }
+        worst / scale
+    }
+
+    #[test]
+    fn few_row_products_equal_the_plain_product() {
+        let device = Default::default();
+        // One and several rows; a weight split over threads and one that is not; a width that is
+        // not a multiple of the column block or of a SIMD register.
+        for (rows, k, n) in [(1, 700, 2500), (3, 700, 2500), (8, 96, 40), (2, 1024, 512)] {
+            let x =
+                Tensor::<Flex, 3>::random([1, rows, k], Distribution::Normal(0.0, 1.0), &device);
+            let w = Tensor::<Flex, 2>::random([k, n], Distribution::Normal(0.0, 1.0), &device);
+            let y = super::matmul(&x, &w).expect("f32 on Flex with few rows is taken");
+            assert_eq!(y.dims(), [1, rows, n]);
+            let plain = x.clone().matmul(w.clone().unsqueeze::<3>());
+            let (y, plain) = (values(y), values(plain));
+            let (xv, wv) = (values(x), values(w));
+            let ours = error_against_f64(&xv, &wv, &y, k, n);
+            let gemm = error_against_f64(&xv, &wv, &plain, k, n);
+            // f32 accumulation over k terms: both within a few ulps of the exact sum.
+            assert!(ours < 1e-5, "rows {rows}, {k} x {n}: {ours:e} (gemm {gemm:e})");
+        }
+    }
+
+    #[test]
+    fn an_experts_view_of_a_stack_is_read_in_place() {
+        let device = Default::default();
+        let (experts, k, n) = (3, 640, 520);
+        let stack =
+            Tensor::<Flex, 3>::random([experts, k, n], Distribution::Normal(0.0, 1.0), &device);
+        let x = Tensor::<Flex, 2>::random([2, k], Distribution::Normal(0.0, 1.0), &device);
+        for e in 0..experts {
+            let w = stack.clone().narrow(0, e, 1); // [1, k, n], an offset view
+            let y = values(super::matmul(&x, &w).expect("a view of one expert is taken"));
+            let w2 = values(w.reshape([k, n]));
+            assert!(error_against_f64(&values(x.clone()), &w2, &y, k, n) < 1e-5, "expert {e}");
+        }
+    }
+
+    #[test]
+    fn half_precision_accumulates_in_f32() {
+        let device = Default::default();
+        let (rows, k, n) = (2, 1024, 600);
+        let x = Tensor::<Flex, 2>::random([rows, k], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<Flex, 2>::random([k, n], Distribution::Normal(0.0, 1.0), &device);
+        for dtype in [FloatDType::F16, FloatDType::BF16] {
+            let (xh, wh) = (x.clone().cast(dtype), w.clone().cast(dtype));
+            let y = super::matmul(&xh, &wh).expect("half precision is taken");
+            assert_eq!(y.dtype(), DType::from(dtype));
+            // Against the exact product of the rounded inputs: only the output's rounding
+            // (2^-8 relative for bf16, 2^-11 for f16) remains.
+            let err = error_against_f64(&values(xh), &values(wh), &values(y), k, n);
+            let bound = if dtype == FloatDType::BF16 { 2f64.powi(-8) } else { 2f64.powi(-11) };
+            assert!(err < bound, "{dtype:?}: {err:e}");
+        }
+    }
+
+    #[test]
+    fn what_is_not_taken_falls_back() {
+        let device = Default::default();
+        let w = Tensor::<Flex, 2>::random([64, 32], Distribution::Default, &device);
+        let many = Tensor::<Flex, 2>::random([9, 64], Distribution::Default, &device);
+        assert!(super::matmul(&many, &w).is_none(), "more than MAX_ROWS rows");
+        let x = Tensor::<Flex, 2>::random([1, 32], Distribution::Default, &device);
+        let transposed = w.clone().transpose(); // [32, 64] with column stride 32
+        assert!(super::matmul(&x, &transposed).is_none(), "weight rows not contiguous");
+        let wrong = Tensor::<Flex, 2>::random([1, 63], Distribution::Default, &device);
+        assert!(super::matmul(&wrong, &w).is_none(), "inner sizes differ");
+    }
+}
