@@ -31,6 +31,19 @@ pub struct LatentKv<B: Backend> {
     pub k_rope: Tensor<B, 3>,
 }
 
+/// `kv_b_proj` split per head for absorbed attention and laid out for its two batched GEMMs
+/// (`W_UK` folded into the query, `W_UV` applied after the weighted sum). Deriving them is a
+/// reshape, a permutation and a copy of the whole projection, once per block and step if done
+/// in the step; the latent caches keep them beside the latents instead (`Mla::forward_cached`),
+/// since both hold values of the same weights.
+#[derive(Debug, Clone)]
+pub struct AbsorbedWeights<B: Backend> {
+    /// `[heads, nope, kv_lora]`: `W_UK_hᵀ` per head.
+    pub w_uk: Tensor<B, 3>,
+    /// `[heads, kv_lora, v]`: `W_UV_h` per head.
+    pub w_uv: Tensor<B, 3>,
+}
+
 /// One block's buffers and how many positions of them are filled. Attention appends to the slot
 /// of its own block; the slot advances itself, so the blocks need no shared counter.
 #[derive(Debug, Clone)]
@@ -41,9 +54,21 @@ pub struct LatentSlot<B: Backend> {
     k_rope: Tensor<B, 3>,
     len: usize,
     capacity: usize,
+    /// `W_UK` and `W_UV` of the block that fills this slot, derived at its first absorbed step.
+    absorbed: Option<AbsorbedWeights<B>>,
 }
 
 impl<B: Backend> LatentSlot<B> {
+    /// The absorbed attention weights of this slot's block, `derive`d once. A cache holds values
+    /// of one model's weights (its latents, and these); after the weights change, start a new
+    /// cache.
+    pub fn absorbed_weights(
+        &mut self,
+        derive: impl FnOnce() -> AbsorbedWeights<B>,
+    ) -> &AbsorbedWeights<B> {
+        self.absorbed.get_or_insert_with(derive)
+    }
+
     /// Positions cached in this slot (the position of the next token).
     pub fn len(&self) -> usize {
         self.len
@@ -140,6 +165,7 @@ impl<B: Backend> LatentCache<B> {
                 k_rope: Tensor::empty([batch, 0, cfg.qk_rope_head_dim], device),
                 len: 0,
                 capacity,
+                absorbed: None,
             })
             .collect();
         Ok(Self { slots, capacity, batch })

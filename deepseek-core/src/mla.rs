@@ -19,7 +19,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Bool, FloatDType, Tensor, TensorData};
 
-use crate::cache::{LatentKv, LatentSlot};
+use crate::cache::{AbsorbedWeights, LatentKv, LatentSlot};
 use crate::fp8::GemmPrecision;
 use crate::norm::{RmsNorm, RmsNormConfig};
 use crate::packing::Packing;
@@ -168,6 +168,21 @@ pub struct Queries<B: Backend> {
 }
 
 impl<B: Backend> Mla<B> {
+    /// `W_UK` and `W_UV` of this block's `kv_b_proj` (its adapter folded in), each contiguous.
+    pub fn absorbed_weights(&self) -> AbsorbedWeights<B> {
+        let [kv_lora, _] = self.kv_b_proj.dims();
+        let (heads, nope, v_dim) = (self.n_heads, self.qk_nope_head_dim, self.v_head_dim);
+        // kv_b_proj weight in Burn layout [kv_lora, heads·(nope + v)].
+        let w = self.kv_b_proj.effective_weight().reshape([kv_lora, heads, nope + v_dim]); // [c, h, nope + v]
+                                                                                           // Reshaping a permuted view through its flat size makes the copy contiguous.
+        let w_uk = w.clone().narrow(2, 0, nope).permute([1, 2, 0]); // [h, nope, c]
+        let w_uv = w.narrow(2, nope, v_dim).swap_dims(0, 1); // [h, c, v]
+        AbsorbedWeights {
+            w_uk: w_uk.reshape([heads * nope * kv_lora]).reshape([heads, nope, kv_lora]),
+            w_uv: w_uv.reshape([heads * kv_lora * v_dim]).reshape([heads, kv_lora, v_dim]),
+        }
+    }
+
     /// Causal self-attention over `x` from position 0, or, with `packing`, over each packed
     /// document on its own (positions restarting at 0, no attention across documents); the
     /// projections' GEMMs at `gemm` precision.
@@ -208,7 +223,11 @@ impl<B: Backend> Mla<B> {
         let kv = slot.append(self.latent(x, rope, start, gemm));
         match path {
             AttentionPath::Naive => self.attend_naive(q, kv, start, gemm),
-            AttentionPath::Absorbed => self.attend_absorbed(q, kv, start, gemm),
+            AttentionPath::Absorbed => {
+                let batch = q.nope.dims()[0];
+                let weights = slot.absorbed_weights(|| self.absorbed_weights());
+                self.attend_absorbed_with(q, kv, &vec![start; batch], weights, gemm)
+            }
         }
     }
 
@@ -267,8 +286,9 @@ impl<B: Backend> Mla<B> {
         };
         let q = Queries { nope: as_rows4(q.nope), rope: as_rows4(q.rope) };
         let len = positions.iter().max().map_or(0, |p| p + 1);
-        self.attend_absorbed_rows(q, buffers.read(rows, len), positions, gemm)
-            .reshape([1, rows, d_model])
+        let kv = buffers.read(rows, len);
+        let weights = buffers.absorbed_weights(|| self.absorbed_weights());
+        self.attend_absorbed_with(q, kv, positions, weights, gemm).reshape([1, rows, d_model])
     }
 
     /// Projects and rotates the queries.
@@ -424,14 +444,27 @@ impl<B: Backend> Mla<B> {
         starts: &[usize],
         gemm: GemmPrecision,
     ) -> Tensor<B, 3> {
+        self.attend_absorbed_with(q, kv, starts, &self.absorbed_weights(), gemm)
+    }
+
+    /// [`Mla::attend_absorbed_rows`] with `W_UK` and `W_UV` derived beforehand.
+    ///
+    /// # Shapes
+    /// `q.nope`: `[batch, q_len, heads, nope]`, `kv.c_kv`: `[batch, kv_len, kv_lora]`,
+    /// `starts`: `[batch]` → `[batch, q_len, d_model]`.
+    fn attend_absorbed_with(
+        &self,
+        q: Queries<B>,
+        kv: LatentKv<B>,
+        starts: &[usize],
+        weights: &AbsorbedWeights<B>,
+        gemm: GemmPrecision,
+    ) -> Tensor<B, 3> {
         let [batch, q_len, heads, _] = q.nope.dims();
         let [_, _, kv_lora] = kv.c_kv.dims();
         let (nope, v_dim) = (self.qk_nope_head_dim, self.v_head_dim);
-        // kv_b_proj weight in Burn layout [kv_lora, heads·(nope + v)], its adapter folded in.
-        let w = self.kv_b_proj.effective_weight().reshape([kv_lora, heads, nope + v_dim]); // [c, h, nope + v]
-        let w_uk = w.clone().narrow(2, 0, nope).permute([1, 2, 0]); // [h, nope, c]
-        let w_uv = w.narrow(2, nope, v_dim).swap_dims(0, 1); // [h, c, v]
-                                                             // Per head one GEMM over all batch rows and positions (not one per row).
+        let (w_uk, w_uv) = (weights.w_uk.clone(), weights.w_uv.clone()); // [h, nope, c], [h, c, v]
+                                                                         // Per head one GEMM over all batch rows and positions (not one per row).
         let tokens = batch * q_len;
         let q_nope = q.nope.reshape([tokens, heads, nope]).swap_dims(0, 1); // [h, b·s, nope]
         let q_latent = q_nope.matmul(w_uk).reshape([heads, batch, q_len, kv_lora]).swap_dims(0, 1); // [b, h, s, c]

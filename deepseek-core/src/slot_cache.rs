@@ -16,7 +16,7 @@
 
 use burn::tensor::{backend::Backend, DType, Tensor};
 
-use crate::cache::{check_capacity, LatentKv};
+use crate::cache::{check_capacity, AbsorbedWeights, LatentKv};
 use crate::config::DeepSeekConfig;
 use crate::error::{DeepSeekError, Result};
 
@@ -35,6 +35,8 @@ pub struct SlotBuffers<B: Backend> {
     /// The dtype of the pages: that of the latents written, which is the model's (f32 until
     /// the first write).
     dtype: DType,
+    /// `W_UK` and `W_UV` of this block, derived at its first decoding step.
+    absorbed: Option<AbsorbedWeights<B>>,
 }
 
 /// Writes `values` `[1, seq, width]` into one row's `pages` at positions `at..at + seq`,
@@ -84,6 +86,15 @@ fn gather<B: Backend>(
 }
 
 impl<B: Backend> SlotBuffers<B> {
+    /// The absorbed attention weights of this block, `derive`d once (the cache serves one
+    /// model, whose weights it must not outlive unchanged; see `LatentSlot::absorbed_weights`).
+    pub fn absorbed_weights(
+        &mut self,
+        derive: impl FnOnce() -> AbsorbedWeights<B>,
+    ) -> &AbsorbedWeights<B> {
+        self.absorbed.get_or_insert_with(derive)
+    }
+
     /// Writes one sequence's latents `new` (`[1, seq, ..]`) into `row` from position `at`.
     pub fn write(&mut self, row: usize, at: usize, new: LatentKv<B>) {
         if self.c_kv.iter().all(Vec::is_empty) {
@@ -175,6 +186,7 @@ impl<B: Backend> SlotCache<B> {
                 rope: cfg.qk_rope_head_dim,
                 device: device.clone(),
                 dtype: Tensor::<B, 1>::empty([0], device).dtype(),
+                absorbed: None,
             })
             .collect();
         Ok(Self { blocks, lens: Vec::new(), slots, capacity })
