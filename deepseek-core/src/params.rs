@@ -70,6 +70,15 @@ impl DeepSeekConfig {
         ParamCount { total, active, mtp, mtp_active }
     }
 
+    /// Parameters one decoded token reads: the active parameters, less the embedding table of
+    /// which a token reads one row. At batch 1 every one of them is read from memory once per
+    /// token, so this times the bytes per parameter over the memory's read bandwidth is the floor
+    /// of a decoding step (MTP modules not counted: plain decoding does not run them).
+    pub fn decode_read_params(&self) -> u64 {
+        let (d, v) = (self.hidden_size as u64, self.vocab_size as u64);
+        self.param_count().active - v * d + d
+    }
+
     /// What an MTP module holds besides its block: enorm, hnorm, `shared_head.norm` and
     /// `eh_proj`.
     pub(crate) fn mtp_extra_params(&self) -> u64 {
@@ -180,6 +189,43 @@ mod tests {
         assert_eq!(format!("{:.1}", p.total as f64 / 1e9), "671.0", "{p:?}");
         assert!((p.active as f64 / 1e9 - 37.5).abs() < 0.1, "{p:?}");
         assert!((p.mtp as f64 / 1e9 - 11.6).abs() < 0.1, "{p:?}");
+    }
+
+    #[test]
+    fn a_decoded_token_reads_the_active_weights_and_one_embedding_row() {
+        // The V3-shaped model of examples/random_model.rs, counted by hand from its shapes.
+        let cfg = DeepSeekConfig {
+            vocab_size: 32000,
+            hidden_size: 1024,
+            num_hidden_layers: 4,
+            first_k_dense_replace: 1,
+            intermediate_size: 2816,
+            moe_intermediate_size: 512,
+            num_attention_heads: 16,
+            q_lora_rank: Some(384),
+            kv_lora_rank: 128,
+            qk_nope_head_dim: 64,
+            qk_rope_head_dim: 32,
+            v_head_dim: 64,
+            n_routed_experts: 32,
+            n_shared_experts: 1,
+            num_experts_per_tok: 4,
+            n_group: 4,
+            topk_group: 2,
+            ..DeepSeekConfig::small()
+        };
+        // q_a, its norm, q_b (16 heads × 96), kv_a (128 + 32), its norm, kv_b (16 × (64 + 64)),
+        // o_proj, the block's two norms.
+        let attention = 1024 * 384 + 384 + 384 * 1536 + 1024 * 160 + 128 + 128 * 2048;
+        let attention = attention + 1024 * 1024 + 2 * 1024;
+        let dense = 3 * 1024 * 2816;
+        // Router and bias, then four routed experts and the shared one.
+        let moe = 32 * 1024 + 32 + 5 * 3 * 1024 * 512;
+        let head = 32000 * 1024 + 1024 + 1024; // head, final norm, one embedding row
+        let want = 4 * attention + dense + 3 * moe + head;
+        assert_eq!(cfg.decode_read_params(), want as u64);
+        // About 300 MB at f32, as the speed issue estimated (305 MB).
+        assert_eq!(cfg.decode_read_params() * 4 / 1_000_000, 299);
     }
 
     #[test]

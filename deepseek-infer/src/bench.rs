@@ -74,3 +74,35 @@ pub fn run<B: Backend>(
         kv_bytes_per_token: best.2,
     })
 }
+
+/// The memory's read bandwidth in bytes per second: the best of five sums over a 1 GiB buffer
+/// on all of the thread pool's threads (as decoding reads weights), after one pass that faults
+/// the pages in. What decoding at batch 1 can reach at most is this over the bytes each token
+/// reads ([`deepseek_core::DeepSeekConfig::decode_read_params`]).
+pub fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    const LEN: usize = 1 << 28; // f32 values: 1 GiB
+    let data = vec![1f32; LEN];
+    let sum = || {
+        data.par_chunks(1 << 16)
+            .map(|chunk| {
+                // Sixteen independent sums, so the loop is bound by loads, not by one add chain.
+                let mut acc = [0f32; 16];
+                for block in chunk.chunks_exact(16) {
+                    for (a, v) in acc.iter_mut().zip(block) {
+                        *a += v;
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum::<f32>()
+    };
+    std::hint::black_box(sum());
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        std::hint::black_box(sum());
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    (LEN * std::mem::size_of::<f32>()) as f64 / best
+}

@@ -146,6 +146,10 @@ enum Command {
         /// A LoRA adapter directory (PEFT layout) applied to the model, unmerged.
         #[arg(long)]
         adapter: Option<PathBuf>,
+        /// Also measure the memory's read bandwidth (a 1 GiB sum on all threads, about two
+        /// seconds) and print the fraction of it that decoding reaches.
+        #[arg(long)]
+        bandwidth: bool,
     },
     /// Interactive multi-turn chat: one user message per line on stdin, replies streamed.
     Chat {
@@ -478,6 +482,7 @@ struct BenchJob {
     repeats: usize,
     device: DeviceKind,
     adapter: Option<PathBuf>,
+    bandwidth: bool,
 }
 
 /// What `deepseek generate` runs.
@@ -746,6 +751,7 @@ fn main() -> Result<()> {
             device,
             dtype,
             adapter,
+            bandwidth,
         } => {
             let path = match path.as_str() {
                 "absorbed" => AttentionPath::Absorbed,
@@ -768,6 +774,7 @@ fn main() -> Result<()> {
                     repeats,
                     device,
                     adapter,
+                    bandwidth,
                 }),
             )
         }
@@ -1033,6 +1040,7 @@ fn bench_cmd<B: Backend>(job: BenchJob, dev: &B::Device, dtype: WeightDtype) -> 
         repeats,
         device,
         adapter,
+        bandwidth,
     } = job;
     if adapter.is_some() && model.is_none() {
         bail!("--adapter applies to a --model directory, not a preset");
@@ -1060,6 +1068,16 @@ fn bench_cmd<B: Backend>(job: BenchJob, dev: &B::Device, dtype: WeightDtype) -> 
     println!("prefill_tokens_per_s: {:.1}", r.prefill_tokens_per_s);
     println!("decode_tokens_per_s: {:.1}", r.decode_tokens_per_s);
     println!("kv_bytes_per_token: {} (measured from the cache buffers)", r.kv_bytes_per_token);
+    // Norms, router and correction biases stay f32 whatever the dtype; they are a few KB.
+    let read = model.config.decode_read_params() * dtype.size() as u64;
+    let rate = read as f64 * r.decode_tokens_per_s;
+    println!("weight_bytes_per_token: {read} (the active weights a decoded token reads)");
+    println!("decode_read_gb_per_s: {:.1}", rate / 1e9);
+    if bandwidth {
+        let peak = deepseek_infer::bench::read_bandwidth();
+        println!("memory_read_gb_per_s: {:.1} (1 GiB sum on all threads)", peak / 1e9);
+        println!("bandwidth_fraction: {:.2}", rate / peak);
+    }
     Ok(())
 }
 

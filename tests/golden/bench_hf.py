@@ -6,6 +6,8 @@
 # kv_lora_rank 32, qk_nope/qk_rope/v head dims 32/16/32, 16 routed experts (moe_intermediate 128) top-4,
 # n_group 4 / topk_group 2, 2 shared experts, vocab 1024; input batch 8 x 128 tokens.
 # 3 warm-up runs, then the median of 10 timed runs; prints `hf_forward_tokens_per_s: N`.
+# With --model DIR (and --dtype) it loads that checkpoint instead (scripts/bench_bandwidth.sh
+# decodes examples/random_model's V3-shaped model this way).
 #
 # Rerun: python -m venv .venv && pip install -r tests/golden/requirements.txt && python tests/golden/bench_hf.py
 #   --impl default  (HF's defaults: sdpa attention, grouped_mm experts when available; the default)
@@ -35,16 +37,27 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--generate", type=int, default=0, metavar="N",
                     help="time greedy generate() of N new tokens at batch 1 after a --seq-token prompt instead")
+    ap.add_argument("--model", metavar="DIR",
+                    help="a model directory (config.json + safetensors, e.g. examples/random_model's) instead of `small`")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="weights and activations of a --model")
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    # The `small` preset, as the training benchmark builds it.
-    config = small_config()
-    config.use_cache = True  # generate() decodes over the KV cache
-    if args.impl == "eager":
-        config._attn_implementation = "eager"
-        config._experts_implementation = "eager"
-    model = DeepseekV3ForCausalLM(config).eval()
+    if args.model:
+        dtype = getattr(torch, args.dtype)
+        kwargs = {} if args.impl == "default" else {"attn_implementation": "eager", "experts_implementation": "eager"}
+        model = DeepseekV3ForCausalLM.from_pretrained(args.model, dtype=dtype, **kwargs).eval()
+        config = model.config
+        config.use_cache = True
+    else:
+        # The `small` preset, as the training benchmark builds it.
+        config = small_config()
+        config.use_cache = True  # generate() decodes over the KV cache
+        if args.impl == "eager":
+            config._attn_implementation = "eager"
+            config._experts_implementation = "eager"
+        model = DeepseekV3ForCausalLM(config).eval()
     n_params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
     tokens = args.batch * args.seq
