@@ -117,12 +117,19 @@ mod flex {
         /// `y += a · x`, `x` widened to f32 as it is read (a separate widening pass into a
         /// buffer halved the bf16 kernel's throughput: 12.6 against 21.5 GB/s on one core).
         fn axpy(y: &mut [f32], a: f32, x: &[Self]);
+        /// [`Float::axpy`] with AVX2, FMA and F16C instructions.
+        ///
+        /// # Safety
+        /// Only from code compiled for those features (it is inlined there), on a CPU that has
+        /// them.
+        #[cfg(target_arch = "x86_64")]
+        unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[Self]);
         /// `dst = src` in f32.
         fn widen(src: &[Self], dst: &mut [f32]);
         fn from_f32(v: f32) -> Self;
     }
 
-    /// Whether the CPU has AVX2 and FMA (and F16C, which every such x86 CPU has).
+    /// Whether the CPU has AVX2, FMA and F16C (every x86 CPU with AVX2 has the other two).
     #[cfg(target_arch = "x86_64")]
     fn avx2_fma() -> bool {
         std::arch::is_x86_feature_detected!("avx2")
@@ -131,13 +138,17 @@ mod flex {
     }
 
     impl Float for f32 {
+        #[inline(always)]
         fn axpy(y: &mut [f32], a: f32, x: &[Self]) {
-            #[cfg(target_arch = "x86_64")]
-            if avx2_fma() {
-                // SAFETY: the CPU has the features the function is compiled for.
-                return unsafe { axpy_f32_avx2(y, a, x) };
+            for (y, x) in y.iter_mut().zip(x) {
+                *y = a.mul_add(*x, *y);
             }
-            axpy_f32(y, a, x);
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[Self]) {
+            // The plain loop, vectorized by the caller's target features.
+            Self::axpy(y, a, x);
         }
         fn widen(src: &[Self], dst: &mut [f32]) {
             dst.copy_from_slice(src);
@@ -148,15 +159,18 @@ mod flex {
     }
 
     impl Float for bf16 {
+        #[inline(always)]
         fn axpy(y: &mut [f32], a: f32, x: &[Self]) {
             // A bf16 is the top half of an f32.
             let bits: &[u16] = bytemuck::cast_slice(x);
-            #[cfg(target_arch = "x86_64")]
-            if avx2_fma() {
-                // SAFETY: the CPU has the features the function is compiled for.
-                return unsafe { axpy_bf16_avx2(y, a, bits) };
+            for (y, x) in y.iter_mut().zip(bits) {
+                *y = a.mul_add(f32::from_bits(u32::from(*x) << 16), *y);
             }
-            axpy_bf16(y, a, bits);
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[Self]) {
+            Self::axpy(y, a, x);
         }
         fn widen(src: &[Self], dst: &mut [f32]) {
             src.convert_to_f32_slice(dst);
@@ -167,69 +181,36 @@ mod flex {
     }
 
     impl Float for f16 {
+        #[inline(always)]
         fn axpy(y: &mut [f32], a: f32, x: &[Self]) {
-            #[cfg(target_arch = "x86_64")]
-            if avx2_fma() {
-                // SAFETY: the CPU has the features the function is compiled for.
-                return unsafe { axpy_f16_avx2(y, a, x) };
-            }
             for (y, x) in y.iter_mut().zip(x) {
                 *y = a.mul_add(x.to_f32(), *y);
             }
+        }
+        /// Eight halves at a time with `vcvtph2ps` (`half` converts element by element).
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[Self]) {
+            use std::arch::x86_64::*;
+            let n = y.len().min(x.len());
+            let whole = n / 8 * 8;
+            // SAFETY (all blocks): the caller runs with AVX2, FMA and F16C; `i + 8 <= n` keeps
+            // the unaligned loads and stores within both slices.
+            let a8 = unsafe { _mm256_set1_ps(a) };
+            for i in (0..whole).step_by(8) {
+                unsafe {
+                    let w = _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().add(i) as *const __m128i));
+                    let acc = _mm256_loadu_ps(y.as_ptr().add(i));
+                    _mm256_storeu_ps(y.as_mut_ptr().add(i), _mm256_fmadd_ps(a8, w, acc));
+                }
+            }
+            Self::axpy(&mut y[whole..n], a, &x[whole..n]);
         }
         fn widen(src: &[Self], dst: &mut [f32]) {
             src.convert_to_f32_slice(dst);
         }
         fn from_f32(v: f32) -> Self {
             f16::from_f32(v)
-        }
-    }
-
-    #[inline(always)]
-    fn axpy_f32(y: &mut [f32], a: f32, x: &[f32]) {
-        for (y, x) in y.iter_mut().zip(x) {
-            *y = a.mul_add(*x, *y);
-        }
-    }
-
-    #[inline(always)]
-    fn axpy_bf16(y: &mut [f32], a: f32, x: &[u16]) {
-        for (y, x) in y.iter_mut().zip(x) {
-            *y = a.mul_add(f32::from_bits(u32::from(*x) << 16), *y);
-        }
-    }
-
-    // The loops above, compiled for AVX2 and FMA (the binary's baseline is SSE2).
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn axpy_f32_avx2(y: &mut [f32], a: f32, x: &[f32]) {
-        axpy_f32(y, a, x);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn axpy_bf16_avx2(y: &mut [f32], a: f32, x: &[u16]) {
-        axpy_bf16(y, a, x);
-    }
-
-    /// Eight halves at a time with `vcvtph2ps` (`half` converts element by element).
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn axpy_f16_avx2(y: &mut [f32], a: f32, x: &[f16]) {
-        use std::arch::x86_64::*;
-        let n = y.len().min(x.len());
-        let whole = n / 8 * 8;
-        let a8 = _mm256_set1_ps(a);
-        for i in (0..whole).step_by(8) {
-            // SAFETY: `i + 8 <= n`, within both slices; unaligned loads and stores.
-            unsafe {
-                let w = _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().add(i) as *const __m128i));
-                let acc = _mm256_loadu_ps(y.as_ptr().add(i));
-                _mm256_storeu_ps(y.as_mut_ptr().add(i), _mm256_fmadd_ps(a8, w, acc));
-            }
-        }
-        for (y, x) in y[whole..n].iter_mut().zip(&x[whole..n]) {
-            *y = a.mul_add(x.to_f32(), *y);
         }
     }
 
@@ -294,6 +275,31 @@ mod flex {
     impl<T: Float> Weight<'_, T> {
         /// `acc[r] += Σ_{i ∈ range} xs[r, i] · W[i]` for every row `r` of `xs` (`[rows, k]`).
         fn accumulate(&self, xs: &[f32], range: std::ops::Range<usize>, acc: &mut [f32]) {
+            // The CPU's features are checked once per product, not per weight row: the rows of
+            // a decoding step's small products are a few hundred floats each.
+            #[cfg(target_arch = "x86_64")]
+            if avx2_fma() {
+                // SAFETY: the CPU has the features `accumulate_avx2` is compiled for.
+                return unsafe { self.accumulate_avx2(xs, range, acc) };
+            }
+            self.accumulate_with(xs, range, acc, T::axpy);
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn accumulate_avx2(&self, xs: &[f32], range: std::ops::Range<usize>, acc: &mut [f32]) {
+            // SAFETY: this function runs with the features `axpy_avx2` needs.
+            self.accumulate_with(xs, range, acc, |y, a, x| unsafe { T::axpy_avx2(y, a, x) });
+        }
+
+        #[inline(always)]
+        fn accumulate_with(
+            &self,
+            xs: &[f32],
+            range: std::ops::Range<usize>,
+            acc: &mut [f32],
+            axpy: impl Fn(&mut [f32], f32, &[T]),
+        ) {
             let (k, n) = (self.k, self.n);
             let rows = xs.len() / k;
             for col in (0..n).step_by(BLOCK) {
@@ -301,7 +307,7 @@ mod flex {
                 for i in range.clone() {
                     let w_row = &self.data[i * self.row_stride + col..][..width];
                     for r in 0..rows {
-                        T::axpy(&mut acc[r * n + col..][..width], xs[r * k + i], w_row);
+                        axpy(&mut acc[r * n + col..][..width], xs[r * k + i], w_row);
                     }
                 }
             }
