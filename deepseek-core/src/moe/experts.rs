@@ -102,6 +102,10 @@ impl<B: Backend> RoutedExperts<B> {
         let dtype = x.dtype();
         let ids: Vec<i64> =
             indices.into_data().convert::<i64>().into_vec().expect("int tensor data");
+        // A few tokens (decoding) on Flex: the whole layer in one pass, not some thirty small ops.
+        if let Some(y) = self.few_tokens(&x, &ids, &weights, path, gemm) {
+            return y;
+        }
         let plan = DispatchPlan::new(&ids, top_k, n_experts);
         let rows = tokens * top_k;
         // The FP8 GEMMs are 2-D: FP8 runs per expert.
@@ -128,6 +132,34 @@ impl<B: Backend> RoutedExperts<B> {
             weighted,
             IndexingUpdateOp::Add,
         )
+    }
+
+    /// [`crate::few_rows::routed_experts`] where it applies: per-expert paths, full-precision
+    /// GEMMs, no adapters, few tokens on Flex.
+    ///
+    /// # Shapes
+    /// `x`: `[T, D]`, `ids`: `T·K` expert indices, `weights`: `[T, K]` → `[T, D]`.
+    fn few_tokens(
+        &self,
+        x: &Tensor<B, 2>,
+        ids: &[i64],
+        weights: &Tensor<B, 2>,
+        path: ExpertPath,
+        gemm: GemmPrecision,
+    ) -> Option<Tensor<B, 2>> {
+        let applies = matches!(path, ExpertPath::Auto | ExpertPath::PerExpert)
+            && gemm == GemmPrecision::Full
+            && self.gate_up.lora.is_none()
+            && self.down.lora.is_none()
+            && x.dims()[0] <= crate::few_rows::MAX_ROWS;
+        if !applies {
+            return None;
+        }
+        let experts: Vec<usize> =
+            ids.iter().map(|&e| usize::try_from(e).ok()).collect::<Option<_>>()?;
+        let gates: Vec<f32> = weights.clone().into_data().convert::<f32>().into_vec().ok()?;
+        let (gate_up, down) = (self.gate_up.weight.val(), self.down.weight.val());
+        crate::few_rows::routed_experts(x, &gate_up, &down, &experts, &gates)
     }
 
     /// Grouped GEMM: gather rows into `[E, cap, D]` (padding rows repeat token 0 and are never
