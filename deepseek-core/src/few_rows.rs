@@ -59,6 +59,33 @@ pub fn matmul<B: Backend, const D: usize, const R: usize>(
     None
 }
 
+/// The SwiGLU MLP `down(silu(x · gate) ⊙ (x · up))` of a few rows in one pass (the dense MLP and
+/// the shared experts when decoding): three products on the kernel of [`matmul`], the hidden
+/// activations kept in f32, instead of five tensor operations. `None` where it does not apply.
+///
+/// # Shapes
+/// `x`: `[..., d]`, `gate`, `up`: `[d, hidden]`, `down`: `[hidden, d_out]` → `[..., d_out]`.
+#[cfg(feature = "flex")]
+pub fn swiglu<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    gate: &Tensor<B, 2>,
+    up: &Tensor<B, 2>,
+    down: &Tensor<B, 2>,
+) -> Option<Tensor<B, D>> {
+    flex::swiglu(x, gate, up, down)
+}
+
+/// Without Flex compiled in there is nothing to take.
+#[cfg(not(feature = "flex"))]
+pub fn swiglu<B: Backend, const D: usize>(
+    _x: &Tensor<B, D>,
+    _gate: &Tensor<B, 2>,
+    _up: &Tensor<B, 2>,
+    _down: &Tensor<B, 2>,
+) -> Option<Tensor<B, D>> {
+    None
+}
+
 /// The routed experts of a few tokens in one pass (decoding's MoE): for each expert chosen by
 /// any token, its rows `x_e` go through `h = x_e · W_gate_up[e]`, `a = silu(h_gate) ⊙ h_up` and
 /// `a · W_down[e]` with the kernel of [`matmul`] (`h` and `a` stay f32), and token `t` adds
@@ -250,7 +277,7 @@ mod flex {
             let mut act = vec![0f32; r * i];
             for (a, h) in act.chunks_exact_mut(i).zip(h.chunks_exact(2 * i)) {
                 for ((a, &g), &u) in a.iter_mut().zip(&h[..i]).zip(&h[i..]) {
-                    *a = g / (1.0 + (-g).exp()) * u;
+                    *a = silu(g) * u;
                 }
             }
             let mut out = vec![0f32; r * d];
@@ -387,46 +414,98 @@ mod flex {
         k: usize,
         n: usize,
     ) -> Option<FlexTensor> {
-        let (x_start, _) = x.layout().contiguous_offsets()?;
+        let weight = matrix_view::<T>(w, k, n)?;
+        let xs = widened_rows::<T>(x, rows * k)?;
+        let y: Vec<T> = weight.times(&xs).into_iter().map(T::from_f32).collect();
+        Some(FlexTensor::from_data(TensorData::new(y, [rows, n])))
+    }
+
+    /// The `len` values of a contiguous `x`, in f32.
+    fn widened_rows<T: Float>(x: &FlexTensor, len: usize) -> Option<Vec<f32>> {
+        let (start, end) = x.layout().contiguous_offsets()?;
+        if end - start != len {
+            return None;
+        }
+        let data: &[T] = x.storage();
+        let mut xs = vec![0f32; len];
+        T::widen(&data[start..end], &mut xs);
+        Some(xs)
+    }
+
+    /// The last two dimensions of `w` as a `[k, n]` weight; `None` unless its rows are
+    /// contiguous.
+    fn matrix_view<T: Float>(w: &FlexTensor, k: usize, n: usize) -> Option<Weight<'_, T>> {
         let strides = w.layout().strides();
         let (w_rs, w_cs) = (strides[strides.len() - 2], strides[strides.len() - 1]);
         if w_cs != 1 || (k > 1 && w_rs < n as isize) {
             return None;
         }
-        let w_rs = w_rs.max(n as isize) as usize;
-        let w_start = w.layout().start_offset();
-        let w_data: &[T] = w.storage();
-        let w_data = w_data.get(w_start..w_start + (k - 1) * w_rs + n)?;
-        let x_data: &[T] = x.storage();
-        let mut xs = vec![0f32; rows * k];
-        T::widen(&x_data[x_start..x_start + rows * k], &mut xs);
+        let row_stride = w_rs.max(n as isize) as usize;
+        let start = w.layout().start_offset();
+        let data: &[T] = w.storage();
+        let data = data.get(start..start + (k - 1) * row_stride + n)?;
+        Some(Weight { data, row_stride, k, n })
+    }
 
-        let weight = Weight { data: w_data, row_stride: w_rs, k, n };
-        let parts = rayon::current_num_threads().min((k * n) / MIN_SPLIT).clamp(1, k);
-        let y = if parts == 1 {
-            let mut acc = vec![0f32; rows * n];
-            weight.accumulate(&xs, 0..k, &mut acc);
-            acc
-        } else {
-            // One contiguous range of weight rows per thread, partial sums added in part order.
-            let chunk = k.div_ceil(parts);
-            let partial: Vec<Vec<f32>> = (0..parts)
-                .into_par_iter()
-                .map(|p| {
-                    let mut acc = vec![0f32; rows * n];
-                    weight.accumulate(&xs, p * chunk..((p + 1) * chunk).min(k), &mut acc);
-                    acc
-                })
-                .collect();
-            let mut parts = partial.into_iter();
-            let mut y = parts.next().expect("at least one part");
-            for part in parts {
-                y.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
-            }
-            y
+    /// `[SwiGLU](crate::mlp)` for a few rows: `down(silu(x · gate) ⊙ (x · up))`, the hidden
+    /// activations in f32.
+    pub(super) fn swiglu<B: Backend, const D: usize>(
+        x: &Tensor<B, D>,
+        gate: &Tensor<B, 2>,
+        up: &Tensor<B, 2>,
+        down: &Tensor<B, 2>,
+    ) -> Option<Tensor<B, D>> {
+        if TypeId::of::<B>() != TypeId::of::<Flex>() {
+            return None;
+        }
+        let x_dims = x.dims();
+        let ([d, hidden], [up_d, up_hidden], [down_hidden, d_out]) =
+            (gate.dims(), up.dims(), down.dims());
+        let rows: usize = x_dims[..D - 1].iter().product();
+        if rows == 0
+            || rows > MAX_ROWS
+            || x_dims[D - 1] != d
+            || (up_d, up_hidden, down_hidden) != (d, hidden, hidden)
+        {
+            return None;
+        }
+        let xf: FlexTensor = cast(x.clone().into_primitive().tensor());
+        let float = |t: &Tensor<B, 2>| -> FlexTensor { cast(t.clone().into_primitive().tensor()) };
+        let (g, u, dn) = (float(gate), float(up), float(down));
+        if [g.dtype(), u.dtype(), dn.dtype()].iter().any(|&dt| dt != xf.dtype()) {
+            return None;
+        }
+        let shape = [rows, d, hidden, d_out];
+        let out = match xf.dtype() {
+            DType::F32 => swiglu_pass::<f32>(&xf, [&g, &u, &dn], shape)?,
+            DType::F16 => swiglu_pass::<f16>(&xf, [&g, &u, &dn], shape)?,
+            DType::BF16 => swiglu_pass::<bf16>(&xf, [&g, &u, &dn], shape)?,
+            _ => return None,
         };
-        let y: Vec<T> = y.into_iter().map(T::from_f32).collect();
-        Some(FlexTensor::from_data(TensorData::new(y, [rows, n])))
+        let mut out_shape = x_dims;
+        out_shape[D - 1] = d_out;
+        let y: Tensor<B, 2> = Tensor::from_primitive(TensorPrimitive::Float(cast(out)));
+        Some(y.reshape(out_shape))
+    }
+
+    fn swiglu_pass<T: Float>(
+        x: &FlexTensor,
+        [gate, up, down]: [&FlexTensor; 3],
+        [rows, d, hidden, d_out]: [usize; 4],
+    ) -> Option<FlexTensor> {
+        let (gate, up) = (matrix_view::<T>(gate, d, hidden)?, matrix_view::<T>(up, d, hidden)?);
+        let down = matrix_view::<T>(down, hidden, d_out)?;
+        let xs = widened_rows::<T>(x, rows * d)?;
+        let (g, u) = (gate.times(&xs), up.times(&xs));
+        let act: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| silu(g) * u).collect();
+        let y: Vec<T> = down.times(&act).into_iter().map(T::from_f32).collect();
+        Some(FlexTensor::from_data(TensorData::new(y, [rows, d_out])))
+    }
+
+    /// `x · sigmoid(x)` in f32.
+    #[inline(always)]
+    fn silu(x: f32) -> f32 {
+        x / (1.0 + (-x).exp())
     }
 
     /// A weight `[k, n]` whose rows are contiguous, `row_stride` elements apart.
@@ -438,6 +517,35 @@ mod flex {
     }
 
     impl<T: Float> Weight<'_, T> {
+        /// `xs · W` for the rows of `xs` (`[rows, k]`, f32) → `[rows, n]` in f32. A weight of at
+        /// least [`MIN_SPLIT`] elements is cut along `k` into one contiguous range of rows per
+        /// thread, whose partial sums are added in range order.
+        fn times(&self, xs: &[f32]) -> Vec<f32> {
+            let (k, n) = (self.k, self.n);
+            let rows = xs.len() / k;
+            let parts = rayon::current_num_threads().min((k * n) / MIN_SPLIT).clamp(1, k);
+            if parts == 1 {
+                let mut acc = vec![0f32; rows * n];
+                self.accumulate(xs, 0..k, &mut acc);
+                return acc;
+            }
+            let chunk = k.div_ceil(parts);
+            let partial: Vec<Vec<f32>> = (0..parts)
+                .into_par_iter()
+                .map(|p| {
+                    let mut acc = vec![0f32; rows * n];
+                    self.accumulate(xs, p * chunk..((p + 1) * chunk).min(k), &mut acc);
+                    acc
+                })
+                .collect();
+            let mut parts = partial.into_iter();
+            let mut y = parts.next().expect("at least one part");
+            for part in parts {
+                y.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
+            }
+            y
+        }
+
         /// `acc[r] += Σ_{i ∈ range} xs[r, i] · W[i]` for every row `r` of `xs` (`[rows, k]`).
         fn accumulate(&self, xs: &[f32], range: std::ops::Range<usize>, acc: &mut [f32]) {
             // The CPU's features are checked once per product, not per weight row: the rows of
@@ -595,6 +703,28 @@ mod tests {
         // Not taken: an expert index out of range, or more tokens than MAX_ROWS.
         let bad = [4, 2, 0, 6, 4, 0];
         assert!(super::routed_experts(&x, &gate_up, &down, &bad, &gates).is_none());
+    }
+
+    #[test]
+    fn a_few_rows_swiglu_equals_its_plain_twin() {
+        use burn::tensor::activation::silu;
+        let device = Default::default();
+        let normal = Distribution::Normal(0.0, 1.0);
+        // A hidden width split over threads (700 · 400 > MIN_SPLIT) and one that is not.
+        for (d, hidden) in [(700, 400), (64, 48)] {
+            let x = Tensor::<Flex, 3>::random([1, 2, d], normal, &device);
+            let gate = Tensor::<Flex, 2>::random([d, hidden], normal, &device);
+            let up = Tensor::<Flex, 2>::random([d, hidden], normal, &device);
+            let down = Tensor::<Flex, 2>::random([hidden, d], normal, &device);
+            let y = super::swiglu(&x, &gate, &up, &down).expect("taken");
+            assert_eq!(y.dims(), [1, 2, d]);
+            let g = silu(x.clone().matmul(gate.unsqueeze::<3>()));
+            let want = values((g * x.matmul(up.unsqueeze::<3>())).matmul(down.unsqueeze::<3>()));
+            let got = values(y);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-5 * scale, "{d} x {hidden}: worst {worst} against {scale}");
+        }
     }
 
     #[test]

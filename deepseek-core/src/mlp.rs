@@ -45,6 +45,15 @@ impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// `x`: `[..., d_model]` → `[..., d_model]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>, gemm: GemmPrecision) -> Tensor<B, D> {
+        let plain =
+            [&self.gate_proj, &self.up_proj, &self.down_proj].iter().all(|p| p.lora.is_none());
+        if plain && gemm == GemmPrecision::Full {
+            // A few rows (decoding) on Flex: the whole MLP in one pass.
+            let (gate, up) = (self.gate_proj.weight.val(), self.up_proj.weight.val());
+            if let Some(y) = crate::few_rows::swiglu(&x, &gate, &up, &self.down_proj.weight.val()) {
+                return y;
+            }
+        }
         let gate = silu(self.gate_proj.forward(x.clone(), gemm));
         self.down_proj.forward(gate * self.up_proj.forward(x, gemm), gemm)
     }
