@@ -28,8 +28,8 @@ fn absorbed_attention_matches_naive() {
         for layer in &model.layers {
             let attn = &layer.self_attn;
             let x = layer.input_layernorm.forward(x.clone());
-            // The last `q_len` positions attending to everything before them (10 and 11: few
-            // enough rows for Flex's fused decoding attention, 10 with a masked key).
+            // The last `q_len` positions attending to everything before them (from 10: two
+            // query rows per sequence, the first with the last key masked).
             for start in [0, 1, 6, 10, 11] {
                 let q_len = 12 - start;
                 let full = GemmPrecision::Full;
