@@ -196,7 +196,7 @@ mod flex {
             || tokens > MAX_ROWS
             || (gu_d, down_d, two_i) != (d, d, 2 * i)
             || experts.is_empty()
-            || experts.len() % tokens != 0
+            || !experts.len().is_multiple_of(tokens)
             || gates.len() != experts.len()
             || experts.iter().any(|&e| e >= n_experts)
         {
