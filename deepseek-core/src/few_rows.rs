@@ -22,10 +22,11 @@
 //!
 //! The sums run in another order than `gemm`'s, so results agree with the plain product to f32
 //! rounding (the plain-tensor twin tests check it); for a given thread count they are
-//! deterministic. Both functions answer `None` where they do not apply (another backend, other
+//! deterministic. The functions answer `None` where they do not apply (another backend, other
 //! dtypes, more than [`MAX_ROWS`] rows, an input that is not contiguous, a weight whose rows are
-//! not), and the caller runs its usual operations. Autodiff backends never come here: training
-//! is unchanged.
+//! not), and the caller runs its usual operations. Autodiff backends never come here; in
+//! training only the forward of the routed experts' segmented node, which runs on the inner
+//! backend, takes [`matmul`] for an expert with at most [`MAX_ROWS`] rows.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
