@@ -330,18 +330,30 @@ mod flex {
             && std::arch::is_x86_feature_detected!("f16c")
     }
 
+    /// Whether the plain loops fuse their multiply-adds: where the baseline has FMA (aarch64, or a
+    /// build for such a CPU). Elsewhere `f32::mul_add` is a call to libm's `fmaf` per element, so
+    /// the fallback of an x86 CPU without FMA multiplies and adds.
+    const PLAIN_FUSED: bool = cfg!(any(target_arch = "aarch64", target_feature = "fma"));
+
+    /// `y += a · get(x)` elementwise, fused (one rounding) or not.
+    #[inline(always)]
+    fn axpy_with<T, const FUSED: bool>(y: &mut [f32], a: f32, x: &[T], get: impl Fn(&T) -> f32) {
+        for (y, x) in y.iter_mut().zip(x) {
+            let x = get(x);
+            *y = if FUSED { a.mul_add(x, *y) } else { a * x + *y };
+        }
+    }
+
     impl Float for f32 {
         #[inline(always)]
         fn axpy(y: &mut [f32], a: f32, x: &[Self]) {
-            for (y, x) in y.iter_mut().zip(x) {
-                *y = a.mul_add(*x, *y);
-            }
+            axpy_with::<_, PLAIN_FUSED>(y, a, x, |v| *v);
         }
         #[cfg(target_arch = "x86_64")]
         #[inline(always)]
         unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[Self]) {
-            // The plain loop, vectorized by the caller's target features.
-            Self::axpy(y, a, x);
+            // The plain loop, vectorized and fused by the caller's target features.
+            axpy_with::<_, true>(y, a, x, |v| *v);
         }
         fn widen(src: &[Self], dst: &mut [f32]) {
             dst.copy_from_slice(src);
@@ -354,16 +366,12 @@ mod flex {
     impl Float for bf16 {
         #[inline(always)]
         fn axpy(y: &mut [f32], a: f32, x: &[Self]) {
-            // A bf16 is the top half of an f32.
-            let bits: &[u16] = bytemuck::cast_slice(x);
-            for (y, x) in y.iter_mut().zip(bits) {
-                *y = a.mul_add(f32::from_bits(u32::from(*x) << 16), *y);
-            }
+            axpy_with::<_, PLAIN_FUSED>(y, a, x, widen_bf16);
         }
         #[cfg(target_arch = "x86_64")]
         #[inline(always)]
         unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[Self]) {
-            Self::axpy(y, a, x);
+            axpy_with::<_, true>(y, a, x, widen_bf16);
         }
         fn widen(src: &[Self], dst: &mut [f32]) {
             src.convert_to_f32_slice(dst);
@@ -373,12 +381,16 @@ mod flex {
         }
     }
 
+    /// A bf16 is the top half of an f32.
+    #[inline(always)]
+    fn widen_bf16(v: &bf16) -> f32 {
+        f32::from_bits(u32::from(v.to_bits()) << 16)
+    }
+
     impl Float for f16 {
         #[inline(always)]
         fn axpy(y: &mut [f32], a: f32, x: &[Self]) {
-            for (y, x) in y.iter_mut().zip(x) {
-                *y = a.mul_add(x.to_f32(), *y);
-            }
+            axpy_with::<_, PLAIN_FUSED>(y, a, x, |v| v.to_f32());
         }
         /// Eight halves at a time with `vcvtph2ps` (`half` converts element by element).
         #[cfg(target_arch = "x86_64")]
@@ -397,7 +409,7 @@ mod flex {
                     _mm256_storeu_ps(y.as_mut_ptr().add(i), _mm256_fmadd_ps(a8, w, acc));
                 }
             }
-            Self::axpy(&mut y[whole..n], a, &x[whole..n]);
+            axpy_with::<_, true>(&mut y[whole..n], a, &x[whole..n], |v| v.to_f32());
         }
         fn widen(src: &[Self], dst: &mut [f32]) {
             src.convert_to_f32_slice(dst);
