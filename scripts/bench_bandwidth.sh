@@ -13,13 +13,7 @@ cd "$(dirname "$0")/.."
 rounds="${1:-3}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/deepseek-burn/target}"
 model="${MODEL:-$CARGO_TARGET_DIR/bench-models/v3-294m}"
-venv="${VENV:-$HOME/.cache/deepseek-burn/venv-torch}"
-if ! "$venv/bin/python" -c "import torch, transformers" 2>/dev/null; then
-  echo "creating $venv (torch 2.15, transformers 5.23; a few minutes, once)" >&2
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q -r tests/golden/requirements.txt
-fi
-py="$venv/bin/python"
+. scripts/torch_venv.sh # sets py
 
 echo "building (release)" >&2
 cargo build -q --release -p deepseek-infer --bin deepseek

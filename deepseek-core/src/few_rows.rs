@@ -97,15 +97,15 @@ pub fn swiglu<B: Backend, const D: usize>(
 /// dtypes, more than [`MAX_ROWS`] tokens, layouts it does not read).
 ///
 /// # Shapes
-/// `x`: `[T, D]`, `gate_up`: `[E, D, 2I]` (gate columns first), `down`: `[E, I, D]`, `experts` and
-/// `gates`: `T·K` values, token-major → `[T, D]`.
+/// `x`: `[T, D]`, `gate_up`: `[E, D, 2I]` (gate columns first), `down`: `[E, I, D]`, `experts`:
+/// `T·K` indices, token-major, `gates`: `[T, K]` (read to the host only on Flex) → `[T, D]`.
 #[cfg(feature = "flex")]
 pub fn routed_experts<B: Backend>(
     x: &Tensor<B, 2>,
     gate_up: &Tensor<B, 3>,
     down: &Tensor<B, 3>,
-    experts: &[usize],
-    gates: &[f32],
+    experts: &[i64],
+    gates: &Tensor<B, 2>,
 ) -> Option<Tensor<B, 2>> {
     flex::routed_experts(x, gate_up, down, experts, gates)
 }
@@ -116,8 +116,8 @@ pub fn routed_experts<B: Backend>(
     _x: &Tensor<B, 2>,
     _gate_up: &Tensor<B, 3>,
     _down: &Tensor<B, 3>,
-    _experts: &[usize],
-    _gates: &[f32],
+    _experts: &[i64],
+    _gates: &Tensor<B, 2>,
 ) -> Option<Tensor<B, 2>> {
     None
 }
@@ -146,6 +146,11 @@ mod flex {
         *boxed.downcast::<U>().expect("the caller compared TypeIds")
     }
 
+    /// The Flex tensor behind `t` (`B` is `Flex`: the caller checked).
+    fn flex_tensor<B: Backend, const D: usize>(t: &Tensor<B, D>) -> FlexTensor {
+        cast(t.clone().into_primitive().tensor())
+    }
+
     pub(super) fn matmul<B: Backend, const D: usize, const R: usize>(
         x: &Tensor<B, D>,
         w: &Tensor<B, R>,
@@ -164,8 +169,7 @@ mod flex {
         {
             return None;
         }
-        let xf: FlexTensor = cast(x.clone().into_primitive().tensor());
-        let wf: FlexTensor = cast(w.clone().into_primitive().tensor());
+        let (xf, wf) = (flex_tensor(x), flex_tensor(w));
         if xf.dtype() != wf.dtype() {
             return None;
         }
@@ -185,8 +189,8 @@ mod flex {
         x: &Tensor<B, 2>,
         gate_up: &Tensor<B, 3>,
         down: &Tensor<B, 3>,
-        experts: &[usize],
-        gates: &[f32],
+        experts: &[i64],
+        gates: &Tensor<B, 2>,
     ) -> Option<Tensor<B, 2>> {
         if TypeId::of::<B>() != TypeId::of::<Flex>() {
             return None;
@@ -198,23 +202,24 @@ mod flex {
             || (gu_d, down_d, two_i) != (d, d, 2 * i)
             || experts.is_empty()
             || !experts.len().is_multiple_of(tokens)
-            || gates.len() != experts.len()
-            || experts.iter().any(|&e| e >= n_experts)
+            || gates.dims().iter().product::<usize>() != experts.len()
         {
             return None;
         }
-        let cast_float =
-            |t: &Tensor<B, 3>| -> FlexTensor { cast(t.clone().into_primitive().tensor()) };
-        let xf: FlexTensor = cast(x.clone().into_primitive().tensor());
-        let (gu, dn) = (cast_float(gate_up), cast_float(down));
+        let experts: Vec<usize> = experts
+            .iter()
+            .map(|&e| usize::try_from(e).ok().filter(|&e| e < n_experts))
+            .collect::<Option<_>>()?;
+        let gates: Vec<f32> = gates.clone().into_data().convert::<f32>().into_vec().ok()?;
+        let (xf, gu, dn) = (flex_tensor(x), flex_tensor(gate_up), flex_tensor(down));
         if gu.dtype() != xf.dtype() || dn.dtype() != xf.dtype() {
             return None;
         }
         let shape = [tokens, d, i];
         let out = match xf.dtype() {
-            DType::F32 => experts_pass::<f32>(&xf, &gu, &dn, shape, experts, gates)?,
-            DType::F16 => experts_pass::<f16>(&xf, &gu, &dn, shape, experts, gates)?,
-            DType::BF16 => experts_pass::<bf16>(&xf, &gu, &dn, shape, experts, gates)?,
+            DType::F32 => experts_pass::<f32>(&xf, &gu, &dn, shape, &experts, &gates)?,
+            DType::F16 => experts_pass::<f16>(&xf, &gu, &dn, shape, &experts, &gates)?,
+            DType::BF16 => experts_pass::<bf16>(&xf, &gu, &dn, shape, &experts, &gates)?,
             _ => return None,
         };
         Some(Tensor::from_primitive(TensorPrimitive::Float(cast(out))))
@@ -224,15 +229,8 @@ mod flex {
     /// rows are contiguous and the strides non-negative.
     fn expert_view<'a, T: Float>(w: &'a FlexTensor, e: usize) -> Option<Weight<'a, T>> {
         let [_, k, n] = w.layout().shape().dims::<3>();
-        let s = w.layout().strides();
-        if s[2] != 1 || s[0] < 0 || (k > 1 && (s[1] as usize) < n) {
-            return None;
-        }
-        let data: &[T] = w.storage();
-        let start = w.layout().start_offset() + e * s[0] as usize;
-        let row_stride = (s[1] as usize).max(n);
-        let data = data.get(start..start + (k - 1) * row_stride + n)?;
-        Some(Weight { data, row_stride, k, n })
+        let expert_stride = usize::try_from(w.layout().strides()[0]).ok()?;
+        matrix_view_at(w, e * expert_stride, k, n)
     }
 
     fn experts_pass<T: Float>(
@@ -244,10 +242,7 @@ mod flex {
         gates: &[f32],
     ) -> Option<FlexTensor> {
         let top_k = experts.len() / tokens;
-        let (x_start, _) = x.layout().contiguous_offsets()?;
-        let x_data: &[T] = x.storage();
-        let mut xs = vec![0f32; tokens * d];
-        T::widen(&x_data[x_start..x_start + tokens * d], &mut xs);
+        let xs = widened_rows::<T>(x, tokens * d)?;
         // The chosen experts in ascending order, each with its (token, slot) pairs.
         let mut chosen: Vec<(usize, Vec<(usize, usize)>)> = Vec::new();
         let mut by_expert: Vec<Vec<(usize, usize)>> = vec![Vec::new(); gate_up.layout().shape()[0]];
@@ -448,13 +443,23 @@ mod flex {
     /// The last two dimensions of `w` as a `[k, n]` weight; `None` unless its rows are
     /// contiguous.
     fn matrix_view<T: Float>(w: &FlexTensor, k: usize, n: usize) -> Option<Weight<'_, T>> {
+        matrix_view_at(w, 0, k, n)
+    }
+
+    /// [`matrix_view`] of the matrix `skip` elements past `w`'s start (another expert's).
+    fn matrix_view_at<T: Float>(
+        w: &FlexTensor,
+        skip: usize,
+        k: usize,
+        n: usize,
+    ) -> Option<Weight<'_, T>> {
         let strides = w.layout().strides();
         let (w_rs, w_cs) = (strides[strides.len() - 2], strides[strides.len() - 1]);
         if w_cs != 1 || (k > 1 && w_rs < n as isize) {
             return None;
         }
         let row_stride = w_rs.max(n as isize) as usize;
-        let start = w.layout().start_offset();
+        let start = w.layout().start_offset() + skip;
         let data: &[T] = w.storage();
         let data = data.get(start..start + (k - 1) * row_stride + n)?;
         Some(Weight { data, row_stride, k, n })
@@ -482,9 +487,8 @@ mod flex {
         {
             return None;
         }
-        let xf: FlexTensor = cast(x.clone().into_primitive().tensor());
-        let float = |t: &Tensor<B, 2>| -> FlexTensor { cast(t.clone().into_primitive().tensor()) };
-        let (g, u, dn) = (float(gate), float(up), float(down));
+        let xf = flex_tensor(x);
+        let (g, u, dn) = (flex_tensor(gate), flex_tensor(up), flex_tensor(down));
         if [g.dtype(), u.dtype(), dn.dtype()].iter().any(|&dt| dt != xf.dtype()) {
             return None;
         }
@@ -689,9 +693,13 @@ mod tests {
         let gate_up = Tensor::<Flex, 3>::random([n_experts, d, 2 * i], normal, &device);
         let down = Tensor::<Flex, 3>::random([n_experts, i, d], normal, &device);
         // Tokens 0 and 2 share expert 4; token 1 chooses 0 and 5; experts 1 and 3 idle.
-        let experts = [4, 2, 0, 5, 4, 0];
+        let experts = [4i64, 2, 0, 5, 4, 0];
         let gates = [0.7f32, 0.3, 0.6, 0.4, 0.9, 0.1];
-        let y = super::routed_experts(&x, &gate_up, &down, &experts, &gates).expect("taken");
+        let gate_tensor = Tensor::<Flex, 2>::from_data(
+            burn::tensor::TensorData::new(gates.to_vec(), [tokens, top_k]),
+            &device,
+        );
+        let y = super::routed_experts(&x, &gate_up, &down, &experts, &gate_tensor).expect("taken");
         // The twin: per token and slot, the SwiGLU expert with plain tensor ops.
         let expert = |t: usize, e: usize| {
             let xt = x.clone().narrow(0, t, 1); // [1, D]
@@ -703,7 +711,7 @@ mod tests {
         let rows: Vec<Tensor<Flex, 2>> = (0..tokens)
             .map(|t| {
                 (0..top_k)
-                    .map(|j| expert(t, experts[t * top_k + j]) * gates[t * top_k + j])
+                    .map(|j| expert(t, experts[t * top_k + j] as usize) * gates[t * top_k + j])
                     .reduce(|a, b| a + b)
                     .unwrap()
             })
@@ -715,7 +723,7 @@ mod tests {
         assert!(worst < 1e-5 * scale, "worst {worst} against {scale}");
         // Not taken: an expert index out of range, or more tokens than MAX_ROWS.
         let bad = [4, 2, 0, 6, 4, 0];
-        assert!(super::routed_experts(&x, &gate_up, &down, &bad, &gates).is_none());
+        assert!(super::routed_experts(&x, &gate_up, &down, &bad, &gate_tensor).is_none());
     }
 
     #[test]

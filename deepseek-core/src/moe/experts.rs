@@ -155,11 +155,8 @@ impl<B: Backend> RoutedExperts<B> {
         if !applies {
             return None;
         }
-        let experts: Vec<usize> =
-            ids.iter().map(|&e| usize::try_from(e).ok()).collect::<Option<_>>()?;
-        let gates: Vec<f32> = weights.clone().into_data().convert::<f32>().into_vec().ok()?;
         let (gate_up, down) = (self.gate_up.weight.val(), self.down.weight.val());
-        crate::few_rows::routed_experts(x, &gate_up, &down, &experts, &gates)
+        crate::few_rows::routed_experts(x, &gate_up, &down, ids, weights)
     }
 
     /// Grouped GEMM: gather rows into `[E, cap, D]` (padding rows repeat token 0 and are never
