@@ -114,7 +114,7 @@ fn main() -> Result<()> {
     let experts: RoutedExperts<AB> =
         RoutedExpertsConfig::new(a.d_model, a.d_expert, a.experts).init(&device);
     // Draw the lazy weights once, so that every rank's clone holds the same experts.
-    let _ = (experts.gate_up.weight.val(), experts.down.weight.val());
+    let _ = (experts.gate_up.weight(), experts.down.weight());
     println!(
         "## Expert parallelism on Flex (threads sharing the CPU): E = {}, K = {}, D = {}, I = {}, {} tokens per rank, forward + backward ({} iterations, median of the slowest rank)",
         a.experts, a.top_k, a.d_model, a.d_expert, a.tokens, a.iters

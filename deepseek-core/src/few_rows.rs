@@ -31,6 +31,8 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
+use crate::fp8::resident::Fp8Weight;
+
 /// Most rows of `x` taken here; beyond this `gemm`'s blocked kernel wins.
 pub const MAX_ROWS: usize = 8;
 /// Fewest weight elements split over threads (1 MiB at f32, about 40 µs of reading on one
@@ -122,6 +124,55 @@ pub fn routed_experts<B: Backend>(
     None
 }
 
+/// `x · W_eᵀ` for expert `e` of an FP8-resident weight on Flex, reading each code once for all
+/// rows and decoding it in registers (E4M3 widened through f16 with `vcvtph2ps`); `None` where
+/// it does not apply (another backend, more than [`MAX_ROWS`] rows, a layout it does not read).
+///
+/// # Shapes
+/// `x`: `[rows, d_in]` → `[rows, d_out]`.
+#[cfg(feature = "flex")]
+pub fn fp8_matmul<B: Backend>(
+    x: &Tensor<B, 2>,
+    w: &Fp8Weight<B>,
+    expert: usize,
+) -> Option<Tensor<B, 2>> {
+    flex::fp8_matmul(x, w, expert)
+}
+
+/// Without Flex compiled in there is nothing to take.
+#[cfg(not(feature = "flex"))]
+pub fn fp8_matmul<B: Backend>(
+    _x: &Tensor<B, 2>,
+    _w: &Fp8Weight<B>,
+    _expert: usize,
+) -> Option<Tensor<B, 2>> {
+    None
+}
+
+/// Experts `first..first + count` of an FP8-resident weight dequantized to f32 on the host, on
+/// the thread pool (Flex only; `None` elsewhere).
+///
+/// # Shapes
+/// → `[count · d_out, d_in]`.
+#[cfg(feature = "flex")]
+pub fn fp8_dequantize<B: Backend>(
+    w: &Fp8Weight<B>,
+    first: usize,
+    count: usize,
+) -> Option<Tensor<B, 2>> {
+    flex::fp8_dequantize(w, first, count)
+}
+
+/// Without Flex compiled in there is nothing to take.
+#[cfg(not(feature = "flex"))]
+pub fn fp8_dequantize<B: Backend>(
+    _w: &Fp8Weight<B>,
+    _first: usize,
+    _count: usize,
+) -> Option<Tensor<B, 2>> {
+    None
+}
+
 #[cfg(feature = "flex")]
 mod flex {
     use std::any::{Any, TypeId};
@@ -135,6 +186,7 @@ mod flex {
     use rayon::prelude::*;
 
     use super::{MAX_ROWS, MIN_SPLIT};
+    use crate::fp8::resident::Fp8Weight;
 
     /// Output columns accumulated per pass over the weight rows: the `rows` accumulators of a
     /// block stay in the L2 cache (8 rows × 8 KiB).
@@ -601,6 +653,239 @@ mod flex {
                     }
                 }
             }
+        }
+    }
+
+    /// The codes (as bytes) and scales of an FP8-resident weight on Flex; `None` unless both are
+    /// contiguous (they always are as loaded) and the words are little-endian.
+    fn fp8_storage<B: Backend>(w: &Fp8Weight<B>) -> Option<(FlexTensor, FlexTensor)> {
+        if !cfg!(target_endian = "little") {
+            return None;
+        }
+        let codes: FlexTensor = cast(w.codes.clone().into_primitive());
+        let scales = flex_tensor(&w.scales);
+        (codes.dtype() == DType::U32 && scales.dtype() == DType::F32).then_some((codes, scales))
+    }
+
+    /// A contiguous tensor's values.
+    fn contiguous<T: burn::tensor::Element + bytemuck::Pod>(t: &FlexTensor) -> Option<&[T]> {
+        let (start, end) = t.layout().contiguous_offsets()?;
+        Some(&t.storage::<T>()[start..end])
+    }
+
+    /// The decoded value of every E4M3 code (NaN codes, refused at load, as 0).
+    fn e4m3_table(factor: f32) -> [f32; 256] {
+        std::array::from_fn(|c| {
+            let c = c as u8;
+            if c & 0x7F == 0x7F {
+                0.0
+            } else {
+                crate::fp8::decode(c) * factor
+            }
+        })
+    }
+
+    pub(super) fn fp8_matmul<B: Backend>(
+        x: &Tensor<B, 2>,
+        w: &Fp8Weight<B>,
+        expert: usize,
+    ) -> Option<Tensor<B, 2>> {
+        if TypeId::of::<B>() != TypeId::of::<Flex>() {
+            return None;
+        }
+        let l = w.layout;
+        let [rows, k] = x.dims();
+        if rows == 0 || rows > MAX_ROWS || k != l.d_in || expert >= l.experts {
+            return None;
+        }
+        let xf = flex_tensor(x);
+        let xs = match xf.dtype() {
+            DType::F32 => widened_rows::<f32>(&xf, rows * k)?,
+            DType::F16 => widened_rows::<f16>(&xf, rows * k)?,
+            DType::BF16 => widened_rows::<bf16>(&xf, rows * k)?,
+            _ => return None,
+        };
+        let (codes, scales) = fp8_storage(w)?;
+        let (codes, scales) = (contiguous::<u32>(&codes)?, contiguous::<f32>(&scales)?);
+        let stride = l.words() * 4;
+        let [gr, gc] = l.grid();
+        let matrix = Fp8Matrix {
+            codes: bytemuck::cast_slice::<u32, u8>(codes).get(expert * l.d_out * stride..)?,
+            scales: scales.get(expert * gr * gc..)?,
+            stride,
+            layout: l,
+        };
+        let y = matrix.times(&xs, rows);
+        let out = match xf.dtype() {
+            DType::F32 => TensorData::new(y, [rows, l.d_out]),
+            DType::F16 => {
+                TensorData::new(y.into_iter().map(f16::from_f32).collect(), [rows, l.d_out])
+            }
+            _ => TensorData::new(y.into_iter().map(bf16::from_f32).collect(), [rows, l.d_out]),
+        };
+        Some(Tensor::from_primitive(TensorPrimitive::Float(cast(FlexTensor::from_data(out)))))
+    }
+
+    pub(super) fn fp8_dequantize<B: Backend>(
+        w: &Fp8Weight<B>,
+        first: usize,
+        count: usize,
+    ) -> Option<Tensor<B, 2>> {
+        if TypeId::of::<B>() != TypeId::of::<Flex>() {
+            return None;
+        }
+        let l = w.layout;
+        let (codes, scales) = fp8_storage(w)?;
+        let (codes, scales) = (contiguous::<u32>(&codes)?, contiguous::<f32>(&scales)?);
+        let codes = bytemuck::cast_slice::<u32, u8>(codes);
+        let (stride, [gr, gc], [_, bc]) = (l.words() * 4, l.grid(), l.block);
+        let table = e4m3_table(1.0);
+        let mut out = vec![0f32; count * l.d_out * l.d_in];
+        out.par_chunks_mut(l.d_in).enumerate().for_each(|(i, row)| {
+            let (e, j) = (first + i / l.d_out, i % l.d_out);
+            let code_row = &codes[(e * l.d_out + j) * stride..][..l.d_in];
+            let scale_row = &scales[(e * gr + l.scale_row(j)) * gc..][..gc];
+            for (c, (v, &q)) in row.iter_mut().zip(code_row).enumerate() {
+                *v = table[q as usize] * scale_row[c / bc];
+            }
+        });
+        let data = TensorData::new(out, [count * l.d_out, l.d_in]);
+        Some(Tensor::from_primitive(TensorPrimitive::Float(cast(FlexTensor::from_data(data)))))
+    }
+
+    /// One FP8 matrix in place: codes `[d_out, d_in]` with rows `stride` bytes apart, and its
+    /// scale grid.
+    struct Fp8Matrix<'a> {
+        codes: &'a [u8],
+        scales: &'a [f32],
+        stride: usize,
+        layout: crate::fp8::resident::Fp8Layout,
+    }
+
+    impl Fp8Matrix<'_> {
+        /// `xs · Wᵀ` for the rows of `xs` (`[rows, d_in]`, f32) → `[rows, d_out]` in f32. The
+        /// output rows are cut into one contiguous range per thread when the matrix is large:
+        /// each thread streams its own rows of codes, and no partial sums need adding.
+        fn times(&self, xs: &[f32], rows: usize) -> Vec<f32> {
+            let (n, k) = (self.layout.d_out, self.layout.d_in);
+            let parts = rayon::current_num_threads().min((k * n) / (2 * MIN_SPLIT)).clamp(1, n);
+            let chunk = n.div_ceil(parts);
+            let ranges: Vec<_> = (0..n).step_by(chunk).map(|j| j..(j + chunk).min(n)).collect();
+            let out: Vec<Vec<f32>> = if ranges.len() == 1 {
+                vec![self.range(xs, rows, ranges[0].clone())]
+            } else {
+                ranges.par_iter().map(|r| self.range(xs, rows, r.clone())).collect()
+            };
+            // Each range's outputs are output-row-major, `[len, rows]`.
+            let mut y = vec![0f32; rows * n];
+            for (range, part) in ranges.iter().zip(&out) {
+                for (jj, values) in part.chunks_exact(rows).enumerate() {
+                    for (r, v) in values.iter().enumerate() {
+                        y[r * n + range.start + jj] = *v;
+                    }
+                }
+            }
+            y
+        }
+
+        /// Output rows `range` → `[len, rows]`. Row `j` is `Σ_c xs[r, c] · s[b(j), c / bc] ·
+        /// decode(q[j, c])`: the input rows are scaled once per block row `b` (they change every
+        /// `br` output rows), so the inner loop is a plain dot product with the decoded codes.
+        /// The codes are decoded through f16 (an E4M3 code `seeeemmm` is the f16
+        /// `s0eeeemmm0000000` divided by 2^8, subnormals included), so the scaled inputs carry
+        /// the factor 2^8.
+        fn range(&self, xs: &[f32], rows: usize, range: std::ops::Range<usize>) -> Vec<f32> {
+            let l = self.layout;
+            let (k, gc, bc) = (l.d_in, l.grid()[1], l.block[1]);
+            let mut out = vec![0f32; range.len() * rows];
+            let mut scaled = vec![0f32; rows * k];
+            let mut current = usize::MAX;
+            #[cfg(target_arch = "x86_64")]
+            let avx2 = avx2_fma();
+            let table = e4m3_table(1.0 / 256.0);
+            for (jj, j) in range.enumerate() {
+                let b = l.scale_row(j);
+                if b != current {
+                    let s = &self.scales[b * gc..][..gc];
+                    for (r, row) in scaled.chunks_exact_mut(k).enumerate() {
+                        for (c, v) in row.iter_mut().enumerate() {
+                            *v = xs[r * k + c] * (s[c / bc] * 256.0);
+                        }
+                    }
+                    current = b;
+                }
+                let codes = &self.codes[j * self.stride..][..k];
+                let out = &mut out[jj * rows..][..rows];
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: the CPU has AVX2, FMA and F16C.
+                    unsafe { fp8_dots_avx2(codes, &scaled, out) };
+                    continue;
+                }
+                for (r, o) in out.iter_mut().enumerate() {
+                    let x = &scaled[r * k..][..k];
+                    *o = codes.iter().zip(x).map(|(&q, &x)| table[q as usize] * x).sum();
+                }
+            }
+            out
+        }
+    }
+
+    /// `out[r] = Σ_c decode(codes[c]) / 2^8 · xs[r, c]` for every row `r` of `xs`, the rows
+    /// counted at compile time so their accumulators stay in registers.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn fp8_dots_avx2(codes: &[u8], xs: &[f32], out: &mut [f32]) {
+        match out.len() {
+            1 => fp8_dots::<1>(codes, xs, out),
+            2 => fp8_dots::<2>(codes, xs, out),
+            3 => fp8_dots::<3>(codes, xs, out),
+            4 => fp8_dots::<4>(codes, xs, out),
+            5 => fp8_dots::<5>(codes, xs, out),
+            6 => fp8_dots::<6>(codes, xs, out),
+            7 => fp8_dots::<7>(codes, xs, out),
+            _ => fp8_dots::<8>(codes, xs, out),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn fp8_dots<const N: usize>(codes: &[u8], xs: &[f32], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let k = codes.len();
+        assert!(xs.len() >= N * k && out.len() >= N, "xs holds N rows of the codes' width");
+        let whole = k / 16 * 16;
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        let (low7, sign) = (_mm256_set1_epi16(0x7F), _mm256_set1_epi16(0x80));
+        for c in (0..whole).step_by(16) {
+            // SAFETY: `c + 16 <= k` keeps the loads within `codes` and each row of `xs`.
+            unsafe {
+                let q =
+                    _mm256_cvtepu8_epi16(_mm_loadu_si128(codes.as_ptr().add(c) as *const __m128i));
+                let h = _mm256_or_si256(
+                    _mm256_slli_epi16(_mm256_and_si256(q, low7), 7),
+                    _mm256_slli_epi16(_mm256_and_si256(q, sign), 8),
+                );
+                let w0 = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+                let w1 = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x = xs.as_ptr().add(r * k + c);
+                    acc[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), acc[0]);
+                    acc[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.add(8)), acc[1]);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds eight floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[0], acc[1])) };
+            let mut sum: f32 = lanes.iter().sum();
+            for c in whole..k {
+                let q = u16::from(codes[c]);
+                let h = ((q & 0x7F) << 7) | ((q & 0x80) << 8);
+                sum = f16::from_bits(h).to_f32().mul_add(xs[r * k + c], sum);
+            }
+            out[r] = sum;
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::error::{DeepSeekError, Result};
 use crate::lora::{Lora, LoraSettings, LoraTargets};
 use crate::model::DeepSeekModel;
 use crate::moe::RoutedExperts;
-use crate::projection::Projection;
+use crate::projection::{Projection, Weight};
 
 /// The checkpoint names of the maps each stacked expert projection fuses, in column order:
 /// `gate_up` holds gate then up, `down` holds down.
@@ -151,16 +151,16 @@ impl<B: Backend> DeepSeekModel<B> {
     pub fn merge_adapters(mut self) -> Self {
         let _ = for_each_adaptable(&mut self, |_, projection| {
             if let Some(lora) = projection.lora.take() {
-                let merged = projection.weight.val() + lora.delta();
-                projection.weight = Param::from_tensor(merged);
+                let merged = projection.weight() + lora.delta();
+                projection.weight = Weight::Dense(Param::from_tensor(merged));
             }
             Ok(())
         });
         let _ = for_each_routed_experts(&mut self, |_, routed| {
             for projection in [&mut routed.gate_up, &mut routed.down] {
                 if let Some(lora) = projection.lora.take() {
-                    let merged = projection.weight.val() + lora.delta();
-                    projection.weight = Param::from_tensor(merged);
+                    let merged = projection.weight() + lora.delta();
+                    projection.weight = Weight::Dense(Param::from_tensor(merged));
                 }
             }
             Ok(())

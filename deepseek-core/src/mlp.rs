@@ -49,9 +49,11 @@ impl<B: Backend> Mlp<B> {
             [&self.gate_proj, &self.up_proj, &self.down_proj].iter().all(|p| p.lora.is_none());
         if plain && gemm == GemmPrecision::Full {
             // A few rows (decoding) on Flex: the whole MLP in one pass.
-            let (gate, up) = (self.gate_proj.weight.val(), self.up_proj.weight.val());
-            if let Some(y) = crate::few_rows::swiglu(&x, &gate, &up, &self.down_proj.weight.val()) {
-                return y;
+            let params = (self.gate_proj.param(), self.up_proj.param(), self.down_proj.param());
+            if let (Some(gate), Some(up), Some(down)) = params {
+                if let Some(y) = crate::few_rows::swiglu(&x, &gate.val(), &up.val(), &down.val()) {
+                    return y;
+                }
             }
         }
         let gate = silu(self.gate_proj.forward(x.clone(), gemm));

@@ -2,27 +2,37 @@
 //! dense and shared MLPs, the stacked routed experts, the MTP `eh_proj` and the output head.
 //!
 //! A projection owns how its weight is stored and runs its GEMM under the policy's precision;
-//! the modules that use it only call [`Projection::forward`] (or the per-expert forms). Today the
-//! weight is a dense tensor in Burn's `[in, out]` layout (the transpose of the checkpoints'
-//! `[out, in]`), `[E, in, out]` for the experts stacked along a leading axis, optionally with a
-//! LoRA adapter beside it ([`crate::lora`]) whose update is added to the output. Other storages
-//! (FP8-resident codes and scales, other dtypes) grow here without touching MLA, the MLP, the
-//! experts or MTP.
+//! the modules that use it only call [`Projection::forward`] (or the per-expert forms). The
+//! weight is either a dense tensor in Burn's `[in, out]` layout (the transpose of the
+//! checkpoints' `[out, in]`), `[E, in, out]` for the experts stacked along a leading axis, or FP8
+//! codes and block scales kept as the checkpoint stores them ([`crate::fp8::resident`]), frozen;
+//! either way optionally with a LoRA adapter beside it ([`crate::lora`]) whose update is added to
+//! the output. MLA, the MLP, the experts and MTP do not know which.
 
 use burn::module::{Module, Param};
 use burn::nn::LinearConfig;
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::fp8::training::matmul as fp8_matmul;
-use crate::fp8::GemmPrecision;
+use crate::fp8::{Fp8Weight, GemmPrecision};
 use crate::lora::Lora;
+
+/// How a projection's weight is held.
+#[derive(Module, Debug)]
+pub enum Weight<B: Backend, const R: usize> {
+    /// A float parameter, `[in, out]`, or `[E, in, out]` for stacked experts.
+    Dense(Param<Tensor<B, R>>),
+    /// E4M3 codes and block scales in the checkpoint's layout (`[out, in]` per matrix), never
+    /// trained: an FP8 checkpoint loaded without `--dequantize`.
+    Fp8(Fp8Weight<B>),
+}
 
 /// A bias-free linear map `y = x · W`. `R` is the rank of the stored weight: 2 for one matrix,
 /// 3 for experts stacked `[E, in, out]`.
 #[derive(Module, Debug)]
 pub struct Projection<B: Backend, const R: usize = 2> {
-    /// `[in, out]`, or `[E, in, out]` for stacked experts.
-    pub weight: Param<Tensor<B, R>>,
+    /// The weight, dense or FP8-resident.
+    pub weight: Weight<B, R>,
     /// A low-rank adapter whose update `s·x·A·B` is added to the output (one per expert for
     /// stacked experts). Its GEMMs stay at the tensors' precision.
     pub lora: Option<Lora<B, R>>,
@@ -31,15 +41,27 @@ pub struct Projection<B: Backend, const R: usize = 2> {
 impl<B: Backend> Projection<B, 2> {
     /// A fresh `[d_in] → [d_out]` map, initialized (lazily) as Burn's `Linear` is.
     pub fn new(d_in: usize, d_out: usize, device: &B::Device) -> Self {
-        Self {
-            weight: LinearConfig::new(d_in, d_out).with_bias(false).init(device).weight,
-            lora: None,
-        }
+        Self::dense(LinearConfig::new(d_in, d_out).with_bias(false).init(device).weight)
     }
 
     /// `[d_in, d_out]`.
     pub fn dims(&self) -> [usize; 2] {
-        self.weight.dims()
+        match &self.weight {
+            Weight::Dense(w) => w.dims(),
+            Weight::Fp8(w) => [w.layout.d_in, w.layout.d_out],
+        }
+    }
+
+    /// The weight as a float tensor: the parameter, or the FP8 codes dequantized into the
+    /// model's dtype (a transient copy).
+    ///
+    /// # Shapes
+    /// `[d_in, d_out]`.
+    pub fn weight(&self) -> Tensor<B, 2> {
+        match &self.weight {
+            Weight::Dense(w) => w.val(),
+            Weight::Fp8(w) => w.dequantize(0, 1, w.dtype).transpose(),
+        }
     }
 
     /// `x · W`, the GEMM at `gemm` precision.
@@ -62,7 +84,7 @@ impl<B: Backend> Projection<B, 2> {
     /// # Shapes
     /// `[d_in, d_out]`.
     pub fn effective_weight(&self) -> Tensor<B, 2> {
-        let weight = self.weight.val();
+        let weight = self.weight();
         match &self.lora {
             Some(lora) => {
                 let dtype = weight.dtype();
@@ -74,9 +96,22 @@ impl<B: Backend> Projection<B, 2> {
 
     /// `x · W` without the adapter.
     fn forward_base<const D: usize>(&self, x: Tensor<B, D>, gemm: GemmPrecision) -> Tensor<B, D> {
+        let weight = match &self.weight {
+            Weight::Dense(w) => w,
+            // FP8-resident weights multiply the activations as they are: the GEMM precision is a
+            // training setting, and these weights do not train.
+            Weight::Fp8(w) => {
+                let dims = x.dims();
+                let rows = dims[..D - 1].iter().product();
+                let y = w.forward(x.reshape([rows, w.layout.d_in]), 0); // [rows, d_out]
+                let mut out = dims;
+                out[D - 1] = w.layout.d_out;
+                return y.reshape(out);
+            }
+        };
         match gemm {
             GemmPrecision::Full => {
-                let w = self.weight.val();
+                let w = weight.val();
                 match crate::few_rows::matmul(&x, &w) {
                     Some(y) => y,
                     None => burn::tensor::module::linear(x, w, None),
@@ -87,7 +122,7 @@ impl<B: Backend> Projection<B, 2> {
                 let d_in = dims[D - 1];
                 let rows = dims[..D - 1].iter().product();
                 let [_, d_out] = self.dims();
-                let y = fp8_matmul(x.reshape([rows, d_in]), self.weight.val()); // [rows, d_out]
+                let y = fp8_matmul(x.reshape([rows, d_in]), weight.val()); // [rows, d_out]
                 let mut out = dims;
                 out[D - 1] = d_out;
                 y.reshape(out)
@@ -99,12 +134,32 @@ impl<B: Backend> Projection<B, 2> {
 impl<B: Backend> Projection<B, 3> {
     /// Stacked per-expert maps from an existing `[E, in, out]` parameter.
     pub fn stacked(weight: Param<Tensor<B, 3>>) -> Self {
-        Self { weight, lora: None }
+        Self::dense(weight)
     }
 
     /// `[E, d_in, d_out]`.
     pub fn dims(&self) -> [usize; 3] {
-        self.weight.dims()
+        match &self.weight {
+            Weight::Dense(w) => w.dims(),
+            Weight::Fp8(w) => [w.layout.experts, w.layout.d_in, w.layout.d_out],
+        }
+    }
+
+    /// The stacked weights as a float tensor: the parameter, or the FP8 codes dequantized into
+    /// the model's dtype (a transient copy of every expert).
+    ///
+    /// # Shapes
+    /// `[E, d_in, d_out]`.
+    pub fn weight(&self) -> Tensor<B, 3> {
+        match &self.weight {
+            Weight::Dense(w) => w.val(),
+            Weight::Fp8(w) => {
+                let l = w.layout;
+                w.dequantize(0, l.experts, w.dtype)
+                    .reshape([l.experts, l.d_out, l.d_in])
+                    .swap_dims(1, 2)
+            }
+        }
     }
 
     /// Expert `e`'s map applied to its rows, at `gemm` precision.
@@ -117,7 +172,16 @@ impl<B: Backend> Projection<B, 3> {
             .lora
             .as_ref()
             .map(|lora| in_dtype_of(lora, x.clone(), |x| lora.forward_expert(e, x)));
-        let w = self.weight.val().narrow(0, e, 1); // [1, d_in, d_out], a view into the stack
+        let w = match &self.weight {
+            Weight::Dense(w) => w.val().narrow(0, e, 1), // [1, d_in, d_out], a view into the stack
+            Weight::Fp8(w) => {
+                let y = w.forward(x, e);
+                return match update {
+                    Some(update) => y + update,
+                    None => y,
+                };
+            }
+        };
         let y = match gemm {
             // A batched matmul of one reads the view in place; reshaping the view to 2-D first
             // would copy the expert's weights on every call (Flex copies offset views).
@@ -147,8 +211,8 @@ impl<B: Backend> Projection<B, 3> {
         first: usize,
         gemm: GemmPrecision,
     ) -> Tensor<B, 2> {
-        if self.lora.is_none() && gemm == GemmPrecision::Full {
-            return crate::moe::segmented::forward_segments(x, self.weight.val(), rows, first);
+        if let (None, GemmPrecision::Full, Weight::Dense(w)) = (&self.lora, gemm, &self.weight) {
+            return crate::moe::segmented::forward_segments(x, w.val(), rows, first);
         }
         let [_, _, d_out] = self.dims();
         let mut outputs = Vec::new();
@@ -173,10 +237,37 @@ impl<B: Backend> Projection<B, 3> {
     pub fn forward_grouped(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lora {
             Some(lora) => {
-                in_dtype_of(lora, x.clone(), |x| lora.forward_grouped(x))
-                    + x.matmul(self.weight.val())
+                in_dtype_of(lora, x.clone(), |x| lora.forward_grouped(x)) + x.matmul(self.weight())
             }
-            None => x.matmul(self.weight.val()),
+            None => x.matmul(self.weight()),
+        }
+    }
+}
+
+impl<B: Backend, const R: usize> Projection<B, R> {
+    /// A map with a dense weight and no adapter.
+    pub fn dense(weight: Param<Tensor<B, R>>) -> Self {
+        Self { weight: Weight::Dense(weight), lora: None }
+    }
+
+    /// The dense weight parameter; `None` for FP8-resident weights.
+    pub fn param(&self) -> Option<&Param<Tensor<B, R>>> {
+        match &self.weight {
+            Weight::Dense(w) => Some(w),
+            Weight::Fp8(_) => None,
+        }
+    }
+
+    /// Whether the weight is held as FP8 codes.
+    pub fn is_fp8(&self) -> bool {
+        matches!(self.weight, Weight::Fp8(_))
+    }
+
+    /// Bytes the weight occupies (the adapter excluded).
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            Weight::Dense(w) => w.shape().num_elements() * w.dtype().size(),
+            Weight::Fp8(w) => w.weight_bytes(),
         }
     }
 }
@@ -212,7 +303,7 @@ mod tests {
         let linear = LinearConfig::new(130, 7).with_bias(false).init::<Flex>(&Default::default());
         // Draw the lazy weight before sharing it: a clone of a lazy parameter draws its own.
         let _ = linear.weight.val();
-        let projection = Projection { weight: linear.weight.clone(), lora: None };
+        let projection = Projection::dense(linear.weight.clone());
         let x = normal([2, 3, 130]);
         let ours = projection.forward(x.clone(), GemmPrecision::Full).into_data();
         assert_eq!(ours, linear.forward(x).into_data());
@@ -235,7 +326,7 @@ mod tests {
     fn a_stacked_expert_is_its_slice_of_the_weight() {
         let (e, d_in, d_out) = (3, 5, 4);
         let stacked = Projection::stacked(Param::from_tensor(normal([e, d_in, d_out])));
-        let slice = |k: usize| stacked.weight.val().narrow(0, k, 1).reshape([d_in, d_out]);
+        let slice = |k: usize| stacked.weight().narrow(0, k, 1).reshape([d_in, d_out]);
         let x = normal([6, d_in]);
         let one = stacked.forward_expert(1, x.clone(), GemmPrecision::Full);
         assert_eq!(one.into_data(), x.matmul(slice(1)).into_data());

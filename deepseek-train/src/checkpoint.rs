@@ -192,13 +192,17 @@ pub fn load<AB: AutodiffBackend>(
             let base: DeepSeekModel<AB> = deepseek_core::checkpoint::load_model(
                 &finetune.base_model,
                 device,
-                LoadOptions::default().with_dtype(finetune.base_dtype),
+                // As the run loaded it (`sft`): an FP8 base dequantized.
+                LoadOptions::default().with_dtype(finetune.base_dtype).with_dequantize_fp8(true),
             )?;
             load_adapter(base, dir)?.freeze()
         }
         None => {
-            let model: DeepSeekModel<AB> =
-                deepseek_core::checkpoint::load_model(dir, device, LoadOptions::default())?;
+            let model: DeepSeekModel<AB> = deepseek_core::checkpoint::load_model(
+                dir,
+                device,
+                LoadOptions::default().with_dequantize_fp8(true),
+            )?;
             // A full fine-tune with a frozen router keeps it frozen after a resume.
             let frozen =
                 state.train.finetune.as_ref().is_some_and(|f| f.router == RouterMode::Frozen);

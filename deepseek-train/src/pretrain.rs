@@ -248,7 +248,9 @@ fn start<AB: AutodiffBackend>(
         let data_cfg = data_config(args, model_cfg)?;
         let model = match &args.init_from {
             Some(dir) => {
-                let mut m = deepseek_core::load_model::<AB>(dir, device, LoadOptions::default())?;
+                // FP8 weights are frozen: a model that trains holds them dequantized.
+                let options = LoadOptions::default().with_dequantize_fp8(true);
+                let mut m = deepseek_core::load_model::<AB>(dir, device, options)?;
                 // A new YaRN factor changes the rotary tables and the softmax scale only.
                 if m.config != *model_cfg {
                     m.rope = deepseek_core::rope::RotaryEmbedding::new(

@@ -301,7 +301,9 @@ pub fn prepare_model<AB: AutodiffBackend>(
             ),
         ));
     }
-    let options = LoadOptions::default().with_dtype(finetune.base_dtype);
+    // FP8 weights are frozen and the full model trains: an FP8 base is dequantized into the
+    // base dtype (LoRA on FP8-resident weights is not wired yet).
+    let options = LoadOptions::default().with_dtype(finetune.base_dtype).with_dequantize_fp8(true);
     let model = deepseek_core::load_model::<AB>(&finetune.base_model, device, options)?;
     if let Some(adapter) = &finetune.adapter {
         return Ok(deepseek_core::adapter::load_adapter(model, adapter)?.freeze());

@@ -105,10 +105,24 @@ impl Reference {
     }
 }
 
-/// Largest absolute difference; panics on length mismatch.
+/// Largest absolute difference, infinite where either side is NaN (or the two are infinities
+/// that do not cancel to equality); panics on length mismatch.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    // `f32::max` ignores NaN, so a NaN difference must become infinite to be seen.
+    let diff = |(x, y): (&f32, &f32)| {
+        if x == y {
+            0.0
+        } else {
+            let d = (x - y).abs();
+            if d.is_nan() {
+                f32::INFINITY
+            } else {
+                d
+            }
+        }
+    };
+    a.iter().zip(b).map(diff).fold(0.0, f32::max)
 }
 
 /// Asserts `actual ≈ expected` within `atol`, naming what is compared; prints the difference

@@ -75,13 +75,7 @@ fn run(experts: &RoutedExperts<AB>, policy: &ExecutionPolicy, b: &Batch) -> Grad
     let g3 = |p: &Tensor<AB, 3>| {
         p.grad(&grads).map(values).unwrap_or_else(|| vec![0.0; p.dims().iter().product()])
     };
-    (
-        values(y.inner()),
-        g(&x),
-        g(&w),
-        g3(&experts.gate_up.weight.val()),
-        g3(&experts.down.weight.val()),
-    )
+    (values(y.inner()), g(&x), g(&w), g3(&experts.gate_up.weight()), g3(&experts.down.weight()))
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f32]) {

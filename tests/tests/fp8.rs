@@ -207,3 +207,103 @@ fn converting_fp8_to_bf16_dequantizes_and_drops_the_scales() {
         assert!(after == expected, "`{name}`");
     }
 }
+
+/// FP8-resident weights (the default for an FP8 checkpoint) against the same checkpoint
+/// dequantized on load (`--dequantize`), f32 activations: the full forward pass (prefill, the
+/// host-dequantized GEMMs), MTP, and cached decoding one token at a time (the few-row FP8
+/// kernel, the absorbed attention from dequantized `kv_b_proj`), within 1e-4; and the weights
+/// held take half the bytes of bf16.
+fn resident_case_matches_dequantized(case: &str) {
+    use burn::backend::Flex;
+    use burn::tensor::{Int, Tensor, TensorData};
+    use deepseek_core::finetune::{for_each_adaptable, for_each_routed_experts};
+    use deepseek_core::{AttentionPath, DeepSeekModel, LatentCache, LoadOptions, WeightDtype};
+    let dir = deepseek_tests::golden_dir(case);
+    let device = Default::default();
+    let load = |options: LoadOptions| -> DeepSeekModel<Flex> {
+        deepseek_core::load_model(&dir, &device, options).unwrap()
+    };
+    let mut resident = load(LoadOptions::default());
+    let mut dequantized = load(LoadOptions::default().with_dequantize_fp8(true));
+    let mut bf16 =
+        load(LoadOptions::default().with_dtype(WeightDtype::Bf16).with_dequantize_fp8(true));
+
+    // Which projections hold codes (those the checkpoint stores in FP8: every `*_proj`; these
+    // goldens keep `kv_a_proj_with_mqa` in f32), and their bytes against the same
+    // projections in bf16.
+    let ckpt = deepseek_core::checkpoint::Checkpoint::open(&dir).unwrap();
+    let stored_fp8 = |path: &str| {
+        ckpt.stored(&format!("{path}.weight")).unwrap().dtype == safetensors::Dtype::F8_E4M3
+    };
+    let bytes = |model: &mut DeepSeekModel<Flex>| {
+        let (mut total, mut fp8, mut expected) = (0, 0, 0);
+        for_each_adaptable(model, |path, p| {
+            if stored_fp8(path) {
+                total += p.weight_bytes();
+                expected += 1;
+            }
+            fp8 += usize::from(p.is_fp8());
+            Ok(())
+        })
+        .unwrap();
+        for_each_routed_experts(model, |_, experts| {
+            for p in [&experts.gate_up, &experts.down] {
+                total += p.weight_bytes();
+                fp8 += usize::from(p.is_fp8());
+                expected += 1;
+            }
+            Ok(())
+        })
+        .unwrap();
+        (total, fp8, expected)
+    };
+    let (ours, fp8, expected) = bytes(&mut resident);
+    assert_eq!(fp8, expected, "{case}: every projection stored in FP8 stays FP8");
+    assert!(fp8 >= 20, "{case}: {fp8} FP8 projections");
+    assert_eq!(bytes(&mut dequantized).1, 0, "{case}: --dequantize holds none");
+    let (half, _, _) = bytes(&mut bf16);
+    let ratio = ours as f64 / half as f64;
+    eprintln!("{case}: FP8-resident projections {ours} bytes, bf16 {half} ({ratio:.3}x)");
+    assert!((0.5..0.52).contains(&ratio), "{case}: {ratio} of bf16's bytes");
+
+    let reference = deepseek_tests::Reference::load(case);
+    let ids = reference.get("input_ids").clone();
+    let ids = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids.i64, ids.shape), &device);
+    let values = |t: Tensor<Flex, 3>| -> Vec<f32> { t.into_data().into_vec().unwrap() };
+    let options = deepseek_core::ForwardOptions { mtp: true, ..Default::default() };
+    let (ours, theirs) = (
+        resident.forward_with(ids.clone(), options),
+        dequantized.forward_with(ids.clone(), options),
+    );
+    deepseek_tests::assert_close(
+        &format!("{case} logits"),
+        &values(ours.logits),
+        &values(theirs.logits),
+        1e-4,
+    );
+    for (k, (a, b)) in ours.mtp_logits.into_iter().zip(theirs.mtp_logits).enumerate() {
+        deepseek_tests::assert_close(&format!("{case} MTP {k}"), &values(a), &values(b), 1e-4);
+    }
+    let [batch, seq] = ids.dims();
+    let mut caches: Vec<LatentCache<Flex>> =
+        (0..2).map(|_| LatentCache::new(&resident.config, batch, seq, &device).unwrap()).collect();
+    for pos in 0..seq {
+        let token = ids.clone().narrow(1, pos, 1);
+        let mut steps =
+            [&resident, &dequantized].into_iter().zip(caches.iter_mut()).map(|(m, c)| {
+                values(m.forward_cached(token.clone(), c, AttentionPath::Absorbed).unwrap().logits)
+            });
+        let (a, b) = (steps.next().unwrap(), steps.next().unwrap());
+        deepseek_tests::assert_close(&format!("{case} decode {pos}"), &a, &b, 1e-4);
+    }
+}
+
+#[test]
+fn fp8_resident_weights_equal_the_dequantized_checkpoint() {
+    resident_case_matches_dequantized("v3_fp8_128");
+}
+
+#[test]
+fn fp8_resident_weights_equal_the_dequantized_checkpoint_with_ragged_blocks() {
+    resident_case_matches_dequantized("v3_fp8_ragged");
+}

@@ -355,7 +355,7 @@ fn f32_adapters_on_a_bf16_base_give_peft_logits_within_bf16_tolerance() {
     let adapted = load_adapter(bf16, &peft_dir("plain")).unwrap();
     let lora = adapted.layers[0].self_attn.o_proj.lora.as_ref().expect("o_proj has an adapter");
     assert_eq!(lora.dtype(), burn::tensor::DType::F32, "adapters keep their precision");
-    assert_eq!(adapted.layers[0].self_attn.o_proj.weight.val().dtype(), burn::tensor::DType::BF16);
+    assert_eq!(adapted.layers[0].self_attn.o_proj.weight().dtype(), burn::tensor::DType::BF16);
 
     // Positions routed as the f32 model routes them in every block (a near-tie may go the other
     // way in bf16, and that token's expert output then differs by far more than rounding).

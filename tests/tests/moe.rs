@@ -217,23 +217,11 @@ fn sorted_dispatch_moe_equals_every_expert_on_every_token() {
                 .map(|t| (0..k).filter(|&j| idx[t * k + j] == e as i64).map(|j| w[t * k + j]).sum())
                 .collect();
             let gate = Tensor::<B, 2>::from_data(TensorData::new(gate, [tokens, 1]), &device);
-            let gate_proj = moe
-                .experts
-                .gate_up
-                .weight
-                .val()
-                .narrow(0, e, 1)
-                .reshape([d, 2 * i])
-                .narrow(1, 0, i);
-            let up_proj = moe
-                .experts
-                .gate_up
-                .weight
-                .val()
-                .narrow(0, e, 1)
-                .reshape([d, 2 * i])
-                .narrow(1, i, i);
-            let down_proj = moe.experts.down.weight.val().narrow(0, e, 1).reshape([i, d]);
+            let gate_proj =
+                moe.experts.gate_up.weight().narrow(0, e, 1).reshape([d, 2 * i]).narrow(1, 0, i);
+            let up_proj =
+                moe.experts.gate_up.weight().narrow(0, e, 1).reshape([d, 2 * i]).narrow(1, i, i);
+            let down_proj = moe.experts.down.weight().narrow(0, e, 1).reshape([i, d]);
             let swiglu = burn::tensor::activation::silu(flat.clone().matmul(gate_proj))
                 * flat.clone().matmul(up_proj);
             expected = expected + swiglu.matmul(down_proj) * gate;

@@ -19,7 +19,9 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use crate::config::DeepSeekConfig;
 use crate::dtype::WeightDtype;
 use crate::error::{DeepSeekError, Result};
+use crate::fp8::{Fp8Layout, Fp8Weight};
 use crate::model::DeepSeekModel;
+use crate::projection::Weight;
 pub(crate) use hf_names::{table, ExpertPart, Target, EXPERT_STRIDE};
 pub use reader::{Checkpoint, StoredTensor, INDEX_FILE, SINGLE_FILE};
 pub use writer::{model_tensors, save_model, write_atomic, write_safetensors, NamedTensor};
@@ -30,14 +32,25 @@ pub struct LoadOptions {
     /// Ignore tensors the model does not use instead of failing.
     pub allow_unused: bool,
     /// The dtype the weights are held in, whatever the checkpoint stores (F32, BF16, F16, or FP8
-    /// dequantized); the routers' correction biases stay f32 ([`crate::dtype`]).
+    /// dequantized); the routers' correction biases stay f32 ([`crate::dtype`]). FP8-resident
+    /// projections keep their codes and compute with activations of this dtype.
     pub dtype: WeightDtype,
+    /// Dequantize the weights of an FP8 checkpoint into `dtype` instead of keeping them as E4M3
+    /// codes and block scales ([`crate::fp8::resident`]). Training the full model needs it: FP8
+    /// weights are frozen.
+    pub dequantize_fp8: bool,
 }
 
 impl LoadOptions {
     /// These options with weights held in `dtype`.
     pub fn with_dtype(self, dtype: WeightDtype) -> Self {
         Self { dtype, ..self }
+    }
+
+    /// These options with FP8 weights dequantized on load (`true`) or kept as codes (`false`,
+    /// the default).
+    pub fn with_dequantize_fp8(self, dequantize_fp8: bool) -> Self {
+        Self { dequantize_fp8, ..self }
     }
 }
 
@@ -84,6 +97,18 @@ pub fn load_weights<B: Backend>(
         }
     }
     let mut model = config.init::<B>(device);
+    let fp8 =
+        |name: &str| ckpt.stored(name).is_some_and(|t| t.dtype == safetensors::Dtype::F8_E4M3);
+    let resident = !options.dequantize_fp8;
+    // A block's routed experts stay FP8 when all of them are stored so.
+    let mut float_layers = HashSet::new();
+    for row in &rows {
+        if let Target::Expert(_) = row.target {
+            if !(resident && fp8(&row.name)) {
+                float_layers.insert(row.index / EXPERT_STRIDE);
+            }
+        }
+    }
     let mut experts = StackedExperts::new(config, options.dtype);
     // Each tensor is read in the dtype it is stored in, one at a time, and stored in the chosen
     // dtype (rounded element by element where they differ), so the model never exists in f32
@@ -93,15 +118,51 @@ pub fn load_weights<B: Backend>(
         if matches!(row.target, Target::Shared) {
             continue;
         }
+        let layer = row.index / EXPERT_STRIDE;
+        let keep_codes = match row.target {
+            Target::Linear(_) => resident,
+            Target::Expert(_) => !float_layers.contains(&layer),
+            _ => false,
+        };
+        if keep_codes {
+            if let Some((codes, scales, block)) = ckpt.read_fp8_codes(&row.name, &row.shape)? {
+                let fp8_weight = |codes: &[u8], scales, layout| {
+                    Fp8Weight::new(codes, scales, layout, device)
+                        .map(|w| w.with_dtype(options.dtype.float()))
+                        .map_err(|e| DeepSeekError::Input(format!("tensor `{}`: {e}", row.name)))
+                };
+                match row.target {
+                    Target::Linear(get) => {
+                        let [d_out, d_in] = [row.shape[0], row.shape[1]];
+                        let layout = Fp8Layout { experts: 1, parts: 1, d_out, d_in, block };
+                        get(&mut model, row.index).weight =
+                            Weight::Fp8(fp8_weight(&codes, scales, layout)?);
+                    }
+                    Target::Expert(part) => {
+                        if let Some((gate_up, down)) =
+                            experts.write_fp8(row.index, part, &codes, &scales, block)
+                        {
+                            let layer = hf_names::routed_experts(&mut model, layer);
+                            layer.gate_up.weight =
+                                Weight::Fp8(fp8_weight(&gate_up.0, gate_up.1, gate_up.2)?);
+                            layer.down.weight = Weight::Fp8(fp8_weight(&down.0, down.1, down.2)?);
+                        }
+                    }
+                    _ => unreachable!("only projections keep their codes"),
+                }
+                continue;
+            }
+        }
         let data = ckpt.read_float(&row.name, &row.shape)?;
         match row.target {
             Target::Linear(get) => {
                 // Stored [out, in]; Burn's Linear computes x·W with W [in, out]. Transposing on
                 // the host keeps the weight contiguous, so no matmul pays for a strided layout.
-                get(&mut model, row.index).weight = Param::from_tensor(Tensor::<B, 2>::from_data(
-                    transpose(data, row.shape[0], row.shape[1], options.dtype),
-                    held,
-                ));
+                get(&mut model, row.index).weight =
+                    Weight::Dense(Param::from_tensor(Tensor::<B, 2>::from_data(
+                        transpose(data, row.shape[0], row.shape[1], options.dtype),
+                        held,
+                    )));
             }
             Target::Norm(get) => {
                 get(&mut model, row.index).weight =
@@ -125,7 +186,10 @@ pub fn load_weights<B: Backend>(
             Target::Shared => unreachable!("skipped above"),
         }
     }
-    debug_assert!(experts.blocks.is_empty(), "every block's experts were checked present");
+    debug_assert!(
+        experts.blocks.is_empty() && experts.fp8_blocks.is_empty(),
+        "every block's experts were checked present"
+    );
     Ok(model)
 }
 
@@ -139,7 +203,21 @@ struct StackedExperts {
     dtype: WeightDtype,
     /// block index → (gate_up, down) values and the number of expert tensors written.
     blocks: std::collections::BTreeMap<usize, (Staging, Staging, usize)>,
+    /// block index → FP8-resident stacks being assembled.
+    fp8_blocks: std::collections::BTreeMap<usize, Fp8Stack>,
 }
+
+/// The codes and scales of one block's experts in the checkpoint's layout, each expert's
+/// `[out, in]` matrices stacked along the rows (gate rows, then up rows, per expert).
+struct Fp8Stack {
+    /// `(codes, scales, layout)` of `gate_up` and `down`.
+    gate_up: (Vec<u8>, Vec<f32>, Fp8Layout),
+    down: (Vec<u8>, Vec<f32>, Fp8Layout),
+    written: usize,
+}
+
+/// A stack of FP8 matrices: its codes, scales and layout.
+type Fp8Parts = (Vec<u8>, Vec<f32>, Fp8Layout);
 
 /// A host buffer of one of the weight dtypes.
 enum Staging {
@@ -218,7 +296,50 @@ impl StackedExperts {
             e: cfg.n_routed_experts,
             dtype,
             blocks: Default::default(),
+            fp8_blocks: Default::default(),
         }
+    }
+
+    /// Copies one expert's FP8 codes and scales into the block's stacks; returns the stacks once
+    /// all `3·E` tensors of the block are written.
+    fn write_fp8(
+        &mut self,
+        packed: usize,
+        part: ExpertPart,
+        codes: &[u8],
+        scales: &[f32],
+        block: [usize; 2],
+    ) -> Option<(Fp8Parts, Fp8Parts)> {
+        let (d, i, e) = (self.d, self.i, self.e);
+        let (layer, expert) = (packed / EXPERT_STRIDE, packed % EXPERT_STRIDE);
+        let stack = self.fp8_blocks.entry(layer).or_insert_with(|| {
+            let new = |parts, d_out, d_in| {
+                let layout = Fp8Layout { experts: e, parts, d_out, d_in, block };
+                let [gr, gc] = layout.grid();
+                (vec![0u8; e * d_out * d_in], vec![0f32; e * gr * gc], layout)
+            };
+            Fp8Stack { gate_up: new(2, 2 * i, d), down: new(1, d, i), written: 0 }
+        });
+        // Expert `expert`'s matrix is rows `expert·d_out..` of its stack; gate is the first part
+        // of gate_up, up the second.
+        let (target, part_index) = match part {
+            ExpertPart::Gate => (&mut stack.gate_up, 0),
+            ExpertPart::Up => (&mut stack.gate_up, 1),
+            ExpertPart::Down => (&mut stack.down, 0),
+        };
+        let (stack_codes, stack_scales, layout) = target;
+        let [gr, gc] = layout.grid();
+        let part_rows = layout.part_rows();
+        let row0 = expert * layout.d_out + part_index * part_rows;
+        stack_codes[row0 * layout.d_in..][..codes.len()].copy_from_slice(codes);
+        let scale_row0 = expert * gr + part_index * gr / layout.parts;
+        stack_scales[scale_row0 * gc..][..scales.len()].copy_from_slice(scales);
+        stack.written += 1;
+        if stack.written < 3 * e {
+            return None;
+        }
+        let done = self.fp8_blocks.remove(&layer).expect("the block being written");
+        Some((done.gate_up, done.down))
     }
 
     /// Writes one expert's `[out, in]` checkpoint tensor, transposed, into its slice; returns the
@@ -258,10 +379,14 @@ impl StackedExperts {
         let (d, i, e) = (self.d, self.i, self.e);
         let (gate_up, down, _) = self.blocks.remove(&layer).expect("a block being written");
         let experts = hf_names::routed_experts(model, layer);
-        experts.gate_up.weight =
-            Param::from_tensor(Tensor::from_data(gate_up.into_data(vec![e, d, 2 * i]), held));
-        experts.down.weight =
-            Param::from_tensor(Tensor::from_data(down.into_data(vec![e, i, d]), held));
+        experts.gate_up.weight = Weight::Dense(Param::from_tensor(Tensor::from_data(
+            gate_up.into_data(vec![e, d, 2 * i]),
+            held,
+        )));
+        experts.down.weight = Weight::Dense(Param::from_tensor(Tensor::from_data(
+            down.into_data(vec![e, i, d]),
+            held,
+        )));
     }
 }
 

@@ -266,6 +266,33 @@ impl Checkpoint {
         Ok(data)
     }
 
+    /// The E4M3 codes (row-major, as stored) and f32 block scales of an FP8 weight, after
+    /// [`Checkpoint::check`], with its block size; `None` for a tensor not stored in FP8.
+    pub fn read_fp8_codes(
+        &self,
+        name: &str,
+        expected: &[usize],
+    ) -> Result<Option<(Vec<u8>, Vec<f32>, [usize; 2])>> {
+        self.check(name, expected)?;
+        let (shard, info) = self.info(name).expect("checked above");
+        if info.dtype != Dtype::F8_E4M3 {
+            return Ok(None);
+        }
+        let start = 8 + shard.header_len + info.data_offsets.0;
+        let end = 8 + shard.header_len + info.data_offsets.1;
+        let codes = &shard.mmap[start..end];
+        if let Some((index, &code)) = codes.iter().enumerate().find(|(_, &c)| c & 0x7F == 0x7F) {
+            return Err(DeepSeekError::Fp8Nan { name: name.to_string(), index, code });
+        }
+        let block = self.fp8_block.expect("checked: FP8 needs a block size");
+        let grid = crate::fp8::scale_grid(info.shape[0], info.shape[1], block);
+        let scales: Vec<f32> =
+            self.read_f32(&Self::scale_name(name), &grid)?.into_vec().expect("f32 data");
+        let codes = codes.to_vec();
+        shard.release(start, end - start);
+        Ok(Some((codes, scales, block)))
+    }
+
     /// Dequantizes an FP8 weight with its block scales (checked by [`Checkpoint::check`]).
     fn read_fp8(&self, name: &str, codes: &[u8], shape: &[usize]) -> Result<TensorData> {
         if let Some((index, &code)) = codes.iter().enumerate().find(|(_, &c)| c & 0x7F == 0x7F) {

@@ -48,7 +48,7 @@ pub fn model_tensors<B: Backend>(model: &DeepSeekModel<B>) -> Vec<NamedTensor> {
         let values = match row.target {
             Target::Linear(get) => {
                 // Burn keeps [in, out]; the checkpoint stores [out, in].
-                let w = host(get(&mut m, row.index).weight.val().into_data());
+                let w = host(get(&mut m, row.index).weight().into_data());
                 transpose(&w, row.shape[1], row.shape[0])
             }
             Target::Norm(get) => host(get(&mut m, row.index).weight.val().into_data()),
@@ -59,7 +59,7 @@ pub fn model_tensors<B: Backend>(model: &DeepSeekModel<B>) -> Vec<NamedTensor> {
                 if row.name.ends_with("embed_tokens.weight") {
                     host(m.embed_tokens.weight.val().into_data())
                 } else {
-                    let w = host(m.lm_head.weight.val().into_data());
+                    let w = host(m.lm_head.weight().into_data());
                     transpose(&w, row.shape[1], row.shape[0])
                 }
             }
@@ -68,8 +68,8 @@ pub fn model_tensors<B: Backend>(model: &DeepSeekModel<B>) -> Vec<NamedTensor> {
                 let (gate_up, down) = stacks.entry(layer).or_insert_with(|| {
                     let experts = super::hf_names::routed_experts(&mut m, layer);
                     (
-                        host(experts.gate_up.weight.val().into_data()),
-                        host(experts.down.weight.val().into_data()),
+                        host(experts.gate_up.weight().into_data()),
+                        host(experts.down.weight().into_data()),
                     )
                 });
                 match part {

@@ -13,6 +13,7 @@ pub mod e4m3;
 #[doc(hidden)]
 pub mod kernels;
 pub mod linear;
+pub mod resident;
 pub mod training;
 
 pub use block::{
@@ -21,6 +22,7 @@ pub use block::{
 };
 pub use e4m3::{decode, encode, E4M3_MAX};
 pub use linear::Fp8Linear;
+pub use resident::{Fp8Layout, Fp8Weight};
 pub(crate) use training::register_autodiff;
 pub use training::{fake_quantize, runs_kernels, GemmPrecision};
 

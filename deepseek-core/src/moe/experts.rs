@@ -108,9 +108,12 @@ impl<B: Backend> RoutedExperts<B> {
         }
         let plan = DispatchPlan::new(&ids, top_k, n_experts);
         let rows = tokens * top_k;
-        // The FP8 GEMMs are 2-D: FP8 runs per expert.
+        // The FP8 GEMMs are 2-D, and FP8-resident experts dequantize one at a time: both run per
+        // expert.
         let grouped = match path {
             _ if gemm == GemmPrecision::Fp8 => false,
+            // Grouped would dequantize every expert of the block at once.
+            _ if self.gate_up.is_fp8() || self.down.is_fp8() => false,
             ExpertPath::Grouped => true,
             ExpertPath::PerExpert | ExpertPath::HostPerExpert => false,
             ExpertPath::Auto => plan.capacity() * n_experts <= 2 * rows,
@@ -155,7 +158,8 @@ impl<B: Backend> RoutedExperts<B> {
         if !applies {
             return None;
         }
-        let (gate_up, down) = (self.gate_up.weight.val(), self.down.weight.val());
+        // FP8-resident experts run per expert, on the FP8 few-row product.
+        let (gate_up, down) = (self.gate_up.param()?.val(), self.down.param()?.val());
         crate::few_rows::routed_experts(x, &gate_up, &down, ids, weights)
     }
 
