@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Peak memory (max RSS, /usr/bin/time) of loading + decoding a 1.19 GB (f32) V3-shaped model with
-# random weights at f32, bf16 and f16, and of training steps of the `small` preset (full and
+# random weights at f32, bf16 and f16, and of its FP8 conversion held resident (E4M3 codes) or
+# dequantized, and of training steps of the `small` preset (full and
 # LoRA, two sequence lengths), each next to what `deepseek info --plan` predicts for it; then
 # decode throughput per dtype. Prints a Markdown table. No downloads.
 #
@@ -28,6 +29,10 @@ row() { # what, measured bytes, planned bytes
   awk -v w="$1" -v m="$2" -v p="$3" 'BEGIN { printf "| %s | %.0f MB | %.0f MB | %+.0f%% |\n", w, m/1e6, p/1e6, 100*(p-m)/m }'
 }
 baseline=$(peak "$bin/deepseek" info --preset small)
+fp8="${model}-fp8"
+if [ ! -f "$fp8/config.json" ]; then
+  "$bin/deepseek" convert --model "$model" --out "$fp8" --dtype fp8 >/dev/null
+fi
 
 echo "process baseline (deepseek info): $((baseline / 1000000)) MB"
 echo
@@ -37,6 +42,12 @@ for dt in f32 bf16 f16; do
   m=$(peak "$bin/deepseek" bench --model "$model" --dtype "$dt" --prompt-tokens 64 --new-tokens 16 --repeats 1)
   p=$(plan --model "$model" --task infer --dtype "$dt" --batch 1 --seq 80)
   row "load + decode 80 tokens, 296M model, $dt" "$m" "$p"
+done
+f32_peak=$(peak "$bin/deepseek" bench --model "$model" --prompt-tokens 64 --new-tokens 16 --repeats 1)
+for args in "--dtype f32" "--dtype bf16" "--dtype f32 --dequantize" "--dtype bf16 --dequantize"; do
+  # shellcheck disable=SC2086
+  m=$(peak "$bin/deepseek" bench --model "$fp8" $args --prompt-tokens 64 --new-tokens 16 --repeats 1)
+  awk -v w="$args" -v m="$m" -v f="$f32_peak" 'BEGIN { printf "| load + decode 80 tokens, 296M model in FP8, %s | %.0f MB (%.2fx f32) | | |\n", w, m/1e6, m/f }'
 done
 for seq in 128 256 512; do
   m=$(peak "$train_step" --preset small --batch 8 --seq "$seq" --steps 2 --warmup 1)
@@ -50,9 +61,16 @@ row "LoRA r16 step, small, 8 x 128, f32" "$m" "$p"
 echo
 echo "| dtype | prefill tokens/s | decode tokens/s (296M model, 64 + 64 tokens) |"
 echo "|---|---|---|"
-for dt in f32 bf16 f16; do
-  out=$("$bin/deepseek" bench --model "$model" --dtype "$dt" --prompt-tokens 64 --new-tokens 64 --repeats 3)
+speed() { # label, bench arguments
+  local label="$1"; shift
+  out=$("$bin/deepseek" bench "$@" --prompt-tokens 64 --new-tokens 64 --repeats 3)
   pre=$(echo "$out" | awk -F': ' '/^prefill_tokens_per_s/ {print $2}')
   dec=$(echo "$out" | awk -F': ' '/^decode_tokens_per_s/ {print $2}')
-  echo "| $dt | $pre | $dec |"
+  echo "| $label | $pre | $dec |"
+}
+for dt in f32 bf16 f16; do
+  speed "$dt" --model "$model" --dtype "$dt"
 done
+speed "FP8-resident, f32 activations" --model "$fp8" --dtype f32
+speed "FP8-resident, bf16 activations" --model "$fp8" --dtype bf16
+speed "FP8 checkpoint, --dequantize (f32)" --model "$fp8" --dtype f32 --dequantize

@@ -134,7 +134,8 @@ impl FromStr for WeightDtype {
             "f16" | "float16" | "fp16" | "half" => Ok(WeightDtype::F16),
             "f8" | "fp8" | "e4m3" | "float8" => Err(DeepSeekError::Input(format!(
                 "`{s}` is not a dtype weights are computed in: an FP8 checkpoint (F8_E4M3 with \
-                 weight_scale_inv) is read as it is and dequantized into --dtype f32, bf16 or f16"
+                 weight_scale_inv) keeps its weights in FP8 as stored and computes with \
+                 activations in --dtype f32, bf16 or f16 (--dequantize converts them to it)"
             ))),
             _ => {
                 Err(DeepSeekError::Input(format!("unknown dtype `{s}`: expected f32, bf16 or f16")))

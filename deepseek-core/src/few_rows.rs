@@ -31,7 +31,8 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use crate::fp8::resident::Fp8Weight;
+use crate::fp8::block::Fp8Layout;
+use burn::tensor::Int;
 
 /// Most rows of `x` taken here; beyond this `gemm`'s blocked kernel wins.
 pub const MAX_ROWS: usize = 8;
@@ -133,17 +134,21 @@ pub fn routed_experts<B: Backend>(
 #[cfg(feature = "flex")]
 pub fn fp8_matmul<B: Backend>(
     x: &Tensor<B, 2>,
-    w: &Fp8Weight<B>,
+    codes: &Tensor<B, 2, Int>,
+    scales: &Tensor<B, 2>,
+    layout: Fp8Layout,
     expert: usize,
 ) -> Option<Tensor<B, 2>> {
-    flex::fp8_matmul(x, w, expert)
+    flex::fp8_matmul(x, codes, scales, layout, expert)
 }
 
 /// Without Flex compiled in there is nothing to take.
 #[cfg(not(feature = "flex"))]
 pub fn fp8_matmul<B: Backend>(
     _x: &Tensor<B, 2>,
-    _w: &Fp8Weight<B>,
+    _codes: &Tensor<B, 2, Int>,
+    _scales: &Tensor<B, 2>,
+    _layout: Fp8Layout,
     _expert: usize,
 ) -> Option<Tensor<B, 2>> {
     None
@@ -156,17 +161,21 @@ pub fn fp8_matmul<B: Backend>(
 /// → `[count · d_out, d_in]`.
 #[cfg(feature = "flex")]
 pub fn fp8_dequantize<B: Backend>(
-    w: &Fp8Weight<B>,
+    codes: &Tensor<B, 2, Int>,
+    scales: &Tensor<B, 2>,
+    layout: Fp8Layout,
     first: usize,
     count: usize,
 ) -> Option<Tensor<B, 2>> {
-    flex::fp8_dequantize(w, first, count)
+    flex::fp8_dequantize(codes, scales, layout, first, count)
 }
 
 /// Without Flex compiled in there is nothing to take.
 #[cfg(not(feature = "flex"))]
 pub fn fp8_dequantize<B: Backend>(
-    _w: &Fp8Weight<B>,
+    _codes: &Tensor<B, 2, Int>,
+    _scales: &Tensor<B, 2>,
+    _layout: Fp8Layout,
     _first: usize,
     _count: usize,
 ) -> Option<Tensor<B, 2>> {
@@ -186,7 +195,8 @@ mod flex {
     use rayon::prelude::*;
 
     use super::{MAX_ROWS, MIN_SPLIT};
-    use crate::fp8::resident::Fp8Weight;
+    use crate::fp8::block::Fp8Layout;
+    use burn::tensor::Int;
 
     /// Output columns accumulated per pass over the weight rows: the `rows` accumulators of a
     /// block stay in the L2 cache (8 rows × 8 KiB).
@@ -658,12 +668,15 @@ mod flex {
 
     /// The codes (as bytes) and scales of an FP8-resident weight on Flex; `None` unless both are
     /// contiguous (they always are as loaded) and the words are little-endian.
-    fn fp8_storage<B: Backend>(w: &Fp8Weight<B>) -> Option<(FlexTensor, FlexTensor)> {
+    fn fp8_storage<B: Backend>(
+        codes: &Tensor<B, 2, Int>,
+        scales: &Tensor<B, 2>,
+    ) -> Option<(FlexTensor, FlexTensor)> {
         if !cfg!(target_endian = "little") {
             return None;
         }
-        let codes: FlexTensor = cast(w.codes.clone().into_primitive());
-        let scales = flex_tensor(&w.scales);
+        let codes: FlexTensor = cast(codes.clone().into_primitive());
+        let scales = flex_tensor(scales);
         (codes.dtype() == DType::U32 && scales.dtype() == DType::F32).then_some((codes, scales))
     }
 
@@ -680,20 +693,21 @@ mod flex {
             if c & 0x7F == 0x7F {
                 0.0
             } else {
-                crate::fp8::decode(c) * factor
+                crate::fp8::e4m3::decode(c) * factor
             }
         })
     }
 
     pub(super) fn fp8_matmul<B: Backend>(
         x: &Tensor<B, 2>,
-        w: &Fp8Weight<B>,
+        codes: &Tensor<B, 2, Int>,
+        scales: &Tensor<B, 2>,
+        l: Fp8Layout,
         expert: usize,
     ) -> Option<Tensor<B, 2>> {
         if TypeId::of::<B>() != TypeId::of::<Flex>() {
             return None;
         }
-        let l = w.layout;
         let [rows, k] = x.dims();
         if rows == 0 || rows > MAX_ROWS || k != l.d_in || expert >= l.experts {
             return None;
@@ -705,7 +719,7 @@ mod flex {
             DType::BF16 => widened_rows::<bf16>(&xf, rows * k)?,
             _ => return None,
         };
-        let (codes, scales) = fp8_storage(w)?;
+        let (codes, scales) = fp8_storage(codes, scales)?;
         let (codes, scales) = (contiguous::<u32>(&codes)?, contiguous::<f32>(&scales)?);
         let stride = l.words() * 4;
         let [gr, gc] = l.grid();
@@ -727,15 +741,16 @@ mod flex {
     }
 
     pub(super) fn fp8_dequantize<B: Backend>(
-        w: &Fp8Weight<B>,
+        codes: &Tensor<B, 2, Int>,
+        scales: &Tensor<B, 2>,
+        l: Fp8Layout,
         first: usize,
         count: usize,
     ) -> Option<Tensor<B, 2>> {
         if TypeId::of::<B>() != TypeId::of::<Flex>() {
             return None;
         }
-        let l = w.layout;
-        let (codes, scales) = fp8_storage(w)?;
+        let (codes, scales) = fp8_storage(codes, scales)?;
         let (codes, scales) = (contiguous::<u32>(&codes)?, contiguous::<f32>(&scales)?);
         let codes = bytemuck::cast_slice::<u32, u8>(codes);
         let (stride, [gr, gc], [_, bc]) = (l.words() * 4, l.grid(), l.block);
@@ -759,7 +774,7 @@ mod flex {
         codes: &'a [u8],
         scales: &'a [f32],
         stride: usize,
-        layout: crate::fp8::resident::Fp8Layout,
+        layout: Fp8Layout,
     }
 
     impl Fp8Matrix<'_> {

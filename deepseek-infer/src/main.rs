@@ -68,6 +68,10 @@ enum Command {
         /// f32).
         #[arg(long, default_value = "f32")]
         dtype: WeightDtype,
+        /// Dequantize an FP8 checkpoint's weights into `--dtype` on load, instead of keeping
+        /// them as stored (E4M3 codes and block scales: a byte per weight).
+        #[arg(long)]
+        dequantize: bool,
         /// Backend: flex (CPU), wgpu or cuda.
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
@@ -103,6 +107,10 @@ enum Command {
         /// f32).
         #[arg(long, default_value = "f32")]
         dtype: WeightDtype,
+        /// Dequantize an FP8 checkpoint's weights into `--dtype` on load, instead of keeping
+        /// them as stored (E4M3 codes and block scales: a byte per weight).
+        #[arg(long)]
+        dequantize: bool,
         /// Backend: flex (CPU), wgpu or cuda.
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
@@ -141,6 +149,10 @@ enum Command {
         /// f32).
         #[arg(long, default_value = "f32")]
         dtype: WeightDtype,
+        /// Dequantize an FP8 checkpoint's weights into `--dtype` on load, instead of keeping
+        /// them as stored (E4M3 codes and block scales: a byte per weight).
+        #[arg(long)]
+        dequantize: bool,
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
         /// A LoRA adapter directory (PEFT layout) applied to the model, unmerged.
@@ -177,6 +189,10 @@ enum Command {
         /// f32).
         #[arg(long, default_value = "f32")]
         dtype: WeightDtype,
+        /// Dequantize an FP8 checkpoint's weights into `--dtype` on load, instead of keeping
+        /// them as stored (E4M3 codes and block scales: a byte per weight).
+        #[arg(long)]
+        dequantize: bool,
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
     },
@@ -224,6 +240,10 @@ enum Command {
         /// f32).
         #[arg(long, default_value = "f32")]
         dtype: WeightDtype,
+        /// Dequantize an FP8 checkpoint's weights into `--dtype` on load, instead of keeping
+        /// them as stored (E4M3 codes and block scales: a byte per weight).
+        #[arg(long)]
+        dequantize: bool,
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
     },
@@ -292,6 +312,10 @@ enum Command {
         /// f32).
         #[arg(long, default_value = "f32")]
         dtype: WeightDtype,
+        /// Dequantize an FP8 checkpoint's weights into `--dtype` on load, instead of keeping
+        /// them as stored (E4M3 codes and block scales: a byte per weight).
+        #[arg(long)]
+        dequantize: bool,
         /// Backend: flex (CPU), wgpu or cuda.
         #[arg(long, default_value = "flex")]
         device: DeviceKind,
@@ -499,10 +523,15 @@ struct GenerateJob {
     stop: Vec<String>,
 }
 
-/// A command and the dtype its model is held in, carried to the backend by [`run_on`].
+/// A command and how its model is held, carried to the backend by [`run_on`].
 struct Job {
     task: OnDevice,
-    dtype: WeightDtype,
+    held: LoadOptions,
+}
+
+/// Weights in `dtype`; an FP8 checkpoint's kept as codes unless `dequantize`.
+fn held(dtype: WeightDtype, dequantize: bool) -> LoadOptions {
+    LoadOptions::default().with_dtype(dtype).with_dequantize_fp8(dequantize)
 }
 
 impl BackendTask for Job {
@@ -510,7 +539,7 @@ impl BackendTask for Job {
 
     fn run<B: Backend>(self, devices: Vec<B::Device>) -> Result<()> {
         let dev = &devices[0];
-        let held = LoadOptions::default().with_dtype(self.dtype);
+        let held = self.held;
         match self.task {
             OnDevice::Logits { model, input, output, allow_unused, adapter } => {
                 let options = LoadOptions { allow_unused, ..held };
@@ -525,15 +554,15 @@ impl BackendTask for Job {
                 let pipeline = Pipeline::<B>::load_with(&model, adapter.as_deref(), held, dev)?;
                 serve(pipeline, options)
             }
-            OnDevice::Bench(job) => bench_cmd::<B>(job, dev, self.dtype),
+            OnDevice::Bench(job) => bench_cmd::<B>(job, dev, held),
             OnDevice::Eval(job) => eval_cmd::<B>(job, dev, held),
         }
     }
 }
 
-/// Runs `task` on `device`'s default device, its model held in `dtype`.
-fn on_device(device: DeviceKind, dtype: WeightDtype, task: OnDevice) -> Result<()> {
-    run_on(device, &[], Job { task, dtype })?
+/// Runs `task` on `device`'s default device, its model held as `held` says.
+fn on_device(device: DeviceKind, held: LoadOptions, task: OnDevice) -> Result<()> {
+    run_on(device, &[], Job { task, held })?
 }
 
 fn main() -> Result<()> {
@@ -547,13 +576,20 @@ fn main() -> Result<()> {
             println!("bytes: {}", report.bytes);
             Ok(())
         }
-        Command::Logits { model, input, output, device, dtype, allow_unused, adapter } => {
-            on_device(
-                device,
-                dtype,
-                OnDevice::Logits { model, input, output, allow_unused, adapter },
-            )
-        }
+        Command::Logits {
+            model,
+            input,
+            output,
+            device,
+            dtype,
+            dequantize,
+            allow_unused,
+            adapter,
+        } => on_device(
+            device,
+            held(dtype, dequantize),
+            OnDevice::Logits { model, input, output, allow_unused, adapter },
+        ),
         Command::Merge { model, adapter, out, dtype } => merge_cmd(&model, &adapter, &out, &dtype),
         Command::Eval {
             model,
@@ -570,6 +606,7 @@ fn main() -> Result<()> {
             sampling,
             device,
             dtype,
+            dequantize,
         } => {
             let kind = match kind.as_str() {
                 "choice" => EvalKind::Choice,
@@ -590,7 +627,7 @@ fn main() -> Result<()> {
             }
             on_device(
                 device,
-                dtype,
+                held(dtype, dequantize),
                 OnDevice::Eval(EvalJob {
                     model,
                     adapter,
@@ -617,6 +654,7 @@ fn main() -> Result<()> {
             sampling,
             device,
             dtype,
+            dequantize,
         } => {
             // An adapter's own template is the one it was trained with.
             let tokenizer_config = tokenizer_config.or_else(|| {
@@ -634,7 +672,11 @@ fn main() -> Result<()> {
                 eos_token_id: None,
                 stop_sequences: vec![],
             };
-            on_device(device, dtype, OnDevice::Chat { model, adapter, tok, template, system, cfg })
+            on_device(
+                device,
+                held(dtype, dequantize),
+                OnDevice::Chat { model, adapter, tok, template, system, cfg },
+            )
         }
         Command::Tokenize { tokenizer, text, add_special_tokens } => {
             let tok = TextTokenizer::from_file(&tokenizer)?;
@@ -665,6 +707,7 @@ fn main() -> Result<()> {
             speculative,
             device,
             dtype,
+            dequantize,
         } => {
             let model_name = match served_model_name {
                 Some(name) => name,
@@ -683,7 +726,7 @@ fn main() -> Result<()> {
                 context,
                 speculative,
             };
-            on_device(device, dtype, OnDevice::Serve { model, adapter, options })
+            on_device(device, held(dtype, dequantize), OnDevice::Serve { model, adapter, options })
         }
         Command::Generate {
             model,
@@ -695,6 +738,7 @@ fn main() -> Result<()> {
             sampling,
             device,
             dtype,
+            dequantize,
             print_ids,
             stop,
             speculative,
@@ -727,7 +771,7 @@ fn main() -> Result<()> {
             }
             on_device(
                 device,
-                dtype,
+                held(dtype, dequantize),
                 OnDevice::Generate(GenerateJob {
                     model,
                     adapter,
@@ -750,6 +794,7 @@ fn main() -> Result<()> {
             repeats,
             device,
             dtype,
+            dequantize,
             adapter,
             bandwidth,
         } => {
@@ -763,7 +808,7 @@ fn main() -> Result<()> {
             }
             on_device(
                 device,
-                dtype,
+                held(dtype, dequantize),
                 OnDevice::Bench(BenchJob {
                     model,
                     preset,
@@ -1029,7 +1074,8 @@ fn merge_cmd(base: &Path, adapter: &Path, out: &Path, dtype: &str) -> Result<()>
     Ok(())
 }
 
-fn bench_cmd<B: Backend>(job: BenchJob, dev: &B::Device, dtype: WeightDtype) -> Result<()> {
+fn bench_cmd<B: Backend>(job: BenchJob, dev: &B::Device, held: LoadOptions) -> Result<()> {
+    let dtype = held.dtype;
     let BenchJob {
         model,
         preset,
@@ -1046,9 +1092,7 @@ fn bench_cmd<B: Backend>(job: BenchJob, dev: &B::Device, dtype: WeightDtype) -> 
         bail!("--adapter applies to a --model directory, not a preset");
     }
     let model = match (&model, &preset) {
-        (Some(dir), _) => {
-            load::<B>(dir, adapter.as_deref(), dev, LoadOptions::default().with_dtype(dtype))?
-        }
+        (Some(dir), _) => load::<B>(dir, adapter.as_deref(), dev, held)?,
         (None, Some(name)) => {
             let mut cfg = DeepSeekConfig::preset(name)?;
             if let Some(c) = context {

@@ -31,6 +31,46 @@ pub struct BlockQuant {
     pub scales: Vec<f32>,
 }
 
+/// The shape of an FP8-resident weight: `experts` matrices of `[d_out, d_in]`, each made of
+/// `parts` checkpoint tensors of `d_out / parts` rows stacked, in `block` scale blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8Layout {
+    /// Matrices stacked along the rows (1, or the routed experts of a block).
+    pub experts: usize,
+    /// Checkpoint tensors concatenated along the rows of each matrix (2 for the experts' fused
+    /// gate/up), each with its own scale grid.
+    pub parts: usize,
+    /// Output width of a matrix (all parts).
+    pub d_out: usize,
+    /// Input width.
+    pub d_in: usize,
+    /// `[block_rows, block_cols]` of the scales (`weight_block_size`).
+    pub block: [usize; 2],
+}
+
+impl Fp8Layout {
+    /// Rows of one part.
+    pub fn part_rows(&self) -> usize {
+        self.d_out / self.parts
+    }
+
+    /// `[scale rows, scale columns]` of one matrix: each part's grid, stacked.
+    pub fn grid(&self) -> [usize; 2] {
+        [self.parts * self.part_rows().div_ceil(self.block[0]), self.d_in.div_ceil(self.block[1])]
+    }
+
+    /// The scale row of row `j` of a matrix.
+    pub fn scale_row(&self, j: usize) -> usize {
+        let h = self.part_rows();
+        (j / h) * h.div_ceil(self.block[0]) + (j % h) / self.block[0]
+    }
+
+    /// `u32` words per row of codes (four codes each, rows padded to whole words).
+    pub fn words(&self) -> usize {
+        self.d_in.div_ceil(4)
+    }
+}
+
 /// Shape of the scale grid: `[ceil(rows / br), ceil(cols / bc)]`.
 pub fn scale_grid(rows: usize, cols: usize, block: [usize; 2]) -> [usize; 2] {
     [rows.div_ceil(block[0]), cols.div_ceil(block[1])]

@@ -18,11 +18,11 @@ pub mod training;
 
 pub use block::{
     dequantize_blocks, fake_quantize_blocks, pack_words, quantize_blocks, reference_gemm,
-    scale_grid, unpack_words, BlockQuant, ScaleFormat,
+    scale_grid, unpack_words, BlockQuant, Fp8Layout, ScaleFormat,
 };
 pub use e4m3::{decode, encode, E4M3_MAX};
 pub use linear::Fp8Linear;
-pub use resident::{Fp8Layout, Fp8Weight};
+pub use resident::Fp8Weight;
 pub(crate) use training::register_autodiff;
 pub use training::{fake_quantize, runs_kernels, GemmPrecision};
 

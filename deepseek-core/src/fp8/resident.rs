@@ -24,47 +24,8 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, FloatDType, Int, Tensor, TensorData};
 
+pub use super::block::Fp8Layout;
 use super::{decode, pack_words, Fp8Error};
-
-/// The shape of an FP8-resident weight: `experts` matrices of `[d_out, d_in]`, each made of
-/// `parts` checkpoint tensors of `d_out / parts` rows stacked, in `block` scale blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fp8Layout {
-    /// Matrices stacked along the rows (1, or the routed experts of a block).
-    pub experts: usize,
-    /// Checkpoint tensors concatenated along the rows of each matrix (2 for the experts' fused
-    /// gate/up), each with its own scale grid.
-    pub parts: usize,
-    /// Output width of a matrix (all parts).
-    pub d_out: usize,
-    /// Input width.
-    pub d_in: usize,
-    /// `[block_rows, block_cols]` of the scales (`weight_block_size`).
-    pub block: [usize; 2],
-}
-
-impl Fp8Layout {
-    /// Rows of one part.
-    pub fn part_rows(&self) -> usize {
-        self.d_out / self.parts
-    }
-
-    /// `[scale rows, scale columns]` of one matrix: each part's grid, stacked.
-    pub fn grid(&self) -> [usize; 2] {
-        [self.parts * self.part_rows().div_ceil(self.block[0]), self.d_in.div_ceil(self.block[1])]
-    }
-
-    /// The scale row of row `j` of a matrix.
-    pub fn scale_row(&self, j: usize) -> usize {
-        let h = self.part_rows();
-        (j / h) * h.div_ceil(self.block[0]) + (j % h) / self.block[0]
-    }
-
-    /// `u32` words per row of codes (four codes each, rows padded to whole words).
-    pub fn words(&self) -> usize {
-        self.d_in.div_ceil(4)
-    }
-}
 
 /// E4M3 codes and block scales of one weight or of a stack of expert weights.
 #[derive(Module, Debug)]
@@ -144,7 +105,9 @@ impl<B: Backend> Fp8Weight<B> {
     /// # Shapes
     /// `x`: `[rows, d_in]` → `[rows, d_out]`.
     pub fn forward(&self, x: Tensor<B, 2>, expert: usize) -> Tensor<B, 2> {
-        if let Some(y) = crate::few_rows::fp8_matmul(&x, self, expert) {
+        if let Some(y) =
+            crate::few_rows::fp8_matmul(&x, &self.codes, &self.scales, self.layout, expert)
+        {
             return y;
         }
         let dtype = x.dtype();
@@ -157,7 +120,9 @@ impl<B: Backend> Fp8Weight<B> {
     /// # Shapes
     /// → `[count · d_out, d_in]`.
     pub fn dequantize(&self, first: usize, count: usize, dtype: FloatDType) -> Tensor<B, 2> {
-        if let Some(w) = crate::few_rows::fp8_dequantize::<B>(self, first, count) {
+        if let Some(w) =
+            crate::few_rows::fp8_dequantize(&self.codes, &self.scales, self.layout, first, count)
+        {
             return w.cast(dtype);
         }
         self.dequantize_on_device(first, count).cast(dtype)
