@@ -686,16 +686,21 @@ mod flex {
         Some(&t.storage::<T>()[start..end])
     }
 
-    /// The decoded value of every E4M3 code (NaN codes, refused at load, as 0).
+    /// The decoded value of every E4M3 code times `factor` (a power of two: exact; NaN codes,
+    /// refused at load, as 0).
     fn e4m3_table(factor: f32) -> [f32; 256] {
-        std::array::from_fn(|c| {
-            let c = c as u8;
-            if c & 0x7F == 0x7F {
-                0.0
-            } else {
-                crate::fp8::e4m3::decode(c) * factor
-            }
-        })
+        static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+        let table = TABLE.get_or_init(|| {
+            std::array::from_fn(|c| {
+                let c = c as u8;
+                if c & 0x7F == 0x7F {
+                    0.0
+                } else {
+                    crate::fp8::e4m3::decode(c)
+                }
+            })
+        });
+        table.map(|v| v * factor)
     }
 
     pub(super) fn fp8_matmul<B: Backend>(
@@ -817,7 +822,9 @@ mod flex {
             let mut current = usize::MAX;
             #[cfg(target_arch = "x86_64")]
             let avx2 = avx2_fma();
-            let table = e4m3_table(1.0 / 256.0);
+            #[cfg(not(target_arch = "x86_64"))]
+            let avx2 = false;
+            let table = if avx2 { [0.0; 256] } else { e4m3_table(1.0 / 256.0) };
             for (jj, j) in range.enumerate() {
                 let b = l.scale_row(j);
                 if b != current {

@@ -153,7 +153,11 @@ pub fn load_weights<B: Backend>(
                 continue;
             }
         }
-        let data = ckpt.read_float(&row.name, &row.shape)?;
+        let data = match row.target {
+            // The balancing bias stays f32; everything else is rounded as it is read.
+            Target::Vector(_) => ckpt.read_float(&row.name, &row.shape)?,
+            _ => ckpt.read_float_as(&row.name, &row.shape, options.dtype)?,
+        };
         match row.target {
             Target::Linear(get) => {
                 // Stored [out, in]; Burn's Linear computes x·W with W [in, out]. Transposing on

@@ -266,6 +266,50 @@ impl Checkpoint {
         Ok(data)
     }
 
+    /// [`Checkpoint::read_float`] rounded to `dtype` as it is read from the mapped file (to
+    /// nearest, ties to even), so loading a wider checkpoint into a narrower dtype never holds the
+    /// wide copy of a tensor; the same values as reading and then rounding.
+    pub fn read_float_as(
+        &self,
+        name: &str,
+        expected: &[usize],
+        dtype: crate::dtype::WeightDtype,
+    ) -> Result<TensorData> {
+        use crate::dtype::WeightDtype;
+        self.check(name, expected)?;
+        let (shard, info) = self.info(name).expect("checked above");
+        let stored = match info.dtype {
+            Dtype::F32 => WeightDtype::F32,
+            Dtype::BF16 => WeightDtype::Bf16,
+            Dtype::F16 => WeightDtype::F16,
+            _ => return Ok(convert_data(self.read_float(name, expected)?, dtype)),
+        };
+        if stored == dtype {
+            return self.read_float(name, expected);
+        }
+        let start = 8 + shard.header_len + info.data_offsets.0;
+        let end = 8 + shard.header_len + info.data_offsets.1;
+        let bytes = &shard.mmap[start..end];
+        let wide: Box<dyn Fn(&[u8]) -> f32> = match stored {
+            WeightDtype::F32 => Box::new(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            WeightDtype::Bf16 => Box::new(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            WeightDtype::F16 => Box::new(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        };
+        let values = bytes.chunks_exact(stored.size()).map(wide);
+        let shape = info.shape.clone();
+        let data = match dtype {
+            WeightDtype::F32 => TensorData::new(values.collect::<Vec<f32>>(), shape),
+            WeightDtype::Bf16 => {
+                TensorData::new(values.map(half::bf16::from_f32).collect::<Vec<_>>(), shape)
+            }
+            WeightDtype::F16 => {
+                TensorData::new(values.map(half::f16::from_f32).collect::<Vec<_>>(), shape)
+            }
+        };
+        shard.release(start, end - start);
+        Ok(data)
+    }
+
     /// The E4M3 codes (row-major, as stored) and f32 block scales of an FP8 weight, after
     /// [`Checkpoint::check`], with its block size; `None` for a tensor not stored in FP8.
     pub fn read_fp8_codes(
@@ -315,6 +359,28 @@ impl Checkpoint {
     fn searched(&self) -> String {
         let files: Vec<String> = self.shards.iter().map(|s| s.path.display().to_string()).collect();
         files.join(", ")
+    }
+}
+
+/// Float data (f32 from dequantized FP8) rounded to `dtype`.
+fn convert_data(data: TensorData, dtype: crate::dtype::WeightDtype) -> TensorData {
+    use crate::dtype::WeightDtype;
+    match dtype {
+        WeightDtype::F32 => data.convert::<f32>(),
+        WeightDtype::Bf16 | WeightDtype::F16 => {
+            let shape = data.shape.clone();
+            let values: Vec<f32> = data.convert::<f32>().into_vec().expect("float data");
+            match dtype {
+                WeightDtype::Bf16 => TensorData::new(
+                    values.into_iter().map(half::bf16::from_f32).collect::<Vec<_>>(),
+                    shape,
+                ),
+                _ => TensorData::new(
+                    values.into_iter().map(half::f16::from_f32).collect::<Vec<_>>(),
+                    shape,
+                ),
+            }
+        }
     }
 }
 

@@ -105,13 +105,18 @@ impl<B: Backend> Fp8Weight<B> {
     /// # Shapes
     /// `x`: `[rows, d_in]` → `[rows, d_out]`.
     pub fn forward(&self, x: Tensor<B, 2>, expert: usize) -> Tensor<B, 2> {
-        if let Some(y) =
-            crate::few_rows::fp8_matmul(&x, &self.codes, &self.scales, self.layout, expert)
-        {
+        let (codes, scales, layout) = (&self.codes, &self.scales, self.layout);
+        if let Some(y) = crate::few_rows::fp8_matmul(&x, codes, scales, layout, expert) {
             return y;
         }
         let dtype = x.dtype();
-        let w = self.dequantize(expert, 1, dtype.into()); // [d_out, d_in]
+        if let Some(w) = crate::few_rows::fp8_dequantize(codes, scales, layout, expert, 1) {
+            // On the host the product runs in f32 whatever the activations' dtype: Flex's
+            // half-precision GEMMs would widen the weight again.
+            let y = x.cast(FloatDType::F32).matmul(w.transpose()); // [rows, d_out]
+            return y.cast(dtype);
+        }
+        let w = self.dequantize_on_device(expert, 1).cast(dtype); // [d_out, d_in]
         x.matmul(w.transpose())
     }
 
