@@ -182,6 +182,46 @@ pub fn fp8_dequantize<B: Backend>(
     None
 }
 
+/// An FP8-resident stack of expert matrices as [`fp8_routed_experts`] reads it.
+pub struct Fp8Stack<'a, B: Backend> {
+    /// `u32` words of E4M3 codes ([`crate::fp8::Fp8Weight::codes`]).
+    pub codes: &'a Tensor<B, 2, Int>,
+    /// Block scales ([`crate::fp8::Fp8Weight::scales`]).
+    pub scales: &'a Tensor<B, 2>,
+    /// Their shape.
+    pub layout: Fp8Layout,
+}
+
+/// [`routed_experts`] with FP8-resident experts: each chosen expert's gate/up and down products
+/// on the FP8 kernel of [`fp8_matmul`], the hidden activations in f32, gates combined in expert
+/// order. `None` where it does not apply.
+///
+/// # Shapes
+/// `x`: `[T, D]`, `gate_up`: `E × [2I, D]` (gate rows first), `down`: `E × [D, I]`, `experts`:
+/// `T·K` indices, token-major, `gates`: `[T, K]` → `[T, D]`.
+#[cfg(feature = "flex")]
+pub fn fp8_routed_experts<B: Backend>(
+    x: &Tensor<B, 2>,
+    gate_up: Fp8Stack<'_, B>,
+    down: Fp8Stack<'_, B>,
+    experts: &[i64],
+    gates: &Tensor<B, 2>,
+) -> Option<Tensor<B, 2>> {
+    flex::fp8_routed_experts(x, gate_up, down, experts, gates)
+}
+
+/// Without Flex compiled in there is nothing to take.
+#[cfg(not(feature = "flex"))]
+pub fn fp8_routed_experts<B: Backend>(
+    _x: &Tensor<B, 2>,
+    _gate_up: Fp8Stack<'_, B>,
+    _down: Fp8Stack<'_, B>,
+    _experts: &[i64],
+    _gates: &Tensor<B, 2>,
+) -> Option<Tensor<B, 2>> {
+    None
+}
+
 #[cfg(feature = "flex")]
 mod flex {
     use std::any::{Any, TypeId};
@@ -194,7 +234,7 @@ mod flex {
     use half::{bf16, f16};
     use rayon::prelude::*;
 
-    use super::{MAX_ROWS, MIN_SPLIT};
+    use super::{Fp8Stack, MAX_ROWS, MIN_SPLIT};
     use crate::fp8::block::Fp8Layout;
     use burn::tensor::Int;
 
@@ -771,6 +811,93 @@ mod flex {
         });
         let data = TensorData::new(out, [count * l.d_out, l.d_in]);
         Some(Tensor::from_primitive(TensorPrimitive::Float(cast(FlexTensor::from_data(data)))))
+    }
+
+    pub(super) fn fp8_routed_experts<B: Backend>(
+        x: &Tensor<B, 2>,
+        gate_up: Fp8Stack<'_, B>,
+        down: Fp8Stack<'_, B>,
+        experts: &[i64],
+        gates: &Tensor<B, 2>,
+    ) -> Option<Tensor<B, 2>> {
+        if TypeId::of::<B>() != TypeId::of::<Flex>() {
+            return None;
+        }
+        let [tokens, d] = x.dims();
+        let (gl, dl) = (gate_up.layout, down.layout);
+        let i = dl.d_in;
+        if tokens == 0
+            || tokens > MAX_ROWS
+            || (gl.d_in, gl.d_out, gl.parts, dl.d_out) != (d, 2 * i, 2, d)
+            || gl.experts != dl.experts
+            || experts.is_empty()
+            || !experts.len().is_multiple_of(tokens)
+            || gates.dims().iter().product::<usize>() != experts.len()
+        {
+            return None;
+        }
+        let experts: Vec<usize> = experts
+            .iter()
+            .map(|&e| usize::try_from(e).ok().filter(|&e| e < gl.experts))
+            .collect::<Option<_>>()?;
+        let xf = flex_tensor(x);
+        let xs = match xf.dtype() {
+            DType::F32 => widened_rows::<f32>(&xf, tokens * d)?,
+            DType::F16 => widened_rows::<f16>(&xf, tokens * d)?,
+            DType::BF16 => widened_rows::<bf16>(&xf, tokens * d)?,
+            _ => return None,
+        };
+        let gates: Vec<f32> = gates.clone().into_data().convert::<f32>().into_vec().ok()?;
+        let (gu_codes, gu_scales) = fp8_storage(gate_up.codes, gate_up.scales)?;
+        let (dn_codes, dn_scales) = fp8_storage(down.codes, down.scales)?;
+        let stacks = [
+            (contiguous::<u32>(&gu_codes)?, contiguous::<f32>(&gu_scales)?, gl),
+            (contiguous::<u32>(&dn_codes)?, contiguous::<f32>(&dn_scales)?, dl),
+        ];
+        let matrix = |which: usize, e: usize| -> Option<Fp8Matrix<'_>> {
+            let (codes, scales, l) = stacks[which];
+            let (stride, [gr, gc]) = (l.words() * 4, l.grid());
+            Some(Fp8Matrix {
+                codes: bytemuck::cast_slice::<u32, u8>(codes).get(e * l.d_out * stride..)?,
+                scales: scales.get(e * gr * gc..)?,
+                stride,
+                layout: l,
+            })
+        };
+        let top_k = experts.len() / tokens;
+        let mut chosen = experts.clone();
+        chosen.sort_unstable();
+        chosen.dedup();
+        let mut y = vec![0f32; tokens * d];
+        for e in chosen {
+            // The tokens routed to `e` and their gates, in token order.
+            let routed: Vec<(usize, f32)> = (0..tokens * top_k)
+                .filter(|&s| experts[s] == e)
+                .map(|s| (s / top_k, gates[s]))
+                .collect();
+            let n = routed.len();
+            let xe: Vec<f32> =
+                routed.iter().flat_map(|&(t, _)| xs[t * d..(t + 1) * d].iter().copied()).collect();
+            let h = matrix(0, e)?.times(&xe, n); // [n, 2I]
+            let act: Vec<f32> = (0..n * i)
+                .map(|k| {
+                    let (r, c) = (k / i, k % i);
+                    silu(h[r * 2 * i + c]) * h[r * 2 * i + i + c]
+                })
+                .collect();
+            let out = matrix(1, e)?.times(&act, n); // [n, D]
+            for (r, &(t, gate)) in routed.iter().enumerate() {
+                for (acc, v) in y[t * d..(t + 1) * d].iter_mut().zip(&out[r * d..(r + 1) * d]) {
+                    *acc += gate * v;
+                }
+            }
+        }
+        let out = match xf.dtype() {
+            DType::F32 => TensorData::new(y, [tokens, d]),
+            DType::F16 => TensorData::new(y.into_iter().map(f16::from_f32).collect(), [tokens, d]),
+            _ => TensorData::new(y.into_iter().map(bf16::from_f32).collect(), [tokens, d]),
+        };
+        Some(Tensor::from_primitive(TensorPrimitive::Float(cast(FlexTensor::from_data(out)))))
     }
 
     /// One FP8 matrix in place: codes `[d_out, d_in]` with rows `stride` bytes apart, and its

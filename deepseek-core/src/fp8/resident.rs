@@ -94,6 +94,11 @@ impl<B: Backend> Fp8Weight<B> {
         Self { dtype, ..self }
     }
 
+    /// The codes, scales and layout, as the few-row kernels read them.
+    pub fn stack(&self) -> crate::few_rows::Fp8Stack<'_, B> {
+        crate::few_rows::Fp8Stack { codes: &self.codes, scales: &self.scales, layout: self.layout }
+    }
+
     /// Bytes held: the codes (a byte per parameter, rows padded to whole words) and the scales.
     pub fn weight_bytes(&self) -> usize {
         let l = self.layout;

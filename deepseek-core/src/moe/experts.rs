@@ -22,7 +22,7 @@ use super::dispatch::DispatchPlan;
 use crate::fp8::GemmPrecision;
 use crate::parallel::{all_to_all, ExpertParallel, Route};
 use crate::policy::{ExecutionPolicy, ExpertPath};
-use crate::projection::Projection;
+use crate::projection::{Projection, Weight};
 use burn::config::Config;
 use burn::module::{Initializer, Module};
 use burn::tensor::{activation::silu, backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
@@ -158,7 +158,16 @@ impl<B: Backend> RoutedExperts<B> {
         if !applies {
             return None;
         }
-        // FP8-resident experts run per expert, on the FP8 few-row product.
+        if let (Weight::Fp8(gate_up), Weight::Fp8(down)) = (&self.gate_up.weight, &self.down.weight)
+        {
+            return crate::few_rows::fp8_routed_experts(
+                x,
+                gate_up.stack(),
+                down.stack(),
+                ids,
+                weights,
+            );
+        }
         let (gate_up, down) = (self.gate_up.param()?.val(), self.down.param()?.val());
         crate::few_rows::routed_experts(x, &gate_up, &down, ids, weights)
     }
