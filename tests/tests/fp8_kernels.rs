@@ -315,3 +315,63 @@ mod burn_tensors {
         }
     }
 }
+
+#[cfg(feature = "wgpu")]
+mod resident {
+    //! FP8-resident weights on wgpu: the codes dequantized on the device by table lookup (`u32`
+    //! shifts and masks, a gather from the 256 decoded values), against the checkpoint
+    //! dequantized on load on Flex.
+    use burn::backend::{Flex, Wgpu};
+    use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+    use deepseek_core::{load_model, AttentionPath, DeepSeekModel, LatentCache, LoadOptions};
+
+    fn logits<B: Backend>(
+        model: &DeepSeekModel<B>,
+        ids: &[i64],
+        shape: [usize; 2],
+    ) -> Vec<Vec<f32>> {
+        let device = Default::default();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), shape), &device);
+        let full = model.forward(ids.clone()).into_data().convert::<f32>().into_vec().unwrap();
+        // Two decoding steps after a prefill: the absorbed path's `kv_b_proj` dequantized.
+        let mut cache = LatentCache::new(&model.config, shape[0], shape[1], &device).unwrap();
+        let mut out = vec![full];
+        let prefill = ids.clone().narrow(1, 0, shape[1] - 2);
+        model.forward_cached(prefill, &mut cache, AttentionPath::Naive).unwrap();
+        for pos in shape[1] - 2..shape[1] {
+            let step = model
+                .forward_cached(ids.clone().narrow(1, pos, 1), &mut cache, AttentionPath::Absorbed)
+                .unwrap();
+            out.push(step.logits.into_data().convert::<f32>().into_vec().unwrap());
+        }
+        out
+    }
+
+    #[test]
+    fn fp8_resident_weights_on_wgpu_equal_the_dequantized_checkpoint() {
+        for case in ["v3_fp8_128", "v3_fp8_ragged"] {
+            let dir = deepseek_tests::golden_dir(case);
+            let ids = deepseek_tests::Reference::load(case).get("input_ids").clone();
+            let shape = [ids.shape[0], ids.shape[1]];
+            let dequantized: DeepSeekModel<Flex> = load_model(
+                &dir,
+                &Default::default(),
+                LoadOptions::default().with_dequantize_fp8(true),
+            )
+            .unwrap();
+            let resident: DeepSeekModel<Wgpu> =
+                load_model(&dir, &Default::default(), LoadOptions::default()).unwrap();
+            assert!(resident.layers[0].self_attn.o_proj.is_fp8(), "{case}: loaded resident");
+            let (ours, theirs) =
+                (logits(&resident, &ids.i64, shape), logits(&dequantized, &ids.i64, shape));
+            for (k, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                deepseek_tests::assert_close(
+                    &format!("{case} output {k}"),
+                    a,
+                    b,
+                    deepseek_tests::GPU_ATOL,
+                );
+            }
+        }
+    }
+}

@@ -152,8 +152,8 @@ mod routed_experts {
             host2(y.inner()),
             host2(x.grad(&grads).unwrap()),
             host2(w.grad(&grads).unwrap()),
-            host3(experts.gate_up.weight.grad(&grads).unwrap()),
-            host3(experts.down.weight.grad(&grads).unwrap()),
+            host3(experts.gate_up.param().unwrap().grad(&grads).unwrap()),
+            host3(experts.down.param().unwrap().grad(&grads).unwrap()),
         ]
     }
 

@@ -23,7 +23,7 @@ use crate::fp8::{Fp8Layout, Fp8Weight};
 use crate::model::DeepSeekModel;
 use crate::projection::Weight;
 pub(crate) use hf_names::{table, ExpertPart, Target, EXPERT_STRIDE};
-pub use reader::{Checkpoint, StoredTensor, INDEX_FILE, SINGLE_FILE};
+pub use reader::{Checkpoint, Fp8Codes, StoredTensor, INDEX_FILE, SINGLE_FILE};
 pub use writer::{model_tensors, save_model, write_atomic, write_safetensors, NamedTensor};
 
 /// Loader switches.
@@ -125,7 +125,8 @@ pub fn load_weights<B: Backend>(
             _ => false,
         };
         if keep_codes {
-            if let Some((codes, scales, block)) = ckpt.read_fp8_codes(&row.name, &row.shape)? {
+            if let Some(stored) = ckpt.read_fp8_codes(&row.name, &row.shape)? {
+                let reader::Fp8Codes { codes, scales, block } = stored;
                 let fp8_weight = |codes: &[u8], scales, layout| {
                     Fp8Weight::new(codes, scales, layout, device)
                         .map(|w| w.with_dtype(options.dtype.float()))

@@ -290,10 +290,10 @@ impl Checkpoint {
         let start = 8 + shard.header_len + info.data_offsets.0;
         let end = 8 + shard.header_len + info.data_offsets.1;
         let bytes = &shard.mmap[start..end];
-        let wide: Box<dyn Fn(&[u8]) -> f32> = match stored {
-            WeightDtype::F32 => Box::new(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            WeightDtype::Bf16 => Box::new(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-            WeightDtype::F16 => Box::new(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        let wide: fn(&[u8]) -> f32 = match stored {
+            WeightDtype::F32 => |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            WeightDtype::Bf16 => |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            WeightDtype::F16 => |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
         };
         let values = bytes.chunks_exact(stored.size()).map(wide);
         let shape = info.shape.clone();
@@ -310,13 +310,9 @@ impl Checkpoint {
         Ok(data)
     }
 
-    /// The E4M3 codes (row-major, as stored) and f32 block scales of an FP8 weight, after
-    /// [`Checkpoint::check`], with its block size; `None` for a tensor not stored in FP8.
-    pub fn read_fp8_codes(
-        &self,
-        name: &str,
-        expected: &[usize],
-    ) -> Result<Option<(Vec<u8>, Vec<f32>, [usize; 2])>> {
+    /// The E4M3 codes and f32 block scales of an FP8 weight, after [`Checkpoint::check`];
+    /// `None` for a tensor not stored in FP8.
+    pub fn read_fp8_codes(&self, name: &str, expected: &[usize]) -> Result<Option<Fp8Codes>> {
         self.check(name, expected)?;
         let (shard, info) = self.info(name).expect("checked above");
         if info.dtype != Dtype::F8_E4M3 {
@@ -334,7 +330,7 @@ impl Checkpoint {
             self.read_f32(&Self::scale_name(name), &grid)?.into_vec().expect("f32 data");
         let codes = codes.to_vec();
         shard.release(start, end - start);
-        Ok(Some((codes, scales, block)))
+        Ok(Some(Fp8Codes { codes, scales, block }))
     }
 
     /// Dequantizes an FP8 weight with its block scales (checked by [`Checkpoint::check`]).
@@ -360,6 +356,17 @@ impl Checkpoint {
         let files: Vec<String> = self.shards.iter().map(|s| s.path.display().to_string()).collect();
         files.join(", ")
     }
+}
+
+/// An FP8 weight as stored: what [`Checkpoint::read_fp8_codes`] reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fp8Codes {
+    /// E4M3 codes, row-major as stored (`[out, in]`).
+    pub codes: Vec<u8>,
+    /// f32 block scales, row-major over the block grid (`weight_scale_inv`).
+    pub scales: Vec<f32>,
+    /// `[block_rows, block_cols]` (`weight_block_size`).
+    pub block: [usize; 2],
 }
 
 /// Float data (f32 from dequantized FP8) rounded to `dtype`.
