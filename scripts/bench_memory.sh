@@ -43,11 +43,15 @@ for dt in f32 bf16 f16; do
   p=$(plan --model "$model" --task infer --dtype "$dt" --batch 1 --seq 80)
   row "load + decode 80 tokens, 296M model, $dt" "$m" "$p"
 done
-f32_peak=$(peak "$bin/deepseek" bench --model "$model" --prompt-tokens 64 --new-tokens 16 --repeats 1)
-for args in "--dtype f32" "--dtype bf16" "--dtype f32 --dequantize" "--dtype bf16 --dequantize"; do
-  # shellcheck disable=SC2086
-  m=$(peak "$bin/deepseek" bench --model "$fp8" $args --prompt-tokens 64 --new-tokens 16 --repeats 1)
-  awk -v w="$args" -v m="$m" -v f="$f32_peak" 'BEGIN { printf "| load + decode 80 tokens, 296M model in FP8, %s | %.0f MB (%.2fx f32) | | |\n", w, m/1e6, m/f }'
+for dt in f32 bf16 f16; do
+  m=$(peak "$bin/deepseek" bench --model "$fp8" --dtype "$dt" --prompt-tokens 64 --new-tokens 16 --repeats 1)
+  p=$(plan --model "$fp8" --task infer --fp8 --dtype "$dt" --batch 1 --seq 80)
+  row "load + decode 80 tokens, 296M model in FP8, resident, $dt activations" "$m" "$p"
+done
+for dt in f32 bf16; do
+  m=$(peak "$bin/deepseek" bench --model "$fp8" --dtype "$dt" --dequantize --prompt-tokens 64 --new-tokens 16 --repeats 1)
+  p=$(plan --model "$fp8" --task infer --dtype "$dt" --batch 1 --seq 80)
+  row "load + decode 80 tokens, 296M model in FP8, --dequantize, $dt" "$m" "$p"
 done
 for seq in 128 256 512; do
   m=$(peak "$train_step" --preset small --batch 8 --seq "$seq" --steps 2 --warmup 1)

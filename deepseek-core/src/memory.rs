@@ -3,8 +3,9 @@
 //! 640 GB whether a run fits.
 //!
 //! Per rank, in five parts:
-//! - **weights**: every parameter in the weight dtype (LoRA adapters in f32), except that the
-//!   routed experts are split
+//! - **weights**: every parameter in the weight dtype (LoRA adapters in f32), or, with FP8-resident
+//!   weights (inference from an FP8 checkpoint), the blocks' projections as one byte each plus an
+//!   f32 scale per 128 × 128 block; the routed experts are split
 //!   over the expert-parallel ranks (`E` of the `R` ranks share one copy of the experts, DeepSeek-V3
 //!   §3.2) and the correction biases stay f32.
 //! - **gradients**: one f32 value per trainable parameter this rank holds (all of them in full
@@ -97,6 +98,9 @@ pub struct PlanRequest {
     pub zero1: bool,
     /// LoRA rank (task `lora`).
     pub lora_rank: usize,
+    /// The blocks' projections held in FP8 (an FP8 checkpoint loaded resident): E4M3 codes and
+    /// 128 × 128 block scales; the rest in `dtype`. Inference only: FP8 weights do not train.
+    pub fp8: bool,
 }
 
 impl PlanRequest {
@@ -113,6 +117,7 @@ impl PlanRequest {
             checkpoint_activations: false,
             zero1: false,
             lora_rank: 16,
+            fp8: false,
         }
     }
 
@@ -149,6 +154,13 @@ impl PlanRequest {
         if self.task == PlanTask::Infer && (self.checkpoint_activations || self.zero1) {
             return bad("--checkpoint-activations and --zero1 are training options".into());
         }
+        if self.fp8 && self.task != PlanTask::Infer {
+            return bad(format!(
+                "--fp8 plans FP8-resident weights, which do not train: the trainers load FP8 \
+                 checkpoints dequantized, so plan --task {} with --dtype bf16 (or f32)",
+                self.task
+            ));
+        }
         if self.zero1 && self.ranks == 1 {
             return bad("--zero1 shards optimizer state over ranks: give --ranks 2 or more".into());
         }
@@ -168,6 +180,23 @@ impl PlanRequest {
 /// Values per bucket of the data-parallel gradient all-reduce (16 Mi, 64 MiB of f32): a
 /// rank holds one bucket's flat copy and its reduced copy beyond the gradients.
 pub const GRADIENT_BUCKET: usize = 1 << 24;
+
+/// The parameters of one pipeline stage, by kind.
+#[derive(Debug, Clone, Copy, Default)]
+struct StageParams {
+    /// Everything but the routed experts and the correction biases.
+    dense: u64,
+    /// The routed experts (all of them: expert parallelism divides).
+    experts: u64,
+    /// The routers' correction biases.
+    bias: u64,
+    /// The blocks' projections among `dense` (what an FP8 checkpoint stores in FP8).
+    dense_linear: u64,
+    /// Their 128 × 128 scale blocks.
+    dense_linear_blocks: u64,
+    /// The routed experts' scale blocks.
+    expert_blocks: u64,
+}
 
 /// Bytes per rank, by kind (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -198,12 +227,20 @@ impl MemoryPlan {
         let ep = r.expert_parallel as u64;
         // Parameters on this rank (the heaviest pipeline stage): the dense part, 1/E of the
         // experts, the f32 biases.
-        let (dense, experts, bias) = cfg.stage_params(r.pipeline_parallel, ep);
+        let stage = cfg.stage_params(r.pipeline_parallel, ep);
+        let (dense, experts, bias) = (stage.dense, stage.experts, stage.bias);
         let local_experts = experts / ep;
         // Ranks holding copies of a dense parameter, and of an expert.
         let replicas = (r.ranks / r.pipeline_parallel) as u64;
         let d = r.dtype.size() as u64;
-        let weights = (dense + local_experts) * d + bias * 4;
+        let weights = if r.fp8 {
+            // Projections: a byte per weight and an f32 per block; the rest in the dtype.
+            let codes = stage.dense_linear + local_experts;
+            let scales = 4 * (stage.dense_linear_blocks + stage.expert_blocks / ep);
+            (dense - stage.dense_linear) * d + codes + scales + bias * 4
+        } else {
+            (dense + local_experts) * d + bias * 4
+        };
 
         // LoRA adapters, f32 whatever the base's dtype.
         let adapters = match r.task {
@@ -296,41 +333,70 @@ impl DeepSeekConfig {
     /// the embedding on the first stage, the final norm, head and MTP modules on the last, with
     /// a copy of the embedding there when there are MTP modules (as `deepseek-train` lays
     /// stages out). With one stage, every parameter of the model.
-    fn stage_params(&self, pp: usize, ep: u64) -> (u64, u64, u64) {
+    fn stage_params(&self, pp: usize, ep: u64) -> StageParams {
         let (d, v) = (self.hidden_size as u64, self.vocab_size as u64);
         let e = self.n_routed_experts as u64;
         let expert = 3 * d * self.moe_intermediate_size as u64;
-        // (dense, experts, bias) of block `l` (MTP blocks: with enorm, hnorm, head norm, eh_proj).
+        // Block `l` (MTP blocks: with enorm, hnorm, head norm, eh_proj).
         let block = |l: usize| {
             let (total, _) = self.layer_params(l);
             let moe = self.is_moe_layer(l);
             let experts = if moe { e * expert } else { 0 };
             let bias = if moe && self.topk_method.has_bias() { e } else { 0 };
             let mtp = if l >= self.num_hidden_layers { self.mtp_extra_params() } else { 0 };
-            (total - experts - bias + mtp, experts, bias)
+            // The projections, and their 128 × 128 scale blocks, routed experts apart.
+            let (mut linear, mut blocks, mut expert_blocks) = (0u64, 0u64, 0u64);
+            for (k, [rows, cols]) in self.layer_linears(l).into_iter().enumerate() {
+                let n = (rows.div_ceil(128) * cols.div_ceil(128)) as u64;
+                // The routed experts' matrices follow the four attention projections (five
+                // with q-LoRA).
+                let attention = if self.q_lora_rank.is_some() { 5 } else { 4 };
+                let routed = moe && k >= attention && k < attention + 3 * e as usize;
+                if routed {
+                    expert_blocks += n;
+                } else {
+                    linear += (rows * cols) as u64;
+                    blocks += n;
+                }
+            }
+            StageParams {
+                dense: total - experts - bias + mtp,
+                experts,
+                bias,
+                dense_linear: linear,
+                dense_linear_blocks: blocks,
+                expert_blocks,
+            }
         };
-        let add = |a: (u64, u64, u64), b: (u64, u64, u64)| (a.0 + b.0, a.1 + b.1, a.2 + b.2);
+        let add = |a: StageParams, b: StageParams| StageParams {
+            dense: a.dense + b.dense,
+            experts: a.experts + b.experts,
+            bias: a.bias + b.bias,
+            dense_linear: a.dense_linear + b.dense_linear,
+            dense_linear_blocks: a.dense_linear_blocks + b.dense_linear_blocks,
+            expert_blocks: a.expert_blocks + b.expert_blocks,
+        };
         let per_stage = self.num_hidden_layers.div_ceil(pp);
         let last = pp - 1;
         (0..pp)
             .map(|s| {
                 let layers = s * per_stage..((s + 1) * per_stage).min(self.num_hidden_layers);
-                let mut p = layers.map(block).fold((0, 0, 0), add);
+                let mut p = layers.map(block).fold(StageParams::default(), add);
                 if s == 0 {
-                    p.0 += v * d;
+                    p.dense += v * d;
                 }
                 if s == last {
-                    p.0 += v * d + d;
+                    p.dense += v * d + d;
                     let mtp = self.num_hidden_layers
                         ..self.num_hidden_layers + self.num_nextn_predict_layers;
                     p = mtp.map(block).fold(p, add);
                     if pp > 1 && self.num_nextn_predict_layers > 0 {
-                        p.0 += v * d;
+                        p.dense += v * d;
                     }
                 }
                 p
             })
-            .max_by_key(|(dense, experts, _)| dense + experts / ep)
+            .max_by_key(|p| p.dense + p.experts / ep)
             .expect("at least one stage")
     }
 
@@ -459,7 +525,8 @@ mod tests {
     fn one_stage_holds_every_parameter_and_stages_split_the_blocks() {
         for cfg in [DeepSeekConfig::v3_671b(), DeepSeekConfig::small()] {
             let p = cfg.param_count();
-            let (dense, experts, bias) = cfg.stage_params(1, 1);
+            let s = cfg.stage_params(1, 1);
+            let (dense, experts, bias) = (s.dense, s.experts, s.bias);
             assert_eq!(dense + experts + bias, p.total + p.mtp);
             assert_eq!((experts, bias), (cfg.routed_expert_params(), cfg.correction_bias_params()));
         }
@@ -490,6 +557,28 @@ mod tests {
         let lora = MemoryPlan::new(&cfg, &PlanRequest::new(PlanTask::Lora, 8, 1024)).unwrap();
         assert_eq!(lora.gradients, 4 * cfg.lora_params(16));
         assert!(lora.gradients * 20 < full.gradients);
+    }
+
+    #[test]
+    fn fp8_resident_inference_holds_the_checkpoints_fp8_bytes() {
+        // In bf16, FP8-resident weights are the released FP8 checkpoint's bytes (a separate
+        // count, over the checkpoint's tensors): projections a byte each plus a scale per block.
+        for cfg in [DeepSeekConfig::v3_671b(), DeepSeekConfig::v2_lite_16b()] {
+            let mut r = PlanRequest::new(PlanTask::Infer, 1, 16);
+            r.dtype = WeightDtype::Bf16;
+            r.fp8 = true;
+            let plan = MemoryPlan::new(&cfg, &r).unwrap();
+            assert_eq!(plan.weights, cfg.weight_bytes_fp8());
+            // Expert parallelism divides the experts' codes and scales.
+            r.ranks = 8;
+            r.expert_parallel = 8;
+            let split = MemoryPlan::new(&cfg, &r).unwrap();
+            assert!(split.weights < plan.weights / 2, "{} of {}", split.weights, plan.weights);
+        }
+        let mut r = PlanRequest::new(PlanTask::Train, 1, 16);
+        r.fp8 = true;
+        let err = MemoryPlan::new(&DeepSeekConfig::v3_671b(), &r).unwrap_err().to_string();
+        assert!(err.contains("do not train"), "{err}");
     }
 
     #[test]

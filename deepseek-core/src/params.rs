@@ -110,7 +110,7 @@ impl DeepSeekConfig {
     }
 
     /// The linear weight matrices `[out, in]` of block `layer` (what FP8 checkpoints quantize).
-    fn layer_linears(&self, layer: usize) -> Vec<[usize; 2]> {
+    pub(crate) fn layer_linears(&self, layer: usize) -> Vec<[usize; 2]> {
         let d = self.hidden_size;
         let h = self.num_attention_heads;
         let mut m = match self.q_lora_rank {

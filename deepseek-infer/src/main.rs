@@ -371,6 +371,10 @@ struct PlanArgs {
     /// LoRA rank (task lora).
     #[arg(long, default_value_t = 16, requires = "plan")]
     lora_rank: usize,
+    /// The blocks' projections FP8-resident (an FP8 checkpoint loaded without --dequantize):
+    /// a byte per weight plus block scales; the rest in --dtype. Task infer only.
+    #[arg(long, requires = "plan")]
+    fp8: bool,
     /// Memory per device in GiB: adds a `fits: yes|no` line.
     #[arg(long, requires = "plan")]
     memory: Option<f64>,
@@ -396,6 +400,7 @@ impl PlanArgs {
             checkpoint_activations: self.checkpoint_activations,
             zero1: self.zero1,
             lora_rank: self.lora_rank,
+            fp8: self.fp8,
             ..PlanRequest::new(task, batch, seq)
         })
     }
@@ -407,7 +412,7 @@ fn plan_lines(cfg: &DeepSeekConfig, args: &PlanArgs) -> Result<String> {
     let plan = MemoryPlan::new(cfg, &request)?;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let mut out = format!(
-        "task: {} (per rank: batch {} x seq {}; {} ranks, expert-parallel {}, pipeline-parallel {}, dtype {}{}{})\n",
+        "task: {} (per rank: batch {} x seq {}; {} ranks, expert-parallel {}, pipeline-parallel {}, dtype {}{}{}{})\n",
         request.task,
         request.batch,
         request.seq,
@@ -415,6 +420,7 @@ fn plan_lines(cfg: &DeepSeekConfig, args: &PlanArgs) -> Result<String> {
         request.expert_parallel,
         request.pipeline_parallel,
         request.dtype,
+        if request.fp8 { ", FP8-resident projections" } else { "" },
         if request.checkpoint_activations { ", activation checkpointing" } else { "" },
         if request.zero1 { ", ZeRO-1" } else { "" },
     );
