@@ -1055,8 +1055,9 @@ fn merge_cmd(base: &Path, adapter: &Path, out: &Path, dtype: &str) -> Result<()>
     }
     let device = Default::default();
     // FP8 bases are dequantized on load: the deltas are merged in f32, never rounded to E4M3.
-    let model = load::<burn::backend::Flex>(base, Some(adapter), &device, LoadOptions::default())?
-        .merge_adapters();
+    let options = LoadOptions::default().with_dequantize_fp8(true);
+    let model =
+        load::<burn::backend::Flex>(base, Some(adapter), &device, options)?.merge_adapters();
     let staging = if to_bf16 { out.with_extension("f32.partial") } else { out.to_path_buf() };
     deepseek_core::save_model(&model, &staging)?;
     for file in ["tokenizer.json", "tokenizer_config.json"] {

@@ -192,8 +192,8 @@ pub fn load<AB: AutodiffBackend>(
             let base: DeepSeekModel<AB> = deepseek_core::checkpoint::load_model(
                 &finetune.base_model,
                 device,
-                // As the run loaded it (`sft`): an FP8 base dequantized.
-                LoadOptions::default().with_dtype(finetune.base_dtype).with_dequantize_fp8(true),
+                // As the run loaded it (`sft`): an FP8 base resident under LoRA.
+                LoadOptions::default().with_dtype(finetune.base_dtype),
             )?;
             load_adapter(base, dir)?.freeze()
         }

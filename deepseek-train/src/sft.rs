@@ -301,9 +301,11 @@ pub fn prepare_model<AB: AutodiffBackend>(
             ),
         ));
     }
-    // FP8 weights are frozen and the full model trains: an FP8 base is dequantized into the
-    // base dtype (LoRA on FP8-resident weights is not wired yet).
-    let options = LoadOptions::default().with_dtype(finetune.base_dtype).with_dequantize_fp8(true);
+    // FP8 weights are frozen: under LoRA an FP8 base stays resident (a byte per weight, the
+    // adapters in f32 beside it); a full fine-tune dequantizes it into the base dtype.
+    let options = LoadOptions::default()
+        .with_dtype(finetune.base_dtype)
+        .with_dequantize_fp8(finetune.lora.is_none() && finetune.adapter.is_none());
     let model = deepseek_core::load_model::<AB>(&finetune.base_model, device, options)?;
     if let Some(adapter) = &finetune.adapter {
         return Ok(deepseek_core::adapter::load_adapter(model, adapter)?.freeze());

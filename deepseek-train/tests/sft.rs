@@ -477,3 +477,48 @@ fn checkpointed_lora_sft_on_packed_rows_follows_the_plain_run() {
     // Not vacuous: the adapters learned something over the steps.
     assert!(plain[0] != plain[2]);
 }
+
+#[test]
+fn lora_on_an_fp8_resident_base_trains_like_the_dequantized_base() {
+    // The FP8 golden checkpoint as a base (resident under LoRA), and its weights dequantized on
+    // load and saved in f32: the same values, so the same losses and adapters up to summation
+    // order.
+    let dir = tempfile::tempdir().unwrap();
+    let fp8 = dir.path().join("fp8");
+    std::fs::create_dir_all(&fp8).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(golden("v3_fp8_128").join(f), fp8.join(f)).unwrap();
+    }
+    std::fs::copy(golden("tokenizer/byte_tokenizer.json"), fp8.join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        golden("tokenizer/chat_tokenizer_config.json"),
+        fp8.join("tokenizer_config.json"),
+    )
+    .unwrap();
+    let dense = dir.path().join("dense");
+    let options = deepseek_core::LoadOptions::default().with_dequantize_fp8(true);
+    let model: deepseek_core::DeepSeekModel<B> =
+        deepseek_core::load_model(&fp8, &Default::default(), options).unwrap();
+    deepseek_core::save_model(&model, &dense).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fp8.join(f), dense.join(f)).unwrap();
+    }
+    let data = dir.path().join("train.jsonl");
+    write_data(&data, 16);
+    for (base, name) in [(&fp8, "on_fp8"), (&dense, "on_dense")] {
+        sft(&args(base, &data, &dir.path().join(name), 3, true, false)).unwrap();
+    }
+    let losses = |name: &str| -> Vec<f64> {
+        std::fs::read_to_string(dir.path().join(name).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
+            .collect()
+    };
+    let (ours, theirs) = (losses("on_fp8"), losses("on_dense"));
+    assert_eq!(ours.len(), 3);
+    for (a, b) in ours.iter().zip(&theirs) {
+        assert!((a - b).abs() < 1e-5, "FP8 base {ours:?} against dequantized {theirs:?}");
+    }
+    assert!(ours[0] - ours[2] > 0.1, "the adapters learn: {ours:?}");
+}
