@@ -985,49 +985,62 @@ mod flex {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn fp8_dots_avx2(codes: &[u8], xs: &[f32], out: &mut [f32]) {
+        // One or two rows: four accumulators per row, so the multiply-adds of a row do not wait
+        // on each other (an FMA's latency is four cycles); more rows have chains enough.
         match out.len() {
-            1 => fp8_dots::<1>(codes, xs, out),
-            2 => fp8_dots::<2>(codes, xs, out),
-            3 => fp8_dots::<3>(codes, xs, out),
-            4 => fp8_dots::<4>(codes, xs, out),
-            5 => fp8_dots::<5>(codes, xs, out),
-            6 => fp8_dots::<6>(codes, xs, out),
-            7 => fp8_dots::<7>(codes, xs, out),
-            _ => fp8_dots::<8>(codes, xs, out),
+            1 => fp8_dots::<1, 4>(codes, xs, out),
+            2 => fp8_dots::<2, 4>(codes, xs, out),
+            3 => fp8_dots::<3, 2>(codes, xs, out),
+            4 => fp8_dots::<4, 2>(codes, xs, out),
+            5 => fp8_dots::<5, 2>(codes, xs, out),
+            6 => fp8_dots::<6, 2>(codes, xs, out),
+            7 => fp8_dots::<7, 2>(codes, xs, out),
+            _ => fp8_dots::<8, 2>(codes, xs, out),
         }
     }
 
+    /// `N` rows, `A` accumulators of eight lanes per row (`A` even): `8·A` codes per step.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn fp8_dots<const N: usize>(codes: &[u8], xs: &[f32], out: &mut [f32]) {
+    fn fp8_dots<const N: usize, const A: usize>(codes: &[u8], xs: &[f32], out: &mut [f32]) {
         use std::arch::x86_64::*;
         let k = codes.len();
         assert!(xs.len() >= N * k && out.len() >= N, "xs holds N rows of the codes' width");
-        let whole = k / 16 * 16;
-        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        let step = 8 * A;
+        let whole = k / step * step;
+        let mut acc = [[_mm256_setzero_ps(); A]; N];
         let (low7, sign) = (_mm256_set1_epi16(0x7F), _mm256_set1_epi16(0x80));
-        for c in (0..whole).step_by(16) {
-            // SAFETY: `c + 16 <= k` keeps the loads within `codes` and each row of `xs`.
+        for c in (0..whole).step_by(step) {
+            // SAFETY: `c + 8·A <= k` keeps the loads within `codes` and each row of `xs`.
             unsafe {
-                let q =
-                    _mm256_cvtepu8_epi16(_mm_loadu_si128(codes.as_ptr().add(c) as *const __m128i));
-                let h = _mm256_or_si256(
-                    _mm256_slli_epi16(_mm256_and_si256(q, low7), 7),
-                    _mm256_slli_epi16(_mm256_and_si256(q, sign), 8),
-                );
-                let w0 = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
-                let w1 = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+                let mut w = [_mm256_setzero_ps(); A];
+                for g in 0..A / 2 {
+                    let q = _mm256_cvtepu8_epi16(_mm_loadu_si128(
+                        codes.as_ptr().add(c + 16 * g) as *const __m128i
+                    ));
+                    let h = _mm256_or_si256(
+                        _mm256_slli_epi16(_mm256_and_si256(q, low7), 7),
+                        _mm256_slli_epi16(_mm256_and_si256(q, sign), 8),
+                    );
+                    w[2 * g] = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+                    w[2 * g + 1] = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+                }
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let x = xs.as_ptr().add(r * k + c);
-                    acc[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), acc[0]);
-                    acc[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.add(8)), acc[1]);
+                    for a in 0..A {
+                        acc[a] = _mm256_fmadd_ps(w[a], _mm256_loadu_ps(x.add(8 * a)), acc[a]);
+                    }
                 }
             }
         }
         for (r, acc) in acc.iter().enumerate() {
+            let mut total = acc[0];
+            for v in &acc[1..] {
+                total = _mm256_add_ps(total, *v);
+            }
             let mut lanes = [0f32; 8];
             // SAFETY: `lanes` holds eight floats.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[0], acc[1])) };
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
             let mut sum: f32 = lanes.iter().sum();
             for c in whole..k {
                 let q = u16::from(codes[c]);
