@@ -299,20 +299,10 @@ mod flex {
         }
         let ([tokens, d], [n_experts, gu_d, two_i], [_, i, down_d]) =
             (x.dims(), gate_up.dims(), down.dims());
-        if tokens == 0
-            || tokens > MAX_ROWS
-            || (gu_d, down_d, two_i) != (d, d, 2 * i)
-            || experts.is_empty()
-            || !experts.len().is_multiple_of(tokens)
-            || gates.dims().iter().product::<usize>() != experts.len()
-        {
+        if tokens == 0 || tokens > MAX_ROWS || (gu_d, down_d, two_i) != (d, d, 2 * i) {
             return None;
         }
-        let experts: Vec<usize> = experts
-            .iter()
-            .map(|&e| usize::try_from(e).ok().filter(|&e| e < n_experts))
-            .collect::<Option<_>>()?;
-        let gates: Vec<f32> = gates.clone().into_data().convert::<f32>().into_vec().ok()?;
+        let (experts, gates) = routing(experts, n_experts, tokens, gates)?;
         let (xf, gu, dn) = (flex_tensor(x), flex_tensor(gate_up), flex_tensor(down));
         if gu.dtype() != xf.dtype() || dn.dtype() != xf.dtype() {
             return None;
@@ -706,6 +696,48 @@ mod flex {
         }
     }
 
+    /// The expert ids of a few tokens' routing, checked against `n_experts`, and the gate weights
+    /// on the host; `None` unless each of the `tokens` has the same number of them.
+    fn routing<B: Backend>(
+        experts: &[i64],
+        n_experts: usize,
+        tokens: usize,
+        gates: &Tensor<B, 2>,
+    ) -> Option<(Vec<usize>, Vec<f32>)> {
+        if experts.is_empty()
+            || !experts.len().is_multiple_of(tokens)
+            || gates.dims().iter().product::<usize>() != experts.len()
+        {
+            return None;
+        }
+        let ids = experts
+            .iter()
+            .map(|&e| usize::try_from(e).ok().filter(|&e| e < n_experts))
+            .collect::<Option<_>>()?;
+        let gates = gates.clone().into_data().convert::<f32>().into_vec().ok()?;
+        Some((ids, gates))
+    }
+
+    /// The `len` values of a contiguous float `x` in f32.
+    fn input_rows(x: &FlexTensor, len: usize) -> Option<Vec<f32>> {
+        match x.dtype() {
+            DType::F32 => widened_rows::<f32>(x, len),
+            DType::F16 => widened_rows::<f16>(x, len),
+            DType::BF16 => widened_rows::<bf16>(x, len),
+            _ => None,
+        }
+    }
+
+    /// f32 results as a tensor of `dtype` (f32, f16 or bf16).
+    fn output<B: Backend>(y: Vec<f32>, dtype: DType, shape: [usize; 2]) -> Tensor<B, 2> {
+        let data = match dtype {
+            DType::F16 => TensorData::new(y.into_iter().map(f16::from_f32).collect(), shape),
+            DType::BF16 => TensorData::new(y.into_iter().map(bf16::from_f32).collect(), shape),
+            _ => TensorData::new(y, shape),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(cast(FlexTensor::from_data(data))))
+    }
+
     /// The codes (as bytes) and scales of an FP8-resident weight on Flex; `None` unless both are
     /// contiguous (they always are as loaded) and the words are little-endian.
     fn fp8_storage<B: Backend>(
@@ -758,31 +790,11 @@ mod flex {
             return None;
         }
         let xf = flex_tensor(x);
-        let xs = match xf.dtype() {
-            DType::F32 => widened_rows::<f32>(&xf, rows * k)?,
-            DType::F16 => widened_rows::<f16>(&xf, rows * k)?,
-            DType::BF16 => widened_rows::<bf16>(&xf, rows * k)?,
-            _ => return None,
-        };
+        let xs = input_rows(&xf, rows * k)?;
         let (codes, scales) = fp8_storage(codes, scales)?;
         let (codes, scales) = (contiguous::<u32>(&codes)?, contiguous::<f32>(&scales)?);
-        let stride = l.words() * 4;
-        let [gr, gc] = l.grid();
-        let matrix = Fp8Matrix {
-            codes: bytemuck::cast_slice::<u32, u8>(codes).get(expert * l.d_out * stride..)?,
-            scales: scales.get(expert * gr * gc..)?,
-            stride,
-            layout: l,
-        };
-        let y = matrix.times(&xs, rows);
-        let out = match xf.dtype() {
-            DType::F32 => TensorData::new(y, [rows, l.d_out]),
-            DType::F16 => {
-                TensorData::new(y.into_iter().map(f16::from_f32).collect(), [rows, l.d_out])
-            }
-            _ => TensorData::new(y.into_iter().map(bf16::from_f32).collect(), [rows, l.d_out]),
-        };
-        Some(Tensor::from_primitive(TensorPrimitive::Float(cast(FlexTensor::from_data(out)))))
+        let y = Fp8Matrix::of(codes, scales, l, expert)?.times(&xs, rows);
+        Some(output(y, xf.dtype(), [rows, l.d_out]))
     }
 
     pub(super) fn fp8_dequantize<B: Backend>(
@@ -830,39 +842,21 @@ mod flex {
             || tokens > MAX_ROWS
             || (gl.d_in, gl.d_out, gl.parts, dl.d_out) != (d, 2 * i, 2, d)
             || gl.experts != dl.experts
-            || experts.is_empty()
-            || !experts.len().is_multiple_of(tokens)
-            || gates.dims().iter().product::<usize>() != experts.len()
         {
             return None;
         }
-        let experts: Vec<usize> = experts
-            .iter()
-            .map(|&e| usize::try_from(e).ok().filter(|&e| e < gl.experts))
-            .collect::<Option<_>>()?;
+        let (experts, gates) = routing(experts, gl.experts, tokens, gates)?;
         let xf = flex_tensor(x);
-        let xs = match xf.dtype() {
-            DType::F32 => widened_rows::<f32>(&xf, tokens * d)?,
-            DType::F16 => widened_rows::<f16>(&xf, tokens * d)?,
-            DType::BF16 => widened_rows::<bf16>(&xf, tokens * d)?,
-            _ => return None,
-        };
-        let gates: Vec<f32> = gates.clone().into_data().convert::<f32>().into_vec().ok()?;
+        let xs = input_rows(&xf, tokens * d)?;
         let (gu_codes, gu_scales) = fp8_storage(gate_up.codes, gate_up.scales)?;
         let (dn_codes, dn_scales) = fp8_storage(down.codes, down.scales)?;
         let stacks = [
             (contiguous::<u32>(&gu_codes)?, contiguous::<f32>(&gu_scales)?, gl),
             (contiguous::<u32>(&dn_codes)?, contiguous::<f32>(&dn_scales)?, dl),
         ];
-        let matrix = |which: usize, e: usize| -> Option<Fp8Matrix<'_>> {
+        let matrix = |which: usize, e: usize| {
             let (codes, scales, l) = stacks[which];
-            let (stride, [gr, gc]) = (l.words() * 4, l.grid());
-            Some(Fp8Matrix {
-                codes: bytemuck::cast_slice::<u32, u8>(codes).get(e * l.d_out * stride..)?,
-                scales: scales.get(e * gr * gc..)?,
-                stride,
-                layout: l,
-            })
+            Fp8Matrix::of(codes, scales, l, e)
         };
         let top_k = experts.len() / tokens;
         let mut chosen = experts.clone();
@@ -892,12 +886,7 @@ mod flex {
                 }
             }
         }
-        let out = match xf.dtype() {
-            DType::F32 => TensorData::new(y, [tokens, d]),
-            DType::F16 => TensorData::new(y.into_iter().map(f16::from_f32).collect(), [tokens, d]),
-            _ => TensorData::new(y.into_iter().map(bf16::from_f32).collect(), [tokens, d]),
-        };
-        Some(Tensor::from_primitive(TensorPrimitive::Float(cast(FlexTensor::from_data(out)))))
+        Some(output(y, xf.dtype(), [tokens, d]))
     }
 
     /// One FP8 matrix in place: codes `[d_out, d_in]` with rows `stride` bytes apart, and its
@@ -909,7 +898,18 @@ mod flex {
         layout: Fp8Layout,
     }
 
-    impl Fp8Matrix<'_> {
+    impl<'a> Fp8Matrix<'a> {
+        /// Matrix `e` of a stack: its codes (as `u32` words) and scales.
+        fn of(codes: &'a [u32], scales: &'a [f32], layout: Fp8Layout, e: usize) -> Option<Self> {
+            let (stride, [gr, gc]) = (layout.words() * 4, layout.grid());
+            Some(Fp8Matrix {
+                codes: bytemuck::cast_slice::<u32, u8>(codes).get(e * layout.d_out * stride..)?,
+                scales: scales.get(e * gr * gc..)?,
+                stride,
+                layout,
+            })
+        }
+
         /// `xs · Wᵀ` for the rows of `xs` (`[rows, d_in]`, f32) → `[rows, d_out]` in f32. The
         /// output rows are cut into one contiguous range per thread when the matrix is large:
         /// each thread streams its own rows of codes, and no partial sums need adding.

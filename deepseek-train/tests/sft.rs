@@ -267,6 +267,15 @@ fn lora_trains_adapters_only_and_leaves_the_base_bit_identical() {
     assert!(moved > 1e-4, "{moved}");
 }
 
+/// The step losses of the run in `out` (`metrics.jsonl`).
+fn losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
+        .collect()
+}
+
 fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
@@ -422,13 +431,7 @@ fn lora_on_a_bf16_base_trains_like_f32_and_resumes_exactly() {
     let adapter =
         |name: &str| read(&dir.path().join(name).join("adapter/adapter_model.safetensors"));
     assert_eq!(adapter("bf16"), adapter("resumed"), "a bf16-base run resumes bit for bit");
-    let losses = |name: &str| -> Vec<f64> {
-        std::fs::read_to_string(dir.path().join(name).join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
-            .collect()
-    };
+    let losses = |name: &str| losses(&dir.path().join(name));
     let (full, half) = (losses("f32"), losses("bf16"));
     assert_eq!(full.len(), 4);
     assert_eq!(losses("resumed"), half);
@@ -508,13 +511,7 @@ fn lora_on_an_fp8_resident_base_trains_like_the_dequantized_base() {
     for (base, name) in [(&fp8, "on_fp8"), (&dense, "on_dense")] {
         sft(&args(base, &data, &dir.path().join(name), 3, true, false)).unwrap();
     }
-    let losses = |name: &str| -> Vec<f64> {
-        std::fs::read_to_string(dir.path().join(name).join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
-            .collect()
-    };
+    let losses = |name: &str| losses(&dir.path().join(name));
     let (ours, theirs) = (losses("on_fp8"), losses("on_dense"));
     assert_eq!(ours.len(), 3);
     for (a, b) in ours.iter().zip(&theirs) {
