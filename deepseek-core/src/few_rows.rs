@@ -1069,7 +1069,9 @@ mod tests {
         for r in 0..rows {
             for j in 0..n {
                 let want: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[i * n + j] as f64).sum();
-                worst = worst.max((y[r * n + j] as f64 - want).abs());
+                // NaN counts as the largest error (`max` would skip it).
+                let d = (y[r * n + j] as f64 - want).abs();
+                worst = if d.is_nan() { f64::INFINITY } else { worst.max(d) };
                 scale = scale.max(want.abs());
             }
         }
@@ -1166,7 +1168,13 @@ mod tests {
         let want = values(Tensor::cat(rows, 0));
         let got = values(y);
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, |m, d| {
+            if d.is_nan() {
+                f32::INFINITY
+            } else {
+                m.max(d)
+            }
+        });
         assert!(worst < 1e-5 * scale, "worst {worst} against {scale}");
         // Not taken: an expert index out of range, or more tokens than MAX_ROWS.
         let bad = [4, 2, 0, 6, 4, 0];
@@ -1190,7 +1198,13 @@ mod tests {
             let want = values((g * x.matmul(up.unsqueeze::<3>())).matmul(down.unsqueeze::<3>()));
             let got = values(y);
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, |m, d| {
+                if d.is_nan() {
+                    f32::INFINITY
+                } else {
+                    m.max(d)
+                }
+            });
             assert!(worst < 1e-5 * scale, "{d} x {hidden}: worst {worst} against {scale}");
         }
     }

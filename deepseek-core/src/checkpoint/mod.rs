@@ -209,12 +209,12 @@ struct StackedExperts {
     /// block index → (gate_up, down) values and the number of expert tensors written.
     blocks: std::collections::BTreeMap<usize, (Staging, Staging, usize)>,
     /// block index → FP8-resident stacks being assembled.
-    fp8_blocks: std::collections::BTreeMap<usize, Fp8Stack>,
+    fp8_blocks: std::collections::BTreeMap<usize, Fp8Staging>,
 }
 
 /// The codes and scales of one block's experts in the checkpoint's layout, each expert's
 /// `[out, in]` matrices stacked along the rows (gate rows, then up rows, per expert).
-struct Fp8Stack {
+struct Fp8Staging {
     /// `(codes, scales, layout)` of `gate_up` and `down`.
     gate_up: (Vec<u8>, Vec<f32>, Fp8Layout),
     down: (Vec<u8>, Vec<f32>, Fp8Layout),
@@ -323,7 +323,7 @@ impl StackedExperts {
                 let [gr, gc] = layout.grid();
                 (vec![0u8; e * d_out * d_in], vec![0f32; e * gr * gc], layout)
             };
-            Fp8Stack { gate_up: new(2, 2 * i, d), down: new(1, d, i), written: 0 }
+            Fp8Staging { gate_up: new(2, 2 * i, d), down: new(1, d, i), written: 0 }
         });
         // Expert `expert`'s matrix is rows `expert·d_out..` of its stack; gate is the first part
         // of gate_up, up the second.
