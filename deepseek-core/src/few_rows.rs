@@ -761,18 +761,7 @@ mod flex {
     /// The decoded value of every E4M3 code times `factor` (a power of two: exact; NaN codes,
     /// refused at load, as 0).
     fn e4m3_table(factor: f32) -> [f32; 256] {
-        static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
-        let table = TABLE.get_or_init(|| {
-            std::array::from_fn(|c| {
-                let c = c as u8;
-                if c & 0x7F == 0x7F {
-                    0.0
-                } else {
-                    crate::fp8::e4m3::decode(c)
-                }
-            })
-        });
-        table.map(|v| v * factor)
+        crate::fp8::e4m3::decode_table().map(|v| v * factor)
     }
 
     pub(super) fn fp8_matmul<B: Backend>(

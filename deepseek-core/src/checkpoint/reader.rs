@@ -321,27 +321,32 @@ impl Checkpoint {
         let start = 8 + shard.header_len + info.data_offsets.0;
         let end = 8 + shard.header_len + info.data_offsets.1;
         let codes = &shard.mmap[start..end];
-        if let Some((index, &code)) = codes.iter().enumerate().find(|(_, &c)| c & 0x7F == 0x7F) {
-            return Err(DeepSeekError::Fp8Nan { name: name.to_string(), index, code });
-        }
-        let block = self.fp8_block.expect("checked: FP8 needs a block size");
-        let grid = crate::fp8::scale_grid(info.shape[0], info.shape[1], block);
-        let scales: Vec<f32> =
-            self.read_f32(&Self::scale_name(name), &grid)?.into_vec().expect("f32 data");
+        let (scales, block) = self.fp8_scales(name, codes, &info.shape)?;
         let codes = codes.to_vec();
         shard.release(start, end - start);
         Ok(Some(Fp8Codes { codes, scales, block }))
     }
 
-    /// Dequantizes an FP8 weight with its block scales (checked by [`Checkpoint::check`]).
-    fn read_fp8(&self, name: &str, codes: &[u8], shape: &[usize]) -> Result<TensorData> {
+    /// The block scales of FP8 weight `name` (`[rows, cols]`, after [`Checkpoint::check`]) and
+    /// its block size, once its codes are checked free of NaN.
+    fn fp8_scales(
+        &self,
+        name: &str,
+        codes: &[u8],
+        shape: &[usize],
+    ) -> Result<(Vec<f32>, [usize; 2])> {
         if let Some((index, &code)) = codes.iter().enumerate().find(|(_, &c)| c & 0x7F == 0x7F) {
             return Err(DeepSeekError::Fp8Nan { name: name.to_string(), index, code });
         }
         let block = self.fp8_block.expect("checked: FP8 needs a block size");
-        let scale = Self::scale_name(name);
         let grid = crate::fp8::scale_grid(shape[0], shape[1], block);
-        let scales: Vec<f32> = self.read_f32(&scale, &grid)?.into_vec().expect("f32 data");
+        let scales = self.read_f32(&Self::scale_name(name), &grid)?.into_vec().expect("f32 data");
+        Ok((scales, block))
+    }
+
+    /// Dequantizes an FP8 weight with its block scales (checked by [`Checkpoint::check`]).
+    fn read_fp8(&self, name: &str, codes: &[u8], shape: &[usize]) -> Result<TensorData> {
+        let (scales, block) = self.fp8_scales(name, codes, shape)?;
         let q = crate::fp8::BlockQuant {
             rows: shape[0],
             cols: shape[1],

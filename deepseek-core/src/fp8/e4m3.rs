@@ -7,6 +7,15 @@
 /// Largest finite E4M3 value.
 pub const E4M3_MAX: f32 = 448.0;
 
+/// [`decode`] of every code, indexed by the code, with the two NaN codes (which the loaders
+/// refuse) as 0: the lookup table of the dequantization paths.
+pub fn decode_table() -> &'static [f32; 256] {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        std::array::from_fn(|c| if c & 0x7F == 0x7F { 0.0 } else { decode(c as u8) })
+    })
+}
+
 /// The value of an E4M3 code.
 pub fn decode(code: u8) -> f32 {
     let negative = code & 0x80 != 0;

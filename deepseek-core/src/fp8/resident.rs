@@ -25,7 +25,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, FloatDType, Int, Tensor, TensorData};
 
 pub use super::block::Fp8Layout;
-use super::{decode, pack_words, Fp8Error};
+use super::e4m3::decode_table;
+use super::{pack_words, Fp8Error};
 
 /// E4M3 codes and block scales of one weight or of a stack of expert weights.
 #[derive(Module, Debug)]
@@ -156,8 +157,7 @@ impl<B: Backend> Fp8Weight<B> {
             })
             .collect();
         let bytes = Tensor::stack::<3>(bytes, 2).reshape([rows * l.words() * 4]); // codes in order, rows padded
-        let table: Vec<f32> =
-            (0..=255u8).map(|c| if c & 0x7F == 0x7F { 0.0 } else { decode(c) }).collect();
+        let table = decode_table().to_vec();
         let table = Tensor::<B, 1>::from_data(TensorData::new(table, [256]), &device);
         let values = table.select(0, bytes).reshape([rows, l.words() * 4]).narrow(1, 0, l.d_in); // [rows, d_in]
         let [gr, gc] = l.grid();
