@@ -18,7 +18,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, FloatDType};
+use burn::tensor::{DType, FloatDType, Tensor};
 
 use crate::error::{DeepSeekError, Result};
 
@@ -116,6 +116,23 @@ fn broken<B: Backend>(dtype: WeightDtype) -> Option<&'static str> {
     }
     let _ = dtype;
     None
+}
+
+/// `t` rounded to `dtype`, to nearest with ties to even (what PyTorch and `half` do). Burn 0.21's
+/// Flex casts through f64, and `half`'s f64 → bf16 drops the low 32 bits before rounding: an f32
+/// just above a tie (about one value in 10⁴) then rounds toward zero. On Flex the values are
+/// rounded on the host with `half` instead, where they live anyway; other backends cast.
+pub fn round_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: FloatDType) -> Tensor<B, D> {
+    if t.dtype() == dtype.into() {
+        return t;
+    }
+    #[cfg(feature = "flex")]
+    if std::any::TypeId::of::<B>() == std::any::TypeId::of::<burn::backend::Flex>() {
+        let device = t.device();
+        let values = t.into_data().convert::<f32>();
+        return Tensor::from_data(values, (&device, DType::from(dtype)));
+    }
+    t.cast(dtype)
 }
 
 impl fmt::Display for WeightDtype {

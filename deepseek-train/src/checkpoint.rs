@@ -47,6 +47,9 @@ pub struct TrainState {
     pub elapsed_s: f64,
     pub train: TrainConfig,
     pub data: DataConfig,
+    /// The loss scale of an f16 run ([`crate::precision`]).
+    #[serde(default)]
+    pub loss_scale: Option<crate::precision::LossScale>,
 }
 
 /// A checkpoint read back.
@@ -198,10 +201,12 @@ pub fn load<AB: AutodiffBackend>(
             load_adapter(base, dir)?.freeze()
         }
         None => {
+            // A mixed-precision run's weights are its f32 masters rounded to its dtype: saved
+            // widened, read back rounded, exactly (the masters are in the optimizer state).
             let model: DeepSeekModel<AB> = deepseek_core::checkpoint::load_model(
                 dir,
                 device,
-                LoadOptions::default().with_dequantize_fp8(true),
+                LoadOptions::default().with_dequantize_fp8(true).with_dtype(state.train.dtype),
             )?;
             // A full fine-tune with a frozen router keeps it frozen after a resume.
             let frozen =

@@ -91,6 +91,14 @@ pub struct TrainConfig {
     /// each block in the backward pass ([`crate::recompute`]). Same gradients, less memory,
     /// about one more forward pass of the blocks per step. A resumed run may change it.
     pub checkpoint_activations: bool,
+    /// The dtype the trained weights and the activations are held in ([`crate::precision`]):
+    /// bf16 or f16 with f32 master weights and moments in the optimizer, f16 with dynamic loss
+    /// scaling. Under LoRA the adapters train in f32 and the frozen base is held in
+    /// [`Finetune::base_dtype`].
+    pub dtype: deepseek_core::WeightDtype,
+    /// Loss scaling of an f16 run (TOML: `loss_scaling = { initial = 65536.0, growth_interval =
+    /// 2000 }`).
+    pub loss_scaling: crate::precision::LossScaling,
     /// Fine-tuning (`deepseek-train sft`, `grpo`): the base model, LoRA or full, the router.
     pub finetune: Option<Finetune>,
     /// Reinforcement learning (`deepseek-train grpo`): the task and the algorithm's settings.
@@ -261,6 +269,8 @@ impl Default for TrainConfig {
             on_nonfinite: NonFinitePolicy::Stop,
             fp8: false,
             checkpoint_activations: false,
+            dtype: deepseek_core::WeightDtype::F32,
+            loss_scaling: Default::default(),
             node_limit: None,
             finetune: None,
             grpo: None,
@@ -349,6 +359,25 @@ impl TrainConfig {
                 "LoRA dropout draws new masks when a block is recomputed: use --lora-dropout 0 with --checkpoint-activations",
             ));
         }
+        if self.dtype != deepseek_core::WeightDtype::F32 {
+            if self.fp8 {
+                return Err(TrainError::config(
+                    "fp8",
+                    format!(
+                        "FP8 training runs its GEMMs on f32 activations: use --dtype f32 with \
+                         --fp8 (not {})",
+                        self.dtype
+                    ),
+                ));
+            }
+            if self.finetune.as_ref().is_some_and(|f| f.lora.is_some()) {
+                return Err(TrainError::config(
+                    "dtype",
+                    "LoRA adapters train in f32; --dtype sets the frozen base's dtype",
+                ));
+            }
+        }
+        self.loss_scaling.validate()?;
         if let Some(limit) = self.node_limit {
             limit
                 .check(model.n_routed_experts, model.num_experts_per_tok)

@@ -562,24 +562,37 @@ pub fn gather_optimizer<AB: AutodiffBackend>(
     optim: &AdamW<AB::InnerBackend>,
     ctx: &RankContext,
 ) -> Result<Option<AdamW<AB::InnerBackend>>> {
-    struct Trainable(Vec<(bool, usize)>);
+    /// Per parameter: trainable, elements, held in half precision (so with master weights).
+    struct Trainable(Vec<(bool, usize, bool)>);
     impl<B: Backend> ModuleVisitor<B> for Trainable {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.0.push((param.is_require_grad(), param.shape().num_elements()));
+            let half = param.val().dtype() != burn::tensor::DType::F32;
+            self.0.push((param.is_require_grad(), param.shape().num_elements(), half));
         }
     }
     let mut params = Trainable(Vec::new());
     model.visit(&mut params);
     let device = model.embed_tokens.weight.val().inner().device();
     let mut tensors = Vec::new();
-    for (index, &(trainable, n)) in params.0.iter().enumerate() {
+    for (index, &(trainable, n, half)) in params.0.iter().enumerate() {
         if !trainable {
             continue;
         }
-        // [present, m (n), v (n)]: only the owner adds anything.
+        // [present, has master, m (n), v (n), and for half-precision parameters the f32 master
+        // weights (n)]: only the owner adds anything.
+        let parts = 2 + usize::from(half);
         let part = match optim.moments(index) {
-            Some((m, v)) => Tensor::cat(vec![Tensor::ones([1], &device), m, v], 0),
-            None => Tensor::zeros([1 + 2 * n], &device),
+            Some((m, v)) => {
+                let master = optim.master(index).filter(|_| half);
+                let flags =
+                    Tensor::from_floats([1.0, f32::from(u8::from(master.is_some()))], &device);
+                let mut pieces = vec![flags, m, v];
+                if half {
+                    pieces.push(master.unwrap_or_else(|| Tensor::zeros([n], &device)));
+                }
+                Tensor::cat(pieces, 0)
+            }
+            None => Tensor::zeros([2 + parts * n], &device),
         };
         let reduced = reduce_sum(part, ctx, "ZeRO-1 optimizer-state")?;
         if !ctx.is_primary() {
@@ -587,11 +600,12 @@ pub fn gather_optimizer<AB: AutodiffBackend>(
         }
         let values: Vec<f32> = reduced.into_data().convert::<f32>().into_vec().expect("f32");
         if values[0] > 0.5 {
-            for (kind, range) in [("m", 1..1 + n), ("v", 1 + n..1 + 2 * n)] {
+            let kept = if values[1] > 0.5 { parts } else { 2 };
+            for (k, kind) in ["m", "v", "w"].into_iter().take(kept).enumerate() {
                 tensors.push(NamedTensor {
                     name: format!("{kind}.{index}"),
                     shape: vec![n],
-                    values: values[range].to_vec(),
+                    values: values[2 + k * n..2 + (k + 1) * n].to_vec(),
                 });
             }
         }
@@ -599,7 +613,7 @@ pub fn gather_optimizer<AB: AutodiffBackend>(
     if !ctx.is_primary() {
         return Ok(None);
     }
-    let sizes: Vec<usize> = params.0.iter().map(|&(_, n)| n).collect();
+    let sizes: Vec<usize> = params.0.iter().map(|&(_, n, _)| n).collect();
     let mut full = AdamW::new(optim.config);
     full.load_state(optim.step, tensors, &sizes, &device)?;
     Ok(Some(full))

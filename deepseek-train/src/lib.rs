@@ -15,6 +15,7 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod pipeline;
+pub mod precision;
 pub mod pretrain;
 pub mod recompute;
 pub mod schedule;

@@ -190,6 +190,11 @@ struct PretrainCli {
     /// How the processes exchange data: tcp, or nccl between CUDA GPUs.
     #[arg(long, default_value = "tcp")]
     transport: Transport,
+    /// Train the weights and activations in f32, bf16 or f16: mixed precision, with f32 master
+    /// weights and moments in the optimizer and the loss, norms, router and softmax in f32; f16
+    /// adds dynamic loss scaling. A resumed run keeps its own.
+    #[arg(long)]
+    dtype: Option<deepseek_core::WeightDtype>,
     /// TOML file with any of the hyperparameters below (flags override it).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -279,8 +284,9 @@ struct SftCli {
     /// Train every weight instead of adapters.
     #[arg(long)]
     full: bool,
-    /// Hold the frozen base in f32, bf16 or f16 (LoRA; the adapters and their optimizer state
-    /// stay f32).
+    /// Hold the frozen base in f32, bf16 or f16 (LoRA: the adapters and their optimizer state
+    /// stay f32); with --full, train the weights in it (mixed precision: f32 master weights and
+    /// moments in the optimizer, dynamic loss scaling for f16).
     #[arg(long, default_value = "f32")]
     dtype: deepseek_core::WeightDtype,
     /// Longest conversation in tokens (longer ones are skipped and counted).
@@ -599,6 +605,9 @@ fn main() -> Result<()> {
     };
     let mut train = read_config(cli.config.as_deref(), Default::default())?;
     apply_hyper(&mut train, &cli.hyper, cli.steps, cli.seed)?;
+    if let Some(dtype) = cli.dtype {
+        train.dtype = dtype;
+    }
     set_balance(&mut train, cli.balance.as_deref())?;
     if cli.steps.is_none() && cli.config.is_none() {
         bail!("--steps is required (or a --config file that sets `steps`)");
@@ -777,6 +786,9 @@ fn run_sft(cli: SftCli) -> Result<()> {
         adapter: None,
         base_dtype: cli.dtype,
     });
+    if cli.full {
+        train.dtype = cli.dtype;
+    }
     // A warmup the flags or the file set is kept; otherwise 3% of the steps.
     let warmup_given = cli.hyper.warmup_steps.is_some()
         || cli.config.as_deref().is_some_and(|p| {

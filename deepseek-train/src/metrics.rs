@@ -37,6 +37,9 @@ pub struct StepRecord {
     /// The update was skipped (non-finite loss with `on_nonfinite = skip`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
+    /// The loss scale of an f16 run after this step ([`crate::precision`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
 }
 
 /// One evaluation on the validation split.
@@ -417,6 +420,7 @@ mod tests {
             max_vio_batch: 0.5,
             tokens: 10,
             skipped: false,
+            loss_scale: None,
         }
     }
 

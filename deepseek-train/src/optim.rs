@@ -13,12 +13,18 @@
 //!
 //! The moments are kept per parameter in module visiting order, flattened, so that they can be
 //! saved and restored exactly.
+//!
+//! **Mixed precision** (DeepSeek-V3 §3.3): a parameter held in bf16 or f16 gets an f32 master
+//! copy here, beside its f32 moments. Its gradient is widened to f32, the update runs on the
+//! master, and the parameter becomes the master rounded to its dtype. Updates smaller than half
+//! a bf16 step (2⁻⁹ relative) would otherwise vanish: with lr 1e-3 most of them are.
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion, FloatDType, Tensor, TensorData};
 use deepseek_core::checkpoint::NamedTensor;
+use deepseek_core::dtype::round_to;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
@@ -46,6 +52,18 @@ impl Default for AdamWConfig {
 struct Moments<B: Backend> {
     m: Tensor<B, 1>,
     v: Tensor<B, 1>,
+    /// The f32 master weights of a parameter held in bf16 or f16.
+    master: Option<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Moments<B> {
+    fn to_device(&self, device: &B::Device) -> Self {
+        Self {
+            m: self.m.clone().to_device(device),
+            v: self.v.clone().to_device(device),
+            master: self.master.clone().map(|w| w.to_device(device)),
+        }
+    }
 }
 
 /// The optimizer state: step count and first/second moments per parameter.
@@ -62,16 +80,8 @@ pub struct AdamW<B: Backend> {
 impl<B: Backend> AdamW<B> {
     /// A copy of the state on `device` (another data-parallel rank's).
     pub fn to_device(&self, device: &B::Device) -> Self {
-        let moments = self
-            .moments
-            .iter()
-            .map(|m| {
-                m.as_ref().map(|m| Moments {
-                    m: m.m.clone().to_device(device),
-                    v: m.v.clone().to_device(device),
-                })
-            })
-            .collect();
+        let moments =
+            self.moments.iter().map(|m| m.as_ref().map(|m| m.to_device(device))).collect();
         Self { config: self.config, step: self.step, moments, owned: self.owned.clone() }
     }
 
@@ -83,10 +93,9 @@ impl<B: Backend> AdamW<B> {
             .iter()
             .enumerate()
             .map(|(i, m)| {
-                m.as_ref().filter(|_| owned.get(i).copied().unwrap_or(false)).map(|m| Moments {
-                    m: m.m.clone().to_device(device),
-                    v: m.v.clone().to_device(device),
-                })
+                m.as_ref()
+                    .filter(|_| owned.get(i).copied().unwrap_or(false))
+                    .map(|m| m.to_device(device))
             })
             .collect();
         Self { config: self.config, step: self.step, moments, owned: Some(owned) }
@@ -100,6 +109,12 @@ impl<B: Backend> AdamW<B> {
     /// The moments `(m, v)` of parameter `index` (visiting order), if this state holds them.
     pub fn moments(&self, index: usize) -> Option<(Tensor<B, 1>, Tensor<B, 1>)> {
         self.moments.get(index)?.as_ref().map(|m| (m.m.clone(), m.v.clone()))
+    }
+
+    /// The f32 master weights of parameter `index` (one held in bf16 or f16), if this state
+    /// holds them.
+    pub fn master(&self, index: usize) -> Option<Tensor<B, 1>> {
+        self.moments.get(index)?.as_ref()?.master.clone()
     }
 }
 
@@ -188,12 +203,15 @@ impl<B: Backend> AdamW<B> {
         (module, StepStats { grad_norm, clip_scale })
     }
 
-    /// The moments as named f32 tensors (`m.{i}`, `v.{i}`, `i` = parameter visiting order).
+    /// The moments as named f32 tensors (`m.{i}`, `v.{i}`, `i` = parameter visiting order), and
+    /// the master weights of mixed-precision parameters (`w.{i}`).
     pub fn state_tensors(&self) -> Vec<NamedTensor> {
         let mut out = Vec::new();
         for (i, slot) in self.moments.iter().enumerate() {
-            if let Some(Moments { m, v }) = slot {
-                for (kind, t) in [("m", m), ("v", v)] {
+            if let Some(Moments { m, v, master }) = slot {
+                for (kind, t) in
+                    [("m", m), ("v", v)].into_iter().chain(master.iter().map(|w| ("w", w)))
+                {
                     let values: Vec<f32> =
                         t.to_data().convert::<f32>().into_vec().expect("f32 moments");
                     out.push(NamedTensor {
@@ -217,9 +235,9 @@ impl<B: Backend> AdamW<B> {
         device: &B::Device,
     ) -> Result<()> {
         let mut moments: Vec<Option<Moments<B>>> = (0..sizes.len()).map(|_| None).collect();
-        // Parameter index → (first moment, second moment), until both have been read.
-        type Halves = (Option<Vec<f32>>, Option<Vec<f32>>);
-        let mut pending: std::collections::HashMap<usize, Halves> = Default::default();
+        // Parameter index → (first moment, second moment, master weights), until all are read.
+        type Parts = (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>);
+        let mut pending: std::collections::HashMap<usize, Parts> = Default::default();
         for t in tensors {
             let bad =
                 || TrainError::config("optimizer state", format!("unexpected tensor `{}`", t.name));
@@ -241,21 +259,21 @@ impl<B: Backend> AdamW<B> {
             match kind {
                 "m" => entry.0 = Some(t.values),
                 "v" => entry.1 = Some(t.values),
+                "w" => entry.2 = Some(t.values),
                 _ => return Err(bad()),
             }
         }
-        for (index, pair) in pending {
-            let (Some(m), Some(v)) = pair else {
+        for (index, parts) in pending {
+            let (Some(m), Some(v), master) = parts else {
                 return Err(TrainError::config(
                     "optimizer state",
-                    format!("parameter {index} has only one of its two moments"),
+                    format!("parameter {index} lacks one of its two moments"),
                 ));
             };
             let n = m.len();
-            moments[index] = Some(Moments {
-                m: Tensor::from_data(TensorData::new(m, [n]), device),
-                v: Tensor::from_data(TensorData::new(v, [n]), device),
-            });
+            let tensor = |values: Vec<f32>| Tensor::from_data(TensorData::new(values, [n]), device);
+            moments[index] =
+                Some(Moments { m: tensor(m), v: tensor(v), master: master.map(tensor) });
         }
         self.moments = moments;
         self.step = step;
@@ -274,6 +292,14 @@ pub fn param_sizes<B: Backend, M: burn::module::Module<B>>(module: &M) -> Vec<us
     let mut sizes = Sizes(Vec::new());
     module.visit(&mut sizes);
     sizes.0
+}
+
+/// `t` in f32 (unchanged when it is).
+fn f32<B: Backend>(t: Tensor<B, 1>) -> Tensor<B, 1> {
+    match t.dtype() {
+        DType::F32 => t,
+        _ => t.cast(FloatDType::F32),
+    }
 }
 
 struct Update<'a, B: Backend> {
@@ -300,31 +326,41 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB::InnerBackend> {
         };
         let require_grad = tensor.is_require_grad();
         let value = tensor.inner();
-        let shape = value.shape();
+        let (shape, dtype) = (value.shape(), value.dtype());
         let n = shape.num_elements();
         let c = self.config;
-        let mut g = grad.reshape([n]);
+        let mut g = f32(grad.reshape([n]));
         if self.clip_scale != 1.0 {
             g = g.mul_scalar(self.clip_scale);
         }
         if self.moments.len() <= index {
             self.moments.resize_with(index + 1, || None);
         }
-        let (m, v) = match self.moments[index].take() {
-            Some(Moments { m, v }) => (m, v),
-            None => (g.zeros_like(), g.zeros_like()),
+        let (m, v, master) = match self.moments[index].take() {
+            Some(Moments { m, v, master }) => (m, v, master),
+            None => (g.zeros_like(), g.zeros_like(), None),
+        };
+        // A half-precision parameter is updated through its f32 master (taken from the
+        // parameter on the first step: widening is exact).
+        let mixed = dtype != DType::F32;
+        let mut flat = match master {
+            Some(w) if mixed => w,
+            _ => f32(value.reshape([n])),
         };
         let m = m.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
         let v = v.mul_scalar(c.beta2) + g.powi_scalar(2).mul_scalar(1.0 - c.beta2);
         let update = m.clone().div_scalar(self.correction1)
             / v.clone().div_scalar(self.correction2).sqrt().add_scalar(c.eps);
-        let mut flat = value.reshape([n]);
         if D >= 2 && c.weight_decay > 0.0 {
             flat = flat.mul_scalar(1.0 - self.lr * c.weight_decay);
         }
         flat = flat - update.mul_scalar(self.lr);
-        self.moments[index] = Some(Moments { m, v });
-        let mut out = Tensor::from_inner(flat.reshape(shape));
+        let (value, master) = match mixed {
+            true => (round_to(flat.clone(), FloatDType::from(dtype)), Some(flat)),
+            false => (flat, None),
+        };
+        self.moments[index] = Some(Moments { m, v, master });
+        let mut out = Tensor::from_inner(value.reshape(shape));
         if require_grad {
             out = out.require_grad();
         }
@@ -423,5 +459,49 @@ mod tests {
         assert_eq!(restored.state_tensors(), saved);
         let err = restored.load_state(3, saved, &[4, 3], &device).err().unwrap().to_string();
         assert!(err.contains("another model"), "{err}");
+    }
+
+    #[derive(Module, Debug)]
+    struct Weights<B: Backend> {
+        w: Param<Tensor<B, 2>>,
+    }
+
+    #[test]
+    fn a_bf16_parameter_takes_updates_below_its_rounding_step_through_its_f32_master() {
+        let device = Default::default();
+        let start = [1.0f64, -0.5];
+        let w = Tensor::<AB, 2>::from_data(
+            TensorData::new(start.map(|v| v as f32).to_vec(), [1, 2]),
+            (&device, DType::BF16),
+        );
+        let mut model = Weights { w: Param::from_tensor(w.require_grad()) };
+        let config = AdamWConfig { max_grad_norm: None, ..Default::default() };
+        let mut opt = AdamW::<Flex>::new(config);
+        // Gradients (1, -1) every step: each update is about lr = 2e-4, a tenth of half a bf16
+        // step at 1.0 (2⁻⁸ below it): rounded into the weight alone, none would ever land.
+        let (lr, steps) = (2e-4, 60);
+        let sign = Tensor::<AB, 2>::from_floats([[1.0, -1.0]], &device).cast(FloatDType::BF16);
+        for _ in 0..steps {
+            let loss = (model.w.val() * sign.clone()).sum();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = opt.step::<AB, _>(lr, model, grads).0;
+        }
+        assert_eq!(model.w.val().dtype(), DType::BF16, "the weight stays bf16");
+        let master = values(opt.master(0).expect("an f32 master for the bf16 weight"));
+        let held = values(model.w.val());
+        for i in 0..2 {
+            let g = if i == 0 { 1.0 } else { -1.0 };
+            let expected = reference(start[i], &[g; 60], lr, config, true, &[1.0; 60]);
+            assert!((master[i] - expected).abs() < 1e-6, "master {i}: {} vs {expected}", master[i]);
+            let rounded = half::bf16::from_f32(master[i] as f32).to_f64();
+            assert_eq!(held[i], rounded, "weight {i} is its master rounded to bf16");
+            assert_ne!(held[i], start[i], "weight {i} moved");
+        }
+        // The master weights round-trip through the saved state.
+        let saved = opt.state_tensors();
+        assert!(saved.iter().any(|t| t.name == "w.0"), "{:?}", saved.iter().map(|t| &t.name));
+        let mut restored = AdamW::<Flex>::new(config);
+        restored.load_state(opt.step, saved.clone(), &param_sizes(&model), &device).unwrap();
+        assert_eq!(restored.state_tensors(), saved);
     }
 }

@@ -249,7 +249,8 @@ fn start<AB: AutodiffBackend>(
         let model = match &args.init_from {
             Some(dir) => {
                 // FP8 weights are frozen: a model that trains holds them dequantized.
-                let options = LoadOptions::default().with_dequantize_fp8(true);
+                let options =
+                    LoadOptions::default().with_dequantize_fp8(true).with_dtype(args.train.dtype);
                 let mut m = deepseek_core::load_model::<AB>(dir, device, options)?;
                 // A new YaRN factor changes the rotary tables and the softmax scale only.
                 if m.config != *model_cfg {

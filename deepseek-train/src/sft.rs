@@ -287,16 +287,16 @@ pub fn sft(args: &SftArgs) -> Result<SftSummary> {
 /// router.
 pub fn prepare_model<AB: AutodiffBackend>(
     finetune: &Finetune,
+    dtype: deepseek_core::WeightDtype,
     seed: u64,
     device: &AB::Device,
 ) -> Result<DeepSeekModel<AB>> {
-    if finetune.lora.is_none() && finetune.base_dtype != deepseek_core::WeightDtype::F32 {
+    if finetune.lora.is_none() && finetune.adapter.is_none() && finetune.base_dtype != dtype {
         return Err(TrainError::config(
             "base_dtype",
             format!(
-                "--dtype {} holds a frozen LoRA base; full fine-tuning trains every weight in \
-                 f32 (mixed precision with f32 master weights is not implemented yet): drop \
-                 --full or use --dtype f32",
+                "full fine-tuning holds the weights it trains in the run's dtype ({dtype}; `sft \
+                 --full --dtype` sets it, `grpo --full` trains in f32), not in the base's {}",
                 finetune.base_dtype
             ),
         ));
@@ -381,7 +381,7 @@ fn run<AB: AutodiffBackend>(args: &SftArgs, devices: &[AB::Device]) -> Result<Sf
         if let Some((step, dir)) = checkpoint::latest(out) {
             return Err(TrainError::checkpoint(&dir, format!("{} already holds a run (checkpoint at step {step}): pass --resume to continue it, or choose another --out", out.display())));
         }
-        let model = prepare_model::<AB>(&finetune, config.seed, device)?;
+        let model = prepare_model::<AB>(&finetune, config.dtype, config.seed, device)?;
         Trainer::new(model, config.clone(), DataConfig::default(), out, device)?
     };
     trainer.progress = args.progress;

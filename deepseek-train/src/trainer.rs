@@ -30,6 +30,7 @@ use crate::error::{Result, TrainError};
 use crate::loss::{batch_objective, BalanceMode, LossWeights};
 use crate::metrics::{EvalRecord, MetricsWriter, StepRecord};
 use crate::optim::AdamW;
+use crate::precision::{widen_gradients, LossScale};
 use crate::recompute::checkpointed_gradients;
 use crate::source::{BatchReader, HostBatch, TrainingData};
 
@@ -89,6 +90,8 @@ struct Position {
     position: u64,
     tokens: u64,
     elapsed_s: f64,
+    /// An f16 run's loss scale.
+    loss_scale: Option<LossScale>,
 }
 
 /// What [`Trainer::accumulate`] leaves for the rest of the step.
@@ -131,6 +134,8 @@ pub struct Trainer<AB: AutodiffBackend> {
     pub rank: Option<RankContext>,
     pub(crate) elapsed_before: f64,
     consecutive_skips: usize,
+    /// The loss scale of an f16 run ([`crate::precision`]); `None` otherwise.
+    loss_scale: Option<LossScale>,
     /// Show a progress bar on stderr.
     pub progress: bool,
 }
@@ -163,6 +168,12 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         metrics: Option<MetricsWriter>,
         rank: Option<RankContext>,
     ) -> Self {
+        let loss_scale = match config.dtype {
+            deepseek_core::WeightDtype::F16 => {
+                Some(at.loss_scale.unwrap_or_else(|| LossScale::new(&config.loss_scaling)))
+            }
+            _ => None,
+        };
         Self {
             model,
             optim,
@@ -177,6 +188,7 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             rank,
             elapsed_before: at.elapsed_s,
             consecutive_skips: 0,
+            loss_scale,
             progress: false,
         }
     }
@@ -190,9 +202,17 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         device: &AB::Device,
     ) -> Result<Self> {
         config.validate(&model.config)?;
+        config.dtype.check_supported::<AB>(device)?;
         std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
         // Draw every lazy parameter now, in a fixed order, so the run is a function of the seed.
         model.materialize();
+        // Mixed precision: the weights train in `dtype`, their f32 masters live in the
+        // optimizer. A LoRA base keeps the dtype it was loaded in (the adapters are f32).
+        let lora = config.finetune.as_ref().is_some_and(|f| f.lora.is_some());
+        let model = match config.dtype {
+            dtype if lora || dtype == model.dtype() => model,
+            dtype => model.cast(dtype),
+        };
         let optim = AdamW::new(config.optim);
         let model = with_recipe(model, &config)?;
         let metrics = MetricsWriter::open(out, None)?;
@@ -234,6 +254,7 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             position: state.position,
             tokens: state.tokens,
             elapsed_s: state.elapsed_s,
+            loss_scale: state.loss_scale,
         };
         let model = with_recipe(loaded.model, &merged)?;
         Ok(Self::assemble(
@@ -257,6 +278,7 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             position: self.position,
             tokens: self.tokens,
             elapsed_s: self.elapsed_before,
+            loss_scale: self.loss_scale,
         };
         let model = distributed::replica(&self.model, device);
         let optim = match rank.zero1 {
@@ -337,6 +359,7 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             max_vio_batch: stats.counts.iter().map(|c| max_vio(c)).fold(0.0, f64::max),
             tokens: self.tokens,
             skipped,
+            loss_scale: self.loss_scale.map(|s| s.scale),
         };
         if let Some(metrics) = &mut self.metrics {
             metrics.write(&record)?;
@@ -352,6 +375,8 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         let mut accumulator = GradientsAccumulator::<DeepSeekModel<AB>>::new();
         let mut stats: Option<Tensor<AB::InnerBackend, 1>> = None;
         let (mut has_mtp, mut has_balance) = (false, false);
+        let scale = self.loss_scale.map_or(1.0, |s| s.scale);
+        let mixed = cfg.dtype != deepseek_core::WeightDtype::F32;
         for _ in 0..cfg.grad_accum {
             let host = self.batch(reader, cfg.seed, self.position, cfg.batch_size);
             if cfg.finetune.as_ref().and_then(|f| f.lora.as_ref()).is_some_and(|l| l.dropout > 0.0)
@@ -366,15 +391,20 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             }
             self.position += cfg.batch_size as u64;
             let batch = host.to_device(&self.device);
-            // Each rank's loss is a mean over its share: the global mean is their average.
-            let shares = (cfg.grad_accum * self.world()) as f64;
-            let (loss, grads) = if cfg.checkpoint_activations {
-                checkpointed_gradients(&self.model, batch, weights, shares)?
+            // Each rank's loss is a mean over its share: the global mean is their average. An
+            // f16 run's loss is multiplied by its scale here.
+            let divisor = (cfg.grad_accum * self.world()) as f64 / scale;
+            let (loss, mut grads) = if cfg.checkpoint_activations {
+                checkpointed_gradients(&self.model, batch, weights, divisor)?
             } else {
                 let loss = batch_objective(&self.model, batch, weights);
-                let backward = loss.total.clone().div_scalar(shares).backward();
+                let backward = loss.total.clone().div_scalar(divisor).backward();
                 (loss, GradientsParams::from_grads(backward, &self.model))
             };
+            if mixed {
+                // Summed over micro-batches and ranks in f32, unscaled.
+                grads = widen_gradients(&self.model, grads, 1.0 / scale);
+            }
             accumulator.accumulate(&self.model, grads);
             (has_mtp, has_balance) = (loss.mtp.is_some(), loss.balance.is_some());
             let zero = || loss.main.zeros_like();
@@ -435,6 +465,14 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         stats: &StepStats,
     ) -> Result<bool> {
         let total = stats.loss + stats.mtp_loss.unwrap_or(0.0) + stats.balance_loss.unwrap_or(0.0);
+        if let Some(scale) = &mut self.loss_scale {
+            // f16: gradients that overflowed at this scale skip the step and halve it; a
+            // non-finite loss is the non-finite policy's.
+            if total.is_finite() && !grad_norm.is_finite() {
+                scale.back_off(self.step + 1)?;
+                return Ok(false);
+            }
+        }
         if !finite_or_skip(&self.config, &mut self.consecutive_skips, self.step, total, grad_norm)?
         {
             return Ok(false);
@@ -446,6 +484,9 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             model = distributed::gather_params(model, owned, rank)?;
         }
         self.model = model;
+        if let Some(scale) = &mut self.loss_scale {
+            scale.grow(&self.config.loss_scaling);
+        }
         if updates_biases(&self.config, self.step) {
             update_model_biases(&mut self.model, &stats.counts, self.config.bias_gamma as f32);
         }
@@ -489,6 +530,7 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             elapsed_s,
             train: self.config.clone(),
             data: self.data_config.clone(),
+            loss_scale: self.loss_scale,
         }
     }
 

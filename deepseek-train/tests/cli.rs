@@ -133,6 +133,9 @@ fn bad_input_is_a_clear_error() {
         (vec!["--seq-len", "4096"], "max_position_embeddings"),
         (vec!["--balance", "sometimes"], "aux-free"),
         (vec!["--device", "tpu"], "flex"),
+        (vec!["--dtype", "f8"], "FP8 checkpoint"),
+        (vec!["--dtype", "bf16", "--fp8"], "--dtype f32 with --fp8"),
+        (vec!["--dtype", "f16", "--pipeline-parallel", "2", "--ranks", "2"], "mixed-precision"),
     ];
     for (extra, expected) in cases {
         let mut args =

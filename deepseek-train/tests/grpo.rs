@@ -493,7 +493,7 @@ fn the_cli_runs_grpo_and_rejects_bad_flags() {
         (vec!["--ops", "divide"], "unknown operation"),
         (vec!["--config", toml.to_str().unwrap()], "not a [grpo] table"),
         (vec!["--resume"], "no checkpoint"),
-        (vec!["--full", "--dtype", "bf16"], "LoRA base"),
+        (vec!["--full", "--dtype", "bf16"], "`grpo --full` trains in f32"),
     ];
     for (extra, expected) in cases {
         let mut args = vec!["--model", base_s, "--out", bad.to_str().unwrap(), "--steps", "1"];

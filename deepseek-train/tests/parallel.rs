@@ -254,3 +254,43 @@ fn zero1_equals_the_replicated_run_and_its_checkpoints_resume_on_any_rank_count(
     assert_eq!(resume("zero1-ep1", 1, false), resume("replicated-ep1", 1, false));
     assert_eq!(resume("replicated-ep1", 2, true), resume("replicated-ep1", 2, false));
 }
+
+#[test]
+fn bf16_training_with_zero1_equals_the_replicated_run_masters_included() {
+    let _turn = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, zero1: bool| {
+        let out = dir.path().join(name);
+        // 2 ranks, 2 expert-parallel: the all-to-all carries bf16 activations.
+        let mut a = args(&out, 2, 2);
+        a.train.dtype = deepseek_core::WeightDtype::Bf16;
+        a.layout.zero1 = zero1;
+        pretrain(&a).unwrap();
+        out
+    };
+    let (replicated, sharded) = (run("replicated", false), run("zero1", true));
+    let bits = |out: &Path| -> Vec<(u32, u64)> {
+        steps(out).iter().map(|r| (r.loss.to_bits(), r.grad_norm.to_bits())).collect()
+    };
+    assert_eq!(bits(&sharded), bits(&replicated), "losses");
+    // Each rank kept the f32 masters of its half; the checkpoint gathers all of them.
+    let files = checkpoint_files(&sharded);
+    let (_, optimizer) = files.iter().find(|(name, _)| name.contains("optimizer")).unwrap();
+    let state = safetensors::SafeTensors::deserialize(optimizer).unwrap();
+    let masters = state.names().iter().filter(|n| n.starts_with("w.")).count();
+    let moments = state.names().iter().filter(|n| n.starts_with("m.")).count();
+    assert_eq!(masters, moments, "a master for every trained parameter");
+    assert!(files == checkpoint_files(&replicated), "checkpoint files differ");
+    // Close to the f32 run of the same layout.
+    let f32_run = dir.path().join("f32");
+    pretrain(&args(&f32_run, 2, 2)).unwrap();
+    for (a, b) in steps(&sharded).iter().zip(steps(&f32_run)) {
+        assert!(
+            (a.loss - b.loss).abs() < 0.01 * b.loss,
+            "step {}: {} vs {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+    }
+}

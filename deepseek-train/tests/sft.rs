@@ -223,9 +223,13 @@ fn lora_trains_adapters_only_and_leaves_the_base_bit_identical() {
     write_data(&data, 24);
     let a = args(&base, &data, &dir.path().join("run"), 4, true, true);
     let finetune = a.train.finetune.clone().unwrap();
-    let model =
-        deepseek_train::sft::prepare_model::<Autodiff<B>>(&finetune, 0, &Default::default())
-            .unwrap();
+    let model = deepseek_train::sft::prepare_model::<Autodiff<B>>(
+        &finetune,
+        deepseek_core::WeightDtype::F32,
+        0,
+        &Default::default(),
+    )
+    .unwrap();
     let (trainable, total) = deepseek_train::sft::count_params(&model);
     assert!(trainable > 0 && trainable * 10 < total, "{trainable} of {total}");
     let settings = deepseek_train::sft::data_settings(&a).unwrap();
@@ -445,14 +449,36 @@ fn lora_on_a_bf16_base_trains_like_f32_and_resumes_exactly() {
     // A resume in another dtype is refused, naming the flag.
     let e = sft(&run("resumed", 6, F32, true)).err().unwrap().to_string();
     assert!(e.contains("--dtype") && e.contains("bf16"), "{e}");
-    // Full fine-tuning does not train a half-precision base.
-    let out = dir.path().join("full");
+    // Full fine-tuning in bf16: the weights in bf16, their f32 masters in the optimizer; the
+    // losses follow the f32 run closely.
+    let full_run = |name: &str, dtype: deepseek_core::WeightDtype| {
+        let mut a = args(&base, &data, &dir.path().join(name), 4, false, false);
+        a.train.dtype = dtype;
+        a.train.finetune.as_mut().unwrap().base_dtype = dtype;
+        a
+    };
+    sft(&full_run("full-f32", F32)).unwrap();
+    sft(&full_run("full-bf16", Bf16)).unwrap();
+    let (a, b) = (losses("full-f32"), losses("full-bf16"));
+    // Measured: 0.15% apart at the first step (the bf16 rounding of the base), at most 2.1%
+    // after steps of lr 5e-3.
+    assert!(a != b, "the bf16 run is not the f32 run");
+    assert!((a[0] - b[0]).abs() < 0.005 * a[0], "full f32 {a:?} against bf16 {b:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 0.05 * x, "full f32 {a:?} against bf16 {b:?}");
+    }
+    assert!(b[0] - b[3] > 0.5, "the bf16 run learns: {b:?}");
+    // Weights and base in different dtypes are refused.
+    let mut mismatched = full_run("mismatched", F32);
+    mismatched.train.finetune.as_mut().unwrap().base_dtype = Bf16;
+    let e = sft(&mismatched).err().unwrap().to_string();
+    assert!(e.contains("full fine-tuning holds the weights"), "{e}");
+    // The command line takes `--full --dtype bf16`.
+    let out = dir.path().join("full-cli");
     let args = ["--model", base.to_str().unwrap(), "--data", data.to_str().unwrap()];
-    let (ok, stderr) = sft_cli(
-        &[&args[..], &["--out", out.to_str().unwrap(), "--full", "--dtype", "bf16"]].concat(),
-    );
-    assert!(!ok && stderr.contains("--dtype bf16") && stderr.contains("LoRA"), "{stderr}");
-    assert!(!out.exists());
+    let flags = ["--out", out.to_str().unwrap(), "--full", "--dtype", "bf16", "--steps", "1"];
+    let (ok, stderr) = sft_cli(&[&args[..], &flags].concat());
+    assert!(ok, "{stderr}");
 }
 
 #[test]

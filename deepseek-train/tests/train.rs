@@ -98,12 +98,11 @@ fn resume_is_bitwise_identical_to_an_uninterrupted_run() {
     assert_eq!(second.step, 3);
     split_steps.extend(run(&mut second, &data));
 
-    let bits = |s: &[StepRecord]| {
-        s.iter()
-            .map(|r| (r.loss.to_bits(), r.mtp_loss.map(f32::to_bits), r.grad_norm.to_bits()))
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(bits(&split_steps), bits(&straight_steps), "losses and gradient norms, bit for bit");
+    assert_eq!(
+        record_bits(&split_steps),
+        record_bits(&straight_steps),
+        "losses and gradient norms, bit for bit"
+    );
     // The loss went down and the balancing bias moved.
     assert!(straight_steps[5].loss < straight_steps[0].loss);
     assert!(bias_of(&straight.model).iter().any(|&b| b != 0.0));
@@ -377,4 +376,130 @@ fn fp8_training_resumes_and_tracks_full_precision() {
             b.loss
         );
     }
+}
+
+/// The step records' losses and gradient norms, bit for bit.
+fn record_bits(steps: &[StepRecord]) -> Vec<(u32, Option<u32>, u64)> {
+    steps
+        .iter()
+        .map(|r| (r.loss.to_bits(), r.mtp_loss.map(f32::to_bits), r.grad_norm.to_bits()))
+        .collect()
+}
+
+#[test]
+fn bf16_and_f16_training_keep_f32_masters_resume_bit_for_bit_and_track_f32() {
+    use deepseek_core::WeightDtype;
+    let dir = tempfile::tempdir().unwrap();
+    let data = data(dir.path());
+    let device = Default::default();
+    let full = run(&mut fresh(&dir.path().join("f32"), config(6)), &data);
+    for dtype in [WeightDtype::Bf16, WeightDtype::F16] {
+        let mixed = |steps| TrainConfig { dtype, ..config(steps) };
+        let mut straight = fresh(&dir.path().join(format!("{dtype}")), mixed(6));
+        let straight_steps = run(&mut straight, &data);
+        let split_dir = dir.path().join(format!("{dtype}-split"));
+        let mut first = fresh(&split_dir, mixed(3));
+        let mut split_steps = run(&mut first, &data);
+        drop(first);
+        // The dtype is part of the saved recipe; the masters and the loss scale are saved.
+        let mut second =
+            Trainer::<AB>::resume(&split_dir, &DeepSeekConfig::tiny(), config(6), &device).unwrap();
+        assert_eq!(second.config.dtype, dtype);
+        split_steps.extend(run(&mut second, &data));
+        assert_eq!(record_bits(&split_steps), record_bits(&straight_steps), "{dtype}: resume");
+        assert_eq!(second.optim.state_tensors(), straight.optim.state_tensors(), "{dtype}");
+
+        // The weights stay in the dtype and are their f32 masters rounded; the balancing bias
+        // stays f32.
+        assert_eq!(straight.model.dtype(), dtype);
+        let mut index = 0;
+        let mut checked = 0;
+        let masters = straight.optim.state_tensors();
+        struct Rounded<'a> {
+            masters: &'a [deepseek_core::checkpoint::NamedTensor],
+            index: &'a mut usize,
+            checked: &'a mut usize,
+            dtype: WeightDtype,
+        }
+        impl burn::module::ModuleVisitor<AB> for Rounded<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+                let i = *self.index;
+                *self.index += 1;
+                let value = param.val();
+                if !param.is_require_grad() {
+                    assert_eq!(value.dtype(), burn::tensor::DType::F32, "the bias stays f32");
+                    return;
+                }
+                assert_eq!(value.dtype(), self.dtype.dtype(), "parameter {i}");
+                let name = format!("w.{i}");
+                let master = self.masters.iter().find(|t| t.name == name).expect("a master");
+                let held: Vec<f32> = value.into_data().convert::<f32>().into_vec().unwrap();
+                let rounded = |v: f32| match self.dtype {
+                    WeightDtype::Bf16 => half::bf16::from_f32(v).to_f32(),
+                    _ => half::f16::from_f32(v).to_f32(),
+                };
+                let wrong = held.iter().zip(&master.values).filter(|(h, m)| **h != rounded(**m));
+                assert_eq!(wrong.count(), 0, "parameter {i} is not its master rounded");
+                *self.checked += 1;
+            }
+        }
+        straight.model.visit(&mut Rounded {
+            masters: &masters,
+            index: &mut index,
+            checked: &mut checked,
+            dtype,
+        });
+        assert!(checked > 10, "{checked} parameters checked");
+
+        // Close to the f32 run, not equal to it.
+        assert_ne!(full[5].loss.to_bits(), straight_steps[5].loss.to_bits());
+        for (a, b) in straight_steps.iter().zip(&full) {
+            let gap = (a.loss - b.loss).abs() / b.loss;
+            assert!(gap < 0.01, "{dtype} step {}: {} vs f32 {} ({gap:.4})", a.step, a.loss, b.loss);
+            // Unscaled: AdamW would hide a gradient off by the loss scale, the norm does not.
+            let gap = (a.grad_norm - b.grad_norm).abs() / b.grad_norm;
+            assert!(
+                gap < 0.05,
+                "{dtype} step {}: gradient norm {} vs {}",
+                a.step,
+                a.grad_norm,
+                b.grad_norm
+            );
+        }
+        let scaled = straight_steps.iter().all(|r| r.loss_scale.is_some());
+        assert_eq!(scaled, dtype == WeightDtype::F16, "{dtype}: only f16 scales its loss");
+    }
+}
+
+#[test]
+fn the_f16_loss_scale_backs_off_on_overflow_and_grows_after_clean_steps() {
+    use deepseek_core::WeightDtype;
+    use deepseek_train::precision::LossScaling;
+    let dir = tempfile::tempdir().unwrap();
+    let data = data(dir.path());
+    // 2^24 overflows f16 gradients (65504 at most) until the scale has come down.
+    let scaling = LossScaling { initial: 16_777_216.0, growth_interval: 2 };
+    let cfg = TrainConfig { dtype: WeightDtype::F16, loss_scaling: scaling, ..config(14) };
+    let mut trainer = fresh(&dir.path().join("f16"), cfg);
+    let steps = run(&mut trainer, &data);
+    // Replay the rule on the records: a skipped step halves the scale, two clean steps in a row
+    // double it.
+    let (mut scale, mut clean) = (scaling.initial, 0);
+    for r in &steps {
+        assert!(r.loss.is_finite(), "step {}: the loss itself is finite", r.step);
+        if r.skipped {
+            assert!(!r.grad_norm.is_finite(), "step {}: skipped with finite gradients", r.step);
+            (scale, clean) = (scale / 2.0, 0);
+        } else {
+            assert!(r.grad_norm.is_finite(), "step {}", r.step);
+            clean += 1;
+            if clean == scaling.growth_interval {
+                (scale, clean) = (scale * 2.0, 0);
+            }
+        }
+        assert_eq!(r.loss_scale, Some(scale), "step {}", r.step);
+    }
+    let applied = steps.iter().filter(|r| !r.skipped).count();
+    assert!(applied >= 4 && applied < steps.len(), "{applied} of {} steps applied", steps.len());
+    assert_eq!(trainer.optim.step, applied as u64, "skipped steps leave the optimizer alone");
 }

@@ -517,7 +517,7 @@ fn run<AB: AutodiffBackend>(
         if let Some((step, dir)) = checkpoint::latest(out) {
             return Err(TrainError::checkpoint(&dir, format!("{} already holds a run (checkpoint at step {step}): pass --resume to continue it, or choose another --out", out.display())));
         }
-        let model = crate::sft::prepare_model::<AB>(&finetune, config.seed, device)?;
+        let model = crate::sft::prepare_model::<AB>(&finetune, config.dtype, config.seed, device)?;
         (model, AdamW::new(config.optim), 0, 0, 0.0)
     };
     deepseek_core::register_autodiff::<AB::InnerBackend>();
@@ -613,6 +613,7 @@ fn run<AB: AutodiffBackend>(
                 elapsed_s: elapsed_before + run_start.elapsed().as_secs_f64(),
                 train: config.clone(),
                 data: Default::default(),
+                loss_scale: None,
             };
             checkpoint::save(out, &model, &optim, &state, config.keep_checkpoints)?;
         }

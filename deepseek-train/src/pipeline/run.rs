@@ -88,6 +88,16 @@ pub fn check(
             "activation checkpointing under pipeline parallelism is not supported yet",
         ));
     }
+    if train.dtype != deepseek_core::WeightDtype::F32 {
+        return Err(TrainError::config(
+            "dtype",
+            format!(
+                "mixed-precision training (--dtype {}) under pipeline parallelism is not \
+                 supported yet",
+                train.dtype
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -672,6 +682,7 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
             max_vio_batch: counts.iter().map(|c| max_vio(c)).fold(0.0, f64::max),
             tokens: self.tokens,
             skipped: !apply,
+            loss_scale: None,
         })
     }
 

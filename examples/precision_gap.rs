@@ -1,12 +1,16 @@
-//! The FP8 training check of DeepSeek-V3 (§3.3, Appendix B.1): the same model trained on the
-//! same data with the same seed, once with f32 GEMMs and once with FP8 ones (E4M3 operands with
-//! 1×128 activation / gradient tiles and 128×128 weight blocks, forward and backward, f32
-//! accumulation and master weights). Prints the relative difference of the final training and
-//! validation losses as a Markdown table (the paper reports under 0.25% against BF16) and draws
-//! both curves and their relative difference into `<out>/fp8_gap.png`.
+//! The precision check of DeepSeek-V3 (§3.3, Appendix B.1): the same model trained on the same
+//! data with the same seed in f32 and in each reduced precision asked for:
+//! - `fp8`: FP8 GEMMs (E4M3 operands with 1×128 activation / gradient tiles and 128×128 weight
+//!   blocks, forward and backward, f32 accumulation and master weights);
+//! - `bf16`, `f16`: mixed precision (weights and activations in bf16 / f16, f32 master weights
+//!   and moments; f16 with dynamic loss scaling).
+//!
+//! Prints the relative difference of the final training and validation losses to f32 as a
+//! Markdown table (the paper reports under 0.25% for FP8 against BF16) and draws the curves and
+//! their relative differences into `<out>/precision_gap.png`.
 //!
 //! ```sh
-//! cargo run --release -p deepseek-examples --example fp8_gap [-- --steps 700 --seed 0 --out runs/fp8_gap]
+//! cargo run --release -p deepseek-examples --example precision_gap [-- --with fp8,bf16,f16 --steps 700 --seed 0 --out runs/precision_gap]
 //! ```
 
 #[global_allocator]
@@ -16,6 +20,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use deepseek_core::WeightDtype;
 use deepseek_train::metrics::{plot_comparison, read_metrics, smoothed_loss};
 use deepseek_train::pretrain::{pretrain, PretrainArgs};
 use deepseek_train::TrainConfig;
@@ -27,7 +32,8 @@ fn main() -> Result<()> {
     deepseek_train::alloc::keep_freed_memory();
     let mut steps = 700;
     let mut seed = 0;
-    let mut out = PathBuf::from("runs/fp8_gap");
+    let mut out = PathBuf::from("runs/precision_gap");
+    let mut with = vec!["fp8".to_string(), "bf16".into(), "f16".into()];
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().with_context(|| format!("{flag} needs a value"));
@@ -35,13 +41,28 @@ fn main() -> Result<()> {
             "--steps" => steps = value()?.parse()?,
             "--seed" => seed = value()?.parse()?,
             "--out" => out = value()?.into(),
-            other => bail!("unknown option `{other}` (use --steps N, --seed S, --out DIR)"),
+            "--with" => with = value()?.split(',').map(str::to_string).collect(),
+            other => bail!(
+                "unknown option `{other}` (use --with fp8,bf16,f16, --steps N, --seed S, --out DIR)"
+            ),
         }
     }
     let model = deepseek_examples::quickstart_model();
     let mut rows = Vec::new();
     let mut metrics = Vec::new();
-    for (name, fp8) in [("f32", false), ("fp8", true)] {
+    let mut runs = vec![("f32".to_string(), false, WeightDtype::F32)];
+    for name in with {
+        let (fp8, dtype) = match name.as_str() {
+            "fp8" => (true, WeightDtype::F32),
+            other => (false, other.parse::<WeightDtype>()?),
+        };
+        if dtype == WeightDtype::F32 && !fp8 {
+            bail!("--with lists the precisions compared with f32: fp8, bf16, f16");
+        }
+        runs.push((name, fp8, dtype));
+    }
+    for (name, fp8, dtype) in &runs {
+        let (name, fp8, dtype) = (name.as_str(), *fp8, *dtype);
         let dir = out.join(name);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)
@@ -49,6 +70,7 @@ fn main() -> Result<()> {
         }
         let train = TrainConfig {
             fp8,
+            dtype,
             eval_every: 100,
             eval_batches: 0,
             checkpoint_every: 0,
@@ -71,7 +93,7 @@ fn main() -> Result<()> {
         rows.push((name, train_tail, eval.val_loss, eval.val_mtp_loss, tokens_per_s, secs));
         metrics.push((name, summary.metrics.clone()));
     }
-    let png = out.join("fp8_gap.png");
+    let png = out.join("precision_gap.png");
     let runs: Vec<(&str, &std::path::Path)> =
         metrics.iter().map(|(n, p)| (*n, p.as_path())).collect();
     plot_comparison(&runs, &png, TAIL)?;
@@ -80,7 +102,7 @@ fn main() -> Result<()> {
     println!(
         "\n{steps} steps of 8 × 128 byte tokens, quickstart model (`small`, MTP 1), seed {seed}"
     );
-    println!("| GEMMs | training loss (mean of last {TAIL} steps) | validation loss | validation MTP loss | tokens/s | wall time |");
+    println!("| precision | training loss (mean of last {TAIL} steps) | validation loss | validation MTP loss | tokens/s | wall time |");
     println!("|---|---|---|---|---|---|");
     for (name, train, val, mtp, tps, secs) in &rows {
         let rel = |v: f64, b: f64| {
