@@ -424,15 +424,9 @@ impl<B: Backend> DeepSeekModel<B> {
         })
     }
 
-    /// The output head, always at the tensors' precision (DeepSeek-V3 §3.3.1 keeps it out of
-    /// FP8).
-    ///
-    /// # Shapes
-    /// `hidden`: `[batch, seq, d]` → `[batch, seq, vocab]`.
-    /// Logits in f32 whatever the model's dtype: the GEMM runs in the weights' dtype and its
-    /// result is widened, so losses, softmaxes and sampling always see f32 ([`crate::dtype`]).
+    /// The output head ([`head_logits`]).
     fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.lm_head.forward(hidden, GemmPrecision::Full).cast(FloatDType::F32)
+        head_logits(&self.lm_head, hidden)
     }
 
     /// The dtype of the weights and activations ([`crate::LoadOptions::dtype`]); read from the
@@ -519,6 +513,17 @@ impl<B: Backend> DeepSeekModel<B> {
         }
         Ok(())
     }
+}
+
+/// The output head `lm_head` applied to `hidden` (the final norm's output), as every forward
+/// computes the logits: always at the tensors' precision (DeepSeek-V3 §3.3.1 keeps the head out
+/// of FP8), widened to f32 whatever the model's dtype, so losses, softmaxes and sampling see f32
+/// ([`crate::dtype`]).
+///
+/// # Shapes
+/// `hidden`: `[batch, seq, d]` → `[batch, seq, vocab]`.
+pub fn head_logits<B: Backend>(lm_head: &Projection<B>, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+    lm_head.forward(hidden, GemmPrecision::Full).cast(FloatDType::F32)
 }
 
 /// Weight dtype conversion of a model built in memory ([`crate::dtype`]).

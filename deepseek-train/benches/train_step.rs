@@ -3,7 +3,10 @@
 //!
 //! `cargo bench -p deepseek-train --bench train_step -- [--preset small] [--batch 8] [--seq 128]
 //! [--steps 20] [--warmup 3] [--device flex|wgpu|cuda] [--mtp-depth D] [--fp8] [--lora R]
-//! [--checkpoint-activations] [--config CONFIG.json]`
+//! [--checkpoint-activations] [--dtype f32|bf16|f16] [--config CONFIG.json]`
+//!
+//! `--dtype bf16|f16` trains in mixed precision: weights and activations in that dtype, f32
+//! master weights and moments in AdamW, dynamic loss scaling for f16.
 //!
 //! `--config` takes the model's shape from a Hugging Face `config.json` instead of a preset
 //! (random weights), e.g. the 296M V3-shaped model `examples/random_model` writes.
@@ -47,6 +50,7 @@ struct Args {
     checkpoint_activations: bool,
     lora: Option<usize>,
     base_dtype: deepseek_core::WeightDtype,
+    dtype: deepseek_core::WeightDtype,
 }
 
 fn main() -> Result<()> {
@@ -65,6 +69,7 @@ fn main() -> Result<()> {
         checkpoint_activations: false,
         lora: None,
         base_dtype: Default::default(),
+        dtype: Default::default(),
     };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(flag) = it.next() {
@@ -82,6 +87,7 @@ fn main() -> Result<()> {
             "--checkpoint-activations" => a.checkpoint_activations = true,
             "--lora" => a.lora = Some(value()?.parse()?),
             "--base-dtype" => a.base_dtype = value()?.parse()?,
+            "--dtype" => a.dtype = value()?.parse()?,
             "--expert-path" => {
                 a.expert_path = Some(match value()?.as_str() {
                     "per-expert" => ExpertPath::PerExpert,
@@ -131,6 +137,7 @@ fn bench<AB: AutodiffBackend>(a: &Args, device: &AB::Device) -> Result<()> {
         checkpoint_every: 0,
         fp8: a.fp8,
         checkpoint_activations: a.checkpoint_activations,
+        dtype: a.dtype,
         ..Default::default()
     };
     let mut model = init_model::<AB>(&model_cfg, 0, device);
@@ -177,6 +184,7 @@ fn bench<AB: AutodiffBackend>(a: &Args, device: &AB::Device) -> Result<()> {
         a.lora.map_or("none (every weight trains)".into(), |r| format!("rank {r}"))
     );
     println!("base_dtype: {}", a.base_dtype);
+    println!("dtype: {}", a.dtype);
     println!("checkpoint_activations: {}", a.checkpoint_activations);
     println!("median_step_ms: {:.1}", median * 1e3);
     println!("train_tokens_per_s: {:.0}", tokens / median);

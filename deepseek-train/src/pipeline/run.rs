@@ -88,14 +88,11 @@ pub fn check(
             "activation checkpointing under pipeline parallelism is not supported yet",
         ));
     }
-    if train.dtype != deepseek_core::WeightDtype::F32 {
+    if train.dtype == deepseek_core::WeightDtype::F16 {
         return Err(TrainError::config(
             "dtype",
-            format!(
-                "mixed-precision training (--dtype {}) under pipeline parallelism is not \
-                 supported yet",
-                train.dtype
-            ),
+            "mixed-precision training in f16 (its loss scaling) under pipeline parallelism is \
+             not supported yet: use --dtype bf16",
         ));
     }
     Ok(())
@@ -403,7 +400,21 @@ pub fn run<AB: AutodiffBackend>(
                     let handle = std::thread::Builder::new()
                         .name(format!("stage-rank-{rank}"))
                         .spawn_scoped(scope, move || {
-                            let outcome = run.train(data, observe);
+                            // A panic becomes this rank's error, so that the others stop at
+                            // once instead of waiting out the timeout for its messages.
+                            let outcome =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    run.train(data, observe)
+                                }))
+                                .unwrap_or_else(|panic| {
+                                    Err(TrainError::Rank {
+                                        rank,
+                                        problem: format!(
+                                            "panicked: {}",
+                                            crate::trainer::panic_message(panic.as_ref())
+                                        ),
+                                    })
+                                });
                             if let Err(e) = &outcome {
                                 failure.set(
                                     rank,
@@ -714,9 +725,14 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
         } else {
             let from = self.peer(s - 1, chunk.dir);
             let m = self.links.recv(from, Tag { kind: Kind::Activation, chunk })?;
+            // In the weights' dtype, as sent (bf16 values are exact in f32).
+            let dtype = self.config.dtype.dtype();
             Some(
-                Tensor::<AB, 3>::from_data(TensorData::new(m.values, m.dims), &self.device)
-                    .require_grad(),
+                Tensor::<AB, 3>::from_data(
+                    TensorData::new(m.values, m.dims),
+                    (&self.device, dtype),
+                )
+                .require_grad(),
             )
         };
         let part = &mut self.parts[chunk.dir];
@@ -777,9 +793,12 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
             Some(output) => {
                 let from = self.peer(s + 1, chunk.dir);
                 let m = self.links.recv(from, Tag { kind: Kind::Gradient, chunk })?;
-                let grad =
-                    Tensor::<AB, 3>::from_data(TensorData::new(m.values, m.dims), &self.device);
-                let sum = (output * grad).sum();
+                let grad = Tensor::<AB, 3>::from_data(
+                    TensorData::new(m.values, m.dims),
+                    (&self.device, output.dtype()),
+                );
+                // The objective's own terms are f32; this one only carries the gradient.
+                let sum = (output * grad).sum().cast(burn::tensor::FloatDType::F32);
                 match flight.objective {
                     Some(o) => sum + o,
                     None => sum,
@@ -802,7 +821,11 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
             self.links.send(to, Tag { kind: Kind::Gradient, chunk }, Message { dims, values })?;
         }
         let part = &mut self.parts[chunk.dir];
-        let params = GradientsParams::from_grads(grads, &part.stage);
+        let mut params = GradientsParams::from_grads(grads, &part.stage);
+        if self.config.dtype != deepseek_core::WeightDtype::F32 {
+            // Summed over micro-batches in f32 ([`crate::precision`]).
+            params = crate::precision::widen_gradients(&part.stage, params, 1.0);
+        }
         part.grads.get_or_insert_with(GradientsAccumulator::new).accumulate(&part.stage, params);
         Ok(())
     }

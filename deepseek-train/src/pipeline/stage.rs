@@ -106,7 +106,7 @@ impl<B: Backend> Stage<B> {
         let norm = self.norm.as_ref().expect("the last stage holds the norm");
         let head = self.lm_head.as_ref().expect("the last stage holds the head");
         let final_hidden = norm.forward(x);
-        let project = |h| head.forward(h, deepseek_core::fp8::GemmPrecision::Full);
+        let project = |h| deepseek_core::model::head_logits(head, h);
         let logits = project(final_hidden.clone());
         let mut mtp_logits = Vec::new();
         if !self.mtp.is_empty() {

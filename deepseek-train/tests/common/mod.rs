@@ -45,11 +45,25 @@ pub fn assert_same_run(
     bound: f32,
     what: &str,
 ) {
+    assert_close_run(out, want_steps, want_weights, bound, 1e-5, what)
+}
+
+/// [`assert_same_run`] with losses within `rel` relative, gradient norms within `10·rel`; if
+/// `rel` exceeds 1e-5 (bf16 runs), MaxVio within 0.05 and the weights left to the caller
+/// ([`weight_differences`]).
+pub fn assert_close_run(
+    out: &Path,
+    want_steps: &[StepRecord],
+    want_weights: &[(String, Vec<f32>)],
+    bound: f32,
+    rel: f32,
+    what: &str,
+) {
     let got = steps(out);
     assert_eq!(got.len(), want_steps.len(), "{what}: rank 0 alone writes one record per step");
     let close = |g: Option<f32>, w: Option<f32>, name: &str, step: usize| match (g, w) {
         (Some(g), Some(w)) => {
-            assert!((g - w).abs() <= 1e-5 * w.abs(), "{what}, step {step}: {name} {g} vs {w}")
+            assert!((g - w).abs() <= rel * w.abs(), "{what}, step {step}: {name} {g} vs {w}")
         }
         (g, w) => assert_eq!(g.is_some(), w.is_some(), "{what}, step {step}: {name}"),
     };
@@ -59,28 +73,49 @@ pub fn assert_same_run(
         close(g.balance_loss, w.balance_loss, "balance loss", g.step);
         let step = g.step;
         assert!(
-            (g.grad_norm - w.grad_norm).abs() <= 1e-4 * w.grad_norm,
+            (g.grad_norm - w.grad_norm).abs() <= 10.0 * rel as f64 * w.grad_norm,
             "{what}, step {step}: grad norm {} vs {}",
             g.grad_norm,
             w.grad_norm
         );
-        assert_eq!(g.max_vio_batch, w.max_vio_batch, "{what}, step {step}: expert loads");
+        if rel <= 1e-5 {
+            assert_eq!(g.max_vio_batch, w.max_vio_batch, "{what}, step {step}: expert loads");
+        } else {
+            // A token near a routing tie may take another expert.
+            let (a, b) = (g.max_vio_batch, w.max_vio_batch);
+            assert!((a - b).abs() <= 0.05, "{what}, step {step}: expert loads {a} vs {b}");
+        }
         assert_eq!(g.tokens, w.tokens, "{what}, step {step}: the global batch");
     }
-    let got = weights(out);
-    assert_eq!(got.len(), want_weights.len(), "{what}: every tensor exported");
-    let mut worst = (0f32, String::new());
-    for ((name, g), (wname, w)) in got.iter().zip(want_weights) {
-        assert_eq!(name, wname);
+    assert_eq!(weights(out).len(), want_weights.len(), "{what}: every tensor exported");
+    let (worst, name, beyond, total) = weight_differences(&weights(out), want_weights, bound, rel);
+    eprintln!("{what}: largest weight difference {worst:.2e} in {name} (bound {bound:.1e}); {beyond} of {total} values beyond it");
+    if rel <= 1e-5 {
+        assert!(worst <= bound, "{what}: weights differ by {worst} in {name}");
+    }
+}
+
+/// The largest difference between `got` and `want` beyond what is allowed (`bound`, plus one
+/// bf16 rounding step, at most 2⁻⁷ of the value, when `rel` exceeds 1e-5), the tensor it is in,
+/// how many values exceed the allowance and how many there are.
+pub fn weight_differences(
+    got: &[(String, Vec<f32>)],
+    want: &[(String, Vec<f32>)],
+    bound: f32,
+    rel: f32,
+) -> (f32, String, usize, usize) {
+    let step = if rel > 1e-5 { 2f32.powi(-7) } else { 0.0 };
+    let (mut worst, mut name, mut beyond, mut total) = (0f32, String::new(), 0, 0);
+    for ((gname, g), (wname, w)) in got.iter().zip(want) {
+        assert_eq!(gname, wname);
         for (a, b) in g.iter().zip(w) {
-            if (a - b).abs() > worst.0 {
-                worst = ((a - b).abs(), name.clone());
+            let excess = (a - b).abs() - step * b.abs();
+            if excess > worst {
+                (worst, name) = (excess, gname.clone());
             }
+            beyond += usize::from(excess > bound);
+            total += 1;
         }
     }
-    eprintln!(
-        "{what}: largest weight difference {:.2e} in {} (bound {bound:.1e})",
-        worst.0, worst.1
-    );
-    assert!(worst.0 <= bound, "{what}: weights differ by {} in {}", worst.0, worst.1);
+    (worst, name, beyond, total)
 }
