@@ -15,6 +15,10 @@
 //!   its zero-bubble saving is not; the simulator shows what a split backward would save);
 //! - an overlapped `F&B` pair runs its forward, then its backward: on the CPU nothing overlaps.
 //!
+//! With activation checkpointing a forward runs its stage without an autodiff graph and keeps
+//! only the input and the batch; the backward runs the stage again with its graph, then
+//! differentiates it. The statistics (losses, expert loads) are the first forward's.
+//!
 //! Under expert parallelism the ranks of an expert-parallel group meet at a barrier before each
 //! backward. Burn's autodiff holds a graph's lock for the whole backward (the all-to-alls
 //! included), and a thread that ends a backward locks every graph of the process to clean up;
@@ -37,7 +41,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::nn::EmbeddingConfig;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -57,7 +61,7 @@ use crate::error::{Result, TrainError};
 use crate::loss::{objective_total, prediction_terms, routing_terms, BalanceMode, LossWeights};
 use crate::metrics::{EvalRecord, StepRecord};
 use crate::optim::AdamW;
-use crate::source::{BatchReader, TrainingData};
+use crate::source::{Batch, BatchReader, TrainingData};
 use crate::trainer::{Event, Observer, RankOutcome, Trainer};
 
 /// Checks a pipeline layout against the model and the recipe before anything is written.
@@ -80,12 +84,6 @@ pub fn check(
         return Err(TrainError::config(
             "fp8",
             "FP8 training under pipeline parallelism is not supported yet",
-        ));
-    }
-    if train.checkpoint_activations {
-        return Err(TrainError::config(
-            "checkpoint_activations",
-            "activation checkpointing under pipeline parallelism is not supported yet",
         ));
     }
     if train.dtype == deepseek_core::WeightDtype::F16 {
@@ -213,6 +211,58 @@ struct InFlight<AB: AutodiffBackend> {
     output: Option<Tensor<AB, 3>>,
     /// This stage's own terms of the objective, already scaled.
     objective: Option<Tensor<AB, 1>>,
+    /// With activation checkpointing: the batch and the pass's shape to run the stage again in
+    /// the backward (`output` and `objective` are then absent).
+    recompute: Option<(Batch<AB>, PassShape)>,
+}
+
+/// What a stage pass needs to know besides the stage, the batch and the input.
+#[derive(Debug, Clone, Copy)]
+struct PassShape {
+    /// Rows of this column's micro-batch and their tokens (padding excluded).
+    rows: usize,
+    tokens: usize,
+    weights: LossWeights,
+    /// The objective's factor: one over the micro-batches of the global step.
+    scale: f64,
+}
+
+/// One stage's forward on a micro-batch: its output (except on the last stage), its own terms of
+/// the objective scaled by `shape.scale` (the balance terms of its blocks; the last stage adds
+/// the loss), and its statistics `[4 + E·blocks]` (main, MTP and balance loss, tokens, then the
+/// expert loads of its MoE blocks).
+fn stage_pass<B: Backend>(
+    stage: &Stage<B>,
+    batch: &Batch<B>,
+    input: Option<Tensor<B, 3>>,
+    shape: PassShape,
+) -> (Option<Tensor<B, 3>>, Option<Tensor<B, 1>>, Tensor<B, 1>) {
+    let [_, len] = batch.ids.dims();
+    let inputs = batch.ids.clone().narrow(1, 0, len - 1);
+    let packing = batch.segments.as_ref().map(|s| &s.inputs);
+    let out = stage.forward(inputs, input, packing);
+    let (balance, counts) =
+        routing_terms(out.routing, shape.rows, batch.real.as_ref(), shape.weights);
+    let device = batch.ids.device();
+    let zero = || Tensor::<B, 1>::zeros([1], &device);
+    let mut stats = vec![zero(), zero(), balance.clone().unwrap_or_else(zero), zero()];
+    let mut objective = balance;
+    if let Some(logits) = out.logits {
+        let (main, mtp) = prediction_terms(
+            logits,
+            &out.mtp_logits,
+            &batch.ids,
+            batch.weights.as_ref(),
+            batch.segments.as_ref(),
+        );
+        objective = Some(objective_total(&main, mtp.as_ref(), objective.as_ref(), shape.weights));
+        stats[0] = main;
+        stats[1] = mtp.unwrap_or_else(zero);
+        stats[3] = zero().add_scalar(shape.tokens as f64);
+    }
+    stats.extend(counts.into_iter().map(|c| c.float()));
+    let objective = objective.map(|o| o.mul_scalar(shape.scale));
+    (out.hidden, objective, Tensor::cat(stats, 0))
 }
 
 /// One stage held by a rank: its weights, optimizer share and what the step accumulates.
@@ -736,35 +786,23 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
             )
         };
         let part = &mut self.parts[chunk.dir];
-        let [_, len] = batch.ids.dims();
-        let inputs = batch.ids.clone().narrow(1, 0, len - 1);
-        let packing = batch.segments.as_ref().map(|s| &s.inputs);
-        let out = part.stage.forward(inputs, input.clone(), packing);
-        let (balance, counts) = routing_terms(out.routing, rows, batch.real.as_ref(), weights);
-        let zero = || Tensor::<AB, 1>::zeros([1], &self.device);
-        let mut stats = vec![zero(), zero(), balance.clone().unwrap_or_else(zero), zero()];
-        let mut objective = balance;
-        if let Some(logits) = out.logits {
-            let (main, mtp) = prediction_terms(
-                logits,
-                &out.mtp_logits,
-                &batch.ids,
-                batch.weights.as_ref(),
-                batch.segments.as_ref(),
-            );
-            objective = Some(objective_total(&main, mtp.as_ref(), objective.as_ref(), weights));
-            stats[0] = main;
-            stats[1] = mtp.unwrap_or_else(zero);
-            stats[3] = zero().add_scalar(host_tokens as f64);
-        }
-        stats.extend(counts.into_iter().map(|c| c.float()));
-        let stats = Tensor::cat(stats, 0).inner(); // [4 + E·blocks]
+        let shape = PassShape { rows, tokens: host_tokens, weights, scale };
+        // With activation checkpointing the forward runs without an autodiff graph: the chunk
+        // keeps its input and batch, and its backward runs the stage again with one.
+        let (output, objective, stats, recompute) = if self.config.checkpoint_activations {
+            let inner = part.stage.valid();
+            let batch_inner = host.to_device::<AB::InnerBackend>(&self.device);
+            let input_inner = input.clone().map(|x| x.inner());
+            let (hidden, _, stats) = stage_pass(&inner, &batch_inner, input_inner, shape);
+            (hidden.map(Tensor::from_inner), None, stats, Some((batch, shape)))
+        } else {
+            let (hidden, objective, stats) = stage_pass(&part.stage, &batch, input.clone(), shape);
+            (hidden, objective, stats.inner(), None)
+        };
         part.stats = Some(match part.stats.take() {
             Some(sum) => sum + stats,
             None => stats,
         });
-        let objective = objective.map(|o| o.mul_scalar(scale));
-        let output = out.hidden;
         if let Some(hidden) = &output {
             let dims = hidden.dims();
             let values: Vec<f32> = hidden
@@ -778,7 +816,9 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
             self.links.send(to, Tag { kind: Kind::Activation, chunk }, Message { dims, values })?;
         }
         debug_assert!(s + 1 == stages || output.is_some());
-        self.parts[chunk.dir].inflight.insert(chunk.mb, InFlight { input, output, objective });
+        let output = output.filter(|_| recompute.is_none());
+        let flight = InFlight { input, output, objective, recompute };
+        self.parts[chunk.dir].inflight.insert(chunk.mb, flight);
         Ok(())
     }
 
@@ -789,28 +829,47 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
                 rank: 0,
                 problem: format!("backward of micro-batch {} before its forward", chunk.mb),
             })?;
-        let target = match flight.output {
-            Some(output) => {
+        let is_last = s + 1 == self.schedule.ranks;
+        // The gradient of this stage's output, from the next stage.
+        let output_grad = match is_last {
+            true => None,
+            false => {
                 let from = self.peer(s + 1, chunk.dir);
-                let m = self.links.recv(from, Tag { kind: Kind::Gradient, chunk })?;
-                let grad = Tensor::<AB, 3>::from_data(
-                    TensorData::new(m.values, m.dims),
-                    (&self.device, output.dtype()),
-                );
-                // The objective's own terms are f32; this one only carries the gradient.
-                let sum = (output * grad).sum().cast(burn::tensor::FloatDType::F32);
-                match flight.objective {
-                    Some(o) => sum + o,
-                    None => sum,
-                }
+                Some(self.links.recv(from, Tag { kind: Kind::Gradient, chunk })?)
             }
-            None => flight.objective.expect("the last stage has a loss"),
         };
         if let Some(group) = &self.experts_group {
             group.all_reduce_sum(&mut [0.0]).map_err(|e| {
                 self.error(format!("before the backward of micro-batch {}: {e}", chunk.mb))
             })?;
         }
+        let (output, objective) = match flight.recompute {
+            // Activation checkpointing: the stage again, with its graph (after the barrier: its
+            // all-to-alls pair with the expert-parallel peers' recomputation). Its statistics
+            // were taken by the forward, so the expert loads are not counted twice.
+            Some((batch, shape)) => {
+                let part = &self.parts[chunk.dir];
+                let (output, objective, _) =
+                    stage_pass(&part.stage, &batch, flight.input.clone(), shape);
+                (output, objective)
+            }
+            None => (flight.output, flight.objective),
+        };
+        let target = match (output, output_grad) {
+            (Some(output), Some(m)) => {
+                let grad = Tensor::<AB, 3>::from_data(
+                    TensorData::new(m.values, m.dims),
+                    (&self.device, output.dtype()),
+                );
+                // The objective's own terms are f32; this one only carries the gradient.
+                let sum = (output * grad).sum().cast(burn::tensor::FloatDType::F32);
+                match objective {
+                    Some(o) => sum + o,
+                    None => sum,
+                }
+            }
+            _ => objective.expect("the last stage has a loss"),
+        };
         let grads = target.backward();
         if let Some(input) = &flight.input {
             let g =
