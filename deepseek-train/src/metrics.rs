@@ -21,6 +21,7 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 pub struct StepRecord {
     pub step: usize,
     /// Mean next-token cross-entropy of the step's tokens (nats).
+    #[serde(deserialize_with = "null_as_nan")]
     pub loss: f32,
     /// Mean MTP cross-entropy (nats), when the model has MTP modules.
     pub mtp_loss: Option<f32>,
@@ -28,6 +29,7 @@ pub struct StepRecord {
     pub balance_loss: Option<f32>,
     pub lr: f64,
     /// Global gradient norm before clipping.
+    #[serde(deserialize_with = "null_as_nan")]
     pub grad_norm: f64,
     pub tokens_per_s: f64,
     /// MaxVio of this step's tokens, max over MoE layers.
@@ -40,6 +42,16 @@ pub struct StepRecord {
     /// The loss scale of an f16 run after this step ([`crate::precision`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scale: Option<f64>,
+}
+
+/// A float that JSON holds as `null` because it was not finite (the loss or gradient norm of a
+/// skipped step: serde_json writes infinities and NaN so), read back as NaN.
+fn null_as_nan<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + From<f32>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_else(|| T::from(f32::NAN)))
 }
 
 /// One evaluation on the validation split.

@@ -135,7 +135,7 @@ pub struct Trainer<AB: AutodiffBackend> {
     pub(crate) elapsed_before: f64,
     consecutive_skips: usize,
     /// The loss scale of an f16 run ([`crate::precision`]); `None` otherwise.
-    loss_scale: Option<LossScale>,
+    pub(crate) loss_scale: Option<LossScale>,
     /// Show a progress bar on stderr.
     pub progress: bool,
 }

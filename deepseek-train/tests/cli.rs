@@ -135,7 +135,6 @@ fn bad_input_is_a_clear_error() {
         (vec!["--device", "tpu"], "flex"),
         (vec!["--dtype", "f8"], "FP8 checkpoint"),
         (vec!["--dtype", "bf16", "--fp8"], "--dtype f32 with --fp8"),
-        (vec!["--dtype", "f16", "--pipeline-parallel", "2", "--ranks", "2"], "use --dtype bf16"),
     ];
     for (extra, expected) in cases {
         let mut args =

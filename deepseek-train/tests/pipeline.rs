@@ -273,3 +273,35 @@ fn checkpointed_pipeline_stages_train_like_plain_ones() {
         assert_same_run(&checkpointed, &steps(&plain), &weights(&plain), bound(), &what);
     }
 }
+
+#[test]
+fn f16_pipeline_stages_scale_the_loss_like_one_f16_rank() {
+    let _turn = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let f16 = |out: &Path, ranks, pipe| {
+        let mut a = args(out, ranks, 1, pipe);
+        a.train.dtype = deepseek_core::WeightDtype::F16;
+        // 2^24 overflows f16 gradients at first: steps are skipped and the scale comes down.
+        a.train.loss_scaling =
+            deepseek_train::precision::LossScaling { initial: 16_777_216.0, growth_interval: 2 };
+        a.train.steps = 10;
+        a
+    };
+    let single = dir.path().join("single");
+    pretrain(&f16(&single, 1, None)).unwrap();
+    let out = dir.path().join("pp2");
+    pretrain(&f16(&out, 2, Some((2, ScheduleKind::OneFOneB)))).unwrap();
+    let (want, got) = (steps(&single), steps(&out));
+    let scales = |s: &[StepRecord]| s.iter().map(|r| (r.skipped, r.loss_scale)).collect::<Vec<_>>();
+    assert_eq!(scales(&got), scales(&want), "the same skipped steps and scales");
+    assert!(want.iter().any(|r| r.skipped) && want.iter().any(|r| !r.skipped));
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (g.loss - w.loss).abs() <= 1e-3 * w.loss,
+            "step {}: {} vs {}",
+            g.step,
+            g.loss,
+            w.loss
+        );
+    }
+}

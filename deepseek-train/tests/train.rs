@@ -499,6 +499,13 @@ fn the_f16_loss_scale_backs_off_on_overflow_and_grows_after_clean_steps() {
         }
         assert_eq!(r.loss_scale, Some(scale), "step {}", r.step);
     }
+    // The skipped steps' records (an infinite gradient norm, written as null) read back.
+    let (logged, _) =
+        deepseek_train::metrics::read_metrics(&dir.path().join("f16/metrics.jsonl")).unwrap();
+    let flags =
+        |s: &[StepRecord]| s.iter().map(|r| (r.step, r.skipped, r.loss_scale)).collect::<Vec<_>>();
+    assert_eq!(flags(&logged), flags(&steps));
+    assert!(logged.iter().filter(|r| r.skipped).all(|r| r.grad_norm.is_nan()));
     let applied = steps.iter().filter(|r| !r.skipped).count();
     assert!(applied >= 4 && applied < steps.len(), "{applied} of {} steps applied", steps.len());
     assert_eq!(trainer.optim.step, applied as u64, "skipped steps leave the optimizer alone");

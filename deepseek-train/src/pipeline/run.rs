@@ -61,6 +61,7 @@ use crate::error::{Result, TrainError};
 use crate::loss::{objective_total, prediction_terms, routing_terms, BalanceMode, LossWeights};
 use crate::metrics::{EvalRecord, StepRecord};
 use crate::optim::AdamW;
+use crate::precision::LossScale;
 use crate::source::{Batch, BatchReader, TrainingData};
 use crate::trainer::{Event, Observer, RankOutcome, Trainer};
 
@@ -84,13 +85,6 @@ pub fn check(
         return Err(TrainError::config(
             "fp8",
             "FP8 training under pipeline parallelism is not supported yet",
-        ));
-    }
-    if train.dtype == deepseek_core::WeightDtype::F16 {
-        return Err(TrainError::config(
-            "dtype",
-            "mixed-precision training in f16 (its loss scaling) under pipeline parallelism is \
-             not supported yet: use --dtype bf16",
         ));
     }
     Ok(())
@@ -316,6 +310,9 @@ struct RankRun<'a, AB: AutodiffBackend> {
     data_position: u64,
     tokens: u64,
     consecutive_skips: usize,
+    /// An f16 run's loss scale ([`crate::precision`]): every rank sees the same losses and
+    /// gradient norm, so every rank moves it alike.
+    loss_scale: Option<LossScale>,
     fail_at: Option<usize>,
 }
 
@@ -371,6 +368,7 @@ pub fn run<AB: AutodiffBackend>(
     let (pieces_tx, pieces_rx) = channel::<Piece<AB>>();
     let mut pieces_rx = Some(pieces_rx);
     let (step, data_position, tokens) = (primary.step, primary.position, primary.tokens);
+    let loss_scale = primary.loss_scale;
     let mut primary = Some(primary);
     let mut runs = Vec::new();
     for rank in (0..world).rev() {
@@ -436,6 +434,7 @@ pub fn run<AB: AutodiffBackend>(
             data_position,
             tokens,
             consecutive_skips: 0,
+            loss_scale,
             fail_at: pipe.fail_at.filter(|(r, _)| *r == rank).map(|(_, s)| s),
         });
     }
@@ -599,6 +598,7 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
         trainer.optim = stage::merge_optimizer(&model, &pairs, &device)?;
         trainer.model = model;
         (trainer.step, trainer.position, trainer.tokens) = (step, position, tokens);
+        trainer.loss_scale = self.loss_scale;
         Ok(())
     }
 
@@ -704,13 +704,24 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
             weights.alpha > 0.0 && weights.balance != BalanceMode::None && self.moe_blocks > 0;
         let total =
             loss + if has_mtp { mtp } else { 0.0 } + if has_balance { balance } else { 0.0 };
-        let apply = crate::trainer::finite_or_skip(
-            &self.config,
-            &mut self.consecutive_skips,
-            self.step,
-            total,
-            grad_norm,
-        )?;
+        let overflow = total.is_finite() && !grad_norm.is_finite();
+        let apply = match &mut self.loss_scale {
+            // f16 gradients that overflowed at this scale: skip the step, halve the scale.
+            Some(scale) if overflow => {
+                scale.back_off(self.step + 1)?;
+                false
+            }
+            _ => crate::trainer::finite_or_skip(
+                &self.config,
+                &mut self.consecutive_skips,
+                self.step,
+                total,
+                grad_norm,
+            )?,
+        };
+        if let Some(scale) = self.loss_scale.as_mut().filter(|_| apply) {
+            scale.grow(&self.config.loss_scaling);
+        }
         if apply {
             let updating = crate::trainer::updates_biases(&self.config, self.step);
             for part in &mut self.parts {
@@ -743,7 +754,7 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
             max_vio_batch: counts.iter().map(|c| max_vio(c)).fold(0.0, f64::max),
             tokens: self.tokens,
             skipped: !apply,
-            loss_scale: None,
+            loss_scale: self.loss_scale.map(|l| l.scale),
         })
     }
 
@@ -767,7 +778,9 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
         let rows = host.rows;
         let host_tokens = host.tokens;
         let batch = host.to_device(&self.device);
-        let scale = 1.0 / (cfg.grad_accum * self.columns) as f64;
+        // An f16 run's loss scale multiplies the objective (not the statistics).
+        let loss_scale = self.loss_scale.map_or(1.0, |l| l.scale);
+        let scale = loss_scale / (cfg.grad_accum * self.columns) as f64;
         let s = self.schedule.stage(self.position, chunk.dir);
         let stages = self.schedule.ranks;
         let input = if s == 0 {
@@ -882,8 +895,9 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
         let part = &mut self.parts[chunk.dir];
         let mut params = GradientsParams::from_grads(grads, &part.stage);
         if self.config.dtype != deepseek_core::WeightDtype::F32 {
-            // Summed over micro-batches in f32 ([`crate::precision`]).
-            params = crate::precision::widen_gradients(&part.stage, params, 1.0);
+            // Summed over micro-batches in f32 and unscaled ([`crate::precision`]).
+            let unscale = 1.0 / self.loss_scale.map_or(1.0, |l| l.scale);
+            params = crate::precision::widen_gradients(&part.stage, params, unscale);
         }
         part.grads.get_or_insert_with(GradientsAccumulator::new).accumulate(&part.stage, params);
         Ok(())
