@@ -418,8 +418,8 @@ struct GrpoCli {
     /// Train every weight (router frozen) instead of adapters.
     #[arg(long)]
     full: bool,
-    /// Hold the frozen base in f32, bf16 or f16 (LoRA; the adapters and their optimizer state
-    /// stay f32).
+    /// Hold the frozen base in f32, bf16 or f16 (LoRA: the adapters and their optimizer state
+    /// stay f32); with --full, train the weights in bf16 with f32 master weights and moments.
     #[arg(long, default_value = "f32")]
     dtype: deepseek_core::WeightDtype,
     /// GRPO steps (with --resume: the new total).
@@ -948,6 +948,9 @@ fn run_grpo(cli: GrpoCli) -> Result<()> {
         adapter,
         base_dtype: cli.dtype,
     });
+    if cli.full {
+        train.dtype = cli.dtype;
+    }
     let args = deepseek_train::grpo::GrpoArgs {
         out: cli.out,
         resume: cli.resume,

@@ -295,8 +295,8 @@ pub fn prepare_model<AB: AutodiffBackend>(
         return Err(TrainError::config(
             "base_dtype",
             format!(
-                "full fine-tuning holds the weights it trains in the run's dtype ({dtype}; `sft \
-                 --full --dtype` sets it, `grpo --full` trains in f32), not in the base's {}",
+                "full fine-tuning holds the weights it trains in the run's dtype ({dtype}), not \
+                 in the base's {}",
                 finetune.base_dtype
             ),
         ));

@@ -336,18 +336,26 @@ fn step_records(metrics: &Path) -> Vec<serde_json::Value> {
 
 #[test]
 fn resuming_after_a_stop_continues_bit_for_bit() {
-    for (lora, iterations, replay) in [(true, 2, true), (false, 1, false)] {
+    use deepseek_core::WeightDtype::{Bf16, F32};
+    // LoRA, full, and full in bf16 (f32 master weights in the optimizer state).
+    for (lora, iterations, replay, dtype) in
+        [(true, 2, true, F32), (false, 1, false, F32), (false, 1, false, Bf16)]
+    {
         let dir = tempfile::tempdir().unwrap();
         let base = base_dir(dir.path());
         let rewards = || Rewards::new(vec![(1.0, Box::new(Digits))]);
+        let args = |out: &Path, steps| {
+            let mut a = args(&base, out, steps, small(iterations, 0.0, replay), lora);
+            a.train.dtype = dtype;
+            a.train.finetune.as_mut().unwrap().base_dtype = dtype;
+            a
+        };
         let straight = dir.path().join("straight");
-        grpo_with(&args(&base, &straight, 3, small(iterations, 0.0, replay), lora), &rewards())
-            .unwrap();
+        grpo_with(&args(&straight, 3), &rewards()).unwrap();
         let resumed = dir.path().join("resumed");
-        grpo_with(&args(&base, &resumed, 2, small(iterations, 0.0, replay), lora), &rewards())
-            .unwrap();
+        grpo_with(&args(&resumed, 2), &rewards()).unwrap();
         // The run stops after step 2 (its last checkpoint); a later invocation continues it.
-        let mut again = args(&base, &resumed, 3, small(iterations, 0.0, replay), lora);
+        let mut again = args(&resumed, 3);
         again.resume = true;
         let summary = grpo_with(&again, &rewards()).unwrap();
         assert_eq!(summary.steps, 3);
@@ -363,7 +371,8 @@ fn resuming_after_a_stop_continues_bit_for_bit() {
             "weights differ after resume (lora {lora})"
         );
         // A resume with another recipe is refused.
-        let mut other = args(&base, &resumed, 4, small(iterations, 0.5, replay), lora);
+        let mut other = args(&resumed, 4);
+        other.train.grpo = Some(small(iterations, 0.5, replay));
         other.resume = true;
         let err = grpo_with(&other, &rewards()).unwrap_err().to_string();
         assert!(err.contains("differs"), "{err}");
@@ -493,7 +502,7 @@ fn the_cli_runs_grpo_and_rejects_bad_flags() {
         (vec!["--ops", "divide"], "unknown operation"),
         (vec!["--config", toml.to_str().unwrap()], "not a [grpo] table"),
         (vec!["--resume"], "no checkpoint"),
-        (vec!["--full", "--dtype", "bf16"], "`grpo --full` trains in f32"),
+        (vec!["--full", "--dtype", "f16"], "use --dtype bf16"),
     ];
     for (extra, expected) in cases {
         let mut args = vec!["--model", base_s, "--out", bad.to_str().unwrap(), "--steps", "1"];

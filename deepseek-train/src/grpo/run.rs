@@ -371,7 +371,11 @@ impl<AB: AutodiffBackend> Setup<'_, AB> {
                     r.weights.clone(),
                     clip,
                 );
-                let grads = GradientsParams::from_grads(obj.loss.backward(), &model);
+                let mut grads = GradientsParams::from_grads(obj.loss.backward(), &model);
+                if cfg.dtype != deepseek_core::WeightDtype::F32 {
+                    // Summed over micro-batches in f32 ([`crate::precision`]).
+                    grads = crate::precision::widen_gradients(&model, grads, 1.0);
+                }
                 accumulator.accumulate(&model, grads);
                 loss += obj.loss.into_scalar().elem::<f64>();
                 sums.clipped += obj.clipped.into_scalar().elem::<f64>();
@@ -485,6 +489,12 @@ fn run<AB: AutodiffBackend>(
     let finetune = config.finetune.clone().expect("checked by recipe");
     let grpo = config.grpo.clone().expect("checked by recipe");
     grpo.validate()?;
+    if config.dtype == deepseek_core::WeightDtype::F16 {
+        return Err(TrainError::config(
+            "dtype",
+            "GRPO has no loss scaling for f16 gradients: use --dtype bf16",
+        ));
+    }
     if config.steps == 0 {
         return Err(TrainError::config("steps", "must be at least 1"));
     }
