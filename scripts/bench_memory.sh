@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Peak memory (max RSS, /usr/bin/time) of loading + decoding a 1.19 GB (f32) V3-shaped model with
 # random weights at f32, bf16 and f16, and of its FP8 conversion held resident (E4M3 codes) or
-# dequantized, and of training steps of the `small` preset (full and
-# LoRA, two sequence lengths), each next to what `deepseek info --plan` predicts for it; then
+# dequantized, and of training steps of the `small` preset (full in f32, bf16 and f16 mixed
+# precision, and LoRA), each next to what `deepseek info --plan` predicts for it; then
 # decode throughput per dtype. Prints a Markdown table. No downloads.
 #
 #   scripts/bench_memory.sh            # MODEL=DIR reuses a model written by examples/random_model
@@ -57,6 +57,11 @@ for seq in 128 256 512; do
   m=$(peak "$train_step" --preset small --batch 8 --seq "$seq" --steps 2 --warmup 1)
   p=$(plan --preset small --task train --batch 8 --seq "$seq")
   row "train step, small, 8 x $seq, f32" "$m" "$p"
+done
+for dt in bf16 f16; do
+  m=$(peak "$train_step" --preset small --batch 8 --seq 512 --steps 2 --warmup 1 --dtype "$dt")
+  p=$(plan --preset small --task train --dtype "$dt" --batch 8 --seq 512)
+  row "train step, small, 8 x 512, $dt mixed precision" "$m" "$p"
 done
 m=$(peak "$train_step" --preset small --batch 8 --seq 128 --steps 2 --warmup 1 --lora 16)
 p=$(plan --preset small --task lora --lora-rank 16 --batch 8 --seq 128)
