@@ -217,7 +217,8 @@ struct PassShape {
     rows: usize,
     tokens: usize,
     weights: LossWeights,
-    /// The objective's factor: one over the micro-batches of the global step.
+    /// The objective's factor: an f16 run's loss scale (else 1) over the micro-batches of the
+    /// global step.
     scale: f64,
 }
 
