@@ -465,16 +465,15 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         stats: &StepStats,
     ) -> Result<bool> {
         let total = stats.loss + stats.mtp_loss.unwrap_or(0.0) + stats.balance_loss.unwrap_or(0.0);
-        if let Some(scale) = &mut self.loss_scale {
-            // f16: gradients that overflowed at this scale skip the step and halve it; a
-            // non-finite loss is the non-finite policy's.
-            if total.is_finite() && !grad_norm.is_finite() {
-                scale.back_off(self.step + 1)?;
-                return Ok(false);
-            }
-        }
-        if !finite_or_skip(&self.config, &mut self.consecutive_skips, self.step, total, grad_norm)?
-        {
+        let applies = update_applies(
+            &self.config,
+            self.loss_scale.as_mut(),
+            &mut self.consecutive_skips,
+            self.step,
+            total,
+            grad_norm,
+        )?;
+        if !applies {
             return Ok(false);
         }
         let (mut model, _) =
@@ -484,9 +483,6 @@ impl<AB: AutodiffBackend> Trainer<AB> {
             model = distributed::gather_params(model, owned, rank)?;
         }
         self.model = model;
-        if let Some(scale) = &mut self.loss_scale {
-            scale.grow(&self.config.loss_scaling);
-        }
         if updates_biases(&self.config, self.step) {
             update_model_biases(&mut self.model, &stats.counts, self.config.bias_gamma as f32);
         }
@@ -608,6 +604,32 @@ pub(crate) fn finite_or_skip(
         return Err(TrainError::NonFinite { step: step + 1, what, value });
     }
     Ok(false)
+}
+
+/// Whether the update of step `step + 1` is applied. An f16 run whose gradients overflowed at
+/// its loss scale (a finite loss, a non-finite gradient norm) skips it and halves the scale;
+/// otherwise the non-finite policy decides ([`finite_or_skip`]), and an applied update is a
+/// clean step of the scale.
+pub(crate) fn update_applies(
+    config: &TrainConfig,
+    loss_scale: Option<&mut LossScale>,
+    consecutive_skips: &mut usize,
+    step: usize,
+    total: f64,
+    grad_norm: f64,
+) -> Result<bool> {
+    let Some(scale) = loss_scale else {
+        return finite_or_skip(config, consecutive_skips, step, total, grad_norm);
+    };
+    if total.is_finite() && !grad_norm.is_finite() {
+        scale.back_off(step + 1)?;
+        return Ok(false);
+    }
+    let applies = finite_or_skip(config, consecutive_skips, step, total, grad_norm)?;
+    if applies {
+        scale.grow(&config.loss_scaling);
+    }
+    Ok(applies)
 }
 
 /// Whether the aux-free bias update follows the update of step `step + 1`.

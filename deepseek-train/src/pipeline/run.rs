@@ -705,24 +705,14 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
             weights.alpha > 0.0 && weights.balance != BalanceMode::None && self.moe_blocks > 0;
         let total =
             loss + if has_mtp { mtp } else { 0.0 } + if has_balance { balance } else { 0.0 };
-        let overflow = total.is_finite() && !grad_norm.is_finite();
-        let apply = match &mut self.loss_scale {
-            // f16 gradients that overflowed at this scale: skip the step, halve the scale.
-            Some(scale) if overflow => {
-                scale.back_off(self.step + 1)?;
-                false
-            }
-            _ => crate::trainer::finite_or_skip(
-                &self.config,
-                &mut self.consecutive_skips,
-                self.step,
-                total,
-                grad_norm,
-            )?,
-        };
-        if let Some(scale) = self.loss_scale.as_mut().filter(|_| apply) {
-            scale.grow(&self.config.loss_scaling);
-        }
+        let apply = crate::trainer::update_applies(
+            &self.config,
+            self.loss_scale.as_mut(),
+            &mut self.consecutive_skips,
+            self.step,
+            total,
+            grad_norm,
+        )?;
         if apply {
             let updating = crate::trainer::updates_biases(&self.config, self.step);
             for part in &mut self.parts {
