@@ -27,6 +27,7 @@ pub mod packing;
 pub mod parallel;
 pub mod params;
 pub mod policy;
+pub mod pool;
 pub mod projection;
 mod registry;
 pub mod rope;

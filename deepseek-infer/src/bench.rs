@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::Result;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use deepseek_core::pool::on_pool;
 use deepseek_core::{AttentionPath, DeepSeekModel, LatentCache};
 
 use crate::generate::argmax;
@@ -47,7 +48,9 @@ pub fn run<B: Backend>(
             device,
         );
         let start = Instant::now();
-        let logits = model.forward_cached(ids, &mut cache, AttentionPath::Naive)?.logits;
+        // As `generate` runs them: each forward on the CPU pool's threads.
+        let logits =
+            on_pool::<B, _>(|| model.forward_cached(ids, &mut cache, AttentionPath::Naive))?.logits;
         let mut next = argmax(
             &logits
                 .narrow(1, prompt_tokens - 1, 1)
@@ -60,7 +63,7 @@ pub fn run<B: Backend>(
         let start = Instant::now();
         for _ in 0..new_tokens {
             let step = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![next], [1, 1]), device);
-            let logits = model.forward_cached(step, &mut cache, path)?.logits;
+            let logits = on_pool::<B, _>(|| model.forward_cached(step, &mut cache, path))?.logits;
             next = argmax(&logits.into_data().convert::<f32>().into_vec::<f32>().expect("f32"));
         }
         let decode = start.elapsed().as_secs_f64();

@@ -15,6 +15,7 @@
 use anyhow::{anyhow, bail, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use deepseek_core::pool::on_pool;
 use deepseek_core::{DeepSeekModel, SlotCache};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -212,7 +213,8 @@ impl<'m, B: Backend> Engine<'m, B> {
             TensorData::new(first.prompt.clone(), [1, len]),
             &self.device,
         );
-        let (row, out) = self.model.prefill_slot(ids, &mut self.cache)?;
+        let (model, cache) = (self.model, &mut self.cache);
+        let (row, out) = on_pool::<B, _>(|| model.prefill_slot(ids, cache))?;
         let experts: Option<Vec<Vec<i32>>> = match self.tracing {
             true => Some(out.experts.iter().map(|e| host_ids(e.clone())).collect::<Result<_>>()?),
             false => None,
@@ -254,7 +256,8 @@ impl<'m, B: Backend> Engine<'m, B> {
             .collect();
         let rows = last.len();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(last, [rows, 1]), &self.device);
-        let out = self.model.decode_slots(ids, &mut self.cache)?;
+        let (model, cache) = (self.model, &mut self.cache);
+        let out = on_pool::<B, _>(|| model.decode_slots(ids, cache))?;
         if self.running.iter().any(|r| r.trace.is_some()) {
             let k = self.model.config.num_experts_per_tok;
             for (block, experts) in out.experts.into_iter().enumerate() {

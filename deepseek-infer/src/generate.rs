@@ -5,6 +5,7 @@
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use deepseek_core::pool::on_pool;
 use deepseek_core::{AttentionPath, DeepSeekModel, LatentCache};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -150,7 +151,9 @@ fn generate_one<B: Backend>(
     if cfg.max_new_tokens == 0 {
         return Ok(out);
     }
-    let mut logits = model.forward_cached(ids, &mut cache, AttentionPath::Naive)?.logits;
+    // Each forward on the CPU pool's threads (`deepseek_core::pool`).
+    let mut logits =
+        on_pool::<B, _>(|| model.forward_cached(ids, &mut cache, AttentionPath::Naive))?.logits;
     loop {
         let [_, seq, vocab] = logits.dims();
         let last: Vec<f32> = logits
@@ -175,7 +178,9 @@ fn generate_one<B: Backend>(
             return Ok(out);
         }
         let step = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![next], [1, 1]), device);
-        logits = model.forward_cached(step, &mut cache, AttentionPath::Absorbed)?.logits;
+        logits =
+            on_pool::<B, _>(|| model.forward_cached(step, &mut cache, AttentionPath::Absorbed))?
+                .logits;
     }
 }
 

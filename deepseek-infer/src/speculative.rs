@@ -16,6 +16,7 @@
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use deepseek_core::pool::on_pool;
 use deepseek_core::{AttentionPath, DeepSeekModel, LatentCache};
 
 use rand::rngs::StdRng;
@@ -162,27 +163,29 @@ pub fn speculative_streaming<B: Backend>(
     // Prefill: the main model's prediction for the first new token, then the MTP module over
     // every prompt position (position i pairs h_i with the token at i + 1).
     let n = prompt.len();
-    let main = model.forward_cached(prompt_ids, &mut cache, AttentionPath::Naive)?;
+    // Each forward on the CPU pool's threads (`deepseek_core::pool`).
+    let main =
+        on_pool::<B, _>(|| model.forward_cached(prompt_ids, &mut cache, AttentionPath::Naive))?;
     out.main_steps += 1;
     let mut next = draw(&last_row(main.logits, n - 1), &mut rng);
     out.tokens.push(next);
     let mut go_on = emit(&out.tokens)?;
     let mut following: Vec<i64> = prompt[1..].to_vec();
     following.push(next);
-    let draft_logits = model
-        .forward_mtp_cached(1, main.final_hidden, ids::<B>(following, device), &mut mtp_cache)?
-        .logits;
+    let following = ids::<B>(following, device);
+    let draft_logits = on_pool::<B, _>(|| {
+        model.forward_mtp_cached(1, main.final_hidden, following, &mut mtp_cache)
+    })?
+    .logits;
     let mut draft_dist = distribution(&last_row(draft_logits, n - 1), decoding);
     let mut draft = sample_from(&draft_dist, &mut rng);
 
     while go_on && out.tokens.len() < max_new_tokens && Some(next) != eos {
         // Verify: the main model reads [next, draft]; its prediction after `next` must be `draft`.
         let pos = cache.len();
-        let verify = model.forward_cached(
-            ids::<B>(vec![next, draft], device),
-            &mut cache,
-            AttentionPath::Absorbed,
-        )?;
+        let pair = ids::<B>(vec![next, draft], device);
+        let verify =
+            on_pool::<B, _>(|| model.forward_cached(pair, &mut cache, AttentionPath::Absorbed))?;
         out.main_steps += 1;
         out.drafted += 1;
         let target = distribution(&last_row(verify.logits.clone(), 0), decoding);
@@ -209,14 +212,11 @@ pub fn speculative_streaming<B: Backend>(
             break;
         }
         let count = confirmed_following.len();
-        let draft_logits = model
-            .forward_mtp_cached(
-                1,
-                confirmed_hidden,
-                ids::<B>(confirmed_following, device),
-                &mut mtp_cache,
-            )?
-            .logits;
+        let following = ids::<B>(confirmed_following, device);
+        let draft_logits = on_pool::<B, _>(|| {
+            model.forward_mtp_cached(1, confirmed_hidden, following, &mut mtp_cache)
+        })?
+        .logits;
         draft_dist = distribution(&last_row(draft_logits, count - 1), decoding);
         draft = sample_from(&draft_dist, &mut rng);
     }

@@ -104,8 +104,8 @@ pub trait TrainingData: Sync {
     fn validation(&self, seq: usize, batch: usize, limit: usize) -> Result<Vec<HostBatch>>;
 }
 
-/// Reads rows of the training order.
-pub trait BatchReader {
+/// Reads rows of the training order (`Send`: a training step may run on another thread).
+pub trait BatchReader: Send {
     /// Rows `first..first + rows` of the order drawn from `seed`.
     fn rows(&mut self, seed: u64, first: u64, rows: usize) -> HostBatch;
 }

@@ -337,8 +337,18 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         reader.rows(seed, first, per_rank)
     }
 
-    /// One optimizer step over `grad_accum` micro-batches.
+    /// One optimizer step over `grad_accum` micro-batches. A run of one rank takes the step on
+    /// the CPU pool's threads (`deepseek_core::pool`); the ranks of a parallel run, which wait
+    /// for each other in collectives, stay on their own threads.
     pub fn train_step(&mut self, reader: &mut dyn BatchReader) -> Result<StepRecord> {
+        if self.rank.is_some() {
+            return self.step_here(reader);
+        }
+        deepseek_core::pool::on_pool::<AB, _>(|| self.step_here(reader))
+    }
+
+    /// [`Trainer::train_step`] on the calling thread.
+    fn step_here(&mut self, reader: &mut dyn BatchReader) -> Result<StepRecord> {
         let start = Instant::now();
         let accumulated = self.accumulate(reader)?;
         let (grads, stats) = self.reduce(accumulated)?;
