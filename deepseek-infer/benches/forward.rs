@@ -60,7 +60,8 @@ fn run<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     )
     .int();
     let step = |ids: Tensor<B, 2, Int>| {
-        let logits = model.forward(ids);
+        // On the CPU pool's threads, as the CLI runs it (`deepseek_core::pool`).
+        let logits = deepseek_core::pool::on_pool::<B, _>(|| model.forward(ids));
         // Reading one value back waits for asynchronous backends to finish.
         let _ = logits.slice([0..1, 0..1, 0..1]).into_data();
     };

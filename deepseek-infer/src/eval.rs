@@ -218,7 +218,8 @@ pub fn loglikelihoods<B: Backend>(
             })
             .collect();
         let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [rows.len(), len]), device);
-        let logits = model.try_forward(input, Default::default())?.logits; // [b, len, V]
+        let forward = || model.try_forward(input, Default::default());
+        let logits = deepseek_core::pool::on_pool::<B, _>(forward)?.logits; // [b, len, V]
         let [b, _, vocab] = logits.dims();
         let logp =
             log_softmax(logits.reshape([b * len, vocab]).cast(burn::tensor::FloatDType::F32), 1);

@@ -1143,7 +1143,8 @@ fn logits<B: Backend>(
     let model = load::<B>(model_dir, adapter, device, options)?;
     let (ids, [batch, seq]) = io::read_ids(input, "input_ids")?;
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), device);
-    let logits = model.try_forward(ids, ForwardOptions::default())?.logits;
+    let forward = || model.try_forward(ids, ForwardOptions::default());
+    let logits = deepseek_core::pool::on_pool::<B, _>(forward)?.logits;
     let shape = logits.dims().to_vec();
     let values: Vec<f32> =
         logits.into_data().convert::<f32>().into_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
