@@ -95,7 +95,8 @@ impl LossScale {
 }
 
 /// The gradients of `module`'s parameters in f32 and multiplied by `unscale` (`1/S` of loss
-/// scaling; 1 otherwise). f32 gradients with `unscale` 1 are returned untouched.
+/// scaling; 1 otherwise). f32 gradients with `unscale` 1 are returned untouched, so every
+/// trainer calls this whatever its dtype.
 pub fn widen_gradients<AB, M>(module: &M, grads: GradientsParams, unscale: f64) -> GradientsParams
 where
     AB: AutodiffBackend,

@@ -386,7 +386,6 @@ impl<AB: AutodiffBackend> Trainer<AB> {
         let mut stats: Option<Tensor<AB::InnerBackend, 1>> = None;
         let (mut has_mtp, mut has_balance) = (false, false);
         let scale = self.loss_scale.map_or(1.0, |s| s.scale);
-        let mixed = cfg.dtype != deepseek_core::WeightDtype::F32;
         for _ in 0..cfg.grad_accum {
             let host = self.batch(reader, cfg.seed, self.position, cfg.batch_size);
             if cfg.finetune.as_ref().and_then(|f| f.lora.as_ref()).is_some_and(|l| l.dropout > 0.0)
@@ -411,10 +410,8 @@ impl<AB: AutodiffBackend> Trainer<AB> {
                 let backward = loss.total.clone().div_scalar(divisor).backward();
                 (loss, GradientsParams::from_grads(backward, &self.model))
             };
-            if mixed {
-                // Summed over micro-batches and ranks in f32, unscaled.
-                grads = widen_gradients(&self.model, grads, 1.0 / scale);
-            }
+            // Summed over micro-batches and ranks in f32, unscaled.
+            grads = widen_gradients(&self.model, grads, 1.0 / scale);
             accumulator.accumulate(&self.model, grads);
             (has_mtp, has_balance) = (loss.mtp.is_some(), loss.balance.is_some());
             let zero = || loss.main.zeros_like();

@@ -372,10 +372,8 @@ impl<AB: AutodiffBackend> Setup<'_, AB> {
                     clip,
                 );
                 let mut grads = GradientsParams::from_grads(obj.loss.backward(), &model);
-                if cfg.dtype != deepseek_core::WeightDtype::F32 {
-                    // Summed over micro-batches in f32 ([`crate::precision`]).
-                    grads = crate::precision::widen_gradients(&model, grads, 1.0);
-                }
+                // Summed over micro-batches in f32 ([`crate::precision`]).
+                grads = crate::precision::widen_gradients(&model, grads, 1.0);
                 accumulator.accumulate(&model, grads);
                 loss += obj.loss.into_scalar().elem::<f64>();
                 sums.clipped += obj.clipped.into_scalar().elem::<f64>();

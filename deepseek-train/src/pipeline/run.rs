@@ -885,11 +885,9 @@ impl<AB: AutodiffBackend> RankRun<'_, AB> {
         }
         let part = &mut self.parts[chunk.dir];
         let mut params = GradientsParams::from_grads(grads, &part.stage);
-        if self.config.dtype != deepseek_core::WeightDtype::F32 {
-            // Summed over micro-batches in f32 and unscaled ([`crate::precision`]).
-            let unscale = 1.0 / self.loss_scale.map_or(1.0, |l| l.scale);
-            params = crate::precision::widen_gradients(&part.stage, params, unscale);
-        }
+        // Summed over micro-batches in f32 and unscaled ([`crate::precision`]).
+        let unscale = 1.0 / self.loss_scale.map_or(1.0, |l| l.scale);
+        params = crate::precision::widen_gradients(&part.stage, params, unscale);
         part.grads.get_or_insert_with(GradientsAccumulator::new).accumulate(&part.stage, params);
         Ok(())
     }
