@@ -8,7 +8,8 @@
 //! and futex waits). Called from a pool thread, the same operation is split with `join`: the
 //! caller does its part and the other threads steal the rest while they are still awake.
 //! [`on_pool`] runs a whole step on a pool thread; measured on 2 cores (`docs/benchmarks.md`):
-//! batch-1 decoding of `small` about 1.3x faster, its training step (8 × 128) about 1.15x.
+//! batch-1 decoding of `small` about 1.3x faster, its training step (8 × 128) 1.05–1.15x, its
+//! forward (8 × 128) about 1.07x.
 //!
 //! Only for work that waits on no other thread: the ranks of a parallel run meet in collectives,
 //! and with more ranks than pool threads, ranks queued behind the others would never arrive.
