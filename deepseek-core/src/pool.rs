@@ -19,10 +19,20 @@
 use burn::tensor::backend::Backend;
 
 /// Runs `work` on a thread of the CPU pool when `B` is Flex (or autodiff over Flex), else on
-/// the calling thread; returns its result. Nested calls run in place.
+/// the calling thread; returns its result. Nested calls run in place; calls from several
+/// threads take turns.
 pub fn on_pool<B: Backend, R: Send>(work: impl FnOnce() -> R + Send) -> R {
     #[cfg(feature = "flex")]
     if is_flex::<B>() {
+        if rayon::current_thread_index().is_some() {
+            return work();
+        }
+        // One step in the pool at a time. A pool thread waiting inside one step's operation
+        // steals queued jobs, and a second caller's whole step is such a job: run on top of the
+        // first, it can wait for a lock the first holds (Burn's autodiff graph) and deadlock.
+        // Seen with two SFT tests training at once.
+        static ENTRY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = ENTRY.lock().unwrap_or_else(|p| p.into_inner());
         return rayon::scope(|_| work());
     }
     work()
